@@ -1,0 +1,78 @@
+"""Helpers shared by every op: where an op runs, how its rows are laid out, and block sizes.
+
+Dispatch rule (one place, so every op agrees): CUDA tensors, or any tensor while the Triton
+interpreter is on (``TRITON_INTERPRET=1``, how the CPU test suite runs the real kernels), go to
+the Triton kernels; plain CPU tensors go to the op's PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is a Linux dependency; without it every op uses its reference.
+    import triton
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The widest row a single-pass row kernel keeps in registers; wider rows loop over blocks.
+MAX_FUSED_ROW = 65536
+
+
+def interpreting() -> bool:
+    """True while Triton's CPU interpreter is switched on."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels should run for these inputs (see the module docstring)."""
+    if triton is None:
+        return False
+    present = [t for t in tensors if t is not None]
+    return interpreting() or any(t.is_cuda for t in present)
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    """Reject dtypes the kernels do not claim, naming the fix."""
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fusetune: {name} has dtype {tensor.dtype}; the fused ops take float32, bfloat16 "
+            f"or float16 (cast it with .to(torch.bfloat16) or .float())."
+        )
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as (rows, last dim) with unit stride along the last dim.
+
+    Leading dims are flattened; a copy is made only when the layout cannot be viewed that way
+    (the kernels take a row stride, so a strided row layout such as a slice is kept as is).
+    """
+    if x.dim() == 0:
+        raise ValueError("fusetune: expected a tensor with at least one dimension, got a scalar.")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 2:
+        return x
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.reshape(-1, x.shape[-1])
+
+
+def block_for(n_cols: int, limit: int = MAX_FUSED_ROW) -> int:
+    """Power-of-two block that holds a row of ``n_cols`` elements (capped at ``limit``)."""
+    return min(limit, triton.next_power_of_2(max(int(n_cols), 1)))
+
+
+def warps_for(block: int) -> int:
+    """num_warps for a row kernel whose block holds ``block`` elements."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4

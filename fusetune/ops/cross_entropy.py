@@ -1,0 +1,373 @@
+"""Cross-entropy over the vocabulary with transformers' options, gradient computed in the same pass.
+
+``cross_entropy(logits, labels, ...)`` has ``torch.nn.functional.cross_entropy``'s semantics plus
+what LLM training adds: Gemma's final-logit soft-capping, a z-loss, and transformers' gradient
+accumulation rule (``num_items_in_batch``).
+
+Why the gradient is computed in the forward pass: the loss needs one pass over each row to find
+its log-sum-exp and a second to turn every logit into ``softmax - target``; doing both in one kernel
+while the row is still in L2 moves the logits through HBM about twice (read, write) instead of three
+times (read in forward; read and write again in backward). Backward then only multiplies the stored
+gradient by ``grad_output`` when that is not 1. With ``reduction="none"`` the per-row scale is only
+known in backward, so there the kernel runs again in backward instead.
+
+The row kernel is shared with ``linear_cross_entropy``, which runs it in place on chunks of logits.
+
+Edge case, by design: when every label is ``ignore_index`` the "mean" loss is 0 with zero
+gradients (torch returns NaN there); one bad batch then cannot poison a run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusetune.ops._launch import as_rows, check_float, use_triton, warps_for
+
+_REDUCTIONS = ("mean", "sum", "none")
+_VOCAB_BLOCK = 4096
+
+
+@triton.jit
+def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``softcap * tanh(x / softcap)`` (tanh through a sigmoid: stable and in every Triton)."""
+    if HAS_SOFTCAP:
+        x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+    return x
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    grad_row_stride,
+    scale_ptr,
+    scale_stride,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per row: the row's loss, and optionally ``scale * dloss/dlogits``.
+
+    Pass 1 streams the row once with an online max / sum-exp (plus the sum of logits for label
+    smoothing). Pass 2 re-reads it (mostly from L2) and writes the gradient, which may overwrite
+    the logits in place (``grad_ptr == logits_ptr``): each element is read before it is written
+    by the same program.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    grad_row = grad_ptr + row * grad_row_stride
+    if label == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, n_cols, BLOCK):
+                offs = start + cols
+                tl.store(
+                    grad_row + offs,
+                    tl.zeros([BLOCK], dtype=tl.float32).to(grad_ptr.dtype.element_ty),
+                    mask=offs < n_cols,
+                )
+        return
+
+    logits_row = logits_ptr + row * logits_row_stride
+    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    logit_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        z = _softcapped(z, softcap, HAS_SOFTCAP)
+        new_max = tl.maximum(running_max, z)
+        # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
+        running_max = new_max
+        logit_sum += tl.where(mask, z, 0.0)
+    row_max = tl.max(running_max, axis=0)
+    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+
+    # The labelled logit: one scalar load (labels were range-checked on the host).
+    z_label = _softcapped(tl.load(logits_row + label).to(tl.float32), softcap, HAS_SOFTCAP)
+    smooth = label_smoothing / n_cols
+    loss = lse - (1.0 - label_smoothing) * z_label - smooth * tl.sum(logit_sum, axis=0)
+    loss += z_loss * lse * lse
+    tl.store(loss_ptr + row, loss)
+
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        softmax_factor = 1.0 + 2.0 * z_loss * lse
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            z = _softcapped(x, softcap, HAS_SOFTCAP)
+            grad = tl.exp(z - lse) * softmax_factor - smooth
+            grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
+            if HAS_SOFTCAP:
+                capped = z / softcap
+                grad = grad * (1.0 - capped * capped)
+            tl.store(grad_row + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    grad_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row float32 losses of 2-D ``logits`` (rows with unit column stride), via the kernel.
+
+    With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
+    scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
+    place), and returned as the second value (None without ``grad_scale``). Labels must already
+    be range-checked (``check_labels``).
+    """
+    n_rows, n_cols = logits.shape
+    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    compute_grad = grad_scale is not None
+    if compute_grad and grad_out is None:
+        grad_out = torch.empty_like(logits)
+    if n_rows == 0:
+        return losses, grad_out
+    block = min(_VOCAB_BLOCK, triton.next_power_of_2(n_cols))
+    _cross_entropy_rows_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        labels,
+        losses,
+        grad_out if compute_grad else logits,
+        grad_out.stride(0) if compute_grad else 0,
+        grad_scale if compute_grad else losses,
+        (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
+        n_cols,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK=block,
+        num_warps=warps_for(block),
+    )
+    return losses, grad_out
+
+
+def check_options(
+    reduction: str, label_smoothing: float, softcap: float | None, z_loss: float, num_items_in_batch
+) -> None:
+    """Reject option values that have no meaning, naming the fix."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fusetune: reduction={reduction!r}; use one of {_REDUCTIONS}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"fusetune: label_smoothing={label_smoothing} must lie in [0, 1].")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"fusetune: softcap={softcap} must be positive (or None for no capping).")
+    if z_loss < 0:
+        raise ValueError(f"fusetune: z_loss={z_loss} must be >= 0.")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(
+            "fusetune: num_items_in_batch replaces the 'mean' denominator; it cannot be combined "
+            f"with reduction={reduction!r}. Use reduction='mean'."
+        )
+
+
+def check_labels(
+    labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """Flatten ``labels`` to (n_rows,) int64 and fail clearly on any label outside [0, n_classes).
+
+    The check costs one small reduction and one host sync; it is what guarantees that no kernel
+    ever reads outside a row.
+    """
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(
+            f"fusetune: labels must be an integer tensor (got {labels.dtype}); use .long()."
+        )
+    if labels.numel() != n_rows:
+        raise ValueError(
+            f"fusetune: {labels.numel()} labels for {n_rows} rows of logits; pass one label per row "
+            "(for a causal LM, shift labels before calling, or use the patched model's loss)."
+        )
+    flat = labels.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
+    if bool(bad.any()):
+        first = flat[bad][0].item()
+        raise ValueError(
+            f"fusetune: label {first} is outside the vocabulary [0, {n_classes}); labels must be "
+            f"class indices or ignore_index={ignore_index}. Check the tokenizer's vocab size "
+            "against the model's, and that padding uses ignore_index."
+        )
+    return flat.to(torch.int64).contiguous()
+
+
+def loss_denominator(
+    labels: torch.Tensor, reduction: str, ignore_index: int, num_items_in_batch
+) -> torch.Tensor:
+    """The float32 tensor the summed loss is divided by (stays on the device: no host sync).
+
+    "mean": the number of labelled rows, floored at 1 (all-ignored gives loss 0, not NaN), or
+    ``num_items_in_batch`` when given (transformers' gradient-accumulation rule). "sum"/"none": 1.
+    """
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=labels.device)
+    if num_items_in_batch is not None:
+        return torch.as_tensor(
+            num_items_in_batch, dtype=torch.float32, device=labels.device
+        ).reshape(())
+    return (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+
+
+def reduce_losses(
+    row_losses: torch.Tensor, reduction: str, denominator: torch.Tensor, labels_shape: torch.Size
+) -> torch.Tensor:
+    """Per-row losses to the requested reduction (``none`` keeps the labels' shape)."""
+    if reduction == "none":
+        return row_losses.reshape(labels_shape)
+    return row_losses.sum() / denominator
+
+
+def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Multiply a stored gradient by a scalar ``grad_output`` in place, skipping the pass when it is 1.
+
+    The stored gradient belongs to the op (made in forward, consumed once), so in-place is safe.
+    """
+    if grad_output.numel() == 1 and bool(grad_output == 1):
+        return grad
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits,
+        labels,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        softcap,
+        z_loss,
+        num_items_in_batch,
+        needs_grad,
+    ):
+        rows = as_rows(logits)
+        flat_labels = check_labels(labels, rows.shape[0], rows.shape[1], ignore_index)
+        denominator = loss_denominator(flat_labels, reduction, ignore_index, num_items_in_batch)
+        options = dict(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
+        eager_grad = needs_grad and reduction != "none"
+        grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
+        row_losses, grad = cross_entropy_rows(rows, flat_labels, grad_scale=grad_scale, **options)
+        ctx.logits_shape = logits.shape
+        ctx.stored_grad = eager_grad
+        if eager_grad:
+            ctx.save_for_backward(grad)
+        elif needs_grad:
+            ctx.options = options
+            ctx.save_for_backward(rows, flat_labels)
+        return reduce_losses(row_losses, reduction, denominator, labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.stored_grad:
+            (grad,) = ctx.saved_tensors
+            grad = scale_by_grad_output(grad, grad_output)
+        else:
+            rows, flat_labels = ctx.saved_tensors
+            per_row = grad_output.reshape(-1).to(torch.float32).contiguous()
+            grad = torch.empty_like(rows)
+            cross_entropy_rows(rows, flat_labels, grad_scale=per_row, grad_out=grad, **ctx.options)
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None
+
+
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """The same loss in plain PyTorch (float32 maths via ``F.cross_entropy``), used on CPU and in tests."""
+    check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
+    z = logits.reshape(-1, logits.shape[-1]).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    flat = check_labels(labels, z.shape[0], z.shape[1], ignore_index)
+    per_row = torch.nn.functional.cross_entropy(
+        z, flat, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    if z_loss:
+        lse = torch.logsumexp(z, dim=-1)
+        per_row = per_row + z_loss * lse.square() * (flat != ignore_index)
+    denominator = loss_denominator(flat, reduction, ignore_index, num_items_in_batch)
+    return reduce_losses(per_row, reduction, denominator, labels.shape)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (..., vocab) against integer ``labels`` (...), float32 result.
+
+    Options: ``ignore_index`` rows cost no loss; ``reduction`` "mean" | "sum" | "none";
+    ``label_smoothing`` as in torch; ``softcap`` applies ``softcap * tanh(logits / softcap)`` first
+    (Gemma 2/3); ``z_loss`` adds ``z_loss * logsumexp**2`` per labelled row; ``num_items_in_batch``
+    (int or tensor) divides the summed loss instead of the labelled-row count (transformers'
+    gradient-accumulation rule). All labels ignored gives 0 and zero gradients, not NaN.
+    """
+    check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
+    check_float("logits", logits)
+    if not use_triton(logits):
+        return cross_entropy_reference(
+            logits,
+            labels,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            softcap=softcap,
+            z_loss=z_loss,
+            num_items_in_batch=num_items_in_batch,
+        )
+    needs_grad = logits.requires_grad and torch.is_grad_enabled()
+    return _CrossEntropy.apply(
+        logits,
+        labels,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        softcap,
+        z_loss,
+        num_items_in_batch,
+        needs_grad,
+    )

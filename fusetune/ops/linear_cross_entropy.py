@@ -1,0 +1,310 @@
+"""The language-model loss straight from hidden states: ``cross_entropy(hidden @ weight.T + bias)``.
+
+The (tokens x vocab) logits are never materialised, in forward or backward: rows are processed in
+chunks. For each chunk, cuBLAS computes the chunk's logits into one reused buffer, the shared
+cross-entropy row kernel turns them into ``scale * dloss/dlogits`` in place, and two more matmuls
+turn that into the chunk's hidden gradient and its contribution to the weight gradient. So the
+work is the three matmuls the maths needs (two when the weight is frozen, as under LoRA) plus one
+read and one write of each chunk's logits, and the peak extra memory is one chunk of logits plus
+the gradients themselves.
+
+Rows whose label is ``ignore_index`` are dropped before any matmul (in a VLM most rows are image or
+prompt tokens), so they cost nothing. When the weight does not require grad no vocab x hidden
+buffer is allocated. With ``reduction`` "mean"/"sum" the gradients are computed during forward
+(backward only rescales them when ``grad_output`` is not 1); with "none" the per-row scales come
+with ``grad_output``, so the chunk loop runs again in backward.
+
+Matmuls run in the autocast dtype when autocast is on (as ``F.linear`` would), else in the inputs'
+dtype; the weight gradient of a multi-chunk bf16 run is accumulated by cuBLAS in bf16 storage
+(fp32 arithmetic, one rounding per chunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fusetune.ops._launch import as_rows, check_float, use_triton
+from fusetune.ops.cross_entropy import (
+    check_labels,
+    check_options,
+    cross_entropy_reference,
+    cross_entropy_rows,
+    loss_denominator,
+    reduce_losses,
+    scale_by_grad_output,
+)
+
+# Chunk logits hold about this many elements (or the hidden states' count, if larger): enough
+# rows for the matmuls to run near peak, little memory next to the weight and activations.
+_CHUNK_LOGITS_ELEMENTS = 64 * 2**20
+
+
+def default_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk: chunk logits about the size of the hidden states, at least 64 Mi elements."""
+    budget = max(_CHUNK_LOGITS_ELEMENTS, n_rows * hidden)
+    rows = max(16, budget // vocab)
+    rows = 1 << (rows.bit_length() - 1)  # a power of two keeps the matmul tiles whole
+    return max(1, min(n_rows, rows))
+
+
+@dataclass
+class _Gradients:
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _chunked_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: dict,
+    grad_scale: torch.Tensor | None,
+    wants: tuple[bool, bool, bool],
+    chunk_rows: int,
+) -> tuple[torch.Tensor, _Gradients]:
+    """Per-row losses of labelled rows ``hidden`` (n, H), and with ``grad_scale`` their gradients.
+
+    ``grad_scale`` is a float32 tensor of one element or one per row; ``wants`` says which of
+    (hidden, weight, bias) need a gradient.
+    """
+    n_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    want_hidden, want_weight, want_bias = wants if grad_scale is not None else (False, False, False)
+    grads = _Gradients(
+        hidden=torch.empty_like(hidden) if want_hidden else None,
+        weight=None,
+        bias=torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if want_bias else None,
+    )
+    logits_buffer = torch.empty(
+        min(chunk_rows, n_rows), vocab, dtype=hidden.dtype, device=hidden.device
+    )
+    for start in range(0, n_rows, chunk_rows):
+        end = min(start + chunk_rows, n_rows)
+        rows = hidden[start:end]
+        logits = logits_buffer[: end - start]
+        if bias is None:
+            torch.mm(rows, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=logits)
+        scale = None
+        if grad_scale is not None:
+            scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
+        losses[start:end], dlogits = cross_entropy_rows(
+            logits, labels[start:end], grad_scale=scale, grad_out=logits, **options
+        )
+        if dlogits is None:
+            continue
+        if want_weight:
+            if grads.weight is None:
+                grads.weight = torch.mm(dlogits.t(), rows)
+            else:
+                grads.weight.addmm_(dlogits.t(), rows)
+        if want_bias:
+            grads.bias += dlogits.sum(0, dtype=torch.float32)
+        if want_hidden:
+            torch.mm(dlogits, weight, out=grads.hidden[start:end])
+    if want_weight and grads.weight is None:  # no labelled rows: the gradient is exactly zero
+        grads.weight = torch.zeros_like(weight)
+    return losses, grads
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on (as F.linear would use), else the inputs'."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"fusetune: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the "
+            "other, or run under torch.autocast as F.linear would need."
+        )
+    return hidden.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, labels, options, reduction, num_items_in_batch, wants, chunk_rows
+    ):
+        compute_dtype = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            rows = as_rows(hidden)
+            n_rows, vocab = rows.shape[0], weight.shape[0]
+            flat_labels = check_labels(labels, n_rows, vocab, options["ignore_index"])
+            denominator = loss_denominator(
+                flat_labels, reduction, options["ignore_index"], num_items_in_batch
+            )
+            labelled = (flat_labels != options["ignore_index"]).nonzero().squeeze(1)
+            every_row = labelled.numel() == n_rows
+            kept_rows = rows if every_row else rows.index_select(0, labelled)
+            kept_rows = kept_rows.to(compute_dtype).contiguous()
+            kept_labels = flat_labels if every_row else flat_labels.index_select(0, labelled)
+            matmul_weight = weight.to(compute_dtype)
+            matmul_bias = bias.to(compute_dtype) if bias is not None else None
+            chunk = chunk_rows or default_chunk_rows(kept_rows.shape[0], vocab, rows.shape[1])
+
+            eager_grad = any(wants) and reduction != "none"
+            grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
+            kept_losses, grads = _chunked_loss(
+                kept_rows,
+                kept_labels,
+                matmul_weight,
+                matmul_bias,
+                options,
+                grad_scale,
+                wants,
+                chunk,
+            )
+            row_losses = (
+                kept_losses
+                if every_row
+                else torch.zeros(n_rows, dtype=torch.float32, device=rows.device).index_copy_(
+                    0, labelled, kept_losses
+                )
+            )
+
+        ctx.shapes = (
+            hidden.shape,
+            hidden.dtype,
+            weight.dtype,
+            bias.dtype if bias is not None else None,
+            n_rows,
+        )
+        ctx.eager_grad = eager_grad
+        if eager_grad:
+            ctx.save_for_backward(labelled, grads.hidden, grads.weight, grads.bias)
+        elif any(wants):
+            ctx.recompute = (options, wants, chunk)
+            ctx.save_for_backward(labelled, kept_rows, kept_labels, matmul_weight, matmul_bias)
+        return reduce_losses(row_losses, reduction, denominator, labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_shape, hidden_dtype, weight_dtype, bias_dtype, n_rows = ctx.shapes
+        if ctx.eager_grad:
+            labelled, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            grads = [
+                scale_by_grad_output(g, grad_output) if g is not None else None
+                for g in (grad_hidden, grad_weight, grad_bias)
+            ]
+        else:
+            labelled, kept_rows, kept_labels, weight, bias = ctx.saved_tensors
+            options, wants, chunk = ctx.recompute
+            per_row = grad_output.reshape(-1).to(torch.float32).index_select(0, labelled)
+            with torch.autocast(kept_rows.device.type, enabled=False):
+                _, found = _chunked_loss(
+                    kept_rows,
+                    kept_labels,
+                    weight,
+                    bias,
+                    options,
+                    per_row.contiguous(),
+                    wants,
+                    chunk,
+                )
+            grads = [found.hidden, found.weight, found.bias]
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden is not None:
+            if labelled.numel() != n_rows:
+                grad_hidden = grad_hidden.new_zeros(n_rows, grad_hidden.shape[1]).index_copy_(
+                    0, labelled, grad_hidden
+                )
+            grad_hidden = grad_hidden.view(hidden_shape).to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    num_items_in_batch=None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """The same loss with the full logits materialised (``F.linear`` then the CE reference)."""
+    del chunk_rows  # a tuning knob of the fused path only
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy_reference(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        z_loss=z_loss,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    num_items_in_batch=None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, logits never materialised.
+
+    ``hidden`` (..., H), ``weight`` (vocab, H) (an ``lm_head`` weight, tied or not), ``labels``
+    (...) with one label per row (shift them before calling for a causal LM). The options are
+    ``cross_entropy``'s, with the same semantics, including loss 0 and zero gradients when every
+    label is ignored. ``chunk_rows`` overrides the rows per chunk (a memory/speed knob; the default
+    keeps chunk logits about the size of the hidden states). Returns a float32 loss.
+    """
+    check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if tensor is not None:
+            check_float(name, tensor)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"fusetune: weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}; "
+            "pass the lm_head weight of shape (vocab, hidden)."
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(
+            f"fusetune: bias {tuple(bias.shape)} must have shape ({weight.shape[0]},)."
+        )
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"fusetune: chunk_rows={chunk_rows} must be a positive row count.")
+    options = dict(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        z_loss=z_loss,
+        num_items_in_batch=num_items_in_batch,
+    )
+    if not use_triton(hidden, weight):
+        return linear_cross_entropy_reference(hidden, weight, labels, bias=bias, **options)
+    grad_on = torch.is_grad_enabled()
+    wants = tuple(
+        bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias)
+    )
+    row_options = dict(
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+    return _LinearCrossEntropy.apply(
+        hidden, weight, bias, labels, row_options, reduction, num_items_in_batch, wants, chunk_rows
+    )

@@ -1,0 +1,178 @@
+"""cross_entropy: the Triton kernel against the reference and float64 maths, every option."""
+
+import pytest
+import torch
+
+from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from tests.ops.checks import (
+    DEVICE,
+    DTYPES,
+    assert_close_to_float64,
+    assert_matches_reference,
+    non_contiguous,
+)
+
+ROWS, VOCAB = 11, 5003  # vocab spans two 4096-wide blocks, neither a multiple of one
+
+
+def float64_loss(
+    logits,
+    labels,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=None,
+    z_loss=0.0,
+    num_items_in_batch=None,
+):
+    """Independent float64 maths: log-softmax written out, no shared code with the op."""
+    z = logits.double().reshape(-1, logits.shape[-1])
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    flat = labels.reshape(-1)
+    keep = flat != ignore_index
+    lse = torch.logsumexp(z, dim=-1)
+    log_probs = z - lse[:, None]
+    picked = log_probs.gather(1, flat.clamp_min(0)[:, None]).squeeze(1)
+    per_row = (
+        -(1 - label_smoothing) * picked - label_smoothing * log_probs.mean(-1) + z_loss * lse**2
+    )
+    per_row = per_row * keep
+    if reduction == "none":
+        return per_row.reshape(labels.shape)
+    if reduction == "sum":
+        return per_row.sum()
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
+    return per_row.sum() / denominator
+
+
+def make_inputs(dtype, rows=ROWS, vocab=VOCAB, ignore_every=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::ignore_every] = -100
+    return logits, labels.to(DEVICE)
+
+
+def check_all(dtype, logits, labels, **options):
+    """Loss and gradient vs the reference (same dtype) and vs float64 maths."""
+    x = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(x, labels, **options)
+    upstream = torch.randn_like(loss) if loss.dim() else torch.tensor(1.7, device=loss.device)
+    loss.backward(upstream)
+
+    x_ref = logits.detach().clone().requires_grad_()
+    ref = cross_entropy_reference(x_ref, labels, **options)
+    ref.backward(upstream)
+    x64 = logits.detach().double().requires_grad_()
+    ref64 = float64_loss(x64, labels, **options)
+    ref64.backward(upstream.double())
+
+    assert loss.dtype == torch.float32
+    assert_matches_reference(loss, ref, dtype, "loss")
+    assert_close_to_float64(
+        loss, ref64, torch.float32 if dtype == torch.float32 else torch.float16, "loss"
+    )
+    assert x.grad.dtype == dtype
+    assert_matches_reference(x.grad, x_ref.grad, dtype, "grad")
+    assert_close_to_float64(x.grad, x64.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_plain(dtype, reduction):
+    check_all(dtype, *make_inputs(dtype), reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=0.1),
+        dict(softcap=30.0),
+        dict(z_loss=1e-3),
+        dict(num_items_in_batch=23),
+        dict(label_smoothing=0.2, softcap=15.0, z_loss=1e-2, reduction="none"),
+        dict(ignore_index=7),
+    ],
+    ids=["smoothing", "softcap", "z_loss", "num_items", "all_none", "ignore_index_7"],
+)
+def test_options(dtype, options):
+    logits, labels = make_inputs(dtype)
+    if options.get("ignore_index") == 7:
+        labels = torch.where(labels == -100, torch.full_like(labels, 7), labels)
+    check_all(dtype, logits, labels, **options)
+
+
+def test_num_items_in_batch_as_tensor_and_accumulation():
+    """Two micro-batches with num_items_in_batch sum to the one-batch mean (transformers' rule)."""
+    logits, labels = make_inputs(torch.float32, rows=12)
+    total = int((labels != -100).sum())
+    whole = cross_entropy(logits, labels)
+    halves = [
+        cross_entropy(logits[s], labels[s], num_items_in_batch=torch.tensor(total))
+        for s in (slice(0, 6), slice(6, 12))
+    ]
+    assert_matches_reference(halves[0] + halves[1], whole, torch.float32, "accumulated loss")
+
+
+def test_three_dim_and_non_contiguous():
+    logits, labels = make_inputs(torch.bfloat16, rows=15)
+    logits3 = non_contiguous(logits.reshape(3, 5, VOCAB))
+    check_all(torch.bfloat16, logits3, labels.reshape(3, 5))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_not_nan(reduction):
+    logits, labels = make_inputs(torch.float32, rows=4)
+    labels = torch.full_like(labels, -100)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, labels, reduction=reduction)
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    assert torch.all(x.grad == 0)
+
+
+def test_one_row_and_tiny_vocab():
+    logits, labels = make_inputs(torch.float32, rows=1, vocab=3, ignore_every=5)
+    check_all(torch.float32, logits, labels)
+
+
+def test_no_grad_when_logits_are_frozen():
+    logits, labels = make_inputs(torch.float32)
+    loss = cross_entropy(logits, labels)
+    assert not loss.requires_grad
+    assert_matches_reference(loss, cross_entropy_reference(logits, labels), torch.float32, "loss")
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -1, -7])
+def test_label_out_of_range_is_a_clear_error(bad):
+    logits, labels = make_inputs(torch.float32)
+    labels[2] = bad
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(reduction="avg"), "reduction"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(softcap=0.0), "softcap"),
+        (dict(z_loss=-1.0), "z_loss"),
+        (dict(reduction="sum", num_items_in_batch=4), "num_items_in_batch"),
+    ],
+)
+def test_bad_options_are_clear_errors(options, message):
+    logits, labels = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match=message):
+        cross_entropy(logits, labels, **options)
+
+
+def test_bad_label_dtype_and_count():
+    logits, labels = make_inputs(torch.float32)
+    with pytest.raises(TypeError, match="integer"):
+        cross_entropy(logits, labels.float())
+    with pytest.raises(ValueError, match="labels for"):
+        cross_entropy(logits, labels[:-1])
