@@ -1,0 +1,311 @@
+"""Rotary position embedding (RoPE), rotate-half form, applied to q and k in one launch.
+
+``rope(q, k, cos, sin, unsqueeze_dim)`` computes exactly what transformers'
+``apply_rotary_pos_emb`` computes::
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    q_embed = q * cos + rotate_half(q) * sin        # rotate_half(x) = cat(-x2, x1)
+    k_embed = k * cos + rotate_half(k) * sin
+
+with partial rotary: when ``rotary_dim = cos.shape[-1]`` is smaller than ``head_dim`` only the
+first ``rotary_dim`` features are rotated and the rest pass through unchanged.
+
+Kernel layout: one program per (batch, seq) token. It loads the token's cos/sin row once and
+rotates every q head and every k head of that token (in blocks of heads), so cos/sin are read
+once per token instead of once per head. With ``x1, x2`` the two halves of the rotated part and
+``c1, c2, s1, s2`` the halves of cos and sin::
+
+    forward:   o1 = x1*c1 - x2*s1      o2 = x2*c2 + x1*s2
+    backward:  d1 = g1*c1 + g2*s2      d2 = g2*c2 - g1*s1
+
+The backward is the transposed rotation, i.e. the forward with ``(s1, s2) -> (-s2, -s1)``, so one
+kernel serves both directions and nothing but cos/sin is saved. cos/sin are not assumed to be
+``cat(freqs, freqs)`` (both halves are read), so pre-folded M-RoPE tables work as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fusetune.ops._launch import check_float, triton, use_triton, warps_for
+
+if triton is not None:
+    import triton.language as tl
+
+# Largest (heads x half rotary dim) tile a program holds at once; more heads loop over tiles.
+_MAX_TILE = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by the op and its reference
+# --------------------------------------------------------------------------------------------
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           unsqueeze_dim: int) -> None:
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(
+            f"fusetune.rope: unsqueeze_dim must be 1 (q, k laid out as (batch, heads, seq, "
+            f"head_dim)) or 2 ((batch, seq, heads, head_dim)), got {unsqueeze_dim!r}."
+        )
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"fusetune.rope: {name} must be 4-D (batch, heads, seq, head_dim) or (batch, seq, "
+                f"heads, head_dim), got shape {tuple(t.shape)}."
+            )
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3:
+            raise ValueError(
+                f"fusetune.rope: {name} must be 3-D (batch, seq, rotary_dim) as the model's rotary "
+                f"embedding returns it, got shape {tuple(t.shape)} (for a (seq, rotary_dim) table "
+                f"pass {name}.unsqueeze(0))."
+            )
+    if cos.shape != sin.shape:
+        raise ValueError(
+            f"fusetune.rope: cos and sin must have the same shape, got {tuple(cos.shape)} and "
+            f"{tuple(sin.shape)}."
+        )
+    seq_dim = 3 - unsqueeze_dim  # 2 for (b, h, s, d), 1 for (b, s, h, d)
+    if q.shape[0] != k.shape[0] or q.shape[seq_dim] != k.shape[seq_dim] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"fusetune.rope: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seq "
+            f"and head_dim (unsqueeze_dim={unsqueeze_dim}); only the head counts may differ."
+        )
+    batch, seq, head_dim = q.shape[0], q.shape[seq_dim], q.shape[3]
+    rotary_dim = cos.shape[2]
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(
+            f"fusetune.rope: rotary_dim = cos.shape[-1] = {rotary_dim} must be even, positive and "
+            f"at most head_dim = {head_dim}."
+        )
+    if cos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"fusetune.rope: cos/sin batch {cos.shape[0]} does not broadcast to the q/k batch "
+            f"{batch} (it must be 1 or {batch})."
+        )
+    if cos.shape[1] not in (1, seq):
+        raise ValueError(
+            f"fusetune.rope: cos/sin seq length {cos.shape[1]} does not match the q/k seq length "
+            f"{seq} (dim {seq_dim} with unsqueeze_dim={unsqueeze_dim}); it must be 1 or {seq}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` with partial rotary, computed in float32.
+
+    Differentiable through autograd in q, k, cos and sin. Returns q's and k's dtypes.
+    """
+    _check(q, k, cos, sin, unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    cos = cos.unsqueeze(unsqueeze_dim).float()
+    sin = sin.unsqueeze(unsqueeze_dim).float()
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x_rot, x_pass = x32[..., :rotary_dim], x32[..., rotary_dim:]
+        x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+        return torch.cat((x_rot, x_pass), dim=-1).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _rotate_heads(x_ptr, o_ptr, x_base, o_base, n_heads, x_sh, o_sh,
+                      c1, c2, s1, s2, cols, col_mask, pcols, pcol_mask,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PASS: tl.constexpr):
+        """Rotate all heads of one token: x at x_ptr + x_base + head * x_sh, unit feature stride."""
+        for h0 in range(0, n_heads, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            head_mask = heads < n_heads
+            x_row = x_ptr + x_base + heads.to(tl.int64)[:, None] * x_sh
+            o_row = o_ptr + o_base + heads.to(tl.int64)[:, None] * o_sh
+            mask = head_mask[:, None] & col_mask[None, :]
+            x1 = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            o1 = x1 * c1[None, :] - x2 * s1[None, :]
+            o2 = x2 * c2[None, :] + x1 * s2[None, :]
+            tl.store(o_row + cols[None, :], o1.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(o_row + HALF + cols[None, :], o2.to(o_ptr.dtype.element_ty), mask=mask)
+            if HAS_PASS:
+                pmask = head_mask[:, None] & pcol_mask[None, :]
+                kept = tl.load(x_row + pcols[None, :], mask=pmask, other=0.0)
+                tl.store(o_row + pcols[None, :], kept.to(o_ptr.dtype.element_ty), mask=pmask)
+
+    @triton.jit
+    def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+                     seq_len, n_q_heads, n_k_heads,
+                     q_sb, q_ss, q_sh, k_sb, k_ss, k_sh,
+                     qo_sb, qo_ss, qo_sh, ko_sb, ko_ss, ko_sh,
+                     c_sb, c_ss, s_sb, s_ss,
+                     HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                     HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_PASS: tl.constexpr,
+                     BACKWARD: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        b = token // seq_len
+        s = token - b * seq_len
+
+        cols = tl.arange(0, BLOCK_HALF)
+        col_mask = cols < HALF
+        c_row = cos_ptr + b * c_sb + s * c_ss
+        s_row = sin_ptr + b * s_sb + s * s_ss
+        c1 = tl.load(c_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(c_row + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(s_row + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if BACKWARD:  # transposed rotation: (s1, s2) -> (-s2, -s1)
+            t1 = -s2
+            t2 = -s1
+        else:
+            t1 = s1
+            t2 = s2
+
+        pcols = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        pcol_mask = pcols < HEAD_DIM
+
+        if HAS_Q:
+            _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, n_q_heads,
+                          q_sh, qo_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
+                          HALF, BLOCK_HQ, HAS_PASS)
+        if HAS_K:
+            _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, n_k_heads,
+                          k_sh, ko_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
+                          HALF, BLOCK_HK, HAS_PASS)
+
+
+def _as_bshd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+    """View x (unit feature stride) as (batch, seq, heads, head_dim), without a copy."""
+    return x.transpose(1, 2) if unsqueeze_dim == 1 else x
+
+
+def _table(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """cos/sin with unit feature stride, and its (batch, seq) strides (0 where broadcast)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    sb = 0 if t.shape[0] == 1 else t.stride(0)
+    ss = 0 if t.shape[1] == 1 else t.stride(1)
+    return t, sb, ss
+
+
+def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+            unsqueeze_dim: int, backward: bool, out_dtypes: tuple) -> tuple:
+    """Rotate q and k (either may be None) by cos/sin; backward=True applies the inverse.
+
+    Outputs keep the inputs' layout where it is dense (e.g. a transposed projection), else are
+    contiguous.
+    """
+    outs, pairs = [], []
+    for x, dtype in zip((q, k), out_dtypes, strict=True):
+        if x is None:
+            outs.append(None)
+            pairs.append(None)
+            continue
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        out = torch.empty_like(x, dtype=dtype)
+        outs.append(out)
+        pairs.append((_as_bshd(x, unsqueeze_dim), _as_bshd(out, unsqueeze_dim)))
+    live = [p for p in pairs if p is not None]
+    if not live:
+        return None, None
+    # A missing one is replaced by the other (never touched: HAS_Q / HAS_K are off).
+    (q_in, q_out), (k_in, k_out) = (p if p is not None else live[0] for p in pairs)
+    n_q = q_in.shape[2] if pairs[0] is not None else 0
+    n_k = k_in.shape[2] if pairs[1] is not None else 0
+    batch, seq, _, head_dim = live[0][0].shape
+    if batch * seq == 0:
+        return tuple(outs)
+
+    cos, c_sb, c_ss = _table(cos)
+    sin, s_sb, s_ss = _table(sin)
+    half = cos.shape[-1] // 2
+    n_pass = head_dim - 2 * half
+    block_half = triton.next_power_of_2(half)
+    block_pass = triton.next_power_of_2(max(n_pass, 1))
+    heads_cap = max(1, _MAX_TILE // block_half)
+    block_hq = min(triton.next_power_of_2(max(n_q, 1)), heads_cap)
+    block_hk = min(triton.next_power_of_2(max(n_k, 1)), heads_cap)
+    tile = max(block_hq, block_hk) * block_half
+    _rope_kernel[(batch * seq,)](
+        q_in, k_in, q_out, k_out, cos, sin,
+        seq, n_q, n_k,
+        q_in.stride(0), q_in.stride(1), q_in.stride(2),
+        k_in.stride(0), k_in.stride(1), k_in.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        c_sb, c_ss, s_sb, s_ss,
+        HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        HAS_Q=pairs[0] is not None, HAS_K=pairs[1] is not None, HAS_PASS=n_pass > 0,
+        BACKWARD=backward, num_warps=min(warps_for(tile), 8),
+    )
+    return tuple(outs)
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim):
+        q_out, k_out = _launch(q, k, cos, sin, unsqueeze_dim, False, (q.dtype, k.dtype))
+        ctx.save_for_backward(cos, sin)
+        ctx.unsqueeze_dim = unsqueeze_dim
+        ctx.dtypes = (q.dtype, k.dtype)
+        ctx.set_materialize_grads(False)
+        for out, needs_grad in zip((q_out, k_out), ctx.needs_input_grad[:2], strict=True):
+            if not needs_grad:
+                ctx.mark_non_differentiable(out)
+        return q_out, k_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            grad_q = None
+        if not ctx.needs_input_grad[1]:
+            grad_k = None
+        dq, dk = _launch(grad_q, grad_k, cos, sin, ctx.unsqueeze_dim, True, ctx.dtypes)
+        return dq, dk, None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary position embedding to q and k, as transformers' ``apply_rotary_pos_emb``.
+
+    Args:
+        q: (batch, q_heads, seq, head_dim) with ``unsqueeze_dim=1`` (the attention modules'
+            layout, usually a transposed view) or (batch, seq, q_heads, head_dim) with
+            ``unsqueeze_dim=2``. bf16/fp16/fp32, any strides.
+        k: the same layout as q; may have fewer heads (GQA/MQA).
+        cos, sin: (batch or 1, seq or 1, rotary_dim) as the model's rotary embedding returns them
+            (M-RoPE sections already folded in). ``rotary_dim < head_dim`` rotates only the first
+            ``rotary_dim`` features (partial rotary); it must be even.
+        unsqueeze_dim: 1 or 2, as in transformers.
+
+    Returns:
+        (q_embed, k_embed) in q's and k's dtypes and shapes, computed in float32.
+
+    Gradients flow to q and k through a Triton backward (the inverse rotation, recomputed from
+    cos/sin). If cos or sin require grad, the op falls back to :func:`rope_reference` (plain
+    autograd) so their gradients are correct rather than silently dropped.
+    """
+    _check(q, k, cos, sin, unsqueeze_dim)
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float(name, t)
+    if not use_triton(q, k, cos, sin) or cos.requires_grad or sin.requires_grad:
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    return _RoPE.apply(q, k, cos, sin, unsqueeze_dim)
