@@ -1,1 +1,31 @@
-"""Fused ops: Triton kernels with hand-written backward passes, each with a PyTorch reference."""
+"""Fused ops: Triton kernels with hand-written backward passes, each with a PyTorch reference.
+
+CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) run the kernels; plain CPU tensors run
+the ``*_reference`` functions, which are also what the tests compare the kernels with.
+"""
+
+from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from fusetune.ops.glu import geglu, geglu_reference, swiglu, swiglu_reference
+from fusetune.ops.layer_norm import layer_norm, layer_norm_reference
+from fusetune.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fusetune.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from fusetune.ops.rope import rope, rope_reference
+
+__all__ = [
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "cross_entropy",
+    "cross_entropy_reference",
+    "geglu",
+    "geglu_reference",
+    "layer_norm",
+    "layer_norm_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope",
+    "rope_reference",
+    "swiglu",
+    "swiglu_reference",
+]

@@ -7,6 +7,7 @@ the Triton kernels; plain CPU tensors go to the op's PyTorch reference.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -76,3 +77,51 @@ def warps_for(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
+
+
+# Programs per SM in a persistent backward grid; under the interpreter a few programs suffice
+# (and still make each program loop over several rows).
+_PROGRAMS_PER_SM = 2
+_INTERPRETER_PROGRAMS = 4
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(n_rows: int, device: torch.device) -> int:
+    """How many programs a persistent row-loop backward grid launches (at most one per row).
+
+    Bounded by a small multiple of the SM count so the fp32 partial-sum buffer for parameter
+    gradients stays ``programs x hidden``, whatever the number of rows.
+    """
+    if device.type == "cuda":
+        cap = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+    else:
+        cap = _INTERPRETER_PROGRAMS
+    return min(n_rows, cap)
+
+
+def partial_buffer(
+    needed: bool, programs: int, n_cols: int, device: torch.device
+) -> torch.Tensor | None:
+    """The fp32 (programs x n_cols) buffer a persistent backward fills, or None if not needed."""
+    if not needed:
+        return None
+    return torch.empty((programs, n_cols), dtype=torch.float32, device=device)
+
+
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Finish a parameter gradient: add the per-program fp32 partial sums, cast to ``dtype``."""
+    return partial.sum(0).to(dtype)
+
+
+def check_row_width(n_cols: int) -> None:
+    """Reject rows wider than the single-block row kernels hold."""
+    if n_cols > MAX_FUSED_ROW:
+        raise ValueError(
+            f"fusetune: the last dim is {n_cols} wide; the fused norm kernels hold a whole row "
+            f"in one block, up to {MAX_FUSED_ROW}. Use the op's *_reference function for wider "
+            f"rows."
+        )

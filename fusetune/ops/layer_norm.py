@@ -1,0 +1,195 @@
+"""LayerNorm over the last dim as Triton forward and backward kernels.
+
+The forward runs one program per row and saves the row's fp32 mean and rstd; the backward
+recomputes the normalised row from the saved input, on a bounded persistent grid whose programs
+each keep fp32 partial sums of the weight and bias gradients (finished by ``sum_partials``, shared
+with ``rms_norm`` through ``_launch``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusetune.ops._launch import (
+    as_rows,
+    block_for,
+    check_float,
+    check_row_width,
+    partial_buffer,
+    persistent_programs,
+    sum_partials,
+    triton,
+    use_triton,
+    warps_for,
+)
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _layer_norm_forward_kernel(
+        X, W, B, Y, MEAN, RSTD,
+        stride_x, n_cols, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per row; Y is contiguous, n_cols wide.
+        row = tl.program_id(0)
+        row64 = tl.cast(row, tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        h = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=0) / n_cols
+        centred = tl.where(mask, h - mean, 0.0)
+        rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        y = centred * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row64 * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _layer_norm_backward_kernel(
+        DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
+        stride_dy, stride_x, n_rows, n_cols,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # Persistent: program p handles rows p, p + P, ... and writes one row of each fp32
+        # partial-sum buffer (P x n_cols). DX is contiguous, n_cols wide.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if COMPUTE_DW:
+            dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        if COMPUTE_DB:
+            db = tl.zeros((BLOCK,), dtype=tl.float32)
+        for row in range(pid, n_rows, tl.num_programs(0)):
+            row64 = tl.cast(row, tl.int64)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            normed = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+            if HAS_WEIGHT:
+                dnormed = dy * w
+            else:
+                dnormed = dy
+            if COMPUTE_DW:
+                dw += dy * normed
+            if COMPUTE_DB:
+                db += dy
+            mean_dn = tl.sum(dnormed, axis=0) / n_cols
+            mean_dn_n = tl.sum(dnormed * normed, axis=0) / n_cols
+            dx = rstd * (dnormed - mean_dn - normed * mean_dn_n)
+            tl.store(DX + row64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
+        if COMPUTE_DB:
+            tl.store(DB_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, db, mask=mask)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        rows = as_rows(x)
+        n_rows, n_cols = rows.shape
+        block = block_for(n_cols)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        _layer_norm_forward_kernel[(n_rows,)](
+            rows, weight, bias, y, mean, rstd,
+            rows.stride(0), n_cols, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK=block, num_warps=warps_for(block),
+        )
+        ctx.save_for_backward(rows, weight, mean, rstd)
+        ctx.shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, mean, rstd = ctx.saved_tensors
+        n_rows, n_cols = rows.shape
+        block = block_for(n_cols)
+        dy_rows = as_rows(dy)
+        dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
+        programs = persistent_programs(n_rows, rows.device)
+        need_dw = weight is not None and ctx.needs_input_grad[1]
+        need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)
+        db_partial = partial_buffer(need_db, programs, n_cols, rows.device)
+        _layer_norm_backward_kernel[(programs,)](
+            dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
+            dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
+            HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            BLOCK=block, num_warps=warps_for(block),
+        )
+        dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
+        db = sum_partials(db_partial, ctx.bias_dtype) if need_db else None
+        return dx, dw, db, None
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("fusetune: layer_norm needs x with at least one dimension, got a scalar.")
+    check_row_width(x.shape[-1])
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        check_float(name, param)
+        if param.shape != (x.shape[-1],):
+            raise ValueError(
+                f"fusetune: {name} has shape {tuple(param.shape)}, expected ({x.shape[-1]},) "
+                f"to match the last dim of x {tuple(x.shape)}."
+            )
+
+
+def layer_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Plain PyTorch LayerNorm over the last dim, in float32 (or wider), returned in x's dtype."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))  # x.float(); float64 stays float64
+    centred = h - h.mean(-1, keepdim=True)
+    y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(h.dtype)
+    if bias is not None:
+        y = y + bias.to(h.dtype)
+    return y.to(x.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x``, fused into one Triton kernel (and one for backward).
+
+    Same result as ``torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)``, the
+    maths of ``torch.nn.LayerNorm`` as transformers uses it (e.g. the ``layer_norm1`` /
+    ``layer_norm2`` of ``transformers.models.siglip.modeling_siglip.SiglipEncoderLayer``): the
+    statistics, the scale and the shift are computed in float32 and the result rounded once to
+    ``x.dtype``. The output is always ``x.dtype``, also when ``weight``/``bias`` have another
+    dtype (where F.layer_norm would want them to match). ``weight`` and/or ``bias`` may be None.
+
+    Why: one pass reads ``x`` and writes the output; backward keeps ``x`` and a float32 mean and
+    rstd per row, recomputes the normalised row, and reduces the parameter gradients in float32.
+    Gradients flow to ``x`` and to ``weight``/``bias`` when they require grad (returned in
+    their own dtypes). CUDA tensors (or any, under ``TRITON_INTERPRET=1``) run the kernels; plain
+    CPU tensors run ``layer_norm_reference``.
+    """
+    _check_inputs(x, weight, bias)
+    if use_triton(x, weight, bias):
+        return _LayerNorm.apply(x, weight, bias, eps)
+    return layer_norm_reference(x, weight, bias, eps)

@@ -1,0 +1,301 @@
+"""RMSNorm, alone or fused with the residual add before it, as Triton forward and backward kernels.
+
+``rms_norm`` matches transformers' ``LlamaRMSNorm`` (``cast="llama"``) and ``Gemma3RMSNorm``
+(``cast="gemma"``, with ``offset=1.0``); ``add_rms_norm`` also does the ``residual + hidden``
+add that precedes every such norm in a decoder layer, in the same pass over memory.
+
+Both share one forward kernel (one program per row, ``HAS_RESIDUAL`` switching the add on) and one
+backward kernel (a bounded, persistent grid: each program walks many rows and keeps its own fp32
+partial sum of the weight gradient; ``sum_partials`` adds those up). The backward recomputes the
+normalised row from the saved input and one fp32 ``rstd`` per row instead of storing the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusetune.ops._launch import (
+    as_rows,
+    block_for,
+    check_float,
+    check_row_width,
+    partial_buffer,
+    persistent_programs,
+    sum_partials,
+    triton,
+    use_triton,
+    warps_for,
+)
+
+if triton is not None:
+    import triton.language as tl
+
+CASTS = ("llama", "gemma")
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_forward_kernel(
+        X, R, S, Y, W, RSTD,
+        stride_x, stride_r, n_cols, eps, offset,
+        HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, GEMMA: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One program per row. S (the rounded sum x + r) and Y are contiguous, n_cols wide.
+        row = tl.program_id(0)
+        row64 = tl.cast(row, tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(S + row64 * n_cols + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+        tl.store(RSTD + row, rstd)
+        normed = h * rstd
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if GEMMA:  # (offset + weight) in fp32 times the fp32 normalised row
+                y = normed * (offset + w)
+            else:  # (offset + weight) in weight dtype times the row rounded to x dtype
+                scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
+                y = scale * normed.to(X.dtype.element_ty).to(tl.float32)
+        else:
+            y = normed
+        tl.store(Y + row64 * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_backward_kernel(
+        DY, H, W, RSTD, DS, DX, DW_PARTIAL,
+        stride_dy, stride_h, stride_ds, n_rows, n_cols, offset,
+        HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, GEMMA: tl.constexpr,
+        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # Persistent: program p handles rows p, p + P, p + 2P, ... and writes one row of
+        # DW_PARTIAL (fp32, P x n_cols). DX is contiguous, n_cols wide.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if GEMMA:
+                scale = offset + w
+            else:
+                scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
+        if COMPUTE_DW:
+            dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        for row in range(pid, n_rows, tl.num_programs(0)):
+            row64 = tl.cast(row, tl.int64)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            normed = h * rstd
+            if HAS_WEIGHT:
+                dnormed = dy * scale
+            else:
+                dnormed = dy
+            if COMPUTE_DW:
+                if GEMMA:
+                    dw += dy * normed
+                else:
+                    dw += dy * normed.to(H.dtype.element_ty).to(tl.float32)
+            dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=0) / n_cols))
+            if HAS_DSUM:
+                dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+def _rms_output_dtype(x: torch.Tensor, weight: torch.Tensor | None, gemma: bool) -> torch.dtype:
+    return x.dtype if weight is None or gemma else torch.result_type(weight, x)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Triton RMSNorm with an optional fused residual add (``residual`` None: plain norm)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, offset, gemma):
+        rows = as_rows(x)
+        n_rows, n_cols = rows.shape
+        block = block_for(n_cols)
+        y = torch.empty(x.shape, dtype=_rms_output_dtype(x, weight, gemma), device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        if residual is None:
+            res_rows, summed = None, None
+        else:
+            res_rows = as_rows(residual)
+            summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _rms_norm_forward_kernel[(n_rows,)](
+            rows, res_rows, summed, y, weight, rstd,
+            rows.stride(0), 0 if res_rows is None else res_rows.stride(0), n_cols, eps, offset,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, GEMMA=gemma,
+            BLOCK=block, num_warps=warps_for(block),
+        )
+        # Recompute in backward from what was normalised (x, or the rounded sum) and rstd.
+        normalised = rows if summed is None else summed.view(n_rows, n_cols)
+        ctx.save_for_backward(normalised, weight, rstd)
+        ctx.shape, ctx.offset, ctx.gemma = x.shape, offset, gemma
+        ctx.has_residual = residual is not None
+        return y if summed is None else (y, summed)
+
+    @staticmethod
+    def backward(ctx, dy, dsum=None):
+        h, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = h.shape
+        block = block_for(n_cols)
+        dy_rows = as_rows(dy)
+        ds_rows = None if dsum is None else as_rows(dsum)
+        dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
+        programs = persistent_programs(n_rows, h.device)
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        dw_partial = partial_buffer(need_dw, programs, n_cols, h.device)
+        _rms_norm_backward_kernel[(programs,)](
+            dy_rows, h, weight, rstd, ds_rows, dx, dw_partial,
+            dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
+            n_rows, n_cols, ctx.offset,
+            HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
+            COMPUTE_DW=need_dw, BLOCK=block, num_warps=warps_for(block),
+        )
+        dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
+        # x and residual enter the normalised sum alike, so they get the same gradient.
+        dres = dx if ctx.has_residual else None
+        return dx, dres, dw, None, None, None
+
+
+def _is_gemma(cast: str) -> bool:
+    if cast not in CASTS:
+        raise ValueError(
+            f"fusetune: cast={cast!r} is not known; use cast='llama' (LlamaRMSNorm: round the "
+            f"normalised row to x's dtype, then scale) or cast='gemma' (Gemma3RMSNorm: scale in "
+            f"float32, then cast to x's dtype)."
+        )
+    return cast == "gemma"
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    offset: float,
+    cast: str,
+) -> bool:
+    """Validate the arguments of rms_norm / add_rms_norm; return whether cast is 'gemma'."""
+    gemma = _is_gemma(cast)
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("fusetune: rms_norm needs x with at least one dimension, got a scalar.")
+    check_row_width(x.shape[-1])
+    if residual is not None:
+        check_float("residual", residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"fusetune: residual is {tuple(residual.shape)} {residual.dtype} but x is "
+                f"{tuple(x.shape)} {x.dtype}; pass a residual of the same shape and dtype as x."
+            )
+    if weight is None:
+        if offset != 0.0:
+            raise ValueError(
+                f"fusetune: offset={offset} scales by (offset + weight), but weight is None; "
+                f"pass the weight or leave offset at 0."
+            )
+    else:
+        check_float("weight", weight)
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(
+                f"fusetune: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) "
+                f"to match the last dim of x {tuple(x.shape)}."
+            )
+    return gemma
+
+
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast: str = "llama",
+) -> torch.Tensor:
+    """Plain PyTorch RMSNorm, written as transformers writes it (see ``rms_norm``).
+
+    Computes in float32 like transformers, except that float64 inputs stay float64 (so the tests
+    can run it as exact maths).
+    """
+    gemma = _is_gemma(cast)
+    h = x.to(torch.promote_types(x.dtype, torch.float32))  # x.float(); float64 stays float64
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return h.to(x.dtype)
+    if gemma:  # Gemma3RMSNorm
+        return (h * (offset + weight.to(h.dtype))).to(x.dtype)
+    return (offset + weight) * h.to(x.dtype)  # LlamaRMSNorm
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast: str = "llama",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch residual add then RMSNorm (see ``add_rms_norm``)."""
+    summed = x + residual
+    return rms_norm_reference(summed, weight, eps, offset, cast), summed
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast: str = "llama",
+) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x``, fused into one Triton kernel (and one for backward).
+
+    ``cast="llama"`` is ``transformers.models.llama.modeling_llama.LlamaRMSNorm`` exactly: the
+    normalised row is computed in float32, rounded to ``x.dtype``, then multiplied by
+    ``offset + weight`` (in weight's dtype); the result has ``torch.result_type(weight, x)``, so
+    bf16 ``x`` with a float32 weight gives float32. ``cast="gemma"`` is
+    ``transformers.models.gemma3.modeling_gemma3.Gemma3RMSNorm`` (use ``offset=1.0``): the row is
+    scaled by ``offset + weight.float()`` in float32 and the result cast to ``x.dtype``.
+    ``weight=None`` normalises without scaling (output in ``x.dtype``).
+
+    Why: the eager module makes several passes over the activations and autograd keeps the
+    float32 intermediates; here one pass reads ``x`` and writes the output, and backward keeps
+    only ``x`` and one float32 ``rstd`` per row. Gradients flow to ``x`` and, when it requires
+    grad, to ``weight``. CUDA tensors (or any, under ``TRITON_INTERPRET=1``) run the kernels;
+    plain CPU tensors run ``rms_norm_reference``.
+    """
+    gemma = _check_inputs(x, None, weight, offset, cast)
+    if use_triton(x, weight):
+        return _RMSNorm.apply(x, None, weight, eps, offset, gemma)
+    return rms_norm_reference(x, weight, eps, offset, cast)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast: str = "llama",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm in one pass: returns ``(rms_norm(x + residual), x + residual)``.
+
+    Matches the decoder-layer pattern in transformers (e.g. ``LlamaDecoderLayer``:
+    ``hidden_states = residual + hidden_states`` followed by ``post_attention_layernorm``), with
+    the norm as in ``rms_norm`` (same ``eps``, ``offset`` and ``cast``). The sum is rounded to
+    ``x.dtype`` as torch rounds it, and that rounded sum is what is normalised and returned.
+
+    Why: the add and the norm each read and write the whole activation; fused, the kernel reads
+    ``x`` and ``residual`` once and writes both outputs. Gradients of both outputs flow into
+    ``x`` and ``residual`` (the same values for both) and into ``weight`` when it requires grad.
+    ``residual`` must have ``x``'s shape and dtype.
+    """
+    gemma = _check_inputs(x, residual, weight, offset, cast)
+    if use_triton(x, residual, weight):
+        return _RMSNorm.apply(x, residual, weight, eps, offset, gemma)
+    return add_rms_norm_reference(x, residual, weight, eps, offset, cast)
