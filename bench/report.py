@@ -1,0 +1,161 @@
+"""Render benchmark results (JSON lines) as Markdown tables in bench/RESULTS.md.
+
+    python bench/report.py [--results DIR] [--out FILE]
+
+One section per results file (``DIR/*.jsonl``), between ``<!-- begin NAME -->`` and
+``<!-- end NAME -->`` markers: re-running replaces a file's section and leaves the rest of the
+document (hand-written notes, other sections) alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import common
+
+HERE = Path(__file__).resolve().parent
+SYSTEM_ORDER = ("fusetune", "torch_eager", "torch_compile", "liger", "matmul")
+RIVALS = ("liger", "torch_compile")  # fusetune's speed ratio is taken against the faster of these
+TITLE = "# Benchmark results\n"
+
+
+def load(path: Path) -> list[dict]:
+    """The records of one JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def header(records: list[dict]) -> str:
+    """GPU, library versions and date of a run, from its records."""
+    first = records[0]
+    liger = next((r["liger"] for r in records if r.get("liger")), None)
+    return (f"GPU: {first['gpu']} · torch {first['torch']} · triton {first['triton']} · "
+            f"transformers {first['transformers']} · Liger-Kernel {liger} · {first['date']}")
+
+
+def cell(systems: dict, system: str, metric: str, spec: str) -> str:
+    """A formatted value; OOM or err for a failed measurement; blank when not measured."""
+    row = systems.get(system, {}).get(metric)
+    if row is None:
+        return ""
+    if row["value"] is not None:
+        return format(row["value"], spec)
+    error = row.get("error", "")
+    return "OOM" if "out of memory" in error.lower() or "OutOfMemory" in error else "err"
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def ops_table(cases: dict) -> list[str]:
+    """op, shape, variant, ms and peak MiB per system, fusetune's roofline fraction and speed ratio."""
+    timed = {key: systems for key, systems in cases.items()
+             if any(common.TIME in metrics for metrics in systems.values())}
+    if not timed:
+        return []
+    present = [s for s in SYSTEM_ORDER if any(s in systems for systems in timed.values())]
+    head = ["op", "shape", "variant"]
+    for system in present:
+        head += [f"{system} ms", f"{system} MiB"]
+    head += ["fusetune roofline", "fusetune speed vs best of " + "/".join(RIVALS)]
+    rows = []
+    for (op, shape, variant), systems in timed.items():
+        row = [op, shape, variant]
+        for system in present:
+            row += [cell(systems, system, common.TIME, ".3f"),
+                    cell(systems, system, common.MEMORY, ".0f")]
+        ratio = common.speed_ratio(systems, "fusetune", RIVALS)
+        row += [cell(systems, "fusetune", common.ROOFLINE, ".2f"),
+                "" if ratio is None else f"{ratio:.2f}x"]
+        rows.append(row)
+    legend = {op: common.shape_legend(row["config"]) for (op, _, _), systems in timed.items()
+              for metrics in systems.values() for row in metrics.values()}
+    notes = ["", "Shapes: " + "; ".join(f"{op}: {names}" for op, names in legend.items()) + ".",
+             "Times are medians of forward+backward in ms. MiB is the peak allocated on top of the "
+             "inputs, input gradients included (Liger's cross-entropy writes its gradient into the "
+             "logits buffer, so it allocates none). Roofline is the minimum work over the "
+             "measured copy bandwidth or bf16 matmul rate, divided by the time; matmul is the "
+             "bare bf16 matmuls of linear_cross_entropy, a floor rather than a competitor."]
+    return ["### Ops", ""] + markdown(head, rows) + notes
+
+
+def correctness_table(cases: dict) -> list[str]:
+    """Max relative error of fusetune against its reference, per checked case."""
+    rows = [[op, shape, variant, cell(systems, "fusetune", common.ERROR, ".2e"),
+             "ok" if systems["fusetune"][common.ERROR].get("passed") else "FAIL"]
+            for (op, shape, variant), systems in cases.items()
+            if common.ERROR in systems.get("fusetune", {})]
+    if not rows:
+        return []
+    return ["### Correctness (fusetune vs its reference, bf16)", ""] + markdown(
+        ["op", "shape", "variant", "max rel error", "result"], rows)
+
+
+def ceilings_line(cases: dict) -> list[str]:
+    """The measured copy bandwidth and bf16 matmul rate the roofline fractions are taken against."""
+    values = {metric: row["value"] for systems in cases.values()
+              for metrics in systems.values() for metric, row in metrics.items()
+              if metric in (common.COPY, common.MATMUL)}
+    if not values:
+        return []
+    return [f"Ceilings: device-to-device copy {values.get(common.COPY, 0):.0f} GB/s "
+            f"(read + write), bf16 matmul {values.get(common.MATMUL, 0):.1f} TFLOP/s."]
+
+
+def errors_list(records: list[dict]) -> list[str]:
+    """Each distinct failure once, with the cases it hit."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for row in records:
+        if row["value"] is None:
+            config = row["config"]
+            where = f"{config['op']} {common.shape_text(config)} {config.get('variant', '')}"
+            cases = seen.setdefault((row["system"], row["error"]), [])
+            if where not in cases:
+                cases.append(where)
+    if not seen:
+        return []
+    lines = ["### Failures", ""]
+    for (system, error), cases in seen.items():
+        lines.append(f"- **{system}** ({len(cases)} case(s), e.g. {cases[0]}): `{error}`")
+    return lines
+
+
+def section(name: str, records: list[dict]) -> str:
+    """The Markdown section for one results file, markers included."""
+    cases = common.index(records)
+    parts = [[f"## {name}", "", header(records)], ceilings_line(cases), correctness_table(cases),
+             ops_table(cases), errors_list(records)]
+    body = "\n\n".join("\n".join(part) for part in parts if part)
+    return f"<!-- begin {name} -->\n{body}\n<!-- end {name} -->"
+
+
+def replace_section(document: str, name: str, text: str) -> str:
+    """``document`` with the section ``name`` replaced by ``text`` (appended when absent)."""
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->",
+                         re.DOTALL)
+    if pattern.search(document):
+        return pattern.sub(lambda _: text, document)
+    return document.rstrip("\n") + "\n\n" + text + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    document = args.out.read_text() if args.out.exists() else TITLE
+    for path in sorted(args.results.glob("*.jsonl")):
+        records = load(path)
+        if records:
+            document = replace_section(document, path.name, section(path.name, records))
+    args.out.write_text(document)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

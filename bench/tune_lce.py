@@ -1,0 +1,77 @@
+"""How linear_cross_entropy's rows per chunk trade time for memory, on the real LCE shapes.
+
+Times fusetune's ``linear_cross_entropy`` forward+backward and its peak memory for several
+``chunk_rows`` values (and the default) with a trainable and a frozen weight, so the default chunk
+rule in ``fusetune/ops/linear_cross_entropy.py`` is chosen from measurements, not guesses.
+Run on the GPU: ``python bench/tune_lce.py --out DIR`` writes DIR/lce-tuning-<tag>.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import common
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
+from fusetune.ops.linear_cross_entropy import default_chunk_rows, linear_cross_entropy  # noqa: E402
+
+SHAPES = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},
+          {"tokens": 16384, "hidden": 3584, "vocab": 152064},
+          {"tokens": 8192, "hidden": 2304, "vocab": 262144})
+QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 500},)
+CHUNKS = (128, 256, 512, 1024, 2048, 4096)
+QUICK_CHUNKS = (16, 32)
+
+
+def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) -> list[dict]:
+    """Time and peak memory of one configuration, recorded under system ``fusetune``."""
+    n, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
+    dev = common.device()
+    hidden = torch.randn(n, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, h, device=dev, dtype=torch.bfloat16) * h**-0.5).requires_grad_(trainable)
+    labels = torch.randint(0, v, (n,), device=dev)
+    chosen = chunk_rows or default_chunk_rows(n, v, h)
+    config = {"op": "linear_cross_entropy", **shape, "chunk_rows": chosen,
+              "variant": ("trainable_weight" if trainable else "frozen_weight")
+              + ("_default_chunk" if chunk_rows is None else "")}
+    leaves = [hidden, weight] if trainable else [hidden]
+
+    def step():
+        linear_cross_entropy(hidden, weight, labels, chunk_rows=chosen).backward()
+
+    rows = []
+    try:
+        ms = common.time_fwd_bwd(step, grad_to_none=leaves, **timing)
+        rows.append(common.record("fusetune", config, common.TIME, ms))
+        for leaf in leaves:
+            leaf.grad = None
+        if torch.cuda.is_available():
+            rows.append(common.record("fusetune", config, common.MEMORY, common.peak_memory_mib(step)))
+    except Exception as exc:  # an OOM at one chunk size must not end the sweep
+        rows.append(common.record("fusetune", config, common.TIME, None, common.describe(exc)))
+    print(f"  {common.shape_text(shape)} {config['variant']} chunk={chosen}: "
+          + ", ".join(f"{r['metric']}={r['value'] if r['value'] is None else round(r['value'], 2)}"
+                      for r in rows), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tag", default="h200")
+    args = parser.parse_args()
+    common.open_results(args.out / f"lce-tuning-{args.tag}.jsonl")
+    timing = {"warmup": 1, "rep": 5} if args.quick else {"warmup": 10, "rep": 50}
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        for trainable in (True, False):
+            for chunk in (None, *(QUICK_CHUNKS if args.quick else CHUNKS)):
+                measure(shape, trainable, chunk, timing)
+                common.release()
+
+
+if __name__ == "__main__":
+    main()
