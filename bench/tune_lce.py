@@ -33,7 +33,7 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) 
     hidden = torch.randn(n, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(v, h, device=dev, dtype=torch.bfloat16) * h**-0.5).requires_grad_(trainable)
     labels = torch.randint(0, v, (n,), device=dev)
-    chosen = chunk_rows or default_chunk_rows(n, v, h)
+    chosen = chunk_rows or default_chunk_rows(n, trainable)
     config = {"op": "linear_cross_entropy", **shape, "chunk_rows": chosen,
               "variant": ("trainable_weight" if trainable else "frozen_weight")
               + ("_default_chunk" if chunk_rows is None else "")}

@@ -86,8 +86,16 @@ _INTERPRETER_PROGRAMS = 4
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; under the interpreter a small stand-in, so that
+    persistent kernels still make each program loop over several rows in the CPU tests."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_PROGRAMS
 
 
 def persistent_programs(n_rows: int, device: torch.device) -> int:
@@ -96,11 +104,8 @@ def persistent_programs(n_rows: int, device: torch.device) -> int:
     Bounded by a small multiple of the SM count so the fp32 partial-sum buffer for parameter
     gradients stays ``programs x hidden``, whatever the number of rows.
     """
-    if device.type == "cuda":
-        cap = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
-    else:
-        cap = _INTERPRETER_PROGRAMS
-    return min(n_rows, cap)
+    per_sm = _PROGRAMS_PER_SM if device.type == "cuda" else 1
+    return min(n_rows, per_sm * sm_count(device))
 
 
 def partial_buffer(

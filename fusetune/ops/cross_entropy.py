@@ -23,10 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fusetune.ops._launch import as_rows, check_float, use_triton, warps_for
+from fusetune.ops._launch import as_rows, check_float, sm_count, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
-_VOCAB_BLOCK = 4096
+# (programs per SM, vocab block, warps) of the persistent row kernel, chosen on an H200 with
+# bench/tune_cross_entropy.py.
+_LAUNCH = (4, 16384, 32)
 
 
 @triton.jit
@@ -35,6 +37,77 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
     return x
+
+
+@triton.jit
+def _cross_entropy_row(
+    logits_row,
+    label,
+    loss_ptr,
+    grad_row,
+    scale,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One row: its loss, and optionally ``scale * dloss/dlogits``.
+
+    Pass 1 streams the row with an online max / sum-exp (plus the sum of logits for label
+    smoothing). Pass 2 re-reads it and writes the gradient, which may overwrite the logits in
+    place (``grad_row == logits_row``): each element is read before it is written, by the same
+    program.
+    """
+    cols = tl.arange(0, BLOCK)
+    if label == ignore_index:
+        tl.store(loss_ptr, 0.0)
+        if COMPUTE_GRAD:
+            zeros = tl.zeros([BLOCK], dtype=tl.float32).to(grad_row.dtype.element_ty)
+            for start in range(0, n_cols, BLOCK):
+                offs = start + cols
+                tl.store(grad_row + offs, zeros, mask=offs < n_cols)
+    else:
+        running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        logit_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            z = _softcapped(z, softcap, HAS_SOFTCAP)
+            new_max = tl.maximum(running_max, z)
+            # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
+            running_max = new_max
+            logit_sum += tl.where(mask, z, 0.0)
+        row_max = tl.max(running_max, axis=0)
+        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+
+        # The labelled logit: one scalar load (labels were range-checked on the host).
+        z_label = _softcapped(tl.load(logits_row + label).to(tl.float32), softcap, HAS_SOFTCAP)
+        smooth = label_smoothing / n_cols
+        loss = lse - (1.0 - label_smoothing) * z_label - smooth * tl.sum(logit_sum, axis=0)
+        loss += z_loss * lse * lse
+        tl.store(loss_ptr, loss)
+
+        if COMPUTE_GRAD:
+            softmax_factor = 1.0 + 2.0 * z_loss * lse
+            for start in range(0, n_cols, BLOCK):
+                offs = start + cols
+                mask = offs < n_cols
+                x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+                z = _softcapped(x, softcap, HAS_SOFTCAP)
+                grad = tl.exp(z - lse) * softmax_factor - smooth
+                grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
+                if HAS_SOFTCAP:
+                    capped = z / softcap
+                    grad = grad * (1.0 - capped * capped)
+                tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -47,6 +120,7 @@ def _cross_entropy_rows_kernel(
     grad_row_stride,
     scale_ptr,
     scale_stride,
+    n_rows,
     n_cols,
     ignore_index,
     label_smoothing,
@@ -56,68 +130,32 @@ def _cross_entropy_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program per row: the row's loss, and optionally ``scale * dloss/dlogits``.
+    """A persistent grid: each program walks rows ``pid, pid + programs, ...``.
 
-    Pass 1 streams the row once with an online max / sum-exp (plus the sum of logits for label
-    smoothing). Pass 2 re-reads it (mostly from L2) and writes the gradient, which may overwrite
-    the logits in place (``grad_ptr == logits_ptr``): each element is read before it is written
-    by the same program.
+    Few programs (about one per SM) keep the rows in flight few enough that pass 2 of a row finds
+    it still in L2, so the logits cross HBM about twice (one read, one write) rather than three
+    times.
     """
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    grad_row = grad_ptr + row * grad_row_stride
-    if label == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        scale = 1.0
         if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                offs = start + cols
-                tl.store(
-                    grad_row + offs,
-                    tl.zeros([BLOCK], dtype=tl.float32).to(grad_ptr.dtype.element_ty),
-                    mask=offs < n_cols,
-                )
-        return
-
-    logits_row = logits_ptr + row * logits_row_stride
-    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    logit_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        z = _softcapped(z, softcap, HAS_SOFTCAP)
-        new_max = tl.maximum(running_max, z)
-        # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
-        running_max = new_max
-        logit_sum += tl.where(mask, z, 0.0)
-    row_max = tl.max(running_max, axis=0)
-    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
-
-    # The labelled logit: one scalar load (labels were range-checked on the host).
-    z_label = _softcapped(tl.load(logits_row + label).to(tl.float32), softcap, HAS_SOFTCAP)
-    smooth = label_smoothing / n_cols
-    loss = lse - (1.0 - label_smoothing) * z_label - smooth * tl.sum(logit_sum, axis=0)
-    loss += z_loss * lse * lse
-    tl.store(loss_ptr + row, loss)
-
-    if COMPUTE_GRAD:
-        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-        softmax_factor = 1.0 + 2.0 * z_loss * lse
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            mask = offs < n_cols
-            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-            z = _softcapped(x, softcap, HAS_SOFTCAP)
-            grad = tl.exp(z - lse) * softmax_factor - smooth
-            grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
-            if HAS_SOFTCAP:
-                capped = z / softcap
-                grad = grad * (1.0 - capped * capped)
-            tl.store(grad_row + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+            scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
+        _cross_entropy_row(
+            logits_ptr + row64 * logits_row_stride,
+            tl.load(labels_ptr + row64).to(tl.int64),
+            loss_ptr + row64,
+            grad_ptr + row64 * grad_row_stride,
+            scale,
+            n_cols,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            HAS_SOFTCAP,
+            COMPUTE_GRAD,
+            BLOCK,
+        )
 
 
 def cross_entropy_rows(
@@ -130,13 +168,15 @@ def cross_entropy_rows(
     softcap: float | None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    launch: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row float32 losses of 2-D ``logits`` (rows with unit column stride), via the kernel.
 
     With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
-    be range-checked (``check_labels``).
+    be range-checked (``check_labels``). ``launch`` = (programs per SM, block, warps) overrides
+    the tuned launch configuration (for benchmarks).
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -145,8 +185,10 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    block = min(_VOCAB_BLOCK, triton.next_power_of_2(n_cols))
-    _cross_entropy_rows_kernel[(n_rows,)](
+    programs_per_sm, block, warps = launch or _LAUNCH
+    block = min(block, triton.next_power_of_2(n_cols))
+    programs = min(n_rows, programs_per_sm * sm_count(logits.device))
+    _cross_entropy_rows_kernel[(programs,)](
         logits,
         logits.stride(0),
         labels,
@@ -155,6 +197,7 @@ def cross_entropy_rows(
         grad_out.stride(0) if compute_grad else 0,
         grad_scale if compute_grad else losses,
         (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
+        n_rows,
         n_cols,
         ignore_index,
         float(label_smoothing),
@@ -163,7 +206,7 @@ def cross_entropy_rows(
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=compute_grad,
         BLOCK=block,
-        num_warps=warps_for(block),
+        num_warps=warps,
     )
     return losses, grad_out
 

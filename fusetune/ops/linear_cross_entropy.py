@@ -36,16 +36,17 @@ from fusetune.ops.cross_entropy import (
     scale_by_grad_output,
 )
 
-# Chunk logits hold about this many elements (or the hidden states' count, if larger): enough
-# rows for the matmuls to run near peak, little memory next to the weight and activations.
-_CHUNK_LOGITS_ELEMENTS = 64 * 2**20
+# Rows per chunk, measured on an H200 (bench/tune_lce.py, bench/results/lce-tuning-h200.jsonl):
+# with a trainable weight every chunk adds its share into the (vocab x hidden) gradient, a
+# read-modify-write of the whole gradient, so chunks must be long; with a frozen weight shorter
+# chunks cost little and keep the chunk's logits small.
+_CHUNK_ROWS_TRAINABLE = 2048
+_CHUNK_ROWS_FROZEN = 1024
 
 
-def default_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk: chunk logits about the size of the hidden states, at least 64 Mi elements."""
-    budget = max(_CHUNK_LOGITS_ELEMENTS, n_rows * hidden)
-    rows = max(16, budget // vocab)
-    rows = 1 << (rows.bit_length() - 1)  # a power of two keeps the matmul tiles whole
+def default_chunk_rows(n_rows: int, weight_trainable: bool) -> int:
+    """Rows per chunk: 2048 when the weight gets a gradient, 1024 when it is frozen (at most n_rows)."""
+    rows = _CHUNK_ROWS_TRAINABLE if weight_trainable else _CHUNK_ROWS_FROZEN
     return max(1, min(n_rows, rows))
 
 
@@ -146,7 +147,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             kept_labels = flat_labels if every_row else flat_labels.index_select(0, labelled)
             matmul_weight = weight.to(compute_dtype)
             matmul_bias = bias.to(compute_dtype) if bias is not None else None
-            chunk = chunk_rows or default_chunk_rows(kept_rows.shape[0], vocab, rows.shape[1])
+            chunk = chunk_rows or default_chunk_rows(kept_rows.shape[0], wants[1])
 
             eager_grad = any(wants) and reduction != "none"
             grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
@@ -270,8 +271,9 @@ def linear_cross_entropy(
     ``hidden`` (..., H), ``weight`` (vocab, H) (an ``lm_head`` weight, tied or not), ``labels``
     (...) with one label per row (shift them before calling for a causal LM). The options are
     ``cross_entropy``'s, with the same semantics, including loss 0 and zero gradients when every
-    label is ignored. ``chunk_rows`` overrides the rows per chunk (a memory/speed knob; the default
-    keeps chunk logits about the size of the hidden states). Returns a float32 loss.
+    label is ignored. ``chunk_rows`` overrides the rows per chunk, a memory/speed knob: the peak
+    extra memory is one chunk of logits (``chunk_rows x vocab``) plus the gradients; the default is
+    2048 rows with a trainable weight and 1024 with a frozen one. Returns a float32 loss.
     """
     check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
