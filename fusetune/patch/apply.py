@@ -1,0 +1,82 @@
+"""``apply`` / ``unapply``: walk a model, let each recognition rule decide, swap, and record."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fusetune.patch.glu import glu_rule
+from fusetune.patch.loss import LOSS_MODES, patch_loss, unsupported_reason
+from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
+from fusetune.patch.report import PatchReport
+from fusetune.patch.rope import rope_rule
+
+_REPORT_ATTR = "_fusetune_report"
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (``get_base_model``), or ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _swap(report: PatchReport, root: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    report.set_attr(root.get_submodule(parent_name), child_name, replacement)
+
+
+def apply(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    layer_norm: bool = True,
+    rope: bool = True,
+    glu: bool = True,
+    loss: str | None = "linear_cross_entropy",
+) -> PatchReport:
+    """Patch one loaded transformers model (or PEFT model) in place with fusetune's fused parts.
+
+    Submodules are swapped for ``fusetune.nn`` modules holding the same parameters under the same
+    names (state_dict keys, PEFT adapters and optimiser state are unaffected), and with ``loss``
+    set, the instance's ``forward`` computes the training loss without materialising logits. Only
+    this instance changes: no class, module global or ``torch.nn.functional`` is touched. Each
+    switch turns one kind off; ``loss`` is "linear_cross_entropy", "cross_entropy" or None.
+
+    Returns a ``PatchReport`` (print it for a table) whose ``undo()``, like ``unapply(model)``,
+    restores the original modules.
+    """
+    if loss is not None and loss not in LOSS_MODES:
+        raise ValueError(f"fusetune: loss={loss!r}; use one of {LOSS_MODES} or None.")
+    existing = getattr(model, _REPORT_ATTR, None)
+    if existing is not None and not existing.undone:
+        raise RuntimeError("fusetune: this model is already patched; call fusetune.unapply(model) first.")
+    report = PatchReport()
+    switches = {"rms_norm": rms_norm, "layer_norm": layer_norm, "glu": glu, "rope": rope, "loss": loss}
+    report.switched_off = {kind for kind, on in switches.items() if not on}
+    rules = [rule for kind, rule in (("rms_norm", rms_norm_rule), ("layer_norm", layer_norm_rule),
+                                     ("glu", glu_rule), ("rope", rope_rule)) if switches[kind]]
+    for name, module in list(model.named_modules()):
+        decision = next((d for d in (rule(module) for rule in rules) if d is not None), None)
+        if decision is None:
+            continue
+        if decision.replacement is None:
+            report.left_alone[decision.kind].append((name, decision.reason))
+        else:
+            _swap(report, model, name, decision.replacement)
+            report.patched[decision.kind].append(name)
+    if loss is not None:
+        target = _causal_lm(model)
+        reason = unsupported_reason(target)
+        if reason is None:
+            patch_loss(target, loss, report)
+            report.patched["loss"].append(f"{type(target).__name__}.forward")
+        else:
+            report.left_alone["loss"].append((type(target).__name__, reason))
+    report.set_attr(model, _REPORT_ATTR, report)
+    return report
+
+
+def unapply(model: nn.Module) -> None:
+    """Undo ``apply`` on ``model``: the original modules and forward are back. No-op if unpatched."""
+    report = getattr(model, _REPORT_ATTR, None)
+    if report is not None:
+        report.undo()

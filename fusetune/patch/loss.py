@@ -1,0 +1,237 @@
+"""The fused loss path: one generic causal-LM forward that never materialises the logits.
+
+``patch_loss`` sets the model instance's ``forward`` attribute (never the class's) to a wrapper.
+In training mode with ``labels``, the wrapper runs the base model (``model.model``) for the hidden
+states and computes the loss from them with ``linear_cross_entropy`` straight from
+``lm_head.weight`` (or, with ``loss="cross_entropy"``, from materialised logits with fusetune's
+cross-entropy). Everything else (no labels, eval, ``generate``, an ``lm_head`` that PEFT has
+wrapped, a user-set ``loss_function``) runs the original forward untouched.
+
+Semantics are transformers' ``ForCausalLMLoss``: labels padded with ``ignore_index`` on the right
+and shifted left by one (or ``shift_labels`` as given), ``ignore_index``, ``num_items_in_batch``,
+``logits_to_keep``, and ``config.final_logit_softcapping`` for the heads that apply it. One
+deliberate difference: when every label is ignored the loss is 0 (with zero gradients), where
+transformers returns NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from fusetune.ops.cross_entropy import cross_entropy
+from fusetune.ops.linear_cross_entropy import linear_cross_entropy
+from fusetune.patch.report import PatchReport
+
+LOSS_MODES = ("linear_cross_entropy", "cross_entropy")
+
+# model_type -> whether its head applies config.final_logit_softcapping. Each listed head was read
+# (transformers 5.17 to 5.24) to compute exactly: logits = lm_head(hidden[logits_to_keep]),
+# optionally soft-capped, then loss_function(logits, labels, vocab_size, **kwargs).
+KNOWN_HEADS = {
+    "llama": False,
+    "mistral": False,
+    "qwen2": False,
+    "qwen3": False,
+    "phi3": False,
+    "gemma": False,
+    "gemma2": True,
+    "gemma3_text": True,
+}
+
+# Keyword arguments that belong to the loss, not to the base model.
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# Keyword arguments of the head forward that the base model does not take.
+_HEAD_ONLY = ("labels", "logits_to_keep", "return_dict")
+
+
+@dataclass
+class LossState:
+    """Per-instance settings of the fused loss forward, kept on the model as ``_fusetune_loss``.
+
+    ``inner`` is a ``forward`` that was already set on the instance (accelerate does that) and
+    that the original path must keep calling; None means the class's forward.
+    """
+
+    mode: str
+    softcap: bool
+    inner: Callable | None
+
+
+def _plain_linear(head: nn.Module | None) -> bool:
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+
+
+def _base_model(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return base if isinstance(base, nn.Module) and base is not model else None
+
+
+def _named_parameters(function: Callable) -> set[str]:
+    return {
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fused loss cannot stand in for this model's forward, or None when it can."""
+    if not isinstance(model, PreTrainedModel):
+        return f"{type(model).__name__} is not a transformers PreTrainedModel"
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in KNOWN_HEADS:
+        return f"the {type(model).__name__} head (model_type {model_type!r}) is not one fusetune has checked"
+    base = _base_model(model)
+    if base is None:
+        return "no base model under base_model_prefix to take the hidden states from"
+    head = model.get_output_embeddings()
+    if not _plain_linear(head):
+        return f"lm_head is a {type(head).__name__}, not a plain nn.Linear (LoRA / modules_to_save)"
+    if head.out_features != model.config.get_text_config().vocab_size:
+        return "lm_head's output size differs from config.vocab_size"
+    if model.loss_function is not ForCausalLMLoss:
+        return "loss_function is not transformers' ForCausalLMLoss"
+    missing = _named_parameters(model.forward) - _named_parameters(base.forward) - set(_HEAD_ONLY)
+    if missing:
+        return f"the base model's forward does not take {sorted(missing)}"
+    return None
+
+
+def patch_loss(model: PreTrainedModel, mode: str, report: PatchReport) -> None:
+    """Install the fused loss forward on ``model`` (instance attribute), recorded in ``report``."""
+    state = LossState(mode, KNOWN_HEADS[model.config.model_type], model.__dict__.get("forward"))
+    report.set_attr(model, "_fusetune_loss", state)
+    report.set_attr(model, "forward", MethodType(_fused_forward_like(type(model).forward), model))
+
+
+def _fused_forward_like(class_forward: Callable) -> Callable:
+    """A function with ``class_forward``'s name, doc and signature that runs ``fused_forward``.
+
+    It closes over nothing of the instance (the state lives on the model), so a deep copy of a
+    patched model rebinds it to the copy.
+    """
+
+    @functools.wraps(class_forward)
+    def forward(self, *args, **kwargs):
+        return fused_forward(self, args, kwargs)
+
+    return forward
+
+
+def _original(model: nn.Module) -> Callable:
+    inner = model._fusetune_loss.inner
+    return inner if inner is not None else MethodType(type(model).forward, model)
+
+
+def _keyword_arguments(function: Callable, args: tuple, kwargs: dict) -> dict | None:
+    """All arguments of a call as keywords (``**kwargs`` flattened), or None if they do not bind."""
+    signature = inspect.signature(function)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    arguments = dict(bound.arguments)
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(parameter.name, {}))
+        elif parameter.kind is parameter.VAR_POSITIONAL and arguments.pop(parameter.name, ()):
+            return None
+    return arguments
+
+
+def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
+    """The patched forward: the fused loss when training with labels, else the original path."""
+    return_logits = kwargs.pop("return_logits", False)
+    original = _original(model)
+    arguments = _keyword_arguments(original, args, kwargs)
+    head = model.get_output_embeddings()
+    if (
+        arguments is None
+        or arguments.get("labels") is None
+        or not model.training
+        or not _plain_linear(head)
+        or model.loss_function is not ForCausalLMLoss
+    ):
+        return original(*args, **kwargs)
+    labels = arguments.pop("labels")
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    return_dict = arguments.pop("return_dict", None)
+    loss_kwargs = {name: arguments.pop(name) for name in _LOSS_KWARGS if name in arguments}
+    outputs = _base_model(model)(**arguments)
+    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    state = model._fusetune_loss
+    softcap = model.config.final_logit_softcapping if state.softcap else None
+    loss, logits = _loss(hidden, head, labels, state.mode, softcap, return_logits, **loss_kwargs)
+    output = _output_class(type(model).forward)(
+        loss=loss, logits=logits, **_carried_fields(_output_class(type(model).forward), outputs)
+    )
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return output if return_dict else output.to_tuple()
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """``hidden`` at the positions transformers would compute logits for (``slice_logits_to_keep``)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # transformers before 5.2x slices inline, as below
+        indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden[:, indices, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
+
+
+def _softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def _loss(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    mode: str,
+    softcap: float | None,
+    return_logits: bool,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ForCausalLMLoss`` of ``head(hidden)``, and the (soft-capped) logits when wanted."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    options = dict(ignore_index=ignore_index, softcap=softcap, num_items_in_batch=num_items_in_batch)
+    if mode == "cross_entropy":
+        logits = head(hidden)
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, **options)
+        return loss, _softcapped(logits, softcap)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    loss = linear_cross_entropy(flat, head.weight, targets, bias=head.bias, **options)
+    return loss, _softcapped(head(hidden), softcap) if return_logits else None
+
+
+@functools.cache
+def _output_class(class_forward: Callable) -> type[ModelOutput]:
+    """The output class the head's forward is annotated to return (CausalLMOutputWithPast if none)."""
+    annotation = inspect.signature(class_forward).return_annotation
+    if isinstance(annotation, type) and issubclass(annotation, ModelOutput):
+        return annotation
+    return CausalLMOutputWithPast
+
+
+def _carried_fields(output_class: type[ModelOutput], outputs: ModelOutput) -> dict:
+    """The base model's outputs that the head's output class also has (cache, hidden states, ...)."""
+    names = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits"}
+    return {name: getattr(outputs, name) for name in names if getattr(outputs, name, None) is not None}

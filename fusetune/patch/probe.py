@@ -1,0 +1,60 @@
+"""Numerical recognition: run a module once on a tiny input and compare with fusetune's maths.
+
+Structure (attribute names, parameter shapes) says what a module might be; a probe says what its
+forward actually computes, so a module whose maths differs from the fused op is left alone rather
+than silently replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Relative tolerance a probe allows, by output dtype: tight in float32; about one rounding step
+# in 16-bit types (a different formula misses by far more than that).
+_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode (no dropout) and no grad; restore every flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def probe_input(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fixed (2, 3, width) input with varied magnitudes, the same on every call."""
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, 3, width, generator=generator) * torch.linspace(0.5, 2.0, width)
+    return x.to(device=device, dtype=dtype)
+
+
+def matches(out: torch.Tensor, ref: torch.Tensor, exact: bool = False) -> bool:
+    """Same shape and dtype, and equal (``exact``) or equal within the dtype's tolerance."""
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    if exact:
+        return torch.equal(out, ref)
+    rtol = _RTOL.get(out.dtype, 1e-5)
+    scale = ref.float().abs().max().clamp_min(1e-6)
+    return bool(((out.float() - ref.float()).abs() <= rtol * scale).all())
+
+
+def probe_device(module: nn.Module) -> torch.device | str:
+    """The device of the module's parameters, or a reason why it cannot be probed."""
+    params = list(module.parameters())
+    if not params:
+        return "it has no parameters to probe with"
+    device = params[0].device
+    if device.type == "meta":
+        return "its parameters are on the meta device (patch after loading the weights)"
+    return device

@@ -1,0 +1,16 @@
+"""What a recognition rule returns about one module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A rule's verdict on a module of its ``kind``: swap in ``replacement``, or leave it (``reason``)."""
+
+    kind: str
+    replacement: nn.Module | None = None
+    reason: str = ""

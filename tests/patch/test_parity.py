@@ -1,0 +1,148 @@
+"""Per-architecture parity: a patched tiny model trains exactly like its unpatched deep copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import fusetune  # noqa: E402
+from fusetune.nn import FusedGatedMLP, FusedRMSNorm  # noqa: E402
+from tests.patch.checks import assert_close, assert_same_gradients, loss_and_backward  # noqa: E402
+from tests.patch.models import TEXT_ARCHITECTURES, batch, tiny_model  # noqa: E402
+
+ARCHS = list(TEXT_ARCHITECTURES)
+# Gemma 2 soft-caps attention logits, which transformers runs in eager attention only.
+ARCH_ATTN = [(a, attn) for a in ARCHS for attn in ("eager", "sdpa") if not (a == "gemma2" and attn == "sdpa")]
+
+
+def _attn(arch: str) -> str:
+    return "eager" if arch == "gemma2" else "sdpa"
+
+
+def _pair(arch: str, attn: str | None = None, **apply_options):
+    """(patched model, unpatched deep copy, report)."""
+    model = tiny_model(arch, attn or _attn(arch))
+    reference = copy.deepcopy(model)
+    return model, reference, fusetune.apply(model, **apply_options)
+
+
+@pytest.mark.parametrize("arch,attn", ARCH_ATTN)
+def test_loss_and_gradients_match(arch, attn):
+    model, reference, _ = _pair(arch, attn)
+    inputs = batch()
+    assert model(**inputs).logits is None  # the fused path ran
+    assert_close(loss_and_backward(model, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(model, reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_report_lists_what_was_patched(arch):
+    model, reference, report = _pair(arch)
+    norms = [n for n, m in reference.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    mlps = [n for n, m in reference.named_modules() if n.endswith(".mlp")]
+    assert sorted(report.patched["rms_norm"]) == sorted(norms)
+    assert sorted(report.patched["glu"]) == sorted(mlps)
+    assert report.patched["loss"] == [f"{type(model).__name__}.forward"]
+    assert [name for name, _ in report.left_alone["rope"]] == ["model.rotary_emb"]
+    assert all(isinstance(model.get_submodule(n), FusedRMSNorm) for n in norms)
+    assert all(isinstance(model.get_submodule(n), FusedGatedMLP) for n in mlps)
+    gemma = arch.startswith("gemma")
+    assert {(m.offset, m.cast) for m in model.modules() if isinstance(m, FusedRMSNorm)} == {
+        (1.0, "gemma") if gemma else (0.0, "llama")
+    }
+    table = str(report)
+    assert "rms_norm" in table and "no instance-level hook" in table
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adamw_loss_curve_matches(arch):
+    model, reference, _ = _pair(arch)
+    curves = []
+    for m in (model, reference):
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        curve = []
+        for step in range(3):
+            curve.append(loss_and_backward(m, **batch(seed=step)))
+            optimizer.step()
+        curves.append(torch.stack(curve))
+    assert_close(curves[0], curves[1], "loss curve", rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_num_items_in_batch_micro_batches_equal_one_batch(arch):
+    model, reference, _ = _pair(arch)
+    micro = [batch(seed=1), batch(seed=2)]
+    items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    model.zero_grad()
+    total = sum(model(**b, num_items_in_batch=torch.tensor(items)).loss for b in micro)
+    total.backward()
+    big = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
+    assert_close(total.detach(), loss_and_backward(reference, **big), "accumulated loss")
+    assert_same_gradients(model, reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_lora_matches(arch):
+    model = tiny_model(arch, _attn(arch))
+    reference = copy.deepcopy(model)
+    targets = ["q_proj", "v_proj", "down_proj", "gate_up_proj" if arch == "phi3" else "gate_proj"]
+    config = peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    lora_reference = peft.get_peft_model(reference, copy.deepcopy(config))
+    report = fusetune.apply(lora)
+    assert report.patched["glu"] and report.patched["loss"]
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(lora_reference, **inputs), "loss")
+    assert_same_gradients(lora, lora_reference)
+
+
+def test_apply_before_get_peft_model():
+    model, reference, _ = _pair("llama")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "up_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    lora_reference = peft.get_peft_model(reference, copy.deepcopy(config))
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(lora_reference, **inputs), "loss")
+    assert_same_gradients(lora, lora_reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_and_load_round_trip(arch, tmp_path):
+    model, reference, _ = _pair(arch)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = type(reference).from_pretrained(tmp_path)
+    assert list(loaded.state_dict()) == list(reference.state_dict())
+    expected = reference.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_matches(arch):
+    model, reference, _ = _pair(arch)
+    prompt = batch()["input_ids"][:1, :5]
+    tokens = [
+        m.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+        for m in (model, reference)
+    ]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_matches(arch):
+    model, reference, _ = _pair(arch)
+    for m in (model, reference):
+        m.gradient_checkpointing_enable()
+    inputs = batch()
+    assert_close(loss_and_backward(model, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(model, reference)
