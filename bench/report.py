@@ -2,7 +2,7 @@
 
     python bench/report.py [--results DIR] [--out FILE]
 
-One section per results file (``DIR/*.jsonl``), between ``<!-- begin NAME -->`` and
+One section per ops results file (``DIR/ops-*.jsonl``; the tuning sweeps stay raw data), between ``<!-- begin NAME -->`` and
 ``<!-- end NAME -->`` markers: re-running replaces a file's section and leaves the rest of the
 document (hand-written notes, other sections) alone.
 """
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     document = args.out.read_text() if args.out.exists() else TITLE
-    for path in sorted(args.results.glob("*.jsonl")):
+    for path in sorted(args.results.glob("ops-*.jsonl")):
         records = load(path)
         if records:
             document = replace_section(document, path.name, section(path.name, records))

@@ -88,8 +88,10 @@ def _cross_entropy_row(
         row_max = tl.max(running_max, axis=0)
         lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
 
-        # The labelled logit: one scalar load (labels were range-checked on the host).
-        z_label = _softcapped(tl.load(logits_row + label).to(tl.float32), softcap, HAS_SOFTCAP)
+        # The labelled logit: one scalar load, its index clamped into the row so that a bad label
+        # (reported by the host-side check) can never make the kernel read outside it.
+        safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
+        z_label = _softcapped(tl.load(logits_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
         smooth = label_smoothing / n_cols
         loss = lse - (1.0 - label_smoothing) * z_label - smooth * tl.sum(logit_sum, axis=0)
         loss += z_loss * lse * lse
@@ -230,14 +232,8 @@ def check_options(
         )
 
 
-def check_labels(
-    labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
-) -> torch.Tensor:
-    """Flatten ``labels`` to (n_rows,) int64 and fail clearly on any label outside [0, n_classes).
-
-    The check costs one small reduction and one host sync; it is what guarantees that no kernel
-    ever reads outside a row.
-    """
+def flatten_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``labels`` as (n_rows,) contiguous int64, after checking their type and count."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(
             f"fusetune: labels must be an integer tensor (got {labels.dtype}); use .long()."
@@ -247,16 +243,37 @@ def check_labels(
             f"fusetune: {labels.numel()} labels for {n_rows} rows of logits; pass one label per row "
             "(for a causal LM, shift labels before calling, or use the patched model's loss)."
         )
-    flat = labels.reshape(-1)
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """A 0-dim bool tensor, on the labels' device (no host sync): is any label outside [0, n_classes)?"""
+    return ((flat != ignore_index) & ((flat < 0) | (flat >= n_classes))).any()
+
+
+def raise_out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raise the error for labels that ``out_of_range`` flagged, naming the first bad one."""
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
-    if bool(bad.any()):
-        first = flat[bad][0].item()
-        raise ValueError(
-            f"fusetune: label {first} is outside the vocabulary [0, {n_classes}); labels must be "
-            f"class indices or ignore_index={ignore_index}. Check the tokenizer's vocab size "
-            "against the model's, and that padding uses ignore_index."
-        )
-    return flat.to(torch.int64).contiguous()
+    raise ValueError(
+        f"fusetune: label {flat[bad][0].item()} is outside the vocabulary [0, {n_classes}); labels "
+        f"must be class indices or ignore_index={ignore_index}. Check the tokenizer's vocab size "
+        "against the model's, and that padding uses ignore_index."
+    )
+
+
+def check_labels(
+    labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """Flatten ``labels`` to (n_rows,) int64 and fail clearly on any label outside [0, n_classes).
+
+    Costs one small reduction and one host sync. (The kernels never read outside a row whatever
+    the labels: they clamp the index they load; this check is what turns a bad label into an
+    error.)
+    """
+    flat = flatten_labels(labels, n_rows)
+    if bool(out_of_range(flat, n_classes, ignore_index)):
+        raise_out_of_range(flat, n_classes, ignore_index)
+    return flat
 
 
 def loss_denominator(
@@ -285,12 +302,17 @@ def reduce_losses(
     return row_losses.sum() / denominator
 
 
-def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+def scale_by_grad_output(
+    grad: torch.Tensor, grad_output: torch.Tensor, is_one: bool | None = None
+) -> torch.Tensor:
     """Multiply a stored gradient by a scalar ``grad_output`` in place, skipping the pass when it is 1.
 
     The stored gradient belongs to the op (made in forward, consumed once), so in-place is safe.
+    ``is_one`` saves the host sync when the caller already knows whether ``grad_output == 1``.
     """
-    if grad_output.numel() == 1 and bool(grad_output == 1):
+    if is_one is None:
+        is_one = grad_output.numel() == 1 and bool(grad_output == 1)
+    if is_one:
         return grad
     return grad.mul_(grad_output.to(grad.dtype))
 
@@ -310,7 +332,12 @@ class _CrossEntropy(torch.autograd.Function):
         needs_grad,
     ):
         rows = as_rows(logits)
-        flat_labels = check_labels(labels, rows.shape[0], rows.shape[1], ignore_index)
+        flat_labels = flatten_labels(labels, rows.shape[0])
+        # Checked without a host sync here: in training the flag is read in backward, together
+        # with grad_output, in the one sync backward needs anyway.
+        bad_labels = out_of_range(flat_labels, rows.shape[1], ignore_index)
+        if not needs_grad and bool(bad_labels):
+            raise_out_of_range(flat_labels, rows.shape[1], ignore_index)
         denominator = loss_denominator(flat_labels, reduction, ignore_index, num_items_in_batch)
         options = dict(
             ignore_index=ignore_index,
@@ -322,21 +349,27 @@ class _CrossEntropy(torch.autograd.Function):
         grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
         row_losses, grad = cross_entropy_rows(rows, flat_labels, grad_scale=grad_scale, **options)
         ctx.logits_shape = logits.shape
+        ctx.n_classes = rows.shape[1]
         ctx.stored_grad = eager_grad
+        ctx.options = options
         if eager_grad:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(flat_labels, bad_labels, grad)
         elif needs_grad:
-            ctx.options = options
-            ctx.save_for_backward(rows, flat_labels)
+            ctx.save_for_backward(flat_labels, bad_labels, rows)
         return reduce_losses(row_losses, reduction, denominator, labels.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
+        flat_labels, bad_labels, stored = ctx.saved_tensors
+        scalar = grad_output.numel() == 1
+        flags = [bad_labels.float()] + ([(grad_output == 1).float().reshape(())] if scalar else [])
+        bad, *is_one = torch.stack(flags).tolist()  # the one host sync of this op
+        if bad:
+            raise_out_of_range(flat_labels, ctx.n_classes, ctx.options["ignore_index"])
         if ctx.stored_grad:
-            (grad,) = ctx.saved_tensors
-            grad = scale_by_grad_output(grad, grad_output)
+            grad = scale_by_grad_output(stored, grad_output, is_one=bool(is_one and is_one[0]))
         else:
-            rows, flat_labels = ctx.saved_tensors
+            rows = stored
             per_row = grad_output.reshape(-1).to(torch.float32).contiguous()
             grad = torch.empty_like(rows)
             cross_entropy_rows(rows, flat_labels, grad_scale=per_row, grad_out=grad, **ctx.options)

@@ -148,10 +148,17 @@ def test_no_grad_when_logits_are_frozen():
 
 @pytest.mark.parametrize("bad", [VOCAB, -1, -7])
 def test_label_out_of_range_is_a_clear_error(bad):
+    """Without gradients the forward raises; in training the error comes at backward, before any
+    gradient exists (the check rides on backward's host sync)."""
     logits, labels = make_inputs(torch.float32)
     labels[2] = bad
     with pytest.raises(ValueError, match="outside the vocabulary"):
         cross_entropy(logits, labels)
+    trainable = logits.clone().requires_grad_()
+    loss = cross_entropy(trainable, labels)
+    with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary"):
+        loss.backward()
+    assert trainable.grad is None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,94 @@
+"""Where an op's time goes: a CUDA kernel profile and the host time of one call, per case.
+
+The ops benchmark says how long an op takes; this says why. For each case it prints the
+profiler's table of device kernels (time per kernel over a few steps) and the wall time of a step
+with and without a device sync, so host overhead (Python, launches, syncs) shows apart from the
+kernels. Run on the GPU: ``python bench/profile_ops.py [--cases a,b]``; output goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
+from fusetune.ops import cross_entropy, layer_norm, linear_cross_entropy, rms_norm  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def _leaf(*shape, scale=1.0, grad=True):
+    return (torch.randn(*shape, device="cuda", dtype=BF16) * scale).requires_grad_(grad)
+
+
+def case_cross_entropy():
+    logits, labels = _leaf(8192, 128256, scale=2.0), torch.randint(0, 128256, (8192,), device="cuda")
+    return lambda: cross_entropy(logits, labels).backward(), [logits]
+
+
+def case_lce_trainable():
+    h, w = _leaf(16384, 3584), _leaf(152064, 3584, scale=3584**-0.5)
+    labels = torch.randint(0, 152064, (16384,), device="cuda")
+    return lambda: linear_cross_entropy(h, w, labels).backward(), [h, w]
+
+
+def case_lce_frozen():
+    h, w = _leaf(8192, 2304), _leaf(262144, 2304, scale=2304**-0.5, grad=False)
+    labels = torch.randint(0, 262144, (8192,), device="cuda")
+    return lambda: linear_cross_entropy(h, w, labels).backward(), [h]
+
+
+def case_rms_norm():
+    x, w = _leaf(32768, 4096), _leaf(4096)
+    return lambda: rms_norm(x, w).backward(torch.ones_like(x)), [x, w]
+
+
+def case_layer_norm():
+    x, w, b = _leaf(8192, 4096), _leaf(4096), _leaf(4096)
+    return lambda: layer_norm(x, w, b).backward(torch.ones_like(x)), [x, w, b]
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def profile(name: str, steps: int = 5) -> None:
+    step, leaves = CASES[name]()
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        step()
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    host_ms = (time.perf_counter() - start) * 1000 / steps  # includes waits at syncs inside the op
+    torch.cuda.synchronize()
+    synced_ms = (time.perf_counter() - start) * 1000 / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    print(f"\n=== {name}: host {host_ms:.3f} ms/step before the final sync, {synced_ms:.3f} ms/step "
+          "with it", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60),
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    for name in parser.parse_args().cases.split(","):
+        profile(name)
+
+
+if __name__ == "__main__":
+    main()
