@@ -157,7 +157,10 @@ def layer_norm_reference(
     bias: torch.Tensor | None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Plain PyTorch LayerNorm over the last dim, in float32 (or wider), returned in x's dtype."""
+    """Plain PyTorch LayerNorm over the last dim, in float32 (or wider), returned in x's dtype.
+
+    The result is contiguous whatever x's layout, as ``F.layer_norm``'s is (callers ``.view`` it).
+    """
     h = x.to(torch.promote_types(x.dtype, torch.float32))  # x.float(); float64 stays float64
     centred = h - h.mean(-1, keepdim=True)
     y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
@@ -165,7 +168,7 @@ def layer_norm_reference(
         y = y * weight.to(h.dtype)
     if bias is not None:
         y = y + bias.to(h.dtype)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()
 
 
 def layer_norm(

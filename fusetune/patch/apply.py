@@ -8,7 +8,7 @@ from fusetune.patch.glu import glu_rule
 from fusetune.patch.loss import LOSS_MODES, patch_loss, unsupported_reason
 from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
 from fusetune.patch.report import PatchReport
-from fusetune.patch.rope import rope_rule
+from fusetune.patch.rope import rope_rule, unclaimed_rotary
 
 _REPORT_ATTR = "_fusetune_report"
 
@@ -36,10 +36,12 @@ def apply(
     """Patch one loaded transformers model (or PEFT model) in place with fusetune's fused parts.
 
     Submodules are swapped for ``fusetune.nn`` modules holding the same parameters under the same
-    names (state_dict keys, PEFT adapters and optimiser state are unaffected), and with ``loss``
-    set, the instance's ``forward`` computes the training loss without materialising logits. Only
-    this instance changes: no class, module global or ``torch.nn.functional`` is touched. Each
-    switch turns one kind off; ``loss`` is "linear_cross_entropy", "cross_entropy" or None.
+    names (state_dict keys, PEFT adapters and optimiser state are unaffected), attention modules
+    whose rotary function is verified get an instance ``forward`` calling fusetune's rope, and
+    with ``loss`` set, the model instance's ``forward`` computes the training loss without
+    materialising logits. Only this instance changes: no class, module global or
+    ``torch.nn.functional`` is touched. Each switch turns one kind off; ``loss`` is
+    "linear_cross_entropy", "cross_entropy" or None.
 
     Returns a ``PatchReport`` (print it for a table) whose ``undo()``, like ``unapply(model)``,
     restores the original modules.
@@ -58,11 +60,17 @@ def apply(
         decision = next((d for d in (rule(module) for rule in rules) if d is not None), None)
         if decision is None:
             continue
-        if decision.replacement is None:
+        if decision.attributes:
+            for attribute, value in decision.attributes:
+                report.set_attr(module, attribute, value)
+            report.patched[decision.kind].append(name)
+        elif decision.replacement is None:
             report.left_alone[decision.kind].append((name, decision.reason))
         else:
             _swap(report, model, name, decision.replacement)
             report.patched[decision.kind].append(name)
+    if rope and not report.patched["rope"] and not report.left_alone["rope"]:
+        report.left_alone["rope"].extend(unclaimed_rotary(model))
     if loss is not None:
         target = _causal_lm(model)
         reason = unsupported_reason(target)

@@ -1,5 +1,10 @@
 """Recognition rule for gated MLPs: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (or Phi-3's fused
-``gate_up_proj``), with the activation identified by probing it, not by its class name."""
+``gate_up_proj``), with the activation identified by probing it, not by its class name.
+
+Plain two-layer MLPs ``fc2(act(fc1(x)))`` (the vision towers' CLIP / SigLIP / ViT MLPs and the
+projectors, with children ``fc1``/``fc2``, ``linear_fc1``/``linear_fc2`` or ``linear_1``/``linear_2``)
+are listed as left alone: fusetune has no fused op for an ungated activation.
+"""
 
 from __future__ import annotations
 
@@ -66,10 +71,23 @@ def _forward_matches(module: nn.Module, activation: str, device: torch.device) -
         return matches(module(x), expected)
 
 
+# Child-name pairs of an ungated two-layer MLP.
+_UNGATED = (("fc1", "fc2"), ("linear_fc1", "linear_fc2"), ("linear_1", "linear_2"))
+
+UNGATED_REASON = "ungated MLP fc2(act(fc1(x))): fusetune fuses only gated act(gate) * up"
+
+
+def _ungated(module: nn.Module) -> bool:
+    children = dict(module.named_children())
+    return any(all(isinstance(children.get(c), nn.Linear) for c in pair) for pair in _UNGATED)
+
+
 def glu_rule(module: nn.Module) -> Decision | None:
     """Swap a gated MLP whose activation and forward the probes confirm for ``FusedGatedMLP``."""
-    if _projections(module) is None or isinstance(module, FusedGatedMLP):
+    if isinstance(module, FusedGatedMLP):
         return None
+    if _projections(module) is None:
+        return Decision("glu", reason=UNGATED_REASON) if _ungated(module) else None
     act = next((getattr(module, a) for a in _ACTIVATION_ATTRS if callable(getattr(module, a, None))), None)
     if act is None:
         return Decision("glu", reason="no act_fn / activation_fn to identify")

@@ -5,7 +5,15 @@ In training mode with ``labels``, the wrapper runs the base model (``model.model
 states and computes the loss from them with ``linear_cross_entropy`` straight from
 ``lm_head.weight`` (or, with ``loss="cross_entropy"``, from materialised logits with fusetune's
 cross-entropy). Everything else (no labels, eval, ``generate``, an ``lm_head`` that PEFT has
-wrapped, a user-set ``loss_function``) runs the original forward untouched.
+wrapped, a user-set ``loss_function``, a 2-D ``logits_to_keep``) runs the original forward
+untouched.
+
+The same forward serves the vision-language heads (``*ForConditionalGeneration``): their base
+model takes the pixel inputs and side inputs (``pixel_values``, ``image_grid_thw``,
+``aspect_ratio_ids``, ``cross_attention_mask``, ``mm_token_type_ids``, ...) and returns the
+language model's hidden states, so every argument the head does not consume itself is handed to
+the base model as the head would hand it, and ``labels`` too where the base model's forward takes
+them (Gemma 3). The vocabulary size is the text config's.
 
 Semantics are transformers' ``ForCausalLMLoss``: labels padded with ``ignore_index`` on the right
 and shifted left by one (or ``shift_labels`` as given), ``ignore_index``, ``num_items_in_batch``,
@@ -19,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
@@ -37,9 +46,11 @@ from fusetune.patch.report import PatchReport
 
 LOSS_MODES = ("linear_cross_entropy", "cross_entropy")
 
-# model_type -> whether its head applies config.final_logit_softcapping. Each listed head was read
-# (transformers 5.17 to 5.24) to compute exactly: logits = lm_head(hidden[logits_to_keep]),
-# optionally soft-capped, then loss_function(logits, labels, vocab_size, **kwargs).
+# model_type -> whether its head applies final_logit_softcapping (of the text config). Each listed
+# head was read (transformers 5.17 to 5.24) to compute exactly: outputs = self.model(<its arguments
+# but labels and logits_to_keep; labels too where the base model takes them>),
+# logits = lm_head(outputs[0][logits_to_keep]), optionally soft-capped, then
+# loss_function(logits, labels, text vocab_size, **kwargs).
 KNOWN_HEADS = {
     "llama": False,
     "mistral": False,
@@ -49,6 +60,16 @@ KNOWN_HEADS = {
     "gemma": False,
     "gemma2": True,
     "gemma3_text": True,
+    # Vision-language heads (*ForConditionalGeneration), and MllamaForCausalLM (mllama_text_model,
+    # whose base model is ``model`` although its base_model_prefix says "language_model").
+    "qwen2_vl": False,
+    "qwen2_5_vl": False,
+    "qwen3_vl": False,
+    "llava": False,
+    "smolvlm": False,
+    "mllama": False,
+    "mllama_text_model": False,  # its .float() on the logits is ForCausalLMLoss's own upcast
+    "gemma3": False,  # Gemma3ForConditionalGeneration applies no soft-capping (Gemma3ForCausalLM does)
 }
 
 # Keyword arguments that belong to the loss, not to the base model.
@@ -75,8 +96,12 @@ def _plain_linear(head: nn.Module | None) -> bool:
 
 
 def _base_model(model: nn.Module) -> nn.Module | None:
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    return base if isinstance(base, nn.Module) and base is not model else None
+    """The module the head's forward calls for the hidden states: ``base_model_prefix``, else ``model``."""
+    for name in (getattr(model, "base_model_prefix", ""), "model"):
+        base = getattr(model, name, None) if name else None
+        if isinstance(base, nn.Module) and base is not model:
+            return base
+    return None
 
 
 def _named_parameters(function: Callable) -> set[str]:
@@ -108,6 +133,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if missing:
         return f"the base model's forward does not take {sorted(missing)}"
     return None
+
+
+def _softcap(model: PreTrainedModel) -> float | None:
+    if not model._fusetune_loss.softcap:
+        return None
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
 
 def patch_loss(model: PreTrainedModel, mode: str, report: PatchReport) -> None:
@@ -158,26 +189,30 @@ def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
     original = _original(model)
     arguments = _keyword_arguments(original, args, kwargs)
     head = model.get_output_embeddings()
+    logits_to_keep = (arguments or {}).get("logits_to_keep", 0)
     if (
         arguments is None
         or arguments.get("labels") is None
         or not model.training
         or not _plain_linear(head)
         or model.loss_function is not ForCausalLMLoss
+        # 2-D positions: transformers 5.17's heads index hidden[:, positions], later ones differ
+        or (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() > 1)
     ):
         return original(*args, **kwargs)
     labels = arguments.pop("labels")
-    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    arguments.pop("logits_to_keep", None)
     return_dict = arguments.pop("return_dict", None)
     loss_kwargs = {name: arguments.pop(name) for name in _LOSS_KWARGS if name in arguments}
-    outputs = _base_model(model)(**arguments)
-    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    base = _base_model(model)
+    if "labels" in _named_parameters(base.forward):  # the head hands them on (Gemma 3)
+        arguments["labels"] = labels
+    outputs = base(**arguments)
+    hidden = _keep(outputs[0], logits_to_keep)
     state = model._fusetune_loss
-    softcap = model.config.final_logit_softcapping if state.softcap else None
-    loss, logits = _loss(hidden, head, labels, state.mode, softcap, return_logits, **loss_kwargs)
-    output = _output_class(type(model).forward)(
-        loss=loss, logits=logits, **_carried_fields(_output_class(type(model).forward), outputs)
-    )
+    loss, logits = _loss(hidden, head, labels, state.mode, _softcap(model), return_logits, **loss_kwargs)
+    output_class = _output_class(type(model).forward)
+    output = output_class(loss=loss, logits=logits, **_carried_fields(output_class, outputs))
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     return output if return_dict else output.to_tuple()
@@ -224,14 +259,19 @@ def _loss(
 
 @functools.cache
 def _output_class(class_forward: Callable) -> type[ModelOutput]:
-    """The output class the head's forward is annotated to return (CausalLMOutputWithPast if none)."""
+    """The output class the head's forward is annotated to return (``tuple | X`` gives X), or
+    CausalLMOutputWithPast if none."""
     annotation = inspect.signature(class_forward).return_annotation
-    if isinstance(annotation, type) and issubclass(annotation, ModelOutput):
-        return annotation
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, ModelOutput):
+            return candidate
     return CausalLMOutputWithPast
 
 
-def _carried_fields(output_class: type[ModelOutput], outputs: ModelOutput) -> dict:
-    """The base model's outputs that the head's output class also has (cache, hidden states, ...)."""
+def _carried_fields(output_class: type[ModelOutput], outputs: ModelOutput | tuple) -> dict:
+    """The base model's outputs that the head's output class also has (cache, hidden states, image
+    outputs, rope deltas, ...): the heads copy those fields by name."""
+    if not isinstance(outputs, ModelOutput):
+        return {}
     names = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits"}
     return {name: getattr(outputs, name) for name in names if getattr(outputs, name, None) is not None}

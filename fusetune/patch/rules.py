@@ -9,8 +9,10 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Decision:
-    """A rule's verdict on a module of its ``kind``: swap in ``replacement``, or leave it (``reason``)."""
+    """A rule's verdict on a module of its ``kind``: swap in ``replacement``, set instance
+    ``attributes`` (``(name, value)`` pairs, e.g. a rebound ``forward``), or leave it (``reason``)."""
 
     kind: str
     replacement: nn.Module | None = None
     reason: str = ""
+    attributes: tuple[tuple[str, object], ...] = ()
