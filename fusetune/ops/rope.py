@@ -10,9 +10,10 @@
 with partial rotary: when ``rotary_dim = cos.shape[-1]`` is smaller than ``head_dim`` only the
 first ``rotary_dim`` features are rotated and the rest pass through unchanged.
 
-Kernel layout: one program per (batch, seq) token. It loads the token's cos/sin row once and
-rotates every q head and every k head of that token (in blocks of heads), so cos/sin are read
-once per token instead of once per head. With ``x1, x2`` the two halves of the rotated part and
+Kernel layout: one program per block of (batch, seq) tokens (a few on the GPU, enough to fill a
+tile when heads are few). It loads each token's cos/sin row once and rotates every q head and every
+k head of those tokens (in blocks of heads), so cos/sin are read once per token instead of once per
+head. With ``x1, x2`` the two halves of the rotated part and
 ``c1, c2, s1, s2`` the halves of cos and sin::
 
     forward:   o1 = x1*c1 - x2*s1      o2 = x2*c2 + x1*s2
@@ -28,13 +29,15 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fusetune.ops._launch import check_float, triton, use_triton, warps_for
+from fusetune.ops._launch import check_float, interpreting, triton, use_triton, warps_for
 
 if triton is not None:
     import triton.language as tl
 
-# Largest (heads x half rotary dim) tile a program holds at once; more heads loop over tiles.
+# Largest (tokens x heads x half rotary dim) tile a program holds at once; more heads loop over
+# tiles. Under the interpreter a larger tile means fewer (slow, per-program) interpreted steps.
 _MAX_TILE = 4096
+_INTERPRETER_TILE = 2**16
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,50 +127,55 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 if triton is not None:
 
     @triton.jit
-    def _rotate_heads(x_ptr, o_ptr, x_base, o_base, n_heads, x_sh, o_sh,
+    def _rotate_heads(x_ptr, o_ptr, x_base, o_base, token_mask, n_heads, x_sh, o_sh,
                       c1, c2, s1, s2, cols, col_mask, pcols, pcol_mask,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PASS: tl.constexpr):
-        """Rotate all heads of one token: x at x_ptr + x_base + head * x_sh, unit feature stride."""
+        """Rotate all heads of a block of tokens: tiles are (tokens, heads, half rotary dim).
+
+        ``x_base`` / ``o_base`` hold each token's offset; features have unit stride.
+        """
         for h0 in range(0, n_heads, BLOCK_H):
             heads = h0 + tl.arange(0, BLOCK_H)
-            head_mask = heads < n_heads
-            x_row = x_ptr + x_base + heads.to(tl.int64)[:, None] * x_sh
-            o_row = o_ptr + o_base + heads.to(tl.int64)[:, None] * o_sh
-            mask = head_mask[:, None] & col_mask[None, :]
-            x1 = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(x_row + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            o1 = x1 * c1[None, :] - x2 * s1[None, :]
-            o2 = x2 * c2[None, :] + x1 * s2[None, :]
-            tl.store(o_row + cols[None, :], o1.to(o_ptr.dtype.element_ty), mask=mask)
-            tl.store(o_row + HALF + cols[None, :], o2.to(o_ptr.dtype.element_ty), mask=mask)
+            th_mask = token_mask[:, None] & (heads < n_heads)[None, :]
+            x_row = x_ptr + x_base[:, None, None] + heads.to(tl.int64)[None, :, None] * x_sh
+            o_row = o_ptr + o_base[:, None, None] + heads.to(tl.int64)[None, :, None] * o_sh
+            mask = th_mask[:, :, None] & col_mask[None, None, :]
+            x1 = tl.load(x_row + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row + HALF + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
+            o1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
+            o2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
+            tl.store(o_row + cols[None, None, :], o1.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(o_row + HALF + cols[None, None, :], o2.to(o_ptr.dtype.element_ty), mask=mask)
             if HAS_PASS:
-                pmask = head_mask[:, None] & pcol_mask[None, :]
-                kept = tl.load(x_row + pcols[None, :], mask=pmask, other=0.0)
-                tl.store(o_row + pcols[None, :], kept.to(o_ptr.dtype.element_ty), mask=pmask)
+                pmask = th_mask[:, :, None] & pcol_mask[None, None, :]
+                kept = tl.load(x_row + pcols[None, None, :], mask=pmask, other=0.0)
+                tl.store(o_row + pcols[None, None, :], kept.to(o_ptr.dtype.element_ty), mask=pmask)
 
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
-                     seq_len, n_q_heads, n_k_heads,
+                     n_tokens, seq_len, n_q_heads, n_k_heads,
                      q_sb, q_ss, q_sh, k_sb, k_ss, k_sh,
                      qo_sb, qo_ss, qo_sh, ko_sb, ko_ss, ko_sh,
                      c_sb, c_ss, s_sb, s_ss,
                      HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                      HAS_Q: tl.constexpr, HAS_K: tl.constexpr, HAS_PASS: tl.constexpr,
                      BACKWARD: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        b = token // seq_len
-        s = token - b * seq_len
+        tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_mask = tokens < n_tokens
+        b = tokens // seq_len
+        s = tokens - b * seq_len
 
         cols = tl.arange(0, BLOCK_HALF)
         col_mask = cols < HALF
-        c_row = cos_ptr + b * c_sb + s * c_ss
-        s_row = sin_ptr + b * s_sb + s * s_ss
-        c1 = tl.load(c_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(c_row + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(s_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(s_row + HALF + cols, mask=col_mask, other=0.0).to(tl.float32)
+        cs_mask = token_mask[:, None] & col_mask[None, :]
+        c_row = cos_ptr + (b * c_sb + s * c_ss)[:, None] + cols[None, :]
+        s_row = sin_ptr + (b * s_sb + s * s_ss)[:, None] + cols[None, :]
+        c1 = tl.load(c_row, mask=cs_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(c_row + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_row, mask=cs_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(s_row + HALF, mask=cs_mask, other=0.0).to(tl.float32)
         if BACKWARD:  # transposed rotation: (s1, s2) -> (-s2, -s1)
             t1 = -s2
             t2 = -s1
@@ -179,12 +187,12 @@ if triton is not None:
         pcol_mask = pcols < HEAD_DIM
 
         if HAS_Q:
-            _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, n_q_heads,
-                          q_sh, qo_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
+            _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, token_mask,
+                          n_q_heads, q_sh, qo_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
                           HALF, BLOCK_HQ, HAS_PASS)
         if HAS_K:
-            _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, n_k_heads,
-                          k_sh, ko_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
+            _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, token_mask,
+                          n_k_heads, k_sh, ko_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
                           HALF, BLOCK_HK, HAS_PASS)
 
 
@@ -241,18 +249,24 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, s
     block_hq = min(triton.next_power_of_2(max(n_q, 1)), heads_cap)
     block_hk = min(triton.next_power_of_2(max(n_k, 1)), heads_cap)
     tile = max(block_hq, block_hk) * block_half
-    _rope_kernel[(batch * seq,)](
+    # Tokens per program: enough to fill a tile when heads are few. The interpreter pays per
+    # program, not per element, so there a program takes many tokens at once.
+    tile_budget = _INTERPRETER_TILE if interpreting() else _MAX_TILE
+    block_t = triton.next_power_of_2(max(1, tile_budget // tile))
+    block_t = min(block_t, triton.next_power_of_2(batch * seq))
+    n_tokens = batch * seq
+    _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
         q_in, k_in, q_out, k_out, cos, sin,
-        seq, n_q, n_k,
+        n_tokens, seq, n_q, n_k,
         q_in.stride(0), q_in.stride(1), q_in.stride(2),
         k_in.stride(0), k_in.stride(1), k_in.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         c_sb, c_ss, s_sb, s_ss,
         HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         HAS_Q=pairs[0] is not None, HAS_K=pairs[1] is not None, HAS_PASS=n_pass > 0,
-        BACKWARD=backward, num_warps=min(warps_for(tile), 8),
+        BACKWARD=backward, num_warps=min(warps_for(tile * block_t), 8),
     )
     return tuple(outs)
 
