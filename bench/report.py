@@ -2,7 +2,8 @@
 
     python bench/report.py [--results DIR] [--out FILE]
 
-One section per ops results file (``DIR/ops-*.jsonl``; the tuning sweeps stay raw data), between ``<!-- begin NAME -->`` and
+One section per ops results file (``DIR/ops-*.jsonl``; the tuning sweeps stay raw data),
+between ``<!-- begin NAME -->`` and
 ``<!-- end NAME -->`` markers: re-running replaces a file's section and leaves the rest of the
 document (hand-written notes, other sections) alone.
 """

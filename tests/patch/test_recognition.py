@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-pytest.importorskip("transformers")
-
-from transformers.activations import ACT2FN  # noqa: E402
-from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
-
-from fusetune.nn import FusedGatedMLP, FusedLayerNorm  # noqa: E402
-from fusetune.patch.glu import glu_rule  # noqa: E402
-from fusetune.patch.norms import layer_norm_rule, rms_norm_rule  # noqa: E402
+from fusetune.nn import FusedGatedMLP, FusedLayerNorm
+from fusetune.patch.glu import glu_rule
+from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
 
 
 def _randomised(norm: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import fusetune  # noqa: E402
-from fusetune.nn import FusedGatedMLP, FusedLayerNorm, FusedRMSNorm  # noqa: E402
-from fusetune.patch.glu import UNGATED_REASON  # noqa: E402
-from tests.patch.checks import RTOL, assert_close  # noqa: E402
-from tests.patch.vlm_models import VLMS, tiny_vlm, vlm_batch  # noqa: E402
+import fusetune
+from fusetune.nn import FusedGatedMLP, FusedLayerNorm, FusedRMSNorm
+from fusetune.patch.glu import UNGATED_REASON
+from tests.patch.checks import RTOL, assert_close
+from tests.patch.vlm_models import VLMS, tiny_vlm, vlm_batch
 
 ARCHS = list(VLMS)
 # The attention key bias has an exactly zero gradient (softmax ignores a shift shared by all keys),

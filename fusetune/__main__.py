@@ -1,0 +1,7 @@
+"""``python -m fusetune``: the ``fusetune`` command line."""
+
+import sys
+
+from fusetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,248 @@
+"""The chat collator: chat template, images, label masking, padding (VLMs and text-only LLMs).
+
+For a batch of samples (``fusetune.train.data`` format) it renders each conversation with the
+model's chat template, runs the processor (Qwen2-VL family: ``pixel_values`` as flattened patches
+plus ``image_grid_thw``, one image token per merged patch) or the tokenizer, pads on the right, and
+sets ``labels`` to the input ids on the assistant answers only: the tokens after each assistant
+header up to and including the end-of-turn token. Everything else (system and user turns, the
+image tokens, the headers, the padding) is -100.
+
+The assistant header and end-of-turn marker are read off the chat template itself (render a probe
+conversation with and without the generation prompt), so any template that appends a fixed
+generation prompt works: ChatML (Qwen), Llama 3, Llava's "ASSISTANT:", Mllama. Images larger than
+``max_pixels`` are resized down, keeping their aspect ratio, before the processor sees them (the
+Qwen2-VL image processor then rounds each side to its patch grid, so images of any size batch
+together). A batch longer than ``max_seq_length`` is cut on the right, unless that would cut
+image tokens (an error: raise max_seq_length or lower max_pixels).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fusetune.train.errors import FusetuneError
+
+IGNORE = -100
+_PROBE_USER, _PROBE_ANSWER = "fusetuneprobeuser", "fusetuneprobeanswer"
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def is_vision_processor(processor) -> bool:
+    return getattr(processor, "image_processor", None) is not None
+
+
+def _render(processor, messages: list[dict], generation_prompt: bool = False) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def response_markers(processor) -> tuple[str, str]:
+    """(assistant header, end-of-turn marker) as text, read off the processor's chat template."""
+    vision = is_vision_processor(processor)
+
+    def message(role: str, text: str) -> dict:
+        return {"role": role, "content": [{"type": "text", "text": text}] if vision else text}
+
+    if (
+        getattr(processor, "chat_template", None) is None
+        and getattr(_tokenizer(processor), "chat_template", None) is None
+    ):
+        raise FusetuneError(
+            "the model's tokenizer/processor has no chat template, so user and assistant turns cannot be "
+            "told "
+            "apart; use a chat (instruct) model or a tokenizer folder that has a chat_template."
+        )
+    user = [message("user", _PROBE_USER)]
+    plain = _render(processor, user)
+    prompted = _render(processor, user, generation_prompt=True)
+    full = _render(processor, [*user, message("assistant", _PROBE_ANSWER)])
+    if not prompted.startswith(plain) or len(prompted) == len(plain) or _PROBE_ANSWER not in full:
+        raise FusetuneError(
+            "cannot find the assistant header in the model's chat template (add_generation_prompt adds "
+            "nothing); use a chat template that marks assistant turns."
+        )
+    header = prompted[len(plain) :]
+    tail = full[full.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
+    end = tail.strip() or (_tokenizer(processor).eos_token or "")
+    # Keep only the first marker of a tail such as "<|im_end|>\n" or "</s>" (not a following turn).
+    for special in _tokenizer(processor).all_special_tokens:
+        if special and tail.lstrip().startswith(special):
+            end = special
+            break
+    return header, end
+
+
+def _find(sequence: list[int], pattern: list[int], start: int) -> int:
+    n = len(pattern)
+    if n == 0:
+        return -1
+    first = pattern[0]
+    for i in range(start, len(sequence) - n + 1):
+        if sequence[i] == first and sequence[i : i + n] == pattern:
+            return i
+    return -1
+
+
+def _resize(image, max_pixels: int):
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return image.resize(size)
+
+
+def open_image(image: Any, source: str, max_pixels: int):
+    """A RGB PIL image from a path or PIL image, resized under ``max_pixels``."""
+    if isinstance(image, str):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as handle:
+                image = handle.convert("RGB")
+        except FileNotFoundError:
+            raise FusetuneError(
+                f"{source}: image {image!r} is missing; restore it or remove the sample."
+            ) from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise FusetuneError(
+                f"{source}: image {image!r} cannot be read ({type(error).__name__}: {error}); "
+                f"replace the file "
+                f"with a PNG/JPEG or remove the sample."
+            ) from None
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    return _resize(image, max_pixels)
+
+
+class ChatCollator:
+    """Batches of chat samples -> model inputs with masked ``labels`` (see the module docstring)."""
+
+    def __init__(self, processor, max_seq_length: int = 2048, max_pixels: int = 602112):
+        self.processor = processor
+        self.tokenizer = _tokenizer(processor)
+        self.vision = is_vision_processor(processor)
+        self.max_seq_length = max_seq_length
+        self.max_pixels = max_pixels
+        header, end = response_markers(processor)
+        encode = self.tokenizer
+        self.header_ids = encode(header, add_special_tokens=False)["input_ids"]
+        self.end_ids = encode(end, add_special_tokens=False)["input_ids"] if end else []
+        self.image_token_ids = {
+            i
+            for i in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+            if isinstance(i, int)
+        }
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render(self, sample: dict, generation_prompt: bool = False) -> tuple[str, list]:
+        """The chat-template text of a sample and its images, in order."""
+        images, messages = [], []
+        source = sample.get("_source", "a sample")
+        for message in sample["messages"]:
+            parts = []
+            for part in message["content"]:
+                if part["type"] == "image":
+                    if not self.vision:
+                        raise FusetuneError(
+                            f"{source} has an image, but the model is text-only; use a vision-language model "
+                            f"or drop the images."
+                        )
+                    images.append(open_image(part["image"], source, self.max_pixels))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append({"type": "text", "text": part["text"]})
+            if not self.vision:
+                parts = "".join(p["text"] for p in parts)
+            messages.append({"role": message["role"], "content": parts})
+        return _render(self.processor, messages, generation_prompt), images
+
+    def prompt(self, sample: dict) -> tuple[dict, str]:
+        """Model inputs for generating the last assistant answer, and that answer's text."""
+        messages = sample["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        truth = "".join(p.get("text", "") for p in messages[last]["content"])
+        text, images = self.render({**sample, "messages": messages[:last]}, generation_prompt=True)
+        inputs = self._encode([text], images)
+        return inputs, truth
+
+    def _encode(self, texts: list[str], images: list) -> dict[str, torch.Tensor]:
+        padding_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            if self.vision:
+                return dict(
+                    self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+                )
+            return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        finally:
+            self.tokenizer.padding_side = padding_side
+
+    # -- batching -------------------------------------------------------------------------------
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        texts, images = [], []
+        for sample in samples:
+            text, sample_images = self.render(sample)
+            texts.append(text)
+            images.extend(sample_images)
+        batch = self._encode(texts, images)
+        if not self.vision:
+            batch.pop("token_type_ids", None)
+        ids = batch["input_ids"]
+        labels = self.mask(ids, batch["attention_mask"])
+        cut = ids.shape[1] > self.max_seq_length
+        if cut:
+            beyond = ids[:, self.max_seq_length :]
+            inside = torch.zeros(len(samples), dtype=torch.bool)
+            for token in self.image_token_ids:
+                inside |= (beyond == token).any(1)
+            if inside.any():
+                source = samples[int(inside.nonzero()[0])].get("_source", "a sample")
+                raise FusetuneError(
+                    f"{source} is longer than max_seq_length={self.max_seq_length} inside its image tokens; "
+                    f"raise max_seq_length or lower max_pixels."
+                )
+            length = ids.shape[1]
+            for key, value in list(batch.items()):
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() >= 2
+                    and value.shape[:2] == (len(samples), length)
+                ):
+                    batch[key] = value[:, : self.max_seq_length]
+            labels = labels[:, : self.max_seq_length]
+        for row, sample in enumerate(samples):
+            if not (labels[row] != IGNORE).any():
+                why = f" after cutting to max_seq_length={self.max_seq_length}" if cut else ""
+                raise FusetuneError(
+                    f"{sample.get('_source', f'sample {row}')}: every label is masked{why} "
+                    f"(no assistant answer "
+                    f"tokens left to learn from); give it an assistant answer"
+                    f"{' or raise max_seq_length' if cut else ''}."
+                )
+        batch["labels"] = labels
+        return batch
+
+    def mask(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Labels: ``ids`` on the assistant answers (through the end-of-turn marker), -100 elsewhere."""
+        labels = torch.full_like(ids, IGNORE)
+        for row in range(ids.shape[0]):
+            sequence = ids[row].tolist()
+            start = 0
+            while (found := _find(sequence, self.header_ids, start)) >= 0:
+                begin = found + len(self.header_ids)
+                close = _find(sequence, self.end_ids, begin)
+                end = len(sequence) if close < 0 else close + len(self.end_ids)
+                labels[row, begin:end] = ids[row, begin:end]
+                start = end
+        labels[attention_mask == 0] = IGNORE
+        for token in self.image_token_ids:
+            labels[ids == token] = IGNORE
+        return labels

@@ -1,0 +1,419 @@
+"""Training configuration: dataclasses with documented defaults, YAML loading, validation, overrides.
+
+A config is a YAML mapping of the keys below (``lora`` is a nested mapping). ``fusetune train
+CONFIG.yaml --key value`` applies the command-line overrides over the file, and the file over the
+defaults; a nested key is written with a dot (``--lora.r 8``). With no file, the embedded default
+(``DEMO_CONFIG``: the offline demo) is the base. Unknown keys and values of the wrong type are
+rejected with a ``FusetuneError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from fusetune.train.errors import FusetuneError
+
+GRADIENT_CHECKPOINTING = ("off", "on", "offload")
+KERNELS = ("auto", "off")
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (PEFT)."""
+
+    r: int = 16
+    """Rank of the adapter matrices."""
+    alpha: int = 32
+    """Scale numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: Union[str, list[str]] = "all-linear"  # noqa: UP007 (runtime-inspected type)
+    """"all-linear" (every nn.Linear but the output head) or a list of leaf names (q_proj, ...)."""
+    finetune_vision_layers: bool = True
+    """Put adapters on the vision tower and projector too (VLMs)."""
+    finetune_language_layers: bool = True
+    """Put adapters on the language model."""
+
+
+@dataclass
+class TrainConfig:
+    """Every key of a ``fusetune train`` config. See ``describe()`` for the one-line docs."""
+
+    model: str = "demo"
+    """Hub id, local folder, or "demo" (a tiny random-weight Qwen2-VL built offline)."""
+    dataset: str = "demo"
+    """"demo" (synthetic shapes), a local .jsonl file, a folder of images with one .jsonl of chat
+    messages, a folder saved with datasets' save_to_disk, or a `datasets` hub name."""
+    dataset_split: str = "train"
+    """Split to load from a `datasets` name or saved folder."""
+    eval_split: Union[float, str] = 0.0  # noqa: UP007
+    """Held-out part: a fraction (0.1), 0 for none, or a split name of a `datasets` data set."""
+    demo_samples: int = 1000
+    """Size of the synthetic demo data set."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    load_in_4bit: bool = False
+    """Load the base weights in 4-bit (bitsandbytes, CUDA only)."""
+    gradient_checkpointing: str = "off"
+    """off | on | offload (offload: not yet implemented)."""
+    max_seq_length: int = 2048
+    """Longest tokenised sample (image tokens included); longer ones are cut on the right."""
+    max_pixels: int = 602112
+    """Images larger than this many pixels are resized down (aspect kept) before processing."""
+    batch_size: int = 2
+    """Samples per device per step."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimiser step."""
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    """linear | cosine | constant | constant_with_warmup | cosine_with_restarts | polynomial."""
+    warmup: float = 0.03
+    """Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)."""
+    weight_decay: float = 0.0
+    max_steps: int = -1
+    """Optimiser steps; -1 to use epochs."""
+    epochs: float = 1.0
+    """Passes over the training set (when max_steps is -1)."""
+    seed: int = 42
+    output_dir: str = "fusetune-output"
+    save_steps: int = 50
+    """Write a Trainer checkpoint (adapter, optimiser, scheduler, RNG) every this many steps."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints."""
+    save_merged: bool = False
+    """Also save the base model with the adapter merged in, in 16-bit (output_dir/merged)."""
+    resume: Union[bool, str] = False  # noqa: UP007
+    """true: continue from the last checkpoint in output_dir; or a checkpoint folder."""
+    logging_steps: int = 1
+    eval_steps: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    show_samples: int = 4
+    """Held-out samples to caption with greedy generation at the end."""
+    max_new_tokens: int = 32
+    """Token limit of those generations."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 | float16."""
+    kernels: str = "auto"
+    """auto: patch the model with fusetune.apply (Triton on GPU, PyTorch references on CPU);
+    off: train the unpatched transformers model."""
+    loss: str = "linear_cross_entropy"
+    """fusetune.apply's loss: linear_cross_entropy | cross_entropy."""
+    dataloader_workers: int = 0
+
+
+# The embedded default: the offline demo, sized to train on a laptop CPU in about a minute.
+DEMO_CONFIG: dict[str, Any] = {
+    "model": "demo",
+    "dataset": "demo",
+    "demo_samples": 2000,
+    "eval_split": 0.05,
+    "lora": {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.0,
+        "target_modules": "all-linear",
+        "finetune_vision_layers": True,
+        "finetune_language_layers": True,
+    },
+    "max_seq_length": 64,
+    "max_pixels": 56 * 56,
+    "batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 3e-3,
+    "lr_scheduler": "cosine",
+    "warmup": 0.05,
+    "max_steps": 900,
+    "seed": 0,
+    "output_dir": "fusetune-demo",
+    "save_steps": 100,
+    "show_samples": 6,
+    "max_new_tokens": 16,
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any, from_text: bool) -> Any:
+    """``value`` as type ``hint``; strings from the command line are parsed as YAML scalars."""
+    raw = value
+    if from_text and isinstance(value, str):
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        # Keep the string for str-typed keys ("1e-3" stays text only where text is wanted).
+        value = parsed if parsed is not None else value
+    if key.endswith("gradient_checkpointing") and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML reads on / off as booleans
+    if key.endswith("target_modules") and isinstance(value, str) and value != "all-linear":
+        value = [v.strip() for v in value.split(",") if v.strip()]  # "q_proj,v_proj" or one name
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (Union, types.UnionType) else (hint,)
+    for option in options:
+        ok, converted = _try(value, option)
+        if ok:
+            return converted
+    if from_text and str in options:
+        return raw
+    names = " or ".join(_type_name(o) for o in options)
+    raise FusetuneError(
+        f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__}); fix it in the "
+        f"config file or the --{key} override."
+    )
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return "a list of strings"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _try(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return ok, value
+    return False, None
+
+
+def _build(cls, data: dict[str, Any], prefix: str, from_text: bool):
+    if not isinstance(data, dict):
+        raise FusetuneError(
+            f"config key {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}."
+        )
+    fields, hints = _fields(cls), _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise FusetuneError(
+                f"unknown config key {prefix + name!r}. "
+                f"Known keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+                f"{known}. Run `fusetune train --help` for their meaning."
+            )
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", from_text)
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hint, from_text)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file, or a ``FusetuneError`` saying why it could not be read."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FusetuneError(f"config file {str(path)!r} not found; give the path of a YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise FusetuneError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FusetuneError(
+            f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}."
+        )
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["--lora.r", "8", "--resume"]`` -> ``{"lora": {"r": "8"}, "resume": "true"}``.
+
+    Values stay text here and are typed against the config fields in ``build_config``. A flag
+    without a value (followed by another flag or nothing) means true; ``--key=value`` works too.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or item == "--":
+            raise FusetuneError(f"unexpected argument {item!r}; overrides are written --key value.")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 < len(items) and not items[i + 1].startswith("--"):
+                value = items[i + 1]
+                i += 1
+            else:
+                value = "true"
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FusetuneError(f"override --{key} conflicts with an earlier one.")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def build_config(
+    file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then ``file_data`` (or the embedded demo config when None), then ``overrides``
+    (text values from the command line), typed and validated."""
+    base = _build(TrainConfig, DEMO_CONFIG if file_data is None else file_data, "", from_text=False)
+    if overrides:
+        merged = _merge(to_dict(base), {})
+        typed = _build(TrainConfig, overrides, "", from_text=True)
+        # Only the keys given on the command line replace the file's values.
+        merged = _merge(merged, _pick(to_dict(typed), overrides))
+        base = _build(TrainConfig, merged, "", from_text=False)
+    validate(base)
+    return base
+
+
+def _pick(values: dict, keys: dict) -> dict:
+    return {
+        k.replace("-", "_"): (
+            _pick(values[k.replace("-", "_")], v) if isinstance(v, dict) else values[k.replace("-", "_")]
+        )
+        for k, v in keys.items()
+    }
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """A validated ``TrainConfig`` from a YAML file (None: the embedded demo) and overrides."""
+    file_data = None if path is None else read_yaml(path)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return build_config(file_data, overrides)
+
+
+def validate(config: TrainConfig) -> None:
+    """Range and choice checks that the types alone do not catch."""
+
+    def bad(key: str, why: str) -> FusetuneError:
+        return FusetuneError(f"config key {key!r}: {why}")
+
+    if config.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
+        # YAML's on/off become booleans; accept them.
+        raise bad(
+            "gradient_checkpointing",
+            f"use one of {', '.join(GRADIENT_CHECKPOINTING)}, got {config.gradient_checkpointing!r}.",
+        )
+    if config.kernels not in KERNELS:
+        raise bad("kernels", f"use one of {', '.join(KERNELS)}, got {config.kernels!r}.")
+    if config.lr_scheduler not in SCHEDULES:
+        raise bad("lr_scheduler", f"use one of {', '.join(SCHEDULES)}, got {config.lr_scheduler!r}.")
+    if config.dtype not in DTYPES:
+        raise bad("dtype", f"use one of {', '.join(DTYPES)}, got {config.dtype!r}.")
+    if config.loss not in ("linear_cross_entropy", "cross_entropy"):
+        raise bad("loss", f"use linear_cross_entropy or cross_entropy, got {config.loss!r}.")
+    for key in (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_seq_length",
+        "max_pixels",
+        "save_steps",
+        "logging_steps",
+        "demo_samples",
+        "max_new_tokens",
+    ):
+        if getattr(config, key) < 1:
+            raise bad(key, f"must be at least 1, got {getattr(config, key)}.")
+    if config.learning_rate <= 0:
+        raise bad("learning_rate", f"must be positive, got {config.learning_rate}.")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise bad(
+            "max_steps", f"must be a positive number of steps, or -1 to use epochs; got {config.max_steps}."
+        )
+    if config.max_steps == -1 and config.epochs <= 0:
+        raise bad("epochs", f"must be positive when max_steps is -1, got {config.epochs}.")
+    if isinstance(config.eval_split, float) and not 0.0 <= config.eval_split < 1.0:
+        raise bad("eval_split", f"a fraction must be in [0, 1), got {config.eval_split}.")
+    if config.warmup < 0:
+        raise bad("warmup", f"must be >= 0, got {config.warmup}.")
+    for key in ("show_samples", "eval_steps", "save_total_limit", "dataloader_workers"):
+        if getattr(config, key) < 0:
+            raise bad(key, f"must be >= 0, got {getattr(config, key)}.")
+    lora = config.lora
+    if lora.r < 1 or lora.alpha < 1:
+        raise bad("lora.r" if lora.r < 1 else "lora.alpha", "must be at least 1.")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise bad("lora.dropout", f"must be in [0, 1), got {lora.dropout}.")
+    if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
+        raise bad(
+            "lora.target_modules", f'use "all-linear" or a list of module names, got {lora.target_modules!r}.'
+        )
+    if not (lora.finetune_vision_layers or lora.finetune_language_layers):
+        raise bad(
+            "lora", "finetune_vision_layers and finetune_language_layers are both false: nothing to train."
+        )
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def describe() -> str:
+    """One line per config key: name, default, meaning (for ``fusetune train --help``)."""
+    import ast
+    import inspect
+
+    lines = []
+    for cls, prefix in ((TrainConfig, ""), (LoraSettings, "lora.")):
+        source = inspect.getsource(cls)
+        tree = ast.parse(source).body[0]
+        docs: dict[str, str] = {}
+        body = tree.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign) and i + 1 < len(body):
+                nxt = body[i + 1]
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        defaults = to_dict(cls()) if cls is LoraSettings else to_dict(TrainConfig())
+        for name in _fields(cls):
+            if name == "lora":
+                continue
+            lines.append(f"  {prefix + name:<32} {defaults[name]!r:<22} {docs.get(name, '')}")
+    return "\n".join(lines)

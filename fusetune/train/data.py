@@ -1,0 +1,249 @@
+"""Loading chat samples: the demo set, a JSONL file, a folder of images with a JSONL, or `datasets`.
+
+Every source yields the same sample shape, the common ``messages`` format::
+
+    {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "images/0001.png"},
+                                     {"type": "text", "text": "Describe the image."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle ..."}]}]}
+
+``content`` may also be a plain string. Images are given in place (``"image"``: a path relative
+to the JSONL file's folder, an absolute path, or a PIL image in a `datasets` row), or, TRL-style,
+as ``{"type": "image"}`` placeholders filled in order from the row's ``"images"`` list. Image
+files are checked to exist when the data set loads, and opened by the collator.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from fusetune.train.errors import FusetuneError
+
+ROLES = ("system", "user", "assistant")
+SAMPLE_HELP = (
+    'each sample needs {"messages": [{"role": "user", "content": ...}, '
+    '{"role": "assistant", "content": ...}]}'
+)
+
+
+class ChatDataset:
+    """A list of normalised samples as a map-style data set (what Trainer takes)."""
+
+    def __init__(self, samples: list[dict[str, Any]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.samples[index]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise FusetuneError(f"cannot read data file {str(path)!r}: {error}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FusetuneError(
+                f"{path.name} line {number} is not valid JSON ({error.msg}); fix or remove it."
+            ) from None
+        rows.append(row | {"_source": f"{path.name} line {number}"} if isinstance(row, dict) else row)
+    return rows
+
+
+def _find_jsonl(folder: Path) -> Path:
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise FusetuneError(
+            f"data folder {str(folder)!r} has no .jsonl file of chat messages; put one there "
+            f"(e.g. data.jsonl, "
+            f"{SAMPLE_HELP}, image paths relative to the folder)."
+        )
+    if len(files) == 1:
+        return files[0]
+    for name in ("data.jsonl", "train.jsonl", "metadata.jsonl"):
+        if (folder / name).is_file():
+            return folder / name
+    names = ", ".join(f.name for f in files)
+    raise FusetuneError(
+        f"data folder {str(folder)!r} has several .jsonl files ({names}); name the one to use as dataset."
+    )
+
+
+def _load_datasets(name: str, split: str, from_disk: bool) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise FusetuneError(
+            f"dataset {name!r} is neither a local .jsonl file nor a folder, and the `datasets` "
+            f"package is not "
+            f"installed to load it by name: pip install datasets, or give a local .jsonl file."
+        ) from None
+    try:
+        if from_disk:
+            loaded = datasets.load_from_disk(name)
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise FusetuneError(
+                        f"dataset {name!r} has no split {split!r}; it has {', '.join(loaded)}."
+                    )
+                loaded = loaded[split]
+        else:
+            loaded = datasets.load_dataset(name, split=split)
+    except FusetuneError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise FusetuneError(
+            f"could not load dataset {name!r} (split {split!r}): {type(error).__name__}: "
+            f"{str(error)[:300]}. Check "
+            f"the name and split, or give a local .jsonl file or a folder of images with a .jsonl."
+        ) from None
+    return [dict(row) | {"_source": f"{Path(name).name} row {i}"} for i, row in enumerate(loaded)]
+
+
+def _normalise(row: Any, index: int, root: Path | None) -> dict[str, Any]:
+    source = row.get("_source", f"sample {index}") if isinstance(row, dict) else f"sample {index}"
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+        raise FusetuneError(f"{source} has no 'messages' list: {SAMPLE_HELP}.")
+    extra_images = list(row.get("images") or [])
+    messages = []
+    answered = False
+    for message in row["messages"]:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise FusetuneError(
+                f"{source}: a message has no role among {', '.join(ROLES)}: {str(message)[:120]}."
+            )
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, str):
+                    parts.append({"type": "text", "text": part})
+                elif isinstance(part, dict) and (part.get("type") == "image" or "image" in part):
+                    image = part.get("image")
+                    if image is None:
+                        if not extra_images:
+                            raise FusetuneError(
+                                f"{source}: an image entry has no 'image' and the row's 'images' list "
+                                f"has no more; "
+                                f'give the path as {{"type": "image", "image": "path.png"}}.'
+                            )
+                        image = extra_images.pop(0)
+                    parts.append({"type": "image", "image": _image_ref(image, root, source)})
+                elif isinstance(part, dict) and part.get("type") == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                else:
+                    raise FusetuneError(
+                        f"{source}: unsupported content part {str(part)[:120]}; use text or image."
+                    )
+        else:
+            raise FusetuneError(f"{source}: message content must be a string or a list of parts.")
+        if message["role"] == "assistant" and any(p["type"] == "text" and p["text"].strip() for p in parts):
+            answered = True
+        messages.append({"role": message["role"], "content": parts})
+    if not answered:
+        raise FusetuneError(
+            f"{source} has no assistant answer to learn from (every label would be masked): add an "
+            f'{{"role": "assistant", "content": "..."}} message with text.'
+        )
+    return {"messages": messages, "_source": source}
+
+
+def _image_ref(image: Any, root: Path | None, source: str) -> Any:
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(image["bytes"]))
+    if isinstance(image, dict) and image.get("path"):
+        image = image["path"]
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_absolute() and root is not None:
+            path = root / path
+        if not path.is_file():
+            raise FusetuneError(
+                f"{source}: image {str(image)!r} not found (looked for {str(path)!r}); "
+                f"fix the path (relative "
+                f"paths are read from the JSONL file's folder) or remove the sample."
+            )
+        return str(path)
+    if hasattr(image, "convert"):  # a PIL image
+        return image
+    raise FusetuneError(f"{source}: unsupported image value of type {type(image).__name__}; give a path.")
+
+
+def _rows(spec: str, split: str, demo_samples: int, seed: int) -> tuple[list[Any], Path | None]:
+    if spec == "demo":
+        from fusetune.train import demo
+
+        return demo.samples(demo_samples, seed=seed), None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            raise FusetuneError(
+                f"dataset file {spec!r} is not a .jsonl file of chat messages ({SAMPLE_HELP})."
+            )
+        return _read_jsonl(path), path.parent
+    if path.is_dir():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "state.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+        ):
+            return _load_datasets(str(path), split, from_disk=True), path
+        jsonl = _find_jsonl(path)
+        return _read_jsonl(jsonl), jsonl.parent
+    if spec.endswith((".jsonl", ".json")) or spec.startswith((".", "/", "~")):
+        raise FusetuneError(
+            f"dataset {spec!r} not found; give an existing .jsonl file, a folder, or a `datasets` name."
+        )
+    return _load_datasets(spec, split, from_disk=False), None
+
+
+def load_samples(spec: str, split: str = "train", demo_samples: int = 1000, seed: int = 0) -> list[dict]:
+    """Normalised samples of one source (see the module docstring); an empty source is an error."""
+    rows, root = _rows(spec, split, demo_samples, seed)
+    if not rows:
+        raise FusetuneError(f"dataset {spec!r} is empty: it has no samples ({SAMPLE_HELP}).")
+    return [_normalise(row, i, root) for i, row in enumerate(rows)]
+
+
+def load_splits(config) -> tuple[ChatDataset, ChatDataset | None]:
+    """The training set and the held-out set (``eval_split``: a fraction, a split name or a file)."""
+    samples = load_samples(config.dataset, config.dataset_split, config.demo_samples, config.seed)
+    held = config.eval_split
+    if isinstance(held, str):
+        if held.lower() in ("", "none", "0"):
+            return ChatDataset(samples), None
+        return ChatDataset(samples), ChatDataset(
+            load_samples(
+                held if Path(held).exists() else config.dataset, held, config.demo_samples, config.seed
+            )
+        )
+    if held <= 0:
+        return ChatDataset(samples), None
+    count = max(1, round(len(samples) * held))
+    if count >= len(samples):
+        raise FusetuneError(
+            f"eval_split={held} leaves no training samples out of {len(samples)}; "
+            f"lower eval_split or add data."
+        )
+    order = list(range(len(samples)))
+    random.Random(config.seed).shuffle(order)
+    evaluation = [samples[i] for i in order[:count]]
+    train = [samples[i] for i in order[count:]]
+    return ChatDataset(train), ChatDataset(evaluation)

@@ -1,0 +1,420 @@
+"""``train(config)``: one fine-tuning run on Hugging Face Trainer, PEFT LoRA and fusetune's kernels.
+
+What it writes to ``output_dir``: ``checkpoint-N/`` every ``save_steps`` steps (Trainer's: the
+adapter, optimiser, scheduler and RNG state, what ``resume`` continues from), and at the end
+``adapter/`` (the LoRA adapter and the processor), ``config.yaml`` (the config as it ran),
+``metrics.json`` (loss history, first and final loss, eval loss, runtime, generated samples) and
+``loss.png`` (the loss curve; needs matplotlib), plus ``merged/`` with ``save_merged``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusetune.train.config import TrainConfig, to_yaml
+from fusetune.train.errors import FusetuneError
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    first_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+    runtime_s: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _say(quiet: bool, *args: Any) -> None:
+    if not quiet:
+        print(*args, flush=True)
+
+
+def _progress_callback(quiet: bool):
+    from transformers import TrainerCallback
+
+    class LossProgress(TrainerCallback):
+        """One tqdm bar over the optimiser steps with the latest loss and learning rate."""
+
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and not quiet:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=state.max_steps,
+                    initial=state.global_step,
+                    desc="training",
+                    unit="step",
+                    dynamic_ncols=True,
+                )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                shown = {}
+                if "loss" in logs:
+                    shown["loss"] = f"{logs['loss']:.3f}"
+                if "learning_rate" in logs:
+                    shown["lr"] = f"{logs['learning_rate']:.1e}"
+                if "eval_loss" in logs:
+                    shown["eval"] = f"{logs['eval_loss']:.3f}"
+                if shown:
+                    self.bar.set_postfix(shown, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return LossProgress()
+
+
+def resume_checkpoint(config: TrainConfig) -> str | None:
+    """The checkpoint folder to resume from (``resume``), or None to start fresh."""
+    if config.resume is False or config.resume == "":
+        return None
+    if isinstance(config.resume, str) and config.resume.lower() not in ("true", "last"):
+        path = Path(config.resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FusetuneError(
+                f"resume={config.resume!r} is not a Trainer checkpoint folder (no trainer_state.json)."
+            )
+        return str(path)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if last is None:
+        raise FusetuneError(
+            f"resume: no checkpoint in output_dir {config.output_dir!r} to continue from "
+            f"(checkpoints are written every save_steps={config.save_steps} steps); drop --resume "
+            f"to start fresh, or point output_dir at "
+            f"the earlier run."
+        )
+    return last
+
+
+def _loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in log_history if "loss" in row and "step" in row]
+
+
+def plot_losses(
+    history: list[tuple[int, float]], path: Path, eval_points: list[tuple[int, float]]
+) -> str | None:
+    """Save the loss curve as a PNG; returns a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            "loss curve not drawn: matplotlib is not installed (pip install matplotlib); "
+            "the numbers are in metrics.json"
+        )
+    figure, axes = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if history:
+        steps, losses = zip(*history, strict=True)
+        axes.plot(steps, losses, label="train loss", linewidth=1.2)
+    if eval_points:
+        steps, losses = zip(*eval_points, strict=True)
+        axes.plot(steps, losses, "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_yscale("log")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    axes.set_title("fusetune train")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return None
+
+
+def generate_samples(model, collator, dataset, count: int, max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy answers of the model for the first ``count`` samples, next to the truth."""
+    if count <= 0 or dataset is None or len(dataset) == 0:
+        return []
+    tokenizer = collator.tokenizer
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for index in range(min(count, len(dataset))):
+                inputs, truth = collator.prompt(dataset[index])
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                generated = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                answer = tokenizer.decode(
+                    generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                # Compare as the tokenizer writes text back (its spacing), not as the data set spells it.
+                written = tokenizer.decode(
+                    tokenizer(truth, add_special_tokens=False)["input_ids"], skip_special_tokens=True
+                )
+                out.append(
+                    {
+                        "truth": truth.strip(),
+                        "generated": answer.strip(),
+                        "match": " ".join(written.split()) == " ".join(answer.split()),
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool):
+    from transformers import TrainingArguments
+
+    if config.gradient_checkpointing == "offload":
+        raise FusetuneError(
+            "gradient_checkpointing: offload (checkpointed activations offloaded to CPU memory) is not yet "
+            "implemented; use gradient_checkpointing: on."
+        )
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup,
+        weight_decay=config.weight_decay,
+        max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit or None,
+        eval_strategy="steps" if has_eval and config.eval_steps > 0 else "no",
+        eval_steps=config.eval_steps or None,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=config.dataloader_workers,
+        gradient_checkpointing=config.gradient_checkpointing == "on",
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if config.gradient_checkpointing == "on"
+        else None,
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        disable_tqdm=False,
+    )
+
+
+def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Run one fine-tuning job as ``config`` says (see the module docstring for what it writes).
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
+    """
+    from transformers import ProgressCallback, Trainer, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from fusetune.train.collator import ChatCollator
+    from fusetune.train.data import load_splits
+    from fusetune.train.model import load_model, resolve_dtype
+
+    started = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning
+    )
+    set_seed(config.seed)
+    if config.model == "demo" and not torch.cuda.is_available():
+        # The demo's matrices are tiny: one thread is as fast as several, and it does not stall
+        # (several threads slow down many times over when another process holds a core).
+        torch.set_num_threads(1)
+    checkpoint = resume_checkpoint(config)
+    output_dir = Path(config.output_dir)
+    if checkpoint is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        _say(
+            quiet,
+            f"note: {output_dir} has checkpoints of an earlier run; starting fresh "
+            "(use --resume to continue).",
+        )
+
+    train_set, eval_set = load_splits(config)
+    _say(
+        quiet,
+        f"data: {len(train_set)} training samples"
+        + (f", {len(eval_set)} held out" if eval_set is not None else "")
+        + f" ({config.dataset})",
+    )
+    dtype = resolve_dtype(config.dtype)
+    model, processor = load_model(
+        config.model,
+        load_in_4bit=config.load_in_4bit,
+        lora=config.lora,
+        dtype=config.dtype,
+        kernels=config.kernels,
+        loss=config.loss,
+        max_pixels=config.max_pixels,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    base = getattr(model, "get_base_model", lambda: model)()
+    _say(
+        quiet,
+        f"model: {config.model} ({type(base).__name__}, {total / 1e6:.2f}M parameters, "
+        f"{trainable / 1e6:.2f}M trainable LoRA r={config.lora.r}); kernels: {config.kernels}",
+    )
+    report = getattr(model, "_fusetune_report", None)
+    if report is not None:
+        patched = {k: len(v) for k, v in report.patched.items() if v}
+        _say(
+            quiet,
+            "fusetune.apply: " + (", ".join(f"{k} {n}" for k, n in patched.items()) or "nothing patched"),
+        )
+
+    collator = ChatCollator(processor, config.max_seq_length, config.max_pixels)
+    collator(list(train_set.samples[: config.batch_size]))  # fail fast on the first batch's data problems
+
+    args = _training_arguments(config, dtype, eval_set is not None)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback(quiet))
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
+    if checkpoint:
+        _say(quiet, f"resuming from {checkpoint}")
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.cuda.OutOfMemoryError:
+        raise FusetuneError(
+            f"CUDA out of memory at batch_size={config.batch_size}, max_seq_length={config.max_seq_length}, "
+            f"max_pixels={config.max_pixels}: lower batch_size (raise gradient_accumulation_steps "
+            f"to keep the "
+            f"effective batch), set gradient_checkpointing: on, load_in_4bit: true, or lower max_pixels."
+        ) from None
+    except KeyboardInterrupt:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(config.output_dir) if output_dir.is_dir() else None
+        where = (
+            f"the last checkpoint is {last}"
+            if last
+            else f"no checkpoint was written yet (every {config.save_steps} steps)"
+        )
+        raise FusetuneError(
+            f"interrupted at step {trainer.state.global_step}; {where}. "
+            f"Run the same command with --resume to "
+            f"continue from it."
+        ) from None
+
+    history = _loss_history(trainer.state.log_history)
+    eval_loss = None
+    if eval_set is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+    eval_points = [(row["step"], row["eval_loss"]) for row in trainer.state.log_history if "eval_loss" in row]
+    shown = generate_samples(
+        model,
+        collator,
+        eval_set if eval_set is not None else train_set,
+        config.show_samples,
+        config.max_new_tokens,
+    )
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    adapter_dir = output_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    try:
+        processor.save_pretrained(adapter_dir)
+    except Exception as error:  # noqa: BLE001 - the adapter is saved; the processor copy is a convenience
+        _say(quiet, f"note: processor not saved with the adapter ({type(error).__name__}: {error})")
+    files["adapter"] = str(adapter_dir)
+    (output_dir / "config.yaml").write_text(to_yaml(config))
+    files["config"] = str(output_dir / "config.yaml")
+
+    first = history[0][1] if history else None
+    tail = [loss for _, loss in history[-5:]]
+    final = sum(tail) / len(tail) if tail else None
+    runtime = time.perf_counter() - started
+    matches = sum(s["match"] for s in shown)
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "first_loss": first,
+        "final_loss": final,
+        "eval_loss": eval_loss,
+        "runtime_s": round(runtime, 2),
+        "train_samples": len(train_set),
+        "eval_samples": len(eval_set) if eval_set is not None else 0,
+        "samples": shown,
+        "samples_exact_match": f"{matches}/{len(shown)}",
+        "loss_history": [{"step": s, "loss": v} for s, v in history],
+        "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_points],
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    files["metrics"] = str(output_dir / "metrics.json")
+    note = plot_losses(history, output_dir / "loss.png", eval_points)
+    if note:
+        _say(quiet, f"note: {note}")
+    else:
+        files["loss_curve"] = str(output_dir / "loss.png")
+
+    if config.save_merged:
+        files["merged"] = str(save_merged(model, processor, output_dir / "merged", dtype))
+
+    if shown:
+        _say(quiet, f"\nheld-out samples (greedy, {matches}/{len(shown)} exact):")
+        for sample in shown:
+            _say(quiet, f"  truth:     {sample['truth']}\n  generated: {sample['generated']}")
+    if first is not None and final is not None:
+        _say(
+            quiet,
+            f"\nloss {first:.3f} -> {final:.3f} in {trainer.state.global_step} steps"
+            + (f"; eval loss {eval_loss:.3f}" if eval_loss is not None else "")
+            + f" ({runtime:.0f} s)",
+        )
+    _say(
+        quiet,
+        f"saved: adapter {adapter_dir}, config, metrics"
+        + (", loss curve" if "loss_curve" in files else "")
+        + (", merged weights" if config.save_merged else "")
+        + f" in {output_dir}",
+    )
+    return TrainResult(output_dir, trainer.state.global_step, first, final, eval_loss, shown, runtime, files)
+
+
+def save_merged(model, processor, path: Path, dtype: torch.dtype) -> Path:
+    """The base model with the adapter merged in, in 16-bit (bfloat16 unless training ran in float16)."""
+    import fusetune
+
+    fusetune.unapply(model)
+    merged = model.merge_and_unload()
+    half = torch.float16 if dtype == torch.float16 else torch.bfloat16
+    merged.to(half).save_pretrained(path)
+    try:
+        processor.save_pretrained(path)
+    except Exception:  # noqa: BLE001 - see the adapter's processor copy
+        pass
+    return path

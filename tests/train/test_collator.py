@@ -1,0 +1,140 @@
+"""The VLM collator on the Qwen2-VL family: label masking at exact positions, images, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusetune.train import demo
+from fusetune.train.collator import IGNORE, ChatCollator, response_markers
+from fusetune.train.errors import FusetuneError
+
+
+def _sample(answer: str, size=(56, 56), colour=(200, 0, 0), system: str | None = None, source="s"):
+    from PIL import Image
+
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    messages += [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", size, colour)},
+                {"type": "text", "text": "describe the image ."},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    return {"messages": messages, "_source": source}
+
+
+def test_markers_read_off_the_chat_template(demo_processor):
+    assert response_markers(demo_processor) == ("<|im_start|>assistant\n", "<|im_end|>")
+
+
+def test_labels_only_on_the_answer_exact_positions(demo_processor):
+    collator = ChatCollator(demo_processor, max_seq_length=64, max_pixels=56 * 56)
+    batch = collator([_sample("a red circle in the top left ."), _sample("a blue square .")])
+    tokens = [demo_processor.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"]]
+    # <|im_start|> user \n <|vision_start|> 4 x <|image_pad|> <|vision_end|>
+    # describe the image . <|im_end|> \n
+    # <|im_start|> assistant \n | answer ... <|im_end|> | \n (padding)
+    assert tokens[0][:18] == [
+        "<|im_start|>",
+        "user",
+        "\n",
+        "<|vision_start|>",
+        *["<|image_pad|>"] * 4,
+        "<|vision_end|>",
+        "describe",
+        "the",
+        "image",
+        ".",
+        "<|im_end|>",
+        "\n",
+        "<|im_start|>",
+        "assistant",
+        "\n",
+    ]
+    labels = batch["labels"]
+    kept = [(labels[row] != IGNORE).nonzero().flatten().tolist() for row in range(2)]
+    assert kept[0] == list(range(18, 27))  # "a red circle in the top left ." + <|im_end|>
+    assert kept[1] == list(range(18, 23))  # "a blue square ." + <|im_end|>
+    assert tokens[0][26] == "<|im_end|>" and tokens[1][22] == "<|im_end|>"
+    assert torch.equal(labels[0, 18:27], batch["input_ids"][0, 18:27])
+    # Row 1 is padded on the right: its padding is masked and has attention 0.
+    assert batch["attention_mask"][1, 24:].sum() == 0 and (labels[1, 24:] == IGNORE).all()
+    image = demo_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (labels[batch["input_ids"] == image] == IGNORE).all()
+
+
+def test_system_turn_and_several_answers(demo_processor):
+    collator = ChatCollator(demo_processor, max_seq_length=128, max_pixels=56 * 56)
+    sample = _sample("a red circle .", system="you are a picture describe")
+    sample["messages"] += [
+        {"role": "user", "content": [{"type": "text", "text": "what is the shape ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a circle ."}]},
+    ]
+    batch = collator([sample])
+    tokens = demo_processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    learned = [t for t, label in zip(tokens, batch["labels"][0].tolist(), strict=True) if label != IGNORE]
+    assert learned == ["a", "red", "circle", ".", "<|im_end|>", "a", "circle", ".", "<|im_end|>"]
+
+
+def test_images_of_different_sizes_batch_together():
+    processor = demo.build_processor(max_pixels=112 * 112)
+    collator = ChatCollator(processor, max_seq_length=256, max_pixels=112 * 112)
+    batch = collator(
+        [
+            _sample("a red square .", size=(56, 56)),
+            _sample("a big one .", size=(112, 84)),
+            _sample("a huge one .", size=(900, 900)),
+        ]
+    )
+    grids = batch["image_grid_thw"].tolist()
+    assert grids[0] == [1, 4, 4] and grids[1] == [1, 6, 8]
+    t, h, w = grids[2]
+    assert h * w * 14 * 14 <= 112 * 112  # the 900 x 900 image came down under max_pixels
+    assert batch["pixel_values"].shape[0] == sum(a * b * c for a, b, c in grids)
+    image = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = (batch["input_ids"] == image).sum(1).tolist()
+    assert counts == [a * b * c // 4 for a, b, c in grids]
+    assert (batch["labels"][batch["input_ids"] == image] == IGNORE).all()
+    for row in range(3):
+        assert (batch["labels"][row] != IGNORE).any()
+
+
+def test_all_masked_sample_is_an_error(demo_processor):
+    collator = ChatCollator(demo_processor, max_seq_length=18, max_pixels=56 * 56)
+    with pytest.raises(FusetuneError, match="every label is masked after cutting to max_seq_length=18"):
+        collator([_sample("a red circle .", source="data.jsonl line 3")])
+    short = ChatCollator(demo_processor, max_seq_length=6, max_pixels=56 * 56)
+    with pytest.raises(FusetuneError, match="inside its image tokens"):
+        short([_sample("a red circle .")])
+
+
+def test_cut_keeps_the_start(demo_processor):
+    collator = ChatCollator(demo_processor, max_seq_length=21, max_pixels=56 * 56)
+    batch = collator([_sample("a red circle in the top left .")])
+    assert batch["input_ids"].shape[1] == 21 and batch["labels"].shape[1] == 21
+    assert (batch["labels"][0] != IGNORE).nonzero().flatten().tolist() == [18, 19, 20]
+
+
+def test_missing_and_unreadable_images(tmp_path, demo_processor):
+    collator = ChatCollator(demo_processor, max_seq_length=64, max_pixels=56 * 56)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    sample = _sample("a red circle .", source="data.jsonl line 2")
+    sample["messages"][0]["content"][0]["image"] = str(broken)
+    with pytest.raises(FusetuneError, match="data.jsonl line 2: image .*broken.png.* cannot be read"):
+        collator([sample])
+    sample["messages"][0]["content"][0]["image"] = str(tmp_path / "gone.png")
+    with pytest.raises(FusetuneError, match="gone.png' is missing"):
+        collator([sample])
+
+
+def test_generation_prompt(demo_processor):
+    collator = ChatCollator(demo_processor, max_seq_length=64, max_pixels=56 * 56)
+    inputs, truth = collator.prompt(_sample("a red circle ."))
+    tokens = demo_processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    assert tokens[-3:] == ["<|im_start|>", "assistant", "\n"] and truth == "a red circle ."
+    assert "image_grid_thw" in inputs

@@ -1,0 +1,106 @@
+"""Data loading: JSONL files, folders of images, `datasets` folders, the demo set, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusetune.train import demo
+from fusetune.train.config import load_config
+from fusetune.train.data import load_samples, load_splits
+from fusetune.train.errors import FusetuneError
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_demo_samples_are_deterministic_and_varied():
+    a, b = demo.samples(20, seed=3), demo.samples(20, seed=3)
+    captions = [s["messages"][1]["content"][0]["text"] for s in a]
+    assert captions == [s["messages"][1]["content"][0]["text"] for s in b]
+    assert len(set(captions)) > 10
+    assert all(c.split()[2] in demo.SHAPES and c.split()[1] in demo.COLOURS for c in captions)
+
+
+def test_image_folder_with_jsonl(tmp_path):
+    demo.write_dataset(tmp_path / "set", 5)
+    samples = load_samples(str(tmp_path / "set"))
+    assert len(samples) == 5
+    image = samples[0]["messages"][0]["content"][0]["image"]
+    assert image.endswith("00000.png") and (tmp_path / "set" / "images" / "00000.png").samefile(image)
+    assert samples[0]["_source"] == "data.jsonl line 1"
+
+
+def test_jsonl_file_string_content_and_trl_images(tmp_path):
+    demo.write_dataset(tmp_path, 1)
+    _write(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what ?"}]},
+                    {"role": "assistant", "content": "a shape"},
+                ],
+                "images": ["images/00000.png"],
+            },
+        ],
+    )
+    samples = load_samples(str(tmp_path / "chat.jsonl"))
+    assert samples[0]["messages"][1]["content"] == [{"type": "text", "text": "hi"}]
+    assert samples[1]["messages"][0]["content"][0]["image"].endswith("images/00000.png")
+
+
+def test_datasets_saved_folder(tmp_path):
+    import datasets
+
+    rows = {"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 3}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_samples(str(tmp_path / "saved"))) == 3
+
+
+def test_eval_split_fraction():
+    config = load_config(None, ["--demo_samples", "40", "--eval_split", "0.25"])
+    train, held = load_splits(config)
+    assert len(train) == 30 and len(held) == 10
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([], "is empty"),
+        ([{"text": "no messages"}], "line 1 has no 'messages' list"),
+        ([{"messages": [{"role": "user", "content": "only a question"}]}], "no assistant answer"),
+        (
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "image", "image": "nope.png"}]},
+                        {"role": "assistant", "content": "x"},
+                    ]
+                }
+            ],
+            "image 'nope.png' not found",
+        ),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], "no role among"),
+    ],
+)
+def test_bad_data(tmp_path, rows, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FusetuneError, match=message):
+        load_samples(str(path))
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(FusetuneError, match="not found"):
+        load_samples(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FusetuneError, match="no .jsonl file"):
+        load_samples(str(tmp_path / "empty"))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(FusetuneError, match="line 1 is not valid JSON"):
+        load_samples(str(tmp_path / "bad.jsonl"))
