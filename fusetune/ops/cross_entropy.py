@@ -333,11 +333,6 @@ class _CrossEntropy(torch.autograd.Function):
     ):
         rows = as_rows(logits)
         flat_labels = flatten_labels(labels, rows.shape[0])
-        # Checked without a host sync here: in training the flag is read in backward, together
-        # with grad_output, in the one sync backward needs anyway.
-        bad_labels = out_of_range(flat_labels, rows.shape[1], ignore_index)
-        if not needs_grad and bool(bad_labels):
-            raise_out_of_range(flat_labels, rows.shape[1], ignore_index)
         denominator = loss_denominator(flat_labels, reduction, ignore_index, num_items_in_batch)
         options = dict(
             ignore_index=ignore_index,
@@ -348,6 +343,12 @@ class _CrossEntropy(torch.autograd.Function):
         eager_grad = needs_grad and reduction != "none"
         grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
         row_losses, grad = cross_entropy_rows(rows, flat_labels, grad_scale=grad_scale, **options)
+        # The label check is queued after the kernel (which clamps bad labels, so it is safe) and
+        # read without a host sync here: in training the flag is read in backward, together with
+        # grad_output, in the one sync backward needs anyway.
+        bad_labels = out_of_range(flat_labels, rows.shape[1], ignore_index)
+        if not needs_grad and bool(bad_labels):
+            raise_out_of_range(flat_labels, rows.shape[1], ignore_index)
         ctx.logits_shape = logits.shape
         ctx.n_classes = rows.shape[1]
         ctx.stored_grad = eager_grad
