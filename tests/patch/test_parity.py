@@ -62,16 +62,19 @@ def test_report_lists_what_was_patched(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_loss_curve_matches(arch):
+    """20 AdamW steps on fresh batches: every step's loss within 1e-3 (relative) of the original's."""
     model, reference, _ = _pair(arch)
     curves = []
     for m in (model, reference):
         optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
         curve = []
-        for step in range(3):
+        for step in range(20):
+            optimizer.zero_grad()
             curve.append(loss_and_backward(m, **batch(seed=step)))
             optimizer.step()
         curves.append(torch.stack(curve))
-    assert_close(curves[0], curves[1], "loss curve", rtol=1e-3)
+    step_error = ((curves[0] - curves[1]).abs() / curves[1].abs()).max().item()
+    assert step_error <= 1e-3, f"loss curves differ by up to {step_error:.2e} (relative) at some step"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
