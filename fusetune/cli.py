@@ -1,7 +1,8 @@
 """The ``fusetune`` command: ``fusetune train [CONFIG.yaml] [--key value ...]`` and ``fusetune info``.
 
 Problems with the input or the setup (``FusetuneError``) print one line, ``fusetune: error: ...``,
-and exit with status 2, without a traceback; Ctrl-C during training says how to resume.
+and exit with status 2, without a traceback; Ctrl-C (SIGINT) prints where the last checkpoint is and
+how to resume, also without a traceback, and exits with status 130.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def info_command() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from fusetune.train.errors import FusetuneError
+    from fusetune.train.errors import FusetuneError, Interrupted
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"fusetune: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
+    except Interrupted as error:
+        print(f"fusetune: {error}", file=sys.stderr)
+        return 130
     except FusetuneError as error:
         print(f"fusetune: error: {error}", file=sys.stderr)
         return 2

@@ -1,11 +1,18 @@
 """The chat collator: chat template, images, label masking, padding (VLMs and text-only LLMs).
 
 For a batch of samples (``fusetune.train.data`` format) it renders each conversation with the
-model's chat template, runs the processor (Qwen2-VL family: ``pixel_values`` as flattened patches
-plus ``image_grid_thw``, one image token per merged patch) or the tokenizer, pads on the right, and
-sets ``labels`` to the input ids on the assistant answers only: the tokens after each assistant
-header up to and including the end-of-turn token. Everything else (system and user turns, the
-image tokens, the headers, the padding) is -100.
+model's chat template, runs the processor (with each sample's images as one list) or the
+tokenizer, pads on the right, and sets ``labels`` to the input ids on the assistant answers only:
+the tokens after each assistant header up to and including the end-of-turn token. Everything else
+(system and user turns, the image tokens, the headers, the padding) is -100.
+
+Whatever the processor returns goes to the model as it is, so the architecture differences live in
+the processor, not here: Qwen2-VL's ``pixel_values`` as flattened patches plus ``image_grid_thw``
+(one image token per merged patch), Llama-3.2-Vision's (mllama) tiled ``pixel_values``,
+``aspect_ratio_ids``, ``aspect_ratio_mask`` and ``cross_attention_mask`` (one ``<|image|>`` token
+per image), llava's CLIP ``pixel_values`` (``<image>`` expanded to the patch count). The image
+token ids come from the processor (``image_token_id``); per-token tensors (``[batch, length,
+...]``, such as mllama's ``cross_attention_mask``) are cut with the input ids.
 
 The assistant header and end-of-turn marker are read off the chat template itself (render a probe
 conversation with and without the generation prompt), so any template that appends a fixed
@@ -170,16 +177,31 @@ class ChatCollator:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         truth = "".join(p.get("text", "") for p in messages[last]["content"])
         text, images = self.render({**sample, "messages": messages[:last]}, generation_prompt=True)
-        inputs = self._encode([text], images)
+        inputs = self._encode([text], [images])
         return inputs, truth
 
-    def _encode(self, texts: list[str], images: list) -> dict[str, torch.Tensor]:
+    def _encode(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+        """Tokenise ``texts`` (and ``images[i]``, the images of ``texts[i]``), padded on the right.
+
+        Images go to the processor as one list per sample (what Mllama's processor needs to place
+        them; the others accept the nesting too). No special tokens are added when the rendered
+        text already starts with the BOS token (Llama 3 templates write it themselves); text-only
+        templates are taken as complete.
+        """
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
             if self.vision:
+                bos = self.tokenizer.bos_token
+                special = not (bos and all(text.startswith(bos) for text in texts))
                 return dict(
-                    self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+                    self.processor(
+                        text=texts,
+                        images=images if any(images) else None,
+                        return_tensors="pt",
+                        padding=True,
+                        add_special_tokens=special,
+                    )
                 )
             return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
         finally:
@@ -191,7 +213,7 @@ class ChatCollator:
         for sample in samples:
             text, sample_images = self.render(sample)
             texts.append(text)
-            images.extend(sample_images)
+            images.append(sample_images)
         batch = self._encode(texts, images)
         if not self.vision:
             batch.pop("token_type_ids", None)

@@ -96,29 +96,51 @@ def caption(shape: str, colour: str, position: str, background: str) -> str:
     return f"a {colour} {shape} in the {position} on a {background} background ."
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer over the demo vocabulary, with Qwen2-VL's special tokens."""
+def word_tokenizer(
+    special_tokens,
+    words,
+    chat_template: str,
+    *,
+    pad_token: str,
+    eos_token: str,
+    unk_token: str = "<unk>",
+    bos_token: str | None = None,
+):
+    """An offline word-level ``PreTrainedTokenizerFast``: ``special_tokens`` (matched whole, never
+    split), ``"\\n"`` and ``words`` (split on whitespace, punctuation isolated), with ``chat_template``.
+
+    Small stand-ins for real models' tokenizers in the demo and the tests: token ids are the order
+    of ``special_tokens``, then ``"\\n"``, then ``words``.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, "\n", *WORDS))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    special_tokens = tuple(dict.fromkeys(special_tokens))
+    vocab = {token: i for i, token in enumerate(dict.fromkeys((*special_tokens, "\n", *words)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=unk_token))
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
     )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     core.add_tokens([AddedToken("\n", normalized=False)])
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=core,
-        unk_token="<unk>",
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        chat_template=CHAT_TEMPLATE,
+        unk_token=unk_token,
+        pad_token=pad_token,
+        eos_token=eos_token,
+        bos_token=bos_token,
+        chat_template=chat_template,
         model_max_length=4096,
         padding_side="right",
     )
-    return tokenizer
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over the demo vocabulary, with Qwen2-VL's special tokens."""
+    return word_tokenizer(
+        SPECIAL_TOKENS, WORDS, CHAT_TEMPLATE, pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
 
 
 def _processor_class():

@@ -6,3 +6,8 @@ The command line prints these as one short message (no traceback) and exits with
 
 class FusetuneError(Exception):
     """A bad config, data set, model or environment: ``str(error)`` names the problem and the fix."""
+
+
+class Interrupted(FusetuneError):
+    """Training stopped by Ctrl-C / SIGINT: ``str(error)`` says where the last checkpoint is and how
+    to resume. The command line prints it without a traceback and exits with status 130."""

@@ -29,9 +29,10 @@ VISION_PARTS = (
     "merger",
     "mm_projector",
 )
-# The VLM families whose collator path (processor outputs, chat template, masking) is tested
-# (Qwen2.5-VL uses the same processor and chat template, but has no test of its own here).
-TESTED_VLMS = ("qwen2_vl",)
+# The VLM families whose collator path (processor outputs, chat template, masking) is tested, each
+# through a tiny model of the family (Qwen2.5-VL uses Qwen2-VL's processor and chat template, but
+# has no test of its own here).
+TESTED_VLMS = ("qwen2_vl", "mllama", "llava")
 
 
 def _is_vision(name: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fusetune.train.config import TrainConfig, to_yaml
-from fusetune.train.errors import FusetuneError
+from fusetune.train.errors import FusetuneError, Interrupted
 
 
 @dataclass
@@ -96,9 +96,7 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
                 f"resume={config.resume!r} is not a Trainer checkpoint folder (no trainer_state.json)."
             )
         return str(path)
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    last = last_checkpoint(config.output_dir)
     if last is None:
         raise FusetuneError(
             f"resume: no checkpoint in output_dir {config.output_dir!r} to continue from "
@@ -107,6 +105,23 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
             f"the earlier run."
         )
     return last
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The highest-numbered complete ``checkpoint-N`` folder in ``output_dir``, or None.
+
+    Complete means it has ``trainer_state.json``, which Trainer writes after the weights, optimiser
+    and RNG state: a folder cut short by a kill or Ctrl-C while saving is passed over.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            steps.append((int(step), path))
+    return str(max(steps)[1]) if steps else None
 
 
 def _loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -308,23 +323,21 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         _say(quiet, f"resuming from {checkpoint}")
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
-    except torch.cuda.OutOfMemoryError:
+    except torch.OutOfMemoryError:
         raise FusetuneError(
-            f"CUDA out of memory at batch_size={config.batch_size}, max_seq_length={config.max_seq_length}, "
-            f"max_pixels={config.max_pixels}: lower batch_size (raise gradient_accumulation_steps "
-            f"to keep the "
-            f"effective batch), set gradient_checkpointing: on, load_in_4bit: true, or lower max_pixels."
+            f"out of GPU memory at batch_size={config.batch_size}, max_seq_length={config.max_seq_length}, "
+            f"max_pixels={config.max_pixels}: lower batch_size (raise gradient_accumulation_steps to keep "
+            f"the effective batch), lower max_seq_length or max_pixels, set gradient_checkpointing: on, "
+            f"or load_in_4bit: true."
         ) from None
     except KeyboardInterrupt:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(config.output_dir) if output_dir.is_dir() else None
+        last = last_checkpoint(config.output_dir)
         where = (
             f"the last checkpoint is {last}"
             if last
             else f"no checkpoint was written yet (every {config.save_steps} steps)"
         )
-        raise FusetuneError(
+        raise Interrupted(
             f"interrupted at step {trainer.state.global_step}; {where}. "
             f"Run the same command with --resume to "
             f"continue from it."
