@@ -24,7 +24,7 @@ info    versions, GPU, which kernels run (Triton or the PyTorch references), sup
 def _train_help() -> str:
     from fusetune.train.config import describe
 
-    return USAGE + "\nconfig keys (key, default, meaning):\n" + describe() + "\n"
+    return USAGE + "\nconfig keys (key, type, default, meaning; also in docs/train.md):\n" + describe() + "\n"
 
 
 def train_command(argv: list[str]) -> int:

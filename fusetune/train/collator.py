@@ -3,8 +3,11 @@
 For a batch of samples (``fusetune.train.data`` format) it renders each conversation with the
 model's chat template, runs the processor (with each sample's images as one list) or the
 tokenizer, pads on the right, and sets ``labels`` to the input ids on the assistant answers only:
-the tokens after each assistant header up to and including the end-of-turn token. Everything else
-(system and user turns, the image tokens, the headers, the padding) is -100.
+the tokens after each assistant header up to and including the end-of-turn token, and never past
+the start of the next turn's header (or the end of the text). Everything else (system and user
+turns, the image tokens, the headers, the padding) is -100. Templates that do not close answers
+with an end marker (llava-1.5's "USER: ... ASSISTANT: answer" then the next "USER:") get the
+tokenizer's EOS token appended to each assistant answer, labelled, so the model learns to stop.
 
 Whatever the processor returns goes to the model as it is, so the architecture differences live in
 the processor, not here: Qwen2-VL's ``pixel_values`` as flattened patches plus ``image_grid_thw``
@@ -14,18 +17,19 @@ per image), llava's CLIP ``pixel_values`` (``<image>`` expanded to the patch cou
 token ids come from the processor (``image_token_id``); per-token tensors (``[batch, length,
 ...]``, such as mllama's ``cross_attention_mask``) are cut with the input ids.
 
-The assistant header and end-of-turn marker are read off the chat template itself (render a probe
-conversation with and without the generation prompt), so any template that appends a fixed
-generation prompt works: ChatML (Qwen), Llama 3, Llava's "ASSISTANT:", Mllama. Images larger than
-``max_pixels`` are resized down, keeping their aspect ratio, before the processor sees them (the
-Qwen2-VL image processor then rounds each side to its patch grid, so images of any size batch
-together). A batch longer than ``max_seq_length`` is cut on the right, unless that would cut
-image tokens (an error: raise max_seq_length or lower max_pixels).
+The assistant header, the end-of-turn marker (if any) and the next turn's header are read off the
+chat template itself (render probe conversations with and without the generation prompt), so any
+template that appends a fixed generation prompt works: ChatML (Qwen), Llama 3, Llava's "ASSISTANT:",
+Mllama. Images larger than ``max_pixels`` are resized down, keeping their aspect ratio, before the
+processor sees them (the Qwen2-VL image processor then rounds each side to its patch grid, so
+images of any size batch together). A batch longer than ``max_seq_length`` is cut on the right,
+unless that would cut image tokens (an error: raise max_seq_length or lower max_pixels).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from fusetune.train.errors import FusetuneError
 
 IGNORE = -100
 _PROBE_USER, _PROBE_ANSWER = "fusetuneprobeuser", "fusetuneprobeanswer"
+_PROBE_NEXT = "fusetuneprobenext"
 
 
 def _tokenizer(processor):
@@ -48,16 +53,32 @@ def _render(processor, messages: list[dict], generation_prompt: bool = False) ->
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def response_markers(processor) -> tuple[str, str]:
-    """(assistant header, end-of-turn marker) as text, read off the processor's chat template."""
+@dataclass(frozen=True)
+class TurnMarkers:
+    """What the chat template writes around an assistant answer, as text."""
+
+    header: str
+    """The assistant header (what ``add_generation_prompt`` appends), e.g. "<|im_start|>assistant\n"."""
+    end: str
+    """The end-of-turn marker after an answer: the template's own, or the EOS token when it has none."""
+    closed: bool
+    """True when the template itself writes ``end`` after each answer; False when the collator must
+    append it (templates such as llava-1.5's, where an answer runs on into the next "USER:")."""
+    next_header: str
+    """The start of the turn after an answer (e.g. "USER:" or "<|im_start|>user"), "" if none."""
+
+
+def turn_markers(processor) -> TurnMarkers:
+    """The assistant header, end marker and next turn's header, read off the processor's chat template."""
     vision = is_vision_processor(processor)
+    tokenizer = _tokenizer(processor)
 
     def message(role: str, text: str) -> dict:
         return {"role": role, "content": [{"type": "text", "text": text}] if vision else text}
 
     if (
         getattr(processor, "chat_template", None) is None
-        and getattr(_tokenizer(processor), "chat_template", None) is None
+        and getattr(tokenizer, "chat_template", None) is None
     ):
         raise FusetuneError(
             "the model's tokenizer/processor has no chat template, so user and assistant turns cannot be "
@@ -75,13 +96,41 @@ def response_markers(processor) -> tuple[str, str]:
         )
     header = prompted[len(plain) :]
     tail = full[full.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
-    end = tail.strip() or (_tokenizer(processor).eos_token or "")
+    end = tail.strip()
     # Keep only the first marker of a tail such as "<|im_end|>\n" or "</s>" (not a following turn).
-    for special in _tokenizer(processor).all_special_tokens:
+    for special in tokenizer.all_special_tokens:
         if special and tail.lstrip().startswith(special):
             end = special
             break
-    return header, end
+    closed = bool(end)
+    if not closed:
+        end = tokenizer.eos_token or ""
+    # The next turn's header: what the template writes between an answer (and its end marker) and
+    # the text of the user turn that follows it.
+    next_header = ""
+    try:
+        two = _render(
+            processor,
+            [*user, message("assistant", _PROBE_ANSWER), message("user", _PROBE_NEXT)],
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses a second turn: no next header
+        two = ""
+    if _PROBE_NEXT in two and _PROBE_ANSWER in two:
+        between = two[two.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) : two.index(_PROBE_NEXT)].strip()
+        if closed and between.startswith(end):
+            between = between[len(end) :].strip()
+        next_header = between
+    return TurnMarkers(header, end, closed, next_header)
+
+
+def response_markers(processor) -> tuple[str, str]:
+    """(assistant header, end-of-turn marker) as text, read off the processor's chat template.
+
+    The end marker is the template's own, or the EOS token (which the collator then appends to
+    each answer) when the template writes none; see ``turn_markers``.
+    """
+    markers = turn_markers(processor)
+    return markers.header, markers.end
 
 
 def _find(sequence: list[int], pattern: list[int], start: int) -> int:
@@ -136,10 +185,17 @@ class ChatCollator:
         self.vision = is_vision_processor(processor)
         self.max_seq_length = max_seq_length
         self.max_pixels = max_pixels
-        header, end = response_markers(processor)
+        self.markers = turn_markers(processor)
         encode = self.tokenizer
-        self.header_ids = encode(header, add_special_tokens=False)["input_ids"]
-        self.end_ids = encode(end, add_special_tokens=False)["input_ids"] if end else []
+
+        def ids(text: str) -> list[int]:
+            return encode(text, add_special_tokens=False)["input_ids"] if text else []
+
+        self.header_ids = ids(self.markers.header)
+        self.end_ids = ids(self.markers.end)
+        self.next_header_ids = ids(self.markers.next_header)
+        # Answers the template leaves open get the EOS token written after them (and learned).
+        self.append_eos = not self.markers.closed and bool(self.markers.end)
         self.image_token_ids = {
             i
             for i in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
@@ -166,6 +222,8 @@ class ChatCollator:
                     parts.append({"type": "image"})
                 else:
                     parts.append({"type": "text", "text": part["text"]})
+            if self.append_eos and message["role"] == "assistant":
+                parts.append({"type": "text", "text": self.markers.end})
             if not self.vision:
                 parts = "".join(p["text"] for p in parts)
             messages.append({"role": message["role"], "content": parts})
@@ -253,17 +311,26 @@ class ChatCollator:
         return batch
 
     def mask(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Labels: ``ids`` on the assistant answers (through the end-of-turn marker), -100 elsewhere."""
+        """Labels: ``ids`` on the assistant answers (through the end-of-turn marker), -100 elsewhere.
+
+        An answer's span runs from its assistant header to the end marker (included), but never past
+        the start of the next turn's header, nor the end of the text (padding is masked after).
+        """
         labels = torch.full_like(ids, IGNORE)
         for row in range(ids.shape[0]):
             sequence = ids[row].tolist()
             start = 0
             while (found := _find(sequence, self.header_ids, start)) >= 0:
                 begin = found + len(self.header_ids)
+                end = len(sequence)
                 close = _find(sequence, self.end_ids, begin)
-                end = len(sequence) if close < 0 else close + len(self.end_ids)
+                if close >= 0:
+                    end = close + len(self.end_ids)
+                following = _find(sequence, self.next_header_ids, begin)
+                if 0 <= following < end:
+                    end = following
                 labels[row, begin:end] = ids[row, begin:end]
-                start = end
+                start = max(end, begin)
         labels[attention_mask == 0] = IGNORE
         for token in self.image_token_ids:
             labels[ids == token] = IGNORE

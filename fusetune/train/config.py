@@ -10,6 +10,7 @@ rejected with a ``FusetuneError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,17 +72,21 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     """Micro-batches per optimiser step."""
     learning_rate: float = 2e-4
+    """Peak learning rate of the LoRA weights (AdamW)."""
     lr_scheduler: str = "linear"
     """linear | cosine | constant | constant_with_warmup | cosine_with_restarts | polynomial."""
     warmup: float = 0.03
     """Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_steps: int = -1
     """Optimiser steps; -1 to use epochs."""
     epochs: float = 1.0
     """Passes over the training set (when max_steps is -1)."""
     seed: int = 42
+    """Seed of the weights' init (LoRA), the data order and the eval_split draw."""
     output_dir: str = "fusetune-output"
+    """Folder for checkpoints, the adapter, config.yaml, metrics.json, loss.png (and merged/)."""
     save_steps: int = 50
     """Write a Trainer checkpoint (adapter, optimiser, scheduler, RNG) every this many steps."""
     save_total_limit: int = 2
@@ -91,6 +96,7 @@ class TrainConfig:
     resume: Union[bool, str] = False  # noqa: UP007
     """true: continue from the last checkpoint in output_dir; or a checkpoint folder."""
     logging_steps: int = 1
+    """Log the training loss every this many steps."""
     eval_steps: int = 0
     """Evaluate every this many steps (0: only at the end)."""
     show_samples: int = 4
@@ -105,6 +111,7 @@ class TrainConfig:
     loss: str = "linear_cross_entropy"
     """fusetune.apply's loss: linear_cross_entropy | cross_entropy."""
     dataloader_workers: int = 0
+    """Data-loading worker processes (0: load in the training process)."""
 
 
 # The embedded default: the offline demo, sized to train on a laptop CPU in about a minute.
@@ -395,25 +402,177 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def describe() -> str:
-    """One line per config key: name, default, meaning (for ``fusetune train --help``)."""
+def _key_docs(cls) -> dict[str, str]:
+    """The docstring under each field of ``cls`` (read from its source), on one line."""
     import ast
     import inspect
 
-    lines = []
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs: dict[str, str] = {}
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and i + 1 < len(body):
+            nxt = body[i + 1]
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _hint_name(hint: Any) -> str:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    names = []
+    for option in options:
+        if typing.get_origin(option) is list:
+            names.append(f"list[{_hint_name(typing.get_args(option)[0])}]")
+        else:
+            names.append(getattr(option, "__name__", str(option)))
+    return " | ".join(names)
+
+
+def _show(value: Any) -> str:
+    """A default as it is written in YAML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, list)):
+        return json.dumps(value)
+    return repr(value)
+
+
+def config_keys() -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, meaning)`` for every config key: the one source of ``fusetune train
+    --help`` and docs/train.md (nested keys as ``lora.r``; defaults are the dataclass defaults, those
+    a config file falls back on)."""
+    rows = []
     for cls, prefix in ((TrainConfig, ""), (LoraSettings, "lora.")):
-        source = inspect.getsource(cls)
-        tree = ast.parse(source).body[0]
-        docs: dict[str, str] = {}
-        body = tree.body
-        for i, node in enumerate(body):
-            if isinstance(node, ast.AnnAssign) and i + 1 < len(body):
-                nxt = body[i + 1]
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
-        defaults = to_dict(cls()) if cls is LoraSettings else to_dict(TrainConfig())
+        docs, hints, defaults = _key_docs(cls), _hints(cls), to_dict(cls())
         for name in _fields(cls):
-            if name == "lora":
+            if dataclasses.is_dataclass(hints[name]):
                 continue
-            lines.append(f"  {prefix + name:<32} {defaults[name]!r:<22} {docs.get(name, '')}")
-    return "\n".join(lines)
+            rows.append((prefix + name, _hint_name(hints[name]), _show(defaults[name]), docs.get(name, "")))
+    return rows
+
+
+def describe() -> str:
+    """One line per config key: name, type, default, meaning (for ``fusetune train --help``)."""
+    return "\n".join(
+        f"  {key:<31} {kind:<15} {default:<23} {doc}" for key, kind, default, doc in config_keys()
+    )
+
+
+EXAMPLE_YAML = """\
+# LoRA on Qwen2.5-VL-7B-Instruct from a JSONL file of chat messages with images.
+model: Qwen/Qwen2.5-VL-7B-Instruct
+dataset: data/train.jsonl        # image paths in it are relative to data/
+eval_split: 0.05
+lora:
+  r: 16
+  alpha: 32
+  target_modules: all-linear
+  finetune_vision_layers: false
+load_in_4bit: false
+gradient_checkpointing: on
+max_seq_length: 2048
+max_pixels: 602112               # 784 x 768; larger images are resized down
+batch_size: 2
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+lr_scheduler: cosine
+warmup: 0.03
+epochs: 2
+output_dir: runs/qwen25vl-7b-lora
+save_steps: 200
+save_merged: true
+"""
+
+EXAMPLE_SAMPLE = {
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "images/0001.png"},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        },
+        {"role": "assistant", "content": "A red circle in the top left."},
+    ]
+}
+
+DATA_FORMATS = """\
+Every source becomes the same samples: a list of chat `messages`, each with a `role` (system, user
+or assistant) and a `content` that is a string or a list of parts (`{"type": "text", "text": ...}`
+or `{"type": "image", "image": ...}`). Only the assistant answers are learned; each sample needs at
+least one.
+
+- **A JSONL file** (`dataset: data/train.jsonl`), one sample a line:
+
+  ```json
+  SAMPLE_LINE
+  ```
+
+  An image path is relative to the JSONL file's folder, or absolute. TRL-style rows work too:
+  `{"type": "image"}` placeholders filled in order from the row's `"images"` list.
+- **A folder of images with one JSONL file** (`dataset: data/`): the folder's only `.jsonl` file
+  (or, among several, `data.jsonl`, `train.jsonl` or `metadata.jsonl`), in the format above, its
+  image paths relative to the folder.
+- **A `datasets` hub name** (`dataset: user/name`, with `dataset_split`): rows with a `messages`
+  column as above (and optionally `images`: PIL images, `{"bytes": ...}` or paths). Needs
+  `pip install datasets`.
+- **A folder saved with `datasets`' `save_to_disk`** (`dataset: path/to/saved`): a `Dataset` or a
+  `DatasetDict` (its `dataset_split` is used), rows as for a hub name.
+- **`demo`**: the synthetic shapes data set of the offline demo (`demo_samples` samples).
+
+`eval_split` holds out a fraction of the samples (`0.05`), or names a split of the same `datasets`
+source (`validation`), or a path to a second source.
+""".replace("SAMPLE_LINE", json.dumps(EXAMPLE_SAMPLE))
+
+
+def render_docs() -> str:
+    """The text of docs/train.md (``python -m fusetune.train.config > docs/train.md``)."""
+    table = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, kind, default, doc in config_keys():
+        cells = (f"`{key}`", f"`{kind}`", f"`{default}`", doc)
+        table.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(
+        [
+            "# fusetune train",
+            "",
+            "<!-- Generated by `python -m fusetune.train.config > docs/train.md` from",
+            "     fusetune/train/config.py; edit there, not here (a test checks they agree). -->",
+            "",
+            "```",
+            "fusetune train [CONFIG.yaml] [--key value ...]",
+            "```",
+            "",
+            "LoRA fine-tuning of a vision-language model (or a text-only causal LM) from a YAML config.",
+            "Command-line overrides win over the file, and the file over the defaults below; a nested",
+            "key is written with a dot (`--lora.r 8`), and a bare flag means true (`--resume`). With",
+            "no config file the embedded demo config runs (a tiny Qwen2-VL trained offline on the CPU).",
+            "",
+            "## Example",
+            "",
+            "```yaml",
+            EXAMPLE_YAML.rstrip("\n"),
+            "```",
+            "",
+            "## Data formats",
+            "",
+            DATA_FORMATS.rstrip("\n"),
+            "",
+            "## Config keys",
+            "",
+            "The same table as `fusetune train --help`. Defaults apply to keys a config file leaves out.",
+            "",
+            *table,
+            "",
+            "## Validation",
+            "",
+            "The config is checked before anything loads: an unknown key, a value of the wrong type",
+            "or out of range (a choice not listed above, a count below 1, a fraction outside [0, 1))",
+            "stops the run with one line, `fusetune: error: ...`, naming the key and what to write",
+            "instead, and exit status 2.",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    print(render_docs(), end="")

@@ -13,7 +13,7 @@ import torch
 
 import fusetune
 from fusetune.train import demo
-from fusetune.train.collator import IGNORE, ChatCollator, response_markers
+from fusetune.train.collator import IGNORE, ChatCollator, response_markers, turn_markers
 
 # Llama 3 style: the template writes <|begin_of_text|> itself; images are one <|image|> token.
 MLLAMA_TEMPLATE = (
@@ -46,6 +46,8 @@ LLAVA_TEMPLATE = (
     "{% endfor %}{% endif %}{% if message['role'] == 'assistant' %}</s>{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# Llava 1.5 as it is often written: no end marker after an answer, the next "USER:" follows it.
+LLAVA_OPEN_TEMPLATE = LLAVA_TEMPLATE.replace("</s>", "")
 LLAVA_SPECIAL = ("<s>", "</s>", "<image>", "<pad>", "<unk>")
 LLAVA_WORDS = (*demo.WORDS, "USER", "ASSISTANT", ":")
 
@@ -66,12 +68,12 @@ def mllama_processor():
     return MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
 
 
-def llava_processor():
+def llava_processor(template: str = LLAVA_TEMPLATE):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = demo.word_tokenizer(
-        LLAVA_SPECIAL, LLAVA_WORDS, LLAVA_TEMPLATE, pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+        LLAVA_SPECIAL, LLAVA_WORDS, template, pad_token="<pad>", eos_token="</s>", bos_token="<s>"
     )
     images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     # 28 x 28 pixels in 14-pixel patches: 4 patches + CLS, the CLS dropped ("default") = 4 tokens.
@@ -81,7 +83,7 @@ def llava_processor():
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
+        chat_template=template,
     )
 
 
@@ -287,3 +289,96 @@ def test_generation_prompt(build):
     ids = inputs["input_ids"][0].tolist()
     assert ids[-len(collator.header_ids) :] == collator.header_ids  # ends on the assistant header
     assert ids.count(processor.tokenizer.bos_token_id) <= 1
+
+
+def _two_turns(first: str, second: str) -> dict:
+    sample = _sample(first)
+    sample["messages"] += [
+        {"role": "user", "content": [{"type": "text", "text": "what is the shape ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": second}]},
+    ]
+    return sample
+
+
+def test_llava_without_end_marker_markers():
+    processor = llava_processor(LLAVA_OPEN_TEMPLATE)
+    markers = turn_markers(processor)
+    assert (markers.header, markers.end, markers.closed, markers.next_header) == (
+        "ASSISTANT:",
+        "</s>",  # the EOS token, which the template does not write: the collator appends it
+        False,
+        "USER:",
+    )
+    assert turn_markers(llava_processor()).closed  # the template with </s> closes its answers itself
+    assert ChatCollator(llava_processor(), 64).append_eos is False
+
+
+def test_llava_without_end_marker_single_turn_learns_to_stop():
+    processor = llava_processor(LLAVA_OPEN_TEMPLATE)
+    collator = ChatCollator(processor, max_seq_length=64, max_pixels=112 * 112)
+    assert collator.append_eos
+    batch = collator([_sample("a red circle ."), _sample("a blue square in the top left .")])
+    tokens = [processor.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"]]
+    prompt = ["USER", ":", *["<image>"] * 4, "\n", "describe", "the", "image", ".", "ASSISTANT", ":"]
+    assert tokens[0][:18] == [*prompt, "a", "red", "circle", ".", "</s>"]
+    labels = batch["labels"]
+    assert (labels[0] != IGNORE).nonzero().flatten().tolist() == list(range(13, 18))  # answer + </s>
+    assert (labels[1] != IGNORE).nonzero().flatten().tolist() == list(range(13, 22))
+    assert _learned(processor, batch, 0) == ["a", "red", "circle", ".", "</s>"]
+    assert torch.equal(labels[1, 13:22], batch["input_ids"][1, 13:22])
+    assert tokens[0][18:] == ["<pad>"] * 4 and (labels[0, 18:] == IGNORE).all()
+
+
+def test_llava_without_end_marker_two_turns():
+    processor = llava_processor(LLAVA_OPEN_TEMPLATE)
+    collator = ChatCollator(processor, max_seq_length=64, max_pixels=112 * 112)
+    batch = collator([_two_turns("a red circle .", "a circle ."), _sample("a blue square .")])
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    assert tokens[13:] == [
+        *["a", "red", "circle", ".", "</s>"],  # 13-17: first answer + EOS
+        *["USER", ":", "what", "is", "the", "shape", "?"],  # 18-24: the second user turn
+        *["ASSISTANT", ":"],  # 25-26
+        *["a", "circle", ".", "</s>"],  # 27-30: second answer + EOS
+    ]
+    labels = batch["labels"]
+    kept = (labels[0] != IGNORE).nonzero().flatten().tolist()
+    assert kept == [13, 14, 15, 16, 17, 27, 28, 29, 30]
+    assert (labels[0, 18:27] == IGNORE).all()  # the second user turn and its header are not learned
+    assert _learned(processor, batch, 0) == ["a", "red", "circle", ".", "</s>", "a", "circle", ".", "</s>"]
+    assert (labels[1] != IGNORE).nonzero().flatten().tolist() == list(range(13, 18))  # answer + </s>
+    assert (labels[1, 18:] == IGNORE).all()  # padding
+    # Without the appended EOS (text rendered by the template alone), a span still stops at "USER:".
+    text = processor.apply_chat_template(
+        [
+            {"role": "user", "content": [{"type": "text", "text": "describe the image ."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red circle ."}]},
+            {"role": "user", "content": [{"type": "text", "text": "what is the shape ?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a circle ."}]},
+        ],
+        tokenize=False,
+    )
+    ids = processor.tokenizer([text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    raw = collator.mask(ids, torch.ones_like(ids))
+    learned = processor.tokenizer.convert_ids_to_tokens(ids[0][raw[0] != IGNORE])
+    assert learned == ["a", "red", "circle", ".", "a", "circle", "."]
+
+
+def test_llava_without_end_marker_generation_prompt():
+    processor = llava_processor(LLAVA_OPEN_TEMPLATE)
+    collator = ChatCollator(processor, max_seq_length=64, max_pixels=112 * 112)
+    inputs, truth = collator.prompt(_two_turns("a red circle .", "a circle ."))
+    assert truth == "a circle ."
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    # Earlier answers end in EOS as in training; the prompt ends on the assistant header.
+    assert tokens[13:] == [
+        *["a", "red", "circle", ".", "</s>"],
+        *["USER", ":", "what", "is", "the", "shape", "?"],
+        *["ASSISTANT", ":"],
+    ]
+
+
+def test_llava_without_end_marker_trains_a_tiny_model():
+    processor = llava_processor(LLAVA_OPEN_TEMPLATE)
+    collator = ChatCollator(processor, max_seq_length=64, max_pixels=112 * 112)
+    batch = collator([_two_turns("a red circle .", "a circle ."), _sample("a blue square .")])
+    _train_step(llava_model(processor), batch)
