@@ -12,7 +12,16 @@ peft = pytest.importorskip("peft")
 
 import fusetune  # noqa: E402
 from fusetune.nn import FusedGatedMLP, FusedRMSNorm  # noqa: E402
-from tests.patch.checks import assert_close, assert_same_gradients, loss_and_backward  # noqa: E402
+from tests.patch.checks import (  # noqa: E402
+    assert_close,
+    assert_micro_batches_equal_one_batch,
+    assert_other_instance_untouched,
+    assert_same_gradients,
+    assert_same_greedy_tokens,
+    assert_same_loss_curve,
+    assert_save_and_load_round_trip,
+    loss_and_backward,
+)
 from tests.patch.models import TEXT_ARCHITECTURES, batch, tiny_model  # noqa: E402
 
 ARCHS = list(TEXT_ARCHITECTURES)
@@ -64,30 +73,13 @@ def test_report_lists_what_was_patched(arch):
 def test_adamw_loss_curve_matches(arch):
     """20 AdamW steps on fresh batches: every step's loss within 1e-3 (relative) of the original's."""
     model, reference, _ = _pair(arch)
-    curves = []
-    for m in (model, reference):
-        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        curve = []
-        for step in range(20):
-            optimizer.zero_grad()
-            curve.append(loss_and_backward(m, **batch(seed=step)))
-            optimizer.step()
-        curves.append(torch.stack(curve))
-    step_error = ((curves[0] - curves[1]).abs() / curves[1].abs()).max().item()
-    assert step_error <= 1e-3, f"loss curves differ by up to {step_error:.2e} (relative) at some step"
+    assert_same_loss_curve(model, reference, lambda step: batch(seed=step))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_num_items_in_batch_micro_batches_equal_one_batch(arch):
     model, reference, _ = _pair(arch)
-    micro = [batch(seed=1), batch(seed=2)]
-    items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    model.zero_grad()
-    total = sum(model(**b, num_items_in_batch=torch.tensor(items)).loss for b in micro)
-    total.backward()
-    big = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
-    assert_close(total.detach(), loss_and_backward(reference, **big), "accumulated loss")
-    assert_same_gradients(model, reference)
+    assert_micro_batches_equal_one_batch(model, reference, [batch(seed=1), batch(seed=2)])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -122,24 +114,14 @@ def test_apply_before_get_peft_model():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_and_load_round_trip(arch, tmp_path):
     model, reference, _ = _pair(arch)
-    assert list(model.state_dict()) == list(reference.state_dict())
-    model.save_pretrained(tmp_path)
-    loaded = type(reference).from_pretrained(tmp_path)
-    assert list(loaded.state_dict()) == list(reference.state_dict())
-    expected = reference.state_dict()
-    for name, value in loaded.state_dict().items():
-        assert torch.equal(value, expected[name]), name
+    assert_save_and_load_round_trip(model, reference, tmp_path, batch())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_matches(arch):
     model, reference, _ = _pair(arch)
-    prompt = batch()["input_ids"][:1, :5]
-    tokens = [
-        m.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
-        for m in (model, reference)
-    ]
-    assert torch.equal(tokens[0], tokens[1])
+    ids = batch()["input_ids"][:1, :5]
+    assert_same_greedy_tokens(model, reference, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -150,3 +132,8 @@ def test_gradient_checkpointing_matches(arch):
     inputs = batch()
     assert_close(loss_and_backward(model, **inputs), loss_and_backward(reference, **inputs), "loss")
     assert_same_gradients(model, reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_second_instance_is_untouched(arch):
+    assert_other_instance_untouched(lambda: tiny_model(arch, attn=_attn(arch)), fusetune.apply, batch())

@@ -1,9 +1,13 @@
 """Vision-language models: a patched tiny VLM trains exactly like its unpatched deep copy.
 
-For each architecture (``tests/patch/vlm_models.py``): the report lists the vision tower's and the
-language model's norms and gated MLPs as patched and the ungated vision MLPs as left alone; with
-images in the batch and the image tokens' labels at -100, the fused loss (which never makes the
-logits) and every parameter gradient equal the original forward's.
+For each architecture (``tests/patch/vlm_models.py``), always with images in the batch: the report
+lists the vision tower's and the language model's norms and gated MLPs as patched and the ungated
+vision MLPs as left alone; with the image tokens' labels at -100, the fused loss (which never makes
+the logits) and every parameter gradient equal the original forward's, with eager and sdpa
+attention and with gradient checkpointing; 20 AdamW steps give the same loss curve; two
+micro-batches with ``num_items_in_batch`` equal one batch; a LoRA model matches; save / load
+round-trips; greedy generation with an image gives the same tokens; a second instance is untouched.
+The checks shared with the text architectures live in ``tests/patch/checks.py``.
 """
 
 from __future__ import annotations
@@ -18,14 +22,23 @@ from torch import nn
 import fusetune
 from fusetune.nn import FusedGatedMLP, FusedLayerNorm, FusedRMSNorm
 from fusetune.patch.glu import UNGATED_REASON
-from tests.patch.checks import RTOL, assert_close
-from tests.patch.vlm_models import VLMS, tiny_vlm, vlm_batch
+from tests.patch.checks import (
+    assert_close,
+    assert_micro_batches_equal_one_batch,
+    assert_other_instance_untouched,
+    assert_same_gradients,
+    assert_same_greedy_tokens,
+    assert_same_loss_curve,
+    assert_save_and_load_round_trip,
+)
+from tests.patch.vlm_models import IMAGE, VLMS, split_rows, tiny_vlm, vlm_batch, vlm_prompt
 
 ARCHS = list(VLMS)
 # The attention key bias has an exactly zero gradient (softmax ignores a shift shared by all keys),
 # so both models hold only rounding noise there: gradients are compared relative to the larger of
-# their own norm and this fraction of the largest gradient norm in the model.
-_GRAD_FLOOR = 1e-6
+# their own norm and this fraction of the largest gradient norm in the model. (CLIP's k_proj.bias
+# noise reaches ~2e-10 of the largest with sdpa and in the micro-batch sum, hence 1e-5.)
+_GRAD_FLOOR = 1e-5
 
 
 def _pair(arch: str, attn: str = "eager", **overrides):
@@ -44,18 +57,7 @@ def _run(model: nn.Module, **inputs):
 
 
 def _assert_same_gradients(model: nn.Module, reference: nn.Module) -> None:
-    ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    theirs = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    assert ours.keys() == theirs.keys()
-    largest = max(float(g.norm()) for g in theirs.values() if g is not None)
-    for name, grad in ours.items():
-        expected = theirs[name]
-        assert (grad is None) == (expected is None), name
-        if grad is None:
-            continue
-        scale = max(float(expected.double().norm()), _GRAD_FLOOR * largest)
-        error = float((grad.double() - expected.double()).norm()) / scale
-        assert error <= RTOL, f"grad of {name}: relative error {error:.2e} > {RTOL:.0e}"
+    assert_same_gradients(model, reference, floor=_GRAD_FLOOR)
 
 
 def _assert_training_matches(model, reference, inputs) -> None:
@@ -69,15 +71,17 @@ def _assert_training_matches(model, reference, inputs) -> None:
     assert {k for k, v in out.items() if v is not None} == present
 
 
-@pytest.mark.parametrize(
-    "arch,attn", [(a, "eager") for a in ARCHS] + [(a, "sdpa") for a in ("qwen2_5_vl", "gemma3")]
-)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_loss_and_gradients_match(arch, attn):
     # Gemma 3's text config sets final_logit_softcapping (0.2), which Gemma3ForConditionalGeneration
     # does not apply (Gemma3ForCausalLM does): a soft-capped fused loss would differ here.
+    # transformers 5.24 takes attn_implementation="sdpa" for every tower of all seven (set on the
+    # top config, it reaches the vision and text sub-configs): checked below, so none is skipped.
     model, reference, _ = _pair(arch, attn)
+    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {attn}
     inputs = vlm_batch(arch)
-    assert (inputs["labels"][inputs["input_ids"] == 150] == -100).all()
+    assert (inputs["labels"][inputs["input_ids"] == IMAGE] == -100).all()
     _assert_training_matches(model, reference, inputs)
 
 
@@ -148,39 +152,58 @@ def test_peft_lora_on_the_language_model_matches(arch):
     _assert_same_gradients(lora, lora_reference)
 
 
-def test_qwen2_5_vl_num_items_in_batch_micro_batches_equal_one_batch():
-    model, reference, _ = _pair("qwen2_5_vl")
-    micro = [vlm_batch("qwen2_5_vl", seed=1), vlm_batch("qwen2_5_vl", seed=2)]
-    items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    model.zero_grad()
-    total = sum(model(**b, num_items_in_batch=torch.tensor(items)).loss for b in micro)
-    total.backward()
-    big = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
-    expected = _run(reference, **big).loss
-    assert_close(total.detach(), expected, "accumulated loss")
-    _assert_same_gradients(model, reference)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_num_items_in_batch_micro_batches_equal_one_batch(arch):
+    """The batch's two rows as micro-batches (an image each, different label counts), each loss
+    scaled by the items of both, sum to the loss of the whole batch (Qwen's flattened patches and
+    grids concatenate back along dim 0 as well)."""
+    model, reference, _ = _pair(arch)
+    micro = split_rows(vlm_batch(arch, seed=1))
+    assert_micro_batches_equal_one_batch(model, reference, micro, floor=_GRAD_FLOOR)
 
 
-def test_qwen2_5_vl_greedy_generate_with_an_image_matches():
-    model, reference, _ = _pair("qwen2_5_vl")
-    inputs = vlm_batch("qwen2_5_vl")
-    t, h, w = inputs["image_grid_thw"][0].tolist()
-    prompt = {
-        "input_ids": inputs["input_ids"][:1],
-        "attention_mask": inputs["attention_mask"][:1],
-        "mm_token_type_ids": inputs["mm_token_type_ids"][:1],
-        "pixel_values": inputs["pixel_values"][: t * h * w],
-        "image_grid_thw": inputs["image_grid_thw"][:1],
-    }
-    tokens = [m.eval().generate(**prompt, max_new_tokens=4, do_sample=False) for m in (model, reference)]
-    assert torch.equal(tokens[0], tokens[1])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adamw_loss_curve_matches(arch):
+    """20 AdamW steps (zero_grad each), a fresh one-row batch with its image each step (rows 0 and
+    1 in turn, to keep the interpreted kernels' time down): every step's loss within 1e-3
+    (relative) of the unpatched model's.
+
+    At lr 1e-3: at the text tests' 1e-2 these tiny VLMs do not train (the loss rises) and their
+    trajectories are chaotic, so the first step's ~1e-7 rounding difference doubles about every
+    step (Llava: 1e-7 at step 1, 4e-3 at step 20; two unpatched Llavas, eager against sdpa,
+    differ by 5e-3 too); at 1e-3 the loss falls and the curves stay within ~1e-6.
+    """
+    model, reference, _ = _pair(arch)
+    rows = lambda step: split_rows(vlm_batch(arch, seed=step))[step % 2]  # noqa: E731
+    assert_same_loss_curve(model, reference, rows, lr=1e-3)
 
 
-def test_mllama_gradient_checkpointing_matches():
-    model, reference, _ = _pair("mllama")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_and_load_round_trip(arch, tmp_path):
+    """save_pretrained of the patched model, from_pretrained of the original class: the same keys,
+    values, and eval logits and loss on a batch with images."""
+    model, reference, _ = _pair(arch)
+    assert_save_and_load_round_trip(model, reference, tmp_path, vlm_batch(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_with_an_image_matches(arch):
+    model, reference, _ = _pair(arch)
+    assert_same_greedy_tokens(model, reference, vlm_prompt(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_second_instance_is_untouched(arch):
+    assert_other_instance_untouched(lambda: tiny_vlm(arch), fusetune.apply, vlm_batch(arch))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_matches(arch):
+    model, reference, _ = _pair(arch)
     for m in (model, reference):
         m.gradient_checkpointing_enable()
-    _assert_training_matches(model, reference, vlm_batch("mllama"))
+    assert model.is_gradient_checkpointing
+    _assert_training_matches(model, reference, vlm_batch(arch))
 
 
 def test_mllama_for_causal_lm_matches():

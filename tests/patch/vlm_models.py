@@ -299,3 +299,28 @@ def tiny_vlm(arch: str, attn: str = "eager", seed: int = 0, **overrides) -> torc
 
 def vlm_batch(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return VLMS[arch].batch(seed)
+
+
+
+def split_rows(inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """One batch of one row for each row of ``inputs`` (its padding kept): concatenated along dim 0
+    they give ``inputs`` back. Qwen's flattened patches are cut at each row's ``t*h*w``; every
+    other tensor has the batch first."""
+    rows = []
+    for row in range(inputs["input_ids"].shape[0]):
+        one = {key: value[row : row + 1] for key, value in inputs.items()}
+        if "image_grid_thw" in inputs:
+            sizes = inputs["image_grid_thw"].prod(-1).tolist()
+            start = sum(sizes[:row])
+            one["pixel_values"] = inputs["pixel_values"][start : start + sizes[row]]
+        rows.append(one)
+    return rows
+
+
+def vlm_prompt(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Row 0 of ``vlm_batch`` (its image included) as a ``generate`` prompt: no labels. Row 0 is the
+    longest, so it carries no padding."""
+    prompt = split_rows(vlm_batch(arch, seed))[0]
+    del prompt["labels"]
+    assert bool(prompt["attention_mask"].all())
+    return prompt
