@@ -8,10 +8,19 @@ from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from fusetune.ops.glu import geglu, geglu_reference, swiglu, swiglu_reference
 from fusetune.ops.layer_norm import layer_norm, layer_norm_reference
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fusetune.ops.lora import (
+    LoraWeights,
+    lora_glu_mlp,
+    lora_glu_mlp_reference,
+    lora_linear,
+    lora_linear_reference,
+)
+from fusetune.ops.nf4 import dequantize_nf4, dequantize_nf4_reference
 from fusetune.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from fusetune.ops.rope import rope, rope_reference
 
 __all__ = [
+    "LoraWeights",
     "add_rms_norm",
     "add_rms_norm_reference",
     "cross_entropy",
@@ -22,6 +31,12 @@ __all__ = [
     "layer_norm_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "lora_glu_mlp",
+    "lora_glu_mlp_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "dequantize_nf4",
+    "dequantize_nf4_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope",

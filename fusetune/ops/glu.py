@@ -1,12 +1,14 @@
 """Gated linear units of the MLP block: ``swiglu(gate, up) = silu(gate) * up`` and
 ``geglu(gate, up, approximate) = gelu(gate, approximate) * up``.
 
-One elementwise kernel pair serves both; the activation is a constexpr (0: SiLU, 1: tanh-GELU,
-2: erf-GELU). Work is split into flat 1-D blocks with int64 offsets. Inputs whose rows are
+One elementwise kernel pair serves both; the activation is a constexpr (``ACTIVATIONS``: silu,
+gelu_tanh, gelu). Work is split into flat 1-D blocks with int64 offsets. Inputs whose rows are
 strided (e.g. ``gate, up = gate_up.chunk(2, dim=-1)``) are read in place: the kernel maps a flat
 index to (row, col) and uses each input's row stride. The forward saves only gate and up; the
 backward recomputes the activation and its derivative from gate. All maths is float32, each
-output is rounded once to the input dtype.
+output is rounded once to the input dtype. ``glu_forward_into`` / ``glu_backward_into`` launch
+the same kernels into caller-owned buffers (the fused LoRA MLP recomputes its activations with
+them).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from fusetune.ops._launch import as_rows, check_float, triton, use_triton
 if triton is not None:
     import triton.language as tl
 
-_SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
-_GELU_APPROXIMATIONS = {"tanh": _GELU_TANH, "none": _GELU_ERF}
+# Activation name (the keys of fusetune.nn.glu.GLU_OPS) -> the kernels' ACTIVATION constexpr.
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+# geglu's ``approximate`` argument -> activation name.
+_GELU_APPROXIMATIONS = {"tanh": "gelu_tanh", "none": "gelu"}
 
 _BLOCK = 4096
 _NUM_WARPS = 8
@@ -39,7 +43,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor, op: str) -> None:
         )
 
 
-def _activation_code(approximate: str) -> int:
+def _gelu_activation(approximate: str) -> str:
     if approximate not in _GELU_APPROXIMATIONS:
         raise ValueError(
             f"fusetune.geglu: approximate must be 'tanh' or 'none', got {approximate!r}."
@@ -60,7 +64,7 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor,
                     approximate: str = "tanh") -> torch.Tensor:
     """gelu(gate, approximate) * up in float32, returned in the input dtype."""
     _check(gate, up, "geglu")
-    _activation_code(approximate)
+    _gelu_activation(approximate)
     return (F.gelu(gate.float(), approximate=approximate) * up.float()).to(gate.dtype)
 
 
@@ -161,19 +165,53 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, _BLOCK),)
 
 
+def glu_forward_into(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    """Launch the forward kernel: ``out = act(gate) * up``, written into the given buffer.
+
+    gate, up: 2-D rows of one shape and dtype, unit column stride, any row stride (``as_rows``);
+    out: contiguous with the same number of elements, any float dtype. activation: a key of
+    ``ACTIVATIONS``. For callers that manage their own buffers (the fused LoRA MLP).
+    """
+    n = gate.numel()
+    if n:
+        _glu_forward_kernel[_grid(n)](
+            gate, up, out, n, gate.shape[1], gate.stride(0), up.stride(0),
+            ACTIVATION=ACTIVATIONS[activation], STRIDED=_strided(gate, up),
+            BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        )
+
+
+def glu_backward_into(
+    dgate: torch.Tensor,
+    dup: torch.Tensor,
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: str,
+) -> None:
+    """Launch the backward kernel: ``dgate = grad * up * act'(gate)``, ``dup = grad * act(gate)``.
+
+    grad, gate, up: 2-D rows as in :func:`glu_forward_into`; dgate, dup: contiguous, same number
+    of elements. ``dup`` (or ``dgate``) may be ``grad`` itself when grad is contiguous: each
+    element is read before it is written, by the same program, so the gradient can overwrite the
+    incoming gradient in place and save a buffer.
+    """
+    n = gate.numel()
+    if n:
+        _glu_backward_kernel[_grid(n)](
+            grad, gate, up, dgate, dup, n, gate.shape[1],
+            grad.stride(0), gate.stride(0), up.stride(0),
+            ACTIVATION=ACTIVATIONS[activation], STRIDED=_strided(grad, gate, up),
+            BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        )
+
+
 class _GLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
         gate_rows, up_rows = _rows(gate), _rows(up)
         out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        n = gate.numel()
-        if n:
-            _glu_forward_kernel[_grid(n)](
-                gate_rows, up_rows, out, n, gate_rows.shape[1],
-                gate_rows.stride(0), up_rows.stride(0),
-                ACTIVATION=activation, STRIDED=_strided(gate_rows, up_rows),
-                BLOCK=_BLOCK, num_warps=_NUM_WARPS,
-            )
+        glu_forward_into(out, gate_rows, up_rows, activation)
         ctx.save_for_backward(gate_rows, up_rows)
         ctx.activation = activation
         ctx.shape = gate.shape
@@ -183,17 +221,9 @@ class _GLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         gate_rows, up_rows = ctx.saved_tensors
-        grad_rows = _rows(grad_out)
         dgate = torch.empty(ctx.shape, dtype=gate_rows.dtype, device=gate_rows.device)
         dup = torch.empty_like(dgate)
-        n = dgate.numel()
-        if n:
-            _glu_backward_kernel[_grid(n)](
-                grad_rows, gate_rows, up_rows, dgate, dup, n, gate_rows.shape[1],
-                grad_rows.stride(0), gate_rows.stride(0), up_rows.stride(0),
-                ACTIVATION=ctx.activation, STRIDED=_strided(grad_rows, gate_rows, up_rows),
-                BLOCK=_BLOCK, num_warps=_NUM_WARPS,
-            )
+        glu_backward_into(dgate, dup, _rows(grad_out), gate_rows, up_rows, ctx.activation)
         return (
             dgate if ctx.needs_input_grad[0] else None,
             dup if ctx.needs_input_grad[1] else None,
@@ -211,7 +241,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_float("gate", gate)
     if not use_triton(gate, up):
         return swiglu_reference(gate, up)
-    return _GLU.apply(gate, up, _SILU)
+    return _GLU.apply(gate, up, "silu")
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -221,7 +251,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     else raises ValueError. Otherwise as :func:`swiglu`.
     """
     _check(gate, up, "geglu")
-    activation = _activation_code(approximate)
+    activation = _gelu_activation(approximate)
     check_float("gate", gate)
     if not use_triton(gate, up):
         return geglu_reference(gate, up, approximate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fusetune.patch.glu import glu_rule
+from fusetune.patch.lora import patch_lora
 from fusetune.patch.loss import LOSS_MODES, patch_loss, unsupported_reason
 from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
 from fusetune.patch.report import PatchReport
@@ -31,6 +32,7 @@ def apply(
     layer_norm: bool = True,
     rope: bool = True,
     glu: bool = True,
+    lora: bool = True,
     loss: str | None = "linear_cross_entropy",
 ) -> PatchReport:
     """Patch one loaded transformers model (or PEFT model) in place with fusetune's fused parts.
@@ -39,7 +41,9 @@ def apply(
     names (state_dict keys, PEFT adapters and optimiser state are unaffected), attention modules
     whose rotary function is verified get an instance ``forward`` calling fusetune's rope, and
     with ``loss`` set, the model instance's ``forward`` computes the training loss without
-    materialising logits. Only this instance changes: no class, module global or
+    materialising logits. With ``lora``, PEFT LoRA attention projections and gated MLPs run as
+    fused autograd functions (q, k, v in one pass; gate, up, activation and down in one), also
+    over 4-bit (bitsandbytes NF4) base weights. Only this instance changes: no class, module global or
     ``torch.nn.functional`` is touched. Each switch turns one kind off; ``loss`` is
     "linear_cross_entropy", "cross_entropy" or None.
 
@@ -52,8 +56,11 @@ def apply(
     if existing is not None and not existing.undone:
         raise RuntimeError("fusetune: this model is already patched; call fusetune.unapply(model) first.")
     report = PatchReport()
-    switches = {"rms_norm": rms_norm, "layer_norm": layer_norm, "glu": glu, "rope": rope, "loss": loss}
+    switches = {"rms_norm": rms_norm, "layer_norm": layer_norm, "glu": glu, "rope": rope, "lora": lora,
+                "loss": loss}
     report.switched_off = {kind for kind, on in switches.items() if not on}
+    if lora:  # first, so the LoRA MLPs become FusedLoraMLP before the plain GLU rule sees them
+        patch_lora(model, report)
     rules = [rule for kind, rule in (("rms_norm", rms_norm_rule), ("layer_norm", layer_norm_rule),
                                      ("glu", glu_rule), ("rope", rope_rule)) if switches[kind]]
     for name, module in list(model.named_modules()):

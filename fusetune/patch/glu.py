@@ -63,7 +63,9 @@ def _forward_matches(module: nn.Module, activation: str, device: torch.device) -
     width = getattr(first, "in_features", None)
     if width is None:
         return False
-    dtype = next(first.parameters()).dtype
+    dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return False
     x = probe_input(width, dtype, device)
     with eval_mode(module):
         gate, up = _gate_up(module, x)

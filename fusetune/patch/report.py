@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-KINDS = ("rms_norm", "layer_norm", "glu", "rope", "loss")
+KINDS = ("rms_norm", "layer_norm", "glu", "rope", "lora", "loss")
 
 
 @dataclass

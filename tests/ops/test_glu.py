@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fusetune.nn.glu import GLU_OPS
 from fusetune.ops import glu as glu_module
 from fusetune.ops._launch import use_triton
-from fusetune.ops.glu import geglu, geglu_reference, swiglu, swiglu_reference
+from fusetune.ops.glu import (
+    ACTIVATIONS,
+    geglu,
+    geglu_reference,
+    glu_backward_into,
+    glu_forward_into,
+    swiglu,
+    swiglu_reference,
+)
 from tests.ops import checks
 
 # name -> (fused op, reference, float64 maths from torch.nn.functional)
@@ -123,6 +134,30 @@ def test_dispatch():
 def test_empty():
     gate = torch.randn(0, 8, device=checks.DEVICE)
     assert swiglu(gate, gate.clone()).shape == (0, 8)
+
+
+def test_activation_names_match_the_module():
+    assert set(ACTIVATIONS) == set(GLU_OPS)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_launchers_into_buffers(activation):
+    """glu_forward_into / glu_backward_into on row-strided halves of a gate_up output, with dup
+    written over the incoming gradient in place, vs float64 maths."""
+    if not use_triton(torch.empty(0, device=checks.DEVICE)):
+        pytest.skip("the launchers run the Triton kernels")
+    maths = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
+    gen = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(7, 186, generator=gen) * 3).to(checks.DEVICE).chunk(2, dim=-1)
+    grad = torch.randn(7, 93, generator=gen).to(checks.DEVICE)
+    exact = run(lambda g, u: maths[activation](g) * u, gate, up, grad, cast=torch.Tensor.double)
+
+    out = torch.empty(7, 93, device=checks.DEVICE)
+    glu_forward_into(out, gate, up, activation)
+    dgate, dup = torch.empty_like(out), grad.clone()
+    glu_backward_into(dgate, dup, dup, gate, up, activation)
+    for name, o, e in zip(("out", "dgate", "dup"), (out, dgate, dup), exact, strict=True):
+        checks.assert_close_to_float64(o, e, torch.float32, f"{activation} {name}")
 
 
 def test_block_is_flat_and_large():

@@ -1,0 +1,76 @@
+"""Fused LoRA modules: a PEFT LoRA projection (or a plain frozen linear layer) read as fused-op weights,
+and ``FusedLoraMLP``, the gated MLP of a LoRA model computed by one fused autograd function.
+
+PEFT's flags can change after patching (``with model.disable_adapter()``, ``merge_adapter()``,
+``set_adapter([...])``), so every forward reads them again through ``projection_weights``, and a
+projection that is off the fast path at that moment runs PEFT's own code instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusetune.nn.glu import FusedGatedMLP
+from fusetune.ops.lora import LoraWeights, lora_glu_mlp
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer (a ``base_layer`` plus ``lora_A`` / ``lora_B`` dicts)."""
+    return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B", "scaling"))
+
+
+def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
+    """A frozen ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) as base-only weights."""
+    if not isinstance(layer, nn.Linear):
+        return f"{type(layer).__name__} is not a linear layer"
+    if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
+        return "the base weight or bias is trainable (fused LoRA needs a frozen base)"
+    return LoraWeights(layer.weight, None, None, 0.0, layer.bias)
+
+
+def projection_weights(layer: nn.Module) -> LoraWeights | str:
+    """The fused-op weights of ``layer`` now, or the reason it must run unfused.
+
+    Fast path: a frozen linear layer (its bias frozen too), or a PEFT LoRA layer over one, with exactly one
+    active adapter that is plain LoRA (no DoRA or other variant), dropout 0, no LoRA bias and no
+    ``fan_in_fan_out``. Disabled adapters, or merged ones, give the base weight alone, as PEFT does.
+    """
+    if not is_lora_layer(layer):
+        return _frozen_linear(layer)
+    base = _frozen_linear(layer.base_layer)
+    if isinstance(base, str):
+        return base
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out LoRA layer"
+    if layer.disable_adapters:
+        return "adapters are disabled while merged" if layer.merged else base
+    if layer.merged:
+        return base
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active LoRA adapters (the fused path takes exactly one)"
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (e.g. DoRA)"
+    if not isinstance(layer.lora_dropout[name], nn.Identity):
+        return "lora_dropout > 0"
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)) or lora_b.bias is not None:
+        return "LoRA layers that are not plain bias-free linear maps"
+    return LoraWeights(base.weight, lora_a.weight, lora_b.weight, float(layer.scaling[name]), base.bias)
+
+
+class FusedLoraMLP(FusedGatedMLP):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` over PEFT LoRA (or frozen) projections as one
+    fused autograd function (``fusetune.ops.lora.lora_glu_mlp``); any projection off the fast path
+    at call time sends the whole call through ``FusedGatedMLP`` (PEFT's modules, fused activation).
+    """
+
+    _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
+        if any(isinstance(w, str) for w in weights):
+            return super().forward(hidden_states)
+        return lora_glu_mlp(hidden_states, *weights, activation=self.activation)

@@ -1,0 +1,420 @@
+"""Fused LoRA projections with hand-written backward passes.
+
+A PEFT LoRA layer is ``y = x @ W.T + scale * (x @ A.T) @ B.T``: a frozen base weight W (out, in),
+plain or bitsandbytes 4-bit, and trainable A (r, in), B (out, r). Run by PEFT it is a handful of
+small kernels per layer and autograd saves every intermediate. Here one autograd node covers
+
+- ``lora_linear(x, *projections)``: one or more projections of the same input (q, k, v as one
+  node). The A's are stacked so x is read once for all LoRA-A products (one (T, sum r) matmul).
+  Each output starts as the small LoRA term (``scale_i * xA_i @ B_i.T``, the scale applied by
+  cuBLAS) and the base matmul adds onto it in place (``y.addmm_(x, W_i.T)``): a beta=1 epilogue
+  costs nothing in a compute-bound matmul, so the LoRA term adds no pass over y. Backward likewise
+  starts ``dX = [scale_i dY_i @ B_i] @ [A_i]`` and adds each ``dY_i @ W_i`` with ``addmm_``, and
+  gets every dA from one ``[scale_i dY_i @ B_i].T @ X`` matmul.
+- ``lora_glu_mlp(x, gate, up, down, activation)``: ``down(act(gate(x)) * up(x))``. Forward saves x,
+  the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g. Backward
+  recomputes h with the glu forward kernel only when down's A needs its gradient (and frees it
+  after that one matmul), computes dh, then runs the glu backward kernel writing dg over dh in
+  place. Transient (T, intermediate) buffers in backward: at most two at a time (h, then dh; then
+  dh/dg and de), on top of the saved e and g, so four in all; no float32 copies of activations.
+
+Base weights are read through ``fusetune.ops.nf4.dense_weight`` in forward and again in backward
+and each dense copy is dropped as soon as its matmul is done: ctx keeps only the weight objects,
+so a 4-bit model never holds more than one dequantised matrix. The base weight must be frozen.
+
+Matmuls run in the compute dtype (autocast's when autocast is on for x's device, else x's dtype);
+A and B are cast to it, their gradients are returned in their own dtype (float32 adapters under
+bf16 autocast, the usual training set-up), x's gradient in x's dtype; outputs are in the compute
+dtype. ``lora_linear`` is plain matmuls and runs this path on any device; ``lora_glu_mlp`` needs
+the glu kernels, so plain CPU tensors without the Triton interpreter take its reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from fusetune.ops._launch import as_rows, check_float, use_triton
+from fusetune.ops.glu import (
+    ACTIVATIONS,
+    geglu_reference,
+    glu_backward_into,
+    glu_forward_into,
+    swiglu_reference,
+)
+from fusetune.ops.nf4 import dense_weight, is_4bit
+
+
+class LoraWeights(NamedTuple):
+    """One projection: frozen base ``weight`` (out, in), plain or 4-bit, its optional LoRA
+    adapter ``a`` (r, in), ``b`` (out, r) with ``scale`` (PEFT's ``scaling``), and an optional
+    frozen ``bias`` (out,) of the base layer (Qwen2's q, k, v)."""
+
+    weight: torch.Tensor
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    scale: float
+    bias: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and dtypes
+# --------------------------------------------------------------------------------------------
+def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """(out, in) of a base weight; a 4-bit weight's packed data has another shape."""
+    return tuple(weight.quant_state.shape) if is_4bit(weight) else tuple(weight.shape)
+
+
+def _check_projection(op: str, name: str, in_features: int, p: object) -> None:
+    if not isinstance(p, LoraWeights):
+        raise TypeError(
+            f"fusetune.{op}: {name} must be a fusetune.ops.lora.LoraWeights(weight, a, b, scale), "
+            f"got {type(p).__name__}."
+        )
+    if p.weight.requires_grad:
+        raise ValueError(
+            f"fusetune.{op}: the base weight of {name} requires grad; fused LoRA needs a frozen "
+            "base weight (call weight.requires_grad_(False), or leave this layer unfused to train it)."
+        )
+    shape = _weight_shape(p.weight)
+    if len(shape) != 2 or shape[1] != in_features:
+        raise ValueError(
+            f"fusetune.{op}: the base weight of {name} has shape {shape}; expected "
+            f"(out, {in_features}) to match the input's last dim."
+        )
+    if not is_4bit(p.weight):
+        check_float(f"{name}.weight", p.weight)
+    if p.bias is not None:
+        if p.bias.requires_grad:
+            raise ValueError(
+                f"fusetune.{op}: the bias of {name} requires grad; fused LoRA needs a frozen bias "
+                "(call bias.requires_grad_(False), or leave this layer unfused to train it)."
+            )
+        if p.bias.shape != (shape[0],):
+            raise ValueError(f"fusetune.{op}: the bias of {name} has shape {tuple(p.bias.shape)}; "
+                             f"expected ({shape[0]},).")
+    if (p.a is None) != (p.b is None):
+        raise ValueError(
+            f"fusetune.{op}: {name} has only one of a and b; pass both LoRA matrices or neither."
+        )
+    if p.a is None:
+        return
+    check_float(f"{name}.a", p.a)
+    check_float(f"{name}.b", p.b)
+    rank = p.a.shape[0] if p.a.dim() == 2 else -1
+    if p.a.shape != (rank, in_features) or p.b.shape != (shape[0], rank):
+        raise ValueError(
+            f"fusetune.{op}: {name} has a {tuple(p.a.shape)} and b {tuple(p.b.shape)}; expected "
+            f"a (r, {in_features}) and b ({shape[0]}, r) for its base weight {shape}."
+        )
+
+
+def _check(op: str, x: torch.Tensor, projections: Sequence[LoraWeights], names: Sequence[str]) -> None:
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError(f"fusetune.{op}: x must have at least one dimension (..., in_features).")
+    if not projections:
+        raise ValueError(f"fusetune.{op}: pass at least one LoraWeights projection.")
+    for name, p in zip(names, projections, strict=True):
+        _check_projection(op, name, x.shape[-1], p)
+
+
+def _check_mlp(
+    op: str, x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, activation: str
+) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fusetune.{op}: activation={activation!r}; use one of {sorted(ACTIVATIONS)}.")
+    _check(op, x, (gate, up), ("gate", "up"))
+    intermediate = _weight_shape(gate.weight)[0]
+    if _weight_shape(up.weight)[0] != intermediate:
+        raise ValueError(
+            f"fusetune.{op}: gate and up have {intermediate} and {_weight_shape(up.weight)[0]} "
+            "outputs; a gated MLP needs the same intermediate size for both."
+        )
+    _check_projection(op, "down", intermediate, down)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for x's device (as F.linear would), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _projection_names(n: int) -> list[str]:
+    return [f"projections[{i}]" for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch references
+# --------------------------------------------------------------------------------------------
+_GLU_REFERENCES = {
+    "silu": swiglu_reference,
+    "gelu_tanh": partial(geglu_reference, approximate="tanh"),
+    "gelu": partial(geglu_reference, approximate="none"),
+}
+
+
+def _reference_projection(x: torch.Tensor, p: LoraWeights, dtype: torch.dtype) -> torch.Tensor:
+    bias = None if p.bias is None else p.bias.to(dtype)
+    y = F.linear(x, dense_weight(p.weight, dtype), bias)
+    if p.a is None:
+        return y
+    return y + p.scale * F.linear(F.linear(x, p.a.to(dtype)), p.b.to(dtype))
+
+
+def lora_linear_reference(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tensor, ...]:
+    """``x @ W_i.T + scale_i * (x @ a_i.T) @ b_i.T`` per projection in plain PyTorch (autograd
+    does the backward), with the dtype rules of :func:`lora_linear`."""
+    _check("lora_linear_reference", x, projections, _projection_names(len(projections)))
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        rows = x.to(dtype)
+        return tuple(_reference_projection(rows, p, dtype) for p in projections)
+
+
+def lora_glu_mlp_reference(
+    x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, activation: str
+) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` in plain PyTorch, with the dtype rules of :func:`lora_glu_mlp`."""
+    _check_mlp("lora_glu_mlp_reference", x, gate, up, down, activation)
+    e, g = lora_linear_reference(x, gate, up)
+    return lora_linear_reference(_GLU_REFERENCES[activation](e, g), down)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The fused passes, shared by both autograd Functions
+# --------------------------------------------------------------------------------------------
+def _rank_slices(projections: Sequence[LoraWeights]) -> list[slice | None]:
+    """Each projection's columns in the stacked (T, sum r) LoRA products; None without LoRA."""
+    slices, start = [], 0
+    for p in projections:
+        if p.a is None:
+            slices.append(None)
+        else:
+            slices.append(slice(start, start + p.a.shape[0]))
+            start += p.a.shape[0]
+    return slices
+
+
+def _stacked_a(projections: Sequence[LoraWeights], dtype: torch.dtype) -> torch.Tensor | None:
+    """The A matrices stacked along the rank, (sum r, in), in ``dtype``; None without LoRA."""
+    a = [p.a for p in projections if p.a is not None]
+    if not a:
+        return None
+    return (a[0] if len(a) == 1 else torch.cat(a)).to(dtype)
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` with the scale applied by cuBLAS (one rounding)."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    return out.addmm_(a, b, beta=0, alpha=scale)
+
+
+def _project(
+    rows: torch.Tensor, projections: Sequence[LoraWeights], dtype: torch.dtype
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Every projection's output (T, out_i) and the stacked LoRA-A product ``rows @ [A_i].T``."""
+    stacked = _stacked_a(projections, dtype)
+    xa = None if stacked is None else torch.mm(rows, stacked.t())
+    outs = []
+    for p, cols in zip(projections, _rank_slices(projections), strict=True):
+        weight = dense_weight(p.weight, dtype)
+        bias = None if p.bias is None else p.bias.to(dtype)
+        if cols is None:
+            y = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+        else:  # the small LoRA product (plus bias) first; the base matmul adds onto it in its epilogue
+            lora_b = p.b.to(dtype).t()
+            if bias is None:
+                y = _scaled_mm(xa[:, cols], lora_b, p.scale)
+            else:
+                y = torch.addmm(bias, xa[:, cols], lora_b, alpha=p.scale)
+            y.addmm_(rows, weight.t())
+        del weight  # a dequantised copy goes before the next one is made
+        outs.append(y)
+    return outs, xa
+
+
+def _project_backward(
+    grads: list[torch.Tensor],
+    rows: Callable[[], torch.Tensor],
+    xa: torch.Tensor | None,
+    projections: Sequence[LoraWeights],
+    dtype: torch.dtype,
+    want_x: bool,
+    want_a: Sequence[bool],
+    want_b: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Gradients of :func:`_project`: (dX, [dA_i], [dB_i]); dA/dB in the adapters' dtypes.
+
+    ``grads`` (the dY_i, (T, out_i) in ``dtype``) is consumed: each entry is dropped once its last
+    matmul is done. ``rows`` returns the projections' input; it is called only when an A needs
+    its gradient, and the result is dropped after that one matmul (the MLP recomputes h there).
+    """
+    slices = _rank_slices(projections)
+    n_rows = grads[0].shape[0]
+    lora = [i for i, cols in enumerate(slices) if cols is not None]
+    # [scale_i * dY_i @ B_i], (T, sum r): the gradient of the stacked LoRA-A product.
+    dxa = None
+    if lora and (want_x or any(want_a)):
+        dxa = torch.empty(n_rows, slices[lora[-1]].stop, dtype=dtype, device=grads[0].device)
+    da, db = [None] * len(projections), [None] * len(projections)
+    for i in lora:
+        p, cols = projections[i], slices[i]
+        if dxa is not None:
+            dxa[:, cols].addmm_(grads[i], p.b.to(dtype), beta=0, alpha=p.scale)
+        if want_b[i]:
+            db[i] = _scaled_mm(grads[i].t(), xa[:, cols], p.scale).to(p.b.dtype)
+    if any(want_a):
+        stacked_da = torch.mm(dxa.t(), rows())
+        for i in lora:
+            if want_a[i]:
+                da[i] = stacked_da[slices[i]].to(projections[i].a.dtype)
+        del stacked_da
+    dx = None
+    if want_x:
+        if dxa is not None:
+            dx = torch.mm(dxa, _stacked_a(projections, dtype))
+        for i, p in enumerate(projections):
+            weight = dense_weight(p.weight, dtype)
+            dx = torch.mm(grads[i], weight) if dx is None else dx.addmm_(grads[i], weight)
+            del weight
+            grads[i] = None
+    grads.clear()
+    return dx, da, db
+
+
+def _adapter_args(projections: Sequence[LoraWeights]) -> list[torch.Tensor | None]:
+    """(a_0, b_0, a_1, b_1, ...): passed to ``Function.apply`` so autograd tracks them."""
+    return [t for p in projections for t in (p.a, p.b)]
+
+
+def _adapter_grads(da: list, db: list) -> list:
+    return [t for pair in zip(da, db, strict=True) for t in pair]
+
+
+# Index of a_0 in the Function's inputs (x, spec, a_0, b_0, ...).
+_FIRST_ADAPTER = 2
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, *adapters):
+        projections, dtype = spec
+        want = ctx.needs_input_grad
+        want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
+        with torch.autocast(x.device.type, enabled=False):
+            rows = as_rows(x).to(dtype)
+            outs, xa = _project(rows, projections, dtype)
+        ctx.save_for_backward(rows if any(want_a) else None, xa if any(want_b) else None)
+        ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), (want[0], want_a, want_b)
+        return tuple(y.view(*x.shape[:-1], y.shape[1]) for y in outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        rows, xa = ctx.saved_tensors
+        projections, dtype = ctx.spec
+        (x_shape, x_dtype), (want_x, want_a, want_b) = ctx.x_meta, ctx.wants
+        with torch.autocast(grad_outputs[0].device.type, enabled=False):
+            grads = [as_rows(g).to(dtype) for g in grad_outputs]
+            dx, da, db = _project_backward(
+                grads, lambda: rows, xa, projections, dtype, want_x, want_a, want_b
+            )
+        dx = None if dx is None else dx.view(x_shape).to(x_dtype)
+        return dx, None, *_adapter_grads(da, db)
+
+
+class _LoraGluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, *adapters):
+        (gate, up, down), activation, dtype = spec
+        want = ctx.needs_input_grad
+        want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
+        with torch.autocast(x.device.type, enabled=False):
+            rows = as_rows(x).to(dtype)
+            (e, g), xa_gate_up = _project(rows, (gate, up), dtype)
+            h = torch.empty_like(e)
+            glu_forward_into(h, e, g, activation)
+            (y,), xa_down = _project(h, (down,), dtype)
+            del h
+        ctx.save_for_backward(
+            rows if any(want_a[:2]) else None,
+            e,
+            g,
+            xa_gate_up if any(want_b[:2]) else None,
+            xa_down if want_b[2] else None,
+        )
+        ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), (want[0], want_a, want_b)
+        return y.view(*x.shape[:-1], y.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rows, e, g, xa_gate_up, xa_down = ctx.saved_tensors
+        (gate, up, down), activation, dtype = ctx.spec
+        (x_shape, x_dtype), (want_x, want_a, want_b) = ctx.x_meta, ctx.wants
+
+        def hidden() -> torch.Tensor:  # h = act(e) * g, recomputed for down's dA only
+            h = torch.empty_like(e)
+            glu_forward_into(h, e, g, activation)
+            return h
+
+        want_dh = want_x or any(want_a[:2]) or any(want_b[:2])
+        dx, da_gate_up, db_gate_up = None, [None, None], [None, None]
+        with torch.autocast(grad_output.device.type, enabled=False):
+            dh, da_down, db_down = _project_backward(
+                [as_rows(grad_output).to(dtype)], hidden, xa_down, (down,), dtype,
+                want_dh, want_a[2:], want_b[2:],
+            )
+            if dh is not None:
+                de = torch.empty_like(e)
+                glu_backward_into(de, dh, dh, e, g, activation)  # dg overwrites dh
+                grads = [de, dh]
+                del de, dh
+                dx, da_gate_up, db_gate_up = _project_backward(
+                    grads, lambda: rows, xa_gate_up, (gate, up), dtype,
+                    want_x, want_a[:2], want_b[:2],
+                )
+        dx = None if dx is None else dx.view(x_shape).to(x_dtype)
+        return dx, None, *_adapter_grads(da_gate_up + da_down, db_gate_up + db_down)
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+def lora_linear(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tensor, ...]:
+    """``y_i = x @ W_i.T + scale_i * (x @ a_i.T) @ b_i.T`` for each projection, one autograd node.
+
+    x: (..., in), any layout, float32/bf16/fp16. projections: ``LoraWeights`` with frozen base
+    weights (plain or bitsandbytes 4-bit) of shape (out_i, in); a projection without LoRA has
+    ``a = b = None``. Returns one (..., out_i) tensor per projection, in the compute dtype (see the
+    module docstring). Gradients flow to x and to every a and b that requires grad. Runs the fused
+    matmul path on any device.
+    """
+    _check("lora_linear", x, projections, _projection_names(len(projections)))
+    spec = (tuple(projections), _compute_dtype(x))
+    return _LoraLinear.apply(x, spec, *_adapter_args(projections))
+
+
+def lora_glu_mlp(
+    x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, activation: str
+) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))``, the gated MLP with LoRA on any of its projections.
+
+    activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU, Gemma). gate and up: (I, H)
+    projections of x (..., H); down: (H_out, I). Returns (..., H_out) in the compute dtype. Triton
+    glu kernels on CUDA (or under the interpreter); plain CPU tensors take
+    :func:`lora_glu_mlp_reference`.
+    """
+    _check_mlp("lora_glu_mlp", x, gate, up, down, activation)
+    if not use_triton(x):
+        return lora_glu_mlp_reference(x, gate, up, down, activation)
+    spec = ((gate, up, down), activation, _compute_dtype(x))
+    return _LoraGluMLP.apply(x, spec, *_adapter_args((gate, up, down)))

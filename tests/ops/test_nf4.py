@@ -1,0 +1,172 @@
+"""NF4 dequantisation: the kernel and the reference vs bitsandbytes' dequantize_4bit, and dense_weight.
+
+float32 and float16 results must equal bitsandbytes' bit for bit. bfloat16 too when compiled; under
+the interpreter Triton casts float32 to bfloat16 by truncation instead of rounding to nearest, so
+there the kernel may sit one bfloat16 ulp below the correctly rounded value.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fusetune.ops import nf4
+from fusetune.ops._launch import interpreting
+from fusetune.ops.nf4 import dense_weight, dequantize_nf4, dequantize_nf4_reference
+from tests.ops import checks
+
+bnb = pytest.importorskip("bitsandbytes")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = ((37, 70), (5, 64), (1, 1000))  # none a multiple of 128 values; 1000 not of 64 either
+
+
+def quantized(shape, blocksize=64, nested=True, seed=0, storage=torch.uint8):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(*shape, generator=gen) * 0.05).to(checks.DEVICE)
+    return bnb_functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=nested,
+                                        quant_type="nf4", quant_storage=storage)
+
+
+def bnb_dequantize(packed, state, dtype):
+    """bitsandbytes' own dequantisation of the same bytes into ``dtype``.
+
+    On CPU the bytes are decoded as one row: bitsandbytes 0.50's CPU kernel (used when the last dim
+    is even) assigns blocks row by row and misplaces them when a row is shorter than a block (5 x 64
+    with blocksize 128), unlike its quantiser, its CUDA kernel and its portable PyTorch code, which
+    all count blocks over the flattened weight as the format defines.
+    """
+    shape = state.shape
+    state = copy.copy(state)
+    state.dtype = dtype
+    if packed.device.type == "cpu":
+        state.shape = torch.Size((1, shape.numel()))
+    return bnb_functional.dequantize_4bit(packed, state).reshape(shape)
+
+
+def assert_kernel_matches(out, expected, dtype):
+    """Bitwise equality, except bfloat16 under the interpreter (truncating cast): within one ulp."""
+    assert out.dtype == dtype and out.shape == expected.shape
+    if dtype == torch.bfloat16 and interpreting():
+        ulp = torch.finfo(torch.bfloat16).eps * expected.float().abs()
+        assert ((out.float() - expected.float()).abs() <= ulp).all()
+        assert (out.float().abs() <= expected.float().abs()).all()  # truncation, toward zero
+    else:
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", checks.DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", (64, 128))
+@pytest.mark.parametrize("nested", (False, True), ids=("fp32_absmax", "double_quant"))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_bitsandbytes(shape, nested, blocksize, dtype):
+    packed, state = quantized(shape, blocksize, nested)
+    expected = bnb_dequantize(packed, state, dtype)
+
+    assert torch.equal(dequantize_nf4_reference(packed, state, dtype), expected)
+    assert_kernel_matches(dequantize_nf4(packed, state, dtype), expected, dtype)
+
+
+@pytest.mark.parametrize("blocksize", (32, 256, 4096))
+def test_other_blocksizes(blocksize):
+    packed, state = quantized((3, 333), blocksize, nested=True)
+    expected = bnb_dequantize(packed, state, torch.float32)
+    assert torch.equal(dequantize_nf4(packed, state, torch.float32), expected)
+
+
+def test_storage_dtype_is_read_as_bytes():
+    packed, state = quantized((6, 70), storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    expected = bnb_dequantize(packed, state, torch.float32)
+    assert torch.equal(dequantize_nf4(packed, state, torch.float32), expected)
+
+
+def test_format_by_hand():
+    """Three values from bytes written by hand: high nibble first, flat blocks, nested scales."""
+    packed = torch.tensor([[0x0F], [0x7A]], dtype=torch.uint8, device=checks.DEVICE)
+    # Blocks of 2 values are below bitsandbytes' range; blocksize 32 with a 3-value weight is one
+    # short block, so the nested absmax decodes one code: code2[2] * absmax2[0] + offset.
+    state = SimpleNamespace(
+        quant_type="nf4", blocksize=32, shape=torch.Size((1, 3)), nested=True,
+        absmax=torch.tensor([2], dtype=torch.uint8, device=checks.DEVICE),
+        offset=torch.tensor(0.25, device=checks.DEVICE),
+        state2=SimpleNamespace(blocksize=256, code=torch.tensor([0.0, 0.5, -0.75], device=checks.DEVICE),
+                               absmax=torch.tensor([2.0], device=checks.DEVICE)),
+    )
+    scale = -0.75 * 2.0 + 0.25
+    table = torch.tensor(nf4.NF4_VALUES, dtype=torch.float64)
+    expected = torch.stack((table[0x0], table[0xF], table[0x7])) * scale  # 0xA is padding
+    for fn in (dequantize_nf4, dequantize_nf4_reference):
+        out = fn(packed, state, torch.float32)
+        assert torch.equal(out.double().cpu(), expected.reshape(1, 3))
+
+
+def test_out_buffer():
+    packed, state = quantized((37, 70))
+    out = torch.full((37, 70), float("nan"), dtype=torch.float16, device=checks.DEVICE)
+    result = dequantize_nf4(packed, state, torch.float16, out=out)
+    assert result is out
+    assert torch.equal(out, bnb_dequantize(packed, state, torch.float16).reshape(37, 70))
+
+
+def test_bad_input_is_named():
+    packed, state = quantized((5, 64))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_nf4(packed, state, torch.float32, out=torch.empty(64, 5, device=checks.DEVICE))
+    with pytest.raises(ValueError, match="packed bytes"):
+        dequantize_nf4(packed[:-1], state, torch.float32)
+    with pytest.raises(TypeError, match="output dtype"):
+        dequantize_nf4(packed, state, torch.float64)
+    fp4_packed, fp4_state = bnb_functional.quantize_4bit(torch.randn(4, 64), quant_type="fp4")
+    with pytest.raises(ValueError, match="dense_weight"):
+        dequantize_nf4(fp4_packed, fp4_state, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# dense_weight
+# --------------------------------------------------------------------------------------------
+def linear4bit(quant_type="nf4", shape=(37, 70)):
+    gen = torch.Generator().manual_seed(3)
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16,
+                              quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(torch.randn(*shape, generator=gen), requires_grad=False,
+                                     quant_type=quant_type, module=layer)
+    return layer.to(checks.DEVICE)
+
+
+def test_dense_weight_plain_tensor():
+    weight = torch.randn(5, 7, dtype=torch.bfloat16)
+    assert dense_weight(weight, torch.bfloat16) is weight
+    assert torch.equal(dense_weight(weight, torch.float32), weight.float())
+    out = torch.empty(5, 7)
+    assert dense_weight(weight, torch.float32, out=out) is out
+    assert torch.equal(out, weight.float())
+
+
+@pytest.mark.parametrize("backend", ("triton", "bnb"))
+def test_dense_weight_nf4(backend, monkeypatch):
+    monkeypatch.setattr(nf4, "BACKEND", backend)
+    weight = linear4bit().weight
+    assert nf4.is_4bit(weight)
+    expected = bnb_dequantize(weight.data, weight.quant_state, torch.float32)
+    assert torch.equal(dense_weight(weight, torch.float32), expected)
+    out = torch.empty(37, 70, device=checks.DEVICE)
+    assert dense_weight(weight, torch.float32, out=out) is out
+    assert torch.equal(out, expected)
+    half = bnb_dequantize(weight.data, weight.quant_state, torch.float16)
+    assert_kernel_matches(dense_weight(weight, torch.float16), half, torch.float16)
+
+
+def test_dense_weight_fp4_goes_to_bitsandbytes():
+    weight = linear4bit("fp4", shape=(6, 64)).weight
+    expected = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(dense_weight(weight, torch.bfloat16), expected)
+
+
+def test_dense_weight_rejects_bad_backend(monkeypatch):
+    monkeypatch.setattr(nf4, "BACKEND", "cuda")
+    with pytest.raises(ValueError, match="'triton' or 'bnb'"):
+        dense_weight(linear4bit().weight, torch.float32)

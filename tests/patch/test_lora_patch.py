@@ -1,0 +1,180 @@
+"""fusetune.apply on PEFT LoRA models: fused attention projections and MLPs, checked against PEFT.
+
+Each test builds a PEFT model and an identical deep copy left to PEFT's own modules, and compares
+the loss and every LoRA gradient (float32, the reference path of the fused ops on plain CPU tensors
+and the Triton kernels under the interpreter alike).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import fusetune
+import fusetune.nn.lora as nn_lora
+import fusetune.patch.lora as patch_lora
+from fusetune.nn.lora import FusedLoraMLP
+from tests.patch.checks import assert_close, assert_same_gradients, loss_and_backward
+from tests.patch.models import batch, tiny_model
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_pair(arch: str, **lora_options):
+    """A PEFT model of ``arch`` with random LoRA weights, and an identical unpatched copy."""
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    options = dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR, lora_dropout=0.0, init_lora_weights=False)
+    config = peft.LoraConfig(**{**options, **lora_options})
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    return lora, peft.get_peft_model(reference, copy.deepcopy(config))
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused LoRA op calls, by number of projections (1 or 3) and MLPs."""
+    calls = {"linear": [], "mlp": 0}
+
+    def counting_linear(x, *projections):
+        calls["linear"].append(len(projections))
+        return original_linear(x, *projections)
+
+    def counting_mlp(*args, **kwargs):
+        calls["mlp"] += 1
+        return original_mlp(*args, **kwargs)
+
+    original_linear, original_mlp = patch_lora.lora_linear, nn_lora.lora_glu_mlp
+    monkeypatch.setattr(patch_lora, "lora_linear", counting_linear)
+    monkeypatch.setattr(nn_lora, "lora_glu_mlp", counting_mlp)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3"])
+def test_lora_attention_and_mlp_are_fused_and_match_peft(arch, fused_calls):
+    lora, reference = _lora_pair(arch)
+    report = fusetune.apply(lora)
+    layers = lora.get_base_model().model.layers
+    fused = {*(layer.self_attn for layer in layers), *(layer.mlp for layer in layers)}
+    assert sorted(report.patched["lora"]) == sorted(n for n, m in lora.named_modules() if m in fused)
+    assert all(isinstance(layer.mlp, FusedLoraMLP) for layer in layers)
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(lora, reference)
+    # One q/k/v pass and one o_proj pass per layer, one fused MLP per layer.
+    assert sorted(fused_calls["linear"]) == [1] * len(layers) + [3] * len(layers)
+    assert fused_calls["mlp"] == len(layers)
+
+
+def test_attention_with_frozen_bias_is_fused(fused_calls):
+    lora, reference = _lora_pair("qwen2")
+    report = fusetune.apply(lora)
+    assert len(report.patched["lora"]) == 4 and not report.left_alone["lora"]
+    assert lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.bias is not None
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(lora, reference)
+    assert sorted(fused_calls["linear"]) == [1, 1, 3, 3]
+
+
+def test_trainable_bias_is_left_alone():
+    lora, reference = _lora_pair("qwen2", bias="all")
+    report = fusetune.apply(lora)
+    reasons = dict(report.left_alone["lora"])
+    assert len(reasons) == 2 and all("trainable" in r for r in reasons.values())
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(lora, reference)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [(dict(lora_dropout=0.1), "lora_dropout > 0"), (dict(use_dora=True), "variant")],
+)
+def test_dropout_and_dora_are_left_alone(options, reason):
+    lora, reference = _lora_pair("llama", **options)
+    report = fusetune.apply(lora)
+    assert not report.patched["lora"]
+    assert len(report.left_alone["lora"]) == 4 and all(reason in r for _, r in report.left_alone["lora"])
+    torch.manual_seed(3)
+    loss = loss_and_backward(lora, **batch())
+    torch.manual_seed(3)
+    assert_close(loss, loss_and_backward(reference, **batch()), "loss")
+
+
+def test_disabled_and_merged_adapters_follow_peft(fused_calls):
+    lora, reference = _lora_pair("llama")
+    fusetune.apply(lora)
+    inputs = batch()
+    with torch.no_grad():
+        with lora.disable_adapter(), reference.disable_adapter():
+            assert_close(lora(**inputs).loss, reference(**inputs).loss, "loss with adapters disabled")
+        lora.merge_adapter()
+        reference.merge_adapter()
+        assert_close(lora(**inputs).loss, reference(**inputs).loss, "loss with adapters merged")
+        lora.unmerge_adapter()
+        reference.unmerge_adapter()
+        assert_close(lora(**inputs).loss, reference(**inputs).loss, "loss after unmerging")
+    assert fused_calls["mlp"] > 0
+
+
+class _CrossAttention(nn.Module):
+    """Queries from x, keys and values from another tensor (as mllama's cross-attention layers)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, nn.Linear(width, width, bias=False))
+
+    def forward(self, x, states):
+        q, k, v = self.q_proj(x), self.k_proj(states), self.v_proj(states)
+        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return self.o_proj(weights @ v)
+
+
+def test_projections_with_different_inputs_split_the_group():
+    torch.manual_seed(0)
+    module = _CrossAttention(24)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             init_lora_weights=False)
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(copy.deepcopy(module), config)
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(module, copy.deepcopy(config))
+    report = fusetune.apply(lora, loss=None)
+    assert len(report.patched["lora"]) == 1
+    x, states = torch.randn(2, 5, 24), torch.randn(2, 7, 24)
+    for step in range(2):
+        out, expected = lora(x, states), reference(x, states)
+        assert_close(out, expected, f"output, call {step}")
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        assert_same_gradients(lora, reference)
+    group = lora.get_base_model().q_proj._fusetune_lora_group
+    assert group.split
+
+
+def test_undo_and_deep_copy():
+    lora, reference = _lora_pair("llama")
+    report = fusetune.apply(lora)
+    duplicate = copy.deepcopy(lora)
+    q_proj = duplicate.get_base_model().model.layers[0].self_attn.q_proj
+    assert all(member in list(duplicate.modules()) for member in q_proj._fusetune_lora_group.layers)
+    report.undo()
+    base = lora.get_base_model().model.layers[0]
+    assert not isinstance(base.mlp, FusedLoraMLP) and "forward" not in base.self_attn.q_proj.__dict__
+    inputs = batch()
+    assert_close(loss_and_backward(duplicate, **inputs), loss_and_backward(reference, **inputs), "copy loss")
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "undone loss")
+
+
+def test_switch_off_leaves_lora_to_peft():
+    lora, _ = _lora_pair("llama")
+    report = fusetune.apply(lora, lora=False)
+    assert "lora" in report.switched_off and not report.patched["lora"]
+    assert not any(isinstance(m, FusedLoraMLP) for m in lora.modules())
