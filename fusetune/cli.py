@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: fusetune train [CONFIG.yaml] [--key value ...]
+USAGE = """usage: fusetune train [--nproc N] [CONFIG.yaml] [--key value ...]
        fusetune info
 
 train   LoRA fine-tuning from a YAML config; command-line overrides win over the file (nested keys
@@ -17,6 +17,9 @@ train   LoRA fine-tuning from a YAML config; command-line overrides win over the
         default runs: a tiny Qwen2-VL with random weights learns to caption synthetic shapes on the CPU.
         Trainer writes a checkpoint every save_steps steps; after Ctrl-C or a kill, run the same
         command with --resume to continue from the last one.
+        --nproc N: train on N GPUs of this machine; starts N processes with torchrun (python -m
+        torch.distributed.run --standalone --nproc_per_node N -m fusetune train ...). Needs
+        distributed.strategy fsdp2 or deepspeed_zero3; accelerate launch and torchrun work too.
 info    versions, GPU, which kernels run (Triton or the PyTorch references), supported architectures.
 """
 
@@ -27,23 +30,54 @@ def _train_help() -> str:
     return USAGE + "\nconfig keys (key, type, default, meaning; also in docs/train.md):\n" + describe() + "\n"
 
 
+def split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """``--nproc N`` (or ``--nproc=N``) taken out of ``argv``: ``(N or None, the other arguments)``."""
+    from fusetune.train.errors import FusetuneError
+
+    rest: list[str] = []
+    nproc = None
+    items = iter(argv)
+    for item in items:
+        if item == "--nproc" or item.startswith("--nproc="):
+            value = item.partition("=")[2] if "=" in item else next(items, "")
+            if not value.isdigit():
+                raise FusetuneError(f"--nproc takes a number of processes, got {value!r}: --nproc 2.")
+            nproc = int(value)
+        else:
+            rest.append(item)
+    return nproc, rest
+
+
 def train_command(argv: list[str]) -> int:
     from fusetune.train.config import load_config
 
     if any(a in ("-h", "--help") for a in argv):
         print(_train_help())
         return 0
+    nproc, argv = split_nproc(argv)
+    train_argv = list(argv)
     path = None
     if argv and not argv[0].startswith("--"):
         path, argv = argv[0], argv[1:]
     config = load_config(path, argv)
+    if nproc is not None:
+        import subprocess
+
+        from fusetune.train import distributed
+
+        distributed.check_nproc(nproc, config)
+        command = distributed.torchrun_command(nproc, train_argv)
+        print(f"fusetune train: starting {nproc} processes: {' '.join(command)}", flush=True)
+        return subprocess.run(command, check=False).returncode
+    from fusetune.train.distributed import is_main_process
     from fusetune.train.runner import train
 
-    print(
-        f"fusetune train: {'config ' + path if path else 'the embedded demo config'}"
-        f"{' with overrides' if argv else ''}; output in {config.output_dir}",
-        flush=True,
-    )
+    if is_main_process():
+        print(
+            f"fusetune train: {'config ' + path if path else 'the embedded demo config'}"
+            f"{' with overrides' if argv else ''}; output in {config.output_dir}",
+            flush=True,
+        )
     train(config)
     return 0
 

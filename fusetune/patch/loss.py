@@ -253,8 +253,29 @@ def _loss(
         loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, **options)
         return loss, _softcapped(logits, softcap)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    loss = linear_cross_entropy(flat, head.weight, targets, bias=head.bias, **options)
+    loss = _as_forward_of(
+        head, lambda x, y: linear_cross_entropy(x, head.weight, y, bias=head.bias, **options), flat, targets
+    )
     return loss, _softcapped(head(hidden), softcap) if return_logits else None
+
+
+def _as_forward_of(module: nn.Module, function: typing.Callable, *args: torch.Tensor) -> torch.Tensor:
+    """``function(*args)`` run as ``module``'s forward, through ``module(*args)``.
+
+    A sharding engine gathers a module's parameters in hooks around its call (FSDP2's unshard of the
+    module's group, DeepSpeed ZeRO-3's gather) and arranges the gradients' reduction from the inputs
+    and outputs of that call; reading ``head.weight`` outside it would see the local shard. Running
+    the fused loss as the head's forward gets the full weight exactly as ``head(hidden)`` would.
+    """
+    own = module.__dict__.get("forward")
+    module.forward = function
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 @functools.cache

@@ -1,10 +1,10 @@
 """Training configuration: dataclasses with documented defaults, YAML loading, validation, overrides.
 
-A config is a YAML mapping of the keys below (``lora`` is a nested mapping). ``fusetune train
-CONFIG.yaml --key value`` applies the command-line overrides over the file, and the file over the
-defaults; a nested key is written with a dot (``--lora.r 8``). With no file, the embedded default
-(``DEMO_CONFIG``: the offline demo) is the base. Unknown keys and values of the wrong type are
-rejected with a ``FusetuneError`` naming the key.
+A config is a YAML mapping of the keys below (``lora`` and ``distributed`` are nested mappings).
+``fusetune train CONFIG.yaml --key value`` applies the command-line overrides over the file, and
+the file over the defaults; a nested key is written with a dot (``--lora.r 8``). With no file, the
+embedded default (``DEMO_CONFIG``: the offline demo) is the base. Unknown keys and values of the
+wrong type are rejected with a ``FusetuneError`` naming the key.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ GRADIENT_CHECKPOINTING = ("off", "on", "offload")
 KERNELS = ("auto", "off")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+STRATEGIES = ("off", "fsdp2", "deepspeed_zero3")
+# Keys that take a list of names or one word meaning "the default choice of names".
+LIST_KEYS = {"target_modules": "all-linear", "wrap_classes": "auto"}
 
 
 @dataclass
@@ -44,6 +47,24 @@ class LoraSettings:
 
 
 @dataclass
+class DistributedSettings:
+    """Several GPUs: sharding of the weights, gradients and optimiser state (see docs/train.md)."""
+
+    strategy: str = "off"
+    """off (one process, or plain data parallel) | fsdp2 (PyTorch FSDP2) | deepspeed_zero3 (needs
+    pip install deepspeed). Launch with fusetune train --nproc N, accelerate launch or torchrun."""
+    offload_params: bool = False
+    """Keep the parameter shards in CPU memory (fsdp2: cpu_offload, which also keeps the gradients
+    there and steps the optimiser on the CPU; deepspeed_zero3: offload_param to the CPU)."""
+    offload_optimizer: bool = False
+    """deepspeed_zero3: keep the optimiser state in CPU memory and step it there (offload_optimizer);
+    fsdp2 does this only as part of offload_params."""
+    wrap_classes: Union[str, list[str]] = "auto"  # noqa: UP007
+    """fsdp2: the module classes sharded as one unit each; auto: the model's _no_split_modules (its
+    decoder layers, and vision blocks of a VLM)."""
+
+
+@dataclass
 class TrainConfig:
     """Every key of a ``fusetune train`` config. See ``describe()`` for the one-line docs."""
 
@@ -59,10 +80,12 @@ class TrainConfig:
     demo_samples: int = 1000
     """Size of the synthetic demo data set."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
     load_in_4bit: bool = False
     """Load the base weights in 4-bit (bitsandbytes, CUDA only)."""
     gradient_checkpointing: str = "off"
-    """off | on | offload (offload: not yet implemented)."""
+    """off | on (recompute each decoder layer's activations in backward; transformers' non-reentrant
+    checkpointing) | offload (fusetune's checkpointing: also keeps the saved layer inputs in CPU memory)."""
     max_seq_length: int = 2048
     """Longest tokenised sample (image tokens included); longer ones are cut on the right."""
     max_pixels: int = 602112
@@ -166,7 +189,10 @@ def _coerce(key: str, value: Any, hint: Any, from_text: bool) -> Any:
         value = parsed if parsed is not None else value
     if key.endswith("gradient_checkpointing") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML reads on / off as booleans
-    if key.endswith("target_modules") and isinstance(value, str) and value != "all-linear":
+    if key.endswith("strategy") and value is False:
+        value = "off"
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in LIST_KEYS and isinstance(value, str) and value != LIST_KEYS[leaf]:
         value = [v.strip() for v in value.split(",") if v.strip()]  # "q_proj,v_proj" or one name
     origin = typing.get_origin(hint)
     options = typing.get_args(hint) if origin in (Union, types.UnionType) else (hint,)
@@ -390,6 +416,39 @@ def validate(config: TrainConfig) -> None:
         raise bad(
             "lora", "finetune_vision_layers and finetune_language_layers are both false: nothing to train."
         )
+    _validate_distributed(config, bad)
+
+
+def _validate_distributed(config: TrainConfig, bad) -> None:
+    import importlib.util
+
+    settings = config.distributed
+    if settings.strategy not in STRATEGIES:
+        raise bad("distributed.strategy", f"use one of {', '.join(STRATEGIES)}, got {settings.strategy!r}.")
+    offloads = [k for k in ("offload_params", "offload_optimizer") if getattr(settings, k)]
+    if settings.strategy == "off" and offloads:
+        raise bad(
+            f"distributed.{offloads[0]}",
+            "offloading is part of a sharding strategy; set distributed.strategy: fsdp2 or deepspeed_zero3.",
+        )
+    if settings.strategy == "fsdp2" and settings.offload_optimizer and not settings.offload_params:
+        raise bad(
+            "distributed.offload_optimizer",
+            "FSDP2 steps the optimiser on the CPU only when the parameters live there: set "
+            "distributed.offload_params: true (it offloads both), or use deepspeed_zero3.",
+        )
+    if settings.strategy == "deepspeed_zero3":
+        if config.load_in_4bit:
+            raise bad(
+                "load_in_4bit",
+                "4-bit (bitsandbytes) base weights are not supported with deepspeed_zero3; use "
+                "distributed.strategy: fsdp2, or load_in_4bit: false.",
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise bad(
+                "distributed.strategy",
+                "deepspeed_zero3 needs DeepSpeed: pip install deepspeed (or use strategy: fsdp2).",
+            )
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -442,7 +501,7 @@ def config_keys() -> list[tuple[str, str, str, str]]:
     --help`` and docs/train.md (nested keys as ``lora.r``; defaults are the dataclass defaults, those
     a config file falls back on)."""
     rows = []
-    for cls, prefix in ((TrainConfig, ""), (LoraSettings, "lora.")):
+    for cls, prefix in ((TrainConfig, ""), (LoraSettings, "lora."), (DistributedSettings, "distributed.")):
         docs, hints, defaults = _key_docs(cls), _hints(cls), to_dict(cls())
         for name in _fields(cls):
             if dataclasses.is_dataclass(hints[name]):
@@ -525,6 +584,42 @@ source (`validation`), or a path to a second source.
 """.replace("SAMPLE_LINE", json.dumps(EXAMPLE_SAMPLE))
 
 
+SEVERAL_GPUS = """\
+Set `distributed.strategy` and start one process per GPU. `fusetune train --nproc N CONFIG.yaml`
+does it for you: it starts `python -m torch.distributed.run --standalone --nproc_per_node N -m
+fusetune train CONFIG.yaml ...` (the other arguments passed on), and refuses an `N` above the
+number of visible GPUs, or above 1 with `strategy: off`. `torchrun --nproc_per_node N -m fusetune
+train CONFIG.yaml` and `accelerate launch --num_processes N -m fusetune train CONFIG.yaml` work
+the same way.
+
+```yaml
+distributed:
+  strategy: fsdp2            # or deepspeed_zero3 (pip install deepspeed)
+  offload_params: false      # parameter shards in CPU memory
+  offload_optimizer: false   # deepspeed_zero3: optimiser state in CPU memory
+```
+
+- **`fsdp2`** becomes Trainer's FSDP arguments: `fsdp=True` and `fsdp_config` with `version: 2`,
+  `auto_wrap_policy: TRANSFORMER_BASED_WRAP`, the layer classes of `distributed.wrap_classes`
+  (auto: the model's `_no_split_modules`), `cpu_offload` from `offload_params` and
+  `state_dict_type: FULL_STATE_DICT`.
+- **`deepspeed_zero3`** becomes a generated ZeRO-3 config (stage 3, `offload_param` /
+  `offload_optimizer` to the CPU as set, `stage3_gather_16bit_weights_on_model_save: true`, the
+  batch, accumulation, clipping and precision taken from the config). `load_in_4bit` is not
+  supported with it; use `fsdp2`.
+
+The model is loaded and patched in every process before Trainer shards it. Checkpoints hold one
+consolidated adapter: they load on one GPU, and `--resume` continues on the same number of
+processes. The final `adapter/` is gathered from the shards; `merged/` is made from it on a freshly
+loaded base in the main process's CPU memory. `batch_size` is per process: the effective batch is
+`batch_size × gradient_accumulation_steps × N`.
+
+From Python, with your own Trainer: call `fusetune.apply(model)` on the loaded (and PEFT-wrapped)
+model and pass your FSDP2 or DeepSpeed settings to `TrainingArguments` as usual;
+`fusetune.train.distributed.training_arguments(settings, model)` gives the ones above.
+"""
+
+
 def render_docs() -> str:
     """The text of docs/train.md (``python -m fusetune.train.config > docs/train.md``)."""
     table = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
@@ -539,7 +634,7 @@ def render_docs() -> str:
             "     fusetune/train/config.py; edit there, not here (a test checks they agree). -->",
             "",
             "```",
-            "fusetune train [CONFIG.yaml] [--key value ...]",
+            "fusetune train [--nproc N] [CONFIG.yaml] [--key value ...]",
             "```",
             "",
             "LoRA fine-tuning of a vision-language model (or a text-only causal LM) from a YAML config.",
@@ -556,6 +651,10 @@ def render_docs() -> str:
             "## Data formats",
             "",
             DATA_FORMATS.rstrip("\n"),
+            "",
+            "## Several GPUs",
+            "",
+            SEVERAL_GPUS.rstrip("\n"),
             "",
             "## Config keys",
             "",

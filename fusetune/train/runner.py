@@ -5,6 +5,11 @@ adapter, optimiser, scheduler and RNG state, what ``resume`` continues from), an
 ``adapter/`` (the LoRA adapter and the processor), ``config.yaml`` (the config as it ran),
 ``metrics.json`` (loss history, first and final loss, eval loss, runtime, generated samples) and
 ``loss.png`` (the loss curve; needs matplotlib), plus ``merged/`` with ``save_merged``.
+
+In a run of several processes (``distributed.strategy`` fsdp2 or deepspeed_zero3, started by
+``fusetune train --nproc N``, ``torchrun`` or ``accelerate launch``) every rank trains and gathers,
+and the main process alone prints and writes: the adapter consolidated from the shards, and the
+merged weights from that adapter on a freshly loaded base, so both load on one GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fusetune.train import distributed
 from fusetune.train.config import TrainConfig, to_yaml
 from fusetune.train.errors import FusetuneError, Interrupted
 
@@ -200,14 +206,14 @@ def generate_samples(model, collator, dataset, count: int, max_new_tokens: int) 
     return out
 
 
-def _training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool):
+def training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool, model: torch.nn.Module):
+    """Trainer's arguments for ``config``; ``model`` (built and patched) names FSDP2's layer classes.
+
+    ``gradient_checkpointing: on`` is Trainer's (transformers' non-reentrant checkpointing);
+    ``offload`` was enabled on the model by fusetune and Trainer must not install its own over it.
+    """
     from transformers import TrainingArguments
 
-    if config.gradient_checkpointing == "offload":
-        raise FusetuneError(
-            "gradient_checkpointing: offload (checkpointed activations offloaded to CPU memory) is not yet "
-            "implemented; use gradient_checkpointing: on."
-        )
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=config.output_dir,
@@ -240,6 +246,7 @@ def _training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool)
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
         disable_tqdm=False,
+        **distributed.training_arguments(config.distributed, model),
     )
 
 
@@ -256,6 +263,9 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     from fusetune.train.model import load_model, resolve_dtype
 
     started = time.perf_counter()
+    quiet = quiet or not distributed.is_main_process()
+    sharded = config.distributed.strategy != "off"
+    distributed.select_device()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.set_verbosity_error()
     warnings.filterwarnings(
@@ -292,6 +302,10 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         loss=config.loss,
         max_pixels=config.max_pixels,
     )
+    if config.gradient_checkpointing == "offload":
+        from fusetune.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, offload=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     base = getattr(model, "get_base_model", lambda: model)()
@@ -311,7 +325,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     collator = ChatCollator(processor, config.max_seq_length, config.max_pixels)
     collator(list(train_set.samples[: config.batch_size]))  # fail fast on the first batch's data problems
 
-    args = _training_arguments(config, dtype, eval_set is not None)
+    args = training_arguments(config, dtype, eval_set is not None, model)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
     )
@@ -356,15 +370,22 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         config.max_new_tokens,
     )
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     adapter_dir = output_dir / "adapter"
-    model.save_pretrained(adapter_dir)
+    files["adapter"] = str(adapter_dir)
+    if sharded:
+        # Every rank takes part in gathering the shards; the main process writes one adapter.
+        trainer.save_model(str(adapter_dir))
+    if not distributed.is_main_process():
+        trainer.accelerator.wait_for_everyone()  # the main process writes the rest, then merges
+        return TrainResult(output_dir, trainer.state.global_step, None, None, eval_loss, shown, 0.0, files)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not sharded:
+        model.save_pretrained(adapter_dir)
     try:
         processor.save_pretrained(adapter_dir)
     except Exception as error:  # noqa: BLE001 - the adapter is saved; the processor copy is a convenience
         _say(quiet, f"note: processor not saved with the adapter ({type(error).__name__}: {error})")
-    files["adapter"] = str(adapter_dir)
     (output_dir / "config.yaml").write_text(to_yaml(config))
     files["config"] = str(output_dir / "config.yaml")
 
@@ -395,7 +416,10 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         files["loss_curve"] = str(output_dir / "loss.png")
 
     if config.save_merged:
-        files["merged"] = str(save_merged(model, processor, output_dir / "merged", dtype))
+        whole = distributed.reload_with_adapter(config, adapter_dir) if sharded else model
+        files["merged"] = str(save_merged(whole, processor, output_dir / "merged", dtype))
+    if distributed.world_size() > 1:
+        trainer.accelerator.wait_for_everyone()  # the other ranks wait for these files, then exit
 
     if shown:
         _say(quiet, f"\nheld-out samples (greedy, {matches}/{len(shown)} exact):")

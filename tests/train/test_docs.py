@@ -22,9 +22,13 @@ def test_docs_match_the_config_source():
 def test_every_key_has_type_default_and_meaning(capsys):
     rows = config_keys()
     keys = [key for key, _, _, _ in rows]
-    fields = [f.name for f in config_module.dataclasses.fields(config_module.TrainConfig) if f.name != "lora"]
-    lora = [f"lora.{f.name}" for f in config_module.dataclasses.fields(config_module.LoraSettings)]
-    assert keys == fields + lora
+    def names(cls):
+        return [f.name for f in config_module.dataclasses.fields(cls)]
+
+    sections = {"lora": config_module.LoraSettings, "distributed": config_module.DistributedSettings}
+    fields = [name for name in names(config_module.TrainConfig) if name not in sections]
+    nested = [f"{section}.{name}" for section, cls in sections.items() for name in names(cls)]
+    assert keys == fields + nested
     assert all(kind and default and doc for _, kind, default, doc in rows), rows
     assert cli.main(["train", "--help"]) == 0
     text = capsys.readouterr().out
