@@ -1,0 +1,268 @@
+"""Packed rows against the unpacked padded batch: same loss and gradients, samples kept apart.
+
+Models: the offline tiny Qwen2-VL of the demo (sdpa), a tiny Qwen2.5-VL built from a config over the
+same processor, a tiny Llama (1-D positions). References: the padded batch through the same model,
+each sample collated alone, transformers' own ``get_rope_index``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusetune.train import demo
+from fusetune.train.collator import IGNORE, ChatCollator
+from fusetune.train.errors import FusetuneError
+from fusetune.train.packing import PackingCollator, attention_implementation, pack, unbatch
+
+SIZES = {0: (84, 112), 2: (112, 56), 3: (56, 56)}  # images of different grids; sample 1 has none
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return demo.build_processor(max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def collator(processor):
+    return ChatCollator(processor, max_seq_length=512)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """Four chat samples: images of three sizes, one with two images, one with none."""
+    out = demo.samples(4, seed=5)
+    for index, size in SIZES.items():
+        content = out[index]["messages"][0]["content"]
+        content[0]["image"] = content[0]["image"].resize(size)
+    out[1]["messages"][0]["content"] = [{"type": "text", "text": "what is in the picture ?"}]
+    out[2]["messages"][0]["content"].insert(
+        0, {"type": "image", "image": out[3]["messages"][0]["content"][0]["image"]}
+    )
+    return out
+
+
+def qwen2_5_vl(tokenizer):
+    """A tiny Qwen2.5-VL with the demo's vocabulary and token ids (its processor input is Qwen2-VL's)."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    base = demo.model_config(tokenizer)
+    config = AutoConfig.for_model(
+        "qwen2_5_vl",
+        text_config=base.text_config.to_dict(),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            out_hidden_size=128,
+            intermediate_size=128,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        **{key: getattr(base, key) for key in ("image_token_id", "video_token_id", "vision_start_token_id")},
+    )
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(model, padded, packed):
+    loss, grads = loss_and_grads(model, padded)
+    packed_loss, packed_grads = loss_and_grads(model, packed)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    assert packed_grads.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_packed_loss_and_gradients_equal_the_padded_batch(processor, collator, samples, family):
+    model = demo.build_model(processor.tokenizer) if family == "qwen2_vl" else qwen2_5_vl(processor.tokenizer)
+    model.train()
+    packed = PackingCollator(collator, model.config)(samples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["position_ids"].shape == (4, *packed["input_ids"].shape)
+    assert_same_training_step(model, collator(samples), packed)
+
+
+def test_packed_loss_through_fusetune_apply(processor, collator, samples):
+    import fusetune
+
+    model = demo.build_model(processor.tokenizer)
+    model.train()
+    expected, _ = loss_and_grads(model, collator(samples))
+    fusetune.apply(model)
+    loss, _ = loss_and_grads(model, PackingCollator(collator, model.config)(samples))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("changed", [0, 2])
+def test_samples_do_not_see_each_other(processor, collator, samples, changed):
+    """Changing one sample's answer tokens and image changes its own logits only, not those of the
+    samples before or after it in the row."""
+    model = demo.build_model(processor.tokenizer).eval()
+    order = [samples[i] for i in ((1, 0, 2) if changed == 0 else (0, 2, 1))]  # the changed one mid-row
+    parts = unbatch(collator(order), model.config)
+    edited = [dict(part) for part in parts]
+    ids = edited[1]["input_ids"].clone()
+    answer = edited[1]["labels"] != IGNORE
+    ids[answer] = ids[answer].flip(0)
+    edited[1]["input_ids"] = ids
+    edited[1]["pixel_values"] = edited[1]["pixel_values"] + 0.5
+    with torch.no_grad():
+        before = model(**pack(parts, model.config)).logits[0]
+        after = model(**pack(edited, model.config)).logits[0]
+    first, second = (part["input_ids"].shape[1] for part in parts[:2])
+    mine = slice(first, first + second)
+    for other in (slice(0, first), slice(first + second, None)):
+        torch.testing.assert_close(after[other], before[other], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[mine], before[mine], atol=1e-3)
+
+
+def test_unbatch_gives_each_sample_as_collated_alone(processor, collator, samples):
+    config = demo.model_config(processor.tokenizer)
+    parts = unbatch(collator(samples), config)
+    assert len(parts) == len(samples)
+    for part, sample in zip(parts, samples, strict=True):
+        alone = collator([sample])
+        alone.pop("attention_mask")
+        assert part.keys() == alone.keys()
+        for key, value in alone.items():
+            torch.testing.assert_close(part[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_packed_row_positions_labels_and_images(processor, collator, samples):
+    """Positions restart per sample (text row: 0..n-1; M-RoPE rows: transformers' ids of the sample
+    alone), labels are -100 on each sample's first token, images stay in order."""
+    model = demo.build_model(processor.tokenizer)
+    parts = unbatch(collator(samples), model.config)
+    row = pack(parts, model.config)
+    at = 0
+    for part in parts:
+        n = part["input_ids"].shape[1]
+        alone, _ = model.model.get_rope_index(
+            part["input_ids"], part["mm_token_type_ids"], image_grid_thw=part.get("image_grid_thw")
+        )
+        torch.testing.assert_close(row["position_ids"][0, 0, at : at + n], torch.arange(n))
+        torch.testing.assert_close(row["position_ids"][1:, :, at : at + n], alone, rtol=0, atol=0)
+        assert row["labels"][0, at] == IGNORE
+        torch.testing.assert_close(row["labels"][0, at + 1 : at + n], part["labels"][0, 1:])
+        at += n
+    assert at == row["input_ids"].shape[1]
+    with_images = [part for part in parts if "pixel_values" in part]
+    assert len(with_images) == 3 and len({tuple(g) for g in row["image_grid_thw"].tolist()}) == 3
+    torch.testing.assert_close(row["pixel_values"], torch.cat([p["pixel_values"] for p in with_images]))
+    torch.testing.assert_close(row["image_grid_thw"], torch.cat([p["image_grid_thw"] for p in with_images]))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def text_samples(lengths=(9, 17, 5, 12)):
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for index, n in enumerate(lengths):
+        ids = torch.randint(1, 64, (1, n), generator=generator)
+        labels = ids.clone()
+        if index % 2:  # a prompt that is not learned; the others learn from their first token on
+            labels[0, : n // 3] = IGNORE
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def padded(samples):
+    length = max(s["input_ids"].shape[1] for s in samples)
+    batch = {
+        "input_ids": torch.zeros(len(samples), length, dtype=torch.long),
+        "labels": torch.full((len(samples), length), IGNORE),
+        "attention_mask": torch.zeros(len(samples), length, dtype=torch.long),
+    }
+    for row, sample in enumerate(samples):
+        n = sample["input_ids"].shape[1]
+        batch["input_ids"][row, :n] = sample["input_ids"][0]
+        batch["labels"][row, :n] = sample["labels"][0]
+        batch["attention_mask"][row, :n] = 1
+    return batch
+
+
+def test_text_model_packed_equals_padded_with_1d_positions():
+    model = tiny_llama().train()
+    samples = text_samples()
+    row = pack(samples, model.config)
+    torch.testing.assert_close(
+        row["position_ids"], torch.cat([torch.arange(n) for n in (9, 17, 5, 12)])[None]
+    )
+    assert_same_training_step(model, padded(samples), row)
+    # HF Trainer's num_items_in_batch: the label tokens past each row's first, the same count packed
+    count = padded(samples)["labels"][:, 1:].ne(IGNORE).sum()
+    assert (
+        row["labels"][:, 1:].ne(IGNORE).sum()
+        == count
+        == sum(s["labels"][0, 1:].ne(IGNORE).sum() for s in samples)
+    )
+    assert unbatch(padded(samples), model.config)[1]["input_ids"].shape == (1, 17)
+
+
+def test_text_model_samples_do_not_see_each_other():
+    model = tiny_llama().eval()
+    samples = text_samples()
+    changed = [dict(s) for s in samples]
+    changed[1]["input_ids"] = (samples[1]["input_ids"] + 1) % 64
+    with torch.no_grad():
+        before = model(**pack(samples, model.config)).logits[0]
+        after = model(**pack(changed, model.config)).logits[0]
+    torch.testing.assert_close(after[:9], before[:9], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after[26:], before[26:], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[9:26], before[9:26], atol=1e-3)
+
+
+def test_unsupported_inputs_name_the_fix(processor):
+    from transformers import AutoConfig
+
+    config = demo.model_config(processor.tokenizer)
+    sample = {**text_samples()[0], "cross_attention_mask": torch.ones(1, 9, 1, 4)}
+    with pytest.raises(FusetuneError, match="cross_attention_mask.*packing: false"):
+        pack([sample], config)
+    with pytest.raises(FusetuneError, match="not 'llava'.*packing: false"):
+        pack(text_samples(), AutoConfig.for_model("llava"))
+    with pytest.raises(FusetuneError, match="split a collated batch with unbatch"):
+        pack([padded(text_samples())], config)
+    config._attn_implementation = "paged|sdpa"
+    with pytest.raises(FusetuneError, match="attn_implementation='sdpa'"):
+        PackingCollator(None, config)
+
+
+def test_attention_implementation_prefers_flash_varlen(monkeypatch):
+    import importlib.util
+
+    assert attention_implementation() == (
+        "flash_attention_2"
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn")
+        else "sdpa"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert attention_implementation() == "flash_attention_2"
