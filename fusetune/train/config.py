@@ -88,6 +88,10 @@ class TrainConfig:
     checkpointing) | offload (fusetune's checkpointing: also keeps the saved layer inputs in CPU memory)."""
     max_seq_length: int = 2048
     """Longest tokenised sample (image tokens included); longer ones are cut on the right."""
+    packing: bool = False
+    """Pack each batch's samples, with their images, into one row without padding (Qwen2-VL family
+    and text models): positions (M-RoPE included) restart per sample and attention stays inside each
+    sample; the loss equals the padded batch's. batch_size samples make one row."""
     max_pixels: int = 602112
     """Images larger than this many pixels are resized down (aspect kept) before processing."""
     batch_size: int = 2

@@ -323,11 +323,16 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         )
 
     collator = ChatCollator(processor, config.max_seq_length, config.max_pixels)
-    collator(list(train_set.samples[: config.batch_size]))  # fail fast on the first batch's data problems
+    train_collator = collator
+    if config.packing:
+        from fusetune.train.packing import PackingCollator
+
+        train_collator = PackingCollator(collator, model.config)
+    train_collator(list(train_set.samples[: config.batch_size]))  # fail fast on the first batch's data
 
     args = training_arguments(config, dtype, eval_set is not None, model)
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=train_collator
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(quiet))
