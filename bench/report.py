@@ -2,8 +2,8 @@
 
     python bench/report.py [--results DIR] [--out FILE]
 
-One section per ops results file (``DIR/ops-*.jsonl``; the tuning sweeps stay raw data),
-between ``<!-- begin NAME -->`` and
+One section per ops or end-to-end results file (``DIR/ops-*.jsonl``, ``DIR/e2e-*.jsonl``; the
+tuning sweeps stay raw data), between ``<!-- begin NAME -->`` and
 ``<!-- end NAME -->`` markers: re-running replaces a file's section and leaves the rest of the
 document (hand-written notes, other sections) alone.
 """
@@ -19,6 +19,7 @@ import common
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_ORDER = ("fusetune", "torch_eager", "torch_compile", "liger", "matmul")
+E2E_ORDER = ("hf", "liger", "unsloth", "fusetune")
 RIVALS = ("liger", "torch_compile")  # fusetune's speed ratio is taken against the faster of these
 TITLE = "# Benchmark results\n"
 
@@ -32,8 +33,9 @@ def header(records: list[dict]) -> str:
     """GPU, library versions and date of a run, from its records."""
     first = records[0]
     liger = next((r["liger"] for r in records if r.get("liger")), None)
+    liger = f" · Liger-Kernel {liger}" if liger else ""
     return (f"GPU: {first['gpu']} · torch {first['torch']} · triton {first['triton']} · "
-            f"transformers {first['transformers']} · Liger-Kernel {liger} · {first['date']}")
+            f"transformers {first['transformers']}{liger} · {first['date']}")
 
 
 def cell(systems: dict, system: str, metric: str, spec: str) -> str:
@@ -108,13 +110,55 @@ def ceilings_line(cases: dict) -> list[str]:
             f"(read + write), bf16 matmul {values.get(common.MATMUL, 0):.1f} TFLOP/s."]
 
 
+def e2e_label(row: dict) -> str:
+    """A system's name in the end-to-end table (fusetune without activation offload marked)."""
+    return row["system"] + (" (no offload)" if row["config"].get("offload") is False else "")
+
+
+def e2e_table(records: list[dict]) -> list[str]:
+    """One row per configuration and system: speed, step-time range, memory, step-1 loss and MFU."""
+    cases: dict = {}
+    for row in records:
+        config = row["config"]
+        key = (config["model"], config["tokens"], config["variant"])
+        cases.setdefault(key, {}).setdefault(e2e_label(row), {})[row["metric"]] = row
+    order = {system: i for i, system in enumerate(E2E_ORDER)}
+    rows = []
+    for (model, tokens, variant), systems in cases.items():
+        for label in sorted(systems, key=lambda name: (order.get(name.split()[0], len(order)), name)):
+            metrics = systems[label]
+            static, peak = (common.value(systems, label, m) for m in ("static_gib", "peak_allocated_gib"))
+            speed = metrics.get("tokens_per_s", {})
+            steps = speed.get("step_s", [])[speed.get("steps", [0])[0]:]
+            rows.append([model, f"{tokens:,}", variant, label, cell(systems, label, "tokens_per_s", ",.0f"),
+                         f"{min(steps):.2f}-{max(steps):.2f}" if steps and speed["value"] else "",
+                         cell(systems, label, "static_gib", ".2f"),
+                         cell(systems, label, "peak_allocated_gib", ".2f"),
+                         "" if static is None or peak is None else f"{peak - static:.2f}",
+                         cell(systems, label, "peak_reserved_gib", ".2f"),
+                         cell(systems, label, "loss", ".4f"), cell(systems, label, "mfu", ".3f")])
+    versions = sorted({f"{row['system']} {row['system_version']}"
+                       for row in records if row.get("system_version")})
+    notes = ["", "Tokens/s counts the language model's tokens over the timed steps; step s is the fastest "
+             "and slowest timed step. GiB = 2^30 bytes; static is allocated before the first step, peak - "
+             "static is what training adds above the frozen weights. Loss is step 1's (identical weights "
+             "and batch in every system). MFU: 4 x matmul parameters + causal attention FLOPs per token "
+             "over the H200's 989 TFLOP/s dense bf16.", "Versions: " + ", ".join(versions) + "."]
+    return ["### End to end (LoRA r=16, batch 1, gradient checkpointing)", ""] + markdown(
+        ["model", "tokens", "variant", "system", "tokens/s", "step s", "static GiB", "peak GiB",
+         "peak - static", "reserved GiB", "loss", "MFU"], rows) + notes
+
+
 def errors_list(records: list[dict]) -> list[str]:
     """Each distinct failure once, with the cases it hit."""
     seen: dict[tuple[str, str], list[str]] = {}
     for row in records:
         if row["value"] is None:
             config = row["config"]
-            where = f"{config['op']} {common.shape_text(config)} {config.get('variant', '')}"
+            if "op" in config:
+                where = f"{config['op']} {common.shape_text(config)} {config.get('variant', '')}"
+            else:
+                where = f"{config['model']} {config['tokens']:,} tokens {config['variant']}"
             cases = seen.setdefault((row["system"], row["error"]), [])
             if where not in cases:
                 cases.append(where)
@@ -128,9 +172,12 @@ def errors_list(records: list[dict]) -> list[str]:
 
 def section(name: str, records: list[dict]) -> str:
     """The Markdown section for one results file, markers included."""
-    cases = common.index(records)
-    parts = [[f"## {name}", "", header(records)], ceilings_line(cases), correctness_table(cases),
-             ops_table(cases), errors_list(records)]
+    if name.startswith("e2e-"):
+        parts = [[f"## {name}", "", header(records)], e2e_table(records), errors_list(records)]
+    else:
+        cases = common.index(records)
+        parts = [[f"## {name}", "", header(records)], ceilings_line(cases), correctness_table(cases),
+                 ops_table(cases), errors_list(records)]
     body = "\n\n".join("\n".join(part) for part in parts if part)
     return f"<!-- begin {name} -->\n{body}\n<!-- end {name} -->"
 
@@ -150,7 +197,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     document = args.out.read_text() if args.out.exists() else TITLE
-    for path in sorted(args.results.glob("ops-*.jsonl")):
+    for path in sorted(args.results.glob("ops-*.jsonl")) + sorted(args.results.glob("e2e-*.jsonl")):
         records = load(path)
         if records:
             document = replace_section(document, path.name, section(path.name, records))

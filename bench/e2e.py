@@ -1,0 +1,451 @@
+"""End-to-end LoRA / QLoRA fine-tuning steps of full-size models: HF + PEFT, + Liger, Unsloth, fusetune.
+
+    python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11] [--systems hf,liger,unsloth,fusetune]
+                        [--variants bf16_lora,qlora] [--steps 3,8] [--timeout 420] [--budget S]
+                        [--tiny] [--profile DIR] [--cache DIR] [--keep-folders] [--logs DIR]
+
+Each (configuration, variant, system) runs in its own process (``--worker``), which prints one line
+``E2E-RESULT [records]``; a worker that runs out of memory, crashes or passes ``--timeout`` seconds
+gets records with value null and an ``error`` (the exception, the last line of its log, or the
+timeout), and the next one starts. Records are appended to FILE after every worker (never
+truncated: several calls can fill one file; the report takes the last record of a case). ``--budget``
+caps the whole call: a worker gets at most the seconds left, and a case that no longer has a minute
+is recorded as not run. Every worker's output goes to ``--logs`` (default: FILE's name + ``-logs``).
+
+Protocol (bench/e2e_models.py builds the models and batches): random bf16 weights, identical in
+every worker (seeded, built on the device); LoRA r=16, alpha=16, dropout 0, float32 adapters, on
+q,k,v,o,gate,up,down of the language model; SDPA; batch 1; forward under bf16 autocast; torch AdamW
+(lr 1e-4) on the LoRA parameters; gradient checkpointing; ``--steps`` warm-up and timed steps, each
+timed by wall clock between CUDA synchronisations. Systems:
+
+- ``hf``: transformers + ``peft.get_peft_model``; transformers' non-reentrant checkpointing.
+- ``liger``: ``liger_kernel.transformers.apply_liger_kernel_to_<model>()`` (default flags) first, then as hf.
+- ``unsloth``: ``FastLanguageModel`` / ``FastVisionModel.from_pretrained`` of a saved folder of the
+  same weights (built once per model under ``--cache`` by ``--save-model``, deleted after the model's
+  cases unless ``--keep-folders``), their ``get_peft_model`` with the same LoRA settings and
+  ``use_gradient_checkpointing="unsloth"``; 4-bit through ``load_in_4bit=True``.
+- ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``;
+  ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``).
+- ``qlora``: every system but Unsloth quantizes the built model with ``fusetune.quantize.quantize_4bit``
+  (bitsandbytes NF4, double quantization, bf16 compute; ``lm_head`` kept) before PEFT, without
+  PEFT's ``prepare_model_for_kbit_training`` (which would upcast the norms to float32).
+
+Records (bench/common.py): system hf|liger|unsloth|fusetune; config {"model", "tokens", "variant"};
+metrics tokens_per_s (language-model tokens over the timed steps; ``step_s`` keeps every step's
+seconds, warm-up included, for the variance study), static_gib (allocated before the first step:
+weights and adapters), peak_allocated_gib, peak_reserved_gib, loss (step 1; ``losses`` all steps:
+step 1 runs identical weights and batch in every system, so its loss must agree), mfu (see
+``e2e_models.flops_per_token``; against the H200's 989 TFLOP/s dense bf16). ``--profile DIR`` runs
+one more step under ``torch.profiler``, saves its Chrome trace in DIR and prints the top operators by
+host and by device time. ``--tiny`` runs tiny models of the same architectures (on a CPU too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+import e2e_models
+import patch_gpu
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULT = "E2E-RESULT "
+METRICS = ("tokens_per_s", "static_gib", "peak_allocated_gib", "peak_reserved_gib", "loss", "mfu")
+SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune-nooffload")
+VARIANTS = ("bf16_lora", "qlora")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+PACKAGES = {"hf": "peft", "liger": "liger-kernel", "unsloth": "unsloth"}  # each system's version
+MIN_WORKER_S = 60  # with less of --budget left, a case is recorded as not run
+GIB = 2**30
+LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One worker: a configuration name (``L8-4k``), a variant and a system as given to --systems."""
+
+    config: str
+    variant: str
+    system: str
+
+    @property
+    def model(self) -> str:
+        return e2e_models.CONFIGS[self.config][0]
+
+    @property
+    def slug(self) -> str:
+        return f"{self.config}-{self.variant}-{self.system}"
+
+    def record_system(self) -> str:
+        return self.system.split("-")[0]
+
+    def record_config(self, tiny: bool) -> dict:
+        tokens = e2e_models.tokens_of(self.config, tiny)
+        config = {"model": self.model, "tokens": tokens, "variant": self.variant}
+        if self.system == "fusetune-nooffload":
+            config["offload"] = False
+        if tiny:
+            config["tiny"] = True
+        return config
+
+
+def failed(case: Case, tiny: bool, error: str) -> list[dict]:
+    """Records with value null and ``error`` for every metric of ``case``."""
+    return [common.record(case.record_system(), case.record_config(tiny), metric, None, error)
+            for metric in METRICS]
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker: one case in this process.
+
+
+def _version(distribution: str | None) -> str | None:
+    try:
+        return importlib.metadata.version(distribution) if distribution else None
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def unsloth_model(case: Case, model: e2e_models.Model, tokens: int, folder: Path) -> torch.nn.Module:
+    """Unsloth's model from the saved folder with its LoRA and its default ("unsloth") checkpointing."""
+    import unsloth
+
+    loader = unsloth.FastVisionModel if model.vlm else unsloth.FastLanguageModel
+    loaded, _ = loader.from_pretrained(str(folder), max_seq_length=tokens, dtype=torch.bfloat16,
+                                       load_in_4bit=case.variant == "qlora", local_files_only=True,
+                                       use_exact_model_name=True)
+    settings = dict(LORA, use_gradient_checkpointing="unsloth", random_state=e2e_models.SEED)
+    if model.vlm:
+        peft_model = loader.get_peft_model(loaded, finetune_vision_layers=False,
+                                           finetune_language_layers=True, finetune_attention_modules=True,
+                                           finetune_mlp_modules=True, **settings)
+    else:
+        peft_model = loader.get_peft_model(loaded, target_modules=list(e2e_models.LORA_TARGETS), **settings)
+    loader.for_training(peft_model)
+    return peft_model
+
+
+def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype,
+            folder: Path | None) -> torch.nn.Module:
+    """The model of ``case`` with its LoRA adapters and checkpointing, ready for training steps."""
+    if case.system == "unsloth":
+        if folder is None:
+            raise ValueError("the unsloth system needs --folder (a saved model)")
+        return unsloth_model(case, model, tokens, folder)
+    if case.system == "liger":
+        import liger_kernel.transformers as liger
+
+        getattr(liger, model.liger)()
+    import peft
+
+    built = e2e_models.build(model, dtype)
+    if case.variant == "qlora":
+        from fusetune.quantize import quantize_4bit
+
+        quantize_4bit(built, compute_dtype=dtype)
+    if case.system in ("hf", "liger"):
+        built.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = peft.LoraConfig(**LORA, target_modules=e2e_models.lora_targets(model), task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(built, lora)
+    if case.system.startswith("fusetune"):
+        import fusetune
+        from fusetune.checkpointing import enable_checkpointing
+
+        fusetune.apply(peft_model)
+        enable_checkpointing(peft_model, offload=case.system == "fusetune")
+    return peft_model
+
+
+def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
+    """One forward (bf16 autocast on CUDA), backward and AdamW step; the loss, after a full sync."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    common.synchronize()
+    return loss.item()
+
+
+def profile_step(step, trace: Path) -> None:
+    """One more step under torch.profiler: its Chrome trace to ``trace``, the top operators printed
+    by host time and (on CUDA) by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    averages = prof.key_averages()
+    print(f"profile: trace {trace}\ntop operators by host (self CPU) time:\n"
+          f"{averages.table(sort_by='self_cpu_time_total', row_limit=25)}")
+    if torch.cuda.is_available():
+        table = averages.table(sort_by="self_device_time_total", row_limit=25)
+        print(f"top operators by device time:\n{table}")
+
+
+def measure(case: Case, args: argparse.Namespace) -> list[dict]:
+    """Build, warm up and time ``case``; its records."""
+    model = e2e_models.models(args.tiny)[case.model]
+    tokens = e2e_models.tokens_of(case.config, args.tiny)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    trained = prepare(case, model, tokens, dtype, args.folder)
+    batch = patch_gpu.to_device(e2e_models.inputs(model, tokens, args.tiny), dtype)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    warmup, timed = args.steps
+    common.synchronize()
+    static = torch.cuda.memory_allocated() if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, seconds = [], []
+    for _ in range(warmup + timed):
+        start = time.perf_counter()
+        losses.append(train_step(trained, batch, optimizer))
+        seconds.append(time.perf_counter() - start)
+    tokens_per_s = tokens * timed / sum(seconds[warmup:])
+    flops = e2e_models.flops_per_token(model, tokens)
+    values = {"tokens_per_s": tokens_per_s, "loss": losses[0], "static_gib": None, "peak_allocated_gib": None,
+              "peak_reserved_gib": None, "mfu": None}
+    if cuda:
+        values.update(static_gib=static / GIB, peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+                      mfu=tokens_per_s * flops / e2e_models.PEAK_FLOPS)
+    if args.profile:
+        profile_step(lambda: train_step(trained, batch, optimizer), args.profile / f"{case.slug}.json")
+    common_extra = {"steps": [warmup, timed], "trainable_params": sum(p.numel() for p in trainable),
+                    "lora_dtype": str(trainable[0].dtype),
+                    "system_version": _version(PACKAGES.get(case.system))}
+    per_metric = {"tokens_per_s": {"step_s": seconds},
+                  "loss": {"losses": losses, "last_loss": losses[-1]},
+                  "mfu": {"flops_per_token": flops, "peak_tflops": e2e_models.PEAK_FLOPS / 1e12}}
+    config = case.record_config(args.tiny)
+    return [common.record(case.record_system(), config, metric, value,
+                          None if value is not None else "no CUDA: memory and MFU are measured on a GPU",
+                          **common_extra, **per_metric.get(metric, {}))
+            for metric, value in values.items()]
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Run one case and print its records as one ``E2E-RESULT`` line (errors included)."""
+    case = Case(args.config, args.variant, args.system)
+    try:
+        if case.system == "unsloth":
+            import unsloth  # noqa: F401  (first: it patches transformers and peft as it is imported)
+        records = measure(case, args)
+    except Exception as exc:  # torch.OutOfMemoryError above all
+        traceback.print_exc()
+        records = failed(case, args.tiny, common.describe(exc))
+    print(RESULT + json.dumps(records), flush=True)
+    return 0
+
+
+def save_model(args: argparse.Namespace) -> int:
+    """Write the model folder Unsloth loads (``--save-model NAME --folder DIR``)."""
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    e2e_models.save_folder(e2e_models.models(args.tiny)[args.save_model], args.folder, dtype)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The orchestrator: every case in its own process.
+
+
+def run_process(argv: list[str], log: Path, timeout: float) -> tuple[int | None, str]:
+    """Run ``argv`` with its output in ``log``; (exit status or None after a timeout, the log's text).
+
+    The process gets its own session so that a timeout kills its children (compile workers) too.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE},
+                                   start_new_session=True)
+        try:
+            status = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            status = None
+    return status, log.read_text(errors="replace")
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_case(case: Case, args: argparse.Namespace, timeout: float, folder: Path | None) -> list[dict]:
+    """One worker process; its records, or failure records when it printed none."""
+    argv = [sys.executable, str(HERE / "e2e.py"), "--worker", "--config", case.config,
+            "--variant", case.variant, "--system", case.system, "--steps", ",".join(map(str, args.steps))]
+    argv += ["--tiny"] if args.tiny else []
+    argv += ["--profile", str(args.profile)] if args.profile else []
+    argv += ["--folder", str(folder)] if folder else []
+    status, text = run_process(argv, args.logs / f"{case.slug}.log", timeout)
+    lines = [line for line in text.splitlines() if not line.startswith(RESULT)]
+    results = [line for line in text.splitlines() if line.startswith(RESULT)]
+    if results:
+        records = json.loads(results[-1][len(RESULT):])
+    else:
+        error = f"worker exited {status}: {last_line(text)}"
+        records = failed(case, args.tiny, f"timeout after {timeout:.0f} s" if status is None else error)
+    if args.profile or all(row["value"] is None for row in records):
+        print("\n".join(lines if args.profile else lines[-12:]), flush=True)
+    return records
+
+
+def model_folder(model: str, args: argparse.Namespace, timeout: float) -> tuple[Path | None, str | None]:
+    """The saved folder of ``model`` for Unsloth, written first when missing; (folder, None) or
+    (None, why it could not be written)."""
+    folder = args.cache / f"{model}{'-tiny' if args.tiny else ''}"
+    if (folder / "complete").exists():
+        return folder, None
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"saving {model} for unsloth to {folder}", flush=True)
+    argv = [sys.executable, str(HERE / "e2e.py"), "--save-model", model, "--folder", str(folder)]
+    argv += ["--tiny"] if args.tiny else []
+    status, text = run_process(argv, args.logs / f"save-{model}.log", timeout)
+    if status == 0 and (folder / "complete").exists():
+        return folder, None
+    shutil.rmtree(folder, ignore_errors=True)
+    reason = f"timeout after {timeout:.0f} s" if status is None else last_line(text)
+    return None, f"could not save the model folder: {reason}"
+
+
+def summary(records: list[dict]) -> str:
+    """One line for one case's records."""
+    values = {row["metric"]: row for row in records}
+    first = records[0]
+    config = first["config"]
+    label = f"{config['model']} {config['tokens']} {config['variant']} {first['system']}"
+    if config.get("offload") is False:
+        label += " (no offload)"
+    if all(row["value"] is None for row in records):
+        return f"  {label}: FAILED: {first['error']}"
+
+    def show(metric: str, spec: str) -> str:
+        value = values[metric]["value"]
+        return "-" if value is None else format(value, spec)
+
+    steps = values["tokens_per_s"]["step_s"][values["tokens_per_s"]["steps"][0]:]
+    return (f"  {label}: {show('tokens_per_s', ',.0f')} tokens/s "
+            f"(steps {min(steps):.3f}-{max(steps):.3f} s), "
+            f"static {show('static_gib', '.2f')} GiB, peak {show('peak_allocated_gib', '.2f')} "
+            f"(reserved {show('peak_reserved_gib', '.2f')}), loss {show('loss', '.4f')} -> "
+            f"{values['loss']['last_loss']:.4f}, MFU {show('mfu', '.3f')}")
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    """Run every case in its own process, appending its records to --out as soon as it ends."""
+    start = time.monotonic()
+    budget = args.budget if args.budget is not None else float("inf")
+
+    def left() -> float:
+        return budget - (time.monotonic() - start)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    models = list(dict.fromkeys(e2e_models.CONFIGS[name][0] for name in args.configs))
+    print(f"results: {args.out}; logs: {args.logs}", flush=True)
+    for model in models:  # a model's configurations together: its Unsloth folder is saved once
+        configs = [config for config in args.configs if e2e_models.CONFIGS[config][0] == model]
+        cases = [Case(config, variant, system) for config in configs
+                 for variant in args.variants for system in args.systems]
+        folder = folder_error = None
+        for case in cases:
+            unsloth = case.system == "unsloth"
+            if unsloth and folder is None and folder_error is None and left() >= MIN_WORKER_S:
+                folder, folder_error = model_folder(model, args, min(args.timeout, left()))
+            if left() < MIN_WORKER_S:
+                records = failed(case, args.tiny, f"not run: the --budget of {budget:.0f} s was spent")
+            elif unsloth and folder_error:
+                records = failed(case, args.tiny, folder_error)
+            else:
+                records = run_case(case, args, min(args.timeout, left()), folder if unsloth else None)
+            with args.out.open("a") as out:
+                out.writelines(json.dumps(row) + "\n" for row in records)
+            print(summary(records), flush=True)
+        if folder is not None and not args.keep_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"done in {time.monotonic() - start:.0f} s", flush=True)
+    return 0
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {sorted(allowed)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON-lines results file (appended to)")
+    parser.add_argument("--configs", default="L8-4k,Q7VL,M11", help=f"of {', '.join(e2e_models.CONFIGS)}")
+    parser.add_argument("--systems", default="hf,liger,unsloth,fusetune", help=f"of {', '.join(SYSTEMS)}")
+    parser.add_argument("--variants", default="bf16_lora", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", default="3,8", help="warm-up,timed")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds per worker")
+    parser.add_argument("--budget", type=float, help="seconds for the whole call")
+    parser.add_argument("--tiny", action="store_true", help="tiny models of the same architectures (CPU too)")
+    parser.add_argument("--profile", type=Path, help="profile one extra step of each worker; traces here")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fusetune-e2e-models",
+                        help="where the model folders for Unsloth are saved")
+    parser.add_argument("--keep-folders", action="store_true", help="keep the saved model folders")
+    parser.add_argument("--logs", type=Path, help="workers' logs (default: next to --out)")
+    parser.add_argument("--worker", action="store_true", help="run one case in this process")
+    parser.add_argument("--config", choices=list(e2e_models.CONFIGS))
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--system", choices=SYSTEMS)
+    parser.add_argument("--folder", type=Path, help="the saved model (unsloth worker, --save-model)")
+    parser.add_argument("--save-model", choices=["L8", "Q7VL", "M11"], help="save this model to --folder")
+    args = parser.parse_args(argv)
+    args.steps = tuple(int(n) for n in args.steps.split(","))
+    if len(args.steps) != 2 or args.steps[1] < 1:
+        parser.error("--steps is warm-up,timed with at least one timed step")
+    if args.worker:
+        if None in (args.config, args.variant, args.system):
+            parser.error("--worker needs --config, --variant and --system")
+    elif args.save_model:
+        if args.folder is None:
+            parser.error("--save-model needs --folder")
+    elif args.out is None:
+        parser.error("--out is required")
+    else:
+        args.configs = _names(args.configs, e2e_models.CONFIGS, "configs")
+        args.systems = _names(args.systems, SYSTEMS, "systems")
+        args.variants = _names(args.variants, VARIANTS, "variants")
+        args.logs = args.logs or args.out.with_name(args.out.stem + "-logs")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # transformers 5.2x renames gradient checkpointing (the old names stay until v6; 5.17 has only them).
+    warnings.filterwarnings("ignore", r".*gradient_checkpointing.*deprecated", FutureWarning)
+    sys.path.insert(0, str(HERE.parent))  # fusetune from this checkout
+    if args.worker:
+        return worker(args)
+    if args.save_model:
+        return save_model(args)
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The models, inputs and FLOP counts of the end-to-end benchmark (``bench/e2e.py``).
+
+Three full-size architectures with random weights, built from their published configs (nothing is
+downloaded): ``L8`` Llama-3.1-8B, ``Q7VL`` Qwen2.5-VL-7B-Instruct (vision tower included) and
+``M11`` Llama-3.2-11B-Vision (Mllama). Each also has a tiny stand-in of the same architecture
+(``tiny=True``) that runs on a CPU in seconds, so the benchmark's plumbing can be tested anywhere.
+
+Weights are identical in every process that builds the same model: one seeded random call per
+tensor, on the same device, in the same order (``patch_gpu.build``). The Unsloth worker loads the
+same weights from a folder that :func:`save_folder` writes from such a build.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import patch_gpu
+import torch
+
+IGNORE = -100
+SEED = 0
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TINY_SHRINK = 64  # a tiny config runs 1/64 of the full one's tokens
+# H200 SXM dense bf16 tensor-core rate from NVIDIA's spec sheet, the MFU denominator.
+PEAK_FLOPS = 989e12
+
+# Mllama's supported tile layouts (Llama-3.2-11B-Vision's preprocessor); an image's aspect-ratio id is
+# its index here plus one (0 pads), so 2 x 2 tiles is id 6.
+MLLAMA_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+MLLAMA_TILES = (2, 2)
+
+
+def mllama_11b_config(tiny: bool = False):
+    """meta-llama/Llama-3.2-11B-Vision's config.json written out (10.67 B parameters), or a tiny
+    Mllama (hidden 64, two text layers of which one cross-attends, a one-layer vision tower on 28-pixel
+    tiles) of the same shape otherwise."""
+    from transformers import MllamaConfig
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if tiny:
+        text = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    cross_attention_layers=[1], num_attention_heads=4, num_key_value_heads=2,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_global_layers=1,
+                      attention_heads=2, image_size=28, patch_size=14, intermediate_layers_indices=[0],
+                      vision_output_dim=64)
+    else:
+        text = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], num_attention_heads=32,
+                    num_key_value_heads=8, bos_token_id=128000,
+                    eos_token_id=128001, pad_token_id=128004)
+        vision = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                      attention_heads=16, image_size=560, patch_size=14,
+                      intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680)
+    text.update(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=rope,
+                tie_word_embeddings=False, hidden_act="silu")
+    vision.update(max_num_tiles=4, num_channels=3, norm_eps=1e-5, supported_aspect_ratios=MLLAMA_RATIOS)
+    return MllamaConfig(text_config=text, vision_config=vision, image_token_index=text["vocab_size"])
+
+
+@dataclass(frozen=True)
+class Model:
+    """One benchmarked architecture: its patch_gpu spec (config + whether it is a VLM), the Liger
+    function that patches it and how to build its batch."""
+
+    name: str
+    spec: patch_gpu.Spec
+    liger: str
+
+    @property
+    def vlm(self) -> bool:
+        return self.spec.vlm
+
+
+def models(tiny: bool) -> dict[str, Model]:
+    """L8, Q7VL and M11, full size or tiny."""
+    llama, qwen = patch_gpu.memory_specs(quick=tiny)
+    mllama = patch_gpu.Spec("llama-3.2-11b-vision", lambda: mllama_11b_config(tiny), vlm=True)
+    return {"L8": Model("L8", llama, "apply_liger_kernel_to_llama"),
+            "Q7VL": Model("Q7VL", qwen, "apply_liger_kernel_to_qwen2_5_vl"),
+            "M11": Model("M11", mllama, "apply_liger_kernel_to_mllama")}
+
+
+# Benchmark configurations: name -> (model, language-model tokens).
+CONFIGS = {"L8-4k": ("L8", 4096), "L8-16k": ("L8", 16384), "L8-32k": ("L8", 32768),
+           "Q7VL": ("Q7VL", 4096), "M11": ("M11", 4096)}
+
+
+def tokens_of(config_name: str, tiny: bool) -> int:
+    """The language-model tokens a configuration runs (1/64 of them when tiny)."""
+    tokens = CONFIGS[config_name][1]
+    return tokens // TINY_SHRINK if tiny else tokens
+
+
+def build(model: Model, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` with seeded random weights, built directly on the benchmark device, in train mode.
+
+    Scalar gates (Mllama's cross-attention and vision gates, zero-initialised, so the image would not
+    reach the text at all) are set to 0.5 as trained ones are non-zero.
+    """
+    built = patch_gpu.build(model.spec, dtype, seed=SEED, fast_init=True)
+    with torch.no_grad():
+        for param in built.parameters():
+            if param.numel() == 1:
+                param.fill_(0.5)
+    built.config.use_cache = False
+    return built
+
+
+def lora_targets(model: Model) -> list[str] | str:
+    """PEFT ``target_modules``: the seven projections, in a VLM only inside its language model."""
+    if not model.vlm:
+        return list(LORA_TARGETS)
+    return rf".*language_model.*\.({'|'.join(LORA_TARGETS)})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs (batch 1, built on the CPU with a seeded generator; the worker moves them to the device).
+
+
+def _qwen_inputs(config, tokens: int, tiny: bool) -> dict:
+    """One 1024 x 1024 image (74 x 74 patches of 14 pixels: 1,369 merged tokens; 8 x 8 when tiny)
+    after 4 text tokens, then text up to ``tokens``; labels -100 on the image span."""
+    inputs = patch_gpu.image_inputs(config, batch=1, tokens=tokens, seed=SEED, grid=8 if tiny else 74)
+    ids = inputs["input_ids"]
+    image = ids == config.image_token_id
+    span = image | (ids == config.vision_start_token_id) | (ids == config.vision_end_token_id)
+    inputs["labels"] = ids.masked_fill(span, IGNORE)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters:
+        inputs["mm_token_type_ids"] = image.int()
+    return inputs
+
+
+def _mllama_inputs(config, tokens: int, tiny: bool) -> dict:
+    """One image as 2 x 2 tiles (560 pixels each, 28 when tiny) behind ``<|image|>`` at position 1;
+    the text from it on cross-attends to all four tiles. Labels -100 on the first 256 tokens (1/64 of
+    that when tiny), the image token included."""
+    vision = config.vision_config
+    generator = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(1, config.text_config.vocab_size, (1, tokens), generator=generator)
+    ids[0, 0] = config.text_config.bos_token_id
+    ids[0, 1] = config.image_token_index
+    labels = ids.clone()
+    labels[:, : 256 // TINY_SHRINK if tiny else 256] = IGNORE
+    tiles = MLLAMA_TILES[0] * MLLAMA_TILES[1]
+    size = vision.image_size
+    cross = torch.zeros(1, tokens, 1, vision.max_num_tiles, dtype=torch.long)
+    cross[0, 1:, 0, :tiles] = 1
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": torch.randn(1, 1, vision.max_num_tiles, 3, size, size, generator=generator),
+        "aspect_ratio_ids": torch.tensor([[MLLAMA_RATIOS.index(list(MLLAMA_TILES)) + 1]]),
+        "aspect_ratio_mask": (torch.arange(vision.max_num_tiles) < tiles).long()[None, None, :],
+        "cross_attention_mask": cross,
+    }
+
+
+def inputs(model: Model, tokens: int, tiny: bool) -> dict:
+    """The batch of one step: random text ids with labels = ids (L8), or an image plus text (VLMs)."""
+    config = model.spec.config()
+    if model.name == "Q7VL":
+        return _qwen_inputs(config, tokens, tiny)
+    if model.name == "M11":
+        return _mllama_inputs(config, tokens, tiny)
+    return patch_gpu.text_inputs(config.vocab_size, batch=1, tokens=tokens, seed=SEED, ignore_fraction=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model FLOPs.
+
+
+def flops_per_token(model: Model, tokens: int) -> float:
+    """Model FLOPs of one training token of the language model, for MFU.
+
+    4 x the language model's matmul parameters (forward 2, backward to the activations 2; the frozen
+    weights get no gradient, LoRA's own matmuls and checkpointing's recomputation are not counted)
+    plus causal self-attention, 6 x tokens x heads x head_dim a layer (QK^T and AV over half the
+    context on average, backward twice the forward). Not counted: the vision tower (frozen, forward
+    only) and Mllama's cross-attention scores over the image tiles, so a VLM's MFU is a lower bound.
+    """
+    text = model.spec.config().get_text_config()
+    hidden, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o; k, v
+    per_layer = attention + 3 * hidden * text.intermediate_size
+    matmul_params = layers * per_layer + text.vocab_size * hidden
+    self_attention_layers = layers - len(getattr(text, "cross_attention_layers", None) or [])
+    return 4 * matmul_params + 6 * tokens * heads * head_dim * self_attention_layers
+
+
+# ------------------------------------------------------------------------------------------------
+# The saved folder Unsloth loads from.
+
+
+def _special_tokens(config) -> dict[int, str]:
+    """{id: token} of the config's special tokens; a pad token at the top text id when it has none."""
+    text = config.get_text_config()
+    names = {"bos_token_id": "<|bos|>", "eos_token_id": "<|eos|>", "pad_token_id": "<|pad|>",
+             "image_token_id": "<|image_pad|>", "image_token_index": "<|image|>",
+             "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>",
+             "vision_end_token_id": "<|vision_end|>"}
+    special: dict[int, str] = {}
+    for attribute, token in names.items():
+        for source in (config, text):
+            value = getattr(source, attribute, None)
+            value = value[0] if isinstance(value, list) else value
+            if value is not None:
+                special.setdefault(value, token)
+    if "<|pad|>" not in special.values():
+        special[text.vocab_size - 1] = "<|pad|>"
+    return special
+
+
+def tokenizer(config):
+    """An offline word-level fast tokenizer as long as the vocabulary (filler tokens ``<tN>``) with
+    the model's special tokens at their ids and a pad token distinct from EOS, as Unsloth requires."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = _special_tokens(config)
+    size = max(config.get_text_config().vocab_size, max(special) + 1)
+    vocab = {special.get(i, f"<t{i}>"): i for i in range(size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special.values()])
+    roles = {token: token for token in ("<|bos|>", "<|eos|>", "<|pad|>") if token in special.values()}
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<t0>", bos_token=roles.get("<|bos|>"),
+                                   eos_token=roles.get("<|eos|>"), pad_token="<|pad|>")
+
+
+def save_folder(model: Model, folder: Path, dtype: torch.dtype) -> Path:
+    """Build ``model`` as every other worker does and save it with a tokenizer to ``folder``; a
+    ``complete`` marker is written last, so a half-written folder is never taken for a finished one."""
+    built = build(model, dtype)
+    built.save_pretrained(folder)
+    tokenizer(built.config).save_pretrained(folder)
+    (folder / "complete").write_text("")
+    return folder

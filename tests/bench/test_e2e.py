@@ -1,0 +1,126 @@
+"""The end-to-end benchmark's logic on CPU: tiny models through the whole orchestrator path.
+
+The orchestrator runs each case in its own process and must keep going when one dies: a stand-in
+``liger_kernel`` whose patch function kills its process is put on the workers' path, and the hf and
+fusetune workers beside it must still record their results, with the same step-1 loss (identical
+weights and batch). The protocol's numbers (FLOPs, inputs, the Unsloth tokenizer) are checked in
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import e2e  # noqa: E402
+import e2e_models  # noqa: E402
+
+FAKE_LIGER = """import os
+
+
+def apply_liger_kernel_to_llama():
+    print("fake liger crash", flush=True)
+    os._exit(3)
+"""
+
+
+def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path):
+    (tmp_path / "fake" / "liger_kernel").mkdir(parents=True)
+    (tmp_path / "fake" / "liger_kernel" / "__init__.py").write_text("")
+    (tmp_path / "fake" / "liger_kernel" / "transformers.py").write_text(FAKE_LIGER)
+    path = os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")])
+    # fusetune's ops run their PyTorch references on CPU tensors (its kernels are tested in tests/ops).
+    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "0"}
+    out = tmp_path / "e2e-cpu.jsonl"
+    out.write_text("")  # records are appended to what is there
+    subprocess.run([sys.executable, str(BENCH / "e2e.py"), "--tiny", "--out", str(out), "--configs", "L8-4k",
+                    "--systems", "hf,liger,fusetune", "--steps", "1,1", "--timeout", "120"],
+                   env=env, check=True, timeout=170)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_system = {system: {row["metric"]: row for row in rows if row["system"] == system}
+                 for system in ("hf", "liger", "fusetune")}
+    assert len(rows) == 3 * len(e2e.METRICS)
+    for system in ("hf", "fusetune"):
+        speed = by_system[system]["tokens_per_s"]
+        assert speed["value"] > 0, speed
+        assert len(speed["step_s"]) == 2 and speed["config"] == {"model": "L8", "tokens": 64,
+                                                                   "variant": "bf16_lora", "tiny": True}
+        # r=16 LoRA on 2 layers: q, o 64->64; k, v 64->32; gate, up, down 64<->96.
+        assert by_system[system]["loss"]["trainable_params"] == 2 * 16 * (2 * 128 + 2 * 96 + 3 * 160)
+    assert by_system["fusetune"]["loss"]["value"] == pytest.approx(by_system["hf"]["loss"]["value"], rel=1e-4)
+    for row in by_system["liger"].values():
+        assert row["value"] is None and row["error"] == "worker exited 3: fake liger crash"
+    assert (tmp_path / "e2e-cpu-logs" / "L8-4k-bf16_lora-liger.log").exists()
+
+
+def test_a_worker_past_its_timeout_is_killed(tmp_path):
+    status, _ = e2e.run_process([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log", 1)
+    assert status is None
+
+
+def test_flops_per_token_of_llama_8b():
+    """4 x 7.50 B matmul parameters + 6 x 4096 x 4096 attention FLOPs a layer over 32 layers."""
+    model = e2e_models.models(tiny=False)["L8"]
+    matmul = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 128256 * 4096
+    assert e2e_models.flops_per_token(model, 4096) == 4 * matmul + 6 * 4096 * 4096 * 32
+    assert 3.2e10 < e2e_models.flops_per_token(model, 4096) < 3.4e10
+
+
+def test_qwen_inputs_mask_the_image_and_count_4096_tokens():
+    model = e2e_models.models(tiny=False)["Q7VL"]
+    batch = e2e_models.inputs(model, 4096, tiny=False)
+    config = model.spec.config()
+    image = batch["input_ids"] == config.image_token_id
+    assert batch["input_ids"].shape == (1, 4096) and int(image.sum()) == 1369
+    assert batch["pixel_values"].shape == (74 * 74, 3 * 2 * 14 * 14)
+    assert batch["image_grid_thw"].tolist() == [[1, 74, 74]]
+    assert int((batch["labels"] == -100).sum()) == 1369 + 2  # the image and its begin / end tokens
+    assert torch.equal(batch["mm_token_type_ids"].bool(), image)
+
+
+def test_mllama_inputs_are_four_tiles_behind_one_image_token():
+    model = e2e_models.models(tiny=False)["M11"]
+    batch = e2e_models.inputs(model, 4096, tiny=False)
+    assert batch["pixel_values"].shape == (1, 1, 4, 3, 560, 560)
+    assert batch["input_ids"][0, 1] == model.spec.config().image_token_index
+    assert batch["aspect_ratio_ids"].tolist() == [[6]]  # 2 x 2 tiles
+    assert batch["aspect_ratio_mask"].tolist() == [[[1, 1, 1, 1]]]
+    assert batch["cross_attention_mask"][0, :, 0].sum(0).tolist() == [4095] * 4
+    assert (batch["labels"][0, :256] == -100).all() and (batch["labels"][0, 256:] >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["L8", "Q7VL", "M11"])
+def test_unsloth_tokenizer_fits_the_embedding_and_pads_apart_from_eos(name):
+    config = e2e_models.models(tiny=True)[name].spec.config()
+    tokenizer = e2e_models.tokenizer(config)
+    text = config.get_text_config()
+    rows = text.vocab_size + (8 if name == "M11" else 0)  # Mllama embeds 8 extra rows
+    assert text.vocab_size <= len(tokenizer) <= rows
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is not None:
+        assert tokenizer.convert_ids_to_tokens(image_id).startswith("<|image")
+
+
+def test_saved_folder_holds_the_same_weights_and_a_tokenizer(tmp_path):
+    """Unsloth loads this folder: its weights must be those every other worker builds."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model = e2e_models.models(tiny=True)["M11"]
+    e2e_models.save_folder(model, tmp_path, torch.float32)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
+    built = e2e_models.build(model, torch.float32)
+    reference = built.state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in loaded.state_dict().items())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert tokenizer.pad_token == "<|pad|>" and (tmp_path / "complete").exists()
