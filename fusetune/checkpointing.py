@@ -1,0 +1,369 @@
+"""Activation checkpointing for transformers' decoder layers, optionally offloading each layer's input to
+host memory.
+
+``enable_checkpointing(model)`` installs fusetune's checkpoint function on every
+``GradientCheckpointingLayer`` instance (the decoder layers of the language model and of the vision
+towers): a layer runs without building a graph in forward, keeps only its input, and is recomputed with
+gradients in backward. With ``offload=True`` that input (the ``batch x tokens x hidden`` tensor that
+dominates memory at long sequences) lives in pinned host memory instead of on the GPU: it is copied out
+on a side CUDA stream after an event on the compute stream, and in backward, when a layer's backward
+starts, the input of the layer before it is already being copied back on that side stream, so the
+copies overlap the recompute. Host buffers are pooled across steps because pinning memory is slow. On a
+CPU the same path runs with plain copies and no streams.
+
+How it sits with the rest of the stack:
+
+- transformers calls ``layer._gradient_checkpointing_func(partial(forward or __call__, **kwargs), *args)``
+  when the layer is in training mode; only these per-instance attributes and ``gradient_checkpointing``
+  are set, so ``model.is_gradient_checkpointing`` reports it, another instance of the class is untouched
+  and ``disable_checkpointing`` restores plain behaviour. Do not also turn on transformers'
+  checkpointing (``TrainingArguments(gradient_checkpointing=True)``, ``gradient_checkpointing_enable``,
+  PEFT's ``prepare_model_for_kbit_training(use_gradient_checkpointing=True)``): it replaces this
+  function with torch's; call ``enable_checkpointing`` after those.
+- The layer's trainable parameters are inputs of the checkpoint's autograd node and their gradients
+  flow back through the outer graph (the recompute uses ``torch.autograd.grad``), so each parameter's
+  gradient is accumulated exactly once, by the ordinary backward: DDP works with
+  ``find_unused_parameters`` True or False and without ``static_graph`` (a reentrant checkpoint that
+  accumulates inside its own backward is what makes DDP report a parameter "marked ready twice").
+- FSDP2 (``fully_shard`` per decoder layer): when the layer's parameters are still sharded DTensors at
+  the call (transformers versions that checkpoint ``__call__``, so FSDP's hooks run inside), gradients
+  are instead accumulated by the recompute's own backward into the unsharded parameters FSDP gathered,
+  as torch's reentrant checkpoint does, and FSDP reduces them in its post-backward hook.
+- Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
+  them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
+  requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
+  replayed for the recompute, as ``torch.utils.checkpoint`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()
+
+__all__ = ["disable_checkpointing", "enable_checkpointing"]
+
+
+class _HostPool:
+    """Reusable host byte buffers for one device (pinned for CUDA), handed out best-fit.
+
+    When no free buffer fits, free buffers are dropped (smallest first) until the pool holds no more
+    than the most bytes ever in use at once, so varying sequence lengths cannot grow it without bound.
+    """
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.free: list[torch.Tensor] = []
+        self.in_use = 0
+        self.high_water = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        fitting = [i for i, buffer in enumerate(self.free) if buffer.numel() >= nbytes]
+        if fitting:
+            buffer = self.free.pop(min(fitting, key=lambda i: self.free[i].numel()))
+        else:
+            self.high_water = max(self.high_water, self.in_use + nbytes)
+            self.free.sort(key=torch.Tensor.numel)
+            while self.free and self.in_use + nbytes + sum(b.numel() for b in self.free) > self.high_water:
+                self.free.pop(0)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        self.in_use += buffer.numel()
+        return buffer
+
+    def give(self, buffer: torch.Tensor) -> None:
+        self.in_use -= buffer.numel()
+        self.free.append(buffer)
+
+
+class _Offloaded:
+    """One layer input held on the host, linked to the one saved before it (prefetched after it)."""
+
+    __slots__ = ("__weakref__", "device", "host", "previous", "release", "restored")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, release: Callable[[], None], previous):
+        self.device = device
+        self.host: torch.Tensor | None = host
+        self.release = release  # gives the buffer back to its pool: after restore, or when garbage
+        self.previous = previous  # weakref to the entry saved just before, or None
+        self.restored: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+
+class _OffloadStore:
+    """Moves layer inputs to host buffers and back, on one side stream per CUDA device."""
+
+    def __init__(self):
+        self._pools: dict[torch.device, _HostPool] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._last: weakref.ref | None = None
+
+    def pool(self, device: torch.device) -> _HostPool:
+        if device not in self._pools:
+            self._pools[device] = _HostPool(pinned=device.type == "cuda")
+        return self._pools[device]
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def save(self, tensor: torch.Tensor) -> _Offloaded:
+        """Start copying ``tensor`` to a host buffer; the caller may drop ``tensor`` right away."""
+        pool = self.pool(tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = pool.take(nbytes)
+        host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+        if tensor.is_cuda:
+            stream = self._stream(tensor.device)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(stream)  # its memory is reused only after the copy has run
+        else:
+            host.copy_(tensor)
+        entry = _Offloaded(tensor.device, host, None, self._last)
+        entry.release = weakref.finalize(entry, pool.give, buffer)
+        self._last = weakref.ref(entry)
+        return entry
+
+    def _fetch(self, entry: _Offloaded) -> None:
+        """Start copying ``entry`` back to its device (on the side stream for CUDA)."""
+        host = entry.host
+        out = torch.empty(host.shape, dtype=host.dtype, device=entry.device)
+        event = None
+        if entry.device.type == "cuda":
+            stream = self._stream(entry.device)
+            stream.wait_stream(torch.cuda.current_stream(entry.device))  # ``out``'s memory is free
+            with torch.cuda.stream(stream):
+                out.copy_(host, non_blocking=True)
+            event = stream.record_event()
+            out.record_stream(stream)
+        else:
+            out.copy_(host)
+        entry.restored = (out, event)
+
+    def restore(self, entry: _Offloaded) -> torch.Tensor:
+        """The saved tensor back on its device, ready on the current stream; prefetches the previous one."""
+        if entry.restored is None:
+            self._fetch(entry)
+        out, event = entry.restored
+        entry.restored, entry.host = None, None
+        if event is not None:
+            torch.cuda.current_stream(entry.device).wait_event(event)
+        # Its next user is a device-to-host copy queued after this one on the same side stream.
+        entry.release()
+        previous = entry.previous() if entry.previous is not None else None
+        if previous is not None and previous.host is not None and previous.restored is None:
+            self._fetch(previous)
+        return out
+
+
+def _autocast_modes(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            for kind in dict.fromkeys((device_type, "cpu"))]
+
+
+class _Call:
+    """What one checkpointed call needs in backward, apart from its saved tensors."""
+
+    def __init__(self, function, spec, leaves: list, store: _OffloadStore | None, offload_at: int | None,
+                 params: list[torch.Tensor] | None):
+        self.function = function
+        self.spec = spec
+        # Non-tensor leaves of the arguments; tensor slots are None (the tensors are saved or offloaded).
+        self.constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        self.slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.grad_mask = [leaves[i].requires_grad for i in self.slots]
+        self.store = store
+        self.offload_at = offload_at  # index into the tensor slots of the one kept on the host
+        self.entry: _Offloaded | None = None
+        self.params = params  # gradients returned for these; None: accumulated by the recompute
+        self.device_type = leaves[self.slots[0]].device.type if self.slots else "cpu"
+        self.cpu_rng = torch.get_rng_state()
+        one_per_device = {leaves[i].device: leaves[i] for i in self.slots}
+        self.rng_devices, self.rng_states = get_device_states(*one_per_device.values())
+        self.autocast = _autocast_modes(self.device_type)
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+        self.out_spec = None
+        self.out_slots: list[int] = []
+        self.out_constants: list = []
+
+    def run(self, tensors) -> tuple[torch.Tensor, ...]:
+        """Call the layer on these tensors; returns its output's tensors (the rest kept in self)."""
+        (args, kwargs) = tree_unflatten(self._fill(self.constants, self.slots, tensors), self.spec)
+        out_leaves, self.out_spec = tree_flatten(self.function(*args, **kwargs))
+        self.out_slots = [i for i, x in enumerate(out_leaves) if isinstance(x, torch.Tensor)]
+        self.out_constants = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+        return tuple(out_leaves[i] for i in self.out_slots)
+
+    def output(self, tensors) -> object:
+        """The layer's output structure around the checkpoint's output tensors."""
+        return tree_unflatten(self._fill(self.out_constants, self.out_slots, tensors), self.out_spec)
+
+    @staticmethod
+    def _fill(constants: list, slots: list[int], tensors) -> list:
+        leaves = list(constants)
+        for slot, tensor in zip(slots, tensors, strict=True):
+            leaves[slot] = tensor
+        return leaves
+
+    @contextlib.contextmanager
+    def replay(self):
+        """RNG state and autocast as they were in forward, with gradients on."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self.rng_devices, device_type=self.device_type))
+            torch.set_rng_state(self.cpu_rng)
+            if self.rng_devices:
+                set_device_states(self.rng_devices, self.rng_states, device_type=self.device_type)
+            stack.enter_context(torch.enable_grad())
+            for kind, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled,
+                                                   cache_enabled=self.autocast_cache))
+            yield
+
+
+class _Checkpoint(torch.autograd.Function):
+    """Forward without a graph, keeping the inputs (one of them offloaded); backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, n_anchors: int, *inputs):
+        tensors = inputs[n_anchors:]
+        if call.offload_at is not None:
+            call.entry = call.store.save(tensors[call.offload_at])
+        ctx.save_for_backward(*(t for i, t in enumerate(tensors) if i != call.offload_at))
+        ctx.call, ctx.n_anchors = call, n_anchors
+        outputs = call.run(tensors)
+        ctx.mark_non_differentiable(*(t for t in outputs if not t.is_floating_point()))
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        call = ctx.call
+        saved = list(ctx.saved_tensors)
+        if call.offload_at is not None:
+            saved.insert(call.offload_at, call.store.restore(call.entry))
+            call.entry = None
+        inputs = [t.detach().requires_grad_(needs) for t, needs in zip(saved, call.grad_mask, strict=True)]
+        with call.replay():
+            outputs = call.run(inputs)
+        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True)
+                 if out.requires_grad and grad is not None]
+        wanted = [t for t in inputs if t.requires_grad]
+        if call.params is None:  # accumulate parameter gradients here (FSDP's unsharded parameters)
+            if pairs:
+                torch.autograd.backward(*zip(*pairs, strict=True))
+            found = [t.grad for t in wanted]
+            anchor_grads = [None] * ctx.n_anchors
+        else:
+            targets = wanted + call.params
+            if pairs:
+                outs, grads = zip(*pairs, strict=True)
+                found = torch.autograd.grad(outs, targets, grads, allow_unused=True)
+            else:
+                found = [None] * len(targets)
+            found, anchor_grads = list(found[: len(wanted)]), list(found[len(wanted):])
+        it = iter(found)
+        input_grads = [next(it) if t.requires_grad else None for t in inputs]
+        return (None, None, *anchor_grads, *input_grads)
+
+
+class _LayerCheckpoint:
+    """The ``_gradient_checkpointing_func`` fusetune installs on one layer."""
+
+    def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple):
+        self._layer = weakref.ref(layer)
+        self.store = store
+        self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
+
+    @property
+    def offload(self) -> bool:
+        return self.store is not None
+
+    def __call__(self, function: Callable, *args):
+        if not torch.is_grad_enabled():
+            return function(*args)
+        func, fixed, keywords = function, (), {}
+        if isinstance(function, functools.partial):
+            func, fixed, keywords = function.func, function.args, function.keywords
+        leaves, spec = tree_flatten((fixed + args, keywords))
+        params = [p for p in self._layer().parameters() if p.requires_grad]
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if not params and not any(t.requires_grad for t in tensors):
+            return function(*args)  # nothing to differentiate: no graph, nothing to keep
+        call = _Call(func, spec, leaves, self.store, self._offload_index(tensors, args, keywords),
+                     None if any(isinstance(p, DTensor) for p in params) else params)
+        anchors = params if call.params is not None else [torch.empty(0, requires_grad=True)]
+        return call.output(_Checkpoint.apply(call, len(anchors), *anchors, *tensors))
+
+    def _offload_index(self, tensors: list, args: tuple, keywords: dict) -> int | None:
+        """Position in ``tensors`` of the hidden states: the first positional floating tensor, else the
+        ``hidden_states`` keyword; None when not offloading."""
+        if not self.offload:
+            return None
+        candidates = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        hidden = candidates[0] if candidates else keywords.get("hidden_states")
+        return next((i for i, t in enumerate(tensors) if t is hidden), None)
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_checkpointing(model: nn.Module, *, offload: bool = True) -> int:
+    """Turn on activation checkpointing for every transformers ``GradientCheckpointingLayer`` in ``model``
+    (decoder layers of the LM and of vision towers; works on a PEFT wrapper too), with fusetune's
+    checkpoint function: with ``offload=True`` each layer's input hidden states are kept in pinned CPU
+    memory (copied on a side CUDA stream) instead of on the GPU and prefetched back one layer ahead in
+    backward; ``offload=False`` is plain recompute. Returns the number of layers. Idempotent; calling it
+    again with the other ``offload`` switches modes.
+
+    Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either
+    ``find_unused_parameters`` works; under FSDP2 shard per decoder layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusetune: enable_checkpointing takes an nn.Module, got {type(model).__name__}.")
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(
+            f"fusetune: {type(model).__name__} has no transformers GradientCheckpointingLayer to checkpoint; "
+            "pass a transformers model (or its PEFT wrapper) whose decoder layers derive from it."
+        )
+    store = _OffloadStore() if offload else None  # shared by the layers: prefetch follows their order
+    for layer in layers:
+        current = layer.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(current, _LayerCheckpoint):
+            if current.offload == offload:
+                layer.gradient_checkpointing = True
+                continue
+            previous = current.previous
+        else:
+            previous = (current, layer.__dict__.get("gradient_checkpointing"))
+        layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous)
+        layer.gradient_checkpointing = True
+    return len(layers)
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo ``enable_checkpointing``: each layer gets back the checkpoint function and flag it had before."""
+    for layer in _layers(model):
+        current = layer.__dict__.get("_gradient_checkpointing_func")
+        if not isinstance(current, _LayerCheckpoint):
+            continue
+        names = ("_gradient_checkpointing_func", "gradient_checkpointing")
+        for name, value in zip(names, current.previous, strict=True):
+            if value is None:
+                layer.__dict__.pop(name, None)
+            else:
+                setattr(layer, name, value)

@@ -1,0 +1,390 @@
+"""fusetune.checkpointing: offloaded and plain activation checkpointing give the gradients of an
+uncheckpointed model, and offloading really keeps the layer inputs off the compute device.
+
+Every model is a tiny random-weight transformers model in float32 on CPU, compared with an
+uncheckpointed deep copy (and with transformers' own checkpointing) fed the same batch and RNG seed.
+The ops take their PyTorch references (``TRITON_INTERPRET=0``) except in the test that runs
+``fusetune.apply``'s fused kernels inside checkpointed layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+import fusetune
+from fusetune.checkpointing import _HostPool, disable_checkpointing, enable_checkpointing
+from tests.patch.checks import assert_close, assert_same_gradients
+from tests.patch.models import batch, tiny_model
+from tests.patch.vlm_models import tiny_vlm, vlm_batch
+
+RTOL = 1e-5
+SUITE_INTERPRET = os.environ.get("TRITON_INTERPRET", "0")  # as the kernels were defined
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_LORA_TARGETS = ["qkv", "fc1", "fc2"]  # Qwen2-VL's vision blocks
+
+
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def lora(model: nn.Module, dropout: float = 0.0, vision: bool = False) -> nn.Module:
+    """PEFT LoRA with random A and B (the default zero B would make every A gradient zero), on the
+    language model's linear layers and, with ``vision``, on the vision blocks' too."""
+    from peft import LoraConfig, get_peft_model  # here: the distributed test's workers do without it
+
+    targets = LORA_TARGETS + (VISION_LORA_TARGETS if vision else [])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout,
+                        init_lora_weights=False)
+    torch.manual_seed(1)
+    return get_peft_model(model, config)
+
+
+def step(model: nn.Module, inputs: dict, seed: int = 0) -> torch.Tensor:
+    """One forward and backward from a fixed RNG state; returns the detached loss."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach()
+
+
+def assert_matches(model: nn.Module, reference: nn.Module, inputs: dict, seed: int = 0) -> None:
+    assert_close(step(model, inputs, seed), step(reference, inputs, seed), "loss", RTOL)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert_same_gradients(model, reference)
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """What transformers' ``is_gradient_checkpointing`` reports, without its deprecation warning."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_llama_lora_matches_no_checkpointing_and_transformers(offload):
+    model = lora(tiny_model("llama"), dropout=0.1)
+    reference = copy.deepcopy(model)
+    theirs = copy.deepcopy(model)
+    theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert enable_checkpointing(model, offload=offload) == 2
+    assert checkpointing_on(model)
+    inputs = batch()
+    assert_matches(model, reference, inputs)
+    assert_matches(model, theirs, inputs)
+
+
+def test_attention_dropout_is_replayed():
+    """The recompute draws the same dropout masks as the forward: equal to the uncheckpointed model."""
+    model = lora(tiny_model("llama", attn="eager", attention_dropout=0.3))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    inputs = batch()
+    assert_matches(model, reference, inputs, seed=3)
+    # The masks depend on the seed, so a recompute with other masks would not match.
+    assert not torch.equal(step(reference, inputs, seed=3), step(reference, inputs, seed=4))
+
+
+def test_autocast_is_replayed():
+    model = lora(tiny_model("llama"))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    inputs = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_matches(model, reference, inputs)
+    # bf16 gradients are far from float32 ones, so a recompute outside autocast would not match.
+    grad = next(p.grad for p in reference.parameters() if p.requires_grad).clone()
+    step(reference, inputs)
+    assert not torch.allclose(grad, next(p.grad for p in reference.parameters() if p.requires_grad),
+                              rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama"])
+def test_vlm_full_fine_tune_matches(arch):
+    """Vision tower and language model layers are checkpointed; mllama's cross_attention_states (a
+    keyword argument needing gradients) brings the vision tower its gradients."""
+    model = tiny_vlm(arch)
+    reference = copy.deepcopy(model)
+    layers = enable_checkpointing(model)
+    assert layers == sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules()) >= 2
+    assert_matches(model, reference, vlm_batch(arch))
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_qwen2_vl_lora_on_a_peft_wrapper_matches(vision):
+    """Without LoRA on the vision tower its frozen blocks run as is (nothing to differentiate)."""
+    model = lora(tiny_vlm("qwen2_vl"), vision=vision)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    assert_matches(model, reference, vlm_batch("qwen2_vl"))
+
+
+def test_fused_kernels_inside_checkpointed_layers(monkeypatch):
+    """fusetune.apply's Triton kernels (interpreted on CPU, compiled on CUDA: whichever the suite
+    started with, since kernels are defined at import) inside checkpointed layers."""
+    monkeypatch.setenv("TRITON_INTERPRET", SUITE_INTERPRET)
+    device = "cpu" if SUITE_INTERPRET == "1" or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and SUITE_INTERPRET != "1":
+        pytest.skip("the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    model = tiny_model("llama", attn="eager", num_hidden_layers=1).to(device)
+    fusetune.apply(model)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=8).items()})
+
+
+class _Block(GradientCheckpointingLayer):
+    """A layer with a tuple output (tensor, None, tensor), an extra positional tensor and a keyword
+    tensor that may need gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, hidden, scale, *, context=None):
+        out = torch.tanh(self.linear(hidden)) * scale + context.sum(0)
+        return out, None, out.square().mean(-1)
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+
+    def forward(self, hidden, scale, context):
+        total = 0.0
+        for block in self.blocks:
+            hidden, nothing, aux = block(hidden, scale, context=context)
+            assert nothing is None
+            total = total + aux.sum()
+        return hidden.square().sum() + total
+
+
+def _stack_inputs(seed: int, frozen: bool = False) -> list[torch.Tensor]:
+    """hidden, scale and context for ``_Stack`` (hidden needs no gradient when ``frozen``)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {(2, 5, 8): not frozen, (8,): True, (3, 8): True}
+    return [torch.randn(shape, generator=generator, requires_grad=needs) for shape, needs in shapes.items()]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_tuple_outputs_and_gradients_of_every_tensor_argument(frozen):
+    """Gradients reach the parameters, the hidden input, a positional and a keyword tensor; with frozen
+    parameters and inputs that need none, nothing is checkpointed yet the rest still trains."""
+    model = _Stack().train()
+    reference = copy.deepcopy(model)
+    if frozen:
+        for module in (model, reference):
+            module.blocks[0].requires_grad_(False)
+    enable_checkpointing(model)
+    results = []
+    for module in (model, reference):
+        inputs = _stack_inputs(0, frozen)
+        module(*inputs).backward()
+        results.append([t.grad for t in inputs])
+    for ours, theirs in zip(*results, strict=True):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            assert_close(ours, theirs, "input gradient", RTOL)
+    assert_same_gradients(model, reference)
+
+
+def _distribute(model: nn.Module, how: str) -> nn.Module:
+    """Wrap ``model`` for two CPU ranks: DDP (finding unused parameters or not) or FSDP2 per block."""
+    if how.startswith("ddp"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, find_unused_parameters=how == "ddp_find_unused")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+DISTRIBUTED = ("ddp", "ddp_find_unused", "fsdp2")
+
+
+def _distributed_worker(rank: int, folder: str) -> None:
+    """One of two ranks: for each wrapping, a checkpointed ``_Stack`` on this rank's batch; rank 0
+    saves the full gradients."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 2), rank=rank, world_size=2)
+    results = {}
+    for how in DISTRIBUTED:
+        model = _Stack().train()
+        enable_checkpointing(model)
+        wrapped = _distribute(model, how)  # kept alive through backward: DDP's reducer lives in it
+        wrapped(*_stack_inputs(rank)).backward()
+        results[how] = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                        for name, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(results, f"{folder}/grads.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_on_two_processes_match_one(tmp_path):
+    """Two gloo ranks give the mean of the two batches' gradients of an uncheckpointed model, under
+    DDP (with and without find_unused_parameters) and FSDP2. Under DDP each parameter's gradient must
+    reach the reducer once: a checkpoint that accumulates inside its own backward fails here with
+    find_unused_parameters ("marked as ready twice")."""
+    torch.multiprocessing.start_processes(_distributed_worker, args=(str(tmp_path),), nprocs=2,
+                                          start_method="spawn")  # fork can deadlock on threads
+    reference = _Stack().train()
+    for rank in range(2):
+        reference(*_stack_inputs(rank)).backward()
+    results = torch.load(tmp_path / "grads.pt")
+    assert results.keys() == set(DISTRIBUTED)
+    for how, grads in results.items():
+        assert grads.keys() == {name for name, _ in reference.named_parameters()}
+        for name, p in reference.named_parameters():
+            assert_close(grads[name], p.grad / 2, f"{how} grad of {name}", RTOL)
+
+
+def _record_layer_inputs(model: nn.Module) -> list:
+    """Forward pre-hooks that keep a weakref and a copy of every layer's hidden-state input."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((weakref.ref(hidden), hidden.detach().clone(), hidden.requires_grad))
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_offload_keeps_no_layer_input_on_the_compute_device(offload):
+    model = lora(tiny_vlm("qwen2_vl"), vision=True)
+    enable_checkpointing(model, offload=offload)
+    seen = _record_layer_inputs(model)
+    loss = model(**vlm_batch("qwen2_vl")).loss
+    gc.collect()
+    alive = [ref() is not None for ref, _, _ in seen]
+    assert len(seen) == 2
+    assert not seen[0][2]  # the frozen patch embedding: the first vision block's input needs no grad
+    layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+    store = layer._gradient_checkpointing_func.store
+    if offload:
+        assert not any(alive)
+        # The store holds copies of them, newest first along the prefetch chain.
+        entry, held = store._last(), []
+        while entry is not None:
+            held.append(entry.host)
+            entry = entry.previous() if entry.previous is not None else None
+        assert all(torch.equal(h, c) for h, (_, c, _) in zip(held, reversed(seen), strict=True))
+        pool = store.pool(torch.device("cpu"))
+        assert pool.in_use == sum(c.numel() * c.element_size() for _, c, _ in seen)
+    else:
+        assert all(alive) and store is None
+    loss.backward()
+    if offload:
+        assert pool.in_use == 0 and len(pool.free) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: side streams and pinned memory")
+def test_cuda_offload_matches_and_keeps_layer_inputs_off_the_device():
+    """On CUDA (pinned host buffers, copies on a side stream, prefetch in backward): the gradients of
+    the uncheckpointed model, and after forward the layers' inputs' bytes (up to allocator rounding)
+    fewer allocated on the device than with plain recompute."""
+    layers, inputs = 4, {k: v.cuda() for k, v in batch(size=2, length=64).items()}
+    model = lora(tiny_model("llama", attn="eager", hidden_size=256, num_hidden_layers=layers,
+                            max_position_embeddings=128)).cuda()
+    reference = copy.deepcopy(model)
+    allocated = {}
+    for offload in (False, True):
+        enable_checkpointing(model, offload=offload)
+        step(model, inputs)  # first-use allocations (cuBLAS workspaces) out of the measurement
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(**inputs).loss
+        allocated[offload] = torch.cuda.memory_allocated() - before
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    inputs_bytes = layers * 2 * 64 * 256 * 4
+    assert inputs_bytes <= allocated[False] - allocated[True] <= inputs_bytes + 4096  # allocator blocks
+    assert_matches(model, reference, inputs)
+
+
+def test_host_buffers_are_reused_across_steps():
+    model = lora(tiny_model("llama"))
+    enable_checkpointing(model)
+    pool = model.base_model.model.model.layers[0]._gradient_checkpointing_func.store.pool(
+        torch.device("cpu"))
+    inputs = batch()
+    step(model, inputs)
+    first = sorted(b.data_ptr() for b in pool.free)
+    step(model, inputs)
+    assert sorted(b.data_ptr() for b in pool.free) == first and len(first) == 2
+
+
+def test_pool_never_holds_more_than_the_most_ever_in_use():
+    pool = _HostPool(pinned=False)
+    for size in (100, 300, 50, 1000, 200):
+        taken = [pool.take(size) for _ in range(3)]
+        assert all(b.numel() >= size for b in taken)
+        for buffer in taken:
+            pool.give(buffer)
+        assert pool.in_use == 0 and sum(b.numel() for b in pool.free) <= pool.high_water
+    # The smaller sizes reused the larger buffers; the three 1000-byte ones are all that is kept.
+    assert pool.high_water == 3000 and sorted(b.numel() for b in pool.free) == [1000] * 3
+
+
+def test_disable_restores_plain_behaviour_and_eval_is_unaffected():
+    model = lora(tiny_model("llama"))
+    reference = copy.deepcopy(model)
+    before = model.base_model.model.model.layers[0].__dict__.copy()
+    enable_checkpointing(model)
+    assert enable_checkpointing(model) == 2  # idempotent
+    layer = model.base_model.model.model.layers[0]
+    installed = layer._gradient_checkpointing_func
+    enable_checkpointing(model)
+    assert layer._gradient_checkpointing_func is installed
+    enable_checkpointing(model, offload=False)
+    assert layer._gradient_checkpointing_func.store is None
+
+    inputs = batch()
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference(**inputs).logits)
+    model.train()
+    with torch.no_grad():  # training mode without gradients: no checkpoint, nothing stored
+        assert torch.equal(model(**inputs).loss, reference.train()(**inputs).loss)
+
+    disable_checkpointing(model)
+    assert not checkpointing_on(model)
+    assert layer.__dict__.keys() == before.keys()
+    assert_matches(model, reference, inputs)
+
+
+def test_disable_gives_back_transformers_checkpointing():
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    theirs = model.model.layers[0]._gradient_checkpointing_func
+    enable_checkpointing(model)
+    disable_checkpointing(model)
+    assert model.model.layers[0]._gradient_checkpointing_func is theirs and checkpointing_on(model)
+
+
+def test_bad_input_names_the_fix():
+    with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
+        enable_checkpointing(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="nn.Module"):
+        enable_checkpointing("model")
