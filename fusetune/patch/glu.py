@@ -66,8 +66,10 @@ def _forward_matches(module: nn.Module, activation: str, device: torch.device) -
     dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), None)
     if dtype is None:
         return False
-    x = probe_input(width, dtype, device)
-    with eval_mode(module):
+    # Inputs that require grad keep bitsandbytes' 4-bit layers on CPU from repacking their weights
+    # for inference, a lossy change of layout they make in eval mode for inputs without grad.
+    x = probe_input(width, dtype, device).requires_grad_()
+    with eval_mode(module), torch.enable_grad():
         gate, up = _gate_up(module, x)
         expected = module.down_proj(_ACTIVATIONS[activation][1](gate, up))
         return matches(module(x), expected)

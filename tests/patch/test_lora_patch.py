@@ -178,3 +178,29 @@ def test_switch_off_leaves_lora_to_peft():
     report = fusetune.apply(lora, lora=False)
     assert "lora" in report.switched_off and not report.patched["lora"]
     assert not any(isinstance(m, FusedLoraMLP) for m in lora.modules())
+
+
+def test_4bit_base_weights_are_fused_and_match_peft(fused_calls):
+    """QLoRA: NF4 base weights (quantised in place), LoRA on every projection, fused vs PEFT's path.
+
+    Widths are multiples of bitsandbytes' block size: its CPU dequantisation mislays blocks of rows
+    that are not (its CUDA path and fusetune's kernel agree with its quantiser everywhere).
+    """
+    pytest.importorskip("bitsandbytes")
+    from fusetune.quantize import quantize_4bit
+
+    model = tiny_model("llama", intermediate_size=128)
+    converted = quantize_4bit(model, compute_dtype=torch.float32)
+    assert len(converted) == 2 * len(ALL_LINEAR)
+    reference = copy.deepcopy(model)
+    config = peft.LoraConfig(r=4, target_modules=ALL_LINEAR, init_lora_weights=False)
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    lora_reference = peft.get_peft_model(reference, copy.deepcopy(config))
+    report = fusetune.apply(lora)
+    assert len(report.patched["lora"]) == 4
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(lora_reference, **inputs), "loss")
+    assert_same_gradients(lora, lora_reference)
+    assert fused_calls["mlp"] == 2 and sorted(fused_calls["linear"]) == [1, 1, 3, 3]

@@ -21,6 +21,7 @@ from torch import nn
 
 import fusetune
 from fusetune.nn import FusedGatedMLP, FusedLayerNorm, FusedRMSNorm
+from fusetune.nn.lora import is_lora_layer
 from fusetune.patch.glu import UNGATED_REASON
 from tests.patch.checks import (
     assert_close,
@@ -144,7 +145,9 @@ def test_peft_lora_on_the_language_model_matches(arch):
     lora_reference = peft.get_peft_model(reference, copy.deepcopy(config))
     assert any("lora_A" in n for n, _ in lora.named_parameters())
     report = fusetune.apply(lora)
-    assert report.patched["glu"] and report.patched["loss"]
+    # Every language-model attention and MLP holding LoRA layers runs the fused LoRA path.
+    holders = {name.rpartition(".")[0] for name, m in lora.named_modules() if is_lora_layer(m)}
+    assert holders and holders <= set(report.patched["lora"]) and report.patched["loss"]
     inputs = vlm_batch(arch)
     out, expected = _run(lora, **inputs), _run(lora_reference, **inputs)
     assert out.logits is None
