@@ -204,3 +204,17 @@ def test_4bit_base_weights_are_fused_and_match_peft(fused_calls):
     assert_close(loss_and_backward(lora, **inputs), loss_and_backward(lora_reference, **inputs), "loss")
     assert_same_gradients(lora, lora_reference)
     assert fused_calls["mlp"] == 2 and sorted(fused_calls["linear"]) == [1, 1, 3, 3]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_lora_under_transformers_checkpointing(reentrant, fused_calls):
+    """The q/k/v group and the fused MLP recompute correctly inside torch.utils.checkpoint."""
+    lora, reference = _lora_pair("llama")
+    for model in (lora, reference):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    fusetune.apply(lora)
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(lora, reference)
+    assert fused_calls["mlp"] == 4  # each layer's MLP: forward, then its recompute in backward
