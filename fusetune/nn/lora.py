@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.ops.lora import LoraWeights, lora_glu_mlp
@@ -20,13 +22,35 @@ def is_lora_layer(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B", "scaling"))
 
 
+def _unreadable(modules: tuple[nn.Module, ...]) -> str | None:
+    """Why a sharding engine keeps these modules' parameters from a reader outside their forward.
+
+    The fused paths read a projection's weights from its parent's forward. FSDP2 gathers a unit's
+    parameters around the unit's own forward: whole there when the unit is the parent's (a decoder
+    layer) or an ancestor's; still sharded DTensors when a module here is a ``fully_shard`` unit
+    of its own, or when the call is outside the unit's forward. DeepSpeed ZeRO-3 gathers each
+    module's own parameters in that module's forward (``ds_id`` / ``ds_status`` mark them), so
+    read from the parent they are empty placeholders. PEFT's modules run instead: the engines
+    gather their weights around their own calls.
+    """
+    unit = next((m for m in modules if isinstance(m, FSDPModule)), None)
+    if unit is not None:
+        return f"{type(unit).__name__} is a fully_shard unit of its own (sharded when read by its parent)"
+    params = [p for m in modules for p in m.parameters(recurse=False)]
+    if any(isinstance(p, DTensor) for p in params):
+        return "its weights are sharded DTensors here (outside the forward of the fully_shard unit)"
+    if any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
+        return "DeepSpeed ZeRO-3 partitions its weights (gathered only inside their own module's forward)"
+    return None
+
+
 def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
     """A frozen ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) as base-only weights."""
     if not isinstance(layer, nn.Linear):
         return f"{type(layer).__name__} is not a linear layer"
     if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
         return "the base weight or bias is trainable (fused LoRA needs a frozen base)"
-    return LoraWeights(layer.weight, None, None, 0.0, layer.bias)
+    return _unreadable((layer,)) or LoraWeights(layer.weight, None, None, 0.0, layer.bias)
 
 
 def projection_weights(layer: nn.Module) -> LoraWeights | str:
@@ -35,9 +59,13 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     Fast path: a frozen linear layer (its bias frozen too), or a PEFT LoRA layer over one, with exactly one
     active adapter that is plain LoRA (no DoRA or other variant), dropout 0, no LoRA bias and no
     ``fan_in_fan_out``. Disabled adapters, or merged ones, give the base weight alone, as PEFT does.
+    Weights a sharding engine has not gathered for this reader (``_unreadable``) run unfused too.
     """
     if not is_lora_layer(layer):
         return _frozen_linear(layer)
+    unit = _unreadable((layer,))  # a LoRA layer wrapped by fully_shard on its own
+    if unit is not None:
+        return unit
     base = _frozen_linear(layer.base_layer)
     if isinstance(base, str):
         return base
@@ -58,19 +86,29 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)) or lora_b.bias is not None:
         return "LoRA layers that are not plain bias-free linear maps"
-    return LoraWeights(base.weight, lora_a.weight, lora_b.weight, float(layer.scaling[name]), base.bias)
+    weights = LoraWeights(base.weight, lora_a.weight, lora_b.weight, float(layer.scaling[name]), base.bias)
+    return _unreadable((lora_a, lora_b)) or weights
 
 
 class FusedLoraMLP(FusedGatedMLP):
     """``down_proj(act(gate_proj(x)) * up_proj(x))`` over PEFT LoRA (or frozen) projections as one
     fused autograd function (``fusetune.ops.lora.lora_glu_mlp``); any projection off the fast path
     at call time sends the whole call through ``FusedGatedMLP`` (PEFT's modules, fused activation).
+    ``tile_rows``: run calls with more tokens than this in row tiles (long contexts; see
+    ``lora_glu_mlp``).
     """
 
     _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, children: dict[str, nn.Module], activation: str, tile_rows: int | None = None):
+        super().__init__(children, activation)
+        self.tile_rows = tile_rows
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
         if any(isinstance(w, str) for w in weights):
             return super().forward(hidden_states)
-        return lora_glu_mlp(hidden_states, *weights, activation=self.activation)
+        return lora_glu_mlp(hidden_states, *weights, activation=self.activation, tile_rows=self.tile_rows)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tile_rows={self.tile_rows}"

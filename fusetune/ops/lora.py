@@ -386,6 +386,74 @@ class _LoraGluMLP(torch.autograd.Function):
         return dx, None, *_adapter_grads(da_gate_up + da_down, db_gate_up + db_down)
 
 
+class _TiledLoraGluMLP(torch.autograd.Function):
+    """``_LoraGluMLP`` over row tiles, for long sequences: only x is saved; backward recomputes each
+    tile's gate and up outputs, so no (T, intermediate) tensor ever exists, only (tile, intermediate)
+    ones. The price is one more gate/up matmul pair per tile in backward."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *adapters):
+        (gate, up, down), activation, dtype, tile = spec
+        with torch.autocast(x.device.type, enabled=False):
+            rows = as_rows(x).to(dtype)
+            y = torch.cat([_mlp_tile(rows[i:i + tile], gate, up, down, activation, dtype)
+                           for i in range(0, rows.shape[0], tile)]) if rows.shape[0] else None
+        if y is None:
+            y = rows.new_empty(0, _weight_shape(down.weight)[0])
+        ctx.save_for_backward(rows)
+        ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), ctx.needs_input_grad
+        return y.view(*x.shape[:-1], y.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (rows,) = ctx.saved_tensors
+        (gate, up, down), activation, dtype, tile = ctx.spec
+        (x_shape, x_dtype), want = ctx.x_meta, ctx.wants
+        want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
+        dx = torch.empty_like(rows) if want[0] else None
+        da, db = [None] * 3, [None] * 3
+        with torch.autocast(grad_output.device.type, enabled=False):
+            grad_rows = as_rows(grad_output).to(dtype)
+            for start in range(0, rows.shape[0], tile):
+                x_tile = rows[start:start + tile]
+                (e, g), xa_gate_up = _project(x_tile, (gate, up), dtype)
+                h = torch.empty_like(e)
+                glu_forward_into(h, e, g, activation)
+                xa_down = torch.mm(h, down.a.to(dtype).t()) if down.a is not None else None
+                dh, da_down, db_down = _project_backward(
+                    [grad_rows[start:start + tile]], lambda h=h: h, xa_down, (down,), dtype,
+                    True, want_a[2:], want_b[2:],
+                )
+                del h
+                glu_backward_into(e, dh, dh, e, g, activation)  # de over e, dg over dh
+                dx_tile, da_gate_up, db_gate_up = _project_backward(
+                    [e, dh], lambda x_tile=x_tile: x_tile, xa_gate_up, (gate, up), dtype,
+                    want[0], want_a[:2], want_b[:2],
+                )
+                del e, g, dh
+                if dx is not None:
+                    dx[start:start + tile] = dx_tile
+                da = [_accumulate(t, new) for t, new in zip(da, da_gate_up + da_down, strict=True)]
+                db = [_accumulate(t, new) for t, new in zip(db, db_gate_up + db_down, strict=True)]
+        dx = None if dx is None else dx.view(x_shape).to(x_dtype)
+        return dx, None, *_adapter_grads(da, db)
+
+
+def _mlp_tile(rows, gate, up, down, activation, dtype) -> torch.Tensor:
+    """``down(act(gate(rows)) * up(rows))`` for one tile, nothing kept."""
+    (e, g), _ = _project(rows, (gate, up), dtype)
+    glu_forward_into(e, e, g, activation)
+    del g
+    return _project(e, (down,), dtype)[0][0]
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+    if part is None:
+        return total
+    return part if total is None else total.add_(part)
+
+
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
@@ -404,7 +472,13 @@ def lora_linear(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tenso
 
 
 def lora_glu_mlp(
-    x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, activation: str
+    x: torch.Tensor,
+    gate: LoraWeights,
+    up: LoraWeights,
+    down: LoraWeights,
+    activation: str,
+    *,
+    tile_rows: int | None = None,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``, the gated MLP with LoRA on any of its projections.
 
@@ -412,9 +486,17 @@ def lora_glu_mlp(
     projections of x (..., H); down: (H_out, I). Returns (..., H_out) in the compute dtype. Triton
     glu kernels on CUDA (or under the interpreter); plain CPU tensors take
     :func:`lora_glu_mlp_reference`.
+
+    tile_rows: with more rows than this, run the MLP tile by tile and save only x, recomputing each
+    tile's gate and up outputs in backward (long contexts: the (rows, intermediate) activations
+    never exist in full; costs a second gate/up matmul pair). None: one pass, e and g saved.
     """
     _check_mlp("lora_glu_mlp", x, gate, up, down, activation)
+    if tile_rows is not None and (not isinstance(tile_rows, int) or tile_rows < 1):
+        raise ValueError(f"fusetune.lora_glu_mlp: tile_rows={tile_rows!r}; use a positive int or None.")
     if not use_triton(x):
         return lora_glu_mlp_reference(x, gate, up, down, activation)
-    spec = ((gate, up, down), activation, _compute_dtype(x))
-    return _LoraGluMLP.apply(x, spec, *_adapter_args((gate, up, down)))
+    dtype, adapters = _compute_dtype(x), _adapter_args((gate, up, down))
+    if tile_rows is not None and x.numel() // x.shape[-1] > tile_rows:
+        return _TiledLoraGluMLP.apply(x, ((gate, up, down), activation, dtype, tile_rows), *adapters)
+    return _LoraGluMLP.apply(x, ((gate, up, down), activation, dtype), *adapters)

@@ -34,6 +34,7 @@ def apply(
     glu: bool = True,
     lora: bool = True,
     loss: str | None = "linear_cross_entropy",
+    mlp_tile_rows: int | None = None,
 ) -> PatchReport:
     """Patch one loaded transformers model (or PEFT model) in place with fusetune's fused parts.
 
@@ -43,9 +44,10 @@ def apply(
     with ``loss`` set, the model instance's ``forward`` computes the training loss without
     materialising logits. With ``lora``, PEFT LoRA attention projections and gated MLPs run as
     fused autograd functions (q, k, v in one pass; gate, up, activation and down in one), also
-    over 4-bit (bitsandbytes NF4) base weights. Only this instance changes: no class, module global or
-    ``torch.nn.functional`` is touched. Each switch turns one kind off; ``loss`` is
-    "linear_cross_entropy", "cross_entropy" or None.
+    over 4-bit (bitsandbytes NF4) base weights; ``mlp_tile_rows`` makes those MLPs run inputs of
+    more tokens than that in row tiles, saving only their input (for very long contexts). Only
+    this instance changes: no class, module global or ``torch.nn.functional`` is touched. Each
+    switch turns one kind off; ``loss`` is "linear_cross_entropy", "cross_entropy" or None.
 
     Returns a ``PatchReport`` (print it for a table) whose ``undo()``, like ``unapply(model)``,
     restores the original modules.
@@ -60,7 +62,7 @@ def apply(
                 "loss": loss}
     report.switched_off = {kind for kind, on in switches.items() if not on}
     if lora:  # first, so the LoRA MLPs become FusedLoraMLP before the plain GLU rule sees them
-        patch_lora(model, report)
+        patch_lora(model, report, mlp_tile_rows)
     rules = [rule for kind, rule in (("rms_norm", rms_norm_rule), ("layer_norm", layer_norm_rule),
                                      ("glu", glu_rule), ("rope", rope_rule)) if switches[kind]]
     for name, module in list(model.named_modules()):

@@ -112,7 +112,9 @@ def _patch_attention(report: PatchReport, name: str, module: nn.Module) -> None:
     report.patched["lora"].append(name)
 
 
-def _patch_mlp(report: PatchReport, root: nn.Module, name: str, module: nn.Module) -> None:
+def _patch_mlp(
+    report: PatchReport, root: nn.Module, name: str, module: nn.Module, tile_rows: int | None
+) -> None:
     children = dict(module.named_children())
     if "gate_up_proj" in children:
         if _has_lora([children["gate_up_proj"], children["down_proj"]]):
@@ -130,13 +132,14 @@ def _patch_mlp(report: PatchReport, root: nn.Module, name: str, module: nn.Modul
         report.left_alone["lora"].append((name, reason))
         return
     parent_name, _, child_name = name.rpartition(".")
-    replacement = FusedLoraMLP(children, decision.replacement.activation)
+    replacement = FusedLoraMLP(children, decision.replacement.activation, tile_rows)
     report.set_attr(root.get_submodule(parent_name), child_name, replacement)
     report.patched["lora"].append(name)
 
 
-def patch_lora(model: nn.Module, report: PatchReport) -> None:
-    """Fuse every LoRA attention block and gated MLP of ``model`` (see the module docstring)."""
+def patch_lora(model: nn.Module, report: PatchReport, mlp_tile_rows: int | None = None) -> None:
+    """Fuse every LoRA attention block and gated MLP of ``model`` (see the module docstring);
+    ``mlp_tile_rows`` is the MLPs' row tile for long inputs (None: one pass)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedGatedMLP):
             continue
@@ -145,4 +148,4 @@ def patch_lora(model: nn.Module, report: PatchReport) -> None:
             _patch_attention(report, name, module)
         elif "down_proj" in children and ("gate_up_proj" in children or
                                           {"gate_proj", "up_proj"} <= children.keys()):
-            _patch_mlp(report, model, name, module)
+            _patch_mlp(report, model, name, module, mlp_tile_rows)

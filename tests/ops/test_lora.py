@@ -162,10 +162,11 @@ def check_linear(x, projections, setting, what):
     return fused
 
 
-def check_mlp(x, projections, activation, setting, what):
+def check_mlp(x, projections, activation, setting, what, tile_rows=None):
     grad_outs = grads_for([(*x.shape[:-1], out_features(projections[2]))], setting, 8)
     cast = partial(autocast_for, setting)
-    fused = run(lambda x, ps: [lora_glu_mlp(x, *ps, activation)], x, projections, grad_outs, cast)
+    fused = run(lambda x, ps: [lora_glu_mlp(x, *ps, activation, tile_rows=tile_rows)], x, projections,
+                grad_outs, cast)
     reference = run(lambda x, ps: [lora_glu_mlp_reference(x, *ps, activation)], x, projections,
                     grad_outs, cast)
     x64, p64 = as_float64(x, projections)
@@ -393,3 +394,35 @@ def test_trainable_or_misshapen_bias_is_rejected():
         lora_linear(x, p._replace(bias=torch.zeros(24, requires_grad=True)))
     with pytest.raises(ValueError, match="expected \\(24,\\)"):
         lora_linear(x, p._replace(bias=torch.zeros(23)))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_tiled_lora_glu_mlp(setting, monkeypatch):
+    """Row tiles (37 rows in tiles of 8, the last one short) give the one-pass results, with only x
+    saved; LoRA on gate and down only, so up's missing adapter is covered too."""
+    dtype = SETTINGS[setting][0]
+    gen = torch.Generator().manual_seed(11)
+    projections = [projection(gen, INTER, HIDDEN, 4, dtype), projection(gen, INTER, HIDDEN, None, dtype),
+                   projection(gen, HIDDEN, INTER, 8, dtype)]
+    x = torch.randn(37, HIDDEN, generator=gen).to(checks.DEVICE, dtype).requires_grad_()
+    tiled_calls = []
+    original = lora_module._TiledLoraGluMLP.apply
+    monkeypatch.setattr(lora_module._TiledLoraGluMLP, "apply",
+                        lambda *args: tiled_calls.append(1) or original(*args))
+    check_mlp(x, projections, "silu", setting, f"tiled {setting}", tile_rows=8)
+    assert tiled_calls
+    with torch.autocast(checks.DEVICE, dtype=torch.bfloat16, enabled=setting == "bf16_autocast"):
+        out = lora_glu_mlp(x, *projections, "silu", tile_rows=8)
+    (saved,) = out.grad_fn.saved_tensors
+    assert saved.shape == (37, HIDDEN)
+    tiled_calls.clear()
+    lora_glu_mlp(x, *projections, "silu", tile_rows=37)  # no more rows than a tile: one pass
+    assert not tiled_calls
+
+
+def test_tile_rows_must_be_positive():
+    gen = torch.Generator().manual_seed(0)
+    projections = [projection(gen, INTER, HIDDEN, 4, torch.float32) for _ in range(2)]
+    projections.append(projection(gen, HIDDEN, INTER, 4, torch.float32))
+    with pytest.raises(ValueError, match="tile_rows=0"):
+        lora_glu_mlp(torch.randn(5, HIDDEN), *projections, "silu", tile_rows=0)

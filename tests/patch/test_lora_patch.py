@@ -218,3 +218,12 @@ def test_fused_lora_under_transformers_checkpointing(reentrant, fused_calls):
     assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
     assert_same_gradients(lora, reference)
     assert fused_calls["mlp"] == 4  # each layer's MLP: forward, then its recompute in backward
+
+
+def test_mlp_row_tiles_match_peft():
+    lora, reference = _lora_pair("llama")
+    fusetune.apply(lora, mlp_tile_rows=5)  # 2 x 12 tokens: 5 tiles, the last one short
+    assert all(m.tile_rows == 5 for m in lora.modules() if isinstance(m, FusedLoraMLP))
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(lora, reference)
