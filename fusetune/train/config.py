@@ -618,9 +618,16 @@ processes. The final `adapter/` is gathered from the shards; `merged/` is made f
 loaded base in the main process's CPU memory. `batch_size` is per process: the effective batch is
 `batch_size × gradient_accumulation_steps × N`.
 
+Without GPUs, `--nproc N` with `fsdp2` runs `N` CPU processes sharded over gloo: slow, but the
+same path (sharding, gathering the adapter, checkpoints, `--resume`, `save_merged`), for trying a
+setup out. accelerate on its own would run CPU processes as plain data parallel (DDP) and drop the
+FSDP settings without a word; fusetune has it shard them, and stops with an error if a run of
+several processes would not be sharded as configured. `deepspeed_zero3` needs GPUs.
+
 From Python, with your own Trainer: call `fusetune.apply(model)` on the loaded (and PEFT-wrapped)
 model and pass your FSDP2 or DeepSpeed settings to `TrainingArguments` as usual;
-`fusetune.train.distributed.training_arguments(settings, model)` gives the ones above.
+`fusetune.train.distributed.training_arguments(settings, model)` gives the ones above (on CPUs,
+also call `fusetune.train.distributed.shard_cpu_processes(args, settings)` before `Trainer(...)`).
 """
 
 

@@ -131,6 +131,53 @@ def training_arguments(settings: DistributedSettings, model: nn.Module) -> dict[
     return {}
 
 
+def shard_cpu_processes(args: Any, settings: DistributedSettings) -> None:
+    """Let accelerate shard CPU processes with FSDP2 (over gloo) as it shards GPU processes.
+
+    accelerate (1.15: ``AcceleratorState.__init__``, accelerate/state.py) takes its FSDP branch only
+    for processes on an accelerator (``MULTI_GPU``, ``MULTI_XPU``, ...); for processes on the CPU
+    (``MULTI_CPU``) it drops the FSDP plugin without a word and Trainer wraps the model in DDP.
+    Presented as ``MULTI_GPU`` before Trainer builds its Accelerator, they take that branch, as on
+    GPUs; the device stays the CPU and the process group gloo, which ``fully_shard`` runs on.
+    ``args`` is the run's ``TrainingArguments``; call this before ``Trainer(...)``.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if settings.strategy != "fsdp2":
+        return
+    _ = args.device  # sets up the process group and accelerate's PartialState, as Trainer would
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
+def check_engine(trainer: Any, settings: DistributedSettings) -> None:
+    """Refuse a run of several processes where accelerate left the configured engine off.
+
+    Without it Trainer would run plain data parallel (DDP), every process holding the whole model
+    and optimiser state, while the config says sharded.
+    """
+    if settings.strategy == "off" or world_size() == 1:
+        return
+    fsdp = settings.strategy == "fsdp2"
+    enabled = trainer.is_fsdp_enabled if fsdp else trainer.is_deepspeed_enabled
+    if enabled:
+        return
+    import accelerate
+
+    fix = (
+        "run on GPUs, or with accelerate 1.15 (whose FSDP fusetune runs on CPU processes)"
+        if fsdp
+        else "run on GPUs, or set distributed.strategy: fsdp2 on CPUs"
+    )
+    raise FusetuneError(
+        f"distributed.strategy {settings.strategy}: accelerate {accelerate.__version__} did not turn it on "
+        f"for these {world_size()} processes on {trainer.args.device.type}, which would run as plain data "
+        f"parallel (DDP), each with the whole model; {fix}."
+    )
+
+
 def check_nproc(nproc: int, config: TrainConfig) -> None:
     """Refuse an ``--nproc`` the config or the machine cannot run, naming the fix."""
     if nproc < 1:
@@ -139,6 +186,11 @@ def check_nproc(nproc: int, config: TrainConfig) -> None:
         raise FusetuneError(
             f"--nproc {nproc} with distributed.strategy off; set distributed.strategy: fsdp2 (or "
             f"deepspeed_zero3) in the config, or add --distributed.strategy fsdp2."
+        )
+    if nproc > 1 and config.distributed.strategy == "deepspeed_zero3" and not torch.cuda.is_available():
+        raise FusetuneError(
+            f"--nproc {nproc} with distributed.strategy deepspeed_zero3 needs GPUs (accelerate runs "
+            f"DeepSpeed only there); on CPUs set distributed.strategy: fsdp2."
         )
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise FusetuneError(

@@ -331,9 +331,11 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     train_collator(list(train_set.samples[: config.batch_size]))  # fail fast on the first batch's data
 
     args = training_arguments(config, dtype, eval_set is not None, model)
+    distributed.shard_cpu_processes(args, config.distributed)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=train_collator
     )
+    distributed.check_engine(trainer, config.distributed)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(quiet))
     for callback in callbacks or []:
