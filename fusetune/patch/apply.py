@@ -10,6 +10,7 @@ from fusetune.patch.loss import LOSS_MODES, patch_loss, unsupported_reason
 from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
 from fusetune.patch.report import PatchReport
 from fusetune.patch.rope import rope_rule, unclaimed_rotary
+from fusetune.patch.sharding import follow_swap
 
 _REPORT_ATTR = "_fusetune_report"
 
@@ -21,7 +22,10 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _swap(report: PatchReport, root: nn.Module, name: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` in place of submodule ``name`` (recorded for undo); under FSDP2 it then
+    receives the gathered parameters in forward as the original did."""
     parent_name, _, child_name = name.rpartition(".")
+    follow_swap(root, root.get_submodule(name), replacement)
     report.set_attr(root.get_submodule(parent_name), child_name, replacement)
 
 

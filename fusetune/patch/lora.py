@@ -29,6 +29,7 @@ from fusetune.nn.lora import FusedLoraMLP, is_lora_layer, projection_weights
 from fusetune.ops.lora import lora_linear
 from fusetune.patch.glu import glu_rule
 from fusetune.patch.report import PatchReport
+from fusetune.patch.sharding import whole_parameters
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GROUP_ATTR = "_fusetune_lora_group"
@@ -90,9 +91,14 @@ def _has_lora(layers: list[nn.Module]) -> bool:
 
 
 def _unfusable(layers: dict[str, nn.Module]) -> str | None:
-    """Why these projections cannot take the fused path (checked now, and again at every call)."""
+    """Why these projections cannot take the fused path (checked now, and again at every call).
+
+    Weights FSDP2 has sharded are judged whole, as the parent's forward will see them (gathered by
+    the unit around it), unless a projection is a unit of its own.
+    """
     for name, layer in layers.items():
-        weights = projection_weights(layer)
+        with whole_parameters(layer):
+            weights = projection_weights(layer)
         if isinstance(weights, str):
             return f"{name}: {weights}"
     return None

@@ -9,7 +9,7 @@ from torch import nn
 
 from fusetune.nn import FusedLayerNorm, FusedRMSNorm
 from fusetune.ops.rms_norm import rms_norm_reference
-from fusetune.patch.probe import matches, probe_device, probe_input
+from fusetune.patch.probe import eval_mode, matches, probe_device, probe_input
 from fusetune.patch.rules import Decision
 
 # (offset, cast) variants of fusetune's rms_norm, in the order they are tried: Llama's, Gemma's,
@@ -45,8 +45,8 @@ def _probe_dtypes(weight: torch.Tensor) -> list[torch.dtype]:
 
 def _rms_variant(module: nn.Module, eps: float, device: torch.device) -> tuple[float, str] | None:
     """The (offset, cast) whose maths reproduces ``module``'s forward on the probes, if any."""
-    weight = module.weight
-    with torch.no_grad():
+    with eval_mode(module):
+        weight = module.weight
         probes = [probe_input(weight.shape[0], dtype, device) for dtype in _probe_dtypes(weight)]
         outputs = [module(x) for x in probes]
         refs = {

@@ -12,6 +12,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from fusetune.patch.sharding import whole_parameters
 
 # Relative tolerance a probe allows, by output dtype: tight in float32; about one rounding step
 # in 16-bit types (a different formula misses by far more than that).
@@ -20,11 +23,12 @@ _RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run the block with ``module`` in eval mode (no dropout) and no grad; restore every flag."""
+    """Run the block as a probe of ``module``: eval mode (no dropout), no grad, and parameters that
+    FSDP2 has sharded whole (``whole_parameters``); restore every flag and parameter."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), whole_parameters(module):
             yield
     finally:
         for m, training in flags:
@@ -50,10 +54,13 @@ def matches(out: torch.Tensor, ref: torch.Tensor, exact: bool = False) -> bool:
 
 
 def probe_device(module: nn.Module) -> torch.device | str:
-    """The device of the module's parameters, or a reason why it cannot be probed."""
+    """The device of the module's parameters, or a reason why it cannot be probed (nor swapped)."""
     params = list(module.parameters())
     if not params:
         return "it has no parameters to probe with"
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        # A probe would run FSDP's hooks out of turn, and a swap would drop them.
+        return "it is or holds a fully_shard unit; apply fusetune before fully_shard to patch it"
     device = params[0].device
     if device.type == "meta":
         return "its parameters are on the meta device (patch after loading the weights)"
