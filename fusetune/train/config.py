@@ -137,6 +137,9 @@ class TrainConfig:
     off: train the unpatched transformers model."""
     loss: str = "linear_cross_entropy"
     """fusetune.apply's loss: linear_cross_entropy | cross_entropy."""
+    mlp_tile_rows: int = 0
+    """Run the fused LoRA MLPs on inputs longer than this many tokens in row tiles, keeping only
+    their input for backward (very long contexts; costs a second gate/up matmul); 0: off."""
     dataloader_workers: int = 0
     """Data-loading worker processes (0: load in the training process)."""
 

@@ -186,6 +186,7 @@ def load_model(
     kernels: str = "auto",
     loss: str = "linear_cross_entropy",
     max_pixels: int | None = None,
+    mlp_tile_rows: int | None = None,
     verbose: bool = False,
 ):
     """A model ready to fine-tune and its processor (VLMs) or tokenizer (LLMs): ``(model, processor)``.
@@ -193,7 +194,8 @@ def load_model(
     ``lora``: a ``LoraSettings`` or a dict of its fields (None: the defaults, r=16 on every linear
     layer), or False for the plain model. ``kernels="auto"`` patches the model with
     ``fusetune.apply`` (its report is ``model._fusetune_report``); "off" leaves it unpatched.
-    ``load_in_4bit`` quantises the base weights with bitsandbytes (CUDA only).
+    ``load_in_4bit`` quantises the base weights with bitsandbytes (CUDA only). ``mlp_tile_rows``
+    goes to ``fusetune.apply`` (row tiles of the fused LoRA MLPs for long inputs).
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path == "demo":
@@ -219,7 +221,7 @@ def load_model(
     if kernels == "auto":
         import fusetune
 
-        report = fusetune.apply(model, loss=loss)
+        report = fusetune.apply(model, loss=loss, mlp_tile_rows=mlp_tile_rows)
         if verbose:
             print(report)
     elif kernels != "off":

@@ -301,6 +301,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         kernels=config.kernels,
         loss=config.loss,
         max_pixels=config.max_pixels,
+        mlp_tile_rows=config.mlp_tile_rows or None,
     )
     if config.gradient_checkpointing == "offload":
         from fusetune.checkpointing import enable_checkpointing

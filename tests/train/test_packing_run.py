@@ -1,4 +1,4 @@
-"""``packing: true`` from the runner: the Trainer's batches are single packed rows and training runs."""
+"""Runner switches of the fused paths: ``packing: true`` (batches become packed rows) and ``mlp_tile_rows``."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def test_packing_run_trains_on_packed_rows(tmp_path, monkeypatch):
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.final_loss))
     # The fail-fast batch plus one per training step, each one row holding all four samples.
     assert len(rows) >= 4 and all(n == 4 and shape[0] == 1 and labels > 0 for n, shape, labels in rows)
+
+
+def test_mlp_tile_rows_reaches_the_fused_lora_mlps():
+    from fusetune.nn.lora import FusedLoraMLP
+    from fusetune.train.model import load_model
+
+    model, _ = load_model("demo", mlp_tile_rows=8)
+    mlps = [m for m in model.modules() if isinstance(m, FusedLoraMLP)]
+    assert mlps and all(m.tile_rows == 8 for m in mlps)
+    assert load_config(None, ["--mlp_tile_rows", "8"]).mlp_tile_rows == 8
