@@ -1,8 +1,11 @@
 """End-to-end LoRA / QLoRA fine-tuning steps of full-size models: HF + PEFT, + Liger, Unsloth, fusetune.
 
-    python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11] [--systems hf,liger,unsloth,fusetune]
-                        [--variants bf16_lora,qlora] [--steps 3,8] [--timeout 420] [--budget S]
-                        [--tiny] [--profile DIR] [--cache DIR] [--keep-folders] [--logs DIR]
+    python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11,Q7VL-padded,Q7VL-packed]
+                        [--systems hf,liger,unsloth,fusetune] [--variants bf16_lora,qlora] [--steps 3,8]
+                        [--timeout 420] [--budget S] [--tiny] [--profile DIR] [--cache DIR]
+                        [--keep-folders] [--logs DIR]
+    python bench/e2e.py --max-context --out FILE [--configs L8-4k] [--systems ...] [--steps 1,1]
+                        [--start 4096] [--ceiling 262144] [--resolution 1024] [--timeout S] [--budget S]
 
 Each (configuration, variant, system) runs in its own process (``--worker``), which prints one line
 ``E2E-RESULT [records]``; a worker that runs out of memory, crashes or passes ``--timeout`` seconds
@@ -38,6 +41,24 @@ step 1 runs identical weights and batch in every system, so its loss must agree)
 ``e2e_models.flops_per_token``; against the H200's 989 TFLOP/s dense bf16). ``--profile DIR`` runs
 one more step under ``torch.profiler``, saves its Chrome trace in DIR and prints the top operators by
 host and by device time. ``--tiny`` runs tiny models of the same architectures (on a CPU too).
+
+Mixed lengths (``Q7VL-padded``, ``Q7VL-packed``; ``e2e_models.step_batches``): warm-up + timed steps of
+8 seeded samples each (one image of 224 to 896 pixels a side and 128 to 2,048 text tokens), the same
+samples in the same order, padded to the step's longest or packed into one row by
+``fusetune.train.packing.pack`` (positions restarting per sample, no attention mask). Their config
+has ``mode`` padded|packed and ``batch``; tokens_per_s counts real (non-pad) tokens (``real_tokens``
+and ``batch_tokens`` per step), loss is the mean over all steps (packing is exact, so both layouts
+should agree), mfu counts each sample's own FLOPs.
+
+``--max-context`` searches, per system and variant, the longest batch-1 length of each configuration's
+model that trains (``search_context``): one worker per probe (``--steps`` 1,1 by default) at
+``--start``, twice that, ... up to ``--ceiling``, until one fails (out of memory, another error, or
+``--timeout``), then bisection to ``--resolution`` tokens (1/64 of the defaults with --tiny). One
+record: metric max_context_tokens, config mode max_context, ``probes`` [[tokens, "ok" or the
+error]], ``complete`` (False when --budget ran out; the same command again resumes from the
+probes already in FILE), ``at_max`` (the longest passing probe's metrics), start, ceiling,
+resolution. ``--oom-above N`` (--tiny only) makes workers past N tokens raise out-of-memory, to
+exercise the search on a CPU.
 """
 
 from __future__ import annotations
@@ -48,13 +69,14 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import common
@@ -72,30 +94,48 @@ PACKAGES = {"hf": "peft", "liger": "liger-kernel", "unsloth": "unsloth"}  # each
 MIN_WORKER_S = 60  # with less of --budget left, a case is recorded as not run
 GIB = 2**30
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none")
+CONTEXT = (4096, 262144, 1024)  # --max-context's default start, ceiling and resolution (1/64 when tiny)
 
 
 @dataclass(frozen=True)
 class Case:
-    """One worker: a configuration name (``L8-4k``), a variant and a system as given to --systems."""
+    """One worker: a configuration name (``L8-4k``), a variant and a system as given to --systems;
+    ``tokens`` (a --max-context probe) replaces the configuration's length."""
 
     config: str
     variant: str
     system: str
+    tokens: int | None = None
 
     @property
     def model(self) -> str:
-        return e2e_models.CONFIGS[self.config][0]
+        return e2e_models.model_of(self.config)
+
+    @property
+    def layout(self) -> str | None:
+        """"padded" or "packed" for a mixed-length configuration, else None."""
+        return e2e_models.MIXED[self.config][1] if self.config in e2e_models.MIXED else None
 
     @property
     def slug(self) -> str:
-        return f"{self.config}-{self.variant}-{self.system}"
+        slug = f"{self.config}-{self.variant}-{self.system}"
+        return slug if self.tokens is None else f"{slug}-{self.tokens}"
 
     def record_system(self) -> str:
         return self.system.split("-")[0]
 
-    def record_config(self, tiny: bool) -> dict:
-        tokens = e2e_models.tokens_of(self.config, tiny)
-        config = {"model": self.model, "tokens": tokens, "variant": self.variant}
+    def record_config(self, tiny: bool, mode: str | None = None) -> dict:
+        """The records' config: the model, its tokens or its ``mode`` (padded or packed with the
+        samples a step, or ``max_context`` when given), the variant, and the flags that set it apart."""
+        mode = mode or self.layout
+        config = {"model": self.model}
+        if mode is None:
+            config["tokens"] = self.tokens or e2e_models.tokens_of(self.config, tiny)
+        else:
+            config["mode"] = mode
+        if self.layout and mode == self.layout:
+            config["batch"] = e2e_models.mixed_batch_size(tiny)
+        config["variant"] = self.variant
         if self.system == "fusetune-nooffload":
             config["offload"] = False
         if tiny:
@@ -202,39 +242,47 @@ def profile_step(step, trace: Path) -> None:
 def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     """Build, warm up and time ``case``; its records."""
     model = e2e_models.models(args.tiny)[case.model]
-    tokens = e2e_models.tokens_of(case.config, args.tiny)
+    warmup, timed = args.steps
+    steps = e2e_models.step_batches(model, case.config, warmup + timed, args.tiny, case.tokens)
+    longest = max(batch["input_ids"].shape[1] for batch, _ in steps)
+    if args.oom_above is not None and longest > args.oom_above:
+        raise torch.OutOfMemoryError(f"simulated: {longest} tokens is past --oom-above {args.oom_above}")
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    trained = prepare(case, model, tokens, dtype, args.folder)
-    batch = patch_gpu.to_device(e2e_models.inputs(model, tokens, args.tiny), dtype)
+    trained = prepare(case, model, longest, dtype, args.folder)
     trainable = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    warmup, timed = args.steps
     common.synchronize()
     static = torch.cuda.memory_allocated() if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses, seconds = [], []
-    for _ in range(warmup + timed):
+    for cpu_batch, _ in steps:
+        batch = patch_gpu.to_device(cpu_batch, dtype)
         start = time.perf_counter()
         losses.append(train_step(trained, batch, optimizer))
         seconds.append(time.perf_counter() - start)
-    tokens_per_s = tokens * timed / sum(seconds[warmup:])
-    flops = e2e_models.flops_per_token(model, tokens)
-    values = {"tokens_per_s": tokens_per_s, "loss": losses[0], "static_gib": None, "peak_allocated_gib": None,
-              "peak_reserved_gib": None, "mfu": None}
+    real = [sum(lengths) for _, lengths in steps]
+    flops = [e2e_models.step_flops(model, lengths) for _, lengths in steps]
+    timed_s = sum(seconds[warmup:])
+    # A fixed batch's step-1 loss is the same in every system; mixed steps compare their mean.
+    loss = losses[0] if case.layout is None else statistics.fmean(losses)
+    values = {"tokens_per_s": sum(real[warmup:]) / timed_s, "loss": loss, "static_gib": None,
+              "peak_allocated_gib": None, "peak_reserved_gib": None, "mfu": None}
     if cuda:
         values.update(static_gib=static / GIB, peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
-                      mfu=tokens_per_s * flops / e2e_models.PEAK_FLOPS)
+                      mfu=sum(flops[warmup:]) / timed_s / e2e_models.PEAK_FLOPS)
     if args.profile:
         profile_step(lambda: train_step(trained, batch, optimizer), args.profile / f"{case.slug}.json")
     common_extra = {"steps": [warmup, timed], "trainable_params": sum(p.numel() for p in trainable),
                     "lora_dtype": str(trainable[0].dtype),
                     "system_version": _version(PACKAGES.get(case.system))}
-    per_metric = {"tokens_per_s": {"step_s": seconds},
+    per_metric = {"tokens_per_s": {"step_s": seconds, "real_tokens": real,
+                                   "batch_tokens": [batch["input_ids"].numel() for batch, _ in steps]},
                   "loss": {"losses": losses, "last_loss": losses[-1]},
-                  "mfu": {"flops_per_token": flops, "peak_tflops": e2e_models.PEAK_FLOPS / 1e12}}
+                  "mfu": {"flops_per_token": sum(flops) / sum(real),
+                          "peak_tflops": e2e_models.PEAK_FLOPS / 1e12}}
     config = case.record_config(args.tiny)
     return [common.record(case.record_system(), config, metric, value,
                           None if value is not None else "no CUDA: memory and MFU are measured on a GPU",
@@ -244,7 +292,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
 
 def worker(args: argparse.Namespace) -> int:
     """Run one case and print its records as one ``E2E-RESULT`` line (errors included)."""
-    case = Case(args.config, args.variant, args.system)
+    case = Case(args.config, args.variant, args.system, args.tokens)
     try:
         if case.system == "unsloth":
             import unsloth  # noqa: F401  (first: it patches transformers and peft as it is imported)
@@ -297,6 +345,8 @@ def run_case(case: Case, args: argparse.Namespace, timeout: float, folder: Path 
     argv += ["--tiny"] if args.tiny else []
     argv += ["--profile", str(args.profile)] if args.profile else []
     argv += ["--folder", str(folder)] if folder else []
+    argv += ["--tokens", str(case.tokens)] if case.tokens else []
+    argv += ["--oom-above", str(args.oom_above)] if args.oom_above is not None else []
     status, text = run_process(argv, args.logs / f"{case.slug}.log", timeout)
     lines = [line for line in text.splitlines() if not line.startswith(RESULT)]
     results = [line for line in text.splitlines() if line.startswith(RESULT)]
@@ -333,7 +383,8 @@ def summary(records: list[dict]) -> str:
     values = {row["metric"]: row for row in records}
     first = records[0]
     config = first["config"]
-    label = f"{config['model']} {config['tokens']} {config['variant']} {first['system']}"
+    size = config.get("tokens") or config["mode"]
+    label = f"{config['model']} {size} {config['variant']} {first['system']}"
     if config.get("offload") is False:
         label += " (no offload)"
     if all(row["value"] is None for row in records):
@@ -351,8 +402,166 @@ def summary(records: list[dict]) -> str:
             f"{values['loss']['last_loss']:.4f}, MFU {show('mfu', '.3f')}")
 
 
+class UnslothFolder:
+    """The saved folder of one model that Unsloth loads: written when a case first needs it (once
+    for all the model's cases and probes), removed at the end unless --keep-folders."""
+
+    def __init__(self, model: str, args: argparse.Namespace, left):
+        self.model, self.args, self.left = model, args, left
+        self.folder: Path | None = None
+        self.error: str | None = None
+
+    def get(self) -> tuple[Path | None, str | None]:
+        """(folder, None); (None, why it could not be written); (None, None) without the budget to try."""
+        if self.folder is None and self.error is None and self.left() >= MIN_WORKER_S:
+            self.folder, self.error = model_folder(self.model, self.args, min(self.args.timeout, self.left()))
+        return self.folder, self.error
+
+    def remove(self) -> None:
+        """Delete the folder (unless --keep-folders): a full-size model's is tens of GiB."""
+        if self.folder is not None and not self.args.keep_folders:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def append(path: Path, records: list[dict]) -> None:
+    """Append records to the results file as JSON lines (never truncating it)."""
+    with path.open("a") as out:
+        out.writelines(json.dumps(row) + "\n" for row in records)
+
+
+def run_cases(cases: list[Case], args: argparse.Namespace, left, saved: UnslothFolder) -> None:
+    """Each case in its own worker, its records appended to --out as soon as it ends."""
+    for case in cases:
+        folder, error = saved.get() if case.system == "unsloth" else (None, None)
+        if left() < MIN_WORKER_S:
+            records = failed(case, args.tiny, f"not run: the --budget of {args.budget:.0f} s was spent")
+        elif error:
+            records = failed(case, args.tiny, error)
+        else:
+            records = run_case(case, args, min(args.timeout, left()), folder)
+        append(args.out, records)
+        print(summary(records), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# --max-context: the longest batch-1 sequence each system trains.
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class Search:
+    """The longest length that fitted (None: not even the first), every probe in order as (tokens,
+    "ok" or why it failed), and whether the search ran to its end (False: the budget ran out)."""
+
+    longest: int | None
+    probes: list[tuple[int, str]]
+    complete: bool
+
+
+def search_context(probe, start: int, ceiling: int, resolution: int, known: dict | None = None) -> Search:
+    """The longest length ``probe`` passes: ``start``, twice that, ... up to ``ceiling`` until one
+    fails, then bisection between the last pass and the first failure until they are at most
+    ``resolution`` tokens apart (lengths stay multiples of ``resolution`` above ``start``).
+
+    ``probe(tokens)`` returns "ok", why it failed, or None when it could not run (budget spent),
+    which ends the search incomplete. Outcomes in ``known`` ({tokens: outcome}, an earlier
+    incomplete search's) are taken as they are, so a search resumes where the last one stopped.
+    A failure at ``start`` ends the search: nothing fits, or the system is broken.
+    """
+    known = known or {}
+    probes: list[tuple[int, str]] = []
+
+    def fits(tokens: int) -> bool | None:
+        outcome = known.get(tokens) or probe(tokens)
+        if outcome is None:
+            return None
+        probes.append((tokens, outcome))
+        return outcome == OK
+
+    longest = failing = None
+    tokens = start
+    while failing is None and (longest is None or longest < ceiling):
+        fit = fits(tokens)
+        if fit is None:
+            return Search(longest, probes, complete=False)
+        if not fit:
+            failing = tokens
+        else:
+            longest, tokens = tokens, min(2 * tokens, ceiling)
+    while longest is not None and failing is not None and failing - longest > resolution:
+        tokens = longest + max(resolution, (failing - longest) // 2 // resolution * resolution)
+        fit = fits(tokens)
+        if fit is None:
+            return Search(longest, probes, complete=False)
+        longest, failing = (tokens, failing) if fit else (longest, tokens)
+    return Search(longest, probes, complete=True)
+
+
+def earlier_search(path: Path, system: str, config: dict) -> dict:
+    """The last max_context_tokens record of ``system`` and ``config`` in ``path`` ({} if none)."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((row for row in reversed(rows) if row["metric"] == "max_context_tokens"
+                 and row["system"] == system and row["config"] == config), {})
+
+
+def max_context(case: Case, args: argparse.Namespace, left, saved: UnslothFolder) -> dict:
+    """Search ``case``'s longest trainable length, one worker a probe; its max_context_tokens record.
+
+    A probe passes when its worker records a speed; a worker's error (out of memory above all) or
+    timeout fails it; a timeout cut short by --budget leaves it undecided. The search resumes the
+    probes of an earlier record of the same case in --out. ``at_max`` holds the speed and memory of
+    the longest passing probe.
+    """
+    config = case.record_config(args.tiny, mode="max_context")
+    if args.oom_above is not None:
+        config["oom_above"] = args.oom_above
+    earlier = earlier_search(args.out, case.record_system(), config)
+    measured = {}
+    if earlier.get("value") is not None:
+        measured[earlier["value"]] = earlier["at_max"]
+
+    def probe(tokens: int) -> str | None:
+        folder, error = saved.get() if case.system == "unsloth" else (None, None)
+        if left() < MIN_WORKER_S:
+            return None
+        if error:
+            return error
+        limit = min(args.timeout, left())
+        records = {row["metric"]: row for row in run_case(replace(case, tokens=tokens), args, limit, folder)}
+        speed = records["tokens_per_s"]
+        print(f"    {case.system} {tokens:,} tokens: {speed.get('error', OK)}", flush=True)
+        if speed["value"] is None:
+            return None if speed["error"].startswith("timeout") and limit < args.timeout else speed["error"]
+        measured[tokens] = {metric: row["value"] for metric, row in records.items()}
+        return OK
+
+    search = search_context(probe, args.start, args.ceiling, args.resolution,
+                            known=dict(earlier.get("probes", [])))
+    error = None
+    if search.longest is None:
+        error = (f"failed at its shortest length, {search.probes[0][0]:,} tokens: {search.probes[0][1]}"
+                 if search.probes else f"not run: the --budget of {args.budget:.0f} s was spent")
+    return common.record(case.record_system(), config, "max_context_tokens", search.longest, error,
+                         probes=search.probes, complete=search.complete,
+                         at_max=measured.get(search.longest), start=args.start, ceiling=args.ceiling,
+                         resolution=args.resolution, steps=list(args.steps),
+                         system_version=_version(PACKAGES.get(case.system)))
+
+
+def context_summary(row: dict) -> str:
+    """One line for a max_context_tokens record."""
+    label = f"{row['config']['model']} {row['config']['variant']} {row['system']}"
+    if row["value"] is None:
+        return f"  {label}: FAILED: {row['error']}"
+    end = "" if row["complete"] else ", incomplete: the budget ran out"
+    return f"  {label}: longest context {row['value']:,} tokens ({len(row['probes'])} probes{end})"
+
+
 def orchestrate(args: argparse.Namespace) -> int:
-    """Run every case in its own process, appending its records to --out as soon as it ends."""
+    """Run every case (or every --max-context search) in workers, appending records to --out as they end."""
     start = time.monotonic()
     budget = args.budget if args.budget is not None else float("inf")
 
@@ -360,28 +569,21 @@ def orchestrate(args: argparse.Namespace) -> int:
         return budget - (time.monotonic() - start)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    models = list(dict.fromkeys(e2e_models.CONFIGS[name][0] for name in args.configs))
+    models = list(dict.fromkeys(e2e_models.model_of(name) for name in args.configs))
     print(f"results: {args.out}; logs: {args.logs}", flush=True)
     for model in models:  # a model's configurations together: its Unsloth folder is saved once
-        configs = [config for config in args.configs if e2e_models.CONFIGS[config][0] == model]
-        cases = [Case(config, variant, system) for config in configs
-                 for variant in args.variants for system in args.systems]
-        folder = folder_error = None
-        for case in cases:
-            unsloth = case.system == "unsloth"
-            if unsloth and folder is None and folder_error is None and left() >= MIN_WORKER_S:
-                folder, folder_error = model_folder(model, args, min(args.timeout, left()))
-            if left() < MIN_WORKER_S:
-                records = failed(case, args.tiny, f"not run: the --budget of {budget:.0f} s was spent")
-            elif unsloth and folder_error:
-                records = failed(case, args.tiny, folder_error)
-            else:
-                records = run_case(case, args, min(args.timeout, left()), folder if unsloth else None)
-            with args.out.open("a") as out:
-                out.writelines(json.dumps(row) + "\n" for row in records)
-            print(summary(records), flush=True)
-        if folder is not None and not args.keep_folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        configs = [config for config in args.configs if e2e_models.model_of(config) == model]
+        saved = UnslothFolder(model, args, left)
+        if args.max_context:  # the model's first configuration stands for it
+            for variant in args.variants:
+                for system in args.systems:
+                    row = max_context(Case(configs[0], variant, system), args, left, saved)
+                    append(args.out, [row])
+                    print(context_summary(row), flush=True)
+        else:
+            run_cases([Case(config, variant, system) for config in configs
+                       for variant in args.variants for system in args.systems], args, left, saved)
+        saved.remove()
     print(f"done in {time.monotonic() - start:.0f} s", flush=True)
     return 0
 
@@ -397,10 +599,11 @@ def _names(text: str, allowed, what: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="JSON-lines results file (appended to)")
-    parser.add_argument("--configs", default="L8-4k,Q7VL,M11", help=f"of {', '.join(e2e_models.CONFIGS)}")
+    parser.add_argument("--configs", help=f"of {', '.join([*e2e_models.CONFIGS, *e2e_models.MIXED])} "
+                        "(default L8-4k,Q7VL,M11; L8-4k with --max-context)")
     parser.add_argument("--systems", default="hf,liger,unsloth,fusetune", help=f"of {', '.join(SYSTEMS)}")
     parser.add_argument("--variants", default="bf16_lora", help=f"of {', '.join(VARIANTS)}")
-    parser.add_argument("--steps", default="3,8", help="warm-up,timed")
+    parser.add_argument("--steps", help="warm-up,timed (default 3,8; 1,1 with --max-context)")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     parser.add_argument("--budget", type=float, help="seconds for the whole call")
     parser.add_argument("--tiny", action="store_true", help="tiny models of the same architectures (CPU too)")
@@ -409,16 +612,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the model folders for Unsloth are saved")
     parser.add_argument("--keep-folders", action="store_true", help="keep the saved model folders")
     parser.add_argument("--logs", type=Path, help="workers' logs (default: next to --out)")
+    parser.add_argument("--max-context", action="store_true",
+                        help="search each system's longest trainable length instead (one model a config)")
+    parser.add_argument("--start", type=int, help=f"--max-context's first length (default {CONTEXT[0]})")
+    parser.add_argument("--ceiling", type=int, help=f"--max-context's longest length (default {CONTEXT[1]})")
+    parser.add_argument("--resolution", type=int, help=f"--max-context's resolution (default {CONTEXT[2]})")
+    parser.add_argument("--oom-above", type=int,
+                        help="--tiny only: a worker past this many tokens raises torch.OutOfMemoryError, "
+                        "standing in for a GPU's memory so that --max-context can be tried on a CPU")
     parser.add_argument("--worker", action="store_true", help="run one case in this process")
-    parser.add_argument("--config", choices=list(e2e_models.CONFIGS))
+    parser.add_argument("--config", choices=[*e2e_models.CONFIGS, *e2e_models.MIXED])
+    parser.add_argument("--tokens", type=int, help="worker: this many tokens instead of the config's")
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--system", choices=SYSTEMS)
     parser.add_argument("--folder", type=Path, help="the saved model (unsloth worker, --save-model)")
     parser.add_argument("--save-model", choices=["L8", "Q7VL", "M11"], help="save this model to --folder")
     args = parser.parse_args(argv)
-    args.steps = tuple(int(n) for n in args.steps.split(","))
+    args.steps = tuple(int(n) for n in (args.steps or ("1,1" if args.max_context else "3,8")).split(","))
     if len(args.steps) != 2 or args.steps[1] < 1:
         parser.error("--steps is warm-up,timed with at least one timed step")
+    if args.oom_above is not None and not args.tiny:
+        parser.error("--oom-above simulates out-of-memory with --tiny only")
     if args.worker:
         if None in (args.config, args.variant, args.system):
             parser.error("--worker needs --config, --variant and --system")
@@ -428,7 +642,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.out is None:
         parser.error("--out is required")
     else:
-        args.configs = _names(args.configs, e2e_models.CONFIGS, "configs")
+        allowed = e2e_models.CONFIGS if args.max_context else [*e2e_models.CONFIGS, *e2e_models.MIXED]
+        args.configs = _names(args.configs or ("L8-4k" if args.max_context else "L8-4k,Q7VL,M11"), allowed,
+                              "configs")
+        shrink = e2e_models.TINY_SHRINK if args.tiny else 1
+        for name, default in zip(("start", "ceiling", "resolution"), CONTEXT, strict=True):
+            if getattr(args, name) is None:
+                setattr(args, name, default // shrink)
         args.systems = _names(args.systems, SYSTEMS, "systems")
         args.variants = _names(args.variants, VARIANTS, "variants")
         args.logs = args.logs or args.out.with_name(args.out.stem + "-logs")

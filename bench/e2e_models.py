@@ -89,10 +89,29 @@ CONFIGS = {"L8-4k": ("L8", 4096), "L8-16k": ("L8", 16384), "L8-32k": ("L8", 3276
            "Q7VL": ("Q7VL", 4096), "M11": ("M11", 4096)}
 
 
+# Mixed-length configurations: name -> (model, layout). The same seeded samples (one square image
+# of 224 to 896 pixels and 128 to 2,048 text tokens each) train in the same order, MIXED_BATCH a step,
+# either as batches padded to their longest sample or packed back to back into one row.
+MIXED = {"Q7VL-padded": ("Q7VL", "padded"), "Q7VL-packed": ("Q7VL", "packed")}
+MIXED_BATCH = 8
+MIXED_GRIDS = (16, 32, 48, 64)  # patches a side (14 pixels each); 4 patches make one token
+MIXED_TEXT = (128, 2048)
+
+
 def tokens_of(config_name: str, tiny: bool) -> int:
     """The language-model tokens a configuration runs (1/64 of them when tiny)."""
     tokens = CONFIGS[config_name][1]
     return tokens // TINY_SHRINK if tiny else tokens
+
+
+def model_of(config_name: str) -> str:
+    """The model a configuration runs, fixed-length or mixed."""
+    return (CONFIGS.get(config_name) or MIXED[config_name])[0]
+
+
+def mixed_batch_size(tiny: bool) -> int:
+    """Samples a step of a mixed configuration (half as many when tiny)."""
+    return MIXED_BATCH // 2 if tiny else MIXED_BATCH
 
 
 def build(model: Model, dtype: torch.dtype) -> torch.nn.Module:
@@ -121,10 +140,10 @@ def lora_targets(model: Model) -> list[str] | str:
 # Inputs (batch 1, built on the CPU with a seeded generator; the worker moves them to the device).
 
 
-def _qwen_inputs(config, tokens: int, tiny: bool) -> dict:
-    """One 1024 x 1024 image (74 x 74 patches of 14 pixels: 1,369 merged tokens; 8 x 8 when tiny)
-    after 4 text tokens, then text up to ``tokens``; labels -100 on the image span."""
-    inputs = patch_gpu.image_inputs(config, batch=1, tokens=tokens, seed=SEED, grid=8 if tiny else 74)
+def _qwen_inputs(config, tokens: int, grid: int, seed: int = SEED) -> dict:
+    """One ``grid`` x ``grid``-patch image (14 pixels a patch, 2 x 2 patches a token) after 4 text
+    tokens, then text up to ``tokens``; labels -100 on the image span."""
+    inputs = patch_gpu.image_inputs(config, batch=1, tokens=tokens, seed=seed, grid=grid)
     ids = inputs["input_ids"]
     image = ids == config.image_token_id
     span = image | (ids == config.vision_start_token_id) | (ids == config.vision_end_token_id)
@@ -162,13 +181,71 @@ def _mllama_inputs(config, tokens: int, tiny: bool) -> dict:
 
 
 def inputs(model: Model, tokens: int, tiny: bool) -> dict:
-    """The batch of one step: random text ids with labels = ids (L8), or an image plus text (VLMs)."""
+    """The batch of one step: random text ids with labels = ids (L8), or an image plus text (VLMs:
+    Qwen2.5-VL's a 1024 x 1024 image, 74 x 74 patches or 1,369 tokens, 8 x 8 patches when tiny)."""
     config = model.spec.config()
     if model.name == "Q7VL":
-        return _qwen_inputs(config, tokens, tiny)
+        return _qwen_inputs(config, tokens, grid=8 if tiny else 74)
     if model.name == "M11":
         return _mllama_inputs(config, tokens, tiny)
     return patch_gpu.text_inputs(config.vocab_size, batch=1, tokens=tokens, seed=SEED, ignore_fraction=0.0)
+
+
+def mixed_samples(model: Model, count: int, tiny: bool) -> list[dict]:
+    """``count`` single Qwen2.5-VL samples (batch 1, unpadded) of mixed image sizes and text lengths:
+    a grid of ``MIXED_GRIDS`` patches a side and ``MIXED_TEXT`` text tokens, drawn from one seeded
+    generator, so sample i is the same whatever ``count`` is (tiny: 4 or 8 patches, 8-48 tokens)."""
+    config = model.spec.config()
+    merge = config.vision_config.spatial_merge_size
+    grids, (shortest, longest) = ((4, 8), (8, 48)) if tiny else (MIXED_GRIDS, MIXED_TEXT)
+    generator = torch.Generator().manual_seed(SEED)
+    samples = []
+    for index in range(count):
+        grid = grids[int(torch.randint(len(grids), (1,), generator=generator))]
+        text = int(torch.randint(shortest, longest + 1, (1,), generator=generator))
+        tokens = 6 + grid * grid // merge**2 + text  # 4 text tokens, the image between its markers, text
+        samples.append(_qwen_inputs(config, tokens, grid, seed=SEED + 2 * (index + 1)))
+    return samples
+
+
+_PAD = {"input_ids": 0, "labels": IGNORE, "mm_token_type_ids": 0, "attention_mask": 0}
+
+
+def padded_batch(samples: list[dict]) -> dict:
+    """``samples`` as one batch right-padded to the longest (``attention_mask`` 0 and labels -100 on
+    the padding), their images concatenated in order: what a padding collator gives the model."""
+    rows = [{**sample, "attention_mask": torch.ones_like(sample["input_ids"])} for sample in samples]
+    length = max(row["input_ids"].shape[1] for row in rows)
+    batch = {key: torch.cat([torch.nn.functional.pad(row[key], (0, length - row[key].shape[1]), value=fill)
+                             for row in rows])
+             for key, fill in _PAD.items() if key in rows[0]}
+    for key in ("pixel_values", "image_grid_thw"):
+        batch[key] = torch.cat([row[key] for row in rows])
+    return batch
+
+
+def packed_row(samples: list[dict], model: Model) -> dict:
+    """``samples`` back to back in one row by ``fusetune.train.packing.pack`` (positions restarting
+    per sample, no attention mask); its ``use_cache=False`` is dropped as the training step passes it."""
+    from fusetune.train.packing import pack
+
+    row = pack(samples, model.spec.config())
+    row.pop("use_cache")
+    return row
+
+
+def step_batches(model: Model, config_name: str, steps: int, tiny: bool,
+                 tokens: int | None = None) -> list[tuple[dict, list[int]]]:
+    """Every step's batch (on the CPU) with the lengths of the samples in it: the configuration's one
+    batch (``tokens`` long when given) every step, or ``steps`` groups of mixed samples padded or packed."""
+    if config_name not in MIXED:
+        tokens = tokens or tokens_of(config_name, tiny)
+        return [(inputs(model, tokens, tiny), [tokens])] * steps
+    size = mixed_batch_size(tiny)
+    samples = mixed_samples(model, steps * size, tiny)
+    groups = [samples[start:start + size] for start in range(0, len(samples), size)]
+    collate = padded_batch if MIXED[config_name][1] == "padded" else lambda group: packed_row(group, model)
+    return [(collate(group), [sample["input_ids"].shape[1] for sample in group]) for group in groups]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +270,12 @@ def flops_per_token(model: Model, tokens: int) -> float:
     matmul_params = layers * per_layer + text.vocab_size * hidden
     self_attention_layers = layers - len(getattr(text, "cross_attention_layers", None) or [])
     return 4 * matmul_params + 6 * tokens * heads * head_dim * self_attention_layers
+
+
+def step_flops(model: Model, lengths: list[int]) -> float:
+    """Model FLOPs of a step over samples of these lengths, each attending within itself (padding,
+    which does no useful work, is not counted)."""
+    return sum(length * flops_per_token(model, length) for length in lengths)
 
 
 # ------------------------------------------------------------------------------------------------

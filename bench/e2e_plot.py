@@ -3,7 +3,9 @@
     python bench/e2e_plot.py RESULTS.jsonl [--out PNG]   (default: the results file's name, .png)
 
 Reads the records ``bench/e2e.py`` writes (the last record of a case wins, as in the report); a
-failed system is left out of its group and named under the axis (e.g. "unsloth: OOM").
+failed system is left out of its group and named under the axis (e.g. "unsloth: OOM"). Padded and
+packed runs are groups of their own (real tokens/s); --max-context searches, one length a system
+rather than a speed, are left to the report's table.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ def table(records: list[dict]) -> dict:
     metrics: dict = {}
     for row in records:
         config = row["config"]
-        case = f"{config['model']} {config['tokens'] // 1024}k\n{config['variant']}"
+        if config.get("mode") == "max_context":
+            continue
+        size = f"{config['tokens'] // 1024}k" if "tokens" in config else config["mode"]
+        case = f"{config['model']} {size}\n{config['variant']}"
         system = row["system"] + (" (no offload)" if config.get("offload") is False else "")
         metrics.setdefault(case, {}).setdefault(system, {})[row["metric"]] = row
     out: dict = {}

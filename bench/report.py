@@ -38,6 +38,13 @@ def header(records: list[dict]) -> str:
             f"transformers {first['transformers']}{liger} · {first['date']}")
 
 
+def failure_kind(error: str) -> str:
+    """OOM, timeout or the exception's name: a failure in one word."""
+    if "out of memory" in error.lower() or "OutOfMemory" in error:
+        return "OOM"
+    return "timeout" if error.startswith("timeout") else error.split(":")[0]
+
+
 def cell(systems: dict, system: str, metric: str, spec: str) -> str:
     """A formatted value; OOM or err for a failed measurement; blank when not measured."""
     row = systems.get(system, {}).get(metric)
@@ -45,8 +52,7 @@ def cell(systems: dict, system: str, metric: str, spec: str) -> str:
         return ""
     if row["value"] is not None:
         return format(row["value"], spec)
-    error = row.get("error", "")
-    return "OOM" if "out of memory" in error.lower() or "OutOfMemory" in error else "err"
+    return "OOM" if failure_kind(row.get("error", "")) == "OOM" else "err"
 
 
 def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -115,17 +121,37 @@ def e2e_label(row: dict) -> str:
     return row["system"] + (" (no offload)" if row["config"].get("offload") is False else "")
 
 
+def e2e_where(config: dict) -> str:
+    """An end-to-end case in words: model, tokens (or mode) and variant."""
+    size = f"{config['tokens']:,} tokens" if "tokens" in config else config["mode"].replace("_", " ")
+    return f"{config['model']} {size} {config['variant']}"
+
+
+def e2e_order(label: str) -> tuple:
+    """Sort key of a system label: the E2E_ORDER systems first, in that order."""
+    order = {system: i for i, system in enumerate(E2E_ORDER)}
+    return order.get(label.split()[0], len(order)), label
+
+
+def by_case(key: tuple[str, str, str]) -> tuple:
+    """Sort key of (model, variant, system label)."""
+    return (*key[:2], e2e_order(key[2]))
+
+
 def e2e_table(records: list[dict]) -> list[str]:
-    """One row per configuration and system: speed, step-time range, memory, step-1 loss and MFU."""
+    """One row per fixed-length configuration and system: speed, step-time range, memory, step-1 loss
+    and MFU (the padded / packed and max-context modes have their own tables)."""
+    records = [row for row in records if "mode" not in row["config"]]
+    if not records:
+        return []
     cases: dict = {}
     for row in records:
         config = row["config"]
         key = (config["model"], config["tokens"], config["variant"])
         cases.setdefault(key, {}).setdefault(e2e_label(row), {})[row["metric"]] = row
-    order = {system: i for i, system in enumerate(E2E_ORDER)}
     rows = []
     for (model, tokens, variant), systems in cases.items():
-        for label in sorted(systems, key=lambda name: (order.get(name.split()[0], len(order)), name)):
+        for label in sorted(systems, key=e2e_order):
             metrics = systems[label]
             static, peak = (common.value(systems, label, m) for m in ("static_gib", "peak_allocated_gib"))
             speed = metrics.get("tokens_per_s", {})
@@ -149,6 +175,70 @@ def e2e_table(records: list[dict]) -> list[str]:
          "peak - static", "reserved GiB", "loss", "MFU"], rows) + notes
 
 
+def context_table(records: list[dict]) -> list[str]:
+    """The longest batch-1 context each system trained (``bench/e2e.py --max-context``), against
+    Unsloth's, with the speed and memory of that longest step and what stopped the next length."""
+    found = {(row["config"]["model"], row["config"]["variant"], e2e_label(row)): row
+             for row in records if row["metric"] == "max_context_tokens"}
+    if not found:
+        return []
+    rows = []
+    for (model, variant, label), row in sorted(found.items(), key=lambda item: by_case(item[0])):
+        value, at_max = row["value"], row.get("at_max") or {}
+        unsloth = found.get((model, variant, "unsloth"), {}).get("value")
+        failures = sorted((tokens, outcome) for tokens, outcome in row.get("probes", []) if outcome != "ok")
+        if value is None:
+            longest = failure_kind(row["error"].split(": ", 1)[-1])
+        else:
+            bound = not row["complete"] or value >= row["ceiling"]
+            longest = (">= " if bound else "") + f"{value:,}" + ("" if row["complete"] else " (incomplete)")
+        speed, peak = at_max.get("tokens_per_s"), at_max.get("peak_allocated_gib")
+        rows.append([model, variant, label, longest,
+                     f"{value / unsloth:.2f}x" if value and unsloth else "",
+                     "" if speed is None else f"{speed:,.0f}", "" if peak is None else f"{peak:.2f}",
+                     str(len(row.get("probes", []))),
+                     f"{failures[0][0]:,}: {failure_kind(failures[0][1])}" if failures else ""])
+    notes = ["", "Each probe is its own worker at one length (double from the start until one fails, then "
+             "bisect to the resolution); tokens/s and peak GiB are those of the longest passing probe. "
+             ">= marks a search stopped by the ceiling or the budget (incomplete: rerunning the same command "
+             "resumes it). First failure: the shortest length that failed, and why."]
+    return ["### Longest trainable context (batch 1)", ""] + markdown(
+        ["model", "variant", "system", "longest tokens", "vs Unsloth", "tokens/s there", "peak GiB there",
+         "probes", "first failure"], rows) + notes
+
+
+def packed_table(records: list[dict]) -> list[str]:
+    """The same mixed-length samples padded and packed, per system: real tokens/s of each, the speed-up,
+    peak memory and the mean loss of each (packing is exact, so the losses should agree)."""
+    cases: dict = {}
+    for row in records:
+        config = row["config"]
+        if config.get("mode") in ("padded", "packed"):
+            key = (config["model"], config["variant"], e2e_label(row))
+            cases.setdefault(key, {}).setdefault(config["mode"], {})[row["metric"]] = row
+    if not cases:
+        return []
+    rows = []
+    for (model, variant, label), modes in sorted(cases.items(), key=lambda item: by_case(item[0])):
+        padded, packed = (common.value(modes, mode, "tokens_per_s") for mode in ("padded", "packed"))
+        speed = modes.get("padded", {}).get("tokens_per_s", {})
+        share = sum(speed.get("real_tokens", [])) / max(sum(speed.get("batch_tokens", [])), 1)
+        rows.append([model, variant, label, f"{share:.2f}" if speed.get("batch_tokens") else "",
+                     cell(modes, "padded", "tokens_per_s", ",.0f"),
+                     cell(modes, "packed", "tokens_per_s", ",.0f"),
+                     f"{packed / padded:.2f}x" if padded and packed else "",
+                     cell(modes, "padded", "peak_allocated_gib", ".2f"),
+                     cell(modes, "packed", "peak_allocated_gib", ".2f"),
+                     cell(modes, "padded", "loss", ".4f"), cell(modes, "packed", "loss", ".4f")])
+    notes = ["", "The same seeded samples (one image of 224-896 pixels a side and 128-2,048 text tokens "
+             "each) in the same order, a batch of them a step: padded to the longest, or packed into one row "
+             "(fusetune.train.packing). Tokens/s counts real (non-pad) tokens over the timed steps; real "
+             "share is real over padded-batch tokens; loss is the mean over all steps."]
+    return ["### Packed against padded (mixed image sizes and text lengths)", ""] + markdown(
+        ["model", "variant", "system", "real share", "padded tokens/s", "packed tokens/s", "packed / padded",
+         "padded peak GiB", "packed peak GiB", "padded loss", "packed loss"], rows) + notes
+
+
 def errors_list(records: list[dict]) -> list[str]:
     """Each distinct failure once, with the cases it hit."""
     seen: dict[tuple[str, str], list[str]] = {}
@@ -158,7 +248,7 @@ def errors_list(records: list[dict]) -> list[str]:
             if "op" in config:
                 where = f"{config['op']} {common.shape_text(config)} {config.get('variant', '')}"
             else:
-                where = f"{config['model']} {config['tokens']:,} tokens {config['variant']}"
+                where = e2e_where(config)
             cases = seen.setdefault((row["system"], row["error"]), [])
             if where not in cases:
                 cases.append(where)
@@ -173,7 +263,8 @@ def errors_list(records: list[dict]) -> list[str]:
 def section(name: str, records: list[dict]) -> str:
     """The Markdown section for one results file, markers included."""
     if name.startswith("e2e-"):
-        parts = [[f"## {name}", "", header(records)], e2e_table(records), errors_list(records)]
+        parts = [[f"## {name}", "", header(records)], e2e_table(records), context_table(records),
+                 packed_table(records), errors_list(records)]
     else:
         cases = common.index(records)
         parts = [[f"## {name}", "", header(records)], ceilings_line(cases), correctness_table(cases),

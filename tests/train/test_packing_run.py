@@ -1,4 +1,4 @@
-"""Runner switches of the fused paths: ``packing: true`` (batches become packed rows) and ``mlp_tile_rows``."""
+"""Runner switches of the fused paths: ``packing: true`` (packed rows) and ``mlp_tile_rows``."""
 
 from __future__ import annotations
 
