@@ -61,6 +61,11 @@ def probe_device(module: nn.Module) -> torch.device | str:
     if any(isinstance(m, FSDPModule) for m in module.modules()):
         # A probe would run FSDP's hooks out of turn, and a swap would drop them.
         return "it is or holds a fully_shard unit; apply fusetune before fully_shard to patch it"
+    if any(hasattr(p, "ds_id") and p.numel() == 0 for p in params):
+        # ZeRO-3 keeps an empty placeholder outside the module's forward: a probe would compare
+        # empty tensors and prove nothing.
+        return ("DeepSpeed ZeRO-3 has partitioned its parameters; apply fusetune before "
+                "deepspeed.initialize / zero.Init (as fusetune train does)")
     device = params[0].device
     if device.type == "meta":
         return "its parameters are on the meta device (patch after loading the weights)"

@@ -189,8 +189,9 @@ def check_nproc(nproc: int, config: TrainConfig) -> None:
         )
     if nproc > 1 and config.distributed.strategy == "deepspeed_zero3" and not torch.cuda.is_available():
         raise FusetuneError(
-            f"--nproc {nproc} with distributed.strategy deepspeed_zero3 needs GPUs (accelerate runs "
-            f"DeepSpeed only there); on CPUs set distributed.strategy: fsdp2."
+            f"--nproc {nproc} with distributed.strategy deepspeed_zero3: fusetune train runs DeepSpeed on "
+            f"GPUs only (on CPUs it needs DeepSpeed's CPU accelerator set up by hand); on CPUs set "
+            f"distributed.strategy: fsdp2."
         )
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise FusetuneError(

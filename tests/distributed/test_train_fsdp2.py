@@ -177,7 +177,8 @@ def test_unsharded_runs_of_several_processes_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = load_config(None, [])
     config.distributed = DistributedSettings("deepspeed_zero3")  # as if deepspeed were installed
-    with pytest.raises(FusetuneError, match="deepspeed_zero3 needs GPUs.*strategy: fsdp2"):
+    expected = "deepspeed_zero3: fusetune train runs DeepSpeed on GPUs only.*strategy: fsdp2"
+    with pytest.raises(FusetuneError, match=expected):
         distributed.check_nproc(2, config)
 
     ddp = SimpleNamespace(

@@ -90,3 +90,16 @@ def test_partitioned_model_runs_peft_modules_with_the_same_gradients(when, no_fu
     assert sorted(grads) == sorted(expected_grads)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_empty_zero3_placeholders_are_not_probed():
+    """Parameters ZeRO-3 has already partitioned are empty outside their module's forward: a probe
+    would compare empty tensors, so those modules are left alone with the fix in the reason."""
+    model = tiny_model("llama")
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(torch.empty(0))
+    norm.weight.ds_id = 0
+    report = fusetune.apply(model)
+    reasons = dict(report.left_alone["rms_norm"])
+    assert "apply fusetune before deepspeed.initialize" in reasons["model.layers.0.input_layernorm"]
+    assert "model.layers.0.post_attention_layernorm" in report.patched["rms_norm"]
