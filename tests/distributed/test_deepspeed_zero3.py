@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.distributed.processes import run_ranks
 
 pytest.importorskip("deepspeed")
 
@@ -239,18 +240,7 @@ def free_port() -> int:
 def zero3(tmp_path_factory) -> dict:
     """The results of every case from two processes under DeepSpeed ZeRO-3."""
     folder = str(tmp_path_factory.mktemp("zero3"))
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=worker, args=(r, folder, port)) for r in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert all(p.exitcode == 0 for p in processes), f"exit codes {[p.exitcode for p in processes]}"
-    return torch.load(os.path.join(folder, "results.pt"))
+    return run_ranks(worker, WORLD, folder, free_port())
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.distributed.processes import run_ranks
 
 WORLD = 2
 BATCH = 4
@@ -214,17 +215,7 @@ def worker(rank: int, folder: str) -> None:
 def sharded(tmp_path_factory) -> tuple[dict, str]:
     """The results of every case from two processes, and the folder holding the saved adapters."""
     folder = str(tmp_path_factory.mktemp("fsdp2"))
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=worker, args=(r, folder)) for r in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert all(p.exitcode == 0 for p in processes), f"exit codes {[p.exitcode for p in processes]}"
-    return torch.load(os.path.join(folder, "results.pt")), folder
+    return run_ranks(worker, WORLD, folder), folder
 
 
 @pytest.fixture
