@@ -1,0 +1,15 @@
+"""Tests of the benchmark scripts (``conftest.py`` puts ``bench/`` on the import path)."""
+
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+# A stand-in liger_kernel whose patch function kills its process: the orchestrators must record
+# that case's failure and still run the others.
+FAKE_LIGER = """import os
+
+
+def apply_liger_kernel_to_llama():
+    print("fake liger crash", flush=True)
+    os._exit(3)
+"""

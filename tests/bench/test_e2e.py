@@ -13,24 +13,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import e2e
+import e2e_models
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import e2e  # noqa: E402
-import e2e_models  # noqa: E402
-
-FAKE_LIGER = """import os
-
-
-def apply_liger_kernel_to_llama():
-    print("fake liger crash", flush=True)
-    os._exit(3)
-"""
+from tests.bench import BENCH, FAKE_LIGER
 
 
 def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path):

@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-from pathlib import Path
 
+import e2e
+import e2e_plot
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import e2e  # noqa: E402
-import e2e_plot  # noqa: E402
-import report  # noqa: E402
+import report
 
 OOM = "OutOfMemoryError: CUDA out of memory"
 

@@ -16,21 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import multi_gpu
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import multi_gpu  # noqa: E402
-
-FAKE_LIGER = """import os
-
-
-def apply_liger_kernel_to_llama():
-    print("fake liger crash", flush=True)
-    os._exit(3)
-"""
+from tests.bench import BENCH, FAKE_LIGER
 
 
 def run(args: list[str], tmp_path: Path) -> str:

@@ -1,8 +1,11 @@
-"""Running a test's worker in two spawned processes and reading back what rank 0 saved."""
+"""Running a test's worker in two spawned processes, its cases inside them, and reading back what
+rank 0 saved; counting the fused ops' calls inside the workers."""
 
 from __future__ import annotations
 
 import os
+import traceback
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -24,3 +27,45 @@ def run_ranks(worker: Callable, world: int, folder: str, *args, timeout: float =
             process.join()
     assert all(p.exitcode == 0 for p in processes), f"exit codes {[p.exitcode for p in processes]}"
     return torch.load(os.path.join(folder, "results.pt"))
+
+
+def run_cases(cases: dict, run: Callable, rank: int, folder: str) -> None:
+    """``run(case)`` for every case in this process; rank 0 saves the results (a failing case's
+    traceback under ``error``, so its own test reports it) to ``folder``/results.pt for ``run_ranks``.
+    A case fails alike in every process, so the processes stay in step."""
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = run(name, case)
+        except Exception:  # noqa: BLE001 - reported by the case's test
+            results[name] = {"error": traceback.format_exc()}
+    if rank == 0:
+        torch.save(results, os.path.join(folder, "results.pt"))
+
+
+def count_calls(module, name: str, calls: Counter) -> None:
+    """Count in ``calls`` every call of ``module.name`` from here on."""
+    function = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+
+
+FUSED_LORA_OPS = ("lora_linear", "lora_glu_mlp")
+
+
+def count_fused_calls() -> Counter:
+    """Counters of the fused loss (``linear_cross_entropy``) and the fused LoRA ops
+    (``FUSED_LORA_OPS``), as the patched modules call them, from here on."""
+    import fusetune.nn.lora
+    import fusetune.patch.lora
+    import fusetune.patch.loss
+
+    calls = Counter()
+    count_calls(fusetune.patch.loss, "linear_cross_entropy", calls)
+    count_calls(fusetune.patch.lora, "lora_linear", calls)
+    count_calls(fusetune.nn.lora, "lora_glu_mlp", calls)
+    return calls

@@ -29,14 +29,13 @@ import importlib
 import os
 import socket
 import sys
-import traceback
 from collections import Counter
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from tests.distributed.processes import run_ranks
+from tests.distributed.processes import count_fused_calls, run_cases, run_ranks
 
 pytest.importorskip("deepspeed")
 
@@ -122,30 +121,6 @@ def fusetune_apply(model: torch.nn.Module):
     return fusetune.apply(model)
 
 
-def count_calls(module, name: str, calls: Counter) -> None:
-    """Count in ``calls`` every call of ``module.name`` from here on."""
-    function = getattr(module, name)
-
-    def wrapper(*args, **kwargs):
-        calls[name] += 1
-        return function(*args, **kwargs)
-
-    setattr(module, name, wrapper)
-
-
-def count_fused_calls() -> Counter:
-    """Counters of the fused loss and the fused LoRA ops, as the patched modules call them."""
-    import fusetune.nn.lora
-    import fusetune.patch.lora
-    import fusetune.patch.loss
-
-    calls = Counter()
-    count_calls(fusetune.patch.loss, "linear_cross_entropy", calls)
-    count_calls(fusetune.patch.lora, "lora_linear", calls)
-    count_calls(fusetune.nn.lora, "lora_glu_mlp", calls)
-    return calls
-
-
 def run_case(case: Case, rank: int, data: dict, calls: Counter) -> dict:
     """``case`` in this process on its half of ``data``: the summed loss, the full LoRA gradients,
     what ``apply`` patched and left alone, and how often the fused ops ran."""
@@ -216,15 +191,7 @@ def worker(rank: int, folder: str, port: int) -> None:
     torch.set_num_threads(1)
     data = batch(size=BATCH)
     calls = count_fused_calls()
-    results = {}
-    for name, case in CASES.items():
-        # A case that fails fails alike in both processes: its traceback is kept for its test.
-        try:
-            results[name] = run_case(case, rank, data, calls)
-        except Exception:  # noqa: BLE001 - reported by the case's test
-            results[name] = {"error": traceback.format_exc()}
-    if rank == 0:
-        torch.save(results, os.path.join(folder, "results.pt"))
+    run_cases(CASES, lambda name, case: run_case(case, rank, data, calls), rank, folder)
     dist.barrier()
     dist.destroy_process_group()
 

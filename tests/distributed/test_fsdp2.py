@@ -19,7 +19,6 @@ the test loads it into an unsharded model. All cases run in one pair of processe
 from __future__ import annotations
 
 import os
-import traceback
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +26,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from tests.distributed.processes import run_ranks
+from tests.distributed.processes import FUSED_LORA_OPS, count_fused_calls, run_cases, run_ranks
 
 WORLD = 2
 BATCH = 4
@@ -119,27 +118,6 @@ def trained_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
         return model(input_ids=input_ids).logits
 
 
-def count_fused_calls() -> Counter:
-    """Count the calls of the fused LoRA ops from here on (to tell the fused path from the fallback)."""
-    import fusetune.nn.lora
-    import fusetune.patch.lora
-
-    calls = Counter()
-
-    def counted(module, name):
-        function = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return function(*args, **kwargs)
-
-        setattr(module, name, wrapper)
-
-    counted(fusetune.patch.lora, "lora_linear")
-    counted(fusetune.nn.lora, "lora_glu_mlp")
-    return calls
-
-
 def run_case(case: Case, rank: int, mesh, data: dict, calls: Counter, folder: str) -> dict:
     """``case`` in this process on its half of ``data``: the summed loss, the full gradients, what
     was patched, how often the fused LoRA ops ran (``calls``), and (``save``) the logits after a step."""
@@ -156,7 +134,7 @@ def run_case(case: Case, rank: int, mesh, data: dict, calls: Counter, folder: st
     if case.apply_after_shard:
         report = patched(model)
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
-    before = sum(calls.values())
+    before = sum(calls[op] for op in FUSED_LORA_OPS)
     output = step(model, mine, items, WORLD)
     loss = output.loss.detach().clone()
     dist.all_reduce(loss)
@@ -166,7 +144,7 @@ def run_case(case: Case, rank: int, mesh, data: dict, calls: Counter, folder: st
         "fused_loss": output.logits is None,
         "patched": {kind: list(names) for kind, names in report.patched.items() if names},
         "left_alone": {kind: list(pairs) for kind, pairs in report.left_alone.items()},
-        "fused_lora_calls": sum(calls.values()) - before,
+        "fused_lora_calls": sum(calls[op] for op in FUSED_LORA_OPS) - before,
         "q_proj_at_rest": projection_weights(q_proj),
     }
     if case.save:
@@ -199,14 +177,8 @@ def worker(rank: int, folder: str) -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     data = batch(size=BATCH)
     calls = count_fused_calls()
-    results = {}
-    for name, case in CASES.items():
-        try:
-            results[name] = run_case(case, rank, mesh, data, calls, os.path.join(folder, name))
-        except Exception:  # noqa: BLE001 - reported by the case's test
-            results[name] = {"error": traceback.format_exc()}
-    if rank == 0:
-        torch.save(results, os.path.join(folder, "results.pt"))
+    run_cases(CASES, lambda name, case: run_case(case, rank, mesh, data, calls, os.path.join(folder, name)),
+              rank, folder)
     dist.barrier()
     dist.destroy_process_group()
 
