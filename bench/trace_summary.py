@@ -1,0 +1,101 @@
+"""Where a profiled training step's GPU time goes, from torch.profiler's Chrome trace.
+
+    python bench/trace_summary.py TRACE.json[.gz] [...] [--top 20]
+
+For each trace: the span from the first to the last GPU activity, the time the GPU was busy (the union
+of kernel, copy and memset intervals over all streams) and so how long it sat idle, the busy time by
+kind of work (matmuls, attention, NCCL, copies, the rest by kernel name), and the kernels that took the
+most time. ``bench/e2e.py --profile DIR`` writes such traces; this tells whether a step is bound by the
+GPU's work (and which work) or by the host leaving the GPU idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+# Busy-time kinds, first match wins; the rest is "other kernels".
+KINDS = (
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+    ("nccl", re.compile(r"nccl", re.I)),
+    ("nf4 dequant", re.compile(r"dequant", re.I)),
+    ("copy", re.compile(r"^Memcpy|^Memset|copy_kernel|CatArrayBatchedCopy", re.I)),
+)
+
+
+def load_events(path: Path) -> list[dict]:
+    """The complete ('X') events of a Chrome trace file, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other kernels")
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``intervals`` (start, end), overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def summarise(events: list[dict], top: int) -> dict:
+    """Span, busy and idle microseconds, busy time per kind, and the ``top`` kernels by total time."""
+    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    if not gpu:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_fraction": None, "kinds": {}, "top": []}
+    intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
+    span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
+    busy = union_length(intervals)
+    kinds: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in gpu:
+        kinds[kind_of(event["name"])] += event["dur"]
+        kernels[event["name"]][0] += 1
+        kernels[event["name"]][1] += event["dur"]
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+    return {"span_us": span, "busy_us": busy, "idle_fraction": 1 - busy / span if span else None,
+            "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
+            "top": [(name, count, total) for name, (count, total) in ranked]}
+
+
+def render(path: Path, summary: dict) -> str:
+    """The summary as text lines."""
+    if not summary["span_us"]:
+        return f"{path.name}: no GPU activity in the trace"
+    busy = summary["busy_us"]
+    lines = [f"{path.name}: GPU span {summary['span_us'] / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, "
+             f"idle {summary['idle_fraction']:.1%}",
+             "  busy time by kind (kernel time summed over streams):"]
+    lines += [f"    {kind:14s} {total / 1e3:9.1f} ms" for kind, total in summary["kinds"].items()]
+    lines.append("  top kernels: calls, total ms, name")
+    lines += [f"    {count:6d} {total / 1e3:9.2f}  {name[:110]}" for name, count, total in summary["top"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("traces", nargs="+", type=Path)
+    parser.add_argument("--top", type=int, default=20, help="kernels to list")
+    args = parser.parse_args(argv)
+    for path in args.traces:
+        print(render(path, summarise(load_events(path), args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""bench/trace_summary.py on a hand-made Chrome trace whose answers are worked out by hand."""
+
+import gzip
+import json
+
+import trace_summary
+
+
+def event(name: str, ts: float, dur: float, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+EVENTS = [
+    event("sm90_xmma_gemm_bf16", 0, 40),            # 0-40
+    event("flash_fwd_kernel", 30, 20),              # 30-50, overlaps the gemm by 10
+    event("Memcpy DtoH (Device -> Pinned)", 70, 10, cat="gpu_memcpy"),  # 70-80
+    event("_rms_norm_kernel", 90, 10),              # 90-100
+    event("aten::mm", 0, 500, cat="cpu_op"),        # host: not GPU time
+    {"ph": "i", "name": "marker", "ts": 5},         # not a complete event
+]
+
+
+def test_busy_idle_and_kinds(tmp_path):
+    path = tmp_path / "step.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump({"traceEvents": EVENTS}, handle)
+    summary = trace_summary.summarise(trace_summary.load_events(path), top=2)
+    assert summary["span_us"] == 100  # 0 to 100
+    assert summary["busy_us"] == 50 + 10 + 10  # [0, 50] + [70, 80] + [90, 100]
+    assert abs(summary["idle_fraction"] - 0.30) < 1e-12
+    assert summary["kinds"] == {"matmul": 40, "attention": 20, "copy": 10, "other kernels": 10}
+    assert [name for name, _, _ in summary["top"]] == ["sm90_xmma_gemm_bf16", "flash_fwd_kernel"]
+    assert "idle 30.0%" in trace_summary.render(path, summary)
+
+
+def test_union_counts_overlaps_once():
+    assert trace_summary.union_length([(0, 10), (2, 3), (5, 15), (20, 21)]) == 16
+
+
+def test_no_gpu_events(tmp_path):
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps([event("aten::mm", 0, 5, cat="cpu_op")]))
+    summary = trace_summary.summarise(trace_summary.load_events(path), top=5)
+    assert "no GPU activity" in trace_summary.render(path, summary)
