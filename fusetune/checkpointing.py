@@ -29,6 +29,11 @@ How it sits with the rest of the stack:
   the call (transformers versions that checkpoint ``__call__``, so FSDP's hooks run inside), gradients
   are instead accumulated by the recompute's own backward into the unsharded parameters FSDP gathered,
   as torch's reentrant checkpoint does, and FSDP reduces them in its post-backward hook.
+- The recompute skips what backward never reads: the fused LoRA MLP's down projection (the layer's
+  output is only differentiated, its values are thrown away; see ``fusetune.ops.lora.outputs_unread``).
+  The first recompute of each layer checks on the autograd graph that nothing between the MLP and the
+  layer's output reads values (Llama-style ``residual + mlp(x)``); where something does (Gemma's norm
+  after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -46,6 +51,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
+
+from fusetune.ops.lora import outputs_unread
 
 try:  # FSDP2's sharded parameters
     from torch.distributed.tensor import DTensor
@@ -168,6 +175,33 @@ class _OffloadStore:
         return out
 
 
+# Autograd nodes whose backward reads no input values: a skipped output may flow through them.
+_VALUE_FREE_NODES = frozenset({"AddBackward0", "ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                               "ReshapeAliasBackward0"})
+
+
+def _values_unread(outputs, skipped: list) -> bool:
+    """Whether every autograd path from ``outputs`` to a ``skipped`` node runs only through nodes in
+    ``_VALUE_FREE_NODES``, so that no backward reads a value computed from a skipped output."""
+    targets = set(skipped)
+    reaches: dict = {}  # node -> whether a skipped node lies below it
+
+    def visit(node) -> bool:
+        if node is None:
+            return False
+        if node in targets:
+            return True
+        if node not in reaches:
+            reaches[node] = False  # a graph has no cycles; this only stops re-entry
+            below = [visit(child) for child, _ in node.next_functions]
+            reaches[node] = any(below)
+        return reaches[node]
+
+    found = [visit(out.grad_fn) for out in outputs]
+    return any(found) and all(type(node).__name__ in _VALUE_FREE_NODES
+                              for node, below in reaches.items() if below)
+
+
 def _autocast_modes(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
     return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
             for kind in dict.fromkeys((device_type, "cpu"))]
@@ -177,8 +211,9 @@ class _Call:
     """What one checkpointed call needs in backward, apart from its saved tensors."""
 
     def __init__(self, function, spec, leaves: list, store: _OffloadStore | None, offload_at: int | None,
-                 params: list[torch.Tensor] | None):
+                 params: list[torch.Tensor] | None, owner: _LayerCheckpoint):
         self.function = function
+        self.owner = owner  # holds the layer's verdict on skipping unread outputs
         self.spec = spec
         # Non-tensor leaves of the arguments; tensor slots are None (the tensors are saved or offloaded).
         self.constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -217,6 +252,21 @@ class _Call:
             leaves[slot] = tensor
         return leaves
 
+    def recompute(self, tensors) -> tuple[torch.Tensor, ...]:
+        """:meth:`run` again with gradients, as in forward, for backward. Fused MLP outputs are left
+        uncomputed once the layer's graph has shown that nothing reads them (checked on the first
+        recompute; a layer where something does is run again in full, then and every later time)."""
+        if self.owner.skip_unread is not False:
+            with self.replay(), outputs_unread() as skipped:
+                outputs = self.run(tensors)
+            if not skipped or self.owner.skip_unread:
+                return outputs
+            self.owner.skip_unread = _values_unread(outputs, skipped)
+            if self.owner.skip_unread:
+                return outputs
+        with self.replay():
+            return self.run(tensors)
+
     @contextlib.contextmanager
     def replay(self):
         """RNG state and autocast as they were in forward, with gradients on."""
@@ -254,8 +304,7 @@ class _Checkpoint(torch.autograd.Function):
             saved.insert(call.offload_at, call.store.restore(call.entry))
             call.entry = None
         inputs = [t.detach().requires_grad_(needs) for t, needs in zip(saved, call.grad_mask, strict=True)]
-        with call.replay():
-            outputs = call.run(inputs)
+        outputs = call.recompute(inputs)
         pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True)
                  if out.requires_grad and grad is not None]
         wanted = [t for t in inputs if t.requires_grad]
@@ -284,6 +333,7 @@ class _LayerCheckpoint:
         self._layer = weakref.ref(layer)
         self.store = store
         self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
+        self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
 
     @property
     def offload(self) -> bool:
@@ -301,7 +351,7 @@ class _LayerCheckpoint:
         if not params and not any(t.requires_grad for t in tensors):
             return function(*args)  # nothing to differentiate: no graph, nothing to keep
         call = _Call(func, spec, leaves, self.store, self._offload_index(tensors, args, keywords),
-                     None if any(isinstance(p, DTensor) for p in params) else params)
+                     None if any(isinstance(p, DTensor) for p in params) else params, self)
         anchors = params if call.params is not None else [torch.empty(0, requires_grad=True)]
         return call.output(_Checkpoint.apply(call, len(anchors), *anchors, *tensors))
 

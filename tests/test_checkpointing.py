@@ -21,6 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import fusetune
 from fusetune.checkpointing import _HostPool, disable_checkpointing, enable_checkpointing
+from fusetune.ops import lora as lora_ops
 from tests.patch.checks import assert_close, assert_same_gradients
 from tests.patch.models import batch, tiny_model
 from tests.patch.vlm_models import tiny_vlm, vlm_batch
@@ -139,6 +140,73 @@ def test_fused_kernels_inside_checkpointed_layers(monkeypatch):
     reference = copy.deepcopy(model)
     enable_checkpointing(model)
     assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=8).items()})
+
+
+def _interpreted_kernels(monkeypatch) -> str:
+    """The device on which this suite's Triton kernels run (see the test above); skips without one."""
+    monkeypatch.setenv("TRITON_INTERPRET", SUITE_INTERPRET)
+    device = "cpu" if SUITE_INTERPRET == "1" or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and SUITE_INTERPRET != "1":
+        pytest.skip("the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    return device
+
+
+def _count_down_projections(monkeypatch, model: nn.Module) -> list[int]:
+    """Counts the fused MLP's down-projection matmuls (``_project`` calls on a down_proj base weight)."""
+    calls = [0]
+    original = lora_ops._project
+    downs = {id(m.base_layer.weight) for name, m in model.named_modules()
+             if name.endswith("down_proj") and hasattr(m, "base_layer")}
+
+    def counting(rows, projections, dtype):
+        calls[0] += any(id(p.weight) in downs for p in projections)
+        return original(rows, projections, dtype)
+
+    monkeypatch.setattr(lora_ops, "_project", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("arch", "skipped", "tile_rows"),
+                         [("llama", True, None), ("llama", True, 5), ("gemma3_text", False, None)])
+def test_recompute_skips_unread_mlp_outputs(monkeypatch, arch, skipped, tile_rows):
+    """The recompute leaves the fused LoRA MLP's output uncomputed where nothing reads it (Llama:
+    ``residual + mlp``), and computes it where something does (Gemma 3's norm after the MLP); the
+    gradients equal the uncheckpointed model's either way, over two steps (the second uses the
+    layer's cached verdict)."""
+    device = _interpreted_kernels(monkeypatch)
+    model = lora(tiny_model(arch, attn="eager", num_hidden_layers=2)).to(device)
+    fusetune.apply(model, mlp_tile_rows=tile_rows)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model, offload=False)
+    down_calls = _count_down_projections(monkeypatch, model)
+    inputs = {k: v.to(device) for k, v in batch(length=7).items()}
+    for _ in range(2):
+        down_calls[0] = 0
+        assert_matches(model, reference, inputs)
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert [m._gradient_checkpointing_func.skip_unread for m in layers] == [skipped] * len(layers)
+        # The checkpointed forward runs down once per layer (once per row tile: 14 rows in tiles of
+        # 5 make 3); the recompute runs it again only where outputs are read. (Backward's matmuls
+        # with down's weight are not _project calls; the reference model's weights are not counted.)
+        per_forward = len(layers) * (1 if tile_rows is None else 3)
+        expected = per_forward * (1 if skipped else 2)
+        assert down_calls[0] == expected
+
+
+def test_values_unread_follows_every_path_to_the_skipped_node():
+    """Only value-free nodes (add, casts, views) may lie between an output and a skipped node."""
+    from fusetune.checkpointing import _values_unread
+
+    x = torch.randn(3, 4, requires_grad=True)
+    residual = torch.randn(3, 4, requires_grad=True)
+    skipped = x * 2.0  # stands for the MLP output: its node is the "skipped" one
+    through_add = (residual + skipped).view(12).float()
+    assert _values_unread([through_add], [skipped.grad_fn])
+    through_norm = residual + torch.nn.functional.layer_norm(skipped, (4,))
+    assert not _values_unread([through_norm], [skipped.grad_fn])
+    gated = residual + torch.tanh(residual) * skipped  # a gate reads the MLP output's values
+    assert not _values_unread([gated], [skipped.grad_fn])
+    assert not _values_unread([residual * 3], [skipped.grad_fn])  # the node is not reached at all
 
 
 class _Block(GradientCheckpointingLayer):

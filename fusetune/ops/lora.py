@@ -31,7 +31,9 @@ the glu kernels, so plain CPU tensors without the Triton interpreter take its re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -189,6 +191,42 @@ def lora_glu_mlp_reference(
 
 
 # --------------------------------------------------------------------------------------------
+# Outputs whose values nobody reads (a checkpoint's recompute)
+# --------------------------------------------------------------------------------------------
+class _UnreadOutputs(threading.local):
+    """The autograd nodes of fused MLP outputs left uncomputed in this thread, or None when the
+    caller has not promised that their values go unread (see :func:`outputs_unread`)."""
+
+    nodes: list | None = None
+
+
+_UNREAD = _UnreadOutputs()
+
+
+@contextlib.contextmanager
+def outputs_unread() -> Iterator[list]:
+    """Within this context ``lora_glu_mlp`` builds its autograd node but does not compute its
+    output's values: the down projection (the MLP's last and largest matmul) is skipped and the
+    output is uninitialised memory; with row tiles the whole forward is skipped, since backward
+    recomputes every tile from x anyway. Gradients are unaffected, because the MLP's backward
+    reads only what it saved, never its output.
+
+    A checkpoint's recompute needs a layer's graph, not its output: its outputs' values are only
+    thrown away. But an op between the MLP and the layer's output that saves its input for
+    backward (a norm after the MLP, a gate multiplying it) would read the garbage, so the caller
+    must check that no such op exists. Yields the list of the skipped outputs' autograd nodes
+    (``grad_fn``) for that check (``fusetune.checkpointing`` walks the graph from the layer's
+    outputs to these nodes and recomputes normally when anything on the way reads values).
+    """
+    previous = _UNREAD.nodes
+    _UNREAD.nodes = nodes = []
+    try:
+        yield nodes
+    finally:
+        _UNREAD.nodes = previous
+
+
+# --------------------------------------------------------------------------------------------
 # The fused passes, shared by both autograd Functions
 # --------------------------------------------------------------------------------------------
 def _rank_slices(projections: Sequence[LoraWeights]) -> list[slice | None]:
@@ -331,19 +369,31 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, *_adapter_grads(da, db)
 
 
+def _down_lora_product(h: torch.Tensor, down: LoraWeights, dtype: torch.dtype) -> torch.Tensor | None:
+    """``h @ down.a.T``, the (T, r) product down's dB needs; None without LoRA on down."""
+    return None if down.a is None else torch.mm(h, down.a.to(dtype).t())
+
+
 class _LoraGluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        (gate, up, down), activation, dtype = spec
+        (gate, up, down), activation, dtype, unread = spec
         want = ctx.needs_input_grad
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
             (e, g), xa_gate_up = _project(rows, (gate, up), dtype)
-            h = torch.empty_like(e)
-            glu_forward_into(h, e, g, activation)
-            (y,), xa_down = _project(h, (down,), dtype)
-            del h
+            xa_down = y = None
+            if not unread or want_b[2]:
+                h = torch.empty_like(e)
+                glu_forward_into(h, e, g, activation)
+                if unread:
+                    xa_down = _down_lora_product(h, down, dtype)
+                else:
+                    (y,), xa_down = _project(h, (down,), dtype)
+                del h
+            if y is None:  # values nobody reads (outputs_unread): the largest matmul is skipped
+                y = rows.new_empty(rows.shape[0], _weight_shape(down.weight)[0])
         ctx.save_for_backward(
             rows if any(want_a[:2]) else None,
             e,
@@ -358,7 +408,7 @@ class _LoraGluMLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         rows, e, g, xa_gate_up, xa_down = ctx.saved_tensors
-        (gate, up, down), activation, dtype = ctx.spec
+        (gate, up, down), activation, dtype, _ = ctx.spec
         (x_shape, x_dtype), (want_x, want_a, want_b) = ctx.x_meta, ctx.wants
 
         def hidden() -> torch.Tensor:  # h = act(e) * g, recomputed for down's dA only
@@ -393,13 +443,14 @@ class _TiledLoraGluMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        (gate, up, down), activation, dtype, tile = spec
+        (gate, up, down), activation, dtype, tile, unread = spec
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
+            computed = rows.shape[0] and not unread  # unread: backward recomputes every tile anyway
             y = torch.cat([_mlp_tile(rows[i:i + tile], gate, up, down, activation, dtype)
-                           for i in range(0, rows.shape[0], tile)]) if rows.shape[0] else None
+                           for i in range(0, rows.shape[0], tile)]) if computed else None
         if y is None:
-            y = rows.new_empty(0, _weight_shape(down.weight)[0])
+            y = rows.new_empty(rows.shape[0], _weight_shape(down.weight)[0])
         ctx.save_for_backward(rows)
         ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), ctx.needs_input_grad
         return y.view(*x.shape[:-1], y.shape[1])
@@ -408,7 +459,7 @@ class _TiledLoraGluMLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         (rows,) = ctx.saved_tensors
-        (gate, up, down), activation, dtype, tile = ctx.spec
+        (gate, up, down), activation, dtype, tile, _ = ctx.spec
         (x_shape, x_dtype), want = ctx.x_meta, ctx.wants
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         dx = torch.empty_like(rows) if want[0] else None
@@ -420,7 +471,7 @@ class _TiledLoraGluMLP(torch.autograd.Function):
                 (e, g), xa_gate_up = _project(x_tile, (gate, up), dtype)
                 h = torch.empty_like(e)
                 glu_forward_into(h, e, g, activation)
-                xa_down = torch.mm(h, down.a.to(dtype).t()) if down.a is not None else None
+                xa_down = _down_lora_product(h, down, dtype)
                 dh, da_down, db_down = _project_backward(
                     [grad_rows[start:start + tile]], lambda h=h: h, xa_down, (down,), dtype,
                     True, want_a[2:], want_b[2:],
@@ -497,6 +548,14 @@ def lora_glu_mlp(
     if not use_triton(x):
         return lora_glu_mlp_reference(x, gate, up, down, activation)
     dtype, adapters = _compute_dtype(x), _adapter_args((gate, up, down))
+    # Skipped only where a graph is built: a node for the caller's check, and values nobody reads.
+    unread = (_UNREAD.nodes is not None and torch.is_grad_enabled()
+              and any(t is not None and t.requires_grad for t in (x, *adapters)))
+    projections = (gate, up, down)
     if tile_rows is not None and x.numel() // x.shape[-1] > tile_rows:
-        return _TiledLoraGluMLP.apply(x, ((gate, up, down), activation, dtype, tile_rows), *adapters)
-    return _LoraGluMLP.apply(x, ((gate, up, down), activation, dtype), *adapters)
+        out = _TiledLoraGluMLP.apply(x, (projections, activation, dtype, tile_rows, unread), *adapters)
+    else:
+        out = _LoraGluMLP.apply(x, (projections, activation, dtype, unread), *adapters)
+    if unread:
+        _UNREAD.nodes.append(out.grad_fn)
+    return out
