@@ -23,6 +23,7 @@ to the requested dtype: results equal ``bitsandbytes.functional.dequantize_4bit`
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -73,6 +74,20 @@ def _numel(quant_state) -> int:
 
 def _check(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """Validate the inputs; return the packed data as a flat uint8 tensor."""
+    _check_dtype(dtype)
+    return _packed_bytes(packed, quant_state)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fusetune.dequantize_nf4: output dtype {dtype} is not supported; ask for float32, "
+            f"bfloat16 or float16."
+        )
+
+
+def _packed_bytes(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """Validate the format; return the packed data as a flat uint8 tensor."""
     if quant_state.quant_type != "nf4":
         raise ValueError(
             f"fusetune.dequantize_nf4: quant_type is {quant_state.quant_type!r}, not 'nf4'; use "
@@ -82,11 +97,6 @@ def _check(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tenso
         raise ValueError(
             f"fusetune.dequantize_nf4: blocksize {quant_state.blocksize} is not one bitsandbytes "
             f"writes (a power of two from 32 to 4096)."
-        )
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"fusetune.dequantize_nf4: output dtype {dtype} is not supported; ask for float32, "
-            f"bfloat16 or float16."
         )
     data = packed.detach().contiguous()
     data = (data if data.dtype == torch.uint8 else data.view(torch.uint8)).reshape(-1)
@@ -172,25 +182,62 @@ if triton is not None:
         tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n_out)
 
 
-def _dequantize_nf4_triton(data: torch.Tensor, quant_state, out: torch.Tensor) -> torch.Tensor:
-    n = out.numel()
-    if n == 0:
-        return out
+class _LaunchPlan(NamedTuple):
+    """Everything one weight's kernel launch needs apart from ``out``, worked out once per weight."""
+
+    source: tuple[int, int]  # the packed data's (address, bytes) when planned: reused only for those
+    scales: tuple  # absmax, then (code2, absmax2, offset) with double quantisation (else unread)
+    table: torch.Tensor
+    grid: tuple[int]
+    n_bytes: int
+    n_out: int
+    n_blocks: int
+    constants: dict
+
+
+# A weight's plan lives on its quant_state under this attribute (QuantState is unhashable, so no
+# dictionary can key on it): dequantising a weight is a few microseconds of GPU work, and checking
+# and preparing its arguments on every call would cost the host more than that (4-bit training
+# dequantises each weight three times a step). A plan holds no reference to the packed data, so a
+# weight moved or freed is not kept alive by it.
+_PLAN_ATTRIBUTE = "_fusetune_launch_plan"
+
+
+def _launch_plan(packed: torch.Tensor, quant_state) -> _LaunchPlan:
+    """The checked launch arguments of ``packed`` + ``quant_state`` (cached per quant_state)."""
+    plan = getattr(quant_state, _PLAN_ATTRIBUTE, None)
+    source = (packed.data_ptr(), packed.numel() * packed.element_size())
+    if plan is not None and plan.source == source:
+        return plan
+    data = _packed_bytes(packed, quant_state)
+    n = _numel(quant_state)
     half = quant_state.blocksize // 2
     blocks = max(1, _BYTES_PER_PROGRAM // half)
     n_blocks = triton.cdiv(n, quant_state.blocksize)
     if quant_state.nested:
         state2 = quant_state.state2
-        nested_args = (state2.code.float(), state2.absmax.float(), quant_state.offset.float().reshape(1))
+        scales = (quant_state.absmax, state2.code.float(), state2.absmax.float(),
+                  quant_state.offset.float().reshape(1))
         blocksize2 = int(state2.blocksize)
     else:
-        nested_args = (quant_state.absmax, quant_state.absmax, quant_state.absmax)  # unread
+        scales = (quant_state.absmax,) * 4  # only the first is read
         blocksize2 = 1
-    _dequantize_nf4_kernel[(triton.cdiv(n_blocks, blocks),)](
-        data, quant_state.absmax, *nested_args, _nf4_table(data.device), out,
-        data.numel(), n, n_blocks,
-        HALF=half, BLOCKS=blocks, NESTED=bool(quant_state.nested), BLOCKSIZE2=blocksize2,
-        num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    plan = _LaunchPlan(source, scales, _nf4_table(data.device),
+                       (triton.cdiv(n_blocks, blocks),), data.numel(), n, n_blocks,
+                       {"HALF": half, "BLOCKS": blocks, "NESTED": bool(quant_state.nested),
+                        "BLOCKSIZE2": blocksize2})
+    setattr(quant_state, _PLAN_ATTRIBUTE, plan)
+    return plan
+
+
+def _dequantize_nf4_triton(packed: torch.Tensor, plan: _LaunchPlan, out: torch.Tensor) -> torch.Tensor:
+    if plan.n_out == 0:
+        return out
+    data = packed if packed.is_contiguous() else packed.contiguous()
+    data = data if data.dtype == torch.uint8 else data.view(torch.uint8)  # the kernel reads bytes
+    _dequantize_nf4_kernel[plan.grid](
+        data, *plan.scales, plan.table, out, plan.n_bytes, plan.n_out, plan.n_blocks,
+        **plan.constants, num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
     return out
 
@@ -205,15 +252,18 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype,
     can reuse one per layer. One Triton launch on CUDA (or under the interpreter), the reference
     otherwise; both equal bitsandbytes' dequantize_4bit bit for bit.
     """
-    data = _check(packed, quant_state, dtype)
-    if out is not None:
-        _check_out(out, quant_state, dtype, data.device)
-    if not use_triton(data):
-        result = dequantize_nf4_reference(data, quant_state, dtype)
+    if not use_triton(packed):
+        result = dequantize_nf4_reference(packed, quant_state, dtype)
+        if out is not None:
+            _check_out(out, quant_state, dtype, packed.device)
         return result if out is None else out.copy_(result)
+    _check_dtype(dtype)
+    plan = _launch_plan(packed, quant_state)
     if out is None:
-        out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=data.device)
-    return _dequantize_nf4_triton(data, quant_state, out)
+        out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)
+    else:
+        _check_out(out, quant_state, dtype, packed.device)
+    return _dequantize_nf4_triton(packed, plan, out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,19 @@ def test_out_buffer():
     assert torch.equal(out, bnb_dequantize(packed, state, torch.float16).reshape(37, 70))
 
 
+def test_launch_plan_is_reused_only_for_the_same_storage():
+    """The checked launch arguments are kept on the quant_state and reused for the same packed bytes;
+    a copy of the bytes elsewhere (a moved weight) gets a new plan and the same values."""
+    packed, state = quantized((37, 70))
+    first = dequantize_nf4(packed, state, torch.bfloat16)
+    plan = getattr(state, nf4._PLAN_ATTRIBUTE, None)
+    assert torch.equal(dequantize_nf4(packed, state, torch.bfloat16), first)
+    assert getattr(state, nf4._PLAN_ATTRIBUTE, None) is plan
+    assert torch.equal(dequantize_nf4(packed.clone(), state, torch.bfloat16), first)
+    if plan is not None:  # the kernel ran (interpreter or CUDA): the clone was planned anew
+        assert getattr(state, nf4._PLAN_ATTRIBUTE) is not plan
+
+
 def test_bad_input_is_named():
     packed, state = quantized((5, 64))
     with pytest.raises(ValueError, match="out must be a contiguous"):
