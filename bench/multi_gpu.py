@@ -1,6 +1,7 @@
 """Two GPUs: sharded LoRA training equals one GPU's, and how the end-to-end step scales from 1 to 2 GPUs.
 
-    python bench/multi_gpu.py equality --out FILE [--models tiny,1b] [--engines fsdp2,zero3] [--steps 20]
+    python bench/multi_gpu.py equality --out FILE [--models tiny,1b] [--engines fsdp2,zero3]
+                                       [--dtypes bf16,fp32] [--steps 20]
     python bench/multi_gpu.py scale --out FILE [--configs L8-4k,Q7VL] [--systems liger,fusetune]
                                     [--gpus 1,2] [--steps 3,8] [--tiny]
     python bench/multi_gpu.py report --out FILE [--markdown bench/RESULTS.md]
@@ -8,33 +9,58 @@
 
 The first two are orchestrators: every case runs in its own ``torchrun --standalone`` launch (a
 worker: the same subcommand with ``--worker``, e.g. ``torchrun --nproc_per_node 2 bench/multi_gpu.py
-equality --worker --model tiny --engine fsdp2 --steps 20 --out FILE``), with ``NCCL_NVLS_ENABLE=0``
-(NVLink multicast off) in its environment, ``--timeout`` seconds at most, its log under ``--logs``
-(default: FILE's name + ``-logs``). Rank 0 prints one ``MULTI-GPU-RESULT [records]`` line; the
-orchestrator appends the records to FILE (never truncating it) or, when the worker crashed, timed out
-or printed none, records with value null and an ``error``, and the next case runs. A case that
-already has a successful record in FILE is skipped unless ``--rerun``, so the same command resumes
-after a call was cut short; ``--budget`` caps a call (a case is not started with less than a minute
-left). Without CUDA the workers run on CPU processes over gloo in float32 (``scale --tiny``: the tiny
-stand-ins of bench/e2e_models.py), which is how the plumbing is tested.
+equality --worker --model tiny --engine fsdp2 --dtype bf16 --steps 20 --out FILE``), with
+``NCCL_NVLS_ENABLE=0`` (NVLink multicast off) in its environment, ``--timeout`` seconds at most, its
+log under ``--logs`` (default: FILE's name + ``-logs``). Rank 0 prints one ``MULTI-GPU-RESULT
+[records]`` line; the orchestrator appends the records to FILE (never truncating it) or, when the
+worker crashed, timed out or printed none, records with value null and an ``error``, and the next case
+runs. A case that already has a successful record in FILE (the same config: model, engine, dtype,
+steps, ...) is skipped unless ``--rerun``, so the same command resumes after a call was cut short;
+``--budget`` caps a call (a case is not started with less than a minute left). Without CUDA the
+workers run on CPU processes over gloo, in float32 unless ``equality --dtypes`` asks for bf16
+(``scale --tiny``: the tiny stand-ins of bench/e2e_models.py), which is how the plumbing is tested.
 
 Equality (``equality``; records: system fusetune, config {check: equality, model, engine, gpus: 2,
 batch, tokens, steps, dtype}). A Llama built from a config with seeded random weights (``tiny``: hidden
 64, 2 layers, vocab 512; ``1b``: Llama-3.2-1B's config, 1.24 B parameters), PEFT LoRA r=16 (alpha 16,
 dropout 0, float32 adapters) on q,k,v,o,gate,up,down, ``fusetune.apply``; ``--steps`` AdamW steps (lr
 1e-3) on one fixed global batch of 4 sequences (the same batch every step, so the loss falls and the
-adapters move far), bf16 weights and bf16 autocast on CUDA. First rank 0 alone trains an unsharded
-copy on the whole batch (the reference), then both ranks train, each on half of the batch, the loss
-normalised by the whole batch's label count (``num_items_in_batch``) and scaled by the world size, as
-Trainer does. ``fsdp2``: ``fully_shard`` on each decoder layer, then the root (no mixed-precision
-policy: the frozen base stays bf16, the adapters float32, as on one GPU). ``zero3``: DeepSpeed ZeRO-3
-(stage 3, bf16, torch AdamW as a client optimiser), run only where ``deepspeed`` is installed (else a
-record with error "deepspeed not installed"). Metrics: ``loss_max_rel_diff`` (the largest per-step
-|sharded - single| / |single| loss difference; ``losses`` and ``reference_losses`` keep every step),
-``lora_rel_diff`` (||W_sharded - W_single|| / ||W_single|| over all LoRA weights after the last step)
-and ``lora_update_rel_diff`` (the same difference over how far training moved the weights,
-||W_single - W_initial||: the stricter one, as the adapters' A matrices start random and barely move).
-Each record has ``tolerance`` and ``within_tolerance`` (see TOLERANCES).
+adapters move far). Each of ``--dtypes`` is its own case (default: bf16 with CUDA, fp32 without):
+``bf16``, bf16 base weights and bf16 autocast (CPU autocast on CPU processes); ``fp32``, float32
+weights, no autocast, float32 matmuls (TF32 off). Three trainings per case, from the same initial
+weights on the same batch. First rank 0 alone trains two unsharded copies, one after the other: the
+reference, on the whole batch each step; and the noise reference, which does the sharded run's
+arithmetic without sharding: each step it forwards and backwards the batch in the two halves the
+ranks get (each half's loss over the whole batch's label count, times 2), the gradients accumulating,
+averages them over the halves and takes one AdamW step. Then both ranks train, each on its half of the
+batch, the loss normalised by the whole batch's label count (``num_items_in_batch``) and scaled by the
+world size, as Trainer does (the engines average the gradients over the ranks). ``fsdp2``:
+``fully_shard`` on each decoder layer, then the root (no mixed-precision policy: the frozen base stays
+in its dtype, the adapters float32, as on one GPU). ``zero3``: DeepSpeed ZeRO-3 (stage 3, torch AdamW
+as a client optimiser), run only where ``deepspeed`` is installed (else a record with error "deepspeed
+not installed"), with DeepSpeed's ``bf16`` mode off in both dtypes: bf16 comes from the model's
+weights and the autocast, as in the other runs, so every engine runs the same numerics. DeepSpeed's
+bf16 mode would not (0.19.8, runtime/engine.py): ``_configure_distributed_model`` casts every floating
+parameter to bf16 (``_cast_module_mixed_precision``; buffers are kept), the float32 adapters too, so
+the module trains bf16 adapters whose float32 master copies, in the ZeRO-3 optimiser, start from the
+rounded values; the gradients are reduce-scattered in bf16 (``communication_data_type`` defaults to
+bf16 in that mode, float32 otherwise); and the weights gathered at the end are the bf16 copies.
+Without it nothing is cast (the parameter dtype check is a no-op), ZeRO-3 gathers the bf16 base and
+the float32 adapters in buckets of one dtype each, and the gradients are reduced in float32, as
+FSDP2 reduces them. (DeepSpeed's own ``torch_autocast`` option is not used either: it would reduce the
+gradients of every ``nn.Linear``, the adapters', in bf16.)
+
+Metrics, each the sharded run against the reference: ``loss_max_rel_diff`` (the largest per-step
+|sharded - single| / |single| loss difference; ``losses``, ``reference_losses`` and ``noise_losses``
+keep every step), ``lora_rel_diff`` (||W_sharded - W_single|| / ||W_single|| over all LoRA weights
+after the last step) and ``lora_update_rel_diff`` (the same difference over how far training moved
+the weights, ||W_single - W_initial||, kept as ``update_norm``: the stricter one, since the weights
+themselves include the random initial A matrices that both runs share). Every record also has
+``noise_floor``, the same metric of the noise reference against the reference: what rounding alone
+does when the matmuls have half the rows and the gradient is summed in two parts;
+``diff_from_noise_reference``, the sharded run against the noise reference (small when the engine adds
+nothing to that arithmetic); ``fixed_tolerance`` (TOLERANCES, per dtype); ``tolerance``, the effective
+bound max(fixed_tolerance, NOISE_FACTOR x noise_floor); and ``within_tolerance`` (value <= tolerance).
 
 Scaling (``scale``; records: system liger|fusetune, config {model, tokens, variant bf16_lora, engine
 fsdp2, gpus}). The end-to-end protocol of bench/e2e.py (its models, batches and system set-up: liger's
@@ -89,17 +115,32 @@ EQUALITY_TOKENS = {"tiny": 64, "1b": 1024}
 EQUALITY_LR = 1e-3
 SCALING_EFFICIENCY = 0.9  # the scaling target: 0.9 x the GPU count, 1.8 x on 2 GPUs
 NO_CUDA = "no CUDA: memory is measured on a GPU"  # the error of CPU runs' memory records
-# Allowed differences between the sharded and the single-GPU run, per metric and dtype. float32 (the
-# CPU runs): rounding only, the sums of two halves against one sum. bf16: sharding changes the shape of
-# every matmul (half the rows) and the order of the gradient sums, so every bf16-rounded activation
-# (2^-9 = 2e-3 relative) rounds differently; the per-step loss bound is the one bench/patch_gpu.py
-# allows a patched model against its unpatched copy on one GPU. Adam's normalised steps then carry
-# that noise into the weights for 20 steps: the adapters may move differently by a few per cent of how
-# far they moved, while a real fault (a missing gradient shard, a gradient not reduced, a loss split
-# or normalised wrongly) moves them differently by the order of the update itself (> 0.5). Against the
-# weights themselves (mostly the random A matrices, identical in both runs) the bound is 10x smaller.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the equality check's --dtypes
+# The verdict on a metric is value <= max(fixed bound, NOISE_FACTOR x noise floor), the noise floor
+# being the same metric of the noise reference (module docstring), measured in the same call.
+# NOISE_FACTOR: how far above the noise floor a sound engine may land. The noise reference shares
+# every rounding that sharding brings (matmuls of half the rows, the gradient summed in two parts),
+# so a sharded run that adds nothing else lands near the noise floor, but not always on it: AdamW
+# over many steps amplifies rounding chaotically (a weight whose gradient is about 0 takes an
+# lr-sized step of either sign), so two runs whose roundings differ by the same amount end at
+# distances from the reference that differ by a factor of order 1 (sqrt(2) on average for
+# independent perturbations of equal size). On CPU processes in bf16 (tiny, 3 and 10 steps) FSDP2
+# landed exactly on the noise floor (the same arithmetic), ZeRO-3 (whose AdamW over flat partitions
+# rounds differently) at 1.4x and 1.8x it. A fault (a gradient shard lost or not reduced, a loss
+# normalised over the wrong count) moves the adapters apart by the order of the update itself
+# (lora_update_rel_diff > 0.5), while FSDP2 on H200 in bf16 differed from the single run by 1.5%
+# (tiny) and 4.1% (1b) of the update: 3 is a margin over the first that stays well below the second.
+NOISE_FACTOR = 3
+# Fixed bounds, per metric and dtype: the floor of the verdict, what a difference may always be
+# whatever the noise reference shows. fp32 (float32 weights, no autocast): rounding only, the sums of
+# two halves against one sum, amplified by the steps; the noise floor is far below them (on CPU
+# processes: 8e-8 in the loss, 0 in the weights), so these bounds decide. bf16: the noise floor
+# decides; the floor is one bf16 rounding of the compared quantity, 2^-8 = 3.9e-3 relative (the
+# spacing of bf16 numbers), below which a difference cannot be told from bf16 rounding. It matters
+# only when the noise reference lands unusually close to the reference (FSDP2 on H200 differed by
+# 1.5e-5 to 5.3e-4 in the loss, 0.5% to 4% in the weights).
 TOLERANCES = {
-    "bf16": {"loss_max_rel_diff": 2e-2, "lora_rel_diff": 1e-2, "lora_update_rel_diff": 1e-1},
+    "bf16": {"loss_max_rel_diff": 2**-8, "lora_rel_diff": 2**-8, "lora_update_rel_diff": 2**-8},
     "fp32": {"loss_max_rel_diff": 1e-4, "lora_rel_diff": 1e-5, "lora_update_rel_diff": 1e-3},
 }
 
@@ -136,14 +177,14 @@ EQUALITY_SPECS = {"tiny": patch_gpu.Spec("llama-tiny", tiny_llama_config),
 
 
 def dtype_name() -> str:
-    """The training dtype of this machine's runs: bf16 on CUDA, float32 on CPU processes."""
+    """The default training dtype of this machine's runs: bf16 on CUDA, float32 on CPU processes."""
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def equality_config(model: str, engine: str, steps: int) -> dict:
-    """The config of an equality check's records."""
+def equality_config(model: str, engine: str, steps: int, dtype: str) -> dict:
+    """The config of an equality check's records (``dtype``: bf16 or fp32, see DTYPES)."""
     return {"check": "equality", "model": model, "engine": engine, "gpus": EQUALITY_WORLD,
-            "batch": EQUALITY_BATCH, "tokens": EQUALITY_TOKENS[model], "steps": steps, "dtype": dtype_name()}
+            "batch": EQUALITY_BATCH, "tokens": EQUALITY_TOKENS[model], "steps": steps, "dtype": dtype}
 
 
 def scale_config(config_name: str, gpus: int, tiny: bool) -> dict:
@@ -202,24 +243,35 @@ def shard(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def autocast():
-    """bf16 autocast on CUDA (as bench/e2e.py's steps run), nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
+def use_dtype(dtype: str) -> torch.dtype:
+    """``dtype``'s weight dtype (DTYPES), with full float32 matmuls for fp32 (TF32 off, PyTorch's
+    default, here made sure of). With :func:`autocast`, the one place where the equality check's
+    dtypes differ."""
+    if dtype == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return DTYPES[dtype]
+
+
+def autocast(dtype: str):
+    """bf16 autocast on this process's device for ``dtype`` bf16 (as bench/e2e.py's steps run on
+    CUDA), none for fp32."""
+    return torch.autocast(common.device().type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 # ------------------------------------------------------------------------------------------------
 # Equality worker.
 
 
-def lora_model(name: str) -> torch.nn.Module:
-    """The equality model: seeded random weights, LoRA on every projection, patched by fusetune; the
-    same weights and adapters in every process and every call."""
+def lora_model(name: str, dtype: str) -> torch.nn.Module:
+    """The equality model, its base weights in ``dtype`` (the adapters float32: PEFT's default):
+    seeded random weights, LoRA on every projection, patched by fusetune; the same weights and
+    adapters in every process and every call."""
     import peft
 
     import fusetune
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    base = patch_gpu.build(EQUALITY_SPECS[name], dtype, seed=e2e_models.SEED, fast_init=True)
+    base = patch_gpu.build(EQUALITY_SPECS[name], use_dtype(dtype), seed=e2e_models.SEED, fast_init=True)
     base.config.use_cache = False
     torch.manual_seed(e2e_models.SEED + 1)
     lora = peft.LoraConfig(**e2e.LORA, target_modules=list(e2e_models.LORA_TARGETS), task_type="CAUSAL_LM")
@@ -236,6 +288,19 @@ def global_batch(name: str) -> dict:
     return patch_gpu.to_device(batch, torch.float32)
 
 
+def label_count(batch: dict) -> torch.Tensor:
+    """The labels of ``batch`` that the loss counts (transformers shifts them by one): the
+    ``num_items_in_batch`` every part of the batch is normalised by."""
+    return (batch["labels"][:, 1:] != e2e_models.IGNORE).sum()
+
+
+def part_of(batch: dict, index: int, parts: int) -> dict:
+    """Part ``index`` of ``batch`` cut into ``parts`` equal runs of sequences: what rank ``index`` of
+    ``parts`` processes trains on."""
+    size = EQUALITY_BATCH // parts
+    return {key: value[index * size:(index + 1) * size] for key, value in batch.items()}
+
+
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every LoRA weight as a float32 CPU tensor (whole, when sharded: a collective call)."""
     weights = {}
@@ -246,62 +311,77 @@ def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def train(model, step, batch: dict, items: torch.Tensor, world: int, steps: int) -> list[float]:
-    """``steps`` training steps on ``batch``, this process's part of a batch shared by ``world``
-    processes: the loss over the whole batch's ``items`` labels, times ``world`` (the engines average
-    the gradients over the processes), then ``step(loss)`` (backward and optimiser). The losses, summed
-    over the processes when ``world`` > 1: the whole batch's."""
-    import torch.distributed as dist
+class AdamW:
+    """torch AdamW over ``model``'s trainable parameters, called as a DeepSpeed engine is:
+    ``backward(loss)`` adds the loss's gradients to the parameters'; ``step()`` divides the sums by
+    ``average`` (the count of parts the gradients were summed over, which the engines average over the
+    processes), takes the AdamW step and drops the gradients."""
 
+    def __init__(self, model: torch.nn.Module, average: int = 1):
+        self.params = [param for param in model.parameters() if param.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=EQUALITY_LR)
+        self.average = average
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.average != 1:
+            for param in self.params:
+                if param.grad is not None:
+                    param.grad.div_(self.average)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def train(model, optimiser, parts: list[dict], items: torch.Tensor, scale: int, steps: int,
+          dtype: str) -> torch.Tensor:
+    """``steps`` training steps on the same ``parts`` of a batch: each step forwards and backwards the
+    parts one after another (each loss over the whole batch's ``items`` labels, times ``scale``: the
+    count the gradients are averaged over), the gradients accumulating, then ``optimiser.step()``.
+    The per-step losses, float32 on the device: each the sum of the parts' losses."""
     losses = []
     for _ in range(steps):
-        with autocast():
-            loss = model(**batch, num_items_in_batch=items).loss
-        step(loss * world)
-        total = loss.detach().float().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item())
-    return losses
+        total = torch.zeros((), dtype=torch.float32, device=common.device())
+        for part in parts:
+            with autocast(dtype):
+                loss = model(**part, num_items_in_batch=items).loss
+            optimiser.backward(loss * scale)
+            total += loss.detach().float()
+        optimiser.step()
+        losses.append(total)
+    return torch.stack(losses)
 
 
-def adamw_step(model: torch.nn.Module):
-    """A step function (backward, AdamW, zero the gradients) over ``model``'s trainable parameters."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=EQUALITY_LR)
-
-    def step(loss: torch.Tensor) -> None:
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def single_run(name: str, steps: int) -> tuple[list[float], dict, dict]:
-    """The reference: one process, the whole batch, no sharding; (losses, initial and final LoRA)."""
-    model = lora_model(name)
+def reference_run(name: str, steps: int, dtype: str, parts: int = 1) -> tuple[list[float], dict, dict]:
+    """One process, no sharding; (losses, initial and final LoRA). ``parts`` 1: the reference, the
+    whole batch each step. ``parts`` = the world size: the noise reference, the sharded run's
+    arithmetic without the sharding: each step the ranks' parts of the batch one after another, each
+    loss times ``parts`` as on the ranks, the gradients summed over the parts and divided by ``parts``
+    (as the engines average them over the ranks; both exact for 2), then one AdamW step."""
+    model = lora_model(name, dtype)
     batch = global_batch(name)
     initial = lora_weights(model)
-    items = (batch["labels"][:, 1:] != e2e_models.IGNORE).sum()
-    losses = train(model, adamw_step(model), batch, items, 1, steps)
-    return losses, initial, lora_weights(model)
+    pieces = [part_of(batch, index, parts) for index in range(parts)]
+    losses = train(model, AdamW(model, average=parts), pieces, label_count(batch), parts, steps, dtype)
+    return losses.tolist(), initial, lora_weights(model)
 
 
 def zero3(model: torch.nn.Module):
-    """``model`` under DeepSpeed ZeRO-3 (bf16 on CUDA); (the engine, its step function)."""
+    """``model`` under DeepSpeed ZeRO-3 with its bf16 mode off (see the module docstring): the
+    engine, which trains as ``AdamW`` does (``backward(loss)``, ``step()``)."""
     import deepspeed
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=EQUALITY_LR)
+    # "bf16" off in both dtypes: on, DeepSpeed would cast the float32 adapters to bf16 and reduce
+    # their gradients in bf16. The bf16 base weights and the autocast give the bf16 compute, and the
+    # float32 gradients are reduced in float32, as FSDP2 and the noise reference sum them.
     config = {"train_micro_batch_size_per_gpu": EQUALITY_BATCH // EQUALITY_WORLD,
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
-              "bf16": {"enabled": torch.cuda.is_available()}, "zero_allow_untested_optimizer": True}
+              "bf16": {"enabled": False}, "communication_data_type": "fp32",
+              "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-
-    def step(loss: torch.Tensor) -> None:
-        engine.backward(loss)
-        engine.step()
-
-    return engine, step
+    return engine
 
 
 def zero3_weights(engine) -> dict[str, torch.Tensor]:
@@ -313,20 +393,25 @@ def zero3_weights(engine) -> dict[str, torch.Tensor]:
         return {name: param.detach().float().cpu() for name, param in params}
 
 
-def sharded_run(name: str, engine: str, rank: int, world: int, steps: int) -> tuple[list[float], dict]:
-    """Every process on its half of the batch under ``engine``; (summed losses, final LoRA)."""
-    model = lora_model(name)
+def sharded_run(name: str, engine: str, rank: int, world: int, steps: int,
+                dtype: str) -> tuple[list[float], dict]:
+    """Every process on its part of the batch under ``engine``; (the whole batch's losses: the
+    processes' summed, final LoRA)."""
+    import torch.distributed as dist
+
+    model = lora_model(name, dtype)
     batch = global_batch(name)
-    items = (batch["labels"][:, 1:] != e2e_models.IGNORE).sum()
-    part = EQUALITY_BATCH // world
-    mine = {key: value[rank * part:(rank + 1) * part] for key, value in batch.items()}
+    mine = [part_of(batch, rank, world)]
     if engine == "fsdp2":
         shard(model)
-        losses = train(model, adamw_step(model), mine, items, world, steps)
-        return losses, lora_weights(model)
-    wrapped, step = zero3(model)
-    losses = train(wrapped, step, mine, items, world, steps)
-    return losses, zero3_weights(wrapped)
+        losses = train(model, AdamW(model), mine, label_count(batch), world, steps, dtype)
+        final = lora_weights(model)
+    else:
+        wrapped = zero3(model)
+        losses = train(wrapped, wrapped, mine, label_count(batch), world, steps, dtype)
+        final = zero3_weights(wrapped)
+    dist.all_reduce(losses)
+    return losses.tolist(), final
 
 
 def norm_difference(ours: dict, theirs: dict, against: dict) -> float:
@@ -336,22 +421,54 @@ def norm_difference(ours: dict, theirs: dict, against: dict) -> float:
     return patch_gpu.relative_error(diff_sq, ref_sq)
 
 
-def equality_records(config: dict, single: tuple, sharded: tuple) -> list[dict]:
-    """The three difference records of a sharded run against the single-GPU one."""
+def step_differences(losses: list[float], reference_losses: list[float]) -> list[float]:
+    """|loss - reference| / |reference| per step."""
+    return [abs(a - b) / abs(b) for a, b in zip(losses, reference_losses, strict=True)]
+
+
+def differences(reference: tuple, losses: list[float], final: dict) -> dict[str, float]:
+    """The EQUALITY_METRICS of a run (its per-step losses and final LoRA) against ``reference``
+    (losses, initial and final LoRA)."""
+    reference_losses, initial, weights = reference
+    moved = {name: weights[name] - initial[name] for name in weights}
+    return {"loss_max_rel_diff": max(step_differences(losses, reference_losses)),
+            "lora_rel_diff": norm_difference(final, weights, weights),
+            "lora_update_rel_diff": norm_difference(final, weights, moved)}
+
+
+def verdict(value: float, fixed: float, noise_floor: float) -> tuple[float, bool]:
+    """(The effective bound max(fixed, NOISE_FACTOR x noise_floor), whether ``value`` is within it). A
+    noise floor that is not a finite number (a diverged noise reference) leaves the fixed bound; a
+    value that is not finite is never within."""
+    bound = max(fixed, NOISE_FACTOR * noise_floor) if math.isfinite(noise_floor) else fixed
+    return bound, bool(math.isfinite(value) and value <= bound)
+
+
+def equality_records(config: dict, single: tuple, sharded: tuple, noise: tuple) -> list[dict]:
+    """The three records of a sharded run (losses, final LoRA) against the reference (``single``:
+    losses, initial and final LoRA), each judged against the noise reference's (``noise``, as
+    ``single``) difference from the reference."""
     reference_losses, initial, reference = single
     losses, final = sharded
-    steps = [abs(a - b) / abs(b) for a, b in zip(losses, reference_losses, strict=True)]
-    moved = {name: reference[name] - initial[name] for name in reference}
-    values = {"loss_max_rel_diff": max(steps), "lora_rel_diff": norm_difference(final, reference, reference),
-              "lora_update_rel_diff": norm_difference(final, reference, moved)}
-    moved_norm = math.sqrt(sum(tensor.double().square().sum().item() for tensor in moved.values()))
+    values = differences(single, losses, final)
+    floors = differences(single, noise[0], noise[2])
+    from_noise = differences(noise, losses, final)
+    moved_norm = math.sqrt(sum((reference[name] - initial[name]).double().square().sum().item()
+                               for name in reference))
     extra = {"loss_max_rel_diff": {"losses": losses, "reference_losses": reference_losses,
-                                   "step_rel_diff": steps},
+                                   "noise_losses": noise[0],
+                                   "step_rel_diff": step_differences(losses, reference_losses),
+                                   "noise_step_rel_diff": step_differences(noise[0], reference_losses)},
              "lora_update_rel_diff": {"update_norm": moved_norm}}
-    tolerances = TOLERANCES[config["dtype"]]
-    return [common.record("fusetune", config, metric, value, tolerance=tolerances[metric],
-                          within_tolerance=bool(value <= tolerances[metric]), **extra.get(metric, {}))
-            for metric, value in values.items()]
+    fixed = TOLERANCES[config["dtype"]]
+    records = []
+    for metric, value in values.items():
+        tolerance, within = verdict(value, fixed[metric], floors[metric])
+        records.append(common.record("fusetune", config, metric, value, tolerance=tolerance,
+                                     within_tolerance=within, fixed_tolerance=fixed[metric],
+                                     noise_floor=floors[metric], noise_factor=NOISE_FACTOR,
+                                     diff_from_noise_reference=from_noise[metric], **extra.get(metric, {})))
+    return records
 
 
 def deepspeed_imports() -> bool:
@@ -364,19 +481,24 @@ def deepspeed_imports() -> bool:
 
 
 def equality(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
-    """The equality check of ``args.model`` under ``args.engine``: rank 0 alone first, then all ranks."""
+    """The equality check of ``args.model`` under ``args.engine`` in ``args.dtype``: rank 0 alone
+    trains the reference, then the noise reference (each freed before the next), then all ranks."""
     import torch.distributed as dist
 
-    config = equality_config(args.model, args.engine, args.steps)
+    config = equality_config(args.model, args.engine, args.steps, args.dtype)
     if world != EQUALITY_WORLD:
         raise ValueError(f"the equality check runs on {EQUALITY_WORLD} processes, not {world}")
     if args.engine == "zero3" and not deepspeed_imports():
         return failed("fusetune", config, EQUALITY_METRICS, "deepspeed not installed")
-    single = single_run(args.model, args.steps) if rank == 0 else None
+    single = noise = None
+    if rank == 0:
+        single = reference_run(args.model, args.steps, args.dtype)
+        common.release()
+        noise = reference_run(args.model, args.steps, args.dtype, parts=world)
     common.release()
     dist.barrier()
-    sharded = sharded_run(args.model, args.engine, rank, world, args.steps)
-    return equality_records(config, single, sharded) if rank == 0 else []
+    sharded = sharded_run(args.model, args.engine, rank, world, args.steps, args.dtype)
+    return equality_records(config, single, sharded, noise) if rank == 0 else []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,7 +538,7 @@ def throughput(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
     model = e2e_models.models(args.tiny)[case.model]
     warmup, timed = args.steps
     tokens = e2e_models.tokens_of(args.config, args.tiny)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = DTYPES[dtype_name()]  # bf16 on CUDA (bench/e2e.py's steps autocast there), float32 on CPU
     cpu_batch = e2e_models.inputs(model, tokens, args.tiny)
     trained = e2e.prepare(case, model, tokens, dtype, None)
     shard(trained)
@@ -454,7 +576,7 @@ def worker(args: argparse.Namespace) -> int:
     rank, world = init_distributed()
     if args.command == "equality":
         system, metrics = "fusetune", EQUALITY_METRICS
-        config = equality_config(args.model, args.engine, args.steps)
+        config = equality_config(args.model, args.engine, args.steps, args.dtype)
     else:
         system, metrics, config = args.system, SCALE_METRICS, scale_config(args.config, world, args.tiny)
     try:
@@ -488,13 +610,15 @@ class Job:
 
 
 def equality_jobs(args: argparse.Namespace) -> list[Job]:
-    """One job per model and engine."""
+    """One job per model, dtype and engine."""
     jobs = []
     for model in args.models:
-        for engine in args.engines:
-            argv = ["equality", "--model", model, "--engine", engine, "--steps", str(args.steps)]
-            jobs.append(Job(f"equality-{model}-{engine}", EQUALITY_WORLD, argv, "fusetune",
-                            equality_config(model, engine, args.steps), EQUALITY_METRICS))
+        for dtype in args.dtypes:
+            for engine in args.engines:
+                argv = ["equality", "--model", model, "--engine", engine, "--dtype", dtype,
+                        "--steps", str(args.steps)]
+                jobs.append(Job(f"equality-{model}-{engine}-{dtype}", EQUALITY_WORLD, argv, "fusetune",
+                                equality_config(model, engine, args.steps, dtype), EQUALITY_METRICS))
     return jobs
 
 
@@ -568,8 +692,9 @@ def summary(records: list[dict]) -> str:
     shown = []
     for row in records:
         if row["value"] is not None:
+            bound = f" (bound {row['tolerance']:.3g})" if "tolerance" in row else ""
             flag = "" if row.get("within_tolerance", True) else " (BEYOND TOLERANCE)"
-            shown.append(f"{row['metric']} {row['value']:.4g}{flag}")
+            shown.append(f"{row['metric']} {row['value']:.4g}{bound}{flag}")
     return ", ".join(shown)
 
 
@@ -626,25 +751,32 @@ def _fmt(row: dict | None, spec: str) -> str:
 
 
 def equality_table(rows: list[dict]) -> list[str]:
-    """Model, engine, steps and the three differences (with the tolerance verdict) per check."""
-    latest = {(r["config"]["model"], r["config"]["engine"], r["metric"]): r for r in rows
-              if r["config"].get("check") == "equality"}
-    cases = list(dict.fromkeys(key[:2] for key in latest))
-    if not cases:
+    """Per check (model, engine, dtype) and metric: the sharded run's difference from the reference,
+    the noise floor, the effective bound and the verdict (the latest record of each)."""
+    latest = {(r["config"]["model"], r["config"]["engine"], r["config"]["dtype"], r["metric"]): r
+              for r in rows if r["config"].get("check") == "equality"}
+    if not latest:
         return []
     body = []
-    for model, engine in cases:
-        cells = [latest.get((model, engine, metric)) for metric in EQUALITY_METRICS]
-        verdicts = [cell.get("within_tolerance") for cell in cells if cell and cell["value"] is not None]
-        verdict = "" if not verdicts else ("yes" if all(verdicts) else "**no**")
-        config = next(cell for cell in cells if cell)["config"]
-        body.append([model, engine, str(config["steps"]), config["dtype"],
-                     *(_fmt(cell, ".2e") for cell in cells), verdict])
-    head = ["model", "engine", "steps", "dtype", "loss max rel diff", "LoRA rel diff", "LoRA update rel diff",
-            "within tolerance"]
-    bounds = ", ".join(f"{metric} {bound:g}" for metric, bound in TOLERANCES["bf16"].items())
-    return ["### Sharded (2 GPUs) against one GPU", "", *report.markdown(head, body), "",
-            f"bf16 tolerances: {bounds}."]
+    for (model, engine, dtype, metric), row in latest.items():
+        verdict_cell = ""
+        if row["value"] is not None:
+            verdict_cell = "yes" if row.get("within_tolerance") else "**no**"
+        noise = row.get("noise_floor")
+        bound = row.get("tolerance")
+        body.append([model, engine, dtype, str(row["config"]["steps"]), metric, _fmt(row, ".2e"),
+                     "" if noise is None else format(noise, ".2e"),
+                     "" if bound is None or row["value"] is None else format(bound, ".2e"), verdict_cell])
+    head = ["model", "engine", "dtype", "steps", "metric", "sharded vs single", "noise floor", "bound",
+            "within bound"]
+    fixed = "; ".join(f"{dtype} " + ", ".join(f"{metric} {bound:.2g}" for metric, bound in bounds.items())
+                      for dtype, bounds in TOLERANCES.items())
+    note = (f"The noise floor is the same difference of an unsharded run that trains the ranks' halves of "
+            f"the batch one after another, accumulating their gradients: what rounding alone does. The "
+            f"bound is max(fixed bound, {NOISE_FACTOR} x noise floor); fixed bounds: {fixed}.")
+    if any("noise_floor" not in row and row["value"] is not None for row in latest.values()):
+        note += " Records without a noise floor are older ones, judged by the fixed bounds they carry."
+    return ["### Sharded (2 GPUs) against one GPU", "", *report.markdown(head, body), "", note]
 
 
 def scaling_table(rows: list[dict]) -> list[str]:
@@ -709,9 +841,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     equality_parser = commands.add_parser("equality", parents=[runs], help="sharded against single-GPU")
     equality_parser.add_argument("--models", default="tiny,1b", help=f"of {', '.join(MODELS)}")
     equality_parser.add_argument("--engines", default="fsdp2,zero3", help=f"of {', '.join(ENGINES)}")
+    equality_parser.add_argument("--dtypes", help=f"of {', '.join(DTYPES)} (default: bf16 with CUDA, "
+                                 "fp32 without)")
     equality_parser.add_argument("--steps", type=int, default=20)
     equality_parser.add_argument("--model", choices=MODELS, help="worker: the model")
     equality_parser.add_argument("--engine", choices=ENGINES, help="worker: the engine")
+    equality_parser.add_argument("--dtype", choices=list(DTYPES),
+                                 help="worker: the dtype (default: as --dtypes)")
     scale_parser = commands.add_parser("scale", parents=[runs], help="tokens/s on 1 and 2 GPUs")
     scale_parser.add_argument("--configs", default="L8-4k,Q7VL", help=f"of {', '.join(e2e_models.CONFIGS)}")
     scale_parser.add_argument("--systems", default="liger,fusetune", help=f"of {', '.join(SCALE_SYSTEMS)}")
@@ -734,6 +870,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         needed = ("model", "engine") if args.command == "equality" else ("config", "system")
         if None in (getattr(args, name) for name in needed):
             parser.error(f"a {args.command} worker needs --{' and --'.join(needed)}")
+        if args.command == "equality":
+            args.dtype = args.dtype or dtype_name()
         return args
     if args.out is None:
         parser.error("--out is required")
@@ -741,6 +879,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "equality":
         args.models = e2e._names(args.models, MODELS, "models")
         args.engines = e2e._names(args.engines, ENGINES, "engines")
+        args.dtypes = e2e._names(args.dtypes or dtype_name(), DTYPES, "dtypes")
     else:
         args.configs = e2e._names(args.configs, e2e_models.CONFIGS, "configs")
         args.systems = e2e._names(args.systems, SCALE_SYSTEMS, "systems")

@@ -2,19 +2,26 @@
 
 The equality check (tiny Llama, float32, a few steps) under FSDP2, and under ZeRO-3 where DeepSpeed
 is installed (else its "deepspeed not installed" record), must find the sharded run equal to the
-single-process one to float32 rounding. The scaling run (tiny L8 stand-in) must record tokens/s on
-1 and 2 processes and a scaling ratio, while a stand-in ``liger_kernel`` whose patch function kills
-its processes makes the liger cases fail with that error and the rest still run. A second call of
-the same command skips what succeeded, and the report writes both tables.
+single-process one to float32 rounding, and so must the noise reference (the batch's halves one after
+another, gradients accumulated) be. The accumulation itself is checked on a toy model with plain SGD,
+where a wrong scaling would show. The verdict is max(fixed bound, NOISE_FACTOR x noise floor) on
+made-up numbers. The scaling run (tiny L8 stand-in) must record tokens/s on 1 and 2 processes and a
+scaling ratio, while a stand-in ``liger_kernel`` whose patch function kills its processes makes the
+liger cases fail with that error and the rest still run. A second call of the same command skips what
+succeeded, in the same dtype only: its bf16 case runs (in bf16, on CPU) and is judged against its own
+noise floor. The report writes both tables.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import multi_gpu
 import pytest
@@ -57,6 +64,18 @@ def pick(rows: list[dict], **match) -> dict[str, dict]:
             and all(row["config"].get(key) == value for key, value in match.items())}
 
 
+def check_noise_floors(records: dict[str, dict], dtype: str) -> None:
+    """Every record carries its noise floor, a finite number, and the verdict is the value against
+    max(fixed bound of ``dtype``, NOISE_FACTOR x noise floor)."""
+    for metric, row in records.items():
+        noise = row["noise_floor"]
+        assert isinstance(noise, float) and math.isfinite(noise), row
+        assert row["fixed_tolerance"] == multi_gpu.TOLERANCES[dtype][metric]
+        assert row["tolerance"] == pytest.approx(max(row["fixed_tolerance"], multi_gpu.NOISE_FACTOR * noise))
+        assert row["within_tolerance"] == (row["value"] <= row["tolerance"])
+        assert math.isfinite(row["diff_from_noise_reference"])
+
+
 def test_sharded_training_equals_one_process_in_float32(results):
     _, rows, _ = results
     fsdp2 = pick(rows, check="equality", engine="fsdp2")
@@ -66,9 +85,14 @@ def test_sharded_training_equals_one_process_in_float32(results):
                                                     "dtype": "fp32"}
     losses = fsdp2["loss_max_rel_diff"]["reference_losses"]
     assert len(losses) == 3 and losses[-1] < losses[0]  # it trained
+    assert len(fsdp2["loss_max_rel_diff"]["noise_losses"]) == 3
     assert fsdp2["lora_update_rel_diff"]["update_norm"] > 0  # the adapters moved
     for row in fsdp2.values():
         assert row["value"] < 1e-5 and row["within_tolerance"], row
+        # The noise reference (the halves one after another, gradients accumulated) equals the
+        # whole-batch reference to float32 rounding, and FSDP2 does its arithmetic.
+        assert row["noise_floor"] < 1e-5 and row["diff_from_noise_reference"] < 1e-6, row
+    check_noise_floors(fsdp2, "fp32")
 
 
 def test_zero3_equals_one_process_or_says_deepspeed_is_missing(results):
@@ -82,6 +106,56 @@ def test_zero3_equals_one_process_or_says_deepspeed_is_missing(results):
         return
     for row in zero3.values():
         assert row["value"] < 1e-4 and row["within_tolerance"], row
+        assert row["noise_floor"] < 1e-5, row
+    check_noise_floors(zero3, "fp32")
+
+
+class ToyLM(torch.nn.Module):
+    """An embedding and a head, with transformers' loss: cross-entropy summed over the shifted
+    labels, divided by ``num_items_in_batch``."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids, labels, num_items_in_batch):
+        logits = self.head(self.embed(input_ids))[:, :-1].flatten(0, 1)
+        loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100,
+                                                 reduction="sum")
+        return SimpleNamespace(loss=loss / num_items_in_batch)
+
+
+def toy_training(parts: int, average: int, sgd: bool) -> tuple[list[float], dict]:
+    """multi_gpu's training loop over the tiny batch in ``parts`` parts, the gradients divided by
+    ``average``, with AdamW or (``sgd``) plain SGD, whose step follows the gradient's scale (AdamW's
+    hardly does); (losses, final weights)."""
+    batch = multi_gpu.global_batch("tiny")
+    model = ToyLM(multi_gpu.EQUALITY_SPECS["tiny"].config().vocab_size)
+    optimiser = multi_gpu.AdamW(model, average=average)
+    if sgd:
+        optimiser.optimizer = torch.optim.SGD(optimiser.params, lr=5.0)
+    pieces = [multi_gpu.part_of(batch, index, parts) for index in range(parts)]
+    assert sum(len(piece["labels"]) for piece in pieces) == multi_gpu.EQUALITY_BATCH
+    losses = multi_gpu.train(model, optimiser, pieces, multi_gpu.label_count(batch), parts, 3, "fp32")
+    return losses.tolist(), {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("sgd", [False, True], ids=["adamw", "sgd"])
+def test_the_accumulated_halves_equal_the_whole_batch_to_float32_rounding(sgd):
+    """The noise reference's arithmetic (each half's loss over the whole batch's label count times 2,
+    gradients accumulated, then averaged) is the whole batch's gradient: the same training, to
+    float32 rounding; without the averaging, SGD's steps come out twice as long."""
+    whole_losses, whole = toy_training(parts=1, average=1, sgd=sgd)
+    halves_losses, halves = toy_training(parts=2, average=2, sgd=sgd)
+    assert whole_losses[-1] < whole_losses[0]  # it trained
+    assert halves_losses == pytest.approx(whole_losses, rel=1e-6)
+    for name in whole:
+        torch.testing.assert_close(halves[name], whole[name], rtol=1e-5, atol=1e-6)
+    if sgd:
+        _, unaveraged = toy_training(parts=2, average=1, sgd=True)
+        assert (unaveraged["head.weight"] - whole["head.weight"]).abs().max() > 1e-3
 
 
 def test_scaling_records_and_a_crashed_system_recorded_as_failed(results):
@@ -108,12 +182,46 @@ def test_scaling_records_and_a_crashed_system_recorded_as_failed(results):
     assert pick(rows, system="liger", gpus="1->2")["scaling"]["value"] is None
 
 
-def test_a_second_call_skips_what_succeeded(results):
-    out, rows, folder = results
-    again = ["equality", "--models", "tiny", "--engines", "fsdp2", "--steps", "3", "--out", str(out)]
-    output = run(again, folder)
-    assert "equality-tiny-fsdp2: done earlier, skipped" in output
-    assert len(out.read_text().splitlines()) == len(rows)
+def test_a_second_call_skips_what_succeeded_in_the_same_dtype_only(results, tmp_path):
+    """fp32 succeeded in the first call: skipped. bf16 (on CPU processes: bf16 weights, CPU autocast)
+    is another case: it runs, the worker trains in bf16 and judges it against its own noise floor."""
+    out, rows, _ = results
+    copy = tmp_path / out.name
+    shutil.copy(out, copy)
+    again = ["equality", "--models", "tiny", "--engines", "fsdp2", "--dtypes", "fp32,bf16", "--steps", "3",
+             "--out", str(copy)]
+    output = run(again, tmp_path)
+    assert "equality-tiny-fsdp2-fp32: done earlier, skipped" in output
+    assert "equality-tiny-fsdp2-bf16: done earlier" not in output
+    added = [json.loads(line) for line in copy.read_text().splitlines()][len(rows):]
+    bf16 = pick(added, check="equality", engine="fsdp2")
+    assert len(added) == 3 and set(bf16) == set(multi_gpu.EQUALITY_METRICS)
+    assert all(row["config"]["dtype"] == "bf16" for row in added)
+    assert (tmp_path / f"{copy.stem}-logs" / "equality-tiny-fsdp2-bf16.log").exists()
+    # Trained in bf16, not in float32 under another name: its losses and noise are bf16's.
+    fp32 = pick(rows, check="equality", engine="fsdp2")
+    bf16_losses = bf16["loss_max_rel_diff"]["reference_losses"]
+    assert bf16_losses != pytest.approx(fp32["loss_max_rel_diff"]["reference_losses"], rel=1e-5)
+    assert bf16["lora_update_rel_diff"]["noise_floor"] > 1e-3  # bf16 rounding, far above float32's
+    check_noise_floors(bf16, "bf16")
+    for row in bf16.values():
+        assert row["within_tolerance"], row
+
+
+def test_the_dtype_option_defaults_by_device_and_reaches_every_job():
+    args = multi_gpu.parse_args(["equality", "--out", "x.jsonl", "--models", "tiny",
+                                 "--engines", "fsdp2,zero3", "--dtypes", "bf16,fp32"])
+    jobs = multi_gpu.equality_jobs(args)
+    assert [job.slug for job in jobs] == ["equality-tiny-fsdp2-bf16", "equality-tiny-zero3-bf16",
+                                          "equality-tiny-fsdp2-fp32", "equality-tiny-zero3-fp32"]
+    for job in jobs:
+        assert job.argv[job.argv.index("--dtype") + 1] == job.config["dtype"] == job.slug.rsplit("-", 1)[1]
+    default = "bf16" if torch.cuda.is_available() else "fp32"
+    assert multi_gpu.parse_args(["equality", "--out", "x.jsonl"]).dtypes == [default]
+    worker = multi_gpu.parse_args(["equality", "--worker", "--model", "tiny", "--engine", "fsdp2"])
+    assert worker.dtype == default
+    with pytest.raises(SystemExit):
+        multi_gpu.parse_args(["equality", "--out", "x.jsonl", "--dtypes", "fp16"])
 
 
 def test_report_writes_both_tables(results, tmp_path):
@@ -123,19 +231,56 @@ def test_report_writes_both_tables(results, tmp_path):
     multi_gpu.main(["report", "--out", str(out), "--markdown", str(markdown)])
     text = markdown.read_text()
     assert "notes kept" in text and "<!-- begin multi-gpu-cpu.jsonl -->" in text
-    assert "| tiny | fsdp2 | 3 | fp32 |" in text
+    assert "| tiny | fsdp2 | fp32 | 3 | lora_update_rel_diff |" in text and "| noise floor | bound |" in text
     assert "| L8 | fusetune | 2 |" in text and "launch exited 1" in text
 
 
-def test_a_difference_beyond_the_tolerance_is_flagged():
-    """A sharded run whose adapters moved 20% differently from the single run's is flagged."""
-    config = multi_gpu.equality_config("tiny", "fsdp2", 2)
+def test_the_verdict_is_the_larger_of_the_fixed_bound_and_the_scaled_noise_floor():
+    factor = multi_gpu.NOISE_FACTOR
+    bound, within = multi_gpu.verdict(0.05, 1e-3, 0.02)  # the noise floor decides
+    assert bound == pytest.approx(factor * 0.02) and within == (0.05 <= factor * 0.02)
+    assert multi_gpu.verdict(1.01 * factor * 0.02, 1e-3, 0.02) == (pytest.approx(factor * 0.02), False)
+    assert multi_gpu.verdict(5e-4, 1e-3, 1e-6) == (1e-3, True)  # the fixed bound decides
+    assert multi_gpu.verdict(2e-3, 1e-3, 1e-6) == (1e-3, False)
+    assert multi_gpu.verdict(2e-3, 1e-3, 0.0) == (1e-3, False)
+    assert multi_gpu.verdict(5e-4, 1e-3, math.nan) == (1e-3, True)  # a diverged noise reference
+    assert multi_gpu.verdict(math.nan, 1e-3, 0.1) == (pytest.approx(factor * 0.1), False)
+    assert multi_gpu.verdict(math.inf, 1e-3, math.inf) == (1e-3, False)
+
+
+def made_up_records(dtype: str, noise_weight: float) -> dict[str, dict]:
+    """Records of a sharded run whose adapter moved 20% differently from the reference's (1 -> 2:
+    the sharded run ends at 2.2), with a noise reference that ends at ``noise_weight``."""
+    config = multi_gpu.equality_config("tiny", "fsdp2", 2, dtype)
     initial = {"lora_A": torch.ones(4)}
-    reference = {"lora_A": torch.full((4,), 2.0)}
-    records = multi_gpu.equality_records(config, ([3.0, 2.0], initial, reference),
-                                         ([3.0, 2.0], {"lora_A": torch.full((4,), 2.2)}))
-    by_metric = {row["metric"]: row for row in records}
+    single = ([3.0, 2.0], initial, {"lora_A": torch.full((4,), 2.0)})
+    noise = ([3.0, 2.0], initial, {"lora_A": torch.full((4,), noise_weight)})
+    sharded = ([3.0, 2.0], {"lora_A": torch.full((4,), 2.2)})
+    records = multi_gpu.equality_records(config, single, sharded, noise)
+    return {row["metric"]: row for row in records}
+
+
+def test_a_difference_beyond_the_tolerance_is_flagged():
+    """In fp32, with no rounding noise, adapters that moved 20% differently are flagged."""
+    by_metric = made_up_records("fp32", noise_weight=2.0)
     assert by_metric["loss_max_rel_diff"]["value"] == 0 and by_metric["loss_max_rel_diff"]["within_tolerance"]
     assert by_metric["lora_update_rel_diff"]["value"] == pytest.approx(0.2)
     assert by_metric["lora_rel_diff"]["value"] == pytest.approx(0.1)
-    assert not by_metric["lora_update_rel_diff"]["within_tolerance"]
+    update = by_metric["lora_update_rel_diff"]
+    assert update["noise_floor"] == 0
+    assert update["tolerance"] == multi_gpu.TOLERANCES["fp32"]["lora_update_rel_diff"]
+    assert not update["within_tolerance"]
+
+
+def test_a_difference_is_judged_against_the_noise_floor():
+    """bf16: the same 20% is within the bound when the noise reference itself moved 10% differently
+    (bound 3 x 0.1), and flagged when it moved 5% differently (bound 3 x 0.05)."""
+    noisy = made_up_records("bf16", noise_weight=2.1)["lora_update_rel_diff"]
+    assert noisy["noise_floor"] == pytest.approx(0.1)
+    assert noisy["tolerance"] == pytest.approx(multi_gpu.NOISE_FACTOR * 0.1)
+    assert noisy["fixed_tolerance"] == multi_gpu.TOLERANCES["bf16"]["lora_update_rel_diff"]
+    assert noisy["diff_from_noise_reference"] == pytest.approx(0.1 / 1.1, rel=1e-5)  # 2.2 vs 2.1, moved 1.1
+    assert noisy["within_tolerance"]
+    quiet = made_up_records("bf16", noise_weight=2.05)["lora_update_rel_diff"]
+    assert quiet["tolerance"] == pytest.approx(multi_gpu.NOISE_FACTOR * 0.05)
+    assert not quiet["within_tolerance"]
