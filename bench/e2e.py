@@ -56,9 +56,13 @@ model that trains (``search_context``): one worker per probe (``--steps`` 1,1 by
 ``--timeout``), then bisection to ``--resolution`` tokens (1/64 of the defaults with --tiny). One
 record: metric max_context_tokens, config mode max_context, ``probes`` [[tokens, "ok" or the
 error]], ``complete`` (False when --budget ran out; the same command again resumes from the
-probes already in FILE), ``at_max`` (the longest passing probe's metrics), start, ceiling,
-resolution. ``--oom-above N`` (--tiny only) makes workers past N tokens raise out-of-memory, to
-exercise the search on a CPU.
+probes already in FILE), ``at_max`` (the longest passing probe's metrics), ``probe_metrics``
+[[tokens, metrics]] of every passing probe, start, ceiling, resolution. Each probe's metrics add the
+device's and the host's total memory and the worker's peak host memory over its steps
+(``device_total_gib``, ``host_total_gib``, ``host_peak_gib``): bench/report.py projects the longest
+context past --ceiling from them, a labelled linear extrapolation, not a measured length.
+``--oom-above N`` (--tiny only) makes workers past N tokens raise out-of-memory, to exercise the
+search on a CPU.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -95,6 +100,7 @@ MIN_WORKER_S = 60  # with less of --budget left, a case is recorded as not run
 GIB = 2**30
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none")
 CONTEXT = (4096, 262144, 1024)  # --max-context's default start, ceiling and resolution (1/64 when tiny)
+MEMORY_FIELDS = ("device_total_gib", "host_total_gib", "host_peak_gib")  # every record's; see memory_fields
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,28 @@ def profile_step(step, trace: Path) -> None:
         print(f"top operators by device time:\n{table}")
 
 
+def reset_host_peak() -> None:
+    """Restart this process's peak resident memory (``ru_maxrss``) from its current size, so that
+    host_peak_gib measures the steps rather than the model's loading (Linux; elsewhere a no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def memory_fields(cuda: bool) -> dict:
+    """GiB of the device's memory (None without CUDA), of the host's (the cgroup's limit where lower)
+    and of this process's peak resident memory since :func:`reset_host_peak` (``ru_maxrss``: KiB on Linux)."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        host = min(host, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2 limit, or "max"
+        pass
+    device = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else None
+    return {"device_total_gib": None if device is None else device / GIB, "host_total_gib": host / GIB,
+            "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
+
 def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     """Build, warm up and time ``case``; its records."""
     model = e2e_models.models(args.tiny)[case.model]
@@ -256,6 +284,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     static = torch.cuda.memory_allocated() if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    reset_host_peak()
     losses, seconds = [], []
     for cpu_batch, _ in steps:
         batch = patch_gpu.to_device(cpu_batch, dtype)
@@ -277,7 +306,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
         profile_step(lambda: train_step(trained, batch, optimizer), args.profile / f"{case.slug}.json")
     common_extra = {"steps": [warmup, timed], "trainable_params": sum(p.numel() for p in trainable),
                     "lora_dtype": str(trainable[0].dtype),
-                    "system_version": _version(PACKAGES.get(case.system))}
+                    "system_version": _version(PACKAGES.get(case.system)), **memory_fields(cuda)}
     per_metric = {"tokens_per_s": {"step_s": seconds, "real_tokens": real,
                                    "batch_tokens": [batch["input_ids"].numel() for batch, _ in steps]},
                   "loss": {"losses": losses, "last_loss": losses[-1]},
@@ -512,16 +541,16 @@ def max_context(case: Case, args: argparse.Namespace, left, saved: UnslothFolder
 
     A probe passes when its worker records a speed; a worker's error (out of memory above all) or
     timeout fails it; a timeout cut short by --budget leaves it undecided. The search resumes the
-    probes of an earlier record of the same case in --out. ``at_max`` holds the speed and memory of
-    the longest passing probe.
+    probes of an earlier record of the same case in --out. ``probe_metrics`` holds every passing
+    probe's speed and memory (with :data:`MEMORY_FIELDS`), ``at_max`` the longest one's.
     """
     config = case.record_config(args.tiny, mode="max_context")
     if args.oom_above is not None:
         config["oom_above"] = args.oom_above
     earlier = earlier_search(args.out, case.record_system(), config)
-    measured = {}
+    measured = {tokens: metrics for tokens, metrics in earlier.get("probe_metrics", [])}
     if earlier.get("value") is not None:
-        measured[earlier["value"]] = earlier["at_max"]
+        measured.setdefault(earlier["value"], earlier["at_max"])
 
     def probe(tokens: int) -> str | None:
         folder, error = saved.get() if case.system == "unsloth" else (None, None)
@@ -535,7 +564,8 @@ def max_context(case: Case, args: argparse.Namespace, left, saved: UnslothFolder
         print(f"    {case.system} {tokens:,} tokens: {speed.get('error', OK)}", flush=True)
         if speed["value"] is None:
             return None if speed["error"].startswith("timeout") and limit < args.timeout else speed["error"]
-        measured[tokens] = {metric: row["value"] for metric, row in records.items()}
+        measured[tokens] = {**{metric: row["value"] for metric, row in records.items()},
+                            **{key: speed.get(key) for key in MEMORY_FIELDS}}
         return OK
 
     search = search_context(probe, args.start, args.ceiling, args.resolution,
@@ -544,9 +574,12 @@ def max_context(case: Case, args: argparse.Namespace, left, saved: UnslothFolder
     if search.longest is None:
         error = (f"failed at its shortest length, {search.probes[0][0]:,} tokens: {search.probes[0][1]}"
                  if search.probes else f"not run: the --budget of {args.budget:.0f} s was spent")
+    passed = sorted({tokens for tokens, outcome in search.probes if outcome == OK and tokens in measured})
     return common.record(case.record_system(), config, "max_context_tokens", search.longest, error,
                          probes=search.probes, complete=search.complete,
-                         at_max=measured.get(search.longest), start=args.start, ceiling=args.ceiling,
+                         at_max=measured.get(search.longest),
+                         probe_metrics=[[tokens, measured[tokens]] for tokens in passed],
+                         start=args.start, ceiling=args.ceiling,
                          resolution=args.resolution, steps=list(args.steps),
                          system_version=_version(PACKAGES.get(case.system)))
 

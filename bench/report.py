@@ -22,6 +22,11 @@ SYSTEM_ORDER = ("fusetune", "torch_eager", "torch_compile", "liger", "matmul")
 E2E_ORDER = ("hf", "liger", "unsloth", "fusetune")
 RIVALS = ("liger", "torch_compile")  # fusetune's speed ratio is taken against the faster of these
 TITLE = "# Benchmark results\n"
+# A context projection stops short of the whole memory by these GiB. Device: the CUDA context
+# (~0.5 GiB, outside the allocator's peak) and the allocator's slack (reserved above allocated,
+# fragmentation at the largest lengths). Host: the OS and the other processes.
+DEVICE_RESERVE_GIB = 2.0
+HOST_RESERVE_GIB = 8.0
 
 
 def load(path: Path) -> list[dict]:
@@ -175,36 +180,99 @@ def e2e_table(records: list[dict]) -> list[str]:
          "peak - static", "reserved GiB", "loss", "MFU"], rows) + notes
 
 
+def line_through(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Intercept and slope of the line through the last two of ``points`` ((x, y), x ascending);
+    None with fewer than two."""
+    if len(points) < 2:
+        return None
+    (x1, y1), (x2, y2) = points[-2:]
+    slope = (y2 - y1) / (x2 - x1)
+    return y2 - slope * x2, slope
+
+
+def fit_tokens(probes: list, used: str, total: str, reserve: float) -> int | None:
+    """The length at which the line through the two longest passing probes' ``used`` GiB reaches the
+    ``total`` GiB (the longest probe's) less ``reserve``; None with fewer than two probes that
+    recorded ``used``, no ``total`` or a non-positive slope. ``probes``: [[tokens, metrics]]."""
+    points = [(tokens, metrics[used]) for tokens, metrics in sorted(probes, key=lambda probe: probe[0])
+              if metrics.get(used) is not None]
+    line = line_through(points)
+    limit = max(probes, key=lambda probe: probe[0])[1].get(total) if probes else None
+    if line is None or limit is None or line[1] <= 0:
+        return None
+    intercept, slope = line
+    return int((limit - reserve - intercept) / slope)
+
+
+def offloads(row: dict) -> bool:
+    """Whether a system keeps activations in host memory (Unsloth; fusetune unless ``offload`` is off)."""
+    system = row["system"]
+    return system == "unsloth" or (system == "fusetune" and row["config"].get("offload") is not False)
+
+
+def project_context(row: dict) -> tuple[int, str] | None:
+    """A max_context_tokens record's projected longest context and the bound that sets it ("GPU" or
+    "host"): :func:`fit_tokens` of the peak allocated against the device's memory and, for a system
+    that offloads, of the peak host memory against the host's, the smaller taken. None when neither fits."""
+    probes = row.get("probe_metrics") or []
+    bounds = {"GPU": fit_tokens(probes, "peak_allocated_gib", "device_total_gib", DEVICE_RESERVE_GIB)}
+    if offloads(row):
+        bounds["host"] = fit_tokens(probes, "host_peak_gib", "host_total_gib", HOST_RESERVE_GIB)
+    fitted = [(tokens, bound) for bound, tokens in bounds.items() if tokens is not None]
+    return min(fitted) if fitted else None
+
+
+def measured_longest(row: dict) -> str:
+    """The measured longest length as shown: ">= " when the ceiling or the budget stopped the search,
+    what failed at the shortest length when nothing passed."""
+    value = row["value"]
+    if value is None:
+        return failure_kind(row["error"].split(": ", 1)[-1])
+    bound = not row["complete"] or value >= row["ceiling"]
+    return (">= " if bound else "") + f"{value:,}" + ("" if row["complete"] else " (incomplete)")
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    """``value / reference`` as "1.23x"; blank when either is missing."""
+    return f"{value / reference:.2f}x" if value and reference else ""
+
+
 def context_table(records: list[dict]) -> list[str]:
     """The longest batch-1 context each system trained (``bench/e2e.py --max-context``), against
-    Unsloth's, with the speed and memory of that longest step and what stopped the next length."""
+    Unsloth's, with its projection from the probes' memory (:func:`project_context`), the speed and
+    memory of the longest step and what stopped the next length."""
     found = {(row["config"]["model"], row["config"]["variant"], e2e_label(row)): row
              for row in records if row["metric"] == "max_context_tokens"}
     if not found:
         return []
+    projected = {key: project_context(row) or (None, None) for key, row in found.items()}
     rows = []
     for (model, variant, label), row in sorted(found.items(), key=lambda item: by_case(item[0])):
-        value, at_max = row["value"], row.get("at_max") or {}
+        at_max, (reach, bound) = row.get("at_max") or {}, projected[model, variant, label]
         unsloth = found.get((model, variant, "unsloth"), {}).get("value")
+        unsloth_projected = projected.get((model, variant, "unsloth"), (None, None))[0]
         failures = sorted((tokens, outcome) for tokens, outcome in row.get("probes", []) if outcome != "ok")
-        if value is None:
-            longest = failure_kind(row["error"].split(": ", 1)[-1])
-        else:
-            bound = not row["complete"] or value >= row["ceiling"]
-            longest = (">= " if bound else "") + f"{value:,}" + ("" if row["complete"] else " (incomplete)")
         speed, peak = at_max.get("tokens_per_s"), at_max.get("peak_allocated_gib")
-        rows.append([model, variant, label, longest,
-                     f"{value / unsloth:.2f}x" if value and unsloth else "",
+        rows.append([model, variant, label, measured_longest(row), ratio(row["value"], unsloth),
+                     "" if reach is None else f"{reach:,} ({bound})", ratio(reach, unsloth_projected),
                      "" if speed is None else f"{speed:,.0f}", "" if peak is None else f"{peak:.2f}",
                      str(len(row.get("probes", []))),
                      f"{failures[0][0]:,}: {failure_kind(failures[0][1])}" if failures else ""])
     notes = ["", "Each probe is its own worker at one length (double from the start until one fails, then "
              "bisect to the resolution); tokens/s and peak GiB are those of the longest passing probe. "
              ">= marks a search stopped by the ceiling or the budget (incomplete: rerunning the same command "
-             "resumes it). First failure: the shortest length that failed, and why."]
+             "resumes it). First failure: the shortest length that failed, and why.",
+             "Only the longest tokens column is a result. Projected longest is NOT a trained length but a "
+             "linear extrapolation of measured peaks: the line through the peak allocated GiB of the two "
+             "longest passing probes (activations grow linearly in tokens with SDPA attention and "
+             f"checkpointing), solved for the GPU's memory less {DEVICE_RESERVE_GIB:g} GiB; for systems "
+             "that offload activations (Unsloth, fusetune with offload) also the worker's peak host memory "
+             f"against the host's less {HOST_RESERVE_GIB:g} GiB, the smaller taken; GPU or host says which "
+             "bound binds. It ignores step time, fragmentation and anything that grows faster than linearly; "
+             "where the search found its limit, the two columns show how far to trust it."]
     return ["### Longest trainable context (batch 1)", ""] + markdown(
-        ["model", "variant", "system", "longest tokens", "vs Unsloth", "tokens/s there", "peak GiB there",
-         "probes", "first failure"], rows) + notes
+        ["model", "variant", "system", "longest tokens", "vs Unsloth", "projected longest (bound)",
+         "projected vs Unsloth", "tokens/s there", "peak GiB there", "probes", "first failure"], rows) + notes
 
 
 def packed_table(records: list[dict]) -> list[str]:
