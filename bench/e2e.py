@@ -199,6 +199,10 @@ def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype
     import peft
 
     built = e2e_models.build(model, dtype)
+    if case.layout == "packed" and case.system.startswith("fusetune"):
+        # fusetune_varlen on the language model (the vision tower keeps sdpa): each packed sample's
+        # attention on its own, from the row's cu_seq_lens, instead of sdpa's (row x row) mask.
+        e2e_models.use_packed_attention(built)
     if case.variant == "qlora":
         from fusetune.quantize import quantize_4bit
 

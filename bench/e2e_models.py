@@ -226,12 +226,27 @@ def padded_batch(samples: list[dict]) -> dict:
 
 def packed_row(samples: list[dict], model: Model) -> dict:
     """``samples`` back to back in one row by ``fusetune.train.packing.pack`` (positions restarting
-    per sample, no attention mask); its ``use_cache=False`` is dropped as the training step passes it."""
-    from fusetune.train.packing import pack
+    per sample, no attention mask) with the samples' ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32
+    cumulative lengths: what a ``fusetune_varlen`` language model reads the samples from; sdpa ignores
+    them). ``PackingCollator``'s ``max_length_q`` / ``_k`` are left out: they are ints, which
+    ``patch_gpu.to_device`` does not take, and ``fusetune_varlen`` does not need them. The row's
+    ``use_cache=False`` is dropped as the training step passes it."""
+    from fusetune.train.packing import boundaries, pack
 
     row = pack(samples, model.spec.config())
     row.pop("use_cache")
+    given = boundaries([sample["input_ids"].shape[1] for sample in samples])
+    row.update(cu_seq_lens_q=given["cu_seq_lens_q"], cu_seq_lens_k=given["cu_seq_lens_k"])
     return row
+
+
+def use_packed_attention(built: torch.nn.Module) -> str:
+    """Set the language model of a built (sdpa) model to the attention packed rows train with
+    (``fusetune.train.packing.use_packed_attention``: ``fusetune_varlen``, or flash attention 2
+    where flash_attn is installed); the vision tower keeps sdpa. Returns the implementation."""
+    from fusetune.train.packing import use_packed_attention as use
+
+    return use(built)
 
 
 def step_batches(model: Model, config_name: str, steps: int, tiny: bool,

@@ -91,7 +91,9 @@ class TrainConfig:
     packing: bool = False
     """Pack each batch's samples, with their images, into one row without padding (Qwen2-VL family
     and text models): positions (M-RoPE included) restart per sample and attention stays inside each
-    sample; the loss equals the padded batch's. batch_size samples make one row."""
+    sample, with no row x row mask (the language model runs fusetune_varlen: torch's varlen flash
+    attention on a GPU, SDPA per sample elsewhere; flash_attention_2 where flash_attn is installed);
+    the loss equals the padded batch's. batch_size samples make one row."""
     max_pixels: int = 602112
     """Images larger than this many pixels are resized down (aspect kept) before processing."""
     batch_size: int = 2

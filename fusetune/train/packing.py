@@ -1,24 +1,36 @@
 """Padding-free packing: a batch's samples, with their images, back to back in one row.
 
 The row has no padding and no ``attention_mask``; the sample boundaries travel in the position ids,
-which restart at 0 on each sample's first token. transformers 5 turns that into attention kept
-inside each sample: with no attention mask and no cache (the row carries ``use_cache=False``: a
-model whose config says ``use_cache`` would otherwise make one, in training too, and then attend
-across samples), ``masking_utils`` reads the packed
-sequences off the text position ids and builds a block-diagonal causal mask (sdpa, eager, flex
-attention), and flash attention, for a batch of one row, takes its varlen path with
-``cu_seqlens`` found where the position ids restart. Qwen2-VL-family models (M-RoPE) take
+which restart at 0 on each sample's first token, and (``PackingCollator``) in the flash-attention
+keyword arguments ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 cumulative sample lengths from 0) and
+``max_length_q`` / ``max_length_k``. The row carries ``use_cache=False``: a model whose config says
+``use_cache`` would otherwise make a cache, in training too, and then attend across samples.
+
+Attention stays inside each sample with:
+
+- ``fusetune_varlen`` (``fusetune.train.varlen``, what ``attention_implementation`` picks without
+  the ``flash_attn`` package): each sample's causal attention on its own, one torch ``varlen_attn``
+  call (flash kernels) on a CUDA GPU in bf16/fp16, SDPA per sample otherwise; transformers builds no
+  mask at all;
+- flash attention 2 (``flash_attn`` installed): its varlen path, with the boundaries above or found
+  where the position ids restart;
+- sdpa, eager or flex attention: transformers' ``masking_utils`` reads the packed sequences off the
+  text position ids and builds a block-diagonal causal mask, exact but a dense ``row x row`` mask
+  (sdpa then cannot use its flash kernels and computes every score).
+
+``use_packed_attention(model)`` sets the language model's attention; a VLM's vision tower keeps its
+own (sdpa), and attends within each image by its grid. Qwen2-VL-family models (M-RoPE) take
 ``position_ids`` of shape ``(4, 1, n)``: the text positions, then the three M-RoPE rows
-(``fusetune.train.positions``, each sample's ids as if alone); text models take ``(1, n)``.
-(Passing ``cu_seq_lens_*`` keyword arguments instead does not work for these VLMs: they reach the
-vision tower too, which sets its own.)
+(``fusetune.train.positions``, each sample's ids as if alone); text models take ``(1, n)``. The
+``cu_seq_lens_*`` arguments reach the vision tower too in transformers 5.17 (5.24 drops them there):
+harmless to its sdpa attention, a clash with a flash-attention vision tower, which passes its own, so
+``PackingCollator`` leaves them out when the vision tower runs flash attention.
 
 Labels are -100 on each sample's first token, so the last token of one sample never learns to
-predict the next sample; ``pixel_values`` and the grids are concatenated in order (the vision
-tower attends within each image by its grid). The loss is then the unpacked batch's: the mean over
-the same label tokens. With gradient accumulation, HF Trainer's ``num_items_in_batch`` counts the
-labels that are not -100 (past the first token of the row): the same count as the padded batch's,
-so accumulated steps are weighted the same as without packing.
+predict the next sample; ``pixel_values`` and the grids are concatenated in order. The loss is then
+the unpacked batch's: the mean over the same label tokens. With gradient accumulation, HF Trainer's
+``num_items_in_batch`` counts the labels that are not -100 (past the first token of the row): the
+same count as the padded batch's, so accumulated steps are weighted the same as without packing.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import importlib.util
 
 import torch
 
+from fusetune.train import varlen
 from fusetune.train.collator import IGNORE
 from fusetune.train.errors import FusetuneError
 from fusetune.train.positions import mrope_position_ids, mrope_settings
@@ -39,15 +52,70 @@ _VISION = {  # key -> (the modality it belongs to, whether it has one row per pa
     "video_grid_thw": ("video", "grid"),
     "second_per_grid_ts": ("video", "grid"),
 }
-_ATTENTION = ("sdpa", "eager", "flex_attention")
+_ATTENTION = ("sdpa", "eager", "flex_attention", varlen.NAME)
 
 
 def attention_implementation() -> str:
-    """The attention to load a model with for packed rows: flash attention 2 (varlen) where the
-    ``flash_attn`` package and a CUDA GPU are there, else sdpa (a block-diagonal mask)."""
+    """The attention for packed rows: flash attention 2 (varlen) where the ``flash_attn`` package
+    and a CUDA GPU are there, else ``fusetune_varlen`` (registered with transformers by this call)."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return varlen.register()
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def use_packed_attention(model, implementation: str | None = None) -> str:
+    """Set the attention of ``model``'s language model (``model``: a transformers model, or a PEFT
+    model around one) to ``implementation``, by default ``attention_implementation()``; a VLM's
+    vision tower keeps its own. Returns the implementation set."""
+    implementation = implementation or attention_implementation()
+    if implementation == varlen.NAME:
+        varlen.register()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    text = _text_config(config)
+    if text is config:
+        base.set_attn_implementation(implementation)
+    else:
+        keys = [key for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is text]
+        if not keys:
+            raise FusetuneError(
+                f"cannot find the language model's config among {config.model_type}'s sub-configs to set "
+                f"its attention; set packing: false."
+            )
+        base.set_attn_implementation({keys[0]: implementation})
+    if _text_config(base.config)._attn_implementation != implementation:
+        raise FusetuneError(
+            f"{type(base).__name__} kept {_text_config(base.config)._attn_implementation!r} attention where "
+            f"packing asked for {implementation!r}; set packing: false."
+        )
+    return implementation
+
+
+def boundaries(lengths) -> dict:
+    """The flash-attention keyword arguments that give a packed row's samples (of ``lengths``
+    tokens, in order) to the attention: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 cumulative
+    lengths from 0) and ``max_length_q`` / ``max_length_k`` (ints)."""
+    lengths = [int(n) for n in lengths]
+    cu = varlen.cu_seq_lens(lengths)
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+
+def _passes_boundaries(config) -> bool:
+    """Whether packed batches for a model of ``config`` carry ``boundaries``: for fusetune_varlen and
+    flash language models, unless a vision tower runs flash attention (it would get them too, in
+    transformers 5.17, on top of its own)."""
+    attention = _text_config(config)._attn_implementation or ""
+    vision = getattr(getattr(config, "vision_config", None), "_attn_implementation", None) or ""
+    return (attention == varlen.NAME or "flash" in attention) and "flash" not in vision
 
 
 def _settings(config) -> dict | None:
@@ -159,22 +227,32 @@ def pack(samples: list[dict[str, torch.Tensor]], config) -> dict[str, torch.Tens
 
 class PackingCollator:
     """A collator whose batches are one packed row: ``collator``'s padded batch, split into its
-    samples (``unbatch``) and packed (``pack``) for the model of ``config``.
+    samples (``unbatch``) and packed (``pack``) for the model of ``config``, plus the samples'
+    ``boundaries`` (``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``)
+    where the language model runs ``fusetune_varlen`` or flash attention.
 
-    The model must run sdpa, eager, flex or flash attention (``attention_implementation`` picks
-    one), the ones transformers keeps inside each packed sample.
+    The language model must run one of the attentions that keep packed samples apart:
+    ``fusetune_varlen`` or flash attention (fast; ``use_packed_attention(model)`` sets what
+    ``attention_implementation()`` picks), or sdpa, eager or flex attention (a block-diagonal mask).
     """
 
     def __init__(self, collator, config):
-        attention = getattr(config, "_attn_implementation", None)
+        attention = getattr(_text_config(config), "_attn_implementation", None)
         if attention is not None and attention not in _ATTENTION and "flash" not in attention:
             raise FusetuneError(
-                f"packing needs sdpa, eager, flex or flash attention to keep samples apart; the model "
-                f"runs {attention!r}: load it with attn_implementation={attention_implementation()!r}."
+                f"packing needs fusetune_varlen, flash, sdpa, eager or flex attention to keep samples apart; "
+                f"the language model runs {attention!r}: set it with "
+                f"fusetune.train.packing.use_packed_attention(model) (attn_implementation="
+                f"{attention_implementation()!r})."
             )
         _settings(config)
         self.collator = collator
         self.config = config
+        self.with_boundaries = _passes_boundaries(config)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack(unbatch(self.collator(samples), self.config), self.config)
+        parts = unbatch(self.collator(samples), self.config)
+        row = pack(parts, self.config)
+        if self.with_boundaries:
+            row.update(boundaries([part["input_ids"].shape[1] for part in parts]))
+        return row

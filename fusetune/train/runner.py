@@ -303,6 +303,13 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         max_pixels=config.max_pixels,
         mlp_tile_rows=config.mlp_tile_rows or None,
     )
+    if config.packing:
+        from fusetune.train.packing import use_packed_attention
+
+        # fusetune_varlen (or flash attention 2 where flash_attn is installed) on the language model:
+        # each packed sample's attention on its own, without a (row x row) mask.
+        attention = use_packed_attention(model)
+        _say(quiet, f"packing: {config.batch_size} samples a row; the language model runs {attention}")
     if config.gradient_checkpointing == "offload":
         from fusetune.checkpointing import enable_checkpointing
 

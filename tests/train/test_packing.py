@@ -1,8 +1,9 @@
 """Packed rows against the unpacked padded batch: same loss and gradients, samples kept apart.
 
 Models: the offline tiny Qwen2-VL of the demo (sdpa), a tiny Qwen2.5-VL built from a config over the
-same processor, a tiny Llama (1-D positions). References: the padded batch through the same model,
-each sample collated alone, transformers' own ``get_rope_index``.
+same processor, a tiny Llama (1-D positions); each with sdpa's block-diagonal mask and with
+``fusetune_varlen`` (``use_packed_attention``, no mask at all). References: the padded batch
+through the same model in sdpa, each sample collated alone, transformers' own ``get_rope_index``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusetune.train import demo
+from fusetune.train import demo, varlen
 from fusetune.train.collator import IGNORE, ChatCollator
 from fusetune.train.errors import FusetuneError
-from fusetune.train.packing import PackingCollator, attention_implementation, pack, unbatch
+from fusetune.train.packing import (
+    PackingCollator,
+    attention_implementation,
+    boundaries,
+    pack,
+    unbatch,
+    use_packed_attention,
+)
 
 SIZES = {0: (84, 112), 2: (112, 56), 3: (56, 56)}  # images of different grids; sample 1 has none
 
@@ -250,19 +258,166 @@ def test_unsupported_inputs_name_the_fix(processor):
         pack(text_samples(), AutoConfig.for_model("llava"))
     with pytest.raises(FusetuneError, match="split a collated batch with unbatch"):
         pack([padded(text_samples())], config)
-    config._attn_implementation = "paged|sdpa"
-    with pytest.raises(FusetuneError, match="attn_implementation='sdpa'"):
+    config.text_config._attn_implementation = "paged|sdpa"
+    with pytest.raises(
+        FusetuneError, match="use_packed_attention.*attn_implementation='(fusetune_varlen|flash)"
+    ):
         PackingCollator(None, config)
 
 
 def test_attention_implementation_prefers_flash_varlen(monkeypatch):
     import importlib.util
 
-    assert attention_implementation() == (
-        "flash_attention_2"
-        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn")
-        else "sdpa"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn")
+    assert attention_implementation() == ("flash_attention_2" if flash else varlen.NAME)
+    assert (
+        varlen.NAME in AttentionInterface._global_mapping
+        and varlen.NAME in AttentionMaskInterface._global_mapping
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert attention_implementation() == "flash_attention_2"
+
+
+# ------------------------------------------------------------------------------------------------
+# fusetune_varlen: the same training step without any mask.
+
+
+def record_attention(monkeypatch):
+    """Record every call of the fusetune_varlen and sdpa attention functions (which implementation,
+    the module's class, whether a mask came, whether the sample boundaries came) and every mask
+    fusetune_varlen's mask function returned."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls, masks = [], []
+    for name in (varlen.NAME, "sdpa"):
+
+        def record(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            *args,
+            _name=name,
+            _run=ALL_ATTENTION_FUNCTIONS[name],
+            **kwargs,
+        ):
+            calls.append((_name, type(module).__name__, attention_mask is None, "cu_seq_lens_q" in kwargs))
+            return _run(module, query, key, value, attention_mask, *args, **kwargs)
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, name, record)
+
+    def record_mask(*args, _run=ALL_MASK_ATTENTION_FUNCTIONS[varlen.NAME], **kwargs):
+        masks.append(_run(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._local_mapping, varlen.NAME, record_mask)
+    return calls, masks
+
+
+def with_lora(model):
+    """``model`` with LoRA on every linear layer, the B matrices random (zero B would leave A without
+    gradient)."""
+    from fusetune.train.config import LoraSettings
+    from fusetune.train.model import add_lora
+
+    model = add_lora(model, LoraSettings(r=4))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.train()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llama"])
+def test_varlen_packed_loss_and_lora_gradients_equal_the_padded_batch(
+    processor, collator, samples, family, monkeypatch
+):
+    """With fusetune_varlen on the language model: the packed row's loss and every LoRA gradient
+    are the padded batch's under sdpa; the attention got the collator's boundaries and no mask (the
+    mask function returned None), and the vision tower ran sdpa."""
+    if family == "llama":
+        base, batch, collate = tiny_llama(), text_samples(), padded
+    else:
+        base = (
+            demo.build_model(processor.tokenizer) if family == "qwen2_vl" else qwen2_5_vl(processor.tokenizer)
+        )
+        batch, collate = samples, collator
+    model = with_lora(base)
+    expected_loss, expected = loss_and_grads(model, collate(batch))
+    assert use_packed_attention(model) == varlen.NAME  # no flash_attn here
+    config = base.config
+    assert config.get_text_config()._attn_implementation == varlen.NAME
+    if family != "llama":
+        assert config.vision_config._attn_implementation == "sdpa"
+    padded_loss, _ = loss_and_grads(model, collate(batch))  # padding: sdpa with its mask
+    torch.testing.assert_close(padded_loss, expected_loss, rtol=1e-6, atol=1e-7)
+    row = PackingCollator(collate, config)(batch)
+    lengths = [part["input_ids"].shape[1] for part in unbatch(collate(batch), config)]
+    assert row["cu_seq_lens_q"].dtype == torch.int32 and row["cu_seq_lens_q"].tolist() == [
+        sum(lengths[:i]) for i in range(len(lengths) + 1)
+    ]
+    assert (
+        row["max_length_q"] == row["max_length_k"] == max(lengths)
+        and row["cu_seq_lens_k"] is row["cu_seq_lens_q"]
+    )
+    calls, masks = record_attention(monkeypatch)
+    loss, grads = loss_and_grads(model, row)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected.keys() and len(grads) > 10 and all("lora_" in name for name in grads)
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert masks and all(mask is None for mask in masks)  # no (row x row) mask was built
+    text = [call for call in calls if "Vision" not in call[1]]
+    assert len(text) == config.get_text_config().num_hidden_layers
+    assert all(call == (varlen.NAME, call[1], True, True) for call in text)
+    vision = [call for call in calls if "Vision" in call[1]]
+    assert (family == "llama") != bool(vision) and all(call[0] == "sdpa" for call in vision)
+
+
+def test_varlen_without_boundaries_reads_the_text_positions(processor, collator, samples):
+    """A packed row without cu_seq_lens (``pack`` alone) gives the same loss: the attention finds the
+    samples where the text position ids restart."""
+    model = demo.build_model(processor.tokenizer).train()
+    expected, _ = loss_and_grads(model, collator(samples))
+    use_packed_attention(model)
+    row = pack(unbatch(collator(samples), model.config), model.config)
+    assert "cu_seq_lens_q" not in row
+    loss, _ = loss_and_grads(model, row)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_model_still_generates(processor, collator, samples):
+    """Generation with a cache (decoding one query against the cached keys) under fusetune_varlen
+    gives the sdpa model's tokens and logits."""
+    model = demo.build_model(processor.tokenizer).eval()
+    inputs, _ = collator.prompt(samples[0])
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **settings)
+        use_packed_attention(model)
+        got = model.generate(**inputs, **settings)
+    torch.testing.assert_close(got.sequences, expected.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_boundaries_and_which_collators_pass_them(processor):
+    given = boundaries([3, 1, 4])
+    assert given.keys() == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert given["cu_seq_lens_q"].dtype == torch.int32 and given["cu_seq_lens_q"].tolist() == [0, 3, 4, 8]
+    assert (
+        given["cu_seq_lens_k"].tolist() == [0, 3, 4, 8]
+        and given["max_length_q"] == given["max_length_k"] == 4
+    )
+    config = demo.model_config(processor.tokenizer)
+    assert not PackingCollator(None, config).with_boundaries  # sdpa: the position ids do it
+    config.text_config._attn_implementation = "flash_attention_2"
+    assert PackingCollator(None, config).with_boundaries
+    config.vision_config._attn_implementation = "flash_attention_2"  # 5.17 hands them to the vision tower too
+    assert not PackingCollator(None, config).with_boundaries

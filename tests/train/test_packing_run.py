@@ -8,8 +8,11 @@ from fusetune.train.config import load_config
 
 
 def test_packing_run_trains_on_packed_rows(tmp_path, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     import fusetune.train.packing as packing
     from fusetune.train.runner import train
+    from fusetune.train.varlen import NAME, register
 
     rows = []
     real_pack = packing.pack
@@ -20,6 +23,18 @@ def test_packing_run_trains_on_packed_rows(tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(packing, "pack", recording)
+    # The language model's attention: fusetune_varlen (no flash_attn here), given the samples'
+    # boundaries and no mask.
+    register()
+    calls = []
+
+    def attention(
+        module, query, key, value, attention_mask, *args, _run=ALL_ATTENTION_FUNCTIONS[NAME], **kwargs
+    ):
+        calls.append((attention_mask is None, "cu_seq_lens_q" in kwargs, query.shape[2]))
+        return _run(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, NAME, attention)
     small = ["--demo_samples", "16", "--batch_size", "4", "--eval_split", "0", "--show_samples", "0"]
     options = ["--max_steps", "3", "--output_dir", str(tmp_path), "--packing", "true"]
     config = load_config(None, [*small, *options])
@@ -27,6 +42,9 @@ def test_packing_run_trains_on_packed_rows(tmp_path, monkeypatch):
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.final_loss))
     # The fail-fast batch plus one per training step, each one row holding all four samples.
     assert len(rows) >= 4 and all(n == 4 and shape[0] == 1 and labels > 0 for n, shape, labels in rows)
+    packed_lengths = {shape[1] for _, shape, _ in rows}
+    assert calls and all(no_mask and boundaries for no_mask, boundaries, _ in calls)
+    assert {length for _, _, length in calls} <= packed_lengths
 
 
 def test_mlp_tile_rows_reaches_the_fused_lora_mlps():
