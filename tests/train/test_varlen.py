@@ -273,44 +273,17 @@ def _fake(signature: str, calls: list):
             return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale, False)
     elif signature == "2.11":
 
-        def varlen_attn(
-            query,
-            key,
-            value,
-            cu_seq_q,
-            cu_seq_k,
-            max_q,
-            max_k,
-            *,
-            return_aux=None,
-            scale=None,
-            window_size=(-1, -1),
-        ):
-            return compute(
-                query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale, False
-            )
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            causal = window_size == (-1, 0)
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, False)
     else:
 
-        def varlen_attn(
-            query,
-            key,
-            value,
-            cu_seq_q,
-            cu_seq_k,
-            max_q,
-            max_k,
-            *,
-            return_aux=None,
-            scale=None,
-            window_size=(-1, -1),
-            enable_gqa=False,
-            seqused_k=None,
-            block_table=None,
-            num_splits=None,
-        ):
-            return compute(
-                query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale, enable_gqa
-            )
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
+                        num_splits=None):
+            causal = window_size == (-1, 0)
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, enable_gqa)
 
     return varlen_attn
 
