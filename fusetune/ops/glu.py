@@ -192,9 +192,9 @@ def glu_backward_into(
     """Launch the backward kernel: ``dgate = grad * up * act'(gate)``, ``dup = grad * act(gate)``.
 
     grad, gate, up: 2-D rows as in :func:`glu_forward_into`; dgate, dup: contiguous, same number
-    of elements. ``dup`` (or ``dgate``) may be ``grad`` itself when grad is contiguous: each
-    element is read before it is written, by the same program, so the gradient can overwrite the
-    incoming gradient in place and save a buffer.
+    of elements. Each output may be one of the inputs (``grad``, ``gate`` or ``up``) when that
+    input is contiguous: each element is read before it is written, by the same program, so the
+    gradients can overwrite the incoming gradient or the saved activations in place.
     """
     n = gate.numel()
     if n:

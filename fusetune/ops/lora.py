@@ -12,15 +12,18 @@ small kernels per layer and autograd saves every intermediate. Here one autograd
   starts ``dX = [scale_i dY_i @ B_i] @ [A_i]`` and adds each ``dY_i @ W_i`` with ``addmm_``, and
   gets every dA from one ``[scale_i dY_i @ B_i].T @ X`` matmul.
 - ``lora_glu_mlp(x, gate, up, down, activation)``: ``down(act(gate(x)) * up(x))``. Forward saves x,
-  the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g. Backward
-  recomputes h with the glu forward kernel only when down's A needs its gradient (and frees it
-  after that one matmul), computes dh, then runs the glu backward kernel writing dg over dh in
-  place. Transient (T, intermediate) buffers in backward: at most two at a time (h, then dh; then
-  dh/dg and de), on top of the saved e and g, so four in all; no float32 copies of activations.
+  the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g, which
+  exists one row tile (1,024 rows) at a time on its way into the down projection. Backward runs
+  over the same row tiles: per tile it recomputes h only when down's A needs its gradient, makes
+  the tile's dh, and the glu backward kernel writes de and dg over e and g in place. So the only
+  (T, intermediate) buffers, forward or backward, are e and g, plus one (tile, intermediate)
+  slice at a time; no float32 copies of activations. Because backward overwrites what forward
+  saved, it runs once per graph: a second backward (``retain_graph=True``) raises.
 
 Base weights are read through ``fusetune.ops.nf4.dense_weight`` in forward and again in backward
-and each dense copy is dropped as soon as its matmul is done: ctx keeps only the weight objects,
-so a 4-bit model never holds more than one dequantised matrix. The base weight must be frozen.
+and each dense copy is dropped as soon as its matmul (or its loop over row tiles) is done: ctx
+keeps only the weight objects, so a 4-bit model never holds more than one dequantised matrix.
+The base weight must be frozen.
 
 Matmuls run in the compute dtype (autocast's when autocast is on for x's device, else x's dtype);
 A and B are cast to it, their gradients are returned in their own dtype (float32 adapters under
@@ -374,7 +377,85 @@ def _down_lora_product(h: torch.Tensor, down: LoraWeights, dtype: torch.dtype) -
     return None if down.a is None else torch.mm(h, down.a.to(dtype).t())
 
 
+# Rows of h = act(e) * g (and of its gradient) that exist at once in the MLP's forward and
+# backward: with e and g saved, the (T, intermediate) h and dh would be a third and fourth
+# buffer of that size; row tiles of this many rows keep them small (the matmuls stay large).
+_HIDDEN_TILE_ROWS = 1024
+
+
+def _row_tiles(n_rows: int) -> range:
+    """Each tile's first row; at least one tile, so no rows take the same path."""
+    return range(0, max(n_rows, 1), _HIDDEN_TILE_ROWS)
+
+
+def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str) -> torch.Tensor:
+    """``act(e) * g`` for one slice of rows, in a buffer of its own."""
+    h = torch.empty_like(e[rows])
+    glu_forward_into(h, e[rows], g[rows], activation)
+    return h
+
+
+def _with_dense_weight(p: LoraWeights, dtype: torch.dtype) -> LoraWeights:
+    """``p`` with its base weight dense in ``dtype`` (dequantised once for a loop over tiles)."""
+    return p._replace(weight=dense_weight(p.weight, dtype))
+
+
+def _cat_rows(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _down_forward(
+    e: torch.Tensor, g: torch.Tensor, down: LoraWeights, activation: str, dtype: torch.dtype,
+    compute_output: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``down(act(e) * g)`` (only when ``compute_output``) and the (T, r) LoRA-A product of down's
+    input, tile by tile over rows so that h never exists in full."""
+    if compute_output:
+        down = _with_dense_weight(down, dtype)
+    outs, products = [], []
+    for start in _row_tiles(e.shape[0]):
+        h = _hidden_tile(e, g, slice(start, start + _HIDDEN_TILE_ROWS), activation)
+        if compute_output:
+            (y,), xa = _project(h, (down,), dtype)
+            outs.append(y)
+        else:
+            xa = _down_lora_product(h, down, dtype)
+        products.append(xa)
+        del h
+    return (_cat_rows(outs) if compute_output else None), _cat_rows(products)
+
+
+def _down_backward(
+    grad: torch.Tensor, e: torch.Tensor, g: torch.Tensor, xa_down: torch.Tensor | None,
+    down: LoraWeights, activation: str, dtype: torch.dtype,
+    want_dh: bool, want_a: bool, want_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Down's dA and dB and, when ``want_dh``, the GLU's backward: e and g are overwritten in
+    place with de and dg. Runs over row tiles, so h (for dA) and dh exist one tile at a time;
+    the tiles' dA and dB are summed in float32 and returned in the adapter's dtype."""
+    if want_dh:
+        down = _with_dense_weight(down, dtype)  # one dequantised copy for every tile
+    da = db = None
+    for start in _row_tiles(e.shape[0]):
+        rows = slice(start, start + _HIDDEN_TILE_ROWS)
+        dh, (da_tile,), (db_tile,) = _project_backward(
+            [grad[rows]], lambda rows=rows: _hidden_tile(e, g, rows, activation),
+            None if xa_down is None else xa_down[rows], (down,), dtype, want_dh, [want_a], [want_b],
+        )
+        if dh is not None:
+            glu_backward_into(e[rows], g[rows], dh, e[rows], g[rows], activation)
+        da, db = _accumulate(da, _float(da_tile)), _accumulate(db, _float(db_tile))
+    return (None if da is None else da.to(down.a.dtype)), (None if db is None else db.to(down.b.dtype))
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
 class _LoraGluMLP(torch.autograd.Function):
+    """Saves x, e and g; backward overwrites e and g with their gradients, so it can run once
+    per graph (a second backward with ``retain_graph=True`` is refused)."""
+
     @staticmethod
     def forward(ctx, x, spec, *adapters):
         (gate, up, down), activation, dtype, unread = spec
@@ -383,16 +464,10 @@ class _LoraGluMLP(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
             (e, g), xa_gate_up = _project(rows, (gate, up), dtype)
-            xa_down = y = None
-            if not unread or want_b[2]:
-                h = torch.empty_like(e)
-                glu_forward_into(h, e, g, activation)
-                if unread:
-                    xa_down = _down_lora_product(h, down, dtype)
-                else:
-                    (y,), xa_down = _project(h, (down,), dtype)
-                del h
-            if y is None:  # values nobody reads (outputs_unread): the largest matmul is skipped
+            y = xa_down = None
+            if not unread or want_b[2]:  # values nobody reads (outputs_unread): down is skipped
+                y, xa_down = _down_forward(e, g, down, activation, dtype, compute_output=not unread)
+            if y is None:
                 y = rows.new_empty(rows.shape[0], _weight_shape(down.weight)[0])
         ctx.save_for_backward(
             rows if any(want_a[:2]) else None,
@@ -402,38 +477,39 @@ class _LoraGluMLP(torch.autograd.Function):
             xa_down if want_b[2] else None,
         )
         ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), (want[0], want_a, want_b)
+        ctx.overwritten = False
         return y.view(*x.shape[:-1], y.shape[1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
+        if ctx.overwritten:
+            raise RuntimeError(
+                "fusetune.lora_glu_mlp: backward ran a second time over the same graph "
+                "(retain_graph=True); the fused MLP's first backward overwrote the activations it "
+                "saved. Run forward again before each backward, or leave the MLP unfused "
+                "(fusetune.apply(model, lora=False))."
+            )
         rows, e, g, xa_gate_up, xa_down = ctx.saved_tensors
         (gate, up, down), activation, dtype, _ = ctx.spec
         (x_shape, x_dtype), (want_x, want_a, want_b) = ctx.x_meta, ctx.wants
-
-        def hidden() -> torch.Tensor:  # h = act(e) * g, recomputed for down's dA only
-            h = torch.empty_like(e)
-            glu_forward_into(h, e, g, activation)
-            return h
-
         want_dh = want_x or any(want_a[:2]) or any(want_b[:2])
         dx, da_gate_up, db_gate_up = None, [None, None], [None, None]
         with torch.autocast(grad_output.device.type, enabled=False):
-            dh, da_down, db_down = _project_backward(
-                [as_rows(grad_output).to(dtype)], hidden, xa_down, (down,), dtype,
-                want_dh, want_a[2:], want_b[2:],
+            ctx.overwritten = want_dh
+            da_down, db_down = _down_backward(
+                as_rows(grad_output).to(dtype), e, g, xa_down, down, activation, dtype,
+                want_dh, want_a[2], want_b[2],
             )
-            if dh is not None:
-                de = torch.empty_like(e)
-                glu_backward_into(de, dh, dh, e, g, activation)  # dg overwrites dh
-                grads = [de, dh]
-                del de, dh
+            if want_dh:  # e and g now hold de and dg
+                grads = [e, g]
+                del e, g
                 dx, da_gate_up, db_gate_up = _project_backward(
                     grads, lambda: rows, xa_gate_up, (gate, up), dtype,
                     want_x, want_a[:2], want_b[:2],
                 )
         dx = None if dx is None else dx.view(x_shape).to(x_dtype)
-        return dx, None, *_adapter_grads(da_gate_up + da_down, db_gate_up + db_down)
+        return dx, None, *_adapter_grads(da_gate_up + [da_down], db_gate_up + [db_down])
 
 
 class _TiledLoraGluMLP(torch.autograd.Function):

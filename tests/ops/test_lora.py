@@ -14,6 +14,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusetune.ops import lora as lora_module
 from fusetune.ops._launch import use_triton
@@ -213,9 +214,18 @@ def test_lora_linear_with_frozen_bias(setting):
     check_linear(x, projections, setting, f"bias {setting}")
 
 
+@pytest.fixture(params=[None, 8], ids=["one_tile", "tiles_of_8"])
+def hidden_tile_rows(request, monkeypatch):
+    """The fused MLP's row tiles for h and dh: the default (one tile here) or 8 rows, so that
+    37 rows make four full tiles and a short one."""
+    if request.param is not None:
+        monkeypatch.setattr(lora_module, "_HIDDEN_TILE_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("activation", list(ACTIVATIONS64))
-def test_lora_glu_mlp(activation, setting):
+def test_lora_glu_mlp(activation, setting, hidden_tile_rows):
     dtype = SETTINGS[setting][0]
     gen = torch.Generator().manual_seed(3)
     projections = [
@@ -228,7 +238,7 @@ def test_lora_glu_mlp(activation, setting):
     assert len(fused[1]) == 7 and fused[1][0].dtype == dtype
 
 
-def test_non_contiguous_input_and_partial_grads():
+def test_non_contiguous_input_and_partial_grads(hidden_tile_rows):
     """x strided and not requiring grad; one b frozen; MLP with LoRA only on up."""
     gen = torch.Generator().manual_seed(4)
     x = checks.non_contiguous(torch.randn(3, 13, HIDDEN, generator=gen).to(checks.DEVICE))
@@ -254,7 +264,7 @@ def test_float32_input_under_autocast():
     assert grads[0].dtype == torch.float32
 
 
-def test_4bit_base():
+def test_4bit_base(hidden_tile_rows):
     gen = torch.Generator().manual_seed(6)
 
     def nf4(p):
@@ -307,7 +317,8 @@ def test_dense_weights_not_kept(four_bit, monkeypatch):
 
     def tracked_dense_weight(weight, dtype):
         dense = dense_weight(weight, dtype)
-        assert dense is not weight
+        if dense is weight:  # a copy made earlier, reused over row tiles
+            return dense
         calls[0] += 1
         live.add(id(dense))
         peak[0] = max(peak[0], len(live))
@@ -328,6 +339,62 @@ def test_dense_weights_not_kept(four_bit, monkeypatch):
     assert not [t.shape for t in kept if tuple(t.shape) in dense_shapes and id(t) not in base_ids]
     (q.float().sum() + k.float().sum() + y.float().sum()).backward()
     assert calls[0] == 10 and peak[0] == 1 and not live
+
+
+class _BigAllocations(TorchDispatchMode):
+    """Records the storages of at least ``nbytes`` that the ops run under it create."""
+
+    def __init__(self, nbytes: int, known: set[int]):
+        super().__init__()
+        self.nbytes, self.known, self.new = nbytes, known, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors_in(out):
+            storage = t.untyped_storage()
+            if storage.nbytes() >= self.nbytes and storage.data_ptr() not in self.known:
+                self.known.add(storage.data_ptr())
+                self.new.append((func.__name__, tuple(t.shape)))
+        return out
+
+
+def test_mlp_keeps_two_full_size_activations(monkeypatch):
+    """Only e and g ever span every row: h and dh exist one row tile at a time, and backward
+    writes de and dg over e and g, so it makes no buffer of (rows x intermediate) size at all."""
+    monkeypatch.setattr(lora_module, "_HIDDEN_TILE_ROWS", 8)
+    gen = torch.Generator().manual_seed(14)
+    projections = [projection(gen, INTER, HIDDEN, 4, torch.float32) for _ in range(2)]
+    projections.append(projection(gen, HIDDEN, INTER, 4, torch.float32))
+    x = torch.randn(37, HIDDEN, generator=gen).to(checks.DEVICE).requires_grad_()
+    full_size = 37 * INTER * 4
+    inputs = {t.untyped_storage().data_ptr() for t in (x, *(p.weight for p in projections))}
+    with _BigAllocations(full_size, inputs) as forward:
+        y = lora_glu_mlp(x, *projections, "silu")
+    assert len(forward.new) == 2, forward.new  # e and g
+    with _BigAllocations(full_size, set(forward.known)) as backward:
+        y.sum().backward()
+    assert not backward.new, backward.new
+    assert all(t.grad is not None for t in leaves(x, projections))
+
+
+def test_second_backward_over_one_graph(monkeypatch):
+    """The first backward overwrites e and g, so a second one over the same graph is refused; when
+    nothing above down needs a gradient they stay intact and a second backward adds the same."""
+    gen = torch.Generator().manual_seed(15)
+    gate, up = (projection(gen, INTER, HIDDEN, None, torch.float32) for _ in range(2))
+    down = projection(gen, HIDDEN, INTER, 4, torch.float32)
+    x = torch.randn(9, HIDDEN, generator=gen).to(checks.DEVICE)
+    y = lora_glu_mlp(x.requires_grad_(), gate, up, down, "silu")
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time over the same graph"):
+        y.sum().backward()
+    y = lora_glu_mlp(x.detach(), gate, up, down, "silu")
+    down.a.grad = down.b.grad = None
+    y.sum().backward(retain_graph=True)
+    first = down.a.grad.clone(), down.b.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(down.a.grad, 2 * first[0])
+    torch.testing.assert_close(down.b.grad, 2 * first[1])
 
 
 def test_dispatch(monkeypatch):
