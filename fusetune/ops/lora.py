@@ -232,8 +232,23 @@ def outputs_unread() -> Iterator[list]:
 # --------------------------------------------------------------------------------------------
 # The fused passes, shared by both autograd Functions
 # --------------------------------------------------------------------------------------------
-def _rank_slices(projections: Sequence[LoraWeights]) -> list[slice | None]:
-    """Each projection's columns in the stacked (T, sum r) LoRA products; None without LoRA."""
+class _Group(NamedTuple):
+    """Projections of one input, with their LoRA matrices in the compute dtype.
+
+    A is stacked along the rank, (sum r, in), so one matmul gives every LoRA-A product; ``slices``
+    are each projection's columns of it (None without LoRA). Made once per forward and kept for
+    backward, so the adapters are cast once per pass, and backward uses the values forward did.
+    ``projections`` are as given: the gradients are returned in the adapters' own dtypes.
+    """
+
+    projections: tuple[LoraWeights, ...]
+    dtype: torch.dtype
+    stacked_a: torch.Tensor | None
+    b: tuple[torch.Tensor | None, ...]
+    slices: tuple[slice | None, ...]
+
+
+def _group(projections: Sequence[LoraWeights], dtype: torch.dtype) -> _Group:
     slices, start = [], 0
     for p in projections:
         if p.a is None:
@@ -241,15 +256,17 @@ def _rank_slices(projections: Sequence[LoraWeights]) -> list[slice | None]:
         else:
             slices.append(slice(start, start + p.a.shape[0]))
             start += p.a.shape[0]
-    return slices
-
-
-def _stacked_a(projections: Sequence[LoraWeights], dtype: torch.dtype) -> torch.Tensor | None:
-    """The A matrices stacked along the rank, (sum r, in), in ``dtype``; None without LoRA."""
     a = [p.a for p in projections if p.a is not None]
-    if not a:
-        return None
-    return (a[0] if len(a) == 1 else torch.cat(a)).to(dtype)
+    stacked = None if not a else (a[0] if len(a) == 1 else torch.cat(a)).to(dtype)
+    b = tuple(None if p.b is None else p.b.to(dtype) for p in projections)
+    return _Group(tuple(projections), dtype, stacked, b, tuple(slices))
+
+
+def _with_dense_weights(group: _Group) -> _Group:
+    """``group`` with its base weights dense in the compute dtype (dequantised once for a loop
+    over row tiles)."""
+    dense = tuple(p._replace(weight=dense_weight(p.weight, group.dtype)) for p in group.projections)
+    return group._replace(projections=dense)
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -258,24 +275,26 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return out.addmm_(a, b, beta=0, alpha=scale)
 
 
-def _project(
-    rows: torch.Tensor, projections: Sequence[LoraWeights], dtype: torch.dtype
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Every projection's output (T, out_i) and the stacked LoRA-A product ``rows @ [A_i].T``."""
-    stacked = _stacked_a(projections, dtype)
-    xa = None if stacked is None else torch.mm(rows, stacked.t())
+def _lora_product(rows: torch.Tensor, group: _Group) -> torch.Tensor | None:
+    """The stacked LoRA-A product ``rows @ [A_i].T``, (T, sum r); None without LoRA."""
+    return None if group.stacked_a is None else torch.mm(rows, group.stacked_a.t())
+
+
+def _project(rows: torch.Tensor, group: _Group) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Every projection's output (T, out_i) and the stacked LoRA-A product."""
+    dtype = group.dtype
+    xa = _lora_product(rows, group)
     outs = []
-    for p, cols in zip(projections, _rank_slices(projections), strict=True):
+    for p, lora_b, cols in zip(group.projections, group.b, group.slices, strict=True):
         weight = dense_weight(p.weight, dtype)
         bias = None if p.bias is None else p.bias.to(dtype)
         if cols is None:
             y = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
         else:  # the small LoRA product (plus bias) first; the base matmul adds onto it in its epilogue
-            lora_b = p.b.to(dtype).t()
             if bias is None:
-                y = _scaled_mm(xa[:, cols], lora_b, p.scale)
+                y = _scaled_mm(xa[:, cols], lora_b.t(), p.scale)
             else:
-                y = torch.addmm(bias, xa[:, cols], lora_b, alpha=p.scale)
+                y = torch.addmm(bias, xa[:, cols], lora_b.t(), alpha=p.scale)
             y.addmm_(rows, weight.t())
         del weight  # a dequantised copy goes before the next one is made
         outs.append(y)
@@ -286,19 +305,19 @@ def _project_backward(
     grads: list[torch.Tensor],
     rows: Callable[[], torch.Tensor],
     xa: torch.Tensor | None,
-    projections: Sequence[LoraWeights],
-    dtype: torch.dtype,
+    group: _Group,
     want_x: bool,
     want_a: Sequence[bool],
     want_b: Sequence[bool],
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Gradients of :func:`_project`: (dX, [dA_i], [dB_i]); dA/dB in the adapters' dtypes.
 
-    ``grads`` (the dY_i, (T, out_i) in ``dtype``) is consumed: each entry is dropped once its last
-    matmul is done. ``rows`` returns the projections' input; it is called only when an A needs
-    its gradient, and the result is dropped after that one matmul (the MLP recomputes h there).
+    ``grads`` (the dY_i, (T, out_i) in the compute dtype) is consumed: each entry is dropped once
+    its last matmul is done. ``rows`` returns the projections' input; it is called only when an A
+    needs its gradient, and the result is dropped after that one matmul (the MLP recomputes h
+    there).
     """
-    slices = _rank_slices(projections)
+    projections, slices, dtype = group.projections, group.slices, group.dtype
     n_rows = grads[0].shape[0]
     lora = [i for i, cols in enumerate(slices) if cols is not None]
     # [scale_i * dY_i @ B_i], (T, sum r): the gradient of the stacked LoRA-A product.
@@ -309,11 +328,14 @@ def _project_backward(
     for i in lora:
         p, cols = projections[i], slices[i]
         if dxa is not None:
-            dxa[:, cols].addmm_(grads[i], p.b.to(dtype), beta=0, alpha=p.scale)
+            dxa[:, cols].addmm_(grads[i], group.b[i], beta=0, alpha=p.scale)
         if want_b[i]:
             db[i] = _scaled_mm(grads[i].t(), xa[:, cols], p.scale).to(p.b.dtype)
     if any(want_a):
         stacked_da = torch.mm(dxa.t(), rows())
+        a_dtypes = {projections[i].a.dtype for i in lora if want_a[i]}
+        if len(a_dtypes) == 1:  # one cast for every dA, each a block of rows of it
+            stacked_da = stacked_da.to(a_dtypes.pop())
         for i in lora:
             if want_a[i]:
                 da[i] = stacked_da[slices[i]].to(projections[i].a.dtype)
@@ -321,7 +343,7 @@ def _project_backward(
     dx = None
     if want_x:
         if dxa is not None:
-            dx = torch.mm(dxa, _stacked_a(projections, dtype))
+            dx = torch.mm(dxa, group.stacked_a)
         for i, p in enumerate(projections):
             weight = dense_weight(p.weight, dtype)
             dx = torch.mm(grads[i], weight) if dx is None else dx.addmm_(grads[i], weight)
@@ -352,29 +374,22 @@ class _LoraLinear(torch.autograd.Function):
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
-            outs, xa = _project(rows, projections, dtype)
+            group = _group(projections, dtype)
+            outs, xa = _project(rows, group)
         ctx.save_for_backward(rows if any(want_a) else None, xa if any(want_b) else None)
-        ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), (want[0], want_a, want_b)
+        ctx.group, ctx.x_meta, ctx.wants = group, (x.shape, x.dtype), (want[0], want_a, want_b)
         return tuple(y.view(*x.shape[:-1], y.shape[1]) for y in outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
         rows, xa = ctx.saved_tensors
-        projections, dtype = ctx.spec
         (x_shape, x_dtype), (want_x, want_a, want_b) = ctx.x_meta, ctx.wants
         with torch.autocast(grad_outputs[0].device.type, enabled=False):
-            grads = [as_rows(g).to(dtype) for g in grad_outputs]
-            dx, da, db = _project_backward(
-                grads, lambda: rows, xa, projections, dtype, want_x, want_a, want_b
-            )
+            grads = [as_rows(g).to(ctx.group.dtype) for g in grad_outputs]
+            dx, da, db = _project_backward(grads, lambda: rows, xa, ctx.group, want_x, want_a, want_b)
         dx = None if dx is None else dx.view(x_shape).to(x_dtype)
         return dx, None, *_adapter_grads(da, db)
-
-
-def _down_lora_product(h: torch.Tensor, down: LoraWeights, dtype: torch.dtype) -> torch.Tensor | None:
-    """``h @ down.a.T``, the (T, r) product down's dB needs; None without LoRA on down."""
-    return None if down.a is None else torch.mm(h, down.a.to(dtype).t())
 
 
 # Rows of h = act(e) * g (and of its gradient) that exist at once in the MLP's forward and
@@ -395,31 +410,25 @@ def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str)
     return h
 
 
-def _with_dense_weight(p: LoraWeights, dtype: torch.dtype) -> LoraWeights:
-    """``p`` with its base weight dense in ``dtype`` (dequantised once for a loop over tiles)."""
-    return p._replace(weight=dense_weight(p.weight, dtype))
-
-
 def _cat_rows(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _down_forward(
-    e: torch.Tensor, g: torch.Tensor, down: LoraWeights, activation: str, dtype: torch.dtype,
-    compute_output: bool,
+    e: torch.Tensor, g: torch.Tensor, down: _Group, activation: str, compute_output: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``down(act(e) * g)`` (only when ``compute_output``) and the (T, r) LoRA-A product of down's
     input, tile by tile over rows so that h never exists in full."""
     if compute_output:
-        down = _with_dense_weight(down, dtype)
+        down = _with_dense_weights(down)
     outs, products = [], []
     for start in _row_tiles(e.shape[0]):
         h = _hidden_tile(e, g, slice(start, start + _HIDDEN_TILE_ROWS), activation)
         if compute_output:
-            (y,), xa = _project(h, (down,), dtype)
+            (y,), xa = _project(h, down)
             outs.append(y)
         else:
-            xa = _down_lora_product(h, down, dtype)
+            xa = _lora_product(h, down)
         products.append(xa)
         del h
     return (_cat_rows(outs) if compute_output else None), _cat_rows(products)
@@ -427,25 +436,25 @@ def _down_forward(
 
 def _down_backward(
     grad: torch.Tensor, e: torch.Tensor, g: torch.Tensor, xa_down: torch.Tensor | None,
-    down: LoraWeights, activation: str, dtype: torch.dtype,
-    want_dh: bool, want_a: bool, want_b: bool,
+    down: _Group, activation: str, want_dh: bool, want_a: bool, want_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Down's dA and dB and, when ``want_dh``, the GLU's backward: e and g are overwritten in
     place with de and dg. Runs over row tiles, so h (for dA) and dh exist one tile at a time;
     the tiles' dA and dB are summed in float32 and returned in the adapter's dtype."""
     if want_dh:
-        down = _with_dense_weight(down, dtype)  # one dequantised copy for every tile
+        down = _with_dense_weights(down)  # one dequantised copy for every tile
     da = db = None
     for start in _row_tiles(e.shape[0]):
         rows = slice(start, start + _HIDDEN_TILE_ROWS)
         dh, (da_tile,), (db_tile,) = _project_backward(
             [grad[rows]], lambda rows=rows: _hidden_tile(e, g, rows, activation),
-            None if xa_down is None else xa_down[rows], (down,), dtype, want_dh, [want_a], [want_b],
+            None if xa_down is None else xa_down[rows], down, want_dh, [want_a], [want_b],
         )
         if dh is not None:
             glu_backward_into(e[rows], g[rows], dh, e[rows], g[rows], activation)
         da, db = _accumulate(da, _float(da_tile)), _accumulate(db, _float(db_tile))
-    return (None if da is None else da.to(down.a.dtype)), (None if db is None else db.to(down.b.dtype))
+    (adapter,) = down.projections
+    return (None if da is None else da.to(adapter.a.dtype)), (None if db is None else db.to(adapter.b.dtype))
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -463,12 +472,13 @@ class _LoraGluMLP(torch.autograd.Function):
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
-            (e, g), xa_gate_up = _project(rows, (gate, up), dtype)
+            gate_up, down = _group((gate, up), dtype), _group((down,), dtype)
+            (e, g), xa_gate_up = _project(rows, gate_up)
             y = xa_down = None
             if not unread or want_b[2]:  # values nobody reads (outputs_unread): down is skipped
-                y, xa_down = _down_forward(e, g, down, activation, dtype, compute_output=not unread)
+                y, xa_down = _down_forward(e, g, down, activation, compute_output=not unread)
             if y is None:
-                y = rows.new_empty(rows.shape[0], _weight_shape(down.weight)[0])
+                y = rows.new_empty(rows.shape[0], _weight_shape(down.projections[0].weight)[0])
         ctx.save_for_backward(
             rows if any(want_a[:2]) else None,
             e,
@@ -476,7 +486,8 @@ class _LoraGluMLP(torch.autograd.Function):
             xa_gate_up if any(want_b[:2]) else None,
             xa_down if want_b[2] else None,
         )
-        ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), (want[0], want_a, want_b)
+        ctx.groups, ctx.activation = (gate_up, down), activation
+        ctx.x_meta, ctx.wants = (x.shape, x.dtype), (want[0], want_a, want_b)
         ctx.overwritten = False
         return y.view(*x.shape[:-1], y.shape[1])
 
@@ -491,22 +502,21 @@ class _LoraGluMLP(torch.autograd.Function):
                 "(fusetune.apply(model, lora=False))."
             )
         rows, e, g, xa_gate_up, xa_down = ctx.saved_tensors
-        (gate, up, down), activation, dtype, _ = ctx.spec
+        gate_up, down = ctx.groups
         (x_shape, x_dtype), (want_x, want_a, want_b) = ctx.x_meta, ctx.wants
         want_dh = want_x or any(want_a[:2]) or any(want_b[:2])
         dx, da_gate_up, db_gate_up = None, [None, None], [None, None]
         with torch.autocast(grad_output.device.type, enabled=False):
             ctx.overwritten = want_dh
             da_down, db_down = _down_backward(
-                as_rows(grad_output).to(dtype), e, g, xa_down, down, activation, dtype,
+                as_rows(grad_output).to(down.dtype), e, g, xa_down, down, ctx.activation,
                 want_dh, want_a[2], want_b[2],
             )
             if want_dh:  # e and g now hold de and dg
                 grads = [e, g]
                 del e, g
                 dx, da_gate_up, db_gate_up = _project_backward(
-                    grads, lambda: rows, xa_gate_up, (gate, up), dtype,
-                    want_x, want_a[:2], want_b[:2],
+                    grads, lambda: rows, xa_gate_up, gate_up, want_x, want_a[:2], want_b[:2]
                 )
         dx = None if dx is None else dx.view(x_shape).to(x_dtype)
         return dx, None, *_adapter_grads(da_gate_up + [da_down], db_gate_up + [db_down])
@@ -522,40 +532,42 @@ class _TiledLoraGluMLP(torch.autograd.Function):
         (gate, up, down), activation, dtype, tile, unread = spec
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
+            groups = _group((gate, up), dtype), _group((down,), dtype)
             computed = rows.shape[0] and not unread  # unread: backward recomputes every tile anyway
-            y = torch.cat([_mlp_tile(rows[i:i + tile], gate, up, down, activation, dtype)
+            y = torch.cat([_mlp_tile(rows[i:i + tile], *groups, activation)
                            for i in range(0, rows.shape[0], tile)]) if computed else None
         if y is None:
             y = rows.new_empty(rows.shape[0], _weight_shape(down.weight)[0])
         ctx.save_for_backward(rows)
-        ctx.spec, ctx.x_meta, ctx.wants = spec, (x.shape, x.dtype), ctx.needs_input_grad
+        ctx.groups, ctx.activation, ctx.tile = groups, activation, tile
+        ctx.x_meta, ctx.wants = (x.shape, x.dtype), ctx.needs_input_grad
         return y.view(*x.shape[:-1], y.shape[1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         (rows,) = ctx.saved_tensors
-        (gate, up, down), activation, dtype, tile, _ = ctx.spec
+        (gate_up, down), activation, tile = ctx.groups, ctx.activation, ctx.tile
         (x_shape, x_dtype), want = ctx.x_meta, ctx.wants
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         dx = torch.empty_like(rows) if want[0] else None
         da, db = [None] * 3, [None] * 3
         with torch.autocast(grad_output.device.type, enabled=False):
-            grad_rows = as_rows(grad_output).to(dtype)
+            grad_rows = as_rows(grad_output).to(down.dtype)
             for start in range(0, rows.shape[0], tile):
                 x_tile = rows[start:start + tile]
-                (e, g), xa_gate_up = _project(x_tile, (gate, up), dtype)
+                (e, g), xa_gate_up = _project(x_tile, gate_up)
                 h = torch.empty_like(e)
                 glu_forward_into(h, e, g, activation)
-                xa_down = _down_lora_product(h, down, dtype)
+                xa_down = _lora_product(h, down)
                 dh, da_down, db_down = _project_backward(
-                    [grad_rows[start:start + tile]], lambda h=h: h, xa_down, (down,), dtype,
+                    [grad_rows[start:start + tile]], lambda h=h: h, xa_down, down,
                     True, want_a[2:], want_b[2:],
                 )
                 del h
                 glu_backward_into(e, dh, dh, e, g, activation)  # de over e, dg over dh
                 dx_tile, da_gate_up, db_gate_up = _project_backward(
-                    [e, dh], lambda x_tile=x_tile: x_tile, xa_gate_up, (gate, up), dtype,
+                    [e, dh], lambda x_tile=x_tile: x_tile, xa_gate_up, gate_up,
                     want[0], want_a[:2], want_b[:2],
                 )
                 del e, g, dh
@@ -567,12 +579,12 @@ class _TiledLoraGluMLP(torch.autograd.Function):
         return dx, None, *_adapter_grads(da, db)
 
 
-def _mlp_tile(rows, gate, up, down, activation, dtype) -> torch.Tensor:
+def _mlp_tile(rows: torch.Tensor, gate_up: _Group, down: _Group, activation: str) -> torch.Tensor:
     """``down(act(gate(rows)) * up(rows))`` for one tile, nothing kept."""
-    (e, g), _ = _project(rows, (gate, up), dtype)
+    (e, g), _ = _project(rows, gate_up)
     glu_forward_into(e, e, g, activation)
     del g
-    return _project(e, (down,), dtype)[0][0]
+    return _project(e, down)[0][0]
 
 
 def _accumulate(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
