@@ -4,9 +4,10 @@
 
 For each trace: the span from the first to the last GPU activity, the time the GPU was busy (the union
 of kernel, copy and memset intervals over all streams) and so how long it sat idle, the busy time by
-kind of work (matmuls, attention, NCCL, copies, the rest by kernel name), and the kernels that took the
-most time. ``bench/e2e.py --profile DIR`` writes such traces; this tells whether a step is bound by the
-GPU's work (and which work) or by the host leaving the GPU idle.
+kind of work (matmuls, attention, NCCL, copies, the rest by kernel name), the idle gaps by length
+(launch latency, or the host falling behind), and the kernels that took the most time.
+``bench/e2e.py --profile DIR`` writes such traces; this tells whether a step is bound by the GPU's
+work (and which work) or by the host leaving the GPU idle.
 """
 
 from __future__ import annotations
@@ -53,11 +54,29 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+# Idle gaps by length: short ones are launch latency between queued kernels; long ones mean the
+# host fell behind (Python, syncs) or the GPU waited on a copy.
+GAP_BUCKETS = ((20.0, "under 20 us"), (200.0, "20-200 us"), (float("inf"), "200 us and over"))
+
+
+def idle_gaps(intervals: list[tuple[float, float]]) -> dict[str, tuple[int, float]]:
+    """The idle gaps between ``intervals`` (no stream busy), as (count, total us) per GAP_BUCKETS."""
+    gaps = {label: (0, 0.0) for _, label in GAP_BUCKETS}
+    end = None
+    for start, stop in sorted(intervals):
+        if end is not None and start > end:
+            label = next(label for limit, label in GAP_BUCKETS if start - end < limit)
+            count, total = gaps[label]
+            gaps[label] = (count + 1, total + start - end)
+        end = stop if end is None else max(end, stop)
+    return gaps
+
+
 def summarise(events: list[dict], top: int) -> dict:
     """Span, busy and idle microseconds, busy time per kind, and the ``top`` kernels by total time."""
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     if not gpu:
-        return {"span_us": 0.0, "busy_us": 0.0, "idle_fraction": None, "kinds": {}, "top": []}
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_fraction": None, "kinds": {}, "top": [], "gaps": {}}
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
     span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
     busy = union_length(intervals)
@@ -70,7 +89,7 @@ def summarise(events: list[dict], top: int) -> dict:
     ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
     return {"span_us": span, "busy_us": busy, "idle_fraction": 1 - busy / span if span else None,
             "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
-            "top": [(name, count, total) for name, (count, total) in ranked]}
+            "top": [(name, count, total) for name, (count, total) in ranked], "gaps": idle_gaps(intervals)}
 
 
 def render(path: Path, summary: dict) -> str:
@@ -82,6 +101,9 @@ def render(path: Path, summary: dict) -> str:
              f"idle {summary['idle_fraction']:.1%}",
              "  busy time by kind (kernel time summed over streams):"]
     lines += [f"    {kind:14s} {total / 1e3:9.1f} ms" for kind, total in summary["kinds"].items()]
+    lines.append("  idle gaps by length (no stream busy): count, total ms")
+    lines += [f"    {label:16s} {count:6d} {total / 1e3:9.1f}"
+              for label, (count, total) in summary["gaps"].items()]
     lines.append("  top kernels: calls, total ms, name")
     lines += [f"    {count:6d} {total / 1e3:9.2f}  {name[:110]}" for name, count, total in summary["top"]]
     return "\n".join(lines)

@@ -30,6 +30,8 @@ def test_busy_idle_and_kinds(tmp_path):
     assert abs(summary["idle_fraction"] - 0.30) < 1e-12
     assert summary["kinds"] == {"matmul": 40, "attention": 20, "copy": 10, "other kernels": 10}
     assert [name for name, _, _ in summary["top"]] == ["sm90_xmma_gemm_bf16", "flash_fwd_kernel"]
+    # Gaps: 50-70 (20 us) and 80-90 (10 us).
+    assert summary["gaps"] == {"under 20 us": (1, 10), "20-200 us": (1, 20), "200 us and over": (0, 0)}
     assert "idle 30.0%" in trace_summary.render(path, summary)
 
 
