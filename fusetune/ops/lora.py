@@ -13,12 +13,13 @@ small kernels per layer and autograd saves every intermediate. Here one autograd
   gets every dA from one ``[scale_i dY_i @ B_i].T @ X`` matmul.
 - ``lora_glu_mlp(x, gate, up, down, activation)``: ``down(act(gate(x)) * up(x))``. Forward saves x,
   the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g, which
-  exists one row tile (1,024 rows) at a time on its way into the down projection. Backward runs
-  over the same row tiles: per tile it recomputes h only when down's A needs its gradient, makes
-  the tile's dh, and the glu backward kernel writes de and dg over e and g in place. So the only
-  (T, intermediate) buffers, forward or backward, are e and g, plus one (tile, intermediate)
-  slice at a time; no float32 copies of activations. Because backward overwrites what forward
-  saved, it runs once per graph: a second backward (``retain_graph=True``) raises.
+  lives only until the down projection has read it. Backward goes over row tiles of 2,048 rows:
+  per tile it recomputes h only when down's A needs its gradient, makes the tile's dh, and the
+  glu backward kernel writes de and dg over e and g in place. So backward's only (T,
+  intermediate) buffers are e and g, plus one (tile, intermediate) slice at a time (the
+  recompute of a checkpoint that skips the output makes h by tiles too); no float32 copies of
+  activations. Because backward overwrites what forward saved, it runs once per graph: a second
+  backward (``retain_graph=True``) raises.
 
 Base weights are read through ``fusetune.ops.nf4.dense_weight`` in forward and again in backward
 and each dense copy is dropped as soon as its matmul (or its loop over row tiles) is done: ctx
@@ -262,13 +263,6 @@ def _group(projections: Sequence[LoraWeights], dtype: torch.dtype) -> _Group:
     return _Group(tuple(projections), dtype, stacked, b, tuple(slices))
 
 
-def _with_dense_weights(group: _Group) -> _Group:
-    """``group`` with its base weights dense in the compute dtype (dequantised once for a loop
-    over row tiles)."""
-    dense = tuple(p._replace(weight=dense_weight(p.weight, group.dtype)) for p in group.projections)
-    return group._replace(projections=dense)
-
-
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * a @ b`` with the scale applied by cuBLAS (one rounding)."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
@@ -392,46 +386,38 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, *_adapter_grads(da, db)
 
 
-# Rows of h = act(e) * g (and of its gradient) that exist at once in the MLP's forward and
-# backward: with e and g saved, the (T, intermediate) h and dh would be a third and fourth
-# buffer of that size; row tiles of this many rows keep them small (the matmuls stay large).
-_HIDDEN_TILE_ROWS = 1024
+# Rows of h = act(e) * g and of its gradient dh made at once in backward (and in a recompute
+# that skips the output): with e and g saved, a whole (T, intermediate) dh would be a third
+# buffer of that size. Tiles stay large (2,048 rows: each costs a handful of kernel launches,
+# and at 4,096 tokens the step is partly bound by host time).
+_HIDDEN_TILE_ROWS = 2048
 
 
-def _row_tiles(n_rows: int) -> range:
-    """Each tile's first row; at least one tile, so no rows take the same path."""
-    return range(0, max(n_rows, 1), _HIDDEN_TILE_ROWS)
+def _row_tiles(n_rows: int) -> list[slice]:
+    """The row slices of the tiles; at least one, so no rows take the same path."""
+    return [slice(start, start + _HIDDEN_TILE_ROWS) for start in range(0, max(n_rows, 1), _HIDDEN_TILE_ROWS)]
 
 
 def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str) -> torch.Tensor:
-    """``act(e) * g`` for one slice of rows, in a buffer of its own."""
+    """``act(e) * g`` for a slice of rows, in a buffer of its own."""
     h = torch.empty_like(e[rows])
     glu_forward_into(h, e[rows], g[rows], activation)
     return h
 
 
-def _cat_rows(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def _down_forward(
     e: torch.Tensor, g: torch.Tensor, down: _Group, activation: str, compute_output: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``down(act(e) * g)`` (only when ``compute_output``) and the (T, r) LoRA-A product of down's
-    input, tile by tile over rows so that h never exists in full."""
+    """``down(act(e) * g)`` and the (T, r) LoRA-A product of its input, h in one piece; or, when
+    the output's values go unread (``not compute_output``), only the product, h made one row tile
+    at a time (the recompute runs with the layer's saved tensors and gradients around)."""
     if compute_output:
-        down = _with_dense_weights(down)
-    outs, products = [], []
-    for start in _row_tiles(e.shape[0]):
-        h = _hidden_tile(e, g, slice(start, start + _HIDDEN_TILE_ROWS), activation)
-        if compute_output:
-            (y,), xa = _project(h, down)
-            outs.append(y)
-        else:
-            xa = _lora_product(h, down)
-        products.append(xa)
-        del h
-    return (_cat_rows(outs) if compute_output else None), _cat_rows(products)
+        (y,), xa = _project(_hidden_tile(e, g, slice(None), activation), down)
+        return y, xa
+    xa = e.new_empty(e.shape[0], down.stacked_a.shape[0])
+    for rows in _row_tiles(e.shape[0]):
+        torch.mm(_hidden_tile(e, g, rows, activation), down.stacked_a.t(), out=xa[rows])
+    return None, xa
 
 
 def _down_backward(
@@ -439,26 +425,28 @@ def _down_backward(
     down: _Group, activation: str, want_dh: bool, want_a: bool, want_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Down's dA and dB and, when ``want_dh``, the GLU's backward: e and g are overwritten in
-    place with de and dg. Runs over row tiles, so h (for dA) and dh exist one tile at a time;
-    the tiles' dA and dB are summed in float32 and returned in the adapter's dtype."""
-    if want_dh:
-        down = _with_dense_weights(down)  # one dequantised copy for every tile
-    da = db = None
-    for start in _row_tiles(e.shape[0]):
-        rows = slice(start, start + _HIDDEN_TILE_ROWS)
-        dh, (da_tile,), (db_tile,) = _project_backward(
-            [grad[rows]], lambda rows=rows: _hidden_tile(e, g, rows, activation),
-            None if xa_down is None else xa_down[rows], down, want_dh, [want_a], [want_b],
-        )
-        if dh is not None:
+    place with de and dg. h (for dA) and dh are made one row tile at a time; dA is summed over
+    the tiles by cuBLAS in the compute dtype (float32 arithmetic, one rounding per tile)."""
+    (p,) = down.projections
+    dxa = None  # scale * dY @ B, (T, r)
+    if p.a is not None and (want_dh or want_a):
+        dxa = _scaled_mm(grad, down.b[0], p.scale)
+    db = _scaled_mm(grad.t(), xa_down, p.scale).to(p.b.dtype) if want_b else None
+    weight = dense_weight(p.weight, down.dtype) if want_dh else None  # one copy for every tile
+    da = None
+    for rows in _row_tiles(e.shape[0]):
+        if want_a:
+            h = _hidden_tile(e, g, rows, activation)
+            da = torch.mm(dxa[rows].t(), h) if da is None else da.addmm_(dxa[rows].t(), h)
+            del h
+        if want_dh:
+            if dxa is None:
+                dh = torch.mm(grad[rows], weight)
+            else:
+                dh = torch.mm(dxa[rows], down.stacked_a).addmm_(grad[rows], weight)
             glu_backward_into(e[rows], g[rows], dh, e[rows], g[rows], activation)
-        da, db = _accumulate(da, _float(da_tile)), _accumulate(db, _float(db_tile))
-    (adapter,) = down.projections
-    return (None if da is None else da.to(adapter.a.dtype)), (None if db is None else db.to(adapter.b.dtype))
-
-
-def _float(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float()
+            del dh
+    return (None if da is None else da.to(p.a.dtype)), db
 
 
 class _LoraGluMLP(torch.autograd.Function):

@@ -358,9 +358,11 @@ class _BigAllocations(TorchDispatchMode):
         return out
 
 
-def test_mlp_keeps_two_full_size_activations(monkeypatch):
-    """Only e and g ever span every row: h and dh exist one row tile at a time, and backward
-    writes de and dg over e and g, so it makes no buffer of (rows x intermediate) size at all."""
+@pytest.mark.parametrize("unread", [False, True], ids=["forward", "recompute"])
+def test_mlp_backward_makes_no_full_size_buffer(monkeypatch, unread):
+    """Backward makes no buffer of (rows x intermediate) size: h and dh exist one row tile at a
+    time and de and dg overwrite e and g. A recompute whose output goes unread (a checkpoint's)
+    makes only e and g at full size; a plain forward also makes h, the down projection's input."""
     monkeypatch.setattr(lora_module, "_HIDDEN_TILE_ROWS", 8)
     gen = torch.Generator().manual_seed(14)
     projections = [projection(gen, INTER, HIDDEN, 4, torch.float32) for _ in range(2)]
@@ -369,8 +371,9 @@ def test_mlp_keeps_two_full_size_activations(monkeypatch):
     full_size = 37 * INTER * 4
     inputs = {t.untyped_storage().data_ptr() for t in (x, *(p.weight for p in projections))}
     with _BigAllocations(full_size, inputs) as forward:
-        y = lora_glu_mlp(x, *projections, "silu")
-    assert len(forward.new) == 2, forward.new  # e and g
+        with lora_module.outputs_unread() if unread else contextlib.nullcontext():
+            y = lora_glu_mlp(x, *projections, "silu")
+    assert len(forward.new) == (2 if unread else 3), forward.new  # e, g (and h)
     with _BigAllocations(full_size, set(forward.known)) as backward:
         y.sum().backward()
     assert not backward.new, backward.new
