@@ -27,15 +27,16 @@ import torch
 from torch import nn
 
 _BLOCKSIZE = 64  # transformers' and QLoRA's default
+# Dtypes the packed NF4 bytes can be stored as (bnb_4bit_quant_storage): uint8, or the float dtype
+# FSDP2 gathers the model in (see quantize_4bit).
+_QUANT_STORAGES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 
 
 def _bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:
-        raise ImportError(
-            "fusetune.quantize_4bit needs bitsandbytes: pip install bitsandbytes"
-        ) from None
+        raise ImportError("fusetune.quantize_4bit needs bitsandbytes: pip install bitsandbytes") from None
     return bitsandbytes
 
 
@@ -51,13 +52,17 @@ def _model_keeps(model: nn.Module) -> set[str]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep |= {name for name, module in model.named_modules() if output is not None and module is output}
     for key in getattr(model, "_keep_in_fp32_modules", None) or ():
-        keep |= {name for name in names if name == key or name.endswith("." + key)
-                 or name.startswith(key + ".")}
+        keep |= {
+            name for name in names if name == key or name.endswith("." + key) or name.startswith(key + ".")
+        }
     return keep
 
 
-def _to_linear4bit(linear: nn.Linear, bnb, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
-    """A frozen Linear4bit holding ``linear``'s weight as NF4, quantised on the weight's device."""
+def _to_linear4bit(
+    linear: nn.Linear, bnb, compute_dtype: torch.dtype, double_quant: bool, quant_storage: torch.dtype
+) -> nn.Module:
+    """A frozen Linear4bit holding ``linear``'s weight as NF4 packed into ``quant_storage``,
+    quantised on the weight's device."""
     weight = linear.weight.detach()
     if weight.device.type == "meta":
         raise ValueError(
@@ -69,14 +74,31 @@ def _to_linear4bit(linear: nn.Linear, bnb, compute_dtype: torch.dtype, double_qu
             f"fusetune.quantize_4bit: a Linear weight has dtype {weight.dtype}; bitsandbytes quantises "
             f"float32/bfloat16/float16 weights (cast the model first, e.g. model.to(torch.bfloat16))."
         )
+    if weight.numel() % (2 * quant_storage.itemsize):
+        raise ValueError(
+            f"fusetune.quantize_4bit: a {tuple(weight.shape)} weight packs into {weight.numel() / 2:g} "
+            f"bytes, not a whole number of {quant_storage} elements; use quant_storage=torch.uint8, or "
+            f"skip this layer."
+        )
     layer = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
-        compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.uint8, device="meta",
+        linear.in_features,
+        linear.out_features,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        device="meta",
     )
     # Params4bit quantises when moved to a real device (what transformers' loader does).
     layer.weight = bnb.nn.Params4bit(
-        weight, requires_grad=False, blocksize=_BLOCKSIZE, compress_statistics=double_quant,
-        quant_type="nf4", quant_storage=torch.uint8, module=layer,
+        weight,
+        requires_grad=False,
+        blocksize=_BLOCKSIZE,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        module=layer,
     ).to(weight.device)
     layer.bias = linear.bias
     layer.source_cls = nn.Linear
@@ -91,27 +113,39 @@ def quantize_4bit(
     skip: tuple[str, ...] | list[str] = ("lm_head",),
     compute_dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> list[str]:
     """Turn every ``nn.Linear`` of ``model`` into a bitsandbytes NF4 ``Linear4bit``, in place.
 
     skip: substrings of qualified module names to leave in full precision (added to what
     transformers keeps; see the module docstring). compute_dtype: the dtype Linear4bit computes
     in (bnb_4bit_compute_dtype). double_quant: quantise the absmax too (bnb_4bit_use_double_quant).
+    quant_storage: the dtype the packed bytes are stored as (bnb_4bit_quant_storage; the same bytes
+    whatever it is). For FSDP2 the QLoRA-FSDP recipe stores them in the compute dtype: accelerate
+    shards only floating-point 4-bit weights (uint8 ones stay whole on every process), and FSDP2's
+    mixed precision casts floating-point parameters to its param_dtype, which leaves bytes stored
+    in that dtype as they are (stored in another float dtype, they would be scrambled).
     Returns the qualified names of the converted layers. Call it before PEFT's get_peft_model.
     """
     bnb = _bitsandbytes()
     if isinstance(skip, str):
         raise TypeError(f"fusetune.quantize_4bit: skip must be a tuple of names, e.g. ({skip!r},).")
+    if quant_storage not in _QUANT_STORAGES:
+        raise TypeError(
+            f"fusetune.quantize_4bit: quant_storage={quant_storage!r}; use torch.uint8, or the float "
+            f"dtype the model is sharded in (torch.bfloat16, torch.float16 or torch.float32)."
+        )
     keep = _model_keeps(model)
     # Names only: holding the modules themselves would keep every full-precision weight alive.
     targets = [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if type(module) is nn.Linear and name not in keep and not any(entry in name for entry in skip)
     ]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = _to_linear4bit(getattr(parent, child), bnb, compute_dtype, double_quant)
+        layer = _to_linear4bit(getattr(parent, child), bnb, compute_dtype, double_quant, quant_storage)
         setattr(parent, child, layer)
         del layer
     if targets:

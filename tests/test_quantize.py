@@ -11,6 +11,7 @@ Linear4bit forward misplaces blocks when a row is shorter than a block or not a 
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -50,13 +51,24 @@ def linear4bit_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
 
 
-def transformers_4bit(model: nn.Module, tmp_path) -> nn.Module:
+def stored_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight's packed data as flat bytes, whatever dtype it is stored as."""
+    return weight.data.view(torch.uint8).reshape(-1)
+
+
+def transformers_4bit(model: nn.Module, tmp_path, config=None) -> nn.Module:
+    """``model`` saved and loaded by transformers in 4-bit with ``config`` (by default QLoRA's NF4
+    with double quantisation, computing in bfloat16)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
 
     model.save_pretrained(tmp_path)
     auto = AutoModelForImageTextToText if hasattr(model.config, "vision_config") else AutoModelForCausalLM
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
+    config = config or BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     return auto.from_pretrained(tmp_path, quantization_config=config, device_map={"": "cpu"})
 
 
@@ -79,29 +91,63 @@ def test_matches_transformers_loader(arch, tmp_path):
         assert torch.equal(ours.weight.data, theirs.weight.data), name
         mine, ref = ours.weight.quant_state, theirs.weight.quant_state
         assert (mine.quant_type, mine.blocksize, mine.nested, mine.shape) == (
-            ref.quant_type, ref.blocksize, ref.nested, ref.shape)
+            ref.quant_type,
+            ref.blocksize,
+            ref.nested,
+            ref.shape,
+        )
         assert torch.equal(mine.absmax, ref.absmax) and torch.equal(mine.state2.absmax, ref.state2.absmax)
         assert torch.equal(mine.offset, ref.offset)
+
+
+@pytest.mark.parametrize("strategy, storage", (("off", torch.uint8), ("fsdp2", torch.bfloat16)))
+def test_quant_storage_matches_the_train_loader(strategy, storage, tmp_path):
+    """The train path's 4-bit config stores the packed bytes in the compute dtype under FSDP2
+    (uint8 otherwise); quantize_4bit with that quant_storage gives the loader's parameters, and the
+    bytes are uint8 storage's. Each layer keeps the quantisation state that FSDP2's plain gathered
+    tensor is read with."""
+    from fusetune.train.model import quantization_config
+
+    model = MODELS["llama"]().to(torch.bfloat16)
+    loaded = transformers_4bit(model, tmp_path, quantization_config(torch.bfloat16, strategy))
+    as_bytes = copy.deepcopy(model)
+    quantize_4bit(as_bytes)
+
+    converted = quantize_4bit(model, quant_storage=storage)
+
+    assert converted == linear4bit_names(loaded)
+    for name in converted:
+        ours, theirs = model.get_submodule(name), loaded.get_submodule(name)
+        assert ours.weight.dtype == theirs.weight.dtype == storage
+        packed = stored_bytes(as_bytes.get_submodule(name).weight)  # compared as bytes: some are NaNs
+        assert torch.equal(stored_bytes(ours.weight), packed), name
+        assert torch.equal(stored_bytes(theirs.weight), packed), name
+        assert ours.quant_state is ours.weight.quant_state
 
 
 def test_skip_and_idempotence():
     model = MODELS["qwen2_vl"]()
     converted = quantize_4bit(model, skip=("lm_head", "visual"), double_quant=False)
     assert converted and not any("visual" in name for name in converted)
-    vision = [m for n, m in model.named_modules()
-              if n.startswith("model.visual.") and isinstance(m, nn.Linear)]
+    vision = [
+        m for n, m in model.named_modules() if n.startswith("model.visual.") and isinstance(m, nn.Linear)
+    ]
     assert vision and all(type(m) is nn.Linear for m in vision)
     assert not model.get_submodule(converted[0]).weight.quant_state.nested
-    assert quantize_4bit(model) == [name for name, m in model.named_modules()
-                                    if name.startswith("model.visual.") and isinstance(m, bnb.nn.Linear4bit)]
+    assert quantize_4bit(model) == [
+        name
+        for name, m in model.named_modules()
+        if name.startswith("model.visual.") and isinstance(m, bnb.nn.Linear4bit)
+    ]
     assert quantize_4bit(model) == []
 
 
 def test_logits_close_to_bf16():
     model = MODELS["llama"]().to(torch.bfloat16)
     inputs = batch()
-    weights = {name: m.weight.detach().clone()
-               for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights = {
+        name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
     with torch.no_grad():
         reference = model(input_ids=inputs["input_ids"]).logits
         converted = quantize_4bit(model)
@@ -119,8 +165,9 @@ def test_peft_lora_on_top_trains(arch):
 
     model = MODELS[arch]().to(torch.bfloat16)
     quantize_4bit(model)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                             task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+    )
     model = peft.get_peft_model(model, config)
     wrapped = [name for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
     assert len(wrapped) == 3 * model.config.get_text_config().num_hidden_layers
@@ -142,6 +189,10 @@ def test_errors_name_the_fix(monkeypatch):
         quantize_4bit(meta)
     with pytest.raises(TypeError, match="tuple of names"):
         quantize_4bit(nn.Sequential(nn.Linear(64, 64)), skip="lm_head")
+    with pytest.raises(TypeError, match="quant_storage=torch.int32; use torch.uint8"):
+        quantize_4bit(nn.Sequential(nn.Linear(64, 64)), quant_storage=torch.int32)
+    with pytest.raises(ValueError, match="use quant_storage=torch.uint8, or skip this layer"):
+        quantize_4bit(nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 8)), quant_storage=torch.float32)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         quantize_4bit(nn.Sequential(nn.Linear(64, 64)))

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.ops.lora import LoraWeights, lora_glu_mlp
+from fusetune.ops.nf4 import is_4bit
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -44,13 +45,33 @@ def _unreadable(modules: tuple[nn.Module, ...]) -> str | None:
     return None
 
 
+def base_weight(layer: nn.Linear) -> torch.Tensor:
+    """``layer.weight`` as the fused ops read it: a 4-bit weight carries its ``quant_state``.
+
+    bitsandbytes keeps a 4-bit weight's quantisation state on the ``Params4bit`` and on its
+    ``Linear4bit`` (``layer.quant_state``). A sharding engine that rebuilds the parameter hands the
+    layer a plain tensor of the packed bytes instead: FSDP2 gathers a plain tensor (whole, or the
+    one ``whole_parameters`` gives the patch-time check). For such a tensor this returns an alias of
+    its storage carrying the layer's ``quant_state``, the state bitsandbytes' own forward restores
+    (``fix_4bit_weight_quant_state_from_module``), without replacing the layer's parameter. The
+    alias shares the storage FSDP2 gathers into, so backward reads the bytes gathered again there.
+    """
+    weight = layer.weight
+    state = getattr(layer, "quant_state", None)
+    if state is None or is_4bit(weight):
+        return weight
+    alias = weight.detach()
+    alias.quant_state = state
+    return alias
+
+
 def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
     """A frozen ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) as base-only weights."""
     if not isinstance(layer, nn.Linear):
         return f"{type(layer).__name__} is not a linear layer"
     if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
         return "the base weight or bias is trainable (fused LoRA needs a frozen base)"
-    return _unreadable((layer,)) or LoraWeights(layer.weight, None, None, 0.0, layer.bias)
+    return _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, layer.bias)
 
 
 def projection_weights(layer: nn.Module) -> LoraWeights | str:

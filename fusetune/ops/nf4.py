@@ -102,10 +102,17 @@ def _packed_bytes(packed: torch.Tensor, quant_state) -> torch.Tensor:
     data = (data if data.dtype == torch.uint8 else data.view(torch.uint8)).reshape(-1)
     expected = (_numel(quant_state) + 1) // 2
     if data.numel() != expected:
+        cast = (
+            f" The bytes are stored as {packed.dtype}: if a sharding engine's mixed precision cast "
+            f"them to another dtype, store them in the one it gathers in (quant_storage / "
+            f"bnb_4bit_quant_storage = FSDP2's param_dtype)."
+            if packed.dtype.is_floating_point
+            else ""
+        )
         raise ValueError(
             f"fusetune.dequantize_nf4: {data.numel()} packed bytes for shape "
             f"{tuple(quant_state.shape)}, which needs {expected}; pass the Params4bit's own data "
-            f"with its quant_state."
+            f"with its quant_state.{cast}"
         )
     return data
 
@@ -157,17 +164,30 @@ def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dty
 if triton is not None:
 
     @triton.jit
-    def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                               table_ptr, out_ptr, n_bytes, n_out, n_blocks,
-                               HALF: tl.constexpr, BLOCKS: tl.constexpr, NESTED: tl.constexpr,
-                               BLOCKSIZE2: tl.constexpr):
+    def _dequantize_nf4_kernel(
+        packed_ptr,
+        absmax_ptr,
+        code2_ptr,
+        absmax2_ptr,
+        offset_ptr,
+        table_ptr,
+        out_ptr,
+        n_bytes,
+        n_out,
+        n_blocks,
+        HALF: tl.constexpr,
+        BLOCKS: tl.constexpr,
+        NESTED: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+    ):
         # A tile of BLOCKS quantisation blocks x HALF packed bytes (blocksize = 2 * HALF).
         block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
         in_range = block < n_blocks
         if NESTED:
             q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-            scale = (tl.load(code2_ptr + q)
-                     * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0))
+            scale = tl.load(code2_ptr + q) * tl.load(
+                absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0
+            )
             scale = scale + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0).to(tl.float32)
@@ -216,16 +236,26 @@ def _launch_plan(packed: torch.Tensor, quant_state) -> _LaunchPlan:
     n_blocks = triton.cdiv(n, quant_state.blocksize)
     if quant_state.nested:
         state2 = quant_state.state2
-        scales = (quant_state.absmax, state2.code.float(), state2.absmax.float(),
-                  quant_state.offset.float().reshape(1))
+        scales = (
+            quant_state.absmax,
+            state2.code.float(),
+            state2.absmax.float(),
+            quant_state.offset.float().reshape(1),
+        )
         blocksize2 = int(state2.blocksize)
     else:
         scales = (quant_state.absmax,) * 4  # only the first is read
         blocksize2 = 1
-    plan = _LaunchPlan(source, scales, _nf4_table(data.device),
-                       (triton.cdiv(n_blocks, blocks),), data.numel(), n, n_blocks,
-                       {"HALF": half, "BLOCKS": blocks, "NESTED": bool(quant_state.nested),
-                        "BLOCKSIZE2": blocksize2})
+    plan = _LaunchPlan(
+        source,
+        scales,
+        _nf4_table(data.device),
+        (triton.cdiv(n_blocks, blocks),),
+        data.numel(),
+        n,
+        n_blocks,
+        {"HALF": half, "BLOCKS": blocks, "NESTED": bool(quant_state.nested), "BLOCKSIZE2": blocksize2},
+    )
     setattr(quant_state, _PLAN_ATTRIBUTE, plan)
     return plan
 
@@ -236,14 +266,23 @@ def _dequantize_nf4_triton(packed: torch.Tensor, plan: _LaunchPlan, out: torch.T
     data = packed if packed.is_contiguous() else packed.contiguous()
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)  # the kernel reads bytes
     _dequantize_nf4_kernel[plan.grid](
-        data, *plan.scales, plan.table, out, plan.n_bytes, plan.n_out, plan.n_blocks,
-        **plan.constants, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+        data,
+        *plan.scales,
+        plan.table,
+        out,
+        plan.n_bytes,
+        plan.n_out,
+        plan.n_blocks,
+        **plan.constants,
+        num_warps=_NUM_WARPS,
+        enable_fp_fusion=False,
     )
     return out
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The NF4 weight stored as ``packed`` + ``quant_state`` as a dense tensor of ``dtype``.
 
     packed: a bitsandbytes Params4bit's data (any storage dtype, read as bytes); quant_state: its
@@ -282,8 +321,9 @@ def _dequantize_bnb(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor 
     return result if out is None else out.copy_(result)
 
 
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype, *,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def dense_weight(
+    weight: torch.Tensor, dtype: torch.dtype, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``weight`` as a dense (out, in) matrix of ``dtype``; a 4-bit weight is dequantised.
 
     A plain tensor is cast (returned as is, without a copy, when it already has ``dtype``; ``out``

@@ -29,7 +29,9 @@ def whole_parameters(module: nn.Module) -> Iterator[None]:
     """Within the block, each DTensor parameter in ``module`` is a plain one with the full tensor.
 
     Every process must enter it with the same modules in the same order (each parameter is
-    all-gathered). A module without DTensor parameters is left as it is.
+    all-gathered). A module without DTensor parameters is left as it is. A bitsandbytes 4-bit
+    weight comes back as FSDP2's forward sees it too: a plain tensor of the packed bytes, which the
+    fused paths read with its layer's ``quant_state`` (``fusetune.nn.lora.base_weight``).
     """
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     whole: dict[int, nn.Parameter] = {}  # a parameter tied between modules is gathered once

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusetune.train.config import LoraSettings
+from fusetune.train.config import STRATEGIES, LoraSettings
 from fusetune.train.errors import FusetuneError
 
 # Submodule names that hold a vision tower or the vision -> language projector.
@@ -94,7 +94,28 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _quantization(load_in_4bit: bool, dtype: torch.dtype):
+def quantization_config(dtype: torch.dtype, strategy: str = "off"):
+    """The ``BitsAndBytesConfig`` ``load_in_4bit`` loads with: NF4, double quantisation (QLoRA's),
+    computing in ``dtype`` (bfloat16 for a float32 run).
+
+    Under ``strategy`` fsdp2 the packed bytes are stored in that compute dtype
+    (``bnb_4bit_quant_storage``, the QLoRA-FSDP recipe) instead of uint8: accelerate shards only
+    floating-point 4-bit weights (it leaves uint8 ones whole on every process), and FSDP2's mixed
+    precision, which gathers in the compute dtype, then leaves the bytes as they are.
+    """
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if dtype != torch.float32 else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if strategy == "fsdp2" else torch.uint8,
+    )
+
+
+def _quantization(load_in_4bit: bool, dtype: torch.dtype, strategy: str):
     if not load_in_4bit:
         return None
     if not torch.cuda.is_available():
@@ -106,17 +127,12 @@ def _quantization(load_in_4bit: bool, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise FusetuneError("load_in_4bit needs bitsandbytes: pip install bitsandbytes.") from None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
-    )
+    return quantization_config(dtype, strategy)
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, load_in_4bit: bool, max_pixels: int | None):
+def _load_pretrained(
+    name: str, dtype: torch.dtype, load_in_4bit: bool, max_pixels: int | None, strategy: str
+):
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -137,7 +153,7 @@ def _load_pretrained(name: str, dtype: torch.dtype, load_in_4bit: bool, max_pixe
             f"cannot load model {name!r}: {first}. Give a hub id, a local folder with config.json, or demo."
         ) from None
     model_type = config.model_type
-    quantization = _quantization(load_in_4bit, dtype)
+    quantization = _quantization(load_in_4bit, dtype, strategy)
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         auto_model, vision = AutoModelForImageTextToText, True
     elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -187,6 +203,7 @@ def load_model(
     loss: str = "linear_cross_entropy",
     max_pixels: int | None = None,
     mlp_tile_rows: int | None = None,
+    strategy: str = "off",
     verbose: bool = False,
 ):
     """A model ready to fine-tune and its processor (VLMs) or tokenizer (LLMs): ``(model, processor)``.
@@ -195,8 +212,12 @@ def load_model(
     layer), or False for the plain model. ``kernels="auto"`` patches the model with
     ``fusetune.apply`` (its report is ``model._fusetune_report``); "off" leaves it unpatched.
     ``load_in_4bit`` quantises the base weights with bitsandbytes (CUDA only). ``mlp_tile_rows``
-    goes to ``fusetune.apply`` (row tiles of the fused LoRA MLPs for long inputs).
+    goes to ``fusetune.apply`` (row tiles of the fused LoRA MLPs for long inputs). ``strategy``: the
+    ``distributed.strategy`` the model will be trained under (off, fsdp2 or deepspeed_zero3); with
+    fsdp2, 4-bit weights are stored so that FSDP2 shards them (see ``quantization_config``).
     """
+    if strategy not in STRATEGIES:
+        raise FusetuneError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
     torch_dtype = resolve_dtype(dtype)
     if name_or_path == "demo":
         if load_in_4bit:
@@ -209,7 +230,7 @@ def load_model(
         processor = demo.build_processor(max_pixels or demo.IMAGE_SIZE * demo.IMAGE_SIZE)
         model = demo.build_model(processor.tokenizer, dtype=torch_dtype)
     else:
-        model, processor = _load_pretrained(name_or_path, torch_dtype, load_in_4bit, max_pixels)
+        model, processor = _load_pretrained(name_or_path, torch_dtype, load_in_4bit, max_pixels, strategy)
     if lora is not False:
         if lora is None or lora is True:
             lora = LoraSettings()

@@ -21,12 +21,20 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 
 import pytest
 import torch
 
-from tests.distributed.processes import FUSED_LORA_OPS, count_fused_calls, run_cases, run_ranks
+from tests.distributed.processes import (
+    FUSED_LORA_OPS,
+    count_fused_calls,
+    gloo_mesh,
+    patched,
+    run_cases,
+    run_ranks,
+    shard,
+    step,
+)
 
 WORLD = 2
 BATCH = 4
@@ -73,43 +81,6 @@ def build(case: Case, patch: bool = True):
     return model, (patched(model) if patch else None)
 
 
-def patched(model: torch.nn.Module):
-    """``fusetune.apply(model)``'s report; the fused loss must be among what it patched."""
-    import fusetune
-
-    report = fusetune.apply(model)
-    assert report.patched["loss"], report
-    return report
-
-
-def shard(model: torch.nn.Module, case: Case, mesh) -> None:
-    """``fully_shard`` ``model`` in ``case.layout``, innermost units first (as FSDP2 requires)."""
-    from torch.distributed.fsdp import fully_shard
-
-    inner = model.get_base_model()
-    for layer in inner.model.layers:
-        if case.layout == "linear":
-            for module in layer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    fully_shard(module, mesh=mesh)
-        fully_shard(layer, mesh=mesh)
-    if case.layout == "accelerate":
-        if case.tied:
-            fully_shard([inner.model.embed_tokens, inner.lm_head], mesh=mesh)
-        else:
-            fully_shard(inner.model.embed_tokens, mesh=mesh)
-            fully_shard(inner.lm_head, mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh)
-
-
-def step(model: torch.nn.Module, inputs: dict, items: torch.Tensor, scale: float):
-    """One forward and backward as Trainer runs it: the loss over the whole batch's label count,
-    scaled by the number of processes (FSDP averages the gradients over them)."""
-    output = model(**inputs, num_items_in_batch=items)
-    (output.loss * scale).backward()
-    return output
-
-
 def trained_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Take one SGD step on the gradients, then the eval logits of ``input_ids``."""
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
@@ -130,7 +101,7 @@ def run_case(case: Case, rank: int, mesh, data: dict, calls: Counter, folder: st
     part = BATCH // WORLD
     mine = {k: v[rank * part : (rank + 1) * part] for k, v in data.items()}
     model, report = build(case, patch=not case.apply_after_shard)
-    shard(model, case, mesh)
+    shard(model, mesh, case.layout, case.tied)
     if case.apply_after_shard:
         report = patched(model)
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
@@ -158,27 +129,21 @@ def run_case(case: Case, rank: int, mesh, data: dict, calls: Counter, folder: st
 
 def worker(rank: int, folder: str) -> None:
     """Rank ``rank``: every case sharded over two processes; rank 0 saves the results in ``folder``."""
-    os.environ["TRITON_INTERPRET"] = "0"
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     from tests.patch.models import batch
 
+    mesh = gloo_mesh(rank, WORLD, folder)
     # A case that fails fails alike in both processes (same code, same data): its traceback is
     # kept for its test and the next case runs.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder}/store",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=120),
-    )
-    torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (WORLD,))
     data = batch(size=BATCH)
     calls = count_fused_calls()
-    run_cases(CASES, lambda name, case: run_case(case, rank, mesh, data, calls, os.path.join(folder, name)),
-              rank, folder)
+    run_cases(
+        CASES,
+        lambda name, case: run_case(case, rank, mesh, data, calls, os.path.join(folder, name)),
+        rank,
+        folder,
+    )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -27,8 +27,9 @@ SHAPES = ((37, 70), (5, 64), (1, 1000))  # none a multiple of 128 values; 1000 n
 def quantized(shape, blocksize=64, nested=True, seed=0, storage=torch.uint8):
     gen = torch.Generator().manual_seed(seed)
     weight = (torch.randn(*shape, generator=gen) * 0.05).to(checks.DEVICE)
-    return bnb_functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=nested,
-                                        quant_type="nf4", quant_storage=storage)
+    return bnb_functional.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=nested, quant_type="nf4", quant_storage=storage
+    )
 
 
 def bnb_dequantize(packed, state, dtype):
@@ -77,11 +78,24 @@ def test_other_blocksizes(blocksize):
     assert torch.equal(dequantize_nf4(packed, state, torch.float32), expected)
 
 
-def test_storage_dtype_is_read_as_bytes():
-    packed, state = quantized((6, 70), storage=torch.bfloat16)
-    assert packed.dtype == torch.bfloat16
-    expected = bnb_dequantize(packed, state, torch.float32)
+@pytest.mark.parametrize("storage", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+def test_storage_dtype_is_read_as_bytes(storage):
+    """Bytes stored as a float dtype (bnb_4bit_quant_storage, how FSDP2 shards 4-bit weights) are
+    the uint8 storage's bytes and dequantise to the same weight."""
+    as_bytes, bytes_state = quantized((6, 72))  # 216 bytes: whole float32 elements
+    packed, state = quantized((6, 72), storage=storage)
+    assert packed.dtype == storage
+    assert torch.equal(packed.view(torch.uint8).reshape(-1), as_bytes.reshape(-1))
+    expected = bnb_dequantize(as_bytes, bytes_state, torch.float32)  # the uint8 storage's weight
     assert torch.equal(dequantize_nf4(packed, state, torch.float32), expected)
+    assert torch.equal(dequantize_nf4_reference(packed, state, torch.float32), expected)
+
+
+def test_cast_storage_is_named():
+    """Float-stored bytes cast to another dtype (FSDP2 mixed precision with another param_dtype)."""
+    packed, state = quantized((6, 72), storage=torch.float32)
+    with pytest.raises(ValueError, match="quant_storage"):
+        dequantize_nf4(packed.to(torch.bfloat16), state, torch.float32)
 
 
 def test_format_by_hand():
@@ -90,11 +104,17 @@ def test_format_by_hand():
     # Blocks of 2 values are below bitsandbytes' range; blocksize 32 with a 3-value weight is one
     # short block, so the nested absmax decodes one code: code2[2] * absmax2[0] + offset.
     state = SimpleNamespace(
-        quant_type="nf4", blocksize=32, shape=torch.Size((1, 3)), nested=True,
+        quant_type="nf4",
+        blocksize=32,
+        shape=torch.Size((1, 3)),
+        nested=True,
         absmax=torch.tensor([2], dtype=torch.uint8, device=checks.DEVICE),
         offset=torch.tensor(0.25, device=checks.DEVICE),
-        state2=SimpleNamespace(blocksize=256, code=torch.tensor([0.0, 0.5, -0.75], device=checks.DEVICE),
-                               absmax=torch.tensor([2.0], device=checks.DEVICE)),
+        state2=SimpleNamespace(
+            blocksize=256,
+            code=torch.tensor([0.0, 0.5, -0.75], device=checks.DEVICE),
+            absmax=torch.tensor([2.0], device=checks.DEVICE),
+        ),
     )
     scale = -0.75 * 2.0 + 0.25
     table = torch.tensor(nf4.NF4_VALUES, dtype=torch.float64)
@@ -143,10 +163,12 @@ def test_bad_input_is_named():
 # --------------------------------------------------------------------------------------------
 def linear4bit(quant_type="nf4", shape=(37, 70)):
     gen = torch.Generator().manual_seed(3)
-    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16,
-                              quant_type=quant_type)
-    layer.weight = bnb.nn.Params4bit(torch.randn(*shape, generator=gen), requires_grad=False,
-                                     quant_type=quant_type, module=layer)
+    layer = bnb.nn.Linear4bit(
+        shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(*shape, generator=gen), requires_grad=False, quant_type=quant_type, module=layer
+    )
     return layer.to(checks.DEVICE)
 
 
