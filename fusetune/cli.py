@@ -17,7 +17,7 @@ train   LoRA fine-tuning from a YAML config; command-line overrides win over the
         default runs: a tiny Qwen2-VL with random weights learns to caption synthetic shapes on the CPU.
         Trainer writes a checkpoint every save_steps steps; after Ctrl-C or a kill, run the same
         command with --resume to continue from the last one.
-        --nproc N: train on N GPUs of this machine (without GPUs: N CPU processes, fsdp2 only);
+        --nproc N: train on N GPUs of this machine (without GPUs: N CPU processes);
         starts N processes with torchrun (python -m torch.distributed.run --standalone
         --nproc_per_node N -m fusetune train ...). Needs distributed.strategy fsdp2 or
         deepspeed_zero3; accelerate launch and torchrun work too.

@@ -82,7 +82,8 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     load_in_4bit: bool = False
-    """Load the base weights in 4-bit (bitsandbytes, CUDA only)."""
+    """Load the base weights in 4-bit (bitsandbytes NF4, CUDA only); with distributed.strategy fsdp2
+    they are stored in the compute dtype so FSDP2 shards them (QLoRA-FSDP); not with deepspeed_zero3."""
     gradient_checkpointing: str = "off"
     """off | on (recompute each decoder layer's activations in backward; transformers' non-reentrant
     checkpointing) | offload (fusetune's checkpointing: also keeps the saved layer inputs in CPU memory)."""
@@ -612,6 +613,10 @@ distributed:
   `auto_wrap_policy: TRANSFORMER_BASED_WRAP`, the layer classes of `distributed.wrap_classes`
   (auto: the model's `_no_split_modules`), `cpu_offload` from `offload_params` and
   `state_dict_type: FULL_STATE_DICT`.
+  With `load_in_4bit: true` the NF4 base weights are sharded too (QLoRA-FSDP): their packed bytes
+  are stored in the compute dtype (`bnb_4bit_quant_storage`; uint8 weights accelerate would leave
+  whole on every process), and the fused LoRA layers read the gathered bytes with the layer's
+  quantisation state.
 - **`deepspeed_zero3`** becomes a generated ZeRO-3 config (stage 3, `offload_param` /
   `offload_optimizer` to the CPU as set, `stage3_gather_16bit_weights_on_model_save: true`, the
   batch, accumulation, clipping and precision taken from the config). `load_in_4bit` is not
@@ -619,20 +624,27 @@ distributed:
 
 The model is loaded and patched in every process before Trainer shards it. Checkpoints hold one
 consolidated adapter: they load on one GPU, and `--resume` continues on the same number of
-processes. The final `adapter/` is gathered from the shards; `merged/` is made from it on a freshly
-loaded base in the main process's CPU memory. `batch_size` is per process: the effective batch is
+processes (a `deepspeed_zero3` checkpoint's optimiser shards resume only under `deepspeed_zero3`
+on as many processes as wrote them; fusetune refuses anything else before loading). The final
+`adapter/` is gathered from the shards; `merged/` is made from it on a freshly loaded base in the
+main process's CPU memory. `batch_size` is per process: the effective batch is
 `batch_size × gradient_accumulation_steps × N`.
 
-Without GPUs, `--nproc N` with `fsdp2` runs `N` CPU processes sharded over gloo: slow, but the
-same path (sharding, gathering the adapter, checkpoints, `--resume`, `save_merged`), for trying a
-setup out. accelerate on its own would run CPU processes as plain data parallel (DDP) and drop the
-FSDP settings without a word; fusetune has it shard them, and stops with an error if a run of
-several processes would not be sharded as configured. `deepspeed_zero3` needs GPUs.
+Without GPUs, `--nproc N` runs `N` CPU processes sharded over gloo: slow, but the same path
+(sharding, gathering the adapter, checkpoints, `--resume`, `save_merged`), for trying a setup out.
+accelerate on its own would run CPU processes as plain data parallel (DDP) and drop the FSDP
+settings without a word; fusetune has it shard them, and stops with an error if a run of several
+processes would not be sharded as configured. `deepspeed_zero3` runs on DeepSpeed's CPU
+accelerator, without the shared-memory all-reduce op it would compile for inference alone.
 
 From Python, with your own Trainer: call `fusetune.apply(model)` on the loaded (and PEFT-wrapped)
 model and pass your FSDP2 or DeepSpeed settings to `TrainingArguments` as usual;
 `fusetune.train.distributed.training_arguments(settings, model)` gives the ones above (on CPUs,
 also call `fusetune.train.distributed.shard_cpu_processes(args, settings)` before `Trainer(...)`).
+For 4-bit weights under FSDP2, store the packed bytes in the compute dtype: load with
+`quantization_config=fusetune.train.model.quantization_config(torch.bfloat16, "fsdp2")` (or your
+`BitsAndBytesConfig` with `bnb_4bit_quant_storage=torch.bfloat16`), or quantise a model in memory
+with `fusetune.quantize_4bit(model, quant_storage=torch.bfloat16)`.
 """
 
 

@@ -12,8 +12,10 @@ torch.distributed.run``), each running the same ``fusetune train`` command witho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,24 +134,45 @@ def training_arguments(settings: DistributedSettings, model: nn.Module) -> dict[
 
 
 def shard_cpu_processes(args: Any, settings: DistributedSettings) -> None:
-    """Let accelerate shard CPU processes with FSDP2 (over gloo) as it shards GPU processes.
+    """Let accelerate shard CPU processes with FSDP2 (over gloo) as it shards GPU processes, and
+    DeepSpeed start them without compiling an op it does not need (``skip_deepspeed_shm_op``).
 
     accelerate (1.15: ``AcceleratorState.__init__``, accelerate/state.py) takes its FSDP branch only
     for processes on an accelerator (``MULTI_GPU``, ``MULTI_XPU``, ...); for processes on the CPU
     (``MULTI_CPU``) it drops the FSDP plugin without a word and Trainer wraps the model in DDP.
     Presented as ``MULTI_GPU`` before Trainer builds its Accelerator, they take that branch, as on
     GPUs; the device stays the CPU and the process group gloo, which ``fully_shard`` runs on.
-    ``args`` is the run's ``TrainingArguments``; call this before ``Trainer(...)``.
+    ``args`` is the run's ``TrainingArguments``; call this before ``Trainer(...)`` and before
+    anything reads ``args.device`` (which sets up the process group).
     """
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
+    if settings.strategy == "deepspeed_zero3":
+        skip_deepspeed_shm_op()
+        return
     if settings.strategy != "fsdp2":
         return
     _ = args.device  # sets up the process group and accelerate's PartialState, as Trainer would
     state = PartialState()
     if state.distributed_type == DistributedType.MULTI_CPU:
         state.distributed_type = DistributedType.MULTI_GPU
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Have DeepSpeed's communication backend go without its shared-memory all-reduce op.
+
+    With its CPU accelerator (no GPU), DeepSpeed JIT-compiles that C++ op in ``init_distributed``
+    (a compiler and about a minute) for ``inference_all_reduce`` alone, which training does not
+    call; without it every collective runs on the process group (gloo). Call this before the
+    process group is set up (``TrainingArguments.device``, ``deepspeed.init_distributed``); on GPUs
+    DeepSpeed builds no such op and this changes nothing. The attribute ``deepspeed.comm.torch`` is
+    the torch package (re-exported), hence ``sys.modules``.
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 def check_engine(trainer: Any, settings: DistributedSettings) -> None:
@@ -169,13 +192,40 @@ def check_engine(trainer: Any, settings: DistributedSettings) -> None:
     fix = (
         "run on GPUs, or with accelerate 1.15 (whose FSDP fusetune runs on CPU processes)"
         if fsdp
-        else "run on GPUs, or set distributed.strategy: fsdp2 on CPUs"
+        else "launch with fusetune train --nproc N or torchrun, without an accelerate config that sets "
+        "another distributed type"
     )
     raise FusetuneError(
         f"distributed.strategy {settings.strategy}: accelerate {accelerate.__version__} did not turn it on "
         f"for these {world_size()} processes on {trainer.args.device.type}, which would run as plain data "
         f"parallel (DDP), each with the whole model; {fix}."
     )
+
+
+def check_resume(checkpoint: str, settings: DistributedSettings) -> None:
+    """Refuse to resume a DeepSpeed checkpoint that this run cannot continue, naming the fix.
+
+    DeepSpeed keeps the optimiser state in one shard per process (``<tag>/*zero_pp_rank_R_*
+    _optim_states.pt``, the tag named by ``latest``). Only DeepSpeed reads them, and only on as
+    many processes as wrote them: Trainer without DeepSpeed would restore the adapter and the step
+    and silently start a fresh optimiser; DeepSpeed on another count stops deep in loading.
+    """
+    latest = Path(checkpoint) / "latest"
+    if not latest.is_file():
+        return  # not written by DeepSpeed
+    saved = len(list((latest.parent / latest.read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt")))
+    if settings.strategy != "deepspeed_zero3":
+        raise FusetuneError(
+            f"resume: {checkpoint} was written under DeepSpeed ZeRO-3 by {saved} processes, and only "
+            f"DeepSpeed reads its optimiser state; resume with distributed.strategy: deepspeed_zero3 "
+            f"and --nproc {saved} (the adapter alone, adapter_model.safetensors, loads anywhere)."
+        )
+    if saved != world_size():
+        raise FusetuneError(
+            f"resume: {checkpoint} was written under DeepSpeed ZeRO-3 by {saved} processes, and DeepSpeed "
+            f"resumes its optimiser shards on as many only; run with --nproc {saved} (this run has "
+            f"{world_size()})."
+        )
 
 
 def check_nproc(nproc: int, config: TrainConfig) -> None:
@@ -186,12 +236,6 @@ def check_nproc(nproc: int, config: TrainConfig) -> None:
         raise FusetuneError(
             f"--nproc {nproc} with distributed.strategy off; set distributed.strategy: fsdp2 (or "
             f"deepspeed_zero3) in the config, or add --distributed.strategy fsdp2."
-        )
-    if nproc > 1 and config.distributed.strategy == "deepspeed_zero3" and not torch.cuda.is_available():
-        raise FusetuneError(
-            f"--nproc {nproc} with distributed.strategy deepspeed_zero3: fusetune train runs DeepSpeed on "
-            f"GPUs only (on CPUs it needs DeepSpeed's CPU accelerator set up by hand); on CPUs set "
-            f"distributed.strategy: fsdp2."
         )
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise FusetuneError(
@@ -226,7 +270,27 @@ def reload_with_adapter(config: TrainConfig, adapter_dir: Path) -> nn.Module:
 
     from fusetune.train.model import load_model
 
-    base, _ = load_model(
-        config.model, lora=False, kernels="off", dtype=config.dtype, max_pixels=config.max_pixels
-    )
-    return peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    with _zero3_off():
+        base, _ = load_model(
+            config.model, lora=False, kernels="off", dtype=config.dtype, max_pixels=config.max_pixels
+        )
+        return peft.PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+@contextlib.contextmanager
+def _zero3_off() -> Iterator[None]:
+    """transformers' global ZeRO-3 switch turned off for the block, then restored.
+
+    ``TrainingArguments`` with a ZeRO-3 config registers it for the whole process, and from then on
+    transformers builds every model (``from_pretrained``, and ``_from_config``, with which the demo
+    builds its vision tower) under ``deepspeed.zero.Init``: partitioned across the ranks, with
+    collectives the other ranks never join when the main process alone loads, so it hangs.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered

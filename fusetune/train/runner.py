@@ -92,7 +92,8 @@ def _progress_callback(quiet: bool):
 
 
 def resume_checkpoint(config: TrainConfig) -> str | None:
-    """The checkpoint folder to resume from (``resume``), or None to start fresh."""
+    """The checkpoint folder to resume from (``resume``), or None to start fresh; refuses a
+    DeepSpeed checkpoint that this run's strategy or process count cannot continue."""
     if config.resume is False or config.resume == "":
         return None
     if isinstance(config.resume, str) and config.resume.lower() not in ("true", "last"):
@@ -101,8 +102,9 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
             raise FusetuneError(
                 f"resume={config.resume!r} is not a Trainer checkpoint folder (no trainer_state.json)."
             )
-        return str(path)
-    last = last_checkpoint(config.output_dir)
+        last = str(path)
+    else:
+        last = last_checkpoint(config.output_dir)
     if last is None:
         raise FusetuneError(
             f"resume: no checkpoint in output_dir {config.output_dir!r} to continue from "
@@ -110,6 +112,7 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
             f"to start fresh, or point output_dir at "
             f"the earlier run."
         )
+    distributed.check_resume(last, config.distributed)
     return last
 
 
@@ -302,6 +305,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         loss=config.loss,
         max_pixels=config.max_pixels,
         mlp_tile_rows=config.mlp_tile_rows or None,
+        strategy=config.distributed.strategy,
     )
     if config.packing:
         from fusetune.train.packing import use_packed_attention

@@ -19,16 +19,15 @@ under ``deepspeed.zero.Init`` (partitioned from the start), or after ``deepspeed
 leaves them alone at patch time, saying why.
 
 DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (C++, about a minute) in
-``init_distributed``; it only serves ``inference_all_reduce``, so the workers skip it and every
+``init_distributed``; it only serves ``inference_all_reduce``, so the workers skip it, as
+``fusetune train`` does (``fusetune.train.distributed.skip_deepspeed_shm_op``), and every
 collective runs on gloo.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -158,17 +157,6 @@ def run_case(case: Case, rank: int, data: dict, calls: Counter) -> dict:
     }
 
 
-def skip_shm_op() -> None:
-    """Have DeepSpeed's communication backend go without its shared-memory all-reduce op.
-
-    With the CPU accelerator, ``init_distributed`` JIT-compiles that C++ op (about a minute, and a
-    compiler) for ``inference_all_reduce`` alone; without it every collective runs on gloo. The
-    attribute ``deepspeed.comm.torch`` is the torch package (re-exported), hence ``sys.modules``.
-    """
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
 def worker(rank: int, folder: str, port: int) -> None:
     """Rank ``rank``: every case under ZeRO-3 over two processes; rank 0 saves the results."""
     os.environ.update(
@@ -184,9 +172,10 @@ def worker(rank: int, folder: str, port: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from fusetune.train.distributed import skip_deepspeed_shm_op
     from tests.patch.models import batch
 
-    skip_shm_op()
+    skip_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     data = batch(size=BATCH)
