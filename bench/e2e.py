@@ -2,7 +2,7 @@
 
     python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11,Q7VL-padded,Q7VL-packed]
                         [--systems hf,liger,unsloth,fusetune] [--variants bf16_lora,qlora] [--steps 3,8]
-                        [--timeout 420] [--budget S] [--tiny] [--profile DIR] [--cache DIR]
+                        [--timeout 420] [--budget S] [--tiny] [--profile DIR] [--memory DIR] [--cache DIR]
                         [--keep-folders] [--logs DIR]
     python bench/e2e.py --max-context --out FILE [--configs L8-4k] [--systems ...] [--steps 1,1]
                         [--start 4096] [--ceiling 262144] [--resolution 1024] [--timeout S] [--budget S]
@@ -40,7 +40,9 @@ weights and adapters), peak_allocated_gib, peak_reserved_gib, loss (step 1; ``lo
 step 1 runs identical weights and batch in every system, so its loss must agree), mfu (see
 ``e2e_models.flops_per_token``; against the H200's 989 TFLOP/s dense bf16). ``--profile DIR`` runs
 one more step under ``torch.profiler``, saves its Chrome trace in DIR and prints the top operators by
-host and by device time. ``--tiny`` runs tiny models of the same architectures (on a CPU too).
+host and by device time; ``--memory DIR`` runs one more with CUDA memory history and writes what is
+allocated at that step's peak (``bench/memory_peak.py``). ``--tiny`` runs tiny models of the same
+architectures (on a CPU too).
 
 Mixed lengths (``Q7VL-padded``, ``Q7VL-packed``; ``e2e_models.step_batches``): warm-up + timed steps of
 8 seeded samples each (one image of 224 to 896 pixels a side and 128 to 2,048 text tokens), the same
@@ -86,6 +88,7 @@ from pathlib import Path
 
 import common
 import e2e_models
+import memory_peak
 import patch_gpu
 import torch
 
@@ -308,6 +311,9 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
                       mfu=sum(flops[warmup:]) / timed_s / e2e_models.PEAK_FLOPS)
     if args.profile:
         profile_step(lambda: train_step(trained, batch, optimizer), args.profile / f"{case.slug}.json")
+    if args.memory and cuda:
+        memory_peak.record_step(lambda: train_step(trained, batch, optimizer),
+                                args.memory / f"{case.slug}.txt", f"{case.slug} ({case.system})")
     common_extra = {"steps": [warmup, timed], "trainable_params": sum(p.numel() for p in trainable),
                     "lora_dtype": str(trainable[0].dtype),
                     "system_version": _version(PACKAGES.get(case.system)), **memory_fields(cuda)}
@@ -377,6 +383,7 @@ def run_case(case: Case, args: argparse.Namespace, timeout: float, folder: Path 
             "--variant", case.variant, "--system", case.system, "--steps", ",".join(map(str, args.steps))]
     argv += ["--tiny"] if args.tiny else []
     argv += ["--profile", str(args.profile)] if args.profile else []
+    argv += ["--memory", str(args.memory)] if args.memory else []
     argv += ["--folder", str(folder)] if folder else []
     argv += ["--tokens", str(case.tokens)] if case.tokens else []
     argv += ["--oom-above", str(args.oom_above)] if args.oom_above is not None else []
@@ -645,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help="seconds for the whole call")
     parser.add_argument("--tiny", action="store_true", help="tiny models of the same architectures (CPU too)")
     parser.add_argument("--profile", type=Path, help="profile one extra step of each worker; traces here")
+    parser.add_argument("--memory", type=Path,
+                        help="one extra step of each worker with CUDA memory history; peak reports here")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fusetune-e2e-models",
                         help="where the model folders for Unsloth are saved")
     parser.add_argument("--keep-folders", action="store_true", help="keep the saved model folders")
