@@ -13,13 +13,13 @@ small kernels per layer and autograd saves every intermediate. Here one autograd
   gets every dA from one ``[scale_i dY_i @ B_i].T @ X`` matmul.
 - ``lora_glu_mlp(x, gate, up, down, activation)``: ``down(act(gate(x)) * up(x))``. Forward saves x,
   the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g, which
-  lives only until the down projection has read it. Backward goes over row tiles of 2,048 rows:
-  per tile it recomputes h only when down's A needs its gradient, makes the tile's dh, and the
-  glu backward kernel writes de and dg over e and g in place. So backward's only (T,
-  intermediate) buffers are e and g, plus one (tile, intermediate) slice at a time (the
-  recompute of a checkpoint that skips the output makes h by tiles too); no float32 copies of
-  activations. Because backward overwrites what forward saved, it runs once per graph: a second
-  backward (``retain_graph=True``) raises.
+  lives only until the down projection has read it (one row tile at a time when forward records
+  a graph: e and g are then kept, and h would be a third buffer of their size). Backward goes
+  over row tiles of 2,048 rows: per tile it recomputes h only when down's A needs its gradient,
+  makes the tile's dh, and the glu backward kernel writes de and dg over e and g in place. So
+  the only (T, intermediate) buffers of a training step are e and g, plus one (tile,
+  intermediate) slice at a time; no float32 copies of activations. Because backward overwrites
+  what forward saved, it runs once per graph: a second backward (``retain_graph=True``) raises.
 
 Base weights are read through ``fusetune.ops.nf4.dense_weight`` in forward and again in backward
 and each dense copy is dropped as soon as its matmul (or its loop over row tiles) is done: ctx
@@ -406,18 +406,28 @@ def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str)
 
 
 def _down_forward(
-    e: torch.Tensor, g: torch.Tensor, down: _Group, activation: str, compute_output: bool
+    e: torch.Tensor, g: torch.Tensor, down: _Group, activation: str, compute_output: bool, tiled: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``down(act(e) * g)`` and the (T, r) LoRA-A product of its input, h in one piece; or, when
-    the output's values go unread (``not compute_output``), only the product, h made one row tile
-    at a time (the recompute runs with the layer's saved tensors and gradients around)."""
-    if compute_output:
-        (y,), xa = _project(_hidden_tile(e, g, slice(None), activation), down)
-        return y, xa
-    xa = e.new_empty(e.shape[0], down.stacked_a.shape[0])
-    for rows in _row_tiles(e.shape[0]):
-        torch.mm(_hidden_tile(e, g, rows, activation), down.stacked_a.t(), out=xa[rows])
-    return None, xa
+    """``down(act(e) * g)`` (only when ``compute_output``: a recompute whose output goes unread
+    needs just the product) and the (T, r) LoRA-A product of its input. ``tiled``: h is made one
+    row tile at a time, for a forward that records a graph (a recompute, or training without
+    checkpoints), where e and g stay saved and gradients may be around; a forward without a graph
+    makes h in one piece."""
+    outs, products = [], []
+    for rows in _row_tiles(e.shape[0]) if tiled else [slice(None)]:
+        h = _hidden_tile(e, g, rows, activation)
+        if compute_output:
+            (y,), xa = _project(h, down)
+            outs.append(y)
+        else:
+            xa = _lora_product(h, down)
+        products.append(xa)
+        del h
+    return (_cat_rows(outs) if compute_output else None), _cat_rows(products)
+
+
+def _cat_rows(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _down_backward(
@@ -455,7 +465,7 @@ class _LoraGluMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        (gate, up, down), activation, dtype, unread = spec
+        (gate, up, down), activation, dtype, unread, records = spec
         want = ctx.needs_input_grad
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         with torch.autocast(x.device.type, enabled=False):
@@ -464,7 +474,7 @@ class _LoraGluMLP(torch.autograd.Function):
             (e, g), xa_gate_up = _project(rows, gate_up)
             y = xa_down = None
             if not unread or want_b[2]:  # values nobody reads (outputs_unread): down is skipped
-                y, xa_down = _down_forward(e, g, down, activation, compute_output=not unread)
+                y, xa_down = _down_forward(e, g, down, activation, not unread, tiled=records)
             if y is None:
                 y = rows.new_empty(rows.shape[0], _weight_shape(down.projections[0].weight)[0])
         ctx.save_for_backward(
@@ -624,14 +634,14 @@ def lora_glu_mlp(
     if not use_triton(x):
         return lora_glu_mlp_reference(x, gate, up, down, activation)
     dtype, adapters = _compute_dtype(x), _adapter_args((gate, up, down))
+    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *adapters))
     # Skipped only where a graph is built: a node for the caller's check, and values nobody reads.
-    unread = (_UNREAD.nodes is not None and torch.is_grad_enabled()
-              and any(t is not None and t.requires_grad for t in (x, *adapters)))
+    unread = _UNREAD.nodes is not None and records
     projections = (gate, up, down)
     if tile_rows is not None and x.numel() // x.shape[-1] > tile_rows:
         out = _TiledLoraGluMLP.apply(x, (projections, activation, dtype, tile_rows, unread), *adapters)
     else:
-        out = _LoraGluMLP.apply(x, (projections, activation, dtype, unread), *adapters)
+        out = _LoraGluMLP.apply(x, (projections, activation, dtype, unread, records), *adapters)
     if unread:
         _UNREAD.nodes.append(out.grad_fn)
     return out
