@@ -386,10 +386,10 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, *_adapter_grads(da, db)
 
 
-# Rows of h = act(e) * g and of its gradient dh made at once in backward (and in a recompute
-# that skips the output): with e and g saved, a whole (T, intermediate) dh would be a third
-# buffer of that size. Tiles stay large (2,048 rows: each costs a handful of kernel launches,
-# and at 4,096 tokens the step is partly bound by host time).
+# Rows of h = act(e) * g and of its gradient dh made at once by a forward that records a graph
+# and by backward: with e and g saved, a whole (T, intermediate) h or dh would be a third buffer
+# of that size. Tiles stay large (2,048 rows: each costs a handful of kernel launches, and at
+# 4,096 tokens the step is partly bound by host time).
 _HIDDEN_TILE_ROWS = 2048
 
 
@@ -555,8 +555,7 @@ class _TiledLoraGluMLP(torch.autograd.Function):
             for start in range(0, rows.shape[0], tile):
                 x_tile = rows[start:start + tile]
                 (e, g), xa_gate_up = _project(x_tile, gate_up)
-                h = torch.empty_like(e)
-                glu_forward_into(h, e, g, activation)
+                h = _hidden_tile(e, g, slice(None), activation)
                 xa_down = _lora_product(h, down)
                 dh, da_down, db_down = _project_backward(
                     [grad_rows[start:start + tile]], lambda h=h: h, xa_down, down,
