@@ -36,7 +36,8 @@ timed by wall clock between CUDA synchronisations. Systems:
 Records (bench/common.py): system hf|liger|unsloth|fusetune; config {"model", "tokens", "variant"};
 metrics tokens_per_s (language-model tokens over the timed steps; ``step_s`` keeps every step's
 seconds, warm-up included, for the variance study), static_gib (allocated before the first step:
-weights and adapters), peak_allocated_gib, peak_reserved_gib, loss (step 1; ``losses`` all steps:
+weights and adapters), peak_allocated_gib (the highest step; ``step_peaks_gib`` each step's, warm-up
+included), peak_reserved_gib, loss (step 1; ``losses`` all steps:
 step 1 runs identical weights and batch in every system, so its loss must agree), mfu (see
 ``e2e_models.flops_per_token``; against the H200's 989 TFLOP/s dense bf16). ``--profile DIR`` runs
 one more step under ``torch.profiler``, saves its Chrome trace in DIR and prints the top operators by
@@ -289,15 +290,18 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     common.synchronize()
     static = torch.cuda.memory_allocated() if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     reset_host_peak()
-    losses, seconds = [], []
+    losses, seconds, step_peaks, reserved_peaks = [], [], [], []
     for cpu_batch, _ in steps:
         batch = patch_gpu.to_device(cpu_batch, dtype)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         losses.append(train_step(trained, batch, optimizer))
         seconds.append(time.perf_counter() - start)
+        if cuda:
+            step_peaks.append(torch.cuda.max_memory_allocated() / GIB)
+            reserved_peaks.append(torch.cuda.max_memory_reserved() / GIB)
     real = [sum(lengths) for _, lengths in steps]
     flops = [e2e_models.step_flops(model, lengths) for _, lengths in steps]
     timed_s = sum(seconds[warmup:])
@@ -306,8 +310,8 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     values = {"tokens_per_s": sum(real[warmup:]) / timed_s, "loss": loss, "static_gib": None,
               "peak_allocated_gib": None, "peak_reserved_gib": None, "mfu": None}
     if cuda:
-        values.update(static_gib=static / GIB, peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+        values.update(static_gib=static / GIB, peak_allocated_gib=max(step_peaks),
+                      peak_reserved_gib=max(reserved_peaks),
                       mfu=sum(flops[warmup:]) / timed_s / e2e_models.PEAK_FLOPS)
     if args.profile:
         profile_step(lambda: train_step(trained, batch, optimizer), args.profile / f"{case.slug}.json")
@@ -320,6 +324,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     per_metric = {"tokens_per_s": {"step_s": seconds, "real_tokens": real,
                                    "batch_tokens": [batch["input_ids"].numel() for batch, _ in steps]},
                   "loss": {"losses": losses, "last_loss": losses[-1]},
+                  "peak_allocated_gib": {"step_peaks_gib": step_peaks},
                   "mfu": {"flops_per_token": sum(flops) / sum(real),
                           "peak_tflops": e2e_models.PEAK_FLOPS / 1e12}}
     config = case.record_config(args.tiny)
