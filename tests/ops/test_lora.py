@@ -255,6 +255,16 @@ def test_non_contiguous_input_and_partial_grads(hidden_tile_rows):
     assert len(grads) == 2
 
 
+def test_adapters_of_mixed_dtypes():
+    """One stacked group with float32 and bf16 adapters: each gradient in its adapter's dtype."""
+    gen = torch.Generator().manual_seed(16)
+    projections = [projection(gen, 40, HIDDEN, 4, torch.bfloat16),
+                   projection(gen, 24, HIDDEN, 8, torch.bfloat16, adapter_dtype=torch.bfloat16)]
+    x = torch.randn(2, 7, HIDDEN, generator=gen).to(checks.DEVICE, torch.bfloat16).requires_grad_()
+    _, grads = check_linear(x, projections, "bf16_autocast", "mixed adapters")
+    assert [g.dtype for g in grads[1:]] == [torch.float32] * 2 + [torch.bfloat16] * 2
+
+
 def test_float32_input_under_autocast():
     """x in float32 under bf16 autocast: matmuls in bf16, output bf16, x's gradient float32."""
     gen = torch.Generator().manual_seed(5)
