@@ -264,6 +264,9 @@ class _Call:
             self.owner.skip_unread = _values_unread(outputs, skipped)
             if self.owner.skip_unread:
                 return outputs
+            # Free this graph (held by its outputs and the skipped nodes) before the full run builds
+            # another: otherwise the two coexist, a layer's activations twice at the first backward.
+            del outputs, skipped
         with self.replay():
             return self.run(tensors)
 

@@ -193,6 +193,34 @@ def test_recompute_skips_unread_mlp_outputs(monkeypatch, arch, skipped, tile_row
         assert down_calls[0] == expected
 
 
+def test_a_refused_skip_frees_its_graph_before_the_full_recompute(monkeypatch):
+    """Gemma 3 reads the MLP output, so its first recompute runs the layer twice: the first run's
+    outputs (and with them its graph) are gone before the second run starts, so the two graphs never
+    hold a layer's activations at once."""
+    from fusetune.checkpointing import _Call
+
+    device = _interpreted_kernels(monkeypatch)
+    model = lora(tiny_model("gemma3_text", attn="eager", num_hidden_layers=2)).to(device)
+    fusetune.apply(model)
+    enable_checkpointing(model, offload=False)
+    earlier: list[weakref.ref] = []
+    recompute_runs = [0]
+    original = _Call.run
+
+    def run(self, tensors):
+        if torch.is_grad_enabled():  # a recompute (the checkpointed forward runs without gradients)
+            assert all(ref() is None for ref in earlier), "an earlier recompute's outputs are still alive"
+            recompute_runs[0] += 1
+        outputs = original(self, tensors)
+        if torch.is_grad_enabled():
+            earlier.extend(weakref.ref(t) for t in outputs)
+        return outputs
+
+    monkeypatch.setattr(_Call, "run", run)
+    step(model, {k: v.to(device) for k, v in batch(length=7).items()})
+    assert recompute_runs[0] == 4  # two layers, each run with the skip, then in full
+
+
 def test_values_unread_follows_every_path_to_the_skipped_node():
     """Only value-free nodes (add, casts, views) may lie between an output and a skipped node."""
     from fusetune.checkpointing import _values_unread
