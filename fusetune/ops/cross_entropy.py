@@ -8,8 +8,12 @@ Why the gradient is computed in the forward pass: the loss needs one pass over e
 its log-sum-exp and a second to turn every logit into ``softmax - target``; doing both in one kernel
 while the row is still in L2 moves the logits through HBM about twice (read, write) instead of three
 times (read in forward; read and write again in backward). Backward then only multiplies the stored
-gradient by ``grad_output`` when that is not 1. With ``reduction="none"`` the per-row scale is only
-known in backward, so there the kernel runs again in backward instead.
+gradient by ``grad_output`` when that is not 1, a test made on the device (``scale_by_grad_output``).
+With ``reduction="none"`` the per-row scale is only known in backward, so there the kernel runs
+again in backward instead.
+
+The op never drains the device: the label range check is read through pinned memory behind an
+event (``LabelCheck``), so a training step keeps the GPU busy while the host queues the next work.
 
 The row kernel is shared with ``linear_cross_entropy``, which runs it in place on chunks of logits.
 
@@ -29,6 +33,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 # (programs per SM, vocab block, warps) of the persistent row kernel, chosen on an H200 with
 # bench/tune_cross_entropy.py.
 _LAUNCH = (4, 16384, 32)
+# Elements per step, and programs per SM, of the in-place scaling kernel.
+_SCALE_BLOCK = 4096
+_SCALE_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -177,7 +184,7 @@ def cross_entropy_rows(
     With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
-    be range-checked (``check_labels``). ``launch`` = (programs per SM, block, warps) overrides
+    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (programs per SM, block, warps) overrides
     the tuned launch configuration (for benchmarks).
     """
     n_rows, n_cols = logits.shape
@@ -261,6 +268,35 @@ def raise_out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) ->
     )
 
 
+class LabelCheck:
+    """Whether any label lies outside [0, n_classes), found on the device and read later without
+    draining it.
+
+    On CUDA the flag is copied into pinned host memory behind an event, so reading it waits only
+    for this check (queue it before the kernels that follow), never for the rest of the queue; on
+    a CPU the flag is simply read.
+    """
+
+    def __init__(self, flat: torch.Tensor, n_classes: int, ignore_index: int):
+        self._labels = (flat, n_classes, ignore_index)
+        bad = out_of_range(flat, n_classes, ignore_index)
+        self._ready = None
+        if bad.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            bad = host
+        self._bad = bad
+
+    def raise_if_bad(self) -> None:
+        """Raise the clear error naming the first bad label, if there is one."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        if bool(self._bad):
+            raise_out_of_range(*self._labels)
+
+
 def check_labels(
     labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
 ) -> torch.Tensor:
@@ -271,8 +307,7 @@ def check_labels(
     error.)
     """
     flat = flatten_labels(labels, n_rows)
-    if bool(out_of_range(flat, n_classes, ignore_index)):
-        raise_out_of_range(flat, n_classes, ignore_index)
+    LabelCheck(flat, n_classes, ignore_index).raise_if_bad()
     return flat
 
 
@@ -302,19 +337,41 @@ def reduce_losses(
     return row_losses.sum() / denominator
 
 
-def scale_by_grad_output(
-    grad: torch.Tensor, grad_output: torch.Tensor, is_one: bool | None = None
-) -> torch.Tensor:
-    """Multiply a stored gradient by a scalar ``grad_output`` in place, skipping the pass when it is 1.
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr):
+    """``x *= scale`` in place over a flat tensor, skipped entirely when the scale is 1 (a
+    persistent grid: every program reads the scale, then walks blocks ``pid, pid + programs, ...``)."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(first, n_elements, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_elements
+            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
-    The stored gradient belongs to the op (made in forward, consumed once), so in-place is safe.
-    ``is_one`` saves the host sync when the caller already knows whether ``grad_output == 1``.
+
+def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Multiply a stored gradient by ``grad_output`` in place; returns ``grad``.
+
+    A loss's ``grad_output`` is nearly always the scalar 1, and then nothing is written. The test
+    is made by the kernel on the device, so backward neither passes over the gradient nor waits
+    for the device to find out. The stored gradient belongs to the op (made in forward, consumed
+    once), so in-place is safe. A non-scalar ``grad_output`` or a non-contiguous gradient is
+    multiplied by torch.
     """
-    if is_one is None:
-        is_one = grad_output.numel() == 1 and bool(grad_output == 1)
-    if is_one:
+    if grad_output.numel() != 1 or not grad.is_contiguous() or not use_triton(grad):
+        return grad.mul_(grad_output.to(grad.dtype))
+    if grad.numel() == 0:
         return grad
-    return grad.mul_(grad_output.to(grad.dtype))
+    programs = min(
+        triton.cdiv(grad.numel(), _SCALE_BLOCK), _SCALE_PROGRAMS_PER_SM * sm_count(grad.device)
+    )
+    _scale_unless_one_kernel[(programs,)](
+        grad, grad_output.reshape(1), grad.numel(), BLOCK=_SCALE_BLOCK, num_warps=8
+    )
+    return grad
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -333,6 +390,11 @@ class _CrossEntropy(torch.autograd.Function):
     ):
         rows = as_rows(logits)
         flat_labels = flatten_labels(labels, rows.shape[0])
+        # Queued before the kernel, so that reading it in backward waits for nothing after it.
+        # The kernel clamps bad labels, so running it before the error is raised is safe.
+        labels_check = LabelCheck(flat_labels, rows.shape[1], ignore_index)
+        if not needs_grad:
+            labels_check.raise_if_bad()
         denominator = loss_denominator(flat_labels, reduction, ignore_index, num_items_in_batch)
         options = dict(
             ignore_index=ignore_index,
@@ -343,34 +405,24 @@ class _CrossEntropy(torch.autograd.Function):
         eager_grad = needs_grad and reduction != "none"
         grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
         row_losses, grad = cross_entropy_rows(rows, flat_labels, grad_scale=grad_scale, **options)
-        # The label check is queued after the kernel (which clamps bad labels, so it is safe) and
-        # read without a host sync here: in training the flag is read in backward, together with
-        # grad_output, in the one sync backward needs anyway.
-        bad_labels = out_of_range(flat_labels, rows.shape[1], ignore_index)
-        if not needs_grad and bool(bad_labels):
-            raise_out_of_range(flat_labels, rows.shape[1], ignore_index)
         ctx.logits_shape = logits.shape
-        ctx.n_classes = rows.shape[1]
+        ctx.labels_check = labels_check
         ctx.stored_grad = eager_grad
         ctx.options = options
         if eager_grad:
-            ctx.save_for_backward(flat_labels, bad_labels, grad)
+            ctx.save_for_backward(grad)
         elif needs_grad:
-            ctx.save_for_backward(flat_labels, bad_labels, rows)
+            ctx.save_for_backward(flat_labels, rows)
         return reduce_losses(row_losses, reduction, denominator, labels.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        flat_labels, bad_labels, stored = ctx.saved_tensors
-        scalar = grad_output.numel() == 1
-        flags = [bad_labels.float()] + ([(grad_output == 1).float().reshape(())] if scalar else [])
-        bad, *is_one = torch.stack(flags).tolist()  # the one host sync of this op
-        if bad:
-            raise_out_of_range(flat_labels, ctx.n_classes, ctx.options["ignore_index"])
+        ctx.labels_check.raise_if_bad()
         if ctx.stored_grad:
-            grad = scale_by_grad_output(stored, grad_output, is_one=bool(is_one and is_one[0]))
+            (stored,) = ctx.saved_tensors
+            grad = scale_by_grad_output(stored, grad_output)
         else:
-            rows = stored
+            flat_labels, rows = ctx.saved_tensors
             per_row = grad_output.reshape(-1).to(torch.float32).contiguous()
             grad = torch.empty_like(rows)
             cross_entropy_rows(rows, flat_labels, grad_scale=per_row, grad_out=grad, **ctx.options)

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from fusetune.ops.cross_entropy import (
+    cross_entropy,
+    cross_entropy_reference,
+    scale_by_grad_output,
+)
 from tests.ops.checks import (
     DEVICE,
     DTYPES,
@@ -55,11 +59,15 @@ def make_inputs(dtype, rows=ROWS, vocab=VOCAB, ignore_every=4, seed=0):
     return logits, labels.to(DEVICE)
 
 
-def check_all(dtype, logits, labels, **options):
-    """Loss and gradient vs the reference (same dtype) and vs float64 maths."""
+def check_all(dtype, logits, labels, scalar_upstream=1.7, **options):
+    """Loss and gradient vs the reference (same dtype) and vs float64 maths, with a random upstream
+    gradient (``scalar_upstream`` for a reduced loss)."""
     x = logits.detach().clone().requires_grad_()
     loss = cross_entropy(x, labels, **options)
-    upstream = torch.randn_like(loss) if loss.dim() else torch.tensor(1.7, device=loss.device)
+    if loss.dim():
+        upstream = torch.randn_like(loss)
+    else:
+        upstream = torch.tensor(scalar_upstream, device=loss.device)
     loss.backward(upstream)
 
     x_ref = logits.detach().clone().requires_grad_()
@@ -83,6 +91,29 @@ def check_all(dtype, logits, labels, **options):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_plain(dtype, reduction):
     check_all(dtype, *make_inputs(dtype), reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upstream_gradient_of_one(dtype):
+    """``loss.backward()``'s grad_output of 1 leaves the stored gradient as forward wrote it."""
+    check_all(dtype, *make_inputs(dtype), scalar_upstream=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 0.37, -2.5])
+def test_scale_by_grad_output_in_place(dtype, scale):
+    """The device-side scaling: every element (a size that is no multiple of the block, with more
+    blocks than programs) times the scale; a scale of 1 leaves every bit as it was; a strided
+    gradient is scaled by torch."""
+    grad = (torch.randn(3, 4099) * 5).to(dtype).to(DEVICE)
+    scaled = scale_by_grad_output(grad.clone(), torch.tensor(scale, device=DEVICE))
+    if scale == 1.0:
+        assert torch.equal(scaled, grad)
+    assert_close_to_float64(scaled, grad.double() * scale, dtype, "scaled")
+    strided = grad.clone()[:, ::2]
+    result = scale_by_grad_output(strided, torch.tensor(scale, device=DEVICE))
+    assert result.data_ptr() == strided.data_ptr()
+    assert_matches_reference(result, grad[:, ::2] * scale, dtype, "strided")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
