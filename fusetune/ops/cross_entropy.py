@@ -184,8 +184,8 @@ def cross_entropy_rows(
     With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
-    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (programs per SM, block, warps) overrides
-    the tuned launch configuration (for benchmarks).
+    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (programs per SM, block,
+    warps) overrides the tuned launch configuration (for benchmarks).
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
