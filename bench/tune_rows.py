@@ -1,0 +1,115 @@
+"""Launch settings of the row kernels (add + RMSNorm, LayerNorm, RoPE) on the large shapes where
+they fall short of 80% of copy bandwidth, so that their defaults are measured, not guessed.
+
+The ops take num_warps from the row width (``_launch.warps_for``), the backward's persistent grid
+from ``_launch._PROGRAMS_PER_SM`` and RoPE's tile from ``rope._MAX_TILE``. For each configuration
+this sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
+inputs and records the fraction of the copy bandwidth measured in the same run (bench/ops.py's byte
+counts); ``default`` rows are the shipped settings.
+Run: ``python bench/tune_rows.py --out DIR [--quick]`` (writes DIR/rows-tuning-<tag>.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import itertools
+import sys
+from pathlib import Path
+
+import common
+import ops
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
+# The op modules (``fusetune.ops`` exports functions under the same names).
+_launch, layer_norm, rms_norm, rope = (importlib.import_module(f"fusetune.ops.{name}")
+                                       for name in ("_launch", "layer_norm", "rms_norm", "rope"))
+
+NORM_CASES = (("add_rms_norm", {"tokens": 32768, "hidden": 8192}),
+              ("layer_norm", {"tokens": 32768, "hidden": 8192}))
+ROPE_CASES = (("rope", ops.ROPE[-1]),)
+QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NORM[0]),
+               ("rope", ops.QUICK_ROPE[0]))
+NORM_WARPS = (8, 16, 32)
+PROGRAMS_PER_SM = (1, 2, 4)
+ROPE_TILES = (2048, 4096, 8192, 16384)
+ROPE_WARPS = (4, 8)
+
+
+@contextlib.contextmanager
+def launch_settings(warps: int | None = None, programs_per_sm: int | None = None,
+                    rope_tile: int | None = None):
+    """Within the block the ops launch with these settings (None keeps the shipped one)."""
+    saved = [(module, name, getattr(module, name)) for module, name in
+             ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "warps_for"),
+              (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"))]
+    try:
+        if warps is not None:
+            for module in (rms_norm, layer_norm, rope):
+                module.warps_for = lambda block, warps=warps: warps
+        if programs_per_sm is not None:
+            _launch._PROGRAMS_PER_SM = programs_per_sm
+        if rope_tile is not None:
+            rope._MAX_TILE = rope_tile
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def grid(name: str, quick: bool) -> list[dict]:
+    """The settings swept for one op, the shipped default first."""
+    if name == "rope":
+        settings = [{"rope_tile": t, "warps": w} for t, w in itertools.product(ROPE_TILES, ROPE_WARPS)]
+    else:
+        settings = [{"warps": w, "programs_per_sm": p}
+                    for w, p in itertools.product(NORM_WARPS, PROGRAMS_PER_SM)]
+    return [{}] + (settings[:2] if quick else settings)
+
+
+def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: float) -> None:
+    """Time one op on one shape with one setting (``copy_rate``: the copy bandwidth, bytes/s)."""
+    op = ops.OPS_BY_NAME[name]
+    config = {"op": name, **shape, **(setting or {"default": True})}
+    inputs, grad_outputs = op.make(shape, "default")
+    leaves = [t for t in inputs.values() if t.requires_grad]
+    forward = op.fusetune()
+    with launch_settings(**setting):
+        try:
+            both = common.time_fwd_bwd(lambda: ops.forward_backward(forward, inputs, grad_outputs),
+                                       grad_to_none=leaves, **timing)
+            with torch.no_grad():
+                alone = common.time_fwd_bwd(lambda: forward(**inputs), **timing)
+        except Exception as exc:  # a setting the compiler rejects is recorded, not fatal
+            common.record("fusetune", config, common.TIME, None, common.describe(exc))
+            return
+    _, n_bytes = op.cost(shape, "default")
+    common.record("fusetune", config, common.TIME, both)
+    common.record("fusetune", {**config, "pass": "forward"}, common.TIME, alone)
+    fraction = n_bytes / (both / 1000) / copy_rate
+    common.record("fusetune", config, common.ROOFLINE, fraction)
+    print(f"{name} {common.shape_text(shape)} {setting or 'default'}: {both:.3f} ms "
+          f"(forward {alone:.3f}), {fraction:.2f} of copy", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tag", default="h200")
+    args = parser.parse_args()
+    common.open_results(args.out / f"rows-tuning-{args.tag}.jsonl")
+    timing = {"warmup": 1, "rep": 5} if args.quick else {"warmup": 25, "rep": 100}
+    copy_bytes = 2**20 if args.quick else 2**30
+    copy_rate = common.copy_bandwidth(copy_bytes, **timing)
+    common.record("device", {"op": "copy", "bytes": copy_bytes}, common.COPY, copy_rate / 1e9)
+    for name, shape in QUICK_CASES if args.quick else NORM_CASES + ROPE_CASES:
+        for setting in grid(name, args.quick):
+            measure(name, shape, setting, timing, copy_rate)
+            common.release()
+
+
+if __name__ == "__main__":
+    main()
