@@ -41,8 +41,10 @@ included), peak_reserved_gib, loss (step 1; ``losses`` all steps:
 step 1 runs identical weights and batch in every system, so its loss must agree), mfu (see
 ``e2e_models.flops_per_token``; against the H200's 989 TFLOP/s dense bf16). ``--profile DIR`` runs
 one more step under ``torch.profiler``, saves its Chrome trace in DIR and prints the top operators by
-host and by device time; ``--memory DIR`` runs one more with CUDA memory history and writes what is
-allocated at that step's peak (``bench/memory_peak.py``). ``--tiny`` runs tiny models of the same
+host and by device time; ``--memory DIR`` records CUDA memory history over the first step and over one
+more step after the run, and writes what is allocated at each one's peak (``bench/memory_peak.py``):
+``DIR/<case>-first-step.txt`` (the first step makes one-off allocations, and its peak counts in
+peak_allocated_gib) and ``DIR/<case>.txt`` (a steady step). ``--tiny`` runs tiny models of the same
 architectures (on a CPU too).
 
 Mixed lengths (``Q7VL-padded``, ``Q7VL-packed``; ``e2e_models.step_batches``): warm-up + timed steps of
@@ -71,6 +73,7 @@ search on a CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -292,12 +295,17 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     static = torch.cuda.memory_allocated() if cuda else None
     reset_host_peak()
     losses, seconds, step_peaks, reserved_peaks = [], [], [], []
-    for cpu_batch, _ in steps:
+    for index, (cpu_batch, _) in enumerate(steps):
         batch = patch_gpu.to_device(cpu_batch, dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        losses.append(train_step(trained, batch, optimizer))
+        if index == 0 and args.memory and cuda:  # a warm-up step: the recording's cost is not timed
+            losses.append(memory_peak.record_step(functools.partial(train_step, trained, batch, optimizer),
+                                                  args.memory / f"{case.slug}-first-step.txt",
+                                                  f"{case.slug} ({case.system}), first step"))
+        else:
+            losses.append(train_step(trained, batch, optimizer))
         seconds.append(time.perf_counter() - start)
         if cuda:
             step_peaks.append(torch.cuda.max_memory_allocated() / GIB)

@@ -1,7 +1,7 @@
 """What is allocated at the peak of a step: torch's CUDA memory history replayed to its highest point.
 
-``bench/e2e.py --memory DIR`` runs one more step of each worker with
-``torch.cuda.memory._record_memory_history`` on and writes ``DIR/<case>.txt`` from the snapshot:
+``bench/e2e.py --memory DIR`` runs the first step and one more step of each worker with
+``torch.cuda.memory._record_memory_history`` on and writes a report of each from its snapshot:
 the step's peak (bytes allocated during the step above what was live when it began) and the
 allocations live at that moment, grouped by the innermost Python frame in the code that asked for
 them (fusetune, transformers, peft, the anchors, the benchmark) and largest first. That says what a
@@ -71,14 +71,15 @@ def render(title: str, peak: int, groups: list[tuple[str, int, int]], top: int =
     return "\n".join(lines)
 
 
-def record_step(step, out: Path, title: str) -> None:
-    """Run ``step`` once with CUDA memory history on; write its peak report to ``out``."""
+def record_step(step, out: Path, title: str):
+    """Run ``step`` once with CUDA memory history on; write its peak report to ``out``. Returns what
+    ``step`` returns."""
     import torch
 
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
     try:
-        step()
+        result = step()
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
     finally:
@@ -87,3 +88,4 @@ def record_step(step, out: Path, title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(title, *peak_allocations(events)) + "\n")
     print(f"memory: peak report {out}", flush=True)
+    return result
