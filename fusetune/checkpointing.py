@@ -182,24 +182,35 @@ _VALUE_FREE_NODES = frozenset({"AddBackward0", "ToCopyBackward0", "ViewBackward0
 
 def _values_unread(outputs, skipped: list) -> bool:
     """Whether every autograd path from ``outputs`` to a ``skipped`` node runs only through nodes in
-    ``_VALUE_FREE_NODES``, so that no backward reads a value computed from a skipped output."""
+    ``_VALUE_FREE_NODES``, so that no backward reads a value computed from a skipped output.
+
+    The walk is an explicit stack, not a recursive closure: a closure that calls itself is a
+    reference cycle, and the nodes it had seen (the whole graph, saved activations included) would
+    then live until the garbage collector ran instead of being freed with the graph.
+    """
     targets = set(skipped)
-    reaches: dict = {}  # node -> whether a skipped node lies below it
+    reaches: dict = {}  # node -> whether a skipped node lies below it (skipped nodes themselves excluded)
 
-    def visit(node) -> bool:
-        if node is None:
-            return False
-        if node in targets:
-            return True
-        if node not in reaches:
-            reaches[node] = False  # a graph has no cycles; this only stops re-entry
-            below = [visit(child) for child, _ in node.next_functions]
-            reaches[node] = any(below)
-        return reaches[node]
+    def below(node) -> bool:
+        return node in targets or reaches.get(node, False)
 
-    found = [visit(out.grad_fn) for out in outputs]
+    for out in outputs:
+        stack = [out.grad_fn]
+        while stack:
+            node = stack[-1]
+            if node is None or node in targets or node in reaches:
+                stack.pop()
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            pending = [child for child in children if child not in targets and child not in reaches]
+            if pending:  # a graph has no cycles, so this ends; a shared child is resolved once
+                stack.extend(pending)
+                continue
+            reaches[node] = any(below(child) for child in children)
+            stack.pop()
+    found = [out.grad_fn is not None and below(out.grad_fn) for out in outputs]
     return any(found) and all(type(node).__name__ in _VALUE_FREE_NODES
-                              for node, below in reaches.items() if below)
+                              for node, reached in reaches.items() if reached)
 
 
 def _autocast_modes(device_type: str) -> list[tuple[str, bool, torch.dtype]]:

@@ -194,31 +194,39 @@ def test_recompute_skips_unread_mlp_outputs(monkeypatch, arch, skipped, tile_row
 
 
 def test_a_refused_skip_frees_its_graph_before_the_full_recompute(monkeypatch):
-    """Gemma 3 reads the MLP output, so its first recompute runs the layer twice: the first run's
-    outputs (and with them its graph) are gone before the second run starts, so the two graphs never
-    hold a layer's activations at once."""
-    from fusetune.checkpointing import _Call
+    """Gemma 3 reads the MLP output, so its first recompute runs the layer twice. The first run's
+    graph (its outputs, and the skipped MLP nodes that hold the saved activations) is gone before
+    the second run starts, by reference counting alone (the garbage collector is off), so two
+    graphs never hold a layer's activations at once."""
+    from fusetune import checkpointing
 
     device = _interpreted_kernels(monkeypatch)
     model = lora(tiny_model("gemma3_text", attn="eager", num_hidden_layers=2)).to(device)
     fusetune.apply(model)
     enable_checkpointing(model, offload=False)
-    earlier: list[weakref.ref] = []
-    recompute_runs = [0]
-    original = _Call.run
+    first_runs: list[weakref.ref] = []
+    full_runs = [0]
+    values_unread, run = checkpointing._values_unread, checkpointing._Call.run
 
-    def run(self, tensors):
-        if torch.is_grad_enabled():  # a recompute (the checkpointed forward runs without gradients)
-            assert all(ref() is None for ref in earlier), "an earlier recompute's outputs are still alive"
-            recompute_runs[0] += 1
-        outputs = original(self, tensors)
-        if torch.is_grad_enabled():
-            earlier.extend(weakref.ref(t) for t in outputs)
-        return outputs
+    def checked(outputs, skipped):
+        first_runs.extend(weakref.ref(x) for x in [*outputs, *skipped])
+        return values_unread(outputs, skipped)
 
-    monkeypatch.setattr(_Call, "run", run)
-    step(model, {k: v.to(device) for k, v in batch(length=7).items()})
-    assert recompute_runs[0] == 4  # two layers, each run with the skip, then in full
+    def counted(self, tensors):
+        if torch.is_grad_enabled() and first_runs:  # a recompute after a check
+            assert all(ref() is None for ref in first_runs), "the refused run's graph is still alive"
+            full_runs[0] += 1
+        return run(self, tensors)
+
+    monkeypatch.setattr(checkpointing, "_values_unread", checked)
+    monkeypatch.setattr(checkpointing._Call, "run", counted)
+    gc.collect()
+    gc.disable()
+    try:
+        step(model, {k: v.to(device) for k, v in batch(length=7).items()})
+    finally:
+        gc.enable()
+    assert len(first_runs) == 4 and full_runs[0] == 3  # per layer 1 output + 1 skipped node; 3 runs follow
 
 
 def test_values_unread_follows_every_path_to_the_skipped_node():
