@@ -8,6 +8,7 @@ scripts' plumbing can be exercised on a CPU machine with ``--quick``.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import gc
@@ -61,6 +62,19 @@ def open_results(path: Path) -> Path:
     path.write_text("")
     _RESULTS["path"] = path
     return path
+
+
+def sweep_arguments(description: str, stem: str, timing: dict) -> tuple[argparse.Namespace, dict]:
+    """The command line of a launch-setting sweep (``--out DIR``, ``--quick``, ``--tag``): parses it,
+    starts ``DIR/<stem>-<tag>.jsonl`` and returns the arguments with the do_bench timing to use
+    (``timing``, or a few short runs with --quick, which checks the plumbing on a CPU)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON lines")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs (plumbing)")
+    parser.add_argument("--tag", default="h200", help=f"results file is {stem}-<tag>.jsonl")
+    args = parser.parse_args()
+    open_results(args.out / f"{stem}-{args.tag}.jsonl")
+    return args, ({"warmup": 1, "rep": 5} if args.quick else timing)
 
 
 def record(system: str, config: dict, metric: str, value: float | None,

@@ -8,7 +8,6 @@ Run: ``python bench/tune_cross_entropy.py --out DIR`` (writes DIR/ce-tuning-<tag
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import sys
@@ -28,13 +27,7 @@ WARPS = (8, 16, 32)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tag", default="h200")
-    args = parser.parse_args()
-    common.open_results(args.out / f"ce-tuning-{args.tag}.jsonl")
-    timing = {"warmup": 1, "rep": 5} if args.quick else {"warmup": 10, "rep": 40}
+    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40})
     grid = list(itertools.product(PROGRAMS_PER_SM[:2] if args.quick else PROGRAMS_PER_SM,
                                   BLOCKS[:1] if args.quick else BLOCKS,
                                   WARPS[:1] if args.quick else WARPS))

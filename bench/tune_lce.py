@@ -8,7 +8,6 @@ Run on the GPU: ``python bench/tune_lce.py --out DIR`` writes DIR/lce-tuning-<ta
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -59,13 +58,7 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tag", default="h200")
-    args = parser.parse_args()
-    common.open_results(args.out / f"lce-tuning-{args.tag}.jsonl")
-    timing = {"warmup": 1, "rep": 5} if args.quick else {"warmup": 10, "rep": 50}
+    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "lce-tuning", {"warmup": 10, "rep": 50})
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         for trainable in (True, False):
             for chunk in (None, *(QUICK_CHUNKS if args.quick else CHUNKS)):

@@ -11,7 +11,6 @@ Run: ``python bench/tune_rows.py --out DIR [--quick]`` (writes DIR/rows-tuning-<
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import itertools
@@ -95,13 +94,7 @@ def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tag", default="h200")
-    args = parser.parse_args()
-    common.open_results(args.out / f"rows-tuning-{args.tag}.jsonl")
-    timing = {"warmup": 1, "rep": 5} if args.quick else {"warmup": 25, "rep": 100}
+    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning", {"warmup": 25, "rep": 100})
     copy_bytes = 2**20 if args.quick else 2**30
     copy_rate = common.copy_bandwidth(copy_bytes, **timing)
     common.record("device", {"op": "copy", "bytes": copy_bytes}, common.COPY, copy_rate / 1e9)
