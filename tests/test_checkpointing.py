@@ -302,16 +302,14 @@ def test_tuple_outputs_and_gradients_of_every_tensor_argument(frozen):
     assert_same_gradients(model, reference)
 
 
-def _distribute(model: nn.Module, how: str) -> nn.Module:
+def _distribute(model: nn.Module, how: str, mesh) -> nn.Module:
     """Wrap ``model`` for two CPU ranks: DDP (finding unused parameters or not) or FSDP2 per block."""
     if how.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, find_unused_parameters=how == "ddp_find_unused")
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (2,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -326,17 +324,22 @@ def _distributed_worker(rank: int, folder: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 2), rank=rank, world_size=2)
+    from tests.distributed.processes import gloo_mesh
+
+    mesh = gloo_mesh(rank, 2, folder)
     results = {}
     for how in DISTRIBUTED:
         model = _Stack().train()
         enable_checkpointing(model)
-        wrapped = _distribute(model, how)  # kept alive through backward: DDP's reducer lives in it
+        wrapped = _distribute(model, how, mesh)  # kept alive through backward: DDP's reducer lives in it
         wrapped(*_stack_inputs(rank)).backward()
         results[how] = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                         for name, p in model.named_parameters()}
     if rank == 0:
         torch.save(results, f"{folder}/grads.pt")
+    del model, wrapped, mesh
+    gc.collect()  # the sharded modules and the mesh go before the process group they use
+    dist.barrier()
     dist.destroy_process_group()
 
 
