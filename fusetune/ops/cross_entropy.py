@@ -283,9 +283,11 @@ class LabelCheck:
         self._ready = None
         if bad.is_cuda:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            # The copy is queued on the labels' device's current stream; the event goes on that
+            # stream too, whichever device is current.
             host.copy_(bad, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(bad.device))
             bad = host
         self._bad = bad
 
