@@ -137,7 +137,7 @@ if triton is not None:
 
     @triton.jit
     def _glu_backward_kernel(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
-                             n_elements, n_cols, grad_rs, gate_rs, up_rs,
+                             n_elements, n_cols, grad_rs, gate_rs, up_rs, dgate_rs, dup_rs,
                              ACTIVATION: tl.constexpr, STRIDED: tl.constexpr,
                              BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -149,8 +149,10 @@ if triton is not None:
         up = tl.load(up_ptr + _offsets(offs, n_cols, up_rs, STRIDED), mask=mask,
                      other=0.0).to(tl.float32)
         act, dact = _activation_and_grad(gate, ACTIVATION)
-        tl.store(dgate_ptr + offs, (grad * up * dact).to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dup_ptr + offs, (grad * act).to(dup_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgate_ptr + _offsets(offs, n_cols, dgate_rs, STRIDED),
+                 (grad * up * dact).to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dup_ptr + _offsets(offs, n_cols, dup_rs, STRIDED),
+                 (grad * act).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -191,17 +193,18 @@ def glu_backward_into(
 ) -> None:
     """Launch the backward kernel: ``dgate = grad * up * act'(gate)``, ``dup = grad * act(gate)``.
 
-    grad, gate, up: 2-D rows as in :func:`glu_forward_into`; dgate, dup: contiguous, same number
-    of elements. Each output may be one of the inputs (``grad``, ``gate`` or ``up``) when that
-    input is contiguous: each element is read before it is written, by the same program, so the
-    gradients can overwrite the incoming gradient or the saved activations in place.
+    grad, gate, up, dgate, dup: 2-D rows of one shape as in :func:`glu_forward_into` (unit column
+    stride, any row stride). Each output may be one of the inputs (``grad``, ``gate`` or ``up``):
+    each element is read before it is written, by the same program, so the gradients can
+    overwrite the incoming gradient or the saved activations in place (the fused LoRA MLP writes
+    them over column slices of its saved gate and up outputs).
     """
     n = gate.numel()
     if n:
         _glu_backward_kernel[_grid(n)](
             grad, gate, up, dgate, dup, n, gate.shape[1],
-            grad.stride(0), gate.stride(0), up.stride(0),
-            ACTIVATION=ACTIVATIONS[activation], STRIDED=_strided(grad, gate, up),
+            grad.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
+            ACTIVATION=ACTIVATIONS[activation], STRIDED=_strided(grad, gate, up, dgate, dup),
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
 
@@ -223,7 +226,7 @@ class _GLU(torch.autograd.Function):
         gate_rows, up_rows = ctx.saved_tensors
         dgate = torch.empty(ctx.shape, dtype=gate_rows.dtype, device=gate_rows.device)
         dup = torch.empty_like(dgate)
-        glu_backward_into(dgate, dup, _rows(grad_out), gate_rows, up_rows, ctx.activation)
+        glu_backward_into(_rows(dgate), _rows(dup), _rows(grad_out), gate_rows, up_rows, ctx.activation)
         return (
             dgate if ctx.needs_input_grad[0] else None,
             dup if ctx.needs_input_grad[1] else None,

@@ -53,7 +53,7 @@ from fusetune.ops.glu import (
     glu_forward_into,
     swiglu_reference,
 )
-from fusetune.ops.nf4 import dense_weight, is_4bit
+from fusetune.ops.nf4 import dense_slices, dense_weight, is_4bit
 
 
 class LoraWeights(NamedTuple):
@@ -275,24 +275,45 @@ def _lora_product(rows: torch.Tensor, group: _Group) -> torch.Tensor | None:
 
 
 def _project(rows: torch.Tensor, group: _Group) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Every projection's output (T, out_i) and the stacked LoRA-A product."""
+    """Every projection's output (T, out_i) and the stacked LoRA-A product.
+
+    A large 4-bit base weight is dequantised a slice of its rows at a time (``dense_slices``),
+    each slice's matmul writing its columns of the output; any other weight is one piece.
+    """
     dtype = group.dtype
     xa = _lora_product(rows, group)
     outs = []
     for p, lora_b, cols in zip(group.projections, group.b, group.slices, strict=True):
-        weight = dense_weight(p.weight, dtype)
         bias = None if p.bias is None else p.bias.to(dtype)
-        if cols is None:
-            y = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
-        else:  # the small LoRA product (plus bias) first; the base matmul adds onto it in its epilogue
-            if bias is None:
-                y = _scaled_mm(xa[:, cols], lora_b.t(), p.scale)
-            else:
-                y = torch.addmm(bias, xa[:, cols], lora_b.t(), alpha=p.scale)
-            y.addmm_(rows, weight.t())
-        del weight  # a dequantised copy goes before the next one is made
+        out_slices = dense_slices([p.weight], 0, dtype)
+        y = _output_start(rows, xa, p, lora_b, cols, bias, whole=len(out_slices) == 1)
+        adds = cols is not None or bias is not None  # else the slices of y start empty
+        for out_rows in out_slices:
+            weight = dense_weight(p.weight, dtype, rows=out_rows)
+            if y is None:  # one piece without LoRA: the matmul makes y, the bias in its epilogue
+                y = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+            else:  # onto the LoRA term, in the matmul's epilogue (a beta=1 add costs nothing)
+                y[:, out_rows].addmm_(rows, weight.t(), beta=1 if adds else 0)
+            del weight  # a dequantised copy goes before the next one is made
         outs.append(y)
     return outs, xa
+
+
+def _output_start(
+    rows: torch.Tensor, xa: torch.Tensor | None, p: LoraWeights, lora_b: torch.Tensor | None,
+    cols: slice | None, bias: torch.Tensor | None, whole: bool,
+) -> torch.Tensor | None:
+    """What a projection's base matmul adds onto: the small LoRA term (plus bias). Without LoRA:
+    None for a weight in one piece (its matmul makes the output), else the bias or an empty
+    buffer that the slices fill."""
+    if cols is not None:
+        if bias is None:
+            return _scaled_mm(xa[:, cols], lora_b.t(), p.scale)
+        return torch.addmm(bias, xa[:, cols], lora_b.t(), alpha=p.scale)
+    if whole:
+        return None
+    shape = (rows.shape[0], _weight_shape(p.weight)[0])
+    return rows.new_empty(shape) if bias is None else bias.expand(shape).contiguous()
 
 
 def _project_backward(
@@ -336,13 +357,21 @@ def _project_backward(
         del stacked_da
     dx = None
     if want_x:
-        if dxa is not None:
+        # dX = [scale_i dY_i @ B_i] @ [A_i] + sum_i dY_i @ W_i, the W_i in slices of their input
+        # columns when they are large 4-bit weights (each column of dX then sums the same terms).
+        fresh = dxa is None  # dX starts empty: each slice's first matmul writes rather than adds
+        if fresh:
+            dx = grads[0].new_empty(n_rows, _weight_shape(projections[0].weight)[1])
+        else:
             dx = torch.mm(dxa, group.stacked_a)
-        for i, p in enumerate(projections):
-            weight = dense_weight(p.weight, dtype)
-            dx = torch.mm(grads[i], weight) if dx is None else dx.addmm_(grads[i], weight)
-            del weight
-            grads[i] = None
+        in_slices = dense_slices([p.weight for p in projections], 1, dtype)
+        for k, in_cols in enumerate(in_slices):
+            for i, p in enumerate(projections):
+                weight = dense_weight(p.weight, dtype, cols=in_cols)
+                dx[:, in_cols].addmm_(grads[i], weight, beta=0 if fresh and i == 0 else 1)
+                del weight
+                if k == len(in_slices) - 1:
+                    grads[i] = None
     grads.clear()
     return dx, da, db
 
@@ -435,27 +464,33 @@ def _down_backward(
     down: _Group, activation: str, want_dh: bool, want_a: bool, want_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Down's dA and dB and, when ``want_dh``, the GLU's backward: e and g are overwritten in
-    place with de and dg. h (for dA) and dh are made one row tile at a time; dA is summed over
-    the tiles by cuBLAS in the compute dtype (float32 arithmetic, one rounding per tile)."""
+    place with de and dg. h (for dA, first: it reads e and g) and dh are made one row tile at a
+    time; dA is summed over the tiles by cuBLAS in the compute dtype (float32 arithmetic, one
+    rounding per tile). A large 4-bit down weight is dequantised a slice of its input columns at
+    a time, each giving those columns of dh, de and dg."""
     (p,) = down.projections
     dxa = None  # scale * dY @ B, (T, r)
     if p.a is not None and (want_dh or want_a):
         dxa = _scaled_mm(grad, down.b[0], p.scale)
     db = _scaled_mm(grad.t(), xa_down, p.scale).to(p.b.dtype) if want_b else None
-    weight = dense_weight(p.weight, down.dtype) if want_dh else None  # one copy for every tile
     da = None
-    for rows in _row_tiles(e.shape[0]):
-        if want_a:
+    if want_a:
+        for rows in _row_tiles(e.shape[0]):
             h = _hidden_tile(e, g, rows, activation)
             da = torch.mm(dxa[rows].t(), h) if da is None else da.addmm_(dxa[rows].t(), h)
             del h
-        if want_dh:
-            if dxa is None:
-                dh = torch.mm(grad[rows], weight)
-            else:
-                dh = torch.mm(dxa[rows], down.stacked_a).addmm_(grad[rows], weight)
-            glu_backward_into(e[rows], g[rows], dh, e[rows], g[rows], activation)
-            del dh
+    if want_dh:
+        for cols in dense_slices([p.weight], 1, down.dtype):
+            weight = dense_weight(p.weight, down.dtype, cols=cols)  # one copy for every tile
+            for rows in _row_tiles(e.shape[0]):
+                if dxa is None:
+                    dh = torch.mm(grad[rows], weight)
+                else:
+                    dh = torch.mm(dxa[rows], down.stacked_a[:, cols]).addmm_(grad[rows], weight)
+                e_tile, g_tile = e[rows, cols], g[rows, cols]
+                glu_backward_into(e_tile, g_tile, dh, e_tile, g_tile, activation)
+                del dh
+            del weight
     return (None if da is None else da.to(p.a.dtype)), db
 
 

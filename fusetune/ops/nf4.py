@@ -23,6 +23,7 @@ to the requested dtype: results equal ``bitsandbytes.functional.dequantize_4bit`
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -117,16 +118,16 @@ def _packed_bytes(packed: torch.Tensor, quant_state) -> torch.Tensor:
     return data
 
 
-def _check_out(out: torch.Tensor, quant_state, dtype: torch.dtype, device: torch.device) -> None:
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
     if (
-        tuple(out.shape) != tuple(quant_state.shape)
+        tuple(out.shape) != shape
         or out.dtype != dtype
         or out.device != device
         or not out.is_contiguous()
     ):
         raise ValueError(
             f"fusetune.dequantize_nf4: out must be a contiguous {dtype} tensor of shape "
-            f"{tuple(quant_state.shape)} on {device}; got {out.dtype} {tuple(out.shape)} on "
+            f"{shape} on {device}; got {out.dtype} {tuple(out.shape)} on "
             f"{out.device} (contiguous={out.is_contiguous()}). Allocate it with torch.empty."
         )
 
@@ -175,25 +176,31 @@ if triton is not None:
         n_bytes,
         n_out,
         n_blocks,
+        window_blocks,
+        row_blocks,
+        first_block,
         HALF: tl.constexpr,
         BLOCKS: tl.constexpr,
         NESTED: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
     ):
-        # A tile of BLOCKS quantisation blocks x HALF packed bytes (blocksize = 2 * HALF).
+        # A tile of BLOCKS output blocks x HALF packed bytes (blocksize = 2 * HALF). Output block b
+        # is source block first_block + (b // window_blocks) * row_blocks + b % window_blocks: the
+        # window's rows are window_blocks wide, the weight's row_blocks (the whole weight: equal).
         block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
         in_range = block < n_blocks
+        source = first_block + (block // window_blocks) * row_blocks + block % window_blocks
         if NESTED:
-            q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+            q = tl.load(absmax_ptr + source, mask=in_range, other=0).to(tl.int32)
             scale = tl.load(code2_ptr + q) * tl.load(
-                absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0
+                absmax2_ptr + source // BLOCKSIZE2, mask=in_range, other=0.0
             )
             scale = scale + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0).to(tl.float32)
+            scale = tl.load(absmax_ptr + source, mask=in_range, other=0.0).to(tl.float32)
 
-        byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+        byte = source[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        packed = tl.load(packed_ptr + byte, mask=in_range[:, None] & (byte < n_bytes), other=0).to(tl.int32)
         high = tl.load(table_ptr + (packed >> 4)) * scale[:, None]
         low = tl.load(table_ptr + (packed & 0xF)) * scale[:, None]
         values = tl.interleave(high, low)  # (BLOCKS, 2 * HALF): element 2j from high nibble j
@@ -202,16 +209,27 @@ if triton is not None:
         tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n_out)
 
 
+class _Window(NamedTuple):
+    """Which blocks one launch decodes: the whole weight, or a rectangle of whole blocks of a 2-D
+    weight (the kernel's ``window_blocks``, ``row_blocks`` and ``first_block``)."""
+
+    shape: tuple[int, ...]
+    grid: tuple[int]
+    n_out: int
+    n_blocks: int
+    window_blocks: int
+    row_blocks: int
+    first_block: int
+
+
 class _LaunchPlan(NamedTuple):
     """Everything one weight's kernel launch needs apart from ``out``, worked out once per weight."""
 
     source: tuple[int, int]  # the packed data's (address, bytes) when planned: reused only for those
     scales: tuple  # absmax, then (code2, absmax2, offset) with double quantisation (else unread)
     table: torch.Tensor
-    grid: tuple[int]
     n_bytes: int
-    n_out: int
-    n_blocks: int
+    whole: _Window
     constants: dict
 
 
@@ -246,33 +264,83 @@ def _launch_plan(packed: torch.Tensor, quant_state) -> _LaunchPlan:
     else:
         scales = (quant_state.absmax,) * 4  # only the first is read
         blocksize2 = 1
+    # The whole weight is one row of n_blocks blocks (the last one may be short).
+    whole = _Window(
+        tuple(quant_state.shape), (triton.cdiv(n_blocks, blocks),), n, n_blocks,
+        max(n_blocks, 1), max(n_blocks, 1), 0,
+    )
     plan = _LaunchPlan(
         source,
         scales,
         _nf4_table(data.device),
-        (triton.cdiv(n_blocks, blocks),),
         data.numel(),
-        n,
-        n_blocks,
+        whole,
         {"HALF": half, "BLOCKS": blocks, "NESTED": bool(quant_state.nested), "BLOCKSIZE2": blocksize2},
     )
     setattr(quant_state, _PLAN_ATTRIBUTE, plan)
     return plan
 
 
-def _dequantize_nf4_triton(packed: torch.Tensor, plan: _LaunchPlan, out: torch.Tensor) -> torch.Tensor:
-    if plan.n_out == 0:
+def _is_whole(rows: slice, cols: slice) -> bool:
+    return rows == slice(None) and cols == slice(None)
+
+
+def _window_bounds(quant_state, rows: slice, cols: slice) -> tuple[range, range]:
+    """The rows and columns of a window, checked: a 2-D weight whose rows are whole blocks, and
+    columns that start and stop on block boundaries (what :func:`dense_slices` proposes)."""
+    shape, blocksize = tuple(quant_state.shape), quant_state.blocksize
+    if len(shape) != 2 or shape[1] % blocksize:
+        raise ValueError(
+            f"fusetune.dequantize_nf4: a window needs a 2-D weight whose rows are whole blocks of "
+            f"{blocksize}; this one is {shape}. Dequantise it whole (rows and cols left out)."
+        )
+    row_range, col_range = range(*rows.indices(shape[0])), range(*cols.indices(shape[1]))
+    unit_steps = row_range.step == 1 and col_range.step == 1
+    if not unit_steps or col_range.start % blocksize or len(col_range) % blocksize:
+        raise ValueError(
+            f"fusetune.dequantize_nf4: window rows {rows}, cols {cols} of a {shape} weight must be "
+            f"unit-step slices whose columns start and end on multiples of the blocksize "
+            f"({blocksize}); take them from fusetune.ops.nf4.dense_slices."
+        )
+    return row_range, col_range
+
+
+def _window(plan: _LaunchPlan, quant_state, rows: slice, cols: slice) -> _Window:
+    if _is_whole(rows, cols):
+        return plan.whole
+    row_range, col_range = _window_bounds(quant_state, rows, cols)
+    blocksize = quant_state.blocksize
+    window_blocks, row_blocks = len(col_range) // blocksize, quant_state.shape[1] // blocksize
+    n_blocks = len(row_range) * window_blocks
+    return _Window(
+        (len(row_range), len(col_range)),
+        (triton.cdiv(n_blocks, plan.constants["BLOCKS"]),),
+        n_blocks * blocksize,
+        n_blocks,
+        max(window_blocks, 1),
+        row_blocks,
+        row_range.start * row_blocks + col_range.start // blocksize,
+    )
+
+
+def _dequantize_nf4_triton(
+    packed: torch.Tensor, plan: _LaunchPlan, window: _Window, out: torch.Tensor
+) -> torch.Tensor:
+    if window.n_out == 0:
         return out
     data = packed if packed.is_contiguous() else packed.contiguous()
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)  # the kernel reads bytes
-    _dequantize_nf4_kernel[plan.grid](
+    _dequantize_nf4_kernel[window.grid](
         data,
         *plan.scales,
         plan.table,
         out,
         plan.n_bytes,
-        plan.n_out,
-        plan.n_blocks,
+        window.n_out,
+        window.n_blocks,
+        window.window_blocks,
+        window.row_blocks,
+        window.first_block,
         **plan.constants,
         num_warps=_NUM_WARPS,
         enable_fp_fusion=False,
@@ -281,61 +349,92 @@ def _dequantize_nf4_triton(packed: torch.Tensor, plan: _LaunchPlan, out: torch.T
 
 
 def dequantize_nf4(
-    packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch.Tensor | None = None
+    packed: torch.Tensor,
+    quant_state,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    *,
+    rows: slice = slice(None),
+    cols: slice = slice(None),
 ) -> torch.Tensor:
     """The NF4 weight stored as ``packed`` + ``quant_state`` as a dense tensor of ``dtype``.
 
     packed: a bitsandbytes Params4bit's data (any storage dtype, read as bytes); quant_state: its
-    ``quant_state`` (nf4, nested or not); dtype: float32, bfloat16 or float16. ``out``: an optional
-    contiguous buffer of ``quant_state.shape`` and ``dtype`` to write into (and return), so a caller
-    can reuse one per layer. One Triton launch on CUDA (or under the interpreter), the reference
-    otherwise; both equal bitsandbytes' dequantize_4bit bit for bit.
+    ``quant_state`` (nf4, nested or not); dtype: float32, bfloat16 or float16. ``rows``, ``cols``:
+    a window ``weight[rows, cols]`` of a 2-D weight to decode instead of all of it (unit-step
+    slices, the columns on block boundaries: see :func:`dense_slices`), so a caller can bound the
+    dense memory a large weight needs. ``out``: an optional contiguous buffer of the result's shape
+    and ``dtype`` to write into (and return). One Triton launch on CUDA (or under the interpreter),
+    the reference otherwise; both equal bitsandbytes' dequantize_4bit bit for bit.
     """
     if not use_triton(packed):
         result = dequantize_nf4_reference(packed, quant_state, dtype)
+        if not _is_whole(rows, cols):
+            _window_bounds(quant_state, rows, cols)
+            result = result[rows, cols].contiguous()
         if out is not None:
-            _check_out(out, quant_state, dtype, packed.device)
+            _check_out(out, tuple(result.shape), dtype, packed.device)
         return result if out is None else out.copy_(result)
     _check_dtype(dtype)
     plan = _launch_plan(packed, quant_state)
+    window = _window(plan, quant_state, rows, cols)
     if out is None:
-        out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)
+        out = torch.empty(window.shape, dtype=dtype, device=packed.device)
     else:
-        _check_out(out, quant_state, dtype, packed.device)
-    return _dequantize_nf4_triton(packed, plan, out)
+        _check_out(out, window.shape, dtype, packed.device)
+    return _dequantize_nf4_triton(packed, plan, window, out)
 
 
 # --------------------------------------------------------------------------------------------
 # What the fused paths call
 # --------------------------------------------------------------------------------------------
-def _dequantize_bnb(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+# The most bytes a fused path dequantises a large 4-bit weight into at once: it takes the weight
+# in slices of rows or columns (dense_slices) rather than as one dense copy. At 32 MiB a Llama-3
+# 8B MLP weight (112 MiB in bf16) takes four slices, each still a full-speed matmul.
+DENSE_SLICE_BYTES = 32 * 2**20
+
+
+def _dequantize_bnb(
+    weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, rows: slice, cols: slice
+) -> torch.Tensor:
     """bitsandbytes' own dequantize_4bit (FP4 weights, or BACKEND == "bnb"). It writes the
     quantised weight's original dtype (another ``dtype`` costs a cast) and takes ``out`` on CUDA
-    only (its CPU backend has no out= variant)."""
+    only (its CPU backend has no out= variant). It has no windows: a window is cut from the whole
+    weight, so only fusetune's NF4 kernel saves the memory."""
     import bitsandbytes.functional as bnb_functional
 
     state = weight.quant_state
-    if out is not None and dtype == state.dtype and out.is_cuda:
+    whole = _is_whole(rows, cols)
+    if whole and out is not None and dtype == state.dtype and out.is_cuda:
         return bnb_functional.dequantize_4bit(weight.data, state, out=out)
     result = bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
+    if not whole:
+        result = result[rows, cols].contiguous()
     return result if out is None else out.copy_(result)
 
 
 def dense_weight(
-    weight: torch.Tensor, dtype: torch.dtype, *, out: torch.Tensor | None = None
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
+    rows: slice = slice(None),
+    cols: slice = slice(None),
 ) -> torch.Tensor:
-    """``weight`` as a dense (out, in) matrix of ``dtype``; a 4-bit weight is dequantised.
+    """``weight[rows, cols]`` as a dense matrix of ``dtype``; a 4-bit weight is dequantised.
 
-    A plain tensor is cast (returned as is, without a copy, when it already has ``dtype``; ``out``
-    is used only when a cast is needed). A bitsandbytes NF4 weight goes through
-    :func:`dequantize_nf4` (or bitsandbytes' dequantize_4bit when ``BACKEND == "bnb"``); other
-    4-bit types (FP4) always go to bitsandbytes' dequantize_4bit. ``out``: an optional buffer of
-    the weight's shape and ``dtype`` that receives the result.
+    A plain tensor is sliced and cast (a view, without a copy, when it already has ``dtype``;
+    ``out`` is used only when a cast is needed). A bitsandbytes NF4 weight goes through
+    :func:`dequantize_nf4`, which decodes just the window (or bitsandbytes' dequantize_4bit when
+    ``BACKEND == "bnb"``); other 4-bit types (FP4) always go to bitsandbytes' dequantize_4bit.
+    ``rows``/``cols``: the whole weight by default; windows of a 4-bit weight come from
+    :func:`dense_slices`. ``out``: an optional buffer of the result's shape and ``dtype``.
     """
     if not is_4bit(weight):
-        if out is None or weight.dtype == dtype:
-            return weight.to(dtype)
-        return out.copy_(weight)
+        window = weight if _is_whole(rows, cols) else weight[rows, cols]
+        if out is None or window.dtype == dtype:
+            return window.to(dtype)
+        return out.copy_(window)
     if BACKEND not in _BACKENDS:
         raise ValueError(f"fusetune.ops.nf4.BACKEND is {BACKEND!r}; set it to 'triton' or 'bnb'.")
     state = weight.quant_state
@@ -346,5 +445,33 @@ def dense_weight(
             "with gradients enabled before using fusetune's fused paths on it."
         )
     if state.quant_type == "nf4" and BACKEND == "triton":
-        return dequantize_nf4(weight.data, state, dtype, out=out)
-    return _dequantize_bnb(weight, dtype, out)
+        return dequantize_nf4(weight.data, state, dtype, out=out, rows=rows, cols=cols)
+    return _dequantize_bnb(weight, dtype, out, rows, cols)
+
+
+def dense_slices(weights: Sequence[torch.Tensor], dim: int, dtype: torch.dtype) -> list[slice]:
+    """Slices along ``dim`` (0: rows, 1: columns) of weights that share that dim, such that
+    ``dense_weight(w, dtype, rows=s)`` (or ``cols=s``) is at most ``DENSE_SLICE_BYTES`` for each.
+
+    Only 4-bit NF4 weights decoded by fusetune's kernel are sliced: a plain weight is a view
+    anyway and bitsandbytes has no windows, so otherwise (and for weights that fit, or whose rows
+    are not whole quantisation blocks) the answer is ``[slice(None)]``, one piece. Slices start on
+    multiples of the largest blocksize: column slices must be whole blocks, and row slices, which
+    become column slices of a matmul's output, stay aligned for cuBLAS.
+    """
+    sliced = [w for w in weights if is_4bit(w)]
+    if not sliced or BACKEND != "triton" or any(w.quant_state.quant_type != "nf4" for w in sliced):
+        return [slice(None)]
+    shapes = [tuple(w.quant_state.shape) for w in sliced]
+    blocksize = max(w.quant_state.blocksize for w in sliced)
+    if any(len(s) != 2 or s[1] % blocksize for s in shapes):
+        return [slice(None)]
+    length = shapes[0][dim]
+    unit = blocksize  # column slices must be whole blocks; row slices so keep outputs aligned
+    widest = max(s[1 - dim] for s in shapes) * dtype.itemsize
+    most = max(DENSE_SLICE_BYTES // widest // unit, 1) * unit
+    if most >= length:
+        return [slice(None)]
+    pieces = -(-length // most)
+    step = -(-length // (pieces * unit)) * unit  # as even as the units allow, never above most
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]

@@ -160,6 +160,26 @@ def test_launchers_into_buffers(activation):
         checks.assert_close_to_float64(o, e, torch.float32, f"{activation} {name}")
 
 
+def test_backward_into_column_slices_in_place():
+    """The fused LoRA MLP writes dgate and dup over a column slice of its saved gate and up: the
+    slice gets the gradients (vs float64 maths), everything outside it stays as it was."""
+    if not use_triton(torch.empty(0, device=checks.DEVICE)):
+        pytest.skip("the launchers run the Triton kernels")
+    gen = torch.Generator().manual_seed(4)
+    gate, up = ((torch.randn(9, 150, generator=gen) * 3).to(checks.DEVICE) for _ in range(2))
+    rows, cols = slice(2, 7), slice(64, 128)
+    grad = torch.randn(5, 64, generator=gen).to(checks.DEVICE)
+    exact = run(lambda g, u: F.silu(g) * u, gate[rows, cols], up[rows, cols], grad,
+                cast=torch.Tensor.double)
+    before_gate, before_up = gate.clone(), up.clone()
+    glu_backward_into(gate[rows, cols], up[rows, cols], grad, gate[rows, cols], up[rows, cols], "silu")
+    for name, o, e in zip(("dgate", "dup"), (gate[rows, cols], up[rows, cols]), exact[1:], strict=True):
+        checks.assert_close_to_float64(o, e, torch.float32, name)
+    for new, old in ((gate, before_gate), (up, before_up)):
+        new[rows, cols], old[rows, cols] = 0, 0
+        assert torch.equal(new, old)
+
+
 def test_block_is_flat_and_large():
     assert glu_module._BLOCK >= 1024 and glu_module._BLOCK & (glu_module._BLOCK - 1) == 0
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusetune.ops import lora as lora_module
+from fusetune.ops import nf4 as nf4_module
 from fusetune.ops._launch import use_triton
 from fusetune.ops.lora import (
     LoraWeights,
@@ -288,6 +289,49 @@ def test_4bit_base(hidden_tile_rows):
     check_mlp(x, mlp, "gelu_tanh", "bf16_autocast", "nf4 mlp")
 
 
+def test_4bit_base_in_slices(hidden_tile_rows, monkeypatch):
+    """Large 4-bit weights are dequantised in slices (DENSE_SLICE_BYTES is made small here so that
+    every weight below takes two or three): forward over slices of a weight's rows, dX and down's
+    dh over slices of its columns, the GLU gradients written over column slices of e and g. The
+    results match the reference and float64 maths, and no dense copy is larger than a slice."""
+    budget = 192 * 64 * 2  # a bf16 slice of 64 columns of the (192, 128) weights
+    monkeypatch.setattr(nf4_module, "DENSE_SLICE_BYTES", budget)
+    hidden, inter = 128, 192
+    gen = torch.Generator().manual_seed(16)
+
+    def nf4(p, bias=False):
+        out = _weight_out(p)
+        return p._replace(weight=quantized(p.weight),
+                          bias=torch.randn(out, generator=gen).to(torch.bfloat16) if bias else None)
+
+    qkv = [nf4(projection(gen, inter, hidden, 8, torch.bfloat16), bias=True),  # LoRA and bias
+           nf4(projection(gen, hidden, hidden, None, torch.bfloat16)),  # base only
+           nf4(projection(gen, hidden, hidden, None, torch.bfloat16), bias=True)]  # base and bias
+    mlp = [nf4(projection(gen, out, inp, 4, torch.bfloat16))
+           for out, inp in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    x = torch.randn(2, 19, hidden, generator=gen).to(checks.DEVICE, torch.bfloat16).requires_grad_()
+    check_linear(x, qkv, "bf16_autocast", "sliced nf4 qkv")
+    check_mlp(x, mlp, "silu", "bf16_autocast", "sliced nf4 mlp")
+
+    sizes = []
+
+    def recorded_dense_weight(weight, dtype, **window):
+        dense = dense_weight(weight, dtype, **window)
+        sizes.append(dense.numel() * dense.element_size())
+        return dense
+
+    monkeypatch.setattr(lora_module, "dense_weight", recorded_dense_weight)
+    with torch.autocast(checks.DEVICE, dtype=torch.bfloat16):
+        outs = [*lora_linear(x, *qkv), lora_glu_mlp(x, *mlp, "silu")]
+    sum(o.float().sum() for o in outs).backward()
+    whole = inter * hidden * 2
+    assert len(sizes) >= 2 * 9 and max(sizes) <= budget < whole  # 9 weight reads, each in pieces
+
+
+def _weight_out(p: LoraWeights) -> int:
+    return p.weight.shape[0]
+
+
 def test_empty_rows():
     gen = torch.Generator().manual_seed(9)
     p = projection(gen, 40, HIDDEN, 4, torch.float32)
@@ -325,8 +369,8 @@ def test_dense_weights_not_kept(four_bit, monkeypatch):
         projections = [p._replace(weight=quantized(p.weight)) for p in projections]
     live, peak, calls = set(), [0], [0]
 
-    def tracked_dense_weight(weight, dtype):
-        dense = dense_weight(weight, dtype)
+    def tracked_dense_weight(weight, dtype, **window):
+        dense = dense_weight(weight, dtype, **window)
         if dense is weight:  # a copy made earlier, reused over row tiles
             return dense
         calls[0] += 1

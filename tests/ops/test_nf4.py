@@ -158,6 +158,47 @@ def test_bad_input_is_named():
         dequantize_nf4(fp4_packed, fp4_state, torch.float32)
 
 
+# Windows of a 9 x 2048 weight (blocksize 64: 32 blocks a row, 288 in all, so double quantisation
+# has two nested groups of 256 blocks, the second from row 8): rows alone, columns alone, both
+# (across the nested groups), a single block, and an empty one.
+WINDOWS = (
+    (slice(2, 7), slice(None)),
+    (slice(None), slice(64, 1024)),
+    (slice(1, 9), slice(1920, 2048)),
+    (slice(8, 9), slice(0, 64)),
+    (slice(3, 3), slice(64, 128)),
+)
+
+
+@pytest.mark.parametrize("dtype", checks.DTYPES, ids=str)
+@pytest.mark.parametrize("nested", (False, True), ids=("fp32_absmax", "double_quant"))
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_window_matches_the_slice_of_the_whole(window, nested, dtype):
+    """A window decodes exactly the values of the same slice of bitsandbytes' whole weight."""
+    rows, cols = window
+    packed, state = quantized((9, 2048), 64, nested)
+    expected = bnb_dequantize(packed, state, dtype)[rows, cols]
+    assert torch.equal(dequantize_nf4_reference(packed, state, dtype)[rows, cols], expected)
+    out = dequantize_nf4(packed, state, dtype, rows=rows, cols=cols)
+    assert out.is_contiguous()
+    assert_kernel_matches(out, expected, dtype)
+
+
+def test_window_out_buffer_and_bad_windows():
+    packed, state = quantized((9, 320))
+    out = torch.empty(4, 128, dtype=torch.float32, device=checks.DEVICE)
+    assert dequantize_nf4(packed, state, torch.float32, out, rows=slice(1, 5), cols=slice(64, 192)) is out
+    assert torch.equal(out, bnb_dequantize(packed, state, torch.float32)[1:5, 64:192])
+    misaligned = ((slice(None), slice(32, 128)), (slice(None), slice(0, 100)), (slice(0, 9, 2), slice(None)))
+    for rows, cols in misaligned:
+        with pytest.raises(ValueError, match="multiples of the blocksize"):
+            dequantize_nf4(packed, state, torch.float32, rows=rows, cols=cols)
+    packed, state = quantized((37, 70))  # rows are not whole blocks
+    with pytest.raises(ValueError, match="rows are whole blocks"):
+        dequantize_nf4(packed, state, torch.float32, rows=slice(0, 3))
+
+
+
 # --------------------------------------------------------------------------------------------
 # dense_weight
 # --------------------------------------------------------------------------------------------
@@ -205,3 +246,23 @@ def test_dense_weight_rejects_bad_backend(monkeypatch):
     monkeypatch.setattr(nf4, "BACKEND", "cuda")
     with pytest.raises(ValueError, match="'triton' or 'bnb'"):
         dense_weight(linear4bit().weight, torch.float32)
+
+
+def test_dense_slices(monkeypatch):
+    """Slices that keep every dense piece within DENSE_SLICE_BYTES, as even as they can be: column
+    slices on block boundaries, shared by weights of the same input width; one piece for what need
+    not be cut."""
+    monkeypatch.setattr(nf4, "DENSE_SLICE_BYTES", 150 * 256 * 2)  # 150 bf16 rows of 256
+    big, small = linear4bit(shape=(300, 256)).weight, linear4bit(shape=(8, 256)).weight
+    # rows: 150 fit, 128 in whole blocks of 64, so three slices, as even as blocks allow
+    assert nf4.dense_slices([big], 0, torch.bfloat16) == [slice(0, 128), slice(128, 256), slice(256, 300)]
+    # columns: 300 rows x 2 bytes -> 128 columns fit, two blocks of 64
+    assert nf4.dense_slices([big, small], 1, torch.bfloat16) == [slice(0, 128), slice(128, 256)]
+    assert nf4.dense_slices([small], 0, torch.bfloat16) == [slice(None)]  # fits
+    assert nf4.dense_slices([torch.zeros(300, 256)], 0, torch.bfloat16) == [slice(None)]  # plain
+    assert nf4.dense_slices([linear4bit(shape=(300, 70)).weight], 0, torch.bfloat16) == [slice(None)]
+    monkeypatch.setattr(nf4, "BACKEND", "bnb")
+    assert nf4.dense_slices([big], 0, torch.bfloat16) == [slice(None)]
+    monkeypatch.setattr(nf4, "BACKEND", "triton")
+    pieces = [dense_weight(big, torch.float32, cols=c) for c in nf4.dense_slices([big], 1, torch.float32)]
+    assert torch.equal(torch.cat(pieces, dim=1), dense_weight(big, torch.float32))
