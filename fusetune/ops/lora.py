@@ -24,7 +24,11 @@ small kernels per layer and autograd saves every intermediate. Here one autograd
 Base weights are read through ``fusetune.ops.nf4.dense_weight`` in forward and again in backward
 and each dense copy is dropped as soon as its matmul (or its loop over row tiles) is done: ctx
 keeps only the weight objects, so a 4-bit model never holds more than one dequantised matrix.
-The base weight must be frozen.
+A large 4-bit weight (an MLP's, 112 MiB in bf16 at Llama-3 8B's size) is not even made whole:
+it is dequantised in slices of at most ``nf4.DENSE_SLICE_BYTES`` (``nf4.dense_slices``), slices
+of its rows in forward (each gives columns of the output) and of its columns in backward (each
+gives columns of dX, or of down's dh, de and dg), so every output element is still one matmul
+over the full inner dimension. The base weight must be frozen.
 
 Matmuls run in the compute dtype (autocast's when autocast is on for x's device, else x's dtype);
 A and B are cast to it, their gradients are returned in their own dtype (float32 adapters under
