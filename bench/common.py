@@ -64,14 +64,20 @@ def open_results(path: Path) -> Path:
     return path
 
 
-def sweep_arguments(description: str, stem: str, timing: dict) -> tuple[argparse.Namespace, dict]:
-    """The command line of a launch-setting sweep (``--out DIR``, ``--quick``, ``--tag``): parses it,
-    starts ``DIR/<stem>-<tag>.jsonl`` and returns the arguments with the do_bench timing to use
-    (``timing``, or a few short runs with --quick, which checks the plumbing on a CPU)."""
+def sweep_arguments(
+    description: str, stem: str, timing: dict,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[argparse.Namespace, dict]:
+    """The command line of a launch-setting sweep (``--out DIR``, ``--quick``, ``--tag``, and what
+    ``more`` adds): parses it, starts ``DIR/<stem>-<tag>.jsonl`` and returns the arguments with
+    the do_bench timing to use (``timing``, or a few short runs with --quick, which checks the
+    plumbing on a CPU)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON lines")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few runs (plumbing)")
     parser.add_argument("--tag", default="h200", help=f"results file is {stem}-<tag>.jsonl")
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
     open_results(args.out / f"{stem}-{args.tag}.jsonl")
     return args, ({"warmup": 1, "rep": 5} if args.quick else timing)

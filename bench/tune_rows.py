@@ -2,11 +2,13 @@
 they fall short of 80% of copy bandwidth, so that their defaults are measured, not guessed.
 
 The ops take num_warps from the row width (``_launch.warps_for``), the backward's persistent grid
-from ``_launch._PROGRAMS_PER_SM`` and RoPE's tile from ``rope._MAX_TILE``. For each configuration
+from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
+``_launch.backward_rows`` and RoPE's tile from ``rope._MAX_TILE``. For each configuration
 this sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
 inputs and records the fraction of the copy bandwidth measured in the same run (bench/ops.py's byte
 counts); ``default`` rows are the shipped settings.
-Run: ``python bench/tune_rows.py --out DIR [--quick]`` (writes DIR/rows-tuning-<tag>.jsonl).
+Run: ``python bench/tune_rows.py --out DIR [--quick] [--ops add_rms_norm ...]`` (writes
+DIR/rows-tuning-<tag>.jsonl).
 """
 
 from __future__ import annotations
@@ -33,21 +35,28 @@ QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NOR
                ("rope", ops.QUICK_ROPE[0]))
 NORM_WARPS = (8, 16, 32)
 PROGRAMS_PER_SM = (1, 2, 4)
+# add_rms_norm's backward: rows per program at once (1 is the sweep above), with the warps and
+# programs per SM that register pressure leaves sensible for them.
+RMS_BACKWARD_ROWS = (2, 4)
+RMS_ROWS_WARPS = (16, 32)
+RMS_ROWS_PROGRAMS = (1, 2)
 ROPE_TILES = (2048, 4096, 8192, 16384)
 ROPE_WARPS = (4, 8)
 
 
 @contextlib.contextmanager
 def launch_settings(warps: int | None = None, programs_per_sm: int | None = None,
-                    rope_tile: int | None = None):
+                    rope_tile: int | None = None, backward_rows: int | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "warps_for"),
-              (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"))]
+              (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"))]
     try:
         if warps is not None:
             for module in (rms_norm, layer_norm, rope):
                 module.warps_for = lambda block, warps=warps: warps
+        if backward_rows is not None:
+            rms_norm.backward_rows = lambda block, rows=backward_rows: rows
         if programs_per_sm is not None:
             _launch._PROGRAMS_PER_SM = programs_per_sm
         if rope_tile is not None:
@@ -65,6 +74,10 @@ def grid(name: str, quick: bool) -> list[dict]:
     else:
         settings = [{"warps": w, "programs_per_sm": p}
                     for w, p in itertools.product(NORM_WARPS, PROGRAMS_PER_SM)]
+    if name == "add_rms_norm":
+        rows_first = [{"backward_rows": r, "warps": w, "programs_per_sm": p} for r, w, p in
+                      itertools.product(RMS_BACKWARD_ROWS, RMS_ROWS_WARPS, RMS_ROWS_PROGRAMS)]
+        settings = rows_first + settings
     return [{}] + (settings[:2] if quick else settings)
 
 
@@ -94,11 +107,18 @@ def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: floa
 
 
 def main() -> None:
-    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning", {"warmup": 25, "rep": 100})
+    def choose_ops(parser):
+        parser.add_argument("--ops", nargs="+", choices=[name for name, _ in NORM_CASES + ROPE_CASES],
+                            help="sweep only these ops (default: all)")
+
+    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning",
+                                          {"warmup": 25, "rep": 100}, choose_ops)
     copy_bytes = 2**20 if args.quick else 2**30
     copy_rate = common.copy_bandwidth(copy_bytes, **timing)
     common.record("device", {"op": "copy", "bytes": copy_bytes}, common.COPY, copy_rate / 1e9)
     for name, shape in QUICK_CASES if args.quick else NORM_CASES + ROPE_CASES:
+        if args.ops and name not in args.ops:
+            continue
         for setting in grid(name, args.quick):
             measure(name, shape, setting, timing, copy_rate)
             common.release()

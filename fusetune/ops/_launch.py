@@ -79,6 +79,16 @@ def warps_for(block: int) -> int:
     return 4
 
 
+# Rows a persistent backward program has in flight at once, by block width (widths not listed:
+# one). bench/tune_rows.py measures the choice.
+_BACKWARD_ROWS: dict[int, int] = {}
+
+
+def backward_rows(block: int) -> int:
+    """Rows each program of a persistent row-loop backward loads at once, for rows of ``block``."""
+    return _BACKWARD_ROWS.get(block, 1)
+
+
 # Programs per SM in a persistent backward grid; under the interpreter a few programs suffice
 # (and still make each program loop over several rows).
 _PROGRAMS_PER_SM = 2

@@ -5,8 +5,9 @@
 add that precedes every such norm in a decoder layer, in the same pass over memory.
 
 Both share one forward kernel (one program per row, ``HAS_RESIDUAL`` switching the add on) and one
-backward kernel (a bounded, persistent grid: each program walks many rows and keeps its own fp32
-partial sum of the weight gradient; ``sum_partials`` adds those up). The backward recomputes the
+backward kernel (a bounded, persistent grid: each program walks many rows, ``backward_rows`` of
+them at a time, and keeps its own fp32 partial sum of the weight gradient; ``sum_partials`` adds
+those up). The backward recomputes the
 normalised row from the saved input and one fp32 ``rstd`` per row instead of storing the output.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from fusetune.ops._launch import (
     as_rows,
+    backward_rows,
     block_for,
     check_float,
     check_row_width,
@@ -71,10 +73,11 @@ if triton is not None:
         DY, H, W, RSTD, DS, DX, DW_PARTIAL,
         stride_dy, stride_h, stride_ds, n_rows, n_cols, offset,
         HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, GEMMA: tl.constexpr,
-        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr,
+        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
-        # Persistent: program p handles rows p, p + P, p + 2P, ... and writes one row of
-        # DW_PARTIAL (fp32, P x n_cols). DX is contiguous, n_cols wide.
+        # Persistent: program p handles the groups of ROWS rows p, p + P, p + 2P, ... (ROWS rows in
+        # flight at once) and writes one row of DW_PARTIAL (fp32, P x n_cols). DX is contiguous,
+        # n_cols wide.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -85,15 +88,18 @@ if triton is not None:
             else:
                 scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
         if COMPUTE_DW:
-            dw = tl.zeros((BLOCK,), dtype=tl.float32)
-        for row in range(pid, n_rows, tl.num_programs(0)):
-            row64 = tl.cast(row, tl.int64)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
+            dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+        for first in range(pid * ROWS, n_rows, tl.num_programs(0) * ROWS):
+            rows = first + tl.arange(0, ROWS)
+            rows64 = tl.cast(rows, tl.int64)[:, None]
+            in_rows = rows < n_rows
+            tile = in_rows[:, None] & mask[None, :]
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            h = tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]
             normed = h * rstd
             if HAS_WEIGHT:
-                dnormed = dy * scale
+                dnormed = dy * scale[None, :]
             else:
                 dnormed = dy
             if COMPUTE_DW:
@@ -101,12 +107,12 @@ if triton is not None:
                     dw += dy * normed
                 else:
                     dw += dy * normed.to(H.dtype.element_ty).to(tl.float32)
-            dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=0) / n_cols))
+            dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=1) / n_cols)[:, None])
             if HAS_DSUM:
-                dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            tl.store(DX + rows64 * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=tile)
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
+            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=mask)
 
 
 def _rms_output_dtype(x: torch.Tensor, weight: torch.Tensor | None, gemma: bool) -> torch.dtype:
@@ -149,7 +155,8 @@ class _RMSNorm(torch.autograd.Function):
         dy_rows = as_rows(dy)
         ds_rows = None if dsum is None else as_rows(dsum)
         dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
-        programs = persistent_programs(n_rows, h.device)
+        rows_at_once = backward_rows(block)
+        programs = persistent_programs(triton.cdiv(n_rows, rows_at_once), h.device)
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, h.device)
         _rms_norm_backward_kernel[(programs,)](
@@ -157,7 +164,7 @@ class _RMSNorm(torch.autograd.Function):
             dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
             n_rows, n_cols, ctx.offset,
             HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
-            COMPUTE_DW=need_dw, BLOCK=block, num_warps=warps_for(block),
+            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         # x and residual enter the normalised sum alike, so they get the same gradient.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -13,6 +15,9 @@ from fusetune.ops.rms_norm import (
     rms_norm_reference,
 )
 from tests.ops import checks
+
+# The module (fusetune.ops exports the function under the same name).
+rms_norm_module = importlib.import_module("fusetune.ops.rms_norm")
 
 
 def randn(gen, shape, dtype, scale=1.0):
@@ -144,6 +149,17 @@ def test_add_rms_norm_matches_references(gen, dtype, cast, offset):
     # float32 -> bfloat16 instead of rounding to nearest, so bf16 is only exact when compiled.
     if dtype != torch.bfloat16 or checks.DEVICE == "cuda":
         assert torch.equal(summed, x.detach() + residual.detach())
+
+
+@pytest.mark.parametrize("rows_at_once", (2, 4))
+@pytest.mark.parametrize("cast", ["llama", "gemma"])
+def test_backward_with_several_rows_at_once(gen, monkeypatch, rows_at_once, cast):
+    """The backward's programs load ``backward_rows`` rows at a time: 15 rows over 4 programs
+    leave a part-filled last group, and every program's weight-gradient partial still counts."""
+    monkeypatch.setattr(rms_norm_module, "backward_rows", lambda block: rows_at_once)
+    x, residual, weight = inputs(gen, (3, 5, 37), torch.float32, residual=True)
+    check_op(add_rms_norm, add_rms_norm_reference, (x, residual, weight), torch.float32, gen,
+             offset=1.0 if cast == "gemma" else 0.0, cast=cast)
 
 
 def test_add_rms_norm_normed_output_only(gen):
