@@ -5,7 +5,8 @@
 For each trace: the span from the first to the last GPU activity, the time the GPU was busy (the union
 of kernel, copy and memset intervals over all streams) and so how long it sat idle, the busy time by
 kind of work (matmuls, attention, NCCL, copies, the rest by kernel name), the idle gaps by length
-(launch latency, or the host falling behind), and the kernels that took the most time.
+(launch latency, or the host falling behind), what the host was doing during the long ones, and
+the kernels that took the most time.
 ``bench/e2e.py --profile DIR`` writes such traces; this tells whether a step is bound by the GPU's
 work (and which work) or by the host leaving the GPU idle.
 """
@@ -72,11 +73,75 @@ def idle_gaps(intervals: list[tuple[float, float]]) -> dict[str, tuple[int, floa
     return gaps
 
 
+# Host-side events: what the launching thread was doing while the GPU sat idle.
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+LONG_GAP_US = 200.0
+BETWEEN_OPS = "(no op: Python between ops)"
+
+
+def innermost_segments(events: list[dict]) -> list[tuple[float, float, str]]:
+    """One thread's host events flattened into (start, end, innermost event's name) segments;
+    time covered by no event is left out. Events are taken as nested (profiler ranges are)."""
+    segments: list[tuple[float, float, str]] = []
+    stack: list[tuple[float, str]] = []  # (end, name), innermost last
+    cursor = float("-inf")
+
+    def close_until(time: float) -> None:
+        nonlocal cursor
+        while stack and stack[-1][0] <= time:
+            end, name = stack.pop()
+            if end > cursor:
+                segments.append((cursor, end, name))
+                cursor = end
+
+    for event in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
+        start = event["ts"]
+        close_until(start)
+        if stack and start > cursor:
+            segments.append((cursor, start, stack[-1][1]))
+        stack.append((start + event["dur"], event["name"]))
+        cursor = start
+    close_until(float("inf"))
+    return [(a, b, name) for a, b, name in segments if b > a]
+
+
+def host_during_long_gaps(events: list[dict], min_gap: float = LONG_GAP_US) -> dict[str, float]:
+    """For every idle gap of at least ``min_gap`` us: what the thread that launched the kernel
+    ending the gap was doing meanwhile (its innermost host event, or Python between ops), as total
+    us per name. A long gap spent in a synchronising call is a wait; one spent in many small ops
+    is the host falling behind."""
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    threads: dict[tuple, list[dict]] = defaultdict(list)
+    for event in events:
+        if event.get("cat") in HOST_CATEGORIES:
+            threads[(event.get("pid"), event.get("tid"))].append(event)
+    segments = {key: innermost_segments(host) for key, host in threads.items()}
+    totals: dict[str, float] = defaultdict(float)
+    end = None
+    for event in gpu:
+        start = event["ts"]
+        launch = launches.get(event.get("args", {}).get("correlation"))
+        if end is not None and start - end >= min_gap and launch is not None:
+            covered = 0.0
+            for a, b, name in segments.get((launch.get("pid"), launch.get("tid")), []):
+                overlap = min(b, start) - max(a, end)
+                if overlap > 0:
+                    totals[name] += overlap
+                    covered += overlap
+            totals[BETWEEN_OPS] += (start - end) - covered
+        end = start + event["dur"] if end is None else max(end, start + event["dur"])
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def summarise(events: list[dict], top: int) -> dict:
     """Span, busy and idle microseconds, busy time per kind, and the ``top`` kernels by total time."""
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     if not gpu:
-        return {"span_us": 0.0, "busy_us": 0.0, "idle_fraction": None, "kinds": {}, "top": [], "gaps": {}}
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_fraction": None, "kinds": {}, "top": [], "gaps": {},
+                "host_in_long_gaps": {}}
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
     span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
     busy = union_length(intervals)
@@ -89,7 +154,8 @@ def summarise(events: list[dict], top: int) -> dict:
     ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
     return {"span_us": span, "busy_us": busy, "idle_fraction": 1 - busy / span if span else None,
             "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
-            "top": [(name, count, total) for name, (count, total) in ranked], "gaps": idle_gaps(intervals)}
+            "top": [(name, count, total) for name, (count, total) in ranked], "gaps": idle_gaps(intervals),
+            "host_in_long_gaps": host_during_long_gaps(events)}
 
 
 def render(path: Path, summary: dict) -> str:
@@ -104,6 +170,11 @@ def render(path: Path, summary: dict) -> str:
     lines.append("  idle gaps by length (no stream busy): count, total ms")
     lines += [f"    {label:16s} {count:6d} {total / 1e3:9.1f}"
               for label, (count, total) in summary["gaps"].items()]
+    if summary["host_in_long_gaps"]:
+        lines.append(f"  the launching thread during gaps of {LONG_GAP_US:.0f} us and over: "
+                     f"ms, innermost host event")
+        lines += [f"    {total / 1e3:9.2f}  {name[:110]}"
+                  for name, total in list(summary["host_in_long_gaps"].items())[:15]]
     lines.append("  top kernels: calls, total ms, name")
     lines += [f"    {count:6d} {total / 1e3:9.2f}  {name[:110]}" for name, count, total in summary["top"]]
     return "\n".join(lines)

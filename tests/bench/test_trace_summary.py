@@ -44,3 +44,28 @@ def test_no_gpu_events(tmp_path):
     path.write_text(json.dumps([event("aten::mm", 0, 5, cat="cpu_op")]))
     summary = trace_summary.summarise(trace_summary.load_events(path), top=5)
     assert "no GPU activity" in trace_summary.render(path, summary)
+
+
+def test_host_during_long_gaps():
+    """A 390 us gap (10 to 400) ended by a kernel launched from thread 1, which spent it in an
+    autograd node (170 us of its own), a synchronising call inside it (200 us), the launch itself
+    (3 us) and Python between ops (17 us); thread 2's op and the short gap do not count."""
+    def on(thread, e, correlation=None):
+        e.update(pid=1, tid=thread)
+        if correlation is not None:
+            e["args"] = {"correlation": correlation}
+        return e
+
+    events = [
+        on(1, event("gemm", 0, 10), 1), on(1, event("gemm", 400, 10), 2), on(1, event("gemm", 420, 5), 3),
+        on(1, event("cudaLaunchKernel", 1, 2, cat="cuda_runtime"), 1),
+        on(1, event("cudaLaunchKernel", 395, 3, cat="cuda_runtime"), 2),
+        on(1, event("cudaLaunchKernel", 411, 2, cat="cuda_runtime"), 3),
+        on(1, event("aten::mm", 0, 5, cat="cpu_op")),
+        on(1, event("autograd::Foo", 20, 370, cat="cpu_op")),
+        on(1, event("cudaStreamSynchronize", 100, 200, cat="cuda_runtime")),
+        on(2, event("aten::copy_", 0, 500, cat="cpu_op")),
+    ]
+    totals = trace_summary.host_during_long_gaps(events)
+    assert totals == {"cudaStreamSynchronize": 200, "autograd::Foo": 170,
+                      trace_summary.BETWEEN_OPS: 17, "cudaLaunchKernel": 3}
