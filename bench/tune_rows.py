@@ -35,9 +35,9 @@ QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NOR
                ("rope", ops.QUICK_ROPE[0]))
 NORM_WARPS = (8, 16, 32)
 PROGRAMS_PER_SM = (1, 2, 4)
-# add_rms_norm's backward: rows per program at once (1 is the sweep above), with the warps and
-# programs per SM that register pressure leaves sensible for them.
-RMS_BACKWARD_ROWS = (2, 4)
+# add_rms_norm: rows each backward program loads at once, with the warps and programs per SM
+# that register pressure leaves sensible for them (its grid instead of the one above).
+RMS_BACKWARD_ROWS = (1, 2, 4)
 RMS_ROWS_WARPS = (16, 32)
 RMS_ROWS_PROGRAMS = (1, 2)
 ROPE_TILES = (2048, 4096, 8192, 16384)
@@ -75,9 +75,8 @@ def grid(name: str, quick: bool) -> list[dict]:
         settings = [{"warps": w, "programs_per_sm": p}
                     for w, p in itertools.product(NORM_WARPS, PROGRAMS_PER_SM)]
     if name == "add_rms_norm":
-        rows_first = [{"backward_rows": r, "warps": w, "programs_per_sm": p} for r, w, p in
-                      itertools.product(RMS_BACKWARD_ROWS, RMS_ROWS_WARPS, RMS_ROWS_PROGRAMS)]
-        settings = rows_first + settings
+        settings = [{"backward_rows": r, "warps": w, "programs_per_sm": p} for r, w, p in
+                    itertools.product(RMS_BACKWARD_ROWS, RMS_ROWS_WARPS, RMS_ROWS_PROGRAMS)]
     return [{}] + (settings[:2] if quick else settings)
 
 
