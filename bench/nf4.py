@@ -1,6 +1,7 @@
-"""NF4 dequantisation benchmark: fusetune's kernel against bitsandbytes' dequantize_4bit.
+"""NF4 dequantisation benchmark: fusetune's kernel against bitsandbytes' dequantize_4bit, and the
+price of dequantising a 4-bit MLP in slices.
 
-    python bench/nf4.py --out bench/results/nf4-h200.jsonl [--quick]
+    python bench/nf4.py --out bench/results/nf4-h200.jsonl [--quick] [--slices-only]
 
 For the Llama-3-8B linear shapes (out x in), each weight is quantised as QLoRA stores it (NF4,
 blocksize 64, double-quantised absmax) and dequantised to bf16 by both systems, which must agree
@@ -8,6 +9,11 @@ bit for bit. Records: ``time_ms`` (median, L2 flushed) and ``achieved_GBps`` (by
 packed codes + absmax codes + bf16 output, over the time). ``--quick`` runs tiny shapes with a
 wall-clock timer, so that the plumbing can be checked on a CPU machine (where fusetune runs its
 PyTorch reference).
+
+The slice records time one fused LoRA MLP forward + backward (``lora_glu_mlp``, SwiGLU, rank 16,
+4,096 tokens, Llama-3 8B's hidden 4,096 and intermediate 14,336, NF4 base weights) with
+``nf4.DENSE_SLICE_BYTES`` at each of ``SLICE_BUDGETS`` (``whole``: no slicing), and the peak memory
+the step adds (``peak_mib``), so the trade that the default makes is measured.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from pathlib import Path
 import common
 import torch
 
+from fusetune.ops import nf4
+from fusetune.ops.lora import LoraWeights, lora_glu_mlp
 from fusetune.ops.nf4 import dequantize_nf4
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
@@ -59,13 +67,68 @@ def bench_shape(rows: int, cols: int, warmup: float, rep: float) -> bool:
     return same
 
 
+MLP_SHAPE = {"tokens": 4096, "hidden": 4096, "intermediate": 14336, "rank": 16}
+QUICK_MLP_SHAPE = {"tokens": 40, "hidden": 128, "intermediate": 192, "rank": 4}
+SLICE_BUDGETS = {"whole": 2**62, "64MiB": 64 * 2**20, "32MiB": 32 * 2**20, "16MiB": 16 * 2**20}
+QUICK_SLICE_BUDGETS = {"whole": 2**62, "24KiB": 24 * 2**10}
+
+
+def _nf4_projection(out: int, inp: int, rank: int) -> LoraWeights:
+    """A frozen NF4 base weight as bitsandbytes' Params4bit (QLoRA's storage) with a LoRA adapter."""
+    import bitsandbytes as bnb
+
+    device = common.device()
+    weight = torch.randn(out, inp, dtype=torch.bfloat16, device=device) * inp**-0.5
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    base = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
+                             quant_type="nf4")
+    a = (torch.randn(rank, inp, device=device) * inp**-0.5).requires_grad_()
+    b = (torch.randn(out, rank, device=device) * 0.01).requires_grad_()
+    return LoraWeights(base, a, b, 2.0)
+
+
+def bench_mlp_slices(shape: dict, budgets: dict, warmup: float, rep: float) -> None:
+    hidden, inter, rank = shape["hidden"], shape["intermediate"], shape["rank"]
+    projections = [_nf4_projection(inter, hidden, rank), _nf4_projection(inter, hidden, rank),
+                   _nf4_projection(hidden, inter, rank)]
+    x = torch.randn(shape["tokens"], hidden, dtype=torch.bfloat16, device=common.device(),
+                    requires_grad=True)
+    leaves = [x, *(t for p in projections for t in (p.a, p.b))]
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = lora_glu_mlp(x, *projections, "silu")
+        y.backward(torch.ones_like(y))
+
+    saved = nf4.DENSE_SLICE_BYTES
+    try:
+        for name, budget in budgets.items():
+            nf4.DENSE_SLICE_BYTES = budget
+            config = {"op": "lora_glu_mlp_nf4", **shape, "slices": name}
+            ms = common.time_fwd_bwd(step, grad_to_none=leaves, warmup=warmup, rep=rep)
+            common.record("fusetune", config, common.TIME, ms)
+            extra = common.peak_memory_mib(step) if torch.cuda.is_available() else None
+            if extra is not None:
+                common.record("fusetune", config, "peak_mib", extra)
+            print(f"lora_glu_mlp nf4 {name:6s} {ms:8.3f} ms  peak +{extra or 0:8.1f} MiB", flush=True)
+    finally:
+        nf4.DENSE_SLICE_BYTES = saved
+    common.release()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON-lines file to write")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few reps (plumbing, CPU)")
+    parser.add_argument("--slices-only", action="store_true", help="only the MLP slice records")
     args = parser.parse_args()
     common.open_results(args.out)
     shapes, warmup, rep = (QUICK_SHAPES, 1, 5) if args.quick else (SHAPES, 25, 100)
+    bench_mlp_slices(*((QUICK_MLP_SHAPE, QUICK_SLICE_BUDGETS) if args.quick else (MLP_SHAPE, SLICE_BUDGETS)),
+                     warmup, rep)
+    if args.slices_only:
+        return 0
     mismatched = [shape for shape in shapes if not bench_shape(*shape, warmup, rep)]
     if mismatched:
         print(f"outputs differ from bitsandbytes' for {mismatched}", file=sys.stderr)

@@ -29,6 +29,7 @@ _launch, layer_norm, rms_norm, rope = (importlib.import_module(f"fusetune.ops.{n
                                        for name in ("_launch", "layer_norm", "rms_norm", "rope"))
 
 NORM_CASES = (("add_rms_norm", {"tokens": 32768, "hidden": 8192}),
+              ("add_rms_norm", {"tokens": 32768, "hidden": 4096}),
               ("layer_norm", {"tokens": 32768, "hidden": 8192}))
 ROPE_CASES = (("rope", ops.ROPE[-1]),)
 QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NORM[0]),
@@ -38,8 +39,8 @@ PROGRAMS_PER_SM = (1, 2, 4)
 # add_rms_norm: rows each backward program loads at once, with the warps and programs per SM
 # that register pressure leaves sensible for them (its grid instead of the one above).
 RMS_BACKWARD_ROWS = (1, 2, 4)
-RMS_ROWS_WARPS = (16, 32)
-RMS_ROWS_PROGRAMS = (1, 2)
+RMS_ROWS_WARPS = (8, 16)
+RMS_ROWS_PROGRAMS = (2,)
 ROPE_TILES = (2048, 4096, 8192, 16384)
 ROPE_WARPS = (4, 8)
 
