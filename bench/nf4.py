@@ -25,9 +25,10 @@ from pathlib import Path
 import common
 import torch
 
-from fusetune.ops import nf4
-from fusetune.ops.lora import LoraWeights, lora_glu_mlp
-from fusetune.ops.nf4 import dequantize_nf4
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
+from fusetune.ops import nf4  # noqa: E402
+from fusetune.ops.lora import LoraWeights, lora_glu_mlp  # noqa: E402
+from fusetune.ops.nf4 import dequantize_nf4  # noqa: E402
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
 # Rows a multiple of the blocksize: bitsandbytes 0.50's CPU kernel places blocks row by row.

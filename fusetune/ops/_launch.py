@@ -80,9 +80,9 @@ def warps_for(block: int) -> int:
 
 
 # Rows a persistent backward program has in flight at once, by block width (widths not listed:
-# one). bench/tune_rows.py measures the choice: at 32768 x 8192 (add_rms_norm on the H200) two
-# rows took the backward from 0.91 to 0.79 ms, four spilled registers (2.7-4.7 ms in all).
-_BACKWARD_ROWS: dict[int, int] = {8192: 2}
+# one). bench/tune_rows.py measures the choice: add_rms_norm on the H200 went from 0.71 to 0.77
+# of copy bandwidth at 32768 x 8192 and at 32768 x 4096 with two rows; four spilled registers.
+_BACKWARD_ROWS: dict[int, int] = {4096: 2, 8192: 2}
 
 
 def backward_rows(block: int) -> int:

@@ -89,8 +89,8 @@ if triton is not None:
                 scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
         if COMPUTE_DW:
             dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-        for first in range(pid * ROWS, n_rows, tl.num_programs(0) * ROWS):
-            rows = first + tl.arange(0, ROWS)
+        for group in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+            rows = group * ROWS + tl.arange(0, ROWS)
             rows64 = tl.cast(rows, tl.int64)[:, None]
             in_rows = rows < n_rows
             tile = in_rows[:, None] & mask[None, :]
