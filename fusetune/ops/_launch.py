@@ -63,9 +63,20 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1). Plain Python: Triton 3.9's own is a
+    ``constexpr_function`` costing microseconds a call, and launches compute several."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints (what ``triton.cdiv`` computes, without its wrapper)."""
+    return -(-int(a) // int(b))
+
+
 def block_for(n_cols: int, limit: int = MAX_FUSED_ROW) -> int:
     """Power-of-two block that holds a row of ``n_cols`` elements (capped at ``limit``)."""
-    return min(limit, triton.next_power_of_2(max(int(n_cols), 1)))
+    return min(limit, next_power_of_2(n_cols))
 
 
 def warps_for(block: int) -> int:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusetune.ops._launch import as_rows, check_float, sm_count, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, next_power_of_2, sm_count, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
 # (programs per SM, vocab block, warps) of the persistent row kernel, chosen on an H200 with
@@ -195,7 +195,7 @@ def cross_entropy_rows(
     if n_rows == 0:
         return losses, grad_out
     programs_per_sm, block, warps = launch or _LAUNCH
-    block = min(block, triton.next_power_of_2(n_cols))
+    block = min(block, next_power_of_2(n_cols))
     programs = min(n_rows, programs_per_sm * sm_count(logits.device))
     _cross_entropy_rows_kernel[(programs,)](
         logits,
@@ -368,7 +368,7 @@ def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
     if grad.numel() == 0:
         return grad
     programs = min(
-        triton.cdiv(grad.numel(), _SCALE_BLOCK), _SCALE_PROGRAMS_PER_SM * sm_count(grad.device)
+        cdiv(grad.numel(), _SCALE_BLOCK), _SCALE_PROGRAMS_PER_SM * sm_count(grad.device)
     )
     _scale_unless_one_kernel[(programs,)](
         grad, grad_output.reshape(1), grad.numel(), BLOCK=_SCALE_BLOCK, num_warps=8

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fusetune.ops._launch import as_rows, check_float, triton, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -164,7 +164,7 @@ def _strided(*rows: torch.Tensor) -> bool:
 
 
 def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK),)
+    return (cdiv(n, _BLOCK),)
 
 
 def glu_forward_into(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:

@@ -14,6 +14,7 @@ from fusetune.ops._launch import (
     as_rows,
     backward_rows,
     block_for,
+    cdiv,
     check_float,
     check_row_width,
     partial_buffer,
@@ -126,7 +127,7 @@ class _LayerNorm(torch.autograd.Function):
         dy_rows = as_rows(dy)
         dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
         rows_at_once = backward_rows(block)
-        programs = persistent_programs(triton.cdiv(n_rows, rows_at_once), rows.device)
+        programs = persistent_programs(cdiv(n_rows, rows_at_once), rows.device)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusetune.ops._launch import SUPPORTED_DTYPES, triton, use_triton
+from fusetune.ops._launch import SUPPORTED_DTYPES, cdiv, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -251,7 +251,7 @@ def _launch_plan(packed: torch.Tensor, quant_state) -> _LaunchPlan:
     n = _numel(quant_state)
     half = quant_state.blocksize // 2
     blocks = max(1, _BYTES_PER_PROGRAM // half)
-    n_blocks = triton.cdiv(n, quant_state.blocksize)
+    n_blocks = cdiv(n, quant_state.blocksize)
     if quant_state.nested:
         state2 = quant_state.state2
         scales = (
@@ -266,7 +266,7 @@ def _launch_plan(packed: torch.Tensor, quant_state) -> _LaunchPlan:
         blocksize2 = 1
     # The whole weight is one row of n_blocks blocks (the last one may be short).
     whole = _Window(
-        tuple(quant_state.shape), (triton.cdiv(n_blocks, blocks),), n, n_blocks,
+        tuple(quant_state.shape), (cdiv(n_blocks, blocks),), n, n_blocks,
         max(n_blocks, 1), max(n_blocks, 1), 0,
     )
     plan = _LaunchPlan(
@@ -314,7 +314,7 @@ def _window(plan: _LaunchPlan, quant_state, rows: slice, cols: slice) -> _Window
     n_blocks = len(row_range) * window_blocks
     return _Window(
         (len(row_range), len(col_range)),
-        (triton.cdiv(n_blocks, plan.constants["BLOCKS"]),),
+        (cdiv(n_blocks, plan.constants["BLOCKS"]),),
         n_blocks * blocksize,
         n_blocks,
         max(window_blocks, 1),

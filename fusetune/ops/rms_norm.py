@@ -19,6 +19,7 @@ from fusetune.ops._launch import (
     as_rows,
     backward_rows,
     block_for,
+    cdiv,
     check_float,
     check_row_width,
     partial_buffer,
@@ -156,7 +157,7 @@ class _RMSNorm(torch.autograd.Function):
         ds_rows = None if dsum is None else as_rows(dsum)
         dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
         rows_at_once = backward_rows(block)
-        programs = persistent_programs(triton.cdiv(n_rows, rows_at_once), h.device)
+        programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device)
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, h.device)
         _rms_norm_backward_kernel[(programs,)](

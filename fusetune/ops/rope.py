@@ -29,7 +29,15 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fusetune.ops._launch import check_float, interpreting, triton, use_triton, warps_for
+from fusetune.ops._launch import (
+    cdiv,
+    check_float,
+    interpreting,
+    next_power_of_2,
+    triton,
+    use_triton,
+    warps_for,
+)
 
 if triton is not None:
     import triton.language as tl
@@ -243,19 +251,19 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, s
     sin, s_sb, s_ss = _table(sin)
     half = cos.shape[-1] // 2
     n_pass = head_dim - 2 * half
-    block_half = triton.next_power_of_2(half)
-    block_pass = triton.next_power_of_2(max(n_pass, 1))
+    block_half = next_power_of_2(half)
+    block_pass = next_power_of_2(max(n_pass, 1))
     heads_cap = max(1, _MAX_TILE // block_half)
-    block_hq = min(triton.next_power_of_2(max(n_q, 1)), heads_cap)
-    block_hk = min(triton.next_power_of_2(max(n_k, 1)), heads_cap)
+    block_hq = min(next_power_of_2(max(n_q, 1)), heads_cap)
+    block_hk = min(next_power_of_2(max(n_k, 1)), heads_cap)
     tile = max(block_hq, block_hk) * block_half
     # Tokens per program: enough to fill a tile when heads are few. The interpreter pays per
     # program, not per element, so there a program takes many tokens at once.
     tile_budget = _INTERPRETER_TILE if interpreting() else _MAX_TILE
-    block_t = triton.next_power_of_2(max(1, tile_budget // tile))
-    block_t = min(block_t, triton.next_power_of_2(batch * seq))
+    block_t = next_power_of_2(max(1, tile_budget // tile))
+    block_t = min(block_t, next_power_of_2(batch * seq))
     n_tokens = batch * seq
-    _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
+    _rope_kernel[(cdiv(n_tokens, block_t),)](
         q_in, k_in, q_out, k_out, cos, sin,
         n_tokens, seq, n_q, n_k,
         q_in.stride(0), q_in.stride(1), q_in.stride(2),
