@@ -2,8 +2,8 @@
 
 The forward runs one program per row and saves the row's fp32 mean and rstd; the backward
 recomputes the normalised row from the saved input, on a bounded persistent grid whose programs
-take ``backward_rows`` rows at a time and each keep fp32 partial sums of the weight and bias
-gradients (finished by ``sum_partials``, shared with ``rms_norm`` through ``_launch``).
+each keep fp32 partial sums of the weight and bias gradients (finished by ``sum_partials``, shared
+with ``rms_norm`` through ``_launch``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import torch
 
 from fusetune.ops._launch import (
     as_rows,
-    backward_rows,
     block_for,
-    cdiv,
     check_float,
     check_row_width,
     partial_buffer,
@@ -57,46 +55,41 @@ if triton is not None:
         DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
         stride_dy, stride_x, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-        BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
-        # Persistent: program p handles the groups of ROWS rows p, p + P, ... (ROWS rows in flight
-        # at once) and writes one row of each fp32 partial-sum buffer (P x n_cols). DX is
-        # contiguous, n_cols wide.
+        # Persistent: program p handles rows p, p + P, ... and writes one row of each fp32
+        # partial-sum buffer (P x n_cols). DX is contiguous, n_cols wide.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if COMPUTE_DW:
-            dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+            dw = tl.zeros((BLOCK,), dtype=tl.float32)
         if COMPUTE_DB:
-            db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-        for group in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-            rows = group * ROWS + tl.arange(0, ROWS)
-            rows64 = tl.cast(rows, tl.int64)[:, None]
-            in_rows = rows < n_rows
-            tile = in_rows[:, None] & mask[None, :]
-            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-            h = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]
-            mean = tl.load(MEAN + rows, mask=in_rows, other=0.0)[:, None]
-            normed = tl.where(tile, (h - mean) * rstd, 0.0)
+            db = tl.zeros((BLOCK,), dtype=tl.float32)
+        for row in range(pid, n_rows, tl.num_programs(0)):
+            row64 = tl.cast(row, tl.int64)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            normed = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
             if HAS_WEIGHT:
-                dnormed = dy * w[None, :]
+                dnormed = dy * w
             else:
                 dnormed = dy
             if COMPUTE_DW:
                 dw += dy * normed
             if COMPUTE_DB:
                 db += dy
-            mean_dn = (tl.sum(dnormed, axis=1) / n_cols)[:, None]
-            mean_dn_n = (tl.sum(dnormed * normed, axis=1) / n_cols)[:, None]
+            mean_dn = tl.sum(dnormed, axis=0) / n_cols
+            mean_dn_n = tl.sum(dnormed * normed, axis=0) / n_cols
             dx = rstd * (dnormed - mean_dn - normed * mean_dn_n)
-            tl.store(DX + rows64 * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=tile)
+            tl.store(DX + row64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=mask)
+            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
         if COMPUTE_DB:
-            tl.store(DB_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(db, axis=0), mask=mask)
+            tl.store(DB_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, db, mask=mask)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -126,8 +119,7 @@ class _LayerNorm(torch.autograd.Function):
         block = block_for(n_cols)
         dy_rows = as_rows(dy)
         dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
-        rows_at_once = backward_rows(block)
-        programs = persistent_programs(cdiv(n_rows, rows_at_once), rows.device)
+        programs = persistent_programs(n_rows, rows.device)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)
@@ -136,7 +128,7 @@ class _LayerNorm(torch.autograd.Function):
             dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
             dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block),
+            BLOCK=block, num_warps=warps_for(block),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         db = sum_partials(db_partial, ctx.bias_dtype) if need_db else None

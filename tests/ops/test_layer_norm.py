@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +10,6 @@ from fusetune.ops._launch import MAX_FUSED_ROW
 from fusetune.ops.layer_norm import layer_norm, layer_norm_reference
 from tests.ops import checks
 from tests.ops.test_rms_norm import check_op, randn
-
-# The module (fusetune.ops exports the function under the same name).
-layer_norm_module = importlib.import_module("fusetune.ops.layer_norm")
 
 
 def inputs(gen, shape, dtype, param_dtype=None, weight=True, bias=True, param_grad=True):
@@ -39,14 +34,6 @@ def test_layer_norm_matches_references(gen, dtype):
     args = inputs(gen, (3, 5, 37), dtype)
     out = check_op(layer_norm, layer_norm_reference, args, dtype, gen)[0]
     assert out.shape == (3, 5, 37)
-
-
-@pytest.mark.parametrize("rows_at_once", (2, 4))
-def test_backward_with_several_rows_at_once(gen, monkeypatch, rows_at_once):
-    """The backward's programs load ``backward_rows`` rows at a time: 15 rows over 4 programs
-    leave a part-filled last group, and every program's weight and bias partials still count."""
-    monkeypatch.setattr(layer_norm_module, "backward_rows", lambda block: rows_at_once)
-    check_op(layer_norm, layer_norm_reference, inputs(gen, (3, 5, 37), torch.float32), torch.float32, gen)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
