@@ -70,7 +70,7 @@ def bench_shape(rows: int, cols: int, warmup: float, rep: float) -> bool:
 
 MLP_SHAPE = {"tokens": 4096, "hidden": 4096, "intermediate": 14336, "rank": 16}
 QUICK_MLP_SHAPE = {"tokens": 40, "hidden": 128, "intermediate": 192, "rank": 4}
-SLICE_BUDGETS = {"whole": 2**62, "64MiB": 64 * 2**20, "32MiB": 32 * 2**20, "16MiB": 16 * 2**20}
+SLICE_BUDGETS = {"whole": 2**62, "64MiB": 64 * 2**20, "48MiB": 48 * 2**20, "32MiB": 32 * 2**20}
 QUICK_SLICE_BUDGETS = {"whole": 2**62, "24KiB": 24 * 2**10}
 
 

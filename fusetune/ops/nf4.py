@@ -389,9 +389,11 @@ def dequantize_nf4(
 # What the fused paths call
 # --------------------------------------------------------------------------------------------
 # The most bytes a fused path dequantises a large 4-bit weight into at once: it takes the weight
-# in slices of rows or columns (dense_slices) rather than as one dense copy. At 32 MiB a Llama-3
-# 8B MLP weight (112 MiB in bf16) takes four slices, each still a full-speed matmul.
-DENSE_SLICE_BYTES = 32 * 2**20
+# in slices of rows or columns (dense_slices) rather than as one dense copy. At 64 MiB a Llama-3
+# 8B MLP weight (112 MiB in bf16) takes two slices. bench/nf4.py measures the trade on the H200:
+# a fused LoRA MLP's forward + backward (4,096 tokens) took 4.87 ms and 403 MiB with 64 MiB
+# slices, 5.09 ms and 459 MiB whole, 6.52 ms and 354 MiB with 32 MiB slices.
+DENSE_SLICE_BYTES = 64 * 2**20
 
 
 def _dequantize_bnb(

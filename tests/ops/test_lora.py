@@ -8,8 +8,11 @@ weights are plain or bitsandbytes 4-bit (compared with maths on the dequantised 
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 import weakref
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,7 +211,8 @@ def test_lora_linear_with_frozen_bias(setting):
     dtype = SETTINGS[setting][0]
     gen = torch.Generator().manual_seed(5)
     projections = [
-        projection(gen, out, HIDDEN, rank, dtype)._replace(bias=torch.randn(out, generator=gen).to(dtype))
+        projection(gen, out, HIDDEN, rank, dtype)._replace(
+            bias=torch.randn(out, generator=gen).to(checks.DEVICE, dtype))
         for out, rank in ((40, 8), (24, None))
     ]
     x = torch.randn(3, 11, HIDDEN, generator=gen).to(checks.DEVICE, dtype).requires_grad_()
@@ -301,8 +305,8 @@ def test_4bit_base_in_slices(hidden_tile_rows, monkeypatch):
 
     def nf4(p, bias=False):
         out = _weight_out(p)
-        return p._replace(weight=quantized(p.weight),
-                          bias=torch.randn(out, generator=gen).to(torch.bfloat16) if bias else None)
+        frozen_bias = torch.randn(out, generator=gen).to(checks.DEVICE, torch.bfloat16) if bias else None
+        return p._replace(weight=quantized(p.weight), bias=frozen_bias)
 
     qkv = [nf4(projection(gen, inter, hidden, 8, torch.bfloat16), bias=True),  # LoRA and bias
            nf4(projection(gen, hidden, hidden, None, torch.bfloat16)),  # base only
@@ -396,7 +400,8 @@ def test_dense_weights_not_kept(four_bit, monkeypatch):
 
 
 class _BigAllocations(TorchDispatchMode):
-    """Records the storages of at least ``nbytes`` that the ops run under it create."""
+    """Records the storages of at least ``nbytes`` that the ops run under it create, each with
+    the fusetune line that made it."""
 
     def __init__(self, nbytes: int, known: set[int]):
         super().__init__()
@@ -408,7 +413,10 @@ class _BigAllocations(TorchDispatchMode):
             storage = t.untyped_storage()
             if storage.nbytes() >= self.nbytes and storage.data_ptr() not in self.known:
                 self.known.add(storage.data_ptr())
-                self.new.append((func.__name__, tuple(t.shape)))
+                stack = reversed(traceback.extract_stack())
+                site = next((f"{Path(f.filename).name}:{f.lineno}" for f in stack
+                             if f"fusetune{os.sep}" in f.filename), "?")
+                self.new.append((func.__name__, tuple(t.shape), site))
         return out
 
 
