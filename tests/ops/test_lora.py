@@ -433,7 +433,7 @@ def test_mlp_backward_makes_no_full_size_buffer(monkeypatch, unread):
     x = torch.randn(37, HIDDEN, generator=gen).to(checks.DEVICE).requires_grad_()
     full_size = 37 * INTER * 4
     inputs = {t.untyped_storage().data_ptr() for t in (x, *(p.weight for p in projections))}
-    with _BigAllocations(full_size, inputs) as forward:
+    with _BigAllocations(full_size, set(inputs)) as forward:  # a copy: inputs is reused below
         with lora_module.outputs_unread() if unread else contextlib.nullcontext():
             y = lora_glu_mlp(x, *projections, "silu")
     assert len(forward.new) == 2, forward.new  # e and g
