@@ -426,11 +426,9 @@ class _LoraLinear(torch.autograd.Function):
 _HIDDEN_TILE_ROWS = 2048
 
 
-def _row_tiles(n_rows: int, tile_rows: int | None = None) -> list[slice]:
-    """The row slices of the tiles (``_HIDDEN_TILE_ROWS`` rows unless given); at least one, so no
-    rows take the same path."""
-    tile_rows = tile_rows or _HIDDEN_TILE_ROWS
-    return [slice(start, start + tile_rows) for start in range(0, max(n_rows, 1), tile_rows)]
+def _row_tiles(n_rows: int) -> list[slice]:
+    """The row slices of the tiles; at least one, so no rows take the same path."""
+    return [slice(start, start + _HIDDEN_TILE_ROWS) for start in range(0, max(n_rows, 1), _HIDDEN_TILE_ROWS)]
 
 
 def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str) -> torch.Tensor:
@@ -488,9 +486,7 @@ def _down_backward(
     if want_dh:
         for cols in dense_slices([p.weight], 1, down.dtype):
             weight = dense_weight(p.weight, down.dtype, cols=cols)  # one copy for every tile
-            # A slice of the columns takes taller tiles: a dh tile stays the size of a full-width one.
-            tile_rows = _HIDDEN_TILE_ROWS * e.shape[1] // weight.shape[1] if weight.shape[1] else None
-            for rows in _row_tiles(e.shape[0], tile_rows):
+            for rows in _row_tiles(e.shape[0]):
                 if dxa is None:
                     dh = torch.mm(grad[rows], weight)
                 else:
