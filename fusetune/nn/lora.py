@@ -37,7 +37,9 @@ def _unreadable(modules: tuple[nn.Module, ...]) -> str | None:
     unit = next((m for m in modules if isinstance(m, FSDPModule)), None)
     if unit is not None:
         return f"{type(unit).__name__} is a fully_shard unit of its own (sharded when read by its parent)"
-    params = [p for m in modules for p in m.parameters(recurse=False)]
+    # The modules' own parameters, read from ``_parameters``: this runs for every projection in
+    # every forward, and ``parameters(recurse=False)`` walks named_modules generators to get them.
+    params = [p for m in modules for p in m._parameters.values() if p is not None]
     if any(isinstance(p, DTensor) for p in params):
         return "its weights are sharded DTensors here (outside the forward of the fully_shard unit)"
     if any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
