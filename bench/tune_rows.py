@@ -3,7 +3,7 @@ they fall short of 80% of copy bandwidth, so that their defaults are measured, n
 
 The ops take num_warps from the row width (``_launch.warps_for``), the backward's persistent grid
 from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
-``_launch.backward_rows`` and RoPE's tile from ``rope._MAX_TILE``. For each configuration
+``rms_norm.backward_rows`` and RoPE's tile from ``rope._MAX_TILE``. For each configuration
 this sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
 inputs and records the fraction of the copy bandwidth measured in the same run (bench/ops.py's byte
 counts); ``default`` rows are the shipped settings.

@@ -90,18 +90,6 @@ def warps_for(block: int) -> int:
     return 4
 
 
-# Rows an RMSNorm backward program has in flight at once, by block width (widths not listed:
-# one). bench/tune_rows.py measures the choice: add_rms_norm on the H200 went from 0.71 to 0.77
-# of copy bandwidth at 32768 x 8192 and at 32768 x 4096 with two rows; four spilled registers.
-# (LayerNorm's backward, tried the same way, was slower with two rows, so it takes one.)
-_BACKWARD_ROWS: dict[int, int] = {4096: 2, 8192: 2}
-
-
-def backward_rows(block: int) -> int:
-    """Rows each program of the RMSNorm backward loads at once, for rows of ``block``."""
-    return _BACKWARD_ROWS.get(block, 1)
-
-
 # Programs per SM in a persistent backward grid; under the interpreter a few programs suffice
 # (and still make each program loop over several rows).
 _PROGRAMS_PER_SM = 2

@@ -7,8 +7,8 @@ add that precedes every such norm in a decoder layer, in the same pass over memo
 Both share one forward kernel (one program per row, ``HAS_RESIDUAL`` switching the add on) and one
 backward kernel (a bounded, persistent grid: each program walks many rows, ``backward_rows`` of
 them at a time, and keeps its own fp32 partial sum of the weight gradient; ``sum_partials`` adds
-those up). The backward recomputes the
-normalised row from the saved input and one fp32 ``rstd`` per row instead of storing the output.
+those up). The backward recomputes the normalised row from the saved input and one fp32 ``rstd``
+per row instead of storing the output.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 
 from fusetune.ops._launch import (
     as_rows,
-    backward_rows,
     block_for,
     cdiv,
     check_float,
@@ -34,6 +33,18 @@ if triton is not None:
     import triton.language as tl
 
 CASTS = ("llama", "gemma")
+
+# Rows an RMSNorm backward program has in flight at once, by block width (widths not listed:
+# one). bench/tune_rows.py measures the choice: add_rms_norm on the H200 went from 0.71 to 0.77
+# of copy bandwidth at 32768 x 8192 and at 32768 x 4096 with two rows; four spilled registers.
+# (LayerNorm's backward, tried the same way, was slower with two rows, so it takes one.)
+_BACKWARD_ROWS: dict[int, int] = {4096: 2, 8192: 2}
+
+
+def backward_rows(block: int) -> int:
+    """Rows each program of the RMSNorm backward loads at once, for rows of ``block``."""
+    return _BACKWARD_ROWS.get(block, 1)
+
 
 if triton is not None:
 
