@@ -1,15 +1,18 @@
-"""Launch configurations of the cross-entropy row kernel, timed on real vocabulary sizes.
+"""Launch configurations of the cross-entropy row kernels, timed on real vocabulary sizes.
 
-The kernel computes each row's loss and its gradient in two passes over the row; how many rows are
-in flight (programs per SM), the vocab block and the warps decide whether pass 2 finds the row in
-L2. This sweeps them on the H200 so the default in ``fusetune/ops/cross_entropy.py`` is measured.
+Both kernels compute each row's loss and its gradient in two passes over the row; whether the
+second pass finds the row in L2 decides whether the logits cross HBM two or three times. The
+persistent kernel walks whole rows (programs per SM, vocab block and warps set how many rows are
+in flight); the split kernel gives each segment of a row its own program and lets the last one
+to finish make the gradient (segment columns, block and warps). This sweeps both on the H200 so
+the default in ``fusetune/ops/cross_entropy.py`` is measured. The 2,048-row shape is one chunk of
+``linear_cross_entropy``, which runs the kernel in place.
 Run: ``python bench/tune_cross_entropy.py --out DIR`` (writes DIR/ce-tuning-<tag>.jsonl).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import sys
 from pathlib import Path
 
@@ -19,29 +22,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 from fusetune.ops.cross_entropy import cross_entropy_rows  # noqa: E402
 
-SHAPES = ({"tokens": 8192, "vocab": 128256}, {"tokens": 8192, "vocab": 262144})
-QUICK_SHAPES = ({"tokens": 16, "vocab": 3000},)
-PROGRAMS_PER_SM = (1, 2, 4, 1024)  # 1024: in effect one program per row
-BLOCKS = (4096, 8192, 16384, 32768)
-WARPS = (8, 16, 32)
+SHAPES = (
+    {"tokens": 8192, "vocab": 128256},
+    {"tokens": 8192, "vocab": 262144},
+    {"tokens": 2048, "vocab": 152064, "in_place": True},
+)
+QUICK_SHAPES = ({"tokens": 16, "vocab": 3000}, {"tokens": 8, "vocab": 3000, "in_place": True})
+# The persistent kernel's best settings of the first sweep (ce-tuning-h200.jsonl), then the split grid.
+PERSISTENT = (("persistent", 4, 16384, 32), ("persistent", 4, 8192, 32))
+SPLIT = tuple(("split", segment, block, warps) for segment in (8192, 16384, 32768)
+              for block in (4096, 8192) for warps in (8, 16) if block <= segment)
+QUICK_LAUNCHES = (("persistent", 1, 1024, 4), ("split", 1024, 512, 4))
 
 
 def main() -> None:
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40})
-    grid = list(itertools.product(PROGRAMS_PER_SM[:2] if args.quick else PROGRAMS_PER_SM,
-                                  BLOCKS[:1] if args.quick else BLOCKS,
-                                  WARPS[:1] if args.quick else WARPS))
+    grid = QUICK_LAUNCHES if args.quick else PERSISTENT + SPLIT
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         n, v = shape["tokens"], shape["vocab"]
         logits = torch.randn(n, v, device=common.device(), dtype=torch.bfloat16) * 2
         labels = torch.randint(0, v, (n,), device=logits.device)
-        grad = torch.empty_like(logits)
+        # In place, every timed run overwrites the logits with a gradient that the next one reads
+        # as logits: the same bytes move, the values only stay finite.
+        grad = logits if shape.get("in_place") else torch.empty_like(logits)
         scale = torch.full((1,), 1.0 / n, device=logits.device)
         options = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
         best = None
         for launch in grid:
-            config = {"op": "cross_entropy_rows", **shape, "programs_per_sm": launch[0],
-                      "block": launch[1], "warps": launch[2], "variant": "loss_and_grad"}
+            size_name = "segment_cols" if launch[0] == "split" else "programs_per_sm"
+            config = {"op": "cross_entropy_rows", **shape, "kernel": launch[0], size_name: launch[1],
+                      "block": launch[2], "warps": launch[3], "variant": "loss_and_grad"}
             try:
                 ms = common.time_fwd_bwd(functools.partial(
                     cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,

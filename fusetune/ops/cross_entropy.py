@@ -30,9 +30,9 @@ import triton.language as tl
 from fusetune.ops._launch import as_rows, cdiv, check_float, next_power_of_2, sm_count, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
-# (programs per SM, vocab block, warps) of the persistent row kernel, chosen on an H200 with
-# bench/tune_cross_entropy.py.
-_LAUNCH = (4, 16384, 32)
+# (kernel, segment columns or programs per SM, vocab block, warps) of the row kernel, chosen on an
+# H200 with bench/tune_cross_entropy.py.
+_LAUNCH = ("split", 16384, 4096, 16)
 # Elements per step, and programs per SM, of the in-place scaling kernel.
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 4
@@ -47,14 +47,49 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_row(
+def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Max, sum of ``exp(z - max)`` and plain sum of the (soft-capped) logits in columns
+    [start, end), streamed with an online max. An all ``-inf`` stretch gives (-inf, 0, -inf)."""
+    cols = tl.arange(0, BLOCK)
+    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    logit_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for first in range(start, end, BLOCK):
+        offs = first + cols
+        mask = offs < end
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        z = _softcapped(z, softcap, HAS_SOFTCAP)
+        new_max = tl.maximum(running_max, z)
+        # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
+        running_max = new_max
+        logit_sum += tl.where(mask, z, 0.0)
+    top = tl.max(running_max, axis=0)
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    return top, tl.sum(running_sum * tl.exp(running_max - safe_top), axis=0), tl.sum(logit_sum, axis=0)
+
+
+@triton.jit
+def _zero_columns(grad_row, start, end, BLOCK: tl.constexpr):
+    """The gradient of an ignored row is zero: write zeros over columns [start, end)."""
+    cols = tl.arange(0, BLOCK)
+    zeros = tl.zeros([BLOCK], dtype=tl.float32).to(grad_row.dtype.element_ty)
+    for first in range(start, end, BLOCK):
+        offs = first + cols
+        tl.store(grad_row + offs, zeros, mask=offs < end)
+
+
+@triton.jit
+def _finish_row(
     logits_row,
     label,
     loss_ptr,
     grad_row,
     scale,
+    lse,
+    logit_sum,
     n_cols,
-    ignore_index,
     label_smoothing,
     z_loss,
     softcap,
@@ -62,61 +97,34 @@ def _cross_entropy_row(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row: its loss, and optionally ``scale * dloss/dlogits``.
+    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
 
-    Pass 1 streams the row with an online max / sum-exp (plus the sum of logits for label
-    smoothing). Pass 2 re-reads it and writes the gradient, which may overwrite the logits in
-    place (``grad_row == logits_row``): each element is read before it is written, by the same
-    program.
+    The gradient pass re-reads the row and may overwrite the logits in place
+    (``grad_row == logits_row``): each element is read before it is written, by this program.
     """
-    cols = tl.arange(0, BLOCK)
-    if label == ignore_index:
-        tl.store(loss_ptr, 0.0)
-        if COMPUTE_GRAD:
-            zeros = tl.zeros([BLOCK], dtype=tl.float32).to(grad_row.dtype.element_ty)
-            for start in range(0, n_cols, BLOCK):
-                offs = start + cols
-                tl.store(grad_row + offs, zeros, mask=offs < n_cols)
-    else:
-        running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        logit_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    # The labelled logit: one scalar load, its index clamped into the row so that a bad label
+    # (reported by the host-side check) can never make the kernel read outside it.
+    safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
+    z_label = _softcapped(tl.load(logits_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
+    smooth = label_smoothing / n_cols
+    loss = lse - (1.0 - label_smoothing) * z_label - smooth * logit_sum
+    loss += z_loss * lse * lse
+    tl.store(loss_ptr, loss)
+
+    if COMPUTE_GRAD:
+        cols = tl.arange(0, BLOCK)
+        softmax_factor = 1.0 + 2.0 * z_loss * lse
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            z = _softcapped(z, softcap, HAS_SOFTCAP)
-            new_max = tl.maximum(running_max, z)
-            # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
-            running_max = new_max
-            logit_sum += tl.where(mask, z, 0.0)
-        row_max = tl.max(running_max, axis=0)
-        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
-
-        # The labelled logit: one scalar load, its index clamped into the row so that a bad label
-        # (reported by the host-side check) can never make the kernel read outside it.
-        safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
-        z_label = _softcapped(tl.load(logits_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
-        smooth = label_smoothing / n_cols
-        loss = lse - (1.0 - label_smoothing) * z_label - smooth * tl.sum(logit_sum, axis=0)
-        loss += z_loss * lse * lse
-        tl.store(loss_ptr, loss)
-
-        if COMPUTE_GRAD:
-            softmax_factor = 1.0 + 2.0 * z_loss * lse
-            for start in range(0, n_cols, BLOCK):
-                offs = start + cols
-                mask = offs < n_cols
-                x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-                z = _softcapped(x, softcap, HAS_SOFTCAP)
-                grad = tl.exp(z - lse) * softmax_factor - smooth
-                grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
-                if HAS_SOFTCAP:
-                    capped = z / softcap
-                    grad = grad * (1.0 - capped * capped)
-                tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
+            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            z = _softcapped(x, softcap, HAS_SOFTCAP)
+            grad = tl.exp(z - lse) * softmax_factor - smooth
+            grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
+            if HAS_SOFTCAP:
+                capped = z / softcap
+                grad = grad * (1.0 - capped * capped)
+            tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -139,32 +147,97 @@ def _cross_entropy_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """A persistent grid: each program walks rows ``pid, pid + programs, ...``.
-
-    Few programs (about one per SM) keep the rows in flight few enough that pass 2 of a row finds
-    it still in L2, so the logits cross HBM about twice (one read, one write) rather than three
-    times.
-    """
+    """A persistent grid: each program walks rows ``pid, pid + programs, ...``, each row in two
+    passes (statistics, then loss and gradient)."""
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)
-        scale = 1.0
+        label = tl.load(labels_ptr + row64).to(tl.int64)
+        logits_row = logits_ptr + row64 * logits_row_stride
+        grad_row = grad_ptr + row64 * grad_row_stride
+        if label == ignore_index:
+            tl.store(loss_ptr + row64, 0.0)
+            if COMPUTE_GRAD:
+                _zero_columns(grad_row, 0, n_cols, BLOCK)
+        else:
+            scale = 1.0
+            if COMPUTE_GRAD:
+                scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
+            top, total, logit_sum = _segment_stats(logits_row, 0, n_cols, softcap, HAS_SOFTCAP, BLOCK)
+            _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, top + tl.log(total),
+                        logit_sum, n_cols, label_smoothing, z_loss, softcap, HAS_SOFTCAP, COMPUTE_GRAD,
+                        BLOCK)
+
+
+@triton.jit
+def _cross_entropy_split_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    grad_row_stride,
+    scale_ptr,
+    scale_stride,
+    stats_ptr,
+    arrivals_ptr,
+    n_cols,
+    segment_cols,
+    n_segments,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each
+    (program ``pid`` takes segment ``pid % n_segments`` of row ``pid // n_segments``, so a row's
+    programs run side by side). Each writes its stretch's statistics and counts itself in on the
+    row's arrival counter; the program that arrives last combines them into the log-sum-exp and
+    makes the loss and the whole row's gradient, re-reading the row while its siblings' reads
+    still hold it in L2. The logits so cross HBM about twice (read, write) instead of three times,
+    and no program ever waits for another. ``SEGMENTS`` is a power of two >= ``n_segments``."""
+    pid = tl.program_id(0)
+    row = pid // n_segments
+    segment = pid % n_segments
+    row64 = tl.cast(row, tl.int64)
+    label = tl.load(labels_ptr + row64).to(tl.int64)
+    logits_row = logits_ptr + row64 * logits_row_stride
+    grad_row = grad_ptr + row64 * grad_row_stride
+    start = segment * segment_cols
+    end = tl.minimum(start + segment_cols, n_cols)
+    if label == ignore_index:
+        if segment == 0:
+            tl.store(loss_ptr + row64, 0.0)
         if COMPUTE_GRAD:
-            scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-        _cross_entropy_row(
-            logits_ptr + row64 * logits_row_stride,
-            tl.load(labels_ptr + row64).to(tl.int64),
-            loss_ptr + row64,
-            grad_ptr + row64 * grad_row_stride,
-            scale,
-            n_cols,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            softcap,
-            HAS_SOFTCAP,
-            COMPUTE_GRAD,
-            BLOCK,
-        )
+            _zero_columns(grad_row, start, end, BLOCK)
+    else:
+        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
+        stats = stats_ptr + (row64 * n_segments + segment) * 3
+        tl.store(stats, top)
+        tl.store(stats + 1, total)
+        tl.store(stats + 2, logit_sum)
+        # Release: the stores above are visible to whoever sees this count; acquire: the last
+        # arrival sees every sibling's.
+        arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_segments - 1:
+            segments = tl.arange(0, SEGMENTS)
+            mine = segments < n_segments
+            row_stats = stats_ptr + (row64 * n_segments + segments) * 3
+            tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
+            totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
+            logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
+            top = tl.max(tops, axis=0)
+            safe_top = tl.where(top == float("-inf"), 0.0, top)
+            lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
+            scale = 1.0
+            if COMPUTE_GRAD:
+                scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
+            _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
+                        tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
+                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
 
 
 def cross_entropy_rows(
@@ -177,15 +250,16 @@ def cross_entropy_rows(
     softcap: float | None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
-    launch: tuple[int, int, int] | None = None,
+    launch: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row float32 losses of 2-D ``logits`` (rows with unit column stride), via the kernel.
 
     With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
-    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (programs per SM, block,
-    warps) overrides the tuned launch configuration (for benchmarks).
+    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` overrides the tuned launch
+    configuration (for benchmarks and tests): ("split", segment columns, block, warps) or
+    ("persistent", programs per SM, block, warps).
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -194,10 +268,9 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    programs_per_sm, block, warps = launch or _LAUNCH
+    kind, size, block, warps = launch or _LAUNCH
     block = min(block, next_power_of_2(n_cols))
-    programs = min(n_rows, programs_per_sm * sm_count(logits.device))
-    _cross_entropy_rows_kernel[(programs,)](
+    common = (
         logits,
         logits.stride(0),
         labels,
@@ -206,17 +279,23 @@ def cross_entropy_rows(
         grad_out.stride(0) if compute_grad else 0,
         grad_scale if compute_grad else losses,
         (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
-        n_rows,
-        n_cols,
-        ignore_index,
-        float(label_smoothing),
-        float(z_loss),
-        float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK=block,
-        num_warps=warps,
     )
+    options = (ignore_index, float(label_smoothing), float(z_loss),
+               float(softcap) if softcap is not None else 1.0)
+    flags = dict(HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK=block,
+                 num_warps=warps)
+    if kind == "split":
+        segment_cols = max(block, size // block * block)
+        n_segments = cdiv(n_cols, segment_cols)
+        stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
+        arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
+        _cross_entropy_split_kernel[(n_rows * n_segments,)](
+            *common, stats, arrivals, n_cols, segment_cols, n_segments, *options,
+            SEGMENTS=next_power_of_2(n_segments), **flags,
+        )
+    else:
+        programs = min(n_rows, size * sm_count(logits.device))
+        _cross_entropy_rows_kernel[(programs,)](*common, n_rows, n_cols, *options, **flags)
     return losses, grad_out
 
 

@@ -1,5 +1,7 @@
 """cross_entropy: the Triton kernel against the reference and float64 maths, every option."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -16,7 +18,26 @@ from tests.ops.checks import (
     non_contiguous,
 )
 
+# The module, not the function of the same name that fusetune.ops exports.
+cross_entropy_module = importlib.import_module("fusetune.ops.cross_entropy")
+
 ROWS, VOCAB = 11, 5003  # vocab spans two 4096-wide blocks, neither a multiple of one
+
+# Launches of the row kernel every test here runs under: the tuned default; the split kernel cut
+# into five segments of 1,024 columns (the last one short) read in 256-wide blocks, so the
+# last-arrival combine is exercised; the persistent kernel, two programs per SM.
+ROW_KERNEL_LAUNCHES = {
+    "tuned": None,
+    "split-5": ("split", 1024, 256, 4),
+    "persistent": ("persistent", 2, 1024, 4),
+}
+
+
+@pytest.fixture(autouse=True, params=list(ROW_KERNEL_LAUNCHES), ids=list(ROW_KERNEL_LAUNCHES))
+def row_kernel_launch(request, monkeypatch):
+    launch = ROW_KERNEL_LAUNCHES[request.param]
+    if launch is not None:
+        monkeypatch.setattr(cross_entropy_module, "_LAUNCH", launch)
 
 
 def float64_loss(

@@ -1,5 +1,7 @@
 """linear_cross_entropy: the chunked fused path against the materialised reference and float64."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -105,6 +107,16 @@ def test_reductions_with_bias(reduction):
 )
 def test_options(options):
     check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, **options)
+
+
+@pytest.mark.parametrize(
+    "launch", [("split", 1024, 256, 4), ("persistent", 2, 1024, 4)], ids=["split-5", "persistent"]
+)
+def test_row_kernels_in_place_on_chunks(monkeypatch, launch):
+    """Each row kernel writing the gradient over a chunk's logits, the split one cut into five
+    segments of 1,024 columns (whichever is the tuned default, both stay correct)."""
+    monkeypatch.setattr(importlib.import_module("fusetune.ops.cross_entropy"), "_LAUNCH", launch)
+    check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, label_smoothing=0.1)
 
 
 def test_default_chunking_and_three_dim_strided_hidden():
