@@ -28,11 +28,14 @@ SHAPES = (
     {"tokens": 2048, "vocab": 152064, "in_place": True},
 )
 QUICK_SHAPES = ({"tokens": 16, "vocab": 3000}, {"tokens": 8, "vocab": 3000, "in_place": True})
-# The persistent kernel's best settings of the first sweep (ce-tuning-h200.jsonl), then the split grid.
-PERSISTENT = (("persistent", 4, 16384, 32), ("persistent", 4, 8192, 32))
-SPLIT = tuple(("split", segment, block, warps) for segment in (8192, 16384, 32768)
-              for block in (4096, 8192) for warps in (8, 16) if block <= segment)
-QUICK_LAUNCHES = (("persistent", 1, 1024, 4), ("split", 1024, 512, 4))
+# The persistent kernel's best setting of the first sweep (ce-tuning-h200.jsonl), then the split
+# grid around the best of the second (ce-tuning-h200-split.jsonl: 32,768-column segments, 4,096
+# blocks, 16 warps), with and without L2 eviction hints (keep the row on the statistics pass,
+# drop it on the gradient pass).
+PERSISTENT = (("persistent", 4, 8192, 32),)
+SPLIT = tuple(("split", segment, block, warps, hints) for segment in (32768, 65536)
+              for block in (2048, 4096) for warps in (16, 32) for hints in (False, True))
+QUICK_LAUNCHES = (("persistent", 1, 1024, 4), ("split", 1024, 512, 4, True))
 
 
 def main() -> None:
@@ -51,7 +54,8 @@ def main() -> None:
         for launch in grid:
             size_name = "segment_cols" if launch[0] == "split" else "programs_per_sm"
             config = {"op": "cross_entropy_rows", **shape, "kernel": launch[0], size_name: launch[1],
-                      "block": launch[2], "warps": launch[3], "variant": "loss_and_grad"}
+                      "block": launch[2], "warps": launch[3], "l2_hints": bool(launch[4:] and launch[4]),
+                      "variant": "loss_and_grad"}
             try:
                 ms = common.time_fwd_bwd(functools.partial(
                     cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,

@@ -32,7 +32,7 @@ from fusetune.ops._launch import as_rows, cdiv, check_float, next_power_of_2, sm
 _REDUCTIONS = ("mean", "sum", "none")
 # (kernel, segment columns or programs per SM, vocab block, warps) of the row kernel, chosen on an
 # H200 with bench/tune_cross_entropy.py.
-_LAUNCH = ("split", 16384, 4096, 16)
+_LAUNCH = ("split", 32768, 4096, 16)
 # Elements per step, and programs per SM, of the in-place scaling kernel.
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 4
@@ -47,9 +47,12 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+def _segment_stats(
+    logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, EVICTION: tl.constexpr
+):
     """Max, sum of ``exp(z - max)`` and plain sum of the (soft-capped) logits in columns
-    [start, end), streamed with an online max. An all ``-inf`` stretch gives (-inf, 0, -inf)."""
+    [start, end), streamed with an online max. An all ``-inf`` stretch gives (-inf, 0, -inf).
+    ``EVICTION`` is the loads' L2 eviction policy ("" for the default)."""
     cols = tl.arange(0, BLOCK)
     running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -57,7 +60,8 @@ def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, B
     for first in range(start, end, BLOCK):
         offs = first + cols
         mask = offs < end
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy=EVICTION)
+        z = z.to(tl.float32)
         z = _softcapped(z, softcap, HAS_SOFTCAP)
         new_max = tl.maximum(running_max, z)
         # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
@@ -96,8 +100,10 @@ def _finish_row(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
-    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
+    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``
+    (``EVICTION``: the L2 eviction policy of the gradient pass's loads and stores).
 
     The gradient pass re-reads the row and may overwrite the logits in place
     (``grad_row == logits_row``): each element is read before it is written, by this program.
@@ -117,14 +123,15 @@ def _finish_row(
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(logits_row + offs, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
             z = _softcapped(x, softcap, HAS_SOFTCAP)
             grad = tl.exp(z - lse) * softmax_factor - smooth
             grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 capped = z / softcap
                 grad = grad * (1.0 - capped * capped)
-            tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
+            grad = (grad * scale).to(grad_row.dtype.element_ty)
+            tl.store(grad_row + offs, grad, mask=mask, eviction_policy=EVICTION)
 
 
 @triton.jit
@@ -162,10 +169,10 @@ def _cross_entropy_rows_kernel(
             scale = 1.0
             if COMPUTE_GRAD:
                 scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-            top, total, logit_sum = _segment_stats(logits_row, 0, n_cols, softcap, HAS_SOFTCAP, BLOCK)
+            top, total, logit_sum = _segment_stats(logits_row, 0, n_cols, softcap, HAS_SOFTCAP, BLOCK, "")
             _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, top + tl.log(total),
                         logit_sum, n_cols, label_smoothing, z_loss, softcap, HAS_SOFTCAP, COMPUTE_GRAD,
-                        BLOCK)
+                        BLOCK, "")
 
 
 @triton.jit
@@ -191,6 +198,8 @@ def _cross_entropy_split_kernel(
     COMPUTE_GRAD: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    FIRST_READ: tl.constexpr,
+    LAST_USE: tl.constexpr,
 ):
     """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each
     (program ``pid`` takes segment ``pid % n_segments`` of row ``pid // n_segments``, so a row's
@@ -198,7 +207,9 @@ def _cross_entropy_split_kernel(
     row's arrival counter; the program that arrives last combines them into the log-sum-exp and
     makes the loss and the whole row's gradient, re-reading the row while its siblings' reads
     still hold it in L2. The logits so cross HBM about twice (read, write) instead of three times,
-    and no program ever waits for another. ``SEGMENTS`` is a power of two >= ``n_segments``."""
+    and no program ever waits for another. ``SEGMENTS`` is a power of two >= ``n_segments``;
+    ``FIRST_READ`` and ``LAST_USE`` are the L2 eviction policies of the statistics pass and of
+    the gradient pass."""
     pid = tl.program_id(0)
     row = pid // n_segments
     segment = pid % n_segments
@@ -214,7 +225,9 @@ def _cross_entropy_split_kernel(
         if COMPUTE_GRAD:
             _zero_columns(grad_row, start, end, BLOCK)
     else:
-        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
+        top, total, logit_sum = _segment_stats(
+            logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK, FIRST_READ
+        )
         stats = stats_ptr + (row64 * n_segments + segment) * 3
         tl.store(stats, top)
         tl.store(stats + 1, total)
@@ -237,7 +250,7 @@ def _cross_entropy_split_kernel(
                 scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
             _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
                         tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
-                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
+                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, LAST_USE)
 
 
 def cross_entropy_rows(
@@ -268,7 +281,7 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    kind, size, block, warps = launch or _LAUNCH
+    kind, size, block, warps, *hints = launch or _LAUNCH
     block = min(block, next_power_of_2(n_cols))
     common = (
         logits,
@@ -291,7 +304,10 @@ def cross_entropy_rows(
         arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
         _cross_entropy_split_kernel[(n_rows * n_segments,)](
             *common, stats, arrivals, n_cols, segment_cols, n_segments, *options,
-            SEGMENTS=next_power_of_2(n_segments), **flags,
+            SEGMENTS=next_power_of_2(n_segments),
+            FIRST_READ="evict_last" if hints and hints[0] else "",
+            LAST_USE="evict_first" if hints and hints[0] else "",
+            **flags,
         )
     else:
         programs = min(n_rows, size * sm_count(logits.device))
