@@ -1,12 +1,16 @@
-"""Launch configurations of the cross-entropy row kernels, timed on real vocabulary sizes.
+"""Launch configurations of the cross-entropy row kernel, timed on real vocabulary sizes.
 
-Both kernels compute each row's loss and its gradient in two passes over the row; whether the
-second pass finds the row in L2 decides whether the logits cross HBM two or three times. The
-persistent kernel walks whole rows (programs per SM, vocab block and warps set how many rows are
-in flight); the split kernel gives each segment of a row its own program and lets the last one
-to finish make the gradient (segment columns, block and warps). This sweeps both on the H200 so
-the default in ``fusetune/ops/cross_entropy.py`` is measured. The 2,048-row shape is one chunk of
+The kernel computes each row's loss and its gradient in two passes over the row; whether the second
+pass finds the row in L2 decides whether the logits cross HBM two or three times. Each row is split
+into segments, one program each, and the last to finish makes the gradient; the segment width, the
+vocab block and the warps are swept here on the H200 so the default in
+``fusetune/ops/cross_entropy.py`` is measured. The 2,048-row shape is one chunk of
 ``linear_cross_entropy``, which runs the kernel in place.
+
+History: ``ce-tuning-h200.jsonl`` swept the earlier kernel, one persistent program walking whole
+rows (best 2.03-2.06 ms at 8192 x 128256); ``ce-tuning-h200-split*.jsonl`` compared it with the
+split kernel in the same calls (1.78-1.87 ms), with and without L2 eviction hints (no difference
+beyond 1%), before the persistent kernel and the hints were dropped.
 Run: ``python bench/tune_cross_entropy.py --out DIR`` (writes DIR/ce-tuning-<tag>.jsonl).
 """
 
@@ -28,19 +32,16 @@ SHAPES = (
     {"tokens": 2048, "vocab": 152064, "in_place": True},
 )
 QUICK_SHAPES = ({"tokens": 16, "vocab": 3000}, {"tokens": 8, "vocab": 3000, "in_place": True})
-# The persistent kernel's best setting of the first sweep (ce-tuning-h200.jsonl), then the split
-# grid around the best of the second (ce-tuning-h200-split.jsonl: 32,768-column segments, 4,096
-# blocks, 16 warps), with and without L2 eviction hints (keep the row on the statistics pass,
-# drop it on the gradient pass).
-PERSISTENT = (("persistent", 4, 8192, 32),)
-SPLIT = tuple(("split", segment, block, warps, hints) for segment in (32768, 65536)
-              for block in (2048, 4096) for warps in (16, 32) for hints in (False, True))
-QUICK_LAUNCHES = (("persistent", 1, 1024, 4), ("split", 1024, 512, 4, True))
+SEGMENT_COLS = (16384, 32768, 65536, 131072)
+BLOCKS = (2048, 4096)
+WARPS = (8, 16)
+LAUNCHES = tuple((segment, block, warps) for segment in SEGMENT_COLS for block in BLOCKS for warps in WARPS)
+QUICK_LAUNCHES = ((1024, 512, 4), (4096, 1024, 4))
 
 
 def main() -> None:
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40})
-    grid = QUICK_LAUNCHES if args.quick else PERSISTENT + SPLIT
+    grid = QUICK_LAUNCHES if args.quick else LAUNCHES
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         n, v = shape["tokens"], shape["vocab"]
         logits = torch.randn(n, v, device=common.device(), dtype=torch.bfloat16) * 2
@@ -52,10 +53,8 @@ def main() -> None:
         options = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
         best = None
         for launch in grid:
-            size_name = "segment_cols" if launch[0] == "split" else "programs_per_sm"
-            config = {"op": "cross_entropy_rows", **shape, "kernel": launch[0], size_name: launch[1],
-                      "block": launch[2], "warps": launch[3], "l2_hints": bool(launch[4:] and launch[4]),
-                      "variant": "loss_and_grad"}
+            config = {"op": "cross_entropy_rows", **shape, "kernel": "split", "segment_cols": launch[0],
+                      "block": launch[1], "warps": launch[2], "variant": "loss_and_grad"}
             try:
                 ms = common.time_fwd_bwd(functools.partial(
                     cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,

@@ -6,9 +6,13 @@ accumulation rule (``num_items_in_batch``).
 
 Why the gradient is computed in the forward pass: the loss needs one pass over each row to find
 its log-sum-exp and a second to turn every logit into ``softmax - target``; doing both in one kernel
-while the row is still in L2 moves the logits through HBM about twice (read, write) instead of three
-times (read in forward; read and write again in backward). Backward then only multiplies the stored
-gradient by ``grad_output`` when that is not 1, a test made on the device (``scale_by_grad_output``).
+saves backward a third pass over the logits, and the second pass can find the row in L2. Backward
+then only multiplies the stored gradient by ``grad_output`` when that is not 1, a test made on the
+device (``scale_by_grad_output``).
+
+The row kernel splits each row among a few programs that run side by side; the last to finish
+makes the row's loss and gradient (see ``_cross_entropy_split_kernel``). On the H200 that is 11-12%
+faster than one program per row at Llama's and Gemma's vocabularies (bench/tune_cross_entropy.py).
 With ``reduction="none"`` the per-row scale is only known in backward, so there the kernel runs
 again in backward instead.
 
@@ -30,9 +34,10 @@ import triton.language as tl
 from fusetune.ops._launch import as_rows, cdiv, check_float, next_power_of_2, sm_count, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
-# (kernel, segment columns or programs per SM, vocab block, warps) of the row kernel, chosen on an
-# H200 with bench/tune_cross_entropy.py.
-_LAUNCH = ("split", 32768, 4096, 16)
+# (segment columns, vocab block, warps) of the row kernel, chosen on an H200 with
+# bench/tune_cross_entropy.py (ce-tuning-h200-split2.jsonl): two segments a row at Llama's and
+# Qwen's vocabularies, four at Gemma's.
+_LAUNCH = (65536, 4096, 16)
 # Elements per step, and programs per SM, of the in-place scaling kernel.
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 4
@@ -47,12 +52,9 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _segment_stats(
-    logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, EVICTION: tl.constexpr
-):
+def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     """Max, sum of ``exp(z - max)`` and plain sum of the (soft-capped) logits in columns
-    [start, end), streamed with an online max. An all ``-inf`` stretch gives (-inf, 0, -inf).
-    ``EVICTION`` is the loads' L2 eviction policy ("" for the default)."""
+    [start, end), streamed with an online max. An all ``-inf`` stretch gives (-inf, 0, -inf)."""
     cols = tl.arange(0, BLOCK)
     running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -60,8 +62,7 @@ def _segment_stats(
     for first in range(start, end, BLOCK):
         offs = first + cols
         mask = offs < end
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy=EVICTION)
-        z = z.to(tl.float32)
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         z = _softcapped(z, softcap, HAS_SOFTCAP)
         new_max = tl.maximum(running_max, z)
         # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
@@ -100,10 +101,8 @@ def _finish_row(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
-    EVICTION: tl.constexpr,
 ):
-    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``
-    (``EVICTION``: the L2 eviction policy of the gradient pass's loads and stores).
+    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
 
     The gradient pass re-reads the row and may overwrite the logits in place
     (``grad_row == logits_row``): each element is read before it is written, by this program.
@@ -123,56 +122,14 @@ def _finish_row(
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            x = tl.load(logits_row + offs, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
             z = _softcapped(x, softcap, HAS_SOFTCAP)
             grad = tl.exp(z - lse) * softmax_factor - smooth
             grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 capped = z / softcap
                 grad = grad * (1.0 - capped * capped)
-            grad = (grad * scale).to(grad_row.dtype.element_ty)
-            tl.store(grad_row + offs, grad, mask=mask, eviction_policy=EVICTION)
-
-
-@triton.jit
-def _cross_entropy_rows_kernel(
-    logits_ptr,
-    logits_row_stride,
-    labels_ptr,
-    loss_ptr,
-    grad_ptr,
-    grad_row_stride,
-    scale_ptr,
-    scale_stride,
-    n_rows,
-    n_cols,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """A persistent grid: each program walks rows ``pid, pid + programs, ...``, each row in two
-    passes (statistics, then loss and gradient)."""
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        row64 = tl.cast(row, tl.int64)
-        label = tl.load(labels_ptr + row64).to(tl.int64)
-        logits_row = logits_ptr + row64 * logits_row_stride
-        grad_row = grad_ptr + row64 * grad_row_stride
-        if label == ignore_index:
-            tl.store(loss_ptr + row64, 0.0)
-            if COMPUTE_GRAD:
-                _zero_columns(grad_row, 0, n_cols, BLOCK)
-        else:
-            scale = 1.0
-            if COMPUTE_GRAD:
-                scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-            top, total, logit_sum = _segment_stats(logits_row, 0, n_cols, softcap, HAS_SOFTCAP, BLOCK, "")
-            _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, top + tl.log(total),
-                        logit_sum, n_cols, label_smoothing, z_loss, softcap, HAS_SOFTCAP, COMPUTE_GRAD,
-                        BLOCK, "")
+            tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -198,18 +155,15 @@ def _cross_entropy_split_kernel(
     COMPUTE_GRAD: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
-    FIRST_READ: tl.constexpr,
-    LAST_USE: tl.constexpr,
 ):
     """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each
     (program ``pid`` takes segment ``pid % n_segments`` of row ``pid // n_segments``, so a row's
     programs run side by side). Each writes its stretch's statistics and counts itself in on the
     row's arrival counter; the program that arrives last combines them into the log-sum-exp and
-    makes the loss and the whole row's gradient, re-reading the row while its siblings' reads
-    still hold it in L2. The logits so cross HBM about twice (read, write) instead of three times,
-    and no program ever waits for another. ``SEGMENTS`` is a power of two >= ``n_segments``;
-    ``FIRST_READ`` and ``LAST_USE`` are the L2 eviction policies of the statistics pass and of
-    the gradient pass."""
+    makes the loss and the whole row's gradient, re-reading the row soon after its siblings read
+    it, so that much of it is still in L2. No program ever waits for another (so the interpreter,
+    which runs programs one after another, runs it too). ``SEGMENTS`` is a power of two
+    >= ``n_segments``."""
     pid = tl.program_id(0)
     row = pid // n_segments
     segment = pid % n_segments
@@ -225,9 +179,7 @@ def _cross_entropy_split_kernel(
         if COMPUTE_GRAD:
             _zero_columns(grad_row, start, end, BLOCK)
     else:
-        top, total, logit_sum = _segment_stats(
-            logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK, FIRST_READ
-        )
+        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
         stats = stats_ptr + (row64 * n_segments + segment) * 3
         tl.store(stats, top)
         tl.store(stats + 1, total)
@@ -250,7 +202,7 @@ def _cross_entropy_split_kernel(
                 scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
             _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
                         tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
-                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, LAST_USE)
+                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
 
 
 def cross_entropy_rows(
@@ -263,16 +215,15 @@ def cross_entropy_rows(
     softcap: float | None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
-    launch: tuple | None = None,
+    launch: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row float32 losses of 2-D ``logits`` (rows with unit column stride), via the kernel.
 
     With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
-    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` overrides the tuned launch
-    configuration (for benchmarks and tests): ("split", segment columns, block, warps) or
-    ("persistent", programs per SM, block, warps).
+    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (segment columns, block,
+    warps) overrides the tuned launch configuration (for benchmarks and tests).
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -281,9 +232,13 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    kind, size, block, warps, *hints = launch or _LAUNCH
+    segment_cols, block, warps = launch or _LAUNCH
     block = min(block, next_power_of_2(n_cols))
-    common = (
+    segment_cols = max(block, segment_cols // block * block)
+    n_segments = cdiv(n_cols, segment_cols)
+    stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
+    arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
+    _cross_entropy_split_kernel[(n_rows * n_segments,)](
         logits,
         logits.stride(0),
         labels,
@@ -292,26 +247,21 @@ def cross_entropy_rows(
         grad_out.stride(0) if compute_grad else 0,
         grad_scale if compute_grad else losses,
         (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
+        stats,
+        arrivals,
+        n_cols,
+        segment_cols,
+        n_segments,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_GRAD=compute_grad,
+        SEGMENTS=next_power_of_2(n_segments),
+        BLOCK=block,
+        num_warps=warps,
     )
-    options = (ignore_index, float(label_smoothing), float(z_loss),
-               float(softcap) if softcap is not None else 1.0)
-    flags = dict(HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK=block,
-                 num_warps=warps)
-    if kind == "split":
-        segment_cols = max(block, size // block * block)
-        n_segments = cdiv(n_cols, segment_cols)
-        stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
-        arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
-        _cross_entropy_split_kernel[(n_rows * n_segments,)](
-            *common, stats, arrivals, n_cols, segment_cols, n_segments, *options,
-            SEGMENTS=next_power_of_2(n_segments),
-            FIRST_READ="evict_last" if hints and hints[0] else "",
-            LAST_USE="evict_first" if hints and hints[0] else "",
-            **flags,
-        )
-    else:
-        programs = min(n_rows, size * sm_count(logits.device))
-        _cross_entropy_rows_kernel[(programs,)](*common, n_rows, n_cols, *options, **flags)
     return losses, grad_out
 
 
