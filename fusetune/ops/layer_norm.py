@@ -12,6 +12,7 @@ import torch
 
 from fusetune.ops._launch import (
     as_rows,
+    backward_stages,
     block_for,
     check_float,
     check_row_width,
@@ -55,7 +56,7 @@ if triton is not None:
         DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
         stride_dy, stride_x, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, STAGES: tl.constexpr,
     ):
         # Persistent: program p handles rows p, p + P, ... and writes one row of each fp32
         # partial-sum buffer (P x n_cols). DX is contiguous, n_cols wide.
@@ -68,7 +69,7 @@ if triton is not None:
             dw = tl.zeros((BLOCK,), dtype=tl.float32)
         if COMPUTE_DB:
             db = tl.zeros((BLOCK,), dtype=tl.float32)
-        for row in range(pid, n_rows, tl.num_programs(0)):
+        for row in tl.range(pid, n_rows, tl.num_programs(0), num_stages=STAGES):
             row64 = tl.cast(row, tl.int64)
             dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             h = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -128,7 +129,7 @@ class _LayerNorm(torch.autograd.Function):
             dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
             dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK=block, num_warps=warps_for(block),
+            BLOCK=block, STAGES=backward_stages(), num_warps=warps_for(block),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         db = sum_partials(db_partial, ctx.bias_dtype) if need_db else None
