@@ -3,8 +3,8 @@ they fall short of 80% of copy bandwidth, so that their defaults are measured, n
 
 The ops take num_warps from the row width (``_launch.warps_for``), the backward's persistent grid
 from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
-``rms_norm.backward_rows``, the norm backwards' software-pipelining stages from
-``_launch._BACKWARD_STAGES`` (``--stages-only`` sweeps just those) and RoPE's tile from
+``rms_norm.backward_rows``, LayerNorm's backward software-pipelining stages from
+``layer_norm._BACKWARD_STAGES`` (``--stages-only`` sweeps just those) and RoPE's tile from
 ``rope._MAX_TILE``. For each configuration
 this sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
 inputs and records the fraction of the copy bandwidth measured in the same run (bench/ops.py's byte
@@ -45,10 +45,10 @@ PROGRAMS_PER_SM = (1, 2, 4)
 BACKWARD_ROWS = (1, 2, 4)
 ROWS_WARPS = (8, 16)
 ROWS_PROGRAMS = (2,)
-# Software-pipelining stages of the norm backwards' row loop (``_launch.backward_stages``), with
-# the shipped warps; add_rms_norm also with one row at a time. A first sweep
-# (rows-tuning-h200-stages.jsonl) found 2 stages slower everywhere and 3 faster for layer_norm.
-STAGES = (3, 4)
+# Software-pipelining stages of LayerNorm's backward row loop, with the shipped warps. The sweeps
+# that chose 3 (rows-tuning-h200-stages*.jsonl) also tried them on the RMSNorm backward, since
+# made a plain loop again (slower or unchanged there).
+STAGES = (1, 2, 3, 4)
 ROPE_TILES = (2048, 4096, 8192, 16384)
 ROPE_WARPS = (4, 8)
 
@@ -61,7 +61,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
     saved = [(module, name, getattr(module, name)) for module, name in
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "warps_for"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
-              (_launch, "_BACKWARD_STAGES"))]
+              (layer_norm, "_BACKWARD_STAGES"))]
     try:
         if warps is not None:
             for module in (rms_norm, layer_norm, rope):
@@ -73,7 +73,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
         if rope_tile is not None:
             rope._MAX_TILE = rope_tile
         if stages is not None:
-            _launch._BACKWARD_STAGES = stages
+            layer_norm._BACKWARD_STAGES = stages
         yield
     finally:
         for module, name, value in saved:
@@ -84,10 +84,7 @@ def grid(name: str, quick: bool, stages_only: bool = False) -> list[dict]:
     """The settings swept for one op, the shipped default first (``stages_only``: the default and
     the pipelining stages alone)."""
     if stages_only:
-        stages = STAGES[: 1 if quick else None]
-        settings = [{"stages": s} for s in stages]
-        if name == "add_rms_norm":
-            settings += [{"stages": s, "backward_rows": 1} for s in stages]
+        settings = [{"stages": s} for s in STAGES[: 1 if quick else None]]
         return [{}] + settings + [{}]  # the default again at the end: the run's drift
     if name == "rope":
         settings = [{"rope_tile": t, "warps": w} for t, w in itertools.product(ROPE_TILES, ROPE_WARPS)]
@@ -130,7 +127,7 @@ def main() -> None:
         parser.add_argument("--ops", nargs="+", choices=[name for name, _ in NORM_CASES + ROPE_CASES],
                             help="sweep only these ops (default: all)")
         parser.add_argument("--stages-only", action="store_true",
-                            help="only the norm backwards' pipelining stages against the default")
+                            help="only LayerNorm's backward pipelining stages against the default")
 
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning",
                                           {"warmup": 25, "rep": 100}, choose_ops)
@@ -140,7 +137,7 @@ def main() -> None:
     for name, shape in QUICK_CASES if args.quick else NORM_CASES + ROPE_CASES:
         if args.ops and name not in args.ops:
             continue
-        if args.stages_only and name == "rope":
+        if args.stages_only and name != "layer_norm":
             continue
         for setting in grid(name, args.quick, args.stages_only):
             measure(name, shape, setting, timing, copy_rate)

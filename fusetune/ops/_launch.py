@@ -94,8 +94,6 @@ def warps_for(block: int) -> int:
 # (and still make each program loop over several rows).
 _PROGRAMS_PER_SM = 2
 _INTERPRETER_PROGRAMS = 4
-# Stages of the persistent norm backwards' row loop (bench/tune_rows.py sweeps them).
-_BACKWARD_STAGES = 1
 
 
 @functools.cache
@@ -119,12 +117,6 @@ def persistent_programs(n_rows: int, device: torch.device) -> int:
     """
     per_sm = _PROGRAMS_PER_SM if device.type == "cuda" else 1
     return min(n_rows, per_sm * sm_count(device))
-
-
-def backward_stages() -> int:
-    """Software-pipelining stages of the persistent norm backwards' row loop (``tl.range``'s
-    ``num_stages``): how many rows' loads are issued ahead of the row being computed."""
-    return _BACKWARD_STAGES
 
 
 def partial_buffer(

@@ -17,7 +17,6 @@ import torch
 
 from fusetune.ops._launch import (
     as_rows,
-    backward_stages,
     block_for,
     cdiv,
     check_float,
@@ -86,7 +85,7 @@ if triton is not None:
         DY, H, W, RSTD, DS, DX, DW_PARTIAL,
         stride_dy, stride_h, stride_ds, n_rows, n_cols, offset,
         HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, GEMMA: tl.constexpr,
-        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
         # Persistent: program p handles the groups of ROWS rows p, p + P, p + 2P, ... (ROWS rows in
         # flight at once) and writes one row of DW_PARTIAL (fp32, P x n_cols). DX is contiguous,
@@ -102,7 +101,7 @@ if triton is not None:
                 scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
         if COMPUTE_DW:
             dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-        for group in tl.range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
+        for group in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
             rows = group * ROWS + tl.arange(0, ROWS)
             rows64 = tl.cast(rows, tl.int64)[:, None]
             in_rows = rows < n_rows
@@ -177,8 +176,7 @@ class _RMSNorm(torch.autograd.Function):
             dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
             n_rows, n_cols, ctx.offset,
             HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
-            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, STAGES=backward_stages(),
-            num_warps=warps_for(block),
+            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         # x and residual enter the normalised sum alike, so they get the same gradient.
