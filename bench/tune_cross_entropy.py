@@ -2,9 +2,8 @@
 
 The kernel computes each row's loss and its gradient in two passes over the row; whether the second
 pass finds the row in L2 decides whether the logits cross HBM two or three times. Each row is split
-into segments, one work item each, and the last to finish makes the gradient; the segment width, the
-vocab block, the warps and the grid (a program per segment, or a persistent grid that keeps
-fewer rows in flight) are swept here on the H200 so the default in
+into segments, one program each, and the last to finish makes the gradient; the segment width, the
+vocab block and the warps are swept here on the H200 so the default in
 ``fusetune/ops/cross_entropy.py`` is measured. The 2,048-row shape is one chunk of
 ``linear_cross_entropy``, which runs the kernel in place.
 
@@ -33,10 +32,11 @@ SHAPES = (
     {"tokens": 2048, "vocab": 152064, "in_place": True},
 )
 QUICK_SHAPES = ({"tokens": 16, "vocab": 3000}, {"tokens": 8, "vocab": 3000, "in_place": True})
-SEGMENT_COLS = (32768, 65536)
-PROGRAMS_PER_SM = (0, 1, 2, 4)  # 0: a program per segment; else a persistent grid walking them
-LAUNCHES = tuple((segment, 4096, 16, programs) for segment in SEGMENT_COLS for programs in PROGRAMS_PER_SM)
-QUICK_LAUNCHES = ((1024, 512, 4, 0), (1024, 512, 4, 1))
+SEGMENT_COLS = (16384, 32768, 65536, 131072)
+BLOCKS = (2048, 4096)
+WARPS = (8, 16)
+LAUNCHES = tuple((segment, block, warps) for segment in SEGMENT_COLS for block in BLOCKS for warps in WARPS)
+QUICK_LAUNCHES = ((1024, 512, 4), (4096, 1024, 4))
 
 
 def main() -> None:
@@ -54,8 +54,7 @@ def main() -> None:
         best = None
         for launch in grid:
             config = {"op": "cross_entropy_rows", **shape, "kernel": "split", "segment_cols": launch[0],
-                      "block": launch[1], "warps": launch[2], "programs_per_sm": launch[3],
-                      "variant": "loss_and_grad"}
+                      "block": launch[1], "warps": launch[2], "variant": "loss_and_grad"}
             try:
                 ms = common.time_fwd_bwd(functools.partial(
                     cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,

@@ -37,7 +37,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 # (segment columns, vocab block, warps) of the row kernel, chosen on an H200 with
 # bench/tune_cross_entropy.py (ce-tuning-h200-split2.jsonl): two segments a row at Llama's and
 # Qwen's vocabularies, four at Gemma's.
-_LAUNCH = (65536, 4096, 16, 0)
+_LAUNCH = (65536, 4096, 16)
 # Elements per step, and programs per SM, of the in-place scaling kernel.
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 4
@@ -144,7 +144,6 @@ def _cross_entropy_split_kernel(
     scale_stride,
     stats_ptr,
     arrivals_ptr,
-    n_rows,
     n_cols,
     segment_cols,
     n_segments,
@@ -157,54 +156,53 @@ def _cross_entropy_split_kernel(
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one work item each
-    (item ``i`` is segment ``i % n_segments`` of row ``i // n_segments``; program ``pid`` takes
-    items ``pid, pid + programs, ...``, so a row's items run side by side, and fewer programs than
-    items keep fewer rows in flight). Each writes its stretch's statistics and counts itself in on the
+    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each
+    (program ``pid`` takes segment ``pid % n_segments`` of row ``pid // n_segments``, so a row's
+    programs run side by side). Each writes its stretch's statistics and counts itself in on the
     row's arrival counter; the program that arrives last combines them into the log-sum-exp and
     makes the loss and the whole row's gradient, re-reading the row soon after its siblings read
     it, so that much of it is still in L2. No program ever waits for another (so the interpreter,
     which runs programs one after another, runs it too). ``SEGMENTS`` is a power of two
     >= ``n_segments``."""
-    for item in range(tl.program_id(0), n_rows * n_segments, tl.num_programs(0)):
-        row = item // n_segments
-        segment = item % n_segments
-        row64 = tl.cast(row, tl.int64)
-        label = tl.load(labels_ptr + row64).to(tl.int64)
-        logits_row = logits_ptr + row64 * logits_row_stride
-        grad_row = grad_ptr + row64 * grad_row_stride
-        start = segment * segment_cols
-        end = tl.minimum(start + segment_cols, n_cols)
-        if label == ignore_index:
-            if segment == 0:
-                tl.store(loss_ptr + row64, 0.0)
+    pid = tl.program_id(0)
+    row = pid // n_segments
+    segment = pid % n_segments
+    row64 = tl.cast(row, tl.int64)
+    label = tl.load(labels_ptr + row64).to(tl.int64)
+    logits_row = logits_ptr + row64 * logits_row_stride
+    grad_row = grad_ptr + row64 * grad_row_stride
+    start = segment * segment_cols
+    end = tl.minimum(start + segment_cols, n_cols)
+    if label == ignore_index:
+        if segment == 0:
+            tl.store(loss_ptr + row64, 0.0)
+        if COMPUTE_GRAD:
+            _zero_columns(grad_row, start, end, BLOCK)
+    else:
+        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
+        stats = stats_ptr + (row64 * n_segments + segment) * 3
+        tl.store(stats, top)
+        tl.store(stats + 1, total)
+        tl.store(stats + 2, logit_sum)
+        # Release: the stores above are visible to whoever sees this count; acquire: the last
+        # arrival sees every sibling's.
+        arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_segments - 1:
+            segments = tl.arange(0, SEGMENTS)
+            mine = segments < n_segments
+            row_stats = stats_ptr + (row64 * n_segments + segments) * 3
+            tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
+            totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
+            logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
+            top = tl.max(tops, axis=0)
+            safe_top = tl.where(top == float("-inf"), 0.0, top)
+            lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
+            scale = 1.0
             if COMPUTE_GRAD:
-                _zero_columns(grad_row, start, end, BLOCK)
-        else:
-            top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
-            stats = stats_ptr + (row64 * n_segments + segment) * 3
-            tl.store(stats, top)
-            tl.store(stats + 1, total)
-            tl.store(stats + 2, logit_sum)
-            # Release: the stores above are visible to whoever sees this count; acquire: the last
-            # arrival sees every sibling's.
-            arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_segments - 1:
-                segments = tl.arange(0, SEGMENTS)
-                mine = segments < n_segments
-                row_stats = stats_ptr + (row64 * n_segments + segments) * 3
-                tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
-                totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
-                logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
-                top = tl.max(tops, axis=0)
-                safe_top = tl.where(top == float("-inf"), 0.0, top)
-                lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
-                scale = 1.0
-                if COMPUTE_GRAD:
-                    scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-                _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
-                            tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
-                            HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
+                scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
+            _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
+                        tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
+                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
 
 
 def cross_entropy_rows(
@@ -217,7 +215,7 @@ def cross_entropy_rows(
     softcap: float | None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
-    launch: tuple[int, int, int, int] | None = None,
+    launch: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row float32 losses of 2-D ``logits`` (rows with unit column stride), via the kernel.
 
@@ -225,8 +223,7 @@ def cross_entropy_rows(
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
     be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (segment columns, block,
-    warps, programs per SM or 0 for a program per segment) overrides the tuned launch
-    configuration (for benchmarks and tests).
+    warps) overrides the tuned launch configuration (for benchmarks and tests).
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -235,15 +232,13 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    segment_cols, block, warps, programs_per_sm = launch or _LAUNCH
+    segment_cols, block, warps = launch or _LAUNCH
     block = min(block, next_power_of_2(n_cols))
     segment_cols = max(block, segment_cols // block * block)
     n_segments = cdiv(n_cols, segment_cols)
     stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
     arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
-    items = n_rows * n_segments
-    programs = min(items, programs_per_sm * sm_count(logits.device)) if programs_per_sm else items
-    _cross_entropy_split_kernel[(programs,)](
+    _cross_entropy_split_kernel[(n_rows * n_segments,)](
         logits,
         logits.stride(0),
         labels,
@@ -254,7 +249,6 @@ def cross_entropy_rows(
         (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
         stats,
         arrivals,
-        n_rows,
         n_cols,
         segment_cols,
         n_segments,

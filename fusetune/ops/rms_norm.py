@@ -108,8 +108,6 @@ if triton is not None:
             tile = in_rows[:, None] & mask[None, :]
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             h = tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-            if HAS_DSUM:  # issued with the other loads, not after the row's reduction
-                dsum = tl.load(DS + rows64 * stride_ds + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]
             normed = h * rstd
             if HAS_WEIGHT:
@@ -123,7 +121,7 @@ if triton is not None:
                     dw += dy * normed.to(H.dtype.element_ty).to(tl.float32)
             dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=1) / n_cols)[:, None])
             if HAS_DSUM:
-                dx += dsum
+                dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             tl.store(DX + rows64 * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=tile)
         if COMPUTE_DW:
             tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=mask)

@@ -111,9 +111,8 @@ def test_options(options):
 
 def test_row_kernel_in_place_on_split_rows(monkeypatch):
     """The row kernel writing the gradient over a chunk's logits with each row cut into five
-    segments of 1,024 columns, a few programs walking them (the tuned launch gives these small
-    rows one segment and a program each)."""
-    monkeypatch.setattr(importlib.import_module("fusetune.ops.cross_entropy"), "_LAUNCH", (1024, 256, 4, 1))
+    segments of 1,024 columns (the tuned launch gives these small rows one segment)."""
+    monkeypatch.setattr(importlib.import_module("fusetune.ops.cross_entropy"), "_LAUNCH", (1024, 256, 4))
     check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, label_smoothing=0.1)
 
 
