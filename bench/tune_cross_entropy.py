@@ -10,7 +10,9 @@ vocab block and the warps are swept here on the H200 so the default in
 History: ``ce-tuning-h200.jsonl`` swept the earlier kernel, one persistent program walking whole
 rows (best 2.03-2.06 ms at 8192 x 128256); ``ce-tuning-h200-split*.jsonl`` compared it with the
 split kernel in the same calls (1.78-1.87 ms), with and without L2 eviction hints (no difference
-beyond 1%), before the persistent kernel and the hints were dropped.
+beyond 1%), before the persistent kernel and the hints were dropped; in
+``ce-tuning-h200-split3.jsonl`` programs that each walked several segments (a persistent split
+grid, fewer rows in flight) were 1.3-6x slower, and were dropped too.
 Run: ``python bench/tune_cross_entropy.py --out DIR`` (writes DIR/ce-tuning-<tag>.jsonl).
 """
 
