@@ -4,7 +4,7 @@ they fall short of 80% of copy bandwidth, so that their defaults are measured, n
 The ops take num_warps from the row width (``_launch.warps_for``), the backward's persistent grid
 from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
 ``rms_norm.backward_rows``, LayerNorm's backward software-pipelining stages from
-``layer_norm._BACKWARD_STAGES`` (``--stages-only`` sweeps just those) and RoPE's tile from
+``layer_norm._backward_stages`` (``--stages-only`` sweeps just those) and RoPE's tile from
 ``rope._MAX_TILE``. For each configuration
 this sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
 inputs and records the fraction of the copy bandwidth measured in the same run (bench/ops.py's byte
@@ -65,7 +65,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
     saved = [(module, name, getattr(module, name)) for module, name in
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "warps_for"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
-              (layer_norm, "_BACKWARD_STAGES"))]
+              (layer_norm, "_backward_stages"))]
     try:
         if warps is not None:
             for module in (rms_norm, layer_norm, rope):
@@ -77,7 +77,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
         if rope_tile is not None:
             rope._MAX_TILE = rope_tile
         if stages is not None:
-            layer_norm._BACKWARD_STAGES = stages
+            layer_norm._backward_stages = lambda block, n_rows, programs, stages=stages: stages
         yield
     finally:
         for module, name, value in saved:

@@ -4,7 +4,8 @@ The forward runs one program per row and saves the row's fp32 mean and rstd; the
 recomputes the normalised row from the saved input, on a bounded persistent grid whose programs
 each keep fp32 partial sums of the weight and bias gradients (finished by ``sum_partials``, shared
 with ``rms_norm`` through ``_launch``). The backward's row loop is software-pipelined
-(``_BACKWARD_STAGES``): the next rows' loads are issued while the current row is computed.
+where rows are wide and each program has many of them (``_backward_stages``): the next rows'
+loads are issued while the current row is computed.
 """
 
 from __future__ import annotations
@@ -24,12 +25,23 @@ from fusetune.ops._launch import (
     warps_for,
 )
 
-# Stages of the backward's row loop (``tl.range``'s ``num_stages``). bench/tune_rows.py measured
-# it on the H200 (rows-tuning-h200-stages*.jsonl): at 32768 x 8192, 3 stages took the op from 0.76
-# to 0.88 of copy bandwidth (backward 0.55 -> 0.43 ms), 2 stages were slower (0.68), 4 the same
-# as 3; at 32768 x 4096, 3 were within the run's noise of 1. (The RMSNorm backward, tried the same
-# way, was slower with 3 stages at 8192 and unchanged at 4096, so it keeps a plain loop.)
-_BACKWARD_STAGES = 3
+# Stages of the backward's row loop (``tl.range``'s ``num_stages``), measured with
+# bench/tune_rows.py on the H200 (rows-tuning-h200-stages*.jsonl, each setting timed twice or more):
+# with 8,192-wide rows and a long loop (32768 x 8192, about 124 rows a program) 3 stages took the op
+# from 0.76 to 0.88-0.89 of copy bandwidth (backward 0.55 -> 0.43 ms) in three calls; with a short
+# loop (8192 x 8192, about 31 rows a program) they were slower (0.52 against 0.46 ms); with
+# 4,096-wide rows the runs were too noisy to tell, so those keep a plain loop. 2 stages were slower
+# everywhere, 4 the same as 3. (The RMSNorm backward, tried the same way, was slower with 3 stages.)
+_PIPELINED_BLOCK = 8192
+_PIPELINED_MIN_ROWS_PER_PROGRAM = 64
+_PIPELINE_STAGES = 3
+
+
+def _backward_stages(block: int, n_rows: int, programs: int) -> int:
+    """Stages of the backward's row loop for rows of ``block`` spread over ``programs``."""
+    long_loop = n_rows >= _PIPELINED_MIN_ROWS_PER_PROGRAM * programs
+    return _PIPELINE_STAGES if block >= _PIPELINED_BLOCK and long_loop else 1
+
 
 if triton is not None:
     import triton.language as tl
@@ -136,7 +148,7 @@ class _LayerNorm(torch.autograd.Function):
             dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
             dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK=block, STAGES=_BACKWARD_STAGES, num_warps=warps_for(block),
+            BLOCK=block, STAGES=_backward_stages(block, n_rows, programs), num_warps=warps_for(block),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         db = sum_partials(db_partial, ctx.bias_dtype) if need_db else None

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusetune.ops._launch import MAX_FUSED_ROW
-from fusetune.ops.layer_norm import layer_norm, layer_norm_reference
+from fusetune.ops._launch import MAX_FUSED_ROW, block_for, persistent_programs
+from fusetune.ops.layer_norm import _backward_stages, layer_norm, layer_norm_reference
 from tests.ops import checks
 from tests.ops.test_rms_norm import check_op, randn
 
@@ -49,6 +49,18 @@ def test_layer_norm_optional_params(gen, dtype, weight, bias):
 @pytest.mark.parametrize("shape", [(7, 129), (1, 37), (37,), (2, 3, 4, 16)])
 def test_layer_norm_shapes(gen, dtype, shape):
     check_op(layer_norm, layer_norm_reference, inputs(gen, shape, dtype), dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_layer_norm_pipelined_backward(gen, dtype):
+    """Wide rows (an 8,192 block) with 64+ rows a backward program take the software-pipelined row
+    loop: the same numbers as the references. (Compiled on a GPU this is the pipelined code; the
+    interpreter runs the loop plainly.)"""
+    cols = 4099
+    programs = persistent_programs(2**30, torch.device(checks.DEVICE))
+    rows = 64 * programs + 3
+    assert _backward_stages(block_for(cols), rows, programs) > 1  # the test takes the pipelined path
+    check_op(layer_norm, layer_norm_reference, inputs(gen, (rows, cols), dtype), dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
