@@ -86,28 +86,9 @@ def _zero_columns(grad_row, start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_loss(z_label, lse, logit_sum, n_cols, label_smoothing, z_loss):
-    """A labelled row's loss from its labelled (soft-capped) logit, log-sum-exp and logit sum."""
-    smooth = label_smoothing / n_cols
-    return lse - (1.0 - label_smoothing) * z_label - smooth * logit_sum + z_loss * lse * lse
-
-
-@triton.jit
-def _logit_gradient(z, offs, label_col, lse, scale, n_cols, label_smoothing, z_loss, softcap,
-                    HAS_SOFTCAP: tl.constexpr):
-    """``scale * dloss/dlogit`` at columns ``offs`` of a row, from its (soft-capped) logits ``z``."""
-    grad = tl.exp(z - lse) * (1.0 + 2.0 * z_loss * lse) - label_smoothing / n_cols
-    grad = tl.where(offs == label_col, grad - (1.0 - label_smoothing), grad)
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        grad = grad * (1.0 - capped * capped)
-    return grad * scale
-
-
-@triton.jit
 def _finish_row(
     logits_row,
-    label_col,
+    label,
     loss_ptr,
     grad_row,
     scale,
@@ -121,39 +102,34 @@ def _finish_row(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """A labelled row's loss and optionally its whole gradient, re-reading the row.
+    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
 
-    The gradient may overwrite the logits in place (``grad_row == logits_row``): each element is
-    read before it is written, by this program.
+    The gradient pass re-reads the row and may overwrite the logits in place
+    (``grad_row == logits_row``): each element is read before it is written, by this program.
     """
-    z_label = _softcapped(tl.load(logits_row + label_col).to(tl.float32), softcap, HAS_SOFTCAP)
-    tl.store(loss_ptr, _row_loss(z_label, lse, logit_sum, n_cols, label_smoothing, z_loss))
+    # The labelled logit: one scalar load, its index clamped into the row so that a bad label
+    # (reported by the host-side check) can never make the kernel read outside it.
+    safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
+    z_label = _softcapped(tl.load(logits_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
+    smooth = label_smoothing / n_cols
+    loss = lse - (1.0 - label_smoothing) * z_label - smooth * logit_sum
+    loss += z_loss * lse * lse
+    tl.store(loss_ptr, loss)
+
     if COMPUTE_GRAD:
         cols = tl.arange(0, BLOCK)
+        softmax_factor = 1.0 + 2.0 * z_loss * lse
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
             mask = offs < n_cols
-            z = _softcapped(tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32), softcap,
-                            HAS_SOFTCAP)
-            grad = _logit_gradient(z, offs, label_col, lse, scale, n_cols, label_smoothing, z_loss, softcap,
-                                   HAS_SOFTCAP)
-            tl.store(grad_row + offs, grad.to(grad_row.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _combined_stats(stats_ptr, row64, n_segments, SEGMENTS: tl.constexpr):
-    """A row's log-sum-exp and logit sum from its segments' (max, sum-exp, sum) statistics,
-    read through L2 (``.cg``): they were written by other programs."""
-    segments = tl.arange(0, SEGMENTS)
-    mine = segments < n_segments
-    row_stats = stats_ptr + (row64 * n_segments + segments) * 3
-    tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
-    totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
-    logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
-    top = tl.max(tops, axis=0)
-    safe_top = tl.where(top == float("-inf"), 0.0, top)
-    lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
-    return lse, tl.sum(logit_sums, axis=0)
+            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            z = _softcapped(x, softcap, HAS_SOFTCAP)
+            grad = tl.exp(z - lse) * softmax_factor - smooth
+            grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
+            if HAS_SOFTCAP:
+                capped = z / softcap
+                grad = grad * (1.0 - capped * capped)
+            tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -168,7 +144,6 @@ def _cross_entropy_split_kernel(
     scale_stride,
     stats_ptr,
     arrivals_ptr,
-    n_rows,
     n_cols,
     segment_cols,
     n_segments,
@@ -178,30 +153,18 @@ def _cross_entropy_split_kernel(
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
-    RESIDENT: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each,
-    a row's programs side by side. Each writes its stretch's statistics (max, sum-exp, sum) and
-    counts itself in on the row's arrival counter. Then, one of two ways:
-
-    - ``RESIDENT`` (a stretch is one ``BLOCK``, the GPU only): every program keeps its stretch in
-      registers, waits until all its siblings have counted in, combines their statistics and
-      writes its stretch's gradient from registers; the program holding the label writes the
-      loss. The logits cross HBM once (read) and the gradient once (write). Programs take their
-      row from a ticket counter in launch order, so a waiting program's siblings have all been
-      started or will be as soon as any earlier row finishes: no wait can last forever.
-    - otherwise, the program that arrives last combines the statistics and makes the loss and the
-      whole row's gradient, re-reading the row soon after its siblings read it. No program
-      waits, so the interpreter (which runs programs one after another) runs this way.
-
-    ``SEGMENTS`` is a power of two >= ``n_segments``; ``arrivals_ptr`` holds ``n_rows`` row
-    counters and then the ticket counter, all zero."""
-    if RESIDENT:
-        pid = tl.atomic_add(arrivals_ptr + n_rows, 1)
-    else:
-        pid = tl.program_id(0)
+    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each
+    (program ``pid`` takes segment ``pid % n_segments`` of row ``pid // n_segments``, so a row's
+    programs run side by side). Each writes its stretch's statistics and counts itself in on the
+    row's arrival counter; the program that arrives last combines them into the log-sum-exp and
+    makes the loss and the whole row's gradient, re-reading the row soon after its siblings read
+    it, so that much of it is still in L2. No program ever waits for another (so the interpreter,
+    which runs programs one after another, runs it too). ``SEGMENTS`` is a power of two
+    >= ``n_segments``."""
+    pid = tl.program_id(0)
     row = pid // n_segments
     segment = pid % n_segments
     row64 = tl.cast(row, tl.int64)
@@ -216,45 +179,30 @@ def _cross_entropy_split_kernel(
         if COMPUTE_GRAD:
             _zero_columns(grad_row, start, end, BLOCK)
     else:
-        # The label's column, clamped into the row so that a bad label (reported by the host-side
-        # check) can never make the kernel read outside it; int32, as are the column offsets.
-        label_col = tl.minimum(tl.maximum(label, 0), n_cols - 1).to(tl.int32)
-        if RESIDENT:
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < end
-            z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            z = _softcapped(z, softcap, HAS_SOFTCAP)
-            top = tl.max(z, axis=0)
-            total = tl.sum(tl.exp(z - tl.where(top == float("-inf"), 0.0, top)), axis=0)
-            logit_sum = tl.sum(tl.where(mask, z, 0.0), axis=0)
-        else:
-            top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
+        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
         stats = stats_ptr + (row64 * n_segments + segment) * 3
         tl.store(stats, top)
         tl.store(stats + 1, total)
         tl.store(stats + 2, logit_sum)
         # Release: the stores above are visible to whoever sees this count; acquire: the last
         # arrival sees every sibling's.
-        arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu") + 1
-        if RESIDENT:
-            while arrived < n_segments:
-                arrived = tl.atomic_add(arrivals_ptr + row64, 0, sem="acquire", scope="gpu")
-            lse, row_sum = _combined_stats(stats_ptr, row64, n_segments, SEGMENTS)
-            # The program holding the label's column writes the loss.
-            if label_col // segment_cols == segment:
-                z_label = tl.sum(tl.where(offs == label_col, z, 0.0), axis=0)
-                tl.store(loss_ptr + row64, _row_loss(z_label, lse, row_sum, n_cols, label_smoothing, z_loss))
-            scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-            grad = _logit_gradient(z, offs, label_col, lse, scale, n_cols, label_smoothing, z_loss, softcap,
-                                   HAS_SOFTCAP)
-            tl.store(grad_row + offs, grad.to(grad_row.dtype.element_ty), mask=mask)
-        elif arrived == n_segments:
-            lse, row_sum = _combined_stats(stats_ptr, row64, n_segments, SEGMENTS)
+        arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_segments - 1:
+            segments = tl.arange(0, SEGMENTS)
+            mine = segments < n_segments
+            row_stats = stats_ptr + (row64 * n_segments + segments) * 3
+            tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
+            totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
+            logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
+            top = tl.max(tops, axis=0)
+            safe_top = tl.where(top == float("-inf"), 0.0, top)
+            lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
             scale = 1.0
             if COMPUTE_GRAD:
                 scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-            _finish_row(logits_row, label_col, loss_ptr + row64, grad_row, scale, lse, row_sum, n_cols,
-                        label_smoothing, z_loss, softcap, HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
+            _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
+                        tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
+                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
 
 
 def cross_entropy_rows(
@@ -288,10 +236,8 @@ def cross_entropy_rows(
     block = min(block, next_power_of_2(n_cols))
     segment_cols = max(block, segment_cols // block * block)
     n_segments = cdiv(n_cols, segment_cols)
-    # Programs wait for each other only on a GPU (the interpreter runs them one at a time).
-    resident = compute_grad and logits.is_cuda and segment_cols == block
     stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
-    arrivals = torch.zeros(n_rows + 1, dtype=torch.int32, device=logits.device)
+    arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
     _cross_entropy_split_kernel[(n_rows * n_segments,)](
         logits,
         logits.stride(0),
@@ -303,7 +249,6 @@ def cross_entropy_rows(
         (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
         stats,
         arrivals,
-        n_rows,
         n_cols,
         segment_cols,
         n_segments,
@@ -313,7 +258,6 @@ def cross_entropy_rows(
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=compute_grad,
-        RESIDENT=resident,
         SEGMENTS=next_power_of_2(n_segments),
         BLOCK=block,
         num_warps=warps,
