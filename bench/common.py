@@ -30,6 +30,10 @@ _RESULTS: dict[str, Path | None] = {"path": None}
 TIME = "time_ms"  # forward + backward
 MEMORY = "peak_mib"
 ROOFLINE = "roofline_fraction"
+# The same step's device-kernel time alone (torch.profiler), and the roofline fraction of that: where
+# the host needs longer for a step than the device, TIME is the host's and these are the kernels'.
+KERNEL_TIME = "kernel_ms"
+KERNEL_ROOFLINE = "kernel_roofline_fraction"
 ERROR = "max_rel_error"
 COPY = "copy_GBps"
 MATMUL = "bf16_matmul_TFLOPS"
@@ -147,6 +151,23 @@ def time_fwd_bwd(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | No
 
     return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
                           return_mode="median"))
+
+
+def kernel_ms(fn: Callable[[], object], steps: int = 5) -> float:
+    """Mean summed device time (kernels, copies, memsets) of one call of ``fn``, from torch.profiler.
+
+    Unlike ``time_fwd_bwd`` it leaves out the gaps in which the device waits for the host.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("kernel time is read from CUDA's profiler; no CUDA here")
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1000
 
 
 def peak_memory_mib(fn: Callable[[], object]) -> float:

@@ -399,12 +399,29 @@ def steps_for(op: Op, compiled: Callable, wanted: tuple[str, ...]) -> dict:
     return {name: build for name, build in builders.items() if name in wanted}
 
 
-def run_system(op: Op, shape: dict, variant: str, build: Callable,
-               timing: dict) -> tuple[float, float | None, str | None]:
-    """Warm, time, then measure the peak memory of one system on one case.
+@dataclass
+class Measured:
+    """One system on one case: step time, kernel time and peak memory, each None with why when
+    it could not be taken."""
 
-    Returns (ms, MiB or None, why the memory is missing). Any failure before the time is taken
-    propagates; the caller records it.
+    ms: float | None = None
+    kernel_ms: float | None = None
+    mib: float | None = None
+    errors: dict = field(default_factory=dict)
+
+
+def _optional(measured: Measured, name: str, take: Callable[[], float]) -> None:
+    """Take one more measurement; a failure leaves it None and says why."""
+    try:
+        setattr(measured, name, take())
+    except Exception as exc:
+        measured.errors[name] = common.describe(exc)
+
+
+def run_system(op: Op, shape: dict, variant: str, build: Callable, timing: dict) -> Measured:
+    """Warm, time, then measure the kernel time and peak memory of one system on one case.
+
+    Any failure before the time is taken propagates; the caller records it.
     """
     torch.manual_seed(0)
     step = build()
@@ -412,40 +429,48 @@ def run_system(op: Op, shape: dict, variant: str, build: Callable,
     leaves = [t for t in inputs.values() if t.requires_grad]
 
     def run():
+        for leaf in leaves:  # fresh gradients, as in training, rather than accumulated ones
+            leaf.grad = None
         step(inputs, grad_outputs)
 
     for _ in range(2):  # compile / autotune / warm caches
         run()
     common.synchronize()
-    ms = common.time_fwd_bwd(run, grad_to_none=leaves, **timing)
+    measured = Measured(ms=common.time_fwd_bwd(run, grad_to_none=leaves, **timing))
+    _optional(measured, "kernel_ms", lambda: common.kernel_ms(run))
     for leaf in leaves:
         leaf.grad = None
-    try:
-        return ms, common.peak_memory_mib(run), None
-    except Exception as exc:
-        return ms, None, common.describe(exc)
+    _optional(measured, "mib", lambda: common.peak_memory_mib(run))
+    return measured
 
 
 def measure(op: Op, shape: dict, variant: str, system: str, build: Callable, ceilings: dict,
             timing: dict) -> list[dict]:
-    """Time, peak memory and roofline fraction of one system on one case, as records.
+    """Time, kernel time, peak memory and roofline fractions of one system on one case, as records.
 
     A failing or out-of-memory system is a result (value None, its error), not the end of the run.
     """
     try:
-        ms, mib, memory_error = run_system(op, shape, variant, build, timing)
-        time_error = None
+        measured = run_system(op, shape, variant, build, timing)
     except Exception as exc:
-        ms, mib, time_error = None, None, common.describe(exc)
-        memory_error = time_error
+        error = common.describe(exc)
+        measured = Measured(errors={"ms": error, "kernel_ms": error, "mib": error})
     common.release()
     config = config_of(op, shape, variant)
     extra = {"liger": common.environment()["liger"]} if system == "liger" else {}
     kind, work = op.cost(shape, variant)
-    roofline = None if ms is None else work / ceilings[kind] / (ms / 1000)
-    return [common.record(system, config, common.TIME, ms, time_error, **extra),
-            common.record(system, config, common.MEMORY, mib, memory_error, **extra),
-            common.record(system, config, common.ROOFLINE, roofline, time_error, **extra)]
+
+    def fraction(ms: float | None) -> float | None:
+        return None if ms is None else work / ceilings[kind] / (ms / 1000)
+
+    def record(metric: str, value: float | None, source: str) -> dict:
+        return common.record(system, config, metric, value, measured.errors.get(source), **extra)
+
+    return [record(common.TIME, measured.ms, "ms"),
+            record(common.MEMORY, measured.mib, "mib"),
+            record(common.ROOFLINE, fraction(measured.ms), "ms"),
+            record(common.KERNEL_TIME, measured.kernel_ms, "kernel_ms"),
+            record(common.KERNEL_ROOFLINE, fraction(measured.kernel_ms), "kernel_ms")]
 
 
 def compiled_eager(op: Op) -> Callable:
