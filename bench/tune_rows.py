@@ -1,14 +1,15 @@
 """Launch settings of the row kernels (add + RMSNorm, LayerNorm, RoPE) on the large shapes where
 they fall short of 80% of copy bandwidth, so that their defaults are measured, not guessed.
 
-The ops take num_warps from the row width (``_launch.warps_for``), the backward's persistent grid
-from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
+The norms take num_warps from the row width (``_launch.warps_for``), the backward's persistent
+grid from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
 ``rms_norm.backward_rows``, LayerNorm's backward software-pipelining stages from
-``layer_norm._backward_stages`` (``--stages-only`` sweeps just those) and RoPE's tile from
-``rope._MAX_TILE``. For each configuration
-this sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
-inputs and records the fraction of the copy bandwidth measured in the same run (bench/ops.py's byte
-counts); ``default`` rows are the shipped settings.
+``layer_norm._backward_stages`` (``--stages-only`` sweeps just those); RoPE its tile, heads and
+warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and ``rope._WARPS``. For each
+configuration this sweep sets those module values, times forward + backward (and forward alone)
+on bench/ops.py's inputs, takes the step's kernel time alone (torch.profiler: the timed step can
+wait on the host) and records both as fractions of the copy bandwidth measured in the same run
+(bench/ops.py's byte counts); ``default`` rows are the shipped settings.
 Run: ``python bench/tune_rows.py --out DIR [--quick] [--ops add_rms_norm ...]`` (writes
 DIR/rows-tuning-<tag>.jsonl).
 """
@@ -34,7 +35,7 @@ NORM_CASES = (("add_rms_norm", {"tokens": 32768, "hidden": 8192}),
               ("add_rms_norm", {"tokens": 32768, "hidden": 4096}),
               ("layer_norm", {"tokens": 32768, "hidden": 8192}),
               ("layer_norm", {"tokens": 32768, "hidden": 4096}))
-ROPE_CASES = (("rope", ops.ROPE[-1]),)
+ROPE_CASES = tuple(("rope", shape) for shape in ops.ROPE)
 # LayerNorm's pipelining stages are also checked on bench/ops.py's smaller shapes, so that a gain at
 # 32,768 rows is not a loss at 8,192.
 STAGE_CASES = tuple(("layer_norm", {"tokens": tokens, "hidden": hidden})
@@ -53,29 +54,33 @@ ROWS_PROGRAMS = (2,)
 # that chose 3 (rows-tuning-h200-stages*.jsonl) also tried them on the RMSNorm backward, since
 # made a plain loop again (slower or unchanged there).
 STAGES = (1, 3)
-ROPE_TILES = (2048, 4096, 8192, 16384)
+ROPE_TILES = (2048, 4096, 8192)
+ROPE_HEADS = (2, 4, 8)
 ROPE_WARPS = (4, 8)
 
 
 @contextlib.contextmanager
 def launch_settings(warps: int | None = None, programs_per_sm: int | None = None,
-                    rope_tile: int | None = None, backward_rows: int | None = None,
-                    stages: int | None = None):
+                    rope_tile: int | None = None, rope_heads: int | None = None,
+                    backward_rows: int | None = None, stages: int | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
-             ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "warps_for"),
+             ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
-              (layer_norm, "_backward_stages"))]
+              (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"))]
     try:
         if warps is not None:
-            for module in (rms_norm, layer_norm, rope):
+            for module in (rms_norm, layer_norm):
                 module.warps_for = lambda block, warps=warps: warps
+            rope._WARPS = warps
         if backward_rows is not None:
             rms_norm.backward_rows = lambda block, rows=backward_rows: rows
         if programs_per_sm is not None:
             _launch._PROGRAMS_PER_SM = programs_per_sm
         if rope_tile is not None:
             rope._MAX_TILE = rope_tile
+        if rope_heads is not None:
+            rope._MAX_HEADS = rope_heads
         if stages is not None:
             layer_norm._backward_stages = lambda block, n_rows, programs, stages=stages: stages
         yield
@@ -91,7 +96,8 @@ def grid(name: str, quick: bool, stages_only: bool = False) -> list[dict]:
         settings = [{"stages": s} for s in STAGES[: 1 if quick else None]]
         return ([{}] + settings) * 2  # everything twice: the run's noise shows
     if name == "rope":
-        settings = [{"rope_tile": t, "warps": w} for t, w in itertools.product(ROPE_TILES, ROPE_WARPS)]
+        settings = [{"rope_tile": t, "rope_heads": h, "warps": w}
+                    for t, h, w in itertools.product(ROPE_TILES, ROPE_HEADS, ROPE_WARPS)]
     elif name == "add_rms_norm":
         settings = [{"backward_rows": r, "warps": w, "programs_per_sm": p} for r, w, p in
                     itertools.product(BACKWARD_ROWS, ROWS_WARPS, ROWS_PROGRAMS)]
@@ -108,10 +114,15 @@ def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: floa
     inputs, grad_outputs = op.make(shape, "default")
     leaves = [t for t in inputs.values() if t.requires_grad]
     forward = op.fusetune()
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        ops.forward_backward(forward, inputs, grad_outputs)
+
     with launch_settings(**setting):
         try:
-            both = common.time_fwd_bwd(lambda: ops.forward_backward(forward, inputs, grad_outputs),
-                                       grad_to_none=leaves, **timing)
+            both = common.time_fwd_bwd(step, grad_to_none=leaves, **timing)
+            kernels = common.kernel_ms(step) if torch.cuda.is_available() else None
             with torch.no_grad():
                 alone = common.time_fwd_bwd(lambda: forward(**inputs), **timing)
         except Exception as exc:  # a setting the compiler rejects is recorded, not fatal
@@ -122,8 +133,13 @@ def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: floa
     common.record("fusetune", {**config, "pass": "forward"}, common.TIME, alone)
     fraction = n_bytes / (both / 1000) / copy_rate
     common.record("fusetune", config, common.ROOFLINE, fraction)
+    kernel_text = ""
+    if kernels is not None:
+        common.record("fusetune", config, common.KERNEL_TIME, kernels)
+        common.record("fusetune", config, common.KERNEL_ROOFLINE, n_bytes / (kernels / 1000) / copy_rate)
+        kernel_text = f", kernels {kernels:.3f} ms ({n_bytes / (kernels / 1000) / copy_rate:.2f})"
     print(f"{name} {common.shape_text(shape)} {setting or 'default'}: {both:.3f} ms "
-          f"(forward {alone:.3f}), {fraction:.2f} of copy", flush=True)
+          f"(forward {alone:.3f}), {fraction:.2f} of copy{kernel_text}", flush=True)
 
 
 def main() -> None:

@@ -10,11 +10,11 @@
 with partial rotary: when ``rotary_dim = cos.shape[-1]`` is smaller than ``head_dim`` only the
 first ``rotary_dim`` features are rotated and the rest pass through unchanged.
 
-Kernel layout: one program per block of (batch, seq) tokens (a few on the GPU, enough to fill a
-tile when heads are few). It loads each token's cos/sin row once and rotates every q head and every
-k head of those tokens (in blocks of heads), so cos/sin are read once per token instead of once per
-head. With ``x1, x2`` the two halves of the rotated part and
-``c1, c2, s1, s2`` the halves of cos and sin::
+Kernel layout: a 2-D grid of (block of (batch, seq) tokens) x (block of heads), the head blocks
+of q first, then those of k. Each program loads its tokens' cos/sin rows and rotates its
+(tokens x heads x half rotary dim) tile. cos/sin rows are read once per head block (from L2 after
+the first) rather than once per head, and many small programs keep enough loads in flight. With
+``x1, x2`` the two halves of the rotated part and ``c1, c2, s1, s2`` the halves of cos and sin::
 
     forward:   o1 = x1*c1 - x2*s1      o2 = x2*c2 + x1*s2
     backward:  d1 = g1*c1 + g2*s2      d2 = g2*c2 - g1*s1
@@ -36,15 +36,18 @@ from fusetune.ops._launch import (
     next_power_of_2,
     triton,
     use_triton,
-    warps_for,
 )
 
 if triton is not None:
     import triton.language as tl
 
-# Largest (tokens x heads x half rotary dim) tile a program holds at once; more heads loop over
-# tiles. Under the interpreter a larger tile means fewer (slow, per-program) interpreted steps.
+# Largest (tokens x heads x half rotary dim) tile a program holds on the GPU, the most heads in it,
+# and its warps: the fastest kernels at 8,192 and 32,768 Llama-3-8B tokens on the H200 (0.94 and
+# 0.82 of copy bandwidth; rows-tuning-h200-rope2d.jsonl). Under the interpreter a program takes as
+# many tokens as fit a far larger tile: it pays per program, not per element.
 _MAX_TILE = 4096
+_MAX_HEADS = 4
+_WARPS = 4
 _INTERPRETER_TILE = 2**16
 
 
@@ -135,33 +138,33 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 if triton is not None:
 
     @triton.jit
-    def _rotate_heads(x_ptr, o_ptr, x_base, o_base, token_mask, n_heads, x_sh, o_sh,
+    def _rotate_heads(x_ptr, o_ptr, x_base, o_base, token_mask, first_head, n_heads, x_sh, o_sh,
                       c1, c2, s1, s2, cols, col_mask, pcols, pcol_mask,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PASS: tl.constexpr):
-        """Rotate all heads of a block of tokens: tiles are (tokens, heads, half rotary dim).
+        """Rotate heads [first_head, first_head + BLOCK_H) (those below ``n_heads``) of a block of
+        tokens: one (tokens, heads, half rotary dim) tile.
 
         ``x_base`` / ``o_base`` hold each token's offset; features have unit stride.
         """
-        for h0 in range(0, n_heads, BLOCK_H):
-            heads = h0 + tl.arange(0, BLOCK_H)
-            th_mask = token_mask[:, None] & (heads < n_heads)[None, :]
-            x_row = x_ptr + x_base[:, None, None] + heads.to(tl.int64)[None, :, None] * x_sh
-            o_row = o_ptr + o_base[:, None, None] + heads.to(tl.int64)[None, :, None] * o_sh
-            mask = th_mask[:, :, None] & col_mask[None, None, :]
-            x1 = tl.load(x_row + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(x_row + HALF + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
-            o1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
-            o2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
-            tl.store(o_row + cols[None, None, :], o1.to(o_ptr.dtype.element_ty), mask=mask)
-            tl.store(o_row + HALF + cols[None, None, :], o2.to(o_ptr.dtype.element_ty), mask=mask)
-            if HAS_PASS:
-                pmask = th_mask[:, :, None] & pcol_mask[None, None, :]
-                kept = tl.load(x_row + pcols[None, None, :], mask=pmask, other=0.0)
-                tl.store(o_row + pcols[None, None, :], kept.to(o_ptr.dtype.element_ty), mask=pmask)
+        heads = first_head + tl.arange(0, BLOCK_H)
+        th_mask = token_mask[:, None] & (heads < n_heads)[None, :]
+        x_row = x_ptr + x_base[:, None, None] + heads.to(tl.int64)[None, :, None] * x_sh
+        o_row = o_ptr + o_base[:, None, None] + heads.to(tl.int64)[None, :, None] * o_sh
+        mask = th_mask[:, :, None] & col_mask[None, None, :]
+        x1 = tl.load(x_row + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + HALF + cols[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        o1 = x1 * c1[:, None, :] - x2 * s1[:, None, :]
+        o2 = x2 * c2[:, None, :] + x1 * s2[:, None, :]
+        tl.store(o_row + cols[None, None, :], o1.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row + HALF + cols[None, None, :], o2.to(o_ptr.dtype.element_ty), mask=mask)
+        if HAS_PASS:
+            pmask = th_mask[:, :, None] & pcol_mask[None, None, :]
+            kept = tl.load(x_row + pcols[None, None, :], mask=pmask, other=0.0)
+            tl.store(o_row + pcols[None, None, :], kept.to(o_ptr.dtype.element_ty), mask=pmask)
 
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
-                     n_tokens, seq_len, n_q_heads, n_k_heads,
+                     n_tokens, seq_len, n_q_heads, n_k_heads, q_blocks,
                      q_sb, q_ss, q_sh, k_sb, k_ss, k_sh,
                      qo_sb, qo_ss, qo_sh, ko_sb, ko_ss, ko_sh,
                      c_sb, c_ss, s_sb, s_ss,
@@ -194,14 +197,18 @@ if triton is not None:
         pcols = 2 * HALF + tl.arange(0, BLOCK_PASS)
         pcol_mask = pcols < HEAD_DIM
 
+        # Head blocks 0 .. q_blocks - 1 are q's, the rest k's.
+        head_block = tl.program_id(1)
         if HAS_Q:
-            _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, token_mask,
-                          n_q_heads, q_sh, qo_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
-                          HALF, BLOCK_HQ, HAS_PASS)
+            if head_block < q_blocks:
+                _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, token_mask,
+                              head_block * BLOCK_HQ, n_q_heads, q_sh, qo_sh, c1, c2, t1, t2, cols,
+                              col_mask, pcols, pcol_mask, HALF, BLOCK_HQ, HAS_PASS)
         if HAS_K:
-            _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, token_mask,
-                          n_k_heads, k_sh, ko_sh, c1, c2, t1, t2, cols, col_mask, pcols, pcol_mask,
-                          HALF, BLOCK_HK, HAS_PASS)
+            if head_block >= q_blocks:
+                _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, token_mask,
+                              (head_block - q_blocks) * BLOCK_HK, n_k_heads, k_sh, ko_sh, c1, c2, t1,
+                              t2, cols, col_mask, pcols, pcol_mask, HALF, BLOCK_HK, HAS_PASS)
 
 
 def _as_bshd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
@@ -253,19 +260,19 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, s
     n_pass = head_dim - 2 * half
     block_half = next_power_of_2(half)
     block_pass = next_power_of_2(max(n_pass, 1))
-    heads_cap = max(1, _MAX_TILE // block_half)
+    # Heads per program, then tokens to fill the tile (many more under the interpreter).
+    heads_cap = min(_MAX_HEADS, max(1, _MAX_TILE // block_half))
     block_hq = min(next_power_of_2(max(n_q, 1)), heads_cap)
     block_hk = min(next_power_of_2(max(n_k, 1)), heads_cap)
     tile = max(block_hq, block_hk) * block_half
-    # Tokens per program: enough to fill a tile when heads are few. The interpreter pays per
-    # program, not per element, so there a program takes many tokens at once.
     tile_budget = _INTERPRETER_TILE if interpreting() else _MAX_TILE
     block_t = next_power_of_2(max(1, tile_budget // tile))
     block_t = min(block_t, next_power_of_2(batch * seq))
     n_tokens = batch * seq
-    _rope_kernel[(cdiv(n_tokens, block_t),)](
+    q_blocks, k_blocks = cdiv(n_q, block_hq), cdiv(n_k, block_hk)
+    _rope_kernel[(cdiv(n_tokens, block_t), q_blocks + k_blocks)](
         q_in, k_in, q_out, k_out, cos, sin,
-        n_tokens, seq, n_q, n_k,
+        n_tokens, seq, n_q, n_k, q_blocks,
         q_in.stride(0), q_in.stride(1), q_in.stride(2),
         k_in.stride(0), k_in.stride(1), k_in.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
@@ -274,7 +281,7 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, s
         HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         HAS_Q=pairs[0] is not None, HAS_K=pairs[1] is not None, HAS_PASS=n_pass > 0,
-        BACKWARD=backward, num_warps=min(warps_for(tile * block_t), 8),
+        BACKWARD=backward, num_warps=_WARPS,
     )
     return tuple(outs)
 

@@ -150,9 +150,9 @@ def test_forward_and_grads(name, dtype):
     assert_case(CASES[name], dtype, seed=list(CASES).index(name))
 
 
-def test_head_blocks_loop(monkeypatch):
-    """More heads than one tile holds: the kernel loops over head blocks (last one masked)."""
-    monkeypatch.setattr(rope_module, "_MAX_TILE", 8)  # half=4 -> 2 heads per block
+def test_head_blocks(monkeypatch):
+    """More heads than a program takes: q's three head blocks and k's two, each last one masked."""
+    monkeypatch.setattr(rope_module, "_MAX_HEADS", 2)
     assert_case(Case(1, 1, 5, 5, 5, 3, 8, 8, 1, "transposed"), torch.float32, seed=7)
 
 
