@@ -33,6 +33,7 @@ _launch, layer_norm, rms_norm, rope = (importlib.import_module(f"fusetune.ops.{n
 
 NORM_CASES = (("add_rms_norm", {"tokens": 32768, "hidden": 8192}),
               ("add_rms_norm", {"tokens": 32768, "hidden": 4096}),
+              ("rms_norm", {"tokens": 32768, "hidden": 4096}),
               ("layer_norm", {"tokens": 32768, "hidden": 8192}),
               ("layer_norm", {"tokens": 32768, "hidden": 4096}))
 ROPE_CASES = tuple(("rope", shape) for shape in ops.ROPE)
@@ -44,12 +45,12 @@ QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NOR
                ("rope", ops.QUICK_ROPE[0]))
 NORM_WARPS = (8, 16, 32)
 PROGRAMS_PER_SM = (1, 2, 4)
-# add_rms_norm: rows each backward program loads at once, with the warps and programs per SM that
+# add_rms_norm and rms_norm: rows each backward program loads at once, with the warps and programs per SM that
 # register pressure leaves sensible for them. (LayerNorm's backward took two rows at once too,
 # once: 0.60 of copy against 0.77 with one, so it keeps one.)
 BACKWARD_ROWS = (1, 2, 4)
-ROWS_WARPS = (8, 16)
-ROWS_PROGRAMS = (2,)
+ROWS_WARPS = (4, 8, 16)
+ROWS_PROGRAMS = (2, 4)
 # Software-pipelining stages of LayerNorm's backward row loop, with the shipped warps. The sweeps
 # that chose 3 (rows-tuning-h200-stages*.jsonl) also tried them on the RMSNorm backward, since
 # made a plain loop again (slower or unchanged there).
@@ -74,7 +75,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
                 module.warps_for = lambda block, warps=warps: warps
             rope._WARPS = warps
         if backward_rows is not None:
-            rms_norm.backward_rows = lambda block, rows=backward_rows: rows
+            rms_norm.backward_rows = lambda block, residual, rows=backward_rows: rows
         if programs_per_sm is not None:
             _launch._PROGRAMS_PER_SM = programs_per_sm
         if rope_tile is not None:
@@ -98,7 +99,7 @@ def grid(name: str, quick: bool, stages_only: bool = False) -> list[dict]:
     if name == "rope":
         settings = [{"rope_tile": t, "rope_heads": h, "warps": w}
                     for t, h, w in itertools.product(ROPE_TILES, ROPE_HEADS, ROPE_WARPS)]
-    elif name == "add_rms_norm":
+    elif name in ("add_rms_norm", "rms_norm"):
         settings = [{"backward_rows": r, "warps": w, "programs_per_sm": p} for r, w, p in
                     itertools.product(BACKWARD_ROWS, ROWS_WARPS, ROWS_PROGRAMS)]
     else:

@@ -34,16 +34,19 @@ if triton is not None:
 
 CASTS = ("llama", "gemma")
 
-# Rows an RMSNorm backward program has in flight at once, by block width (widths not listed:
-# one). bench/tune_rows.py measures the choice: add_rms_norm on the H200 went from 0.71 to 0.77
-# of copy bandwidth at 32768 x 8192 and at 32768 x 4096 with two rows; four spilled registers.
-# (LayerNorm's backward, tried the same way, was slower with two rows, so it takes one.)
-_BACKWARD_ROWS: dict[int, int] = {4096: 2, 8192: 2}
+# Rows an RMSNorm backward program has in flight at once, by (block width, fused residual) (others:
+# one). bench/tune_rows.py measures the choice on the H200: add_rms_norm went from 0.71 to 0.77 of
+# copy bandwidth at 32768 x 8192 and 32768 x 4096 with two rows (four spilled registers); the plain
+# norm at 32768 x 4096, which has no residual gradient to load, takes its kernels from 0.40 to
+# 0.37 ms with one (rows-tuning-h200-kernels.jsonl, kernel time). (LayerNorm's backward, tried the
+# same way, was slower with two rows, so it takes one.)
+_BACKWARD_ROWS: dict[tuple[int, bool], int] = {(4096, True): 2, (8192, True): 2, (8192, False): 2}
 
 
-def backward_rows(block: int) -> int:
-    """Rows each program of the RMSNorm backward loads at once, for rows of ``block``."""
-    return _BACKWARD_ROWS.get(block, 1)
+def backward_rows(block: int, residual: bool) -> int:
+    """Rows each program of the RMSNorm backward loads at once, for rows of ``block``, with or
+    without the fused residual add."""
+    return _BACKWARD_ROWS.get((block, residual), 1)
 
 
 if triton is not None:
@@ -167,7 +170,7 @@ class _RMSNorm(torch.autograd.Function):
         dy_rows = as_rows(dy)
         ds_rows = None if dsum is None else as_rows(dsum)
         dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
-        rows_at_once = backward_rows(block)
+        rows_at_once = backward_rows(block, ctx.has_residual)
         programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device)
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, h.device)

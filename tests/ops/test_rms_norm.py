@@ -156,7 +156,7 @@ def test_add_rms_norm_matches_references(gen, dtype, cast, offset):
 def test_backward_with_several_rows_at_once(gen, monkeypatch, rows_at_once, cast):
     """The backward's programs load ``backward_rows`` rows at a time: 15 rows over 4 programs
     leave a part-filled last group, and every program's weight-gradient partial still counts."""
-    monkeypatch.setattr(rms_norm_module, "backward_rows", lambda block: rows_at_once)
+    monkeypatch.setattr(rms_norm_module, "backward_rows", lambda block, residual: rows_at_once)
     x, residual, weight = inputs(gen, (3, 5, 37), torch.float32, residual=True)
     check_op(add_rms_norm, add_rms_norm_reference, (x, residual, weight), torch.float32, gen,
              offset=1.0 if cast == "gemma" else 0.0, cast=cast)

@@ -4,7 +4,7 @@ For each architecture (``tests/patch/vlm_models.py``), always with images in the
 lists the vision tower's and the language model's norms and gated MLPs as patched and the ungated
 vision MLPs as left alone; with the image tokens' labels at -100, the fused loss (which never makes
 the logits) and every parameter gradient equal the original forward's, with eager and sdpa
-attention and with gradient checkpointing; 20 AdamW steps give the same loss curve; two
+attention and with gradient checkpointing; 10 AdamW steps give the same loss curve; two
 micro-batches with ``num_items_in_batch`` equal one batch; a LoRA model matches; save / load
 round-trips; greedy generation with an image gives the same tokens; a second instance is untouched.
 The checks shared with the text architectures live in ``tests/patch/checks.py``.
@@ -167,7 +167,7 @@ def test_num_items_in_batch_micro_batches_equal_one_batch(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_loss_curve_matches(arch):
-    """20 AdamW steps (zero_grad each), a fresh one-row batch with its image each step (rows 0 and
+    """10 AdamW steps (zero_grad each), a fresh one-row batch with its image each step (rows 0 and
     1 in turn, to keep the interpreted kernels' time down): every step's loss within 1e-3
     (relative) of the unpatched model's.
 
