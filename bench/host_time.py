@@ -1,7 +1,7 @@
-"""Host time: what each system's Python and kernel launches cost when the GPU has almost nothing to do.
+"""Host time: what each system's Python and kernel launches cost, and where a step's time is the host's.
 
-Two measurements, both on inputs so small that every kernel takes a few microseconds, so the wall
-time of a synchronised step is the host's:
+Three measurements. The first two use inputs so small that every kernel takes a few
+microseconds, so the wall time of a synchronised step is the host's:
 
 - ``layer``: a Llama of tiny width (hidden 256, 4 heads, 64 tokens) with LoRA on the seven
   projections and each system's checkpointing trains at two depths; the difference over the extra

@@ -19,7 +19,10 @@ values later runs see but not the work they do, and never leaks into another sys
 
 Roofline fraction = (minimum work / measured ceiling) / measured time. The minimum work per op is
 documented on each op's cost function (bytes for the memory-bound ops, matmul FLOPs for
-linear_cross_entropy); the ceilings are a device-to-device copy and an 8192^3 bf16 matmul.
+linear_cross_entropy); the ceilings are a device-to-device copy and an 8192^3 bf16 matmul. Each
+step's kernel time (torch.profiler's device time of the same forward + backward) and its roofline
+fraction are recorded too: where the host needs longer for a step than the device, the timed step
+is the host's and only the kernel time compares kernels.
 
 Without CUDA (``--quick`` on a CPU machine) fusetune's ops run their PyTorch reference,
 torch.compile targets the CPU, times are wall-clock, and peak memory and Liger are recorded as
@@ -438,8 +441,6 @@ def run_system(op: Op, shape: dict, variant: str, build: Callable, timing: dict)
     common.synchronize()
     measured = Measured(ms=common.time_fwd_bwd(run, grad_to_none=leaves, **timing))
     _optional(measured, "kernel_ms", lambda: common.kernel_ms(run))
-    for leaf in leaves:
-        leaf.grad = None
     _optional(measured, "mib", lambda: common.peak_memory_mib(run))
     return measured
 
