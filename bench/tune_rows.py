@@ -45,9 +45,9 @@ QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NOR
                ("rope", ops.QUICK_ROPE[0]))
 NORM_WARPS = (8, 16, 32)
 PROGRAMS_PER_SM = (1, 2, 4)
-# add_rms_norm and rms_norm: rows each backward program loads at once, with the warps and programs per SM that
-# register pressure leaves sensible for them. (LayerNorm's backward took two rows at once too,
-# once: 0.60 of copy against 0.77 with one, so it keeps one.)
+# add_rms_norm and rms_norm: rows each backward program loads at once, with the warps and programs
+# per SM that register pressure leaves sensible for them. (LayerNorm's backward took two rows at
+# once too, once: 0.60 of copy against 0.77 with one, so it keeps one.)
 BACKWARD_ROWS = (1, 2, 4)
 ROWS_WARPS = (4, 8, 16)
 ROWS_PROGRAMS = (2, 4)
@@ -137,8 +137,9 @@ def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: floa
     kernel_text = ""
     if kernels is not None:
         common.record("fusetune", config, common.KERNEL_TIME, kernels)
-        common.record("fusetune", config, common.KERNEL_ROOFLINE, n_bytes / (kernels / 1000) / copy_rate)
-        kernel_text = f", kernels {kernels:.3f} ms ({n_bytes / (kernels / 1000) / copy_rate:.2f})"
+        kernel_fraction = n_bytes / (kernels / 1000) / copy_rate
+        common.record("fusetune", config, common.KERNEL_ROOFLINE, kernel_fraction)
+        kernel_text = f", kernels {kernels:.3f} ms ({kernel_fraction:.2f})"
     print(f"{name} {common.shape_text(shape)} {setting or 'default'}: {both:.3f} ms "
           f"(forward {alone:.3f}), {fraction:.2f} of copy{kernel_text}", flush=True)
 
