@@ -125,8 +125,13 @@ def ceilings_line(cases: dict) -> list[str]:
 
 
 def e2e_label(row: dict) -> str:
-    """A system's name in the end-to-end table (fusetune without activation offload marked)."""
-    return row["system"] + (" (no offload)" if row["config"].get("offload") is False else "")
+    """A system's name in the end-to-end table and plot (fusetune's checkpointing options marked)."""
+    config = row["config"]
+    if config.get("offload") is False:
+        return row["system"] + " (no offload)"
+    if config.get("keep_attention") is False:
+        return row["system"] + " (attention recomputed)"
+    return row["system"]
 
 
 def e2e_where(config: dict) -> str:
