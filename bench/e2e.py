@@ -27,10 +27,8 @@ timed by wall clock between CUDA synchronisations. Systems:
   same weights (built once per model under ``--cache`` by ``--save-model``, deleted after the model's
   cases unless ``--keep-folders``), their ``get_peft_model`` with the same LoRA settings and
   ``use_gradient_checkpointing="unsloth"``; 4-bit through ``load_in_4bit=True``.
-- ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``
-  (layer inputs and the attention's saved tensors in host memory); ``fusetune-nokeep`` recomputes the
-  attention (``keep_attention=False``, its records say ``"keep_attention": false``), and
-  ``fusetune-nooffload`` is plain recompute (``offload=False``, records ``"offload": false``).
+- ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``;
+  ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``).
 - ``qlora``: every system but Unsloth quantizes the built model with ``fusetune.quantize.quantize_4bit``
   (bitsandbytes NF4, double quantization, bf16 compute; ``lm_head`` kept) before PEFT, without
   PEFT's ``prepare_model_for_kbit_training`` (which would upcast the norms to float32).
@@ -96,16 +94,12 @@ import common
 import e2e_models
 import memory_peak
 import patch_gpu
-import report
 import torch
 
 HERE = Path(__file__).resolve().parent
 RESULT = "E2E-RESULT "
 METRICS = ("tokens_per_s", "static_gib", "peak_allocated_gib", "peak_reserved_gib", "loss", "mfu")
-SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune-nokeep", "fusetune-nooffload")
-# fusetune's systems: enable_checkpointing's options, also the config flags that mark them in records
-CHECKPOINTING = {"fusetune": {}, "fusetune-nokeep": {"keep_attention": False},
-                 "fusetune-nooffload": {"offload": False}}
+SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune-nooffload")
 VARIANTS = ("bf16_lora", "qlora")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 PACKAGES = {"hf": "peft", "liger": "liger-kernel", "unsloth": "unsloth"}  # each system's version
@@ -155,7 +149,8 @@ class Case:
         if self.layout and mode == self.layout:
             config["batch"] = e2e_models.mixed_batch_size(tiny)
         config["variant"] = self.variant
-        config.update(CHECKPOINTING.get(self.system, {}))
+        if self.system == "fusetune-nooffload":
+            config["offload"] = False
         if tiny:
             config["tiny"] = True
         return config
@@ -228,7 +223,7 @@ def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype
         from fusetune.checkpointing import enable_checkpointing
 
         fusetune.apply(peft_model)
-        enable_checkpointing(peft_model, **CHECKPOINTING[case.system])
+        enable_checkpointing(peft_model, offload=case.system == "fusetune")
     return peft_model
 
 
@@ -442,7 +437,9 @@ def summary(records: list[dict]) -> str:
     first = records[0]
     config = first["config"]
     size = config.get("tokens") or config["mode"]
-    label = f"{config['model']} {size} {config['variant']} {report.e2e_label(first)}"
+    label = f"{config['model']} {size} {config['variant']} {first['system']}"
+    if config.get("offload") is False:
+        label += " (no offload)"
     if all(row["value"] is None for row in records):
         return f"  {label}: FAILED: {first['error']}"
 

@@ -14,9 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from report import e2e_label
-
-SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune (attention recomputed)", "fusetune (no offload)")
+SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune (no offload)")
 PANELS = (("tokens_per_s", "tokens/s"), ("added_gib", "peak - static GiB"))
 
 
@@ -29,7 +27,8 @@ def table(records: list[dict]) -> dict:
             continue
         size = f"{config['tokens'] // 1024}k" if "tokens" in config else config["mode"]
         case = f"{config['model']} {size}\n{config['variant']}"
-        metrics.setdefault(case, {}).setdefault(e2e_label(row), {})[row["metric"]] = row
+        system = row["system"] + (" (no offload)" if config.get("offload") is False else "")
+        metrics.setdefault(case, {}).setdefault(system, {})[row["metric"]] = row
     out: dict = {}
     for case, systems in metrics.items():
         for system, rows in systems.items():

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 
-LAYER_SYSTEMS = ("hf", "liger", "fusetune", "fusetune-nokeep", "fusetune-nooffload")
+LAYER_SYSTEMS = ("hf", "liger", "fusetune", "fusetune-nooffload")
 DEPTHS = (2, 10)
 TOKENS = 64
 OP_NAMES = ("rms_norm", "add_rms_norm", "layer_norm", "swiglu", "rope", "cross_entropy")

@@ -125,13 +125,8 @@ def ceilings_line(cases: dict) -> list[str]:
 
 
 def e2e_label(row: dict) -> str:
-    """A system's name in the end-to-end table and plot (fusetune's checkpointing options marked)."""
-    config = row["config"]
-    if config.get("offload") is False:
-        return row["system"] + " (no offload)"
-    if config.get("keep_attention") is False:
-        return row["system"] + " (attention recomputed)"
-    return row["system"]
+    """A system's name in the end-to-end table (fusetune without activation offload marked)."""
+    return row["system"] + (" (no offload)" if row["config"].get("offload") is False else "")
 
 
 def e2e_where(config: dict) -> str:

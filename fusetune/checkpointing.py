@@ -34,9 +34,6 @@ How it sits with the rest of the stack:
   The first recompute of each layer checks on the autograd graph that nothing between the MLP and the
   layer's output reads values (Llama-style ``residual + mlp(x)``); where something does (Gemma's norm
   after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
-- With offloading the recompute also skips the layer's self-attention (``keep_attention``): its graph
-  is kept from forward, with the tensors it saved in host memory (``fusetune.kept_attention``), and
-  the copies back start when the layer's backward does.
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -55,8 +52,6 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-from fusetune.host_offload import Offloaded, OffloadStore
-from fusetune.kept_attention import KeptAttention, attention_of, keeping, reattaching
 from fusetune.ops.lora import outputs_unread
 
 try:  # FSDP2's sharded parameters
@@ -65,6 +60,119 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()
 
 __all__ = ["disable_checkpointing", "enable_checkpointing"]
+
+
+class _HostPool:
+    """Reusable host byte buffers for one device (pinned for CUDA), handed out best-fit.
+
+    When no free buffer fits, free buffers are dropped (smallest first) until the pool holds no more
+    than the most bytes ever in use at once, so varying sequence lengths cannot grow it without bound.
+    """
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.free: list[torch.Tensor] = []
+        self.in_use = 0
+        self.high_water = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        fitting = [i for i, buffer in enumerate(self.free) if buffer.numel() >= nbytes]
+        if fitting:
+            buffer = self.free.pop(min(fitting, key=lambda i: self.free[i].numel()))
+        else:
+            self.high_water = max(self.high_water, self.in_use + nbytes)
+            self.free.sort(key=torch.Tensor.numel)
+            while self.free and self.in_use + nbytes + sum(b.numel() for b in self.free) > self.high_water:
+                self.free.pop(0)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        self.in_use += buffer.numel()
+        return buffer
+
+    def give(self, buffer: torch.Tensor) -> None:
+        self.in_use -= buffer.numel()
+        self.free.append(buffer)
+
+
+class _Offloaded:
+    """One layer input held on the host, linked to the one saved before it (prefetched after it)."""
+
+    __slots__ = ("__weakref__", "device", "host", "previous", "release", "restored")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, release: Callable[[], None], previous):
+        self.device = device
+        self.host: torch.Tensor | None = host
+        self.release = release  # gives the buffer back to its pool: after restore, or when garbage
+        self.previous = previous  # weakref to the entry saved just before, or None
+        self.restored: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+
+class _OffloadStore:
+    """Moves layer inputs to host buffers and back, on one side stream per CUDA device."""
+
+    def __init__(self):
+        self._pools: dict[torch.device, _HostPool] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._last: weakref.ref | None = None
+
+    def pool(self, device: torch.device) -> _HostPool:
+        if device not in self._pools:
+            self._pools[device] = _HostPool(pinned=device.type == "cuda")
+        return self._pools[device]
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def save(self, tensor: torch.Tensor) -> _Offloaded:
+        """Start copying ``tensor`` to a host buffer; the caller may drop ``tensor`` right away."""
+        pool = self.pool(tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = pool.take(nbytes)
+        host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+        if tensor.is_cuda:
+            stream = self._stream(tensor.device)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(stream)  # its memory is reused only after the copy has run
+        else:
+            host.copy_(tensor)
+        entry = _Offloaded(tensor.device, host, None, self._last)
+        entry.release = weakref.finalize(entry, pool.give, buffer)
+        self._last = weakref.ref(entry)
+        return entry
+
+    def _fetch(self, entry: _Offloaded) -> None:
+        """Start copying ``entry`` back to its device (on the side stream for CUDA)."""
+        host = entry.host
+        out = torch.empty(host.shape, dtype=host.dtype, device=entry.device)
+        event = None
+        if entry.device.type == "cuda":
+            stream = self._stream(entry.device)
+            stream.wait_stream(torch.cuda.current_stream(entry.device))  # ``out``'s memory is free
+            with torch.cuda.stream(stream):
+                out.copy_(host, non_blocking=True)
+            event = stream.record_event()
+            out.record_stream(stream)
+        else:
+            out.copy_(host)
+        entry.restored = (out, event)
+
+    def restore(self, entry: _Offloaded) -> torch.Tensor:
+        """The saved tensor back on its device, ready on the current stream; prefetches the previous one."""
+        if entry.restored is None:
+            self._fetch(entry)
+        out, event = entry.restored
+        entry.restored, entry.host = None, None
+        if event is not None:
+            torch.cuda.current_stream(entry.device).wait_event(event)
+        # Its next user is a device-to-host copy queued after this one on the same side stream.
+        entry.release()
+        previous = entry.previous() if entry.previous is not None else None
+        if previous is not None and previous.host is not None and previous.restored is None:
+            self._fetch(previous)
+        return out
 
 
 # Autograd nodes whose backward reads no input values: a skipped output may flow through them.
@@ -113,8 +221,8 @@ def _autocast_modes(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
 class _Call:
     """What one checkpointed call needs in backward, apart from its saved tensors."""
 
-    def __init__(self, function, spec, leaves: list, store: OffloadStore | None, offload_at: int | None,
-                 params: list[torch.Tensor] | None, owner: _LayerCheckpoint, attention: nn.Module | None):
+    def __init__(self, function, spec, leaves: list, store: _OffloadStore | None, offload_at: int | None,
+                 params: list[torch.Tensor] | None, owner: _LayerCheckpoint):
         self.function = function
         self.owner = owner  # holds the layer's verdict on skipping unread outputs
         self.spec = spec
@@ -124,9 +232,7 @@ class _Call:
         self.grad_mask = [leaves[i].requires_grad for i in self.slots]
         self.store = store
         self.offload_at = offload_at  # index into the tensor slots of the one kept on the host
-        self.entry: Offloaded | None = None
-        self.attention = attention  # the module whose graph is kept (fusetune.kept_attention), or None
-        self.kept: list[KeptAttention] = []
+        self.entry: _Offloaded | None = None
         self.params = params  # gradients returned for these; None: accumulated by the recompute
         self.device_type = leaves[self.slots[0]].device.type if self.slots else "cpu"
         self.cpu_rng = torch.get_rng_state()
@@ -162,7 +268,7 @@ class _Call:
         uncomputed once the layer's graph has shown that nothing reads them (checked on the first
         recompute; a layer where something does is run again in full, then and every later time)."""
         if self.owner.skip_unread is not False:
-            with self.replay(), reattaching(self.attention, self.kept), outputs_unread() as skipped:
+            with self.replay(), outputs_unread() as skipped:
                 outputs = self.run(tensors)
             if not skipped or self.owner.skip_unread:
                 return outputs
@@ -172,7 +278,7 @@ class _Call:
             # Free this graph (held by its outputs and the skipped nodes) before the full run builds
             # another: otherwise the two coexist, a layer's activations twice at the first backward.
             del outputs, skipped
-        with self.replay(), reattaching(self.attention, self.kept):
+        with self.replay():
             return self.run(tensors)
 
     @contextlib.contextmanager
@@ -200,8 +306,7 @@ class _Checkpoint(torch.autograd.Function):
             call.entry = call.store.save(tensors[call.offload_at])
         ctx.save_for_backward(*(t for i, t in enumerate(tensors) if i != call.offload_at))
         ctx.call, ctx.n_anchors = call, n_anchors
-        with keeping(call.attention, call.store, call.kept):
-            outputs = call.run(tensors)
+        outputs = call.run(tensors)
         ctx.mark_non_differentiable(*(t for t in outputs if not t.is_floating_point()))
         return outputs
 
@@ -209,13 +314,6 @@ class _Checkpoint(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         call = ctx.call
         saved = list(ctx.saved_tensors)
-        if call.offload_at is not None and call.entry is None:
-            raise RuntimeError(
-                "fusetune: a second backward through an offloaded checkpoint (retain_graph=True): the "
-                "layer's input left host memory in the first; use enable_checkpointing(model, offload=False)."
-            )
-        for kept in call.kept:  # the copies back overlap the recompute and backward of the rest
-            kept.prefetch()
         if call.offload_at is not None:
             saved.insert(call.offload_at, call.store.restore(call.entry))
             call.entry = None
@@ -245,10 +343,9 @@ class _Checkpoint(torch.autograd.Function):
 class _LayerCheckpoint:
     """The ``_gradient_checkpointing_func`` fusetune installs on one layer."""
 
-    def __init__(self, layer: nn.Module, store: OffloadStore | None, keep_attention: bool, previous: tuple):
+    def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple):
         self._layer = weakref.ref(layer)
         self.store = store
-        self.keep_attention = keep_attention
         self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
 
@@ -267,10 +364,8 @@ class _LayerCheckpoint:
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         if not params and not any(t.requires_grad for t in tensors):
             return function(*args)  # nothing to differentiate: no graph, nothing to keep
-        sharded = any(isinstance(p, DTensor) for p in params)
-        attention = attention_of(self._layer()) if self.keep_attention and not sharded else None
         call = _Call(func, spec, leaves, self.store, self._offload_index(tensors, args, keywords),
-                     None if sharded else params, self, attention)
+                     None if any(isinstance(p, DTensor) for p in params) else params, self)
         anchors = params if call.params is not None else [torch.empty(0, requires_grad=True)]
         return call.output(_Checkpoint.apply(call, len(anchors), *anchors, *tensors))
 
@@ -290,17 +385,13 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(
-    model: nn.Module, *, offload: bool = True, keep_attention: bool | None = None
-) -> int:
+def enable_checkpointing(model: nn.Module, *, offload: bool = True) -> int:
     """Turn on activation checkpointing for every transformers ``GradientCheckpointingLayer`` in ``model``
     (decoder layers of the LM and of vision towers; works on a PEFT wrapper too), with fusetune's
     checkpoint function: with ``offload=True`` each layer's input hidden states are kept in pinned CPU
     memory (copied on a side CUDA stream) instead of on the GPU and prefetched back one layer ahead in
-    backward; ``offload=False`` is plain recompute. ``keep_attention`` (default: ``offload``) keeps each
-    layer's self-attention graph from forward to backward with its saved tensors in host memory, so the
-    recompute skips the attention (``fusetune.kept_attention``); it needs ``offload``. Returns the
-    number of layers. Idempotent; calling it again with other options switches modes.
+    backward; ``offload=False`` is plain recompute. Returns the number of layers. Idempotent; calling it
+    again with the other ``offload`` switches modes.
 
     Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either
     ``find_unused_parameters`` works; under FSDP2 shard per decoder layer.
@@ -313,24 +404,17 @@ def enable_checkpointing(
             f"fusetune: {type(model).__name__} has no transformers GradientCheckpointingLayer to checkpoint; "
             "pass a transformers model (or its PEFT wrapper) whose decoder layers derive from it."
         )
-    if keep_attention is None:
-        keep_attention = offload
-    if keep_attention and not offload:
-        raise ValueError(
-            "fusetune: keep_attention=True keeps the attention's saved tensors in host memory, which needs "
-            "offload=True; pass keep_attention=False (or offload=True)."
-        )
-    store = OffloadStore() if offload else None  # shared by the layers: prefetch follows their order
+    store = _OffloadStore() if offload else None  # shared by the layers: prefetch follows their order
     for layer in layers:
         current = layer.__dict__.get("_gradient_checkpointing_func")
         if isinstance(current, _LayerCheckpoint):
-            if current.offload == offload and current.keep_attention == keep_attention:
+            if current.offload == offload:
                 layer.gradient_checkpointing = True
                 continue
             previous = current.previous
         else:
             previous = (current, layer.__dict__.get("gradient_checkpointing"))
-        layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, keep_attention, previous)
+        layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous)
         layer.gradient_checkpointing = True
     return len(layers)
 

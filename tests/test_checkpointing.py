@@ -20,8 +20,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import fusetune
-from fusetune.checkpointing import disable_checkpointing, enable_checkpointing
-from fusetune.host_offload import HostPool
+from fusetune.checkpointing import _HostPool, disable_checkpointing, enable_checkpointing
 from fusetune.ops import lora as lora_ops
 from tests.patch.checks import assert_close, assert_same_gradients
 from tests.patch.models import batch, tiny_model
@@ -443,7 +442,7 @@ def test_host_buffers_are_reused_across_steps():
 
 
 def test_pool_never_holds_more_than_the_most_ever_in_use():
-    pool = HostPool(pinned=False)
+    pool = _HostPool(pinned=False)
     for size in (100, 300, 50, 1000, 200):
         taken = [pool.take(size) for _ in range(3)]
         assert all(b.numel() >= size for b in taken)
