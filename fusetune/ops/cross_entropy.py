@@ -35,9 +35,10 @@ from fusetune.ops._launch import as_rows, cdiv, check_float, next_power_of_2, sm
 
 _REDUCTIONS = ("mean", "sum", "none")
 # (segment columns, vocab block, warps) of the row kernel, chosen on an H200 with
-# bench/tune_cross_entropy.py (ce-tuning-h200-split2.jsonl): two segments a row at Llama's and
-# Qwen's vocabularies, four at Gemma's.
-_LAUNCH = (65536, 4096, 16)
+# bench/tune_cross_entropy.py (ce-tuning-h200-scalar.jsonl, kernel time): one segment a row up to
+# Gemma's vocabulary (a program reads its row twice, the second time partly from L2), 4,096-wide
+# blocks and 8 warps, within 1% of the best setting at each of the three tuned shapes.
+_LAUNCH = (262144, 4096, 8)
 # Elements per step, and programs per SM, of the in-place scaling kernel.
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 4
@@ -52,27 +53,33 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Max, sum of ``exp(z - max)`` and plain sum of the (soft-capped) logits in columns
-    [start, end), streamed with an online max. An all ``-inf`` stretch gives (-inf, 0, -inf)."""
+def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Max, sum of ``exp(z - max)`` and (with ``SMOOTHING``, else 0) plain sum of the (soft-capped)
+    logits in columns [start, end), streamed with an online max. An all ``-inf`` stretch gives a
+    max of -inf and a sum of 0.
+
+    The running max and sum are scalars: each block is reduced to its max first, so every element
+    costs one exponential (a per-lane running max would rescale each lane's sum every step, two
+    exponentials an element, and the special-function units would bound the pass).
+    """
     cols = tl.arange(0, BLOCK)
-    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    logit_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    top = tl.full([], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([], dtype=tl.float32)
+    logit_sum = tl.zeros([], dtype=tl.float32)
     for first in range(start, end, BLOCK):
         offs = first + cols
         mask = offs < end
         z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         z = _softcapped(z, softcap, HAS_SOFTCAP)
-        new_max = tl.maximum(running_max, z)
-        # Lanes that have seen only -inf keep a zero sum (avoid inf - inf).
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
-        running_max = new_max
-        logit_sum += tl.where(mask, z, 0.0)
-    top = tl.max(running_max, axis=0)
-    safe_top = tl.where(top == float("-inf"), 0.0, top)
-    return top, tl.sum(running_sum * tl.exp(running_max - safe_top), axis=0), tl.sum(logit_sum, axis=0)
+        new_top = tl.maximum(top, tl.max(z, axis=0))
+        # While only -inf has been seen the sum stays zero (avoid inf - inf).
+        safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+        total = total * tl.exp(top - safe_top) + tl.sum(tl.exp(z - safe_top), axis=0)
+        top = new_top
+        if SMOOTHING:
+            logit_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    return top, total, logit_sum
 
 
 @triton.jit
@@ -152,6 +159,7 @@ def _cross_entropy_split_kernel(
     z_loss,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -179,7 +187,8 @@ def _cross_entropy_split_kernel(
         if COMPUTE_GRAD:
             _zero_columns(grad_row, start, end, BLOCK)
     else:
-        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, BLOCK)
+        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
+                                               BLOCK)
         stats = stats_ptr + (row64 * n_segments + segment) * 3
         tl.store(stats, top)
         tl.store(stats + 1, total)
@@ -257,6 +266,7 @@ def cross_entropy_rows(
         float(z_loss),
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None,
+        SMOOTHING=label_smoothing > 0,
         COMPUTE_GRAD=compute_grad,
         SEGMENTS=next_power_of_2(n_segments),
         BLOCK=block,
