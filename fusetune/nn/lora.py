@@ -20,7 +20,15 @@ from fusetune.ops.nf4 import is_4bit
 
 def is_lora_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a PEFT LoRA layer (a ``base_layer`` plus ``lora_A`` / ``lora_B`` dicts)."""
-    return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B", "scaling"))
+    children = module._modules
+    return ("base_layer" in children and "lora_A" in children and "lora_B" in children
+            and "scaling" in module.__dict__)
+
+
+# The readers below run for every projection in every forward (14 times a decoder layer and step, on
+# the host's critical path), so they read ``_modules``, ``_parameters`` and ``__dict__`` directly:
+# ``nn.Module.__getattr__`` and ``parameters()`` (which walks named_modules generators) cost several
+# times more.
 
 
 def _unreadable(modules: tuple[nn.Module, ...]) -> str | None:
@@ -37,13 +45,13 @@ def _unreadable(modules: tuple[nn.Module, ...]) -> str | None:
     unit = next((m for m in modules if isinstance(m, FSDPModule)), None)
     if unit is not None:
         return f"{type(unit).__name__} is a fully_shard unit of its own (sharded when read by its parent)"
-    # The modules' own parameters, read from ``_parameters``: this runs for every projection in
-    # every forward, and ``parameters(recurse=False)`` walks named_modules generators to get them.
     params = [p for m in modules for p in m._parameters.values() if p is not None]
-    if any(isinstance(p, DTensor) for p in params):
-        return "its weights are sharded DTensors here (outside the forward of the fully_shard unit)"
-    if any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in params):
-        return "DeepSpeed ZeRO-3 partitions its weights (gathered only inside their own module's forward)"
+    for param in params:
+        if isinstance(param, DTensor):
+            return "its weights are sharded DTensors here (outside the forward of the fully_shard unit)"
+    for param in params:
+        if "ds_id" in param.__dict__ and "ds_status" in param.__dict__:
+            return "DeepSpeed ZeRO-3 partitions its weights (gathered only inside their own module's forward)"
     return None
 
 
@@ -58,8 +66,8 @@ def base_weight(layer: nn.Linear) -> torch.Tensor:
     (``fix_4bit_weight_quant_state_from_module``), without replacing the layer's parameter. The
     alias shares the storage FSDP2 gathers into, so backward reads the bytes gathered again there.
     """
-    weight = layer.weight
-    state = getattr(layer, "quant_state", None)
+    weight = layer._parameters["weight"]
+    state = layer.__dict__.get("quant_state")
     if state is None or is_4bit(weight):
         return weight
     alias = weight.detach()
@@ -71,9 +79,10 @@ def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
     """A frozen ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) as base-only weights."""
     if not isinstance(layer, nn.Linear):
         return f"{type(layer).__name__} is not a linear layer"
-    if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
+    weight, bias = layer._parameters["weight"], layer._parameters.get("bias")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "the base weight or bias is trainable (fused LoRA needs a frozen base)"
-    return _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, layer.bias)
+    return _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
 
 
 def projection_weights(layer: nn.Module) -> LoraWeights | str:
@@ -89,27 +98,31 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     unit = _unreadable((layer,))  # a LoRA layer wrapped by fully_shard on its own
     if unit is not None:
         return unit
-    base = _frozen_linear(layer.base_layer)
+    children = layer._modules
+    base = _frozen_linear(children["base_layer"])
     if isinstance(base, str):
         return base
-    if getattr(layer, "fan_in_fan_out", False):
+    if layer.__dict__.get("fan_in_fan_out", False):
         return "fan_in_fan_out LoRA layer"
     if layer.disable_adapters:
         return "adapters are disabled while merged" if layer.merged else base
     if layer.merged:
         return base
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    lora_a_dict, lora_b_dict = children["lora_A"]._modules, children["lora_B"]._modules
+    active = [name for name in layer.active_adapters if name in lora_a_dict]
     if len(active) != 1:
         return f"{len(active)} active LoRA adapters (the fused path takes exactly one)"
     name = active[0]
-    if name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (e.g. DoRA)"
-    if not isinstance(layer.lora_dropout[name], nn.Identity):
+    variants = layer.__dict__.get("lora_variant", {})
+    if name in variants:
+        return f"LoRA variant {type(variants[name]).__name__} (e.g. DoRA)"
+    if not isinstance(children["lora_dropout"]._modules[name], nn.Identity):
         return "lora_dropout > 0"
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    lora_a, lora_b = lora_a_dict[name], lora_b_dict[name]
     if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)) or lora_b.bias is not None:
         return "LoRA layers that are not plain bias-free linear maps"
-    weights = LoraWeights(base.weight, lora_a.weight, lora_b.weight, float(layer.scaling[name]), base.bias)
+    weights = LoraWeights(base.weight, lora_a._parameters["weight"], lora_b._parameters["weight"],
+                          float(layer.scaling[name]), base.bias)
     return _unreadable((lora_a, lora_b)) or weights
 
 
