@@ -314,6 +314,11 @@ class _Checkpoint(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         call = ctx.call
         saved = list(ctx.saved_tensors)
+        if call.offload_at is not None and call.entry is None:
+            raise RuntimeError(
+                "fusetune: a second backward through an offloaded checkpoint (retain_graph=True): the "
+                "layer's input left host memory in the first; use enable_checkpointing(model, offload=False)."
+            )
         if call.offload_at is not None:
             saved.insert(call.offload_at, call.store.restore(call.entry))
             call.entry = None

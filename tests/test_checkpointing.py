@@ -495,3 +495,24 @@ def test_bad_input_names_the_fix():
         enable_checkpointing(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="nn.Module"):
         enable_checkpointing("model")
+
+
+def test_a_second_backward_through_offloaded_layers_names_the_fix():
+    """retain_graph=True and a second backward: plain recompute allows it (and gives the same
+    gradients twice), offloading says what to use instead; the next step is unaffected."""
+    model = lora(tiny_model("llama"))
+    inputs = batch()
+    enable_checkpointing(model, offload=False)
+    loss = model(**inputs).loss
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    loss.backward()
+    assert all(torch.allclose(p.grad, 2 * g) for p, g in
+               zip([p for p in model.parameters() if p.requires_grad], first, strict=True))
+    enable_checkpointing(model, offload=True)
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="offload=False"):
+        loss.backward()
+    step(model, inputs)
