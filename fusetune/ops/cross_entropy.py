@@ -10,9 +10,11 @@ saves backward a third pass over the logits, and the second pass can find the ro
 then only multiplies the stored gradient by ``grad_output`` when that is not 1, a test made on the
 device (``scale_by_grad_output``).
 
-The row kernel splits each row among a few programs that run side by side; the last to finish
-makes the row's loss and gradient (see ``_cross_entropy_split_kernel``). On the H200 that is 11-12%
-faster than one program per row at Llama's and Gemma's vocabularies (bench/tune_cross_entropy.py).
+The row kernel can split a row among programs that run side by side; the last to finish makes the
+row's loss and gradient (see ``_cross_entropy_split_kernel``). Its statistics pass takes one
+exponential an element (a scalar running max and sum); with that, the H200 is fastest with one
+segment a row up to Gemma's vocabulary, the program reading its row a second time partly from L2
+(bench/tune_cross_entropy.py); longer rows are split.
 With ``reduction="none"`` the per-row scale is only known in backward, so there the kernel runs
 again in backward instead.
 
