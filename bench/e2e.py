@@ -1,9 +1,9 @@
 """End-to-end LoRA / QLoRA fine-tuning steps of full-size models: HF + PEFT, + Liger, Unsloth, fusetune.
 
     python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11,Q7VL-padded,Q7VL-packed]
-                        [--systems hf,liger,unsloth,fusetune] [--variants bf16_lora,qlora] [--steps 3,8]
-                        [--timeout 420] [--budget S] [--tiny] [--profile DIR] [--memory DIR] [--cache DIR]
-                        [--keep-folders] [--logs DIR]
+                        [--systems hf,liger,unsloth,fusetune,fusetune-graph] [--variants bf16_lora,qlora]
+                        [--steps 3,8] [--timeout 420] [--budget S] [--tiny] [--profile DIR] [--memory DIR]
+                        [--cache DIR] [--keep-folders] [--logs DIR]
     python bench/e2e.py --max-context --out FILE [--configs L8-4k] [--systems ...] [--steps 1,1]
                         [--start 4096] [--ceiling 262144] [--resolution 1024] [--timeout S] [--budget S]
 
@@ -28,7 +28,9 @@ timed by wall clock between CUDA synchronisations. Systems:
   cases unless ``--keep-folders``), their ``get_peft_model`` with the same LoRA settings and
   ``use_gradient_checkpointing="unsloth"``; 4-bit through ``load_in_4bit=True``.
 - ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``;
-  ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``).
+  ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``);
+  ``fusetune-graph`` is ``fusetune`` with each step's forward and backward replayed as a CUDA graph
+  (``fusetune.CapturedStep``, captured on the first batch; its records say ``"graph": true``).
 - ``qlora``: every system but Unsloth quantizes the built model with ``fusetune.quantize.quantize_4bit``
   (bitsandbytes NF4, double quantization, bf16 compute; ``lm_head`` kept) before PEFT, without
   PEFT's ``prepare_model_for_kbit_training`` (which would upcast the norms to float32).
@@ -99,7 +101,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULT = "E2E-RESULT "
 METRICS = ("tokens_per_s", "static_gib", "peak_allocated_gib", "peak_reserved_gib", "loss", "mfu")
-SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune-nooffload")
+SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune-nooffload", "fusetune-graph")
 VARIANTS = ("bf16_lora", "qlora")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 PACKAGES = {"hf": "peft", "liger": "liger-kernel", "unsloth": "unsloth"}  # each system's version
@@ -151,6 +153,8 @@ class Case:
         config["variant"] = self.variant
         if self.system == "fusetune-nooffload":
             config["offload"] = False
+        if self.system == "fusetune-graph":
+            config["graph"] = True
         if tiny:
             config["tiny"] = True
         return config
@@ -223,19 +227,48 @@ def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype
         from fusetune.checkpointing import enable_checkpointing
 
         fusetune.apply(peft_model)
-        enable_checkpointing(peft_model, offload=case.system == "fusetune")
+        enable_checkpointing(peft_model, offload=case.system != "fusetune-nooffload")
     return peft_model
+
+
+def forward_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The model's loss on ``batch``, under bf16 autocast on CUDA."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+        return model(**batch, use_cache=False).loss
 
 
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
     """One forward (bf16 autocast on CUDA), backward and AdamW step; the loss, after a full sync."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
-        loss = model(**batch, use_cache=False).loss
+    loss = forward_loss(model, batch)
     loss.backward()
+    return optimizer_step(optimizer, loss)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     common.synchronize()
     return loss.item()
+
+
+def step_function(case: Case, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """``step(batch) -> loss`` for ``case``: :func:`train_step`, or for ``fusetune-graph`` a
+    ``fusetune.CapturedStep`` made on the first batch (its warm-up steps and capture count in that
+    step's time and memory) and replayed for each batch, then the same AdamW step."""
+    if case.system != "fusetune-graph":
+        return functools.partial(train_step, model, optimizer=optimizer)
+    captured = []
+
+    def step(batch: dict) -> float:
+        if not captured:
+            from fusetune.graphs import CapturedStep
+
+            captured.append(CapturedStep(model, functools.partial(forward_loss, model), batch))
+            step.pool_gib = captured[0].pool_bytes() / GIB
+        return optimizer_step(optimizer, captured[0](batch))
+
+    step.pool_gib = None
+    return step
 
 
 def profile_step(step, trace: Path) -> None:
@@ -291,6 +324,7 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     trained = prepare(case, model, longest, dtype, args.folder)
     trainable = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    step = step_function(case, trained, optimizer)
     common.synchronize()
     static = torch.cuda.memory_allocated() if cuda else None
     reset_host_peak()
@@ -301,11 +335,11 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         if index == 0 and args.memory and cuda:  # a warm-up step: the recording's cost is not timed
-            losses.append(memory_peak.record_step(functools.partial(train_step, trained, batch, optimizer),
+            losses.append(memory_peak.record_step(functools.partial(step, batch),
                                                   args.memory / f"{case.slug}-first-step.txt",
                                                   f"{case.slug} ({case.system}), first step"))
         else:
-            losses.append(train_step(trained, batch, optimizer))
+            losses.append(step(batch))
         seconds.append(time.perf_counter() - start)
         if cuda:
             step_peaks.append(torch.cuda.max_memory_allocated() / GIB)
@@ -322,9 +356,9 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
                       peak_reserved_gib=max(reserved_peaks),
                       mfu=sum(flops[warmup:]) / timed_s / e2e_models.PEAK_FLOPS)
     if args.profile:
-        profile_step(lambda: train_step(trained, batch, optimizer), args.profile / f"{case.slug}.json")
+        profile_step(lambda: step(batch), args.profile / f"{case.slug}.json")
     if args.memory and cuda:
-        memory_peak.record_step(lambda: train_step(trained, batch, optimizer),
+        memory_peak.record_step(lambda: step(batch),
                                 args.memory / f"{case.slug}.txt", f"{case.slug} ({case.system})")
     common_extra = {"steps": [warmup, timed], "trainable_params": sum(p.numel() for p in trainable),
                     "lora_dtype": str(trainable[0].dtype),
@@ -332,7 +366,8 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
     per_metric = {"tokens_per_s": {"step_s": seconds, "real_tokens": real,
                                    "batch_tokens": [batch["input_ids"].numel() for batch, _ in steps]},
                   "loss": {"losses": losses, "last_loss": losses[-1]},
-                  "peak_allocated_gib": {"step_peaks_gib": step_peaks},
+                  "peak_allocated_gib": {"step_peaks_gib": step_peaks,
+                                         **graph_memory(step, static, cuda)},
                   "mfu": {"flops_per_token": sum(flops) / sum(real),
                           "peak_tflops": e2e_models.PEAK_FLOPS / 1e12}}
     config = case.record_config(args.tiny)
@@ -340,6 +375,16 @@ def measure(case: Case, args: argparse.Namespace) -> list[dict]:
                           None if value is not None else "no CUDA: memory and MFU are measured on a GPU",
                           **common_extra, **per_metric.get(metric, {}))
             for metric, value in values.items()]
+
+
+def graph_memory(step, static: int | None, cuda: bool) -> dict:
+    """For a captured step, the GiB its graph's private pool holds (``graph_pool_gib``) and static +
+    pool (``graph_footprint_gib``): what its replays occupy, which no allocation counts once it is
+    captured (peak_allocated_gib has the capture's own peak). Empty for other systems."""
+    pool = getattr(step, "pool_gib", None)
+    if pool is None or not cuda:
+        return {}
+    return {"graph_pool_gib": pool, "graph_footprint_gib": static / GIB + pool}
 
 
 def worker(args: argparse.Namespace) -> int:

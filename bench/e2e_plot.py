@@ -14,7 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune (no offload)")
+from report import e2e_label
+
+SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune (no offload)", "fusetune (graph)")
 PANELS = (("tokens_per_s", "tokens/s"), ("added_gib", "peak - static GiB"))
 
 
@@ -27,7 +29,7 @@ def table(records: list[dict]) -> dict:
             continue
         size = f"{config['tokens'] // 1024}k" if "tokens" in config else config["mode"]
         case = f"{config['model']} {size}\n{config['variant']}"
-        system = row["system"] + (" (no offload)" if config.get("offload") is False else "")
+        system = e2e_label(row)
         metrics.setdefault(case, {}).setdefault(system, {})[row["metric"]] = row
     out: dict = {}
     for case, systems in metrics.items():

@@ -125,8 +125,11 @@ def ceilings_line(cases: dict) -> list[str]:
 
 
 def e2e_label(row: dict) -> str:
-    """A system's name in the end-to-end table (fusetune without activation offload marked)."""
-    return row["system"] + (" (no offload)" if row["config"].get("offload") is False else "")
+    """A system's name in the end-to-end table (fusetune without activation offload, or with its step
+    replayed as a CUDA graph, marked)."""
+    config = row["config"]
+    return (row["system"] + (" (no offload)" if config.get("offload") is False else "")
+            + (" (graph)" if config.get("graph") else ""))
 
 
 def e2e_where(config: dict) -> str:

@@ -2,13 +2,15 @@
 
 Public surface: ``apply(model, ...) -> PatchReport``, ``unapply(model)``, ``load_model(name_or_path,
 ...) -> (model, processor)``, ``enable_checkpointing(model, offload=True)`` /
-``disable_checkpointing(model)``, ``quantize_4bit(model)``, ``__version__``. The patching and
+``disable_checkpointing(model)``, ``quantize_4bit(model)``, ``CapturedStep(model, forward, batch)``
+(a training step replayed as a CUDA graph), ``__version__``. The patching and
 training APIs are imported on first use, so ``fusetune.ops`` works without transformers installed.
 """
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CapturedStep",
     "PatchReport",
     "__version__",
     "apply",
@@ -33,6 +35,10 @@ def __getattr__(name: str):
         from fusetune import checkpointing
 
         return getattr(checkpointing, name)
+    if name == "CapturedStep":
+        from fusetune.graphs import CapturedStep
+
+        return CapturedStep
     if name == "quantize_4bit":
         from fusetune.quantize import quantize_4bit
 

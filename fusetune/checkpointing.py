@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from fusetune.ops._launch import capturing
 from fusetune.ops.lora import outputs_unread
 
 try:  # FSDP2's sharded parameters
@@ -59,7 +60,7 @@ try:  # FSDP2's sharded parameters
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()
 
-__all__ = ["disable_checkpointing", "enable_checkpointing"]
+__all__ = ["disable_checkpointing", "enable_checkpointing", "private_offload_store"]
 
 
 class _HostPool:
@@ -237,7 +238,11 @@ class _Call:
         self.device_type = leaves[self.slots[0]].device.type if self.slots else "cpu"
         self.cpu_rng = torch.get_rng_state()
         one_per_device = {leaves[i].device: leaves[i] for i in self.slots}
-        self.rng_devices, self.rng_states = get_device_states(*one_per_device.values())
+        # A CUDA graph's capture cannot read or set the device's RNG state; fusetune.graphs refuses
+        # models with active dropout, so the layer draws nothing from it there.
+        self.rng_devices, self.rng_states = [], []
+        if not capturing():
+            self.rng_devices, self.rng_states = get_device_states(*one_per_device.values())
         self.autocast = _autocast_modes(self.device_type)
         self.autocast_cache = torch.is_autocast_cache_enabled()
         self.out_spec = None
@@ -422,6 +427,29 @@ def enable_checkpointing(model: nn.Module, *, offload: bool = True) -> int:
         layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous)
         layer.gradient_checkpointing = True
     return len(layers)
+
+
+@contextlib.contextmanager
+def private_offload_store(model: nn.Module):
+    """Within the block, ``model``'s offloading layers use a store of their own (yielded; None when no
+    layer offloads), whose host buffers nothing else takes afterwards.
+
+    A captured CUDA graph (``fusetune.graphs``) copies to and from the very host buffers its capture
+    used, on every replay; with the shared store those buffers would go back to its pool and be handed
+    to the next eager step. Run warm-up steps and the capture inside one block: the warm-up fills the
+    private pool, so the capture itself allocates no pinned memory (which it may not).
+    """
+    checkpoints = [layer.__dict__.get("_gradient_checkpointing_func") for layer in _layers(model)]
+    offloading = [c for c in checkpoints if isinstance(c, _LayerCheckpoint) and c.offload]
+    shared = [c.store for c in offloading]
+    store = _OffloadStore() if offloading else None
+    for checkpoint in offloading:
+        checkpoint.store = store
+    try:
+        yield store
+    finally:
+        for checkpoint, original in zip(offloading, shared, strict=True):
+            checkpoint.store = original
 
 
 def disable_checkpointing(model: nn.Module) -> None:

@@ -28,6 +28,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph.
+
+    Captured work may not read values on the host (no ``.item()``, no ``nonzero``, no waiting on
+    an event), so the ops switch their host checks and data-dependent shapes off then (see
+    ``fusetune.graphs``, which checks labels before each replay instead).
+    """
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether the Triton kernels should run for these inputs (see the module docstring)."""
     if triton is None:

@@ -33,7 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fusetune.ops._launch import as_rows, cdiv, check_float, next_power_of_2, sm_count, use_triton
+from fusetune.ops._launch import (
+    as_rows,
+    capturing,
+    cdiv,
+    check_float,
+    next_power_of_2,
+    sm_count,
+    use_triton,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 # (segment columns, vocab block, warps) of the row kernel, chosen on an H200 with
@@ -332,12 +340,18 @@ class LabelCheck:
     On CUDA the flag is copied into pinned host memory behind an event, so reading it waits only
     for this check (queue it before the kernels that follow), never for the rest of the queue; on
     a CPU the flag is simply read.
+
+    While a CUDA graph is captured nothing is checked: the host cannot read a captured value, and
+    a replay would not run the host's side anyway. The caller checks instead:
+    ``fusetune.graphs.CapturedStep`` checks every batch's labels before its replay.
     """
 
     def __init__(self, flat: torch.Tensor, n_classes: int, ignore_index: int):
         self._labels = (flat, n_classes, ignore_index)
+        self._ready = self._bad = None
+        if capturing():
+            return
         bad = out_of_range(flat, n_classes, ignore_index)
-        self._ready = None
         if bad.is_cuda:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             # The copy is queued on the labels' device's current stream; the event goes on that
@@ -352,7 +366,7 @@ class LabelCheck:
         """Raise the clear error naming the first bad label, if there is one."""
         if self._ready is not None:
             self._ready.synchronize()
-        if bool(self._bad):
+        if self._bad is not None and bool(self._bad):
             raise_out_of_range(*self._labels)
 
 
@@ -363,7 +377,7 @@ def check_labels(
 
     Costs one small reduction and one host sync. (The kernels never read outside a row whatever
     the labels: they clamp the index they load; this check is what turns a bad label into an
-    error.)
+    error.) Not while a CUDA graph is captured (see ``LabelCheck``).
     """
     flat = flatten_labels(labels, n_rows)
     LabelCheck(flat, n_classes, ignore_index).raise_if_bad()

@@ -9,7 +9,8 @@ read and one write of each chunk's logits, and the peak extra memory is one chun
 the gradients themselves.
 
 Rows whose label is ``ignore_index`` are dropped before any matmul (in a VLM most rows are image or
-prompt tokens), so they cost nothing. When the weight does not require grad no vocab x hidden
+prompt tokens), so they cost nothing (except while a CUDA graph is captured: see
+``labelled_rows``). When the weight does not require grad no vocab x hidden
 buffer is allocated. With ``reduction`` "mean"/"sum" the gradients are computed during forward
 (backward only rescales them when ``grad_output`` is not 1); with "none" the per-row scales come
 with ``grad_output``, so the chunk loop runs again in backward.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusetune.ops._launch import as_rows, check_float, use_triton
+from fusetune.ops._launch import as_rows, capturing, check_float, use_triton
 from fusetune.ops.cross_entropy import (
     check_labels,
     check_options,
@@ -67,7 +68,8 @@ def _chunked_loss(
     wants: tuple[bool, bool, bool],
     chunk_rows: int,
 ) -> tuple[torch.Tensor, _Gradients]:
-    """Per-row losses of labelled rows ``hidden`` (n, H), and with ``grad_scale`` their gradients.
+    """Per-row losses of the rows ``hidden`` (n, H), and with ``grad_scale`` their gradients (a
+    row labelled ``ignore_index`` gives loss 0 and gradient 0; callers usually pass labelled rows only).
 
     ``grad_scale`` is a float32 tensor of one element or one per row; ``wants`` says which of
     (hidden, weight, bias) need a gradient.
@@ -114,6 +116,17 @@ def _chunked_loss(
     return losses, grads
 
 
+def labelled_rows(flat_labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows whose label is not ``ignore_index``, so that the others cost nothing.
+
+    None (every row is computed; an ignored row's loss and gradient are zero) while a CUDA graph
+    is captured: the count of labelled rows is a host-side shape, which a replay cannot change.
+    """
+    if capturing():
+        return None
+    return (flat_labels != ignore_index).nonzero().squeeze(1)
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when it is on (as F.linear would use), else the inputs'."""
     device_type = hidden.device.type
@@ -140,8 +153,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             denominator = loss_denominator(
                 flat_labels, reduction, options["ignore_index"], num_items_in_batch
             )
-            labelled = (flat_labels != options["ignore_index"]).nonzero().squeeze(1)
-            every_row = labelled.numel() == n_rows
+            labelled = labelled_rows(flat_labels, options["ignore_index"])
+            every_row = labelled is None or labelled.numel() == n_rows
             kept_rows = rows if every_row else rows.index_select(0, labelled)
             kept_rows = kept_rows.to(compute_dtype).contiguous()
             kept_labels = flat_labels if every_row else flat_labels.index_select(0, labelled)
@@ -196,7 +209,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             labelled, kept_rows, kept_labels, weight, bias = ctx.saved_tensors
             options, wants, chunk = ctx.recompute
-            per_row = grad_output.reshape(-1).to(torch.float32).index_select(0, labelled)
+            per_row = grad_output.reshape(-1).to(torch.float32)
+            per_row = per_row if labelled is None else per_row.index_select(0, labelled)
             with torch.autocast(kept_rows.device.type, enabled=False):
                 _, found = _chunked_loss(
                     kept_rows,
@@ -211,7 +225,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = [found.hidden, found.weight, found.bias]
         grad_hidden, grad_weight, grad_bias = grads
         if grad_hidden is not None:
-            if labelled.numel() != n_rows:
+            if labelled is not None and labelled.numel() != n_rows:
                 grad_hidden = grad_hidden.new_zeros(n_rows, grad_hidden.shape[1]).index_copy_(
                     0, labelled, grad_hidden
                 )

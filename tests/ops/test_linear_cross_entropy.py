@@ -84,6 +84,19 @@ def test_matches_reference(dtype, train_weight):
     check_all(dtype, *make_inputs(dtype), train_weight=train_weight, chunk_rows=4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
+def test_capture_path_computes_every_row(monkeypatch, dtype, reduction, train_weight):
+    """While a CUDA graph is captured, ignored rows are not dropped (their count is a shape): the
+    same loss and gradients with every row through the chunks."""
+    module = importlib.import_module("fusetune.ops.linear_cross_entropy")
+    monkeypatch.setattr(module, "capturing", lambda: True)
+    h, w, b, labels = make_inputs(dtype)
+    assert module.labelled_rows(labels, -100) is None
+    check_all(dtype, h, w, b, labels, train_weight=train_weight, reduction=reduction, chunk_rows=4)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_with_bias(reduction):
     check_all(

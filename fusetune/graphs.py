@@ -1,0 +1,244 @@
+"""One training step's forward and backward captured as a CUDA graph and replayed for every batch.
+
+Why: on a full-size Llama-3 8B layer the host needs about as long to run fusetune's Python and
+launch a layer's kernels as the GPU needs to run them (bench/RESULTS.md), so the GPU waits on the
+host for part of every step. A replayed graph launches the whole step's kernels at once.
+
+    step = fusetune.CapturedStep(model, forward, batch)   # warm-up steps, then the capture
+    for batch in batches:
+        loss = step(batch)          # the new batch copied in, the graph replayed, grads in .grad
+        optimizer.step()
+        optimizer.zero_grad()
+
+``forward(batch) -> loss`` is the caller's: the model call (under autocast if wanted) and the loss.
+Every batch must have the captured batch's keys, shapes and dtypes (pad to the captured length, or
+capture one step per shape); its tensors are copied into the graph's own inputs.
+
+What differs from an eager step, and why:
+
+- Each replay writes the trainable parameters' gradients afresh into buffers the graph owns, and
+  ``param.grad`` is set to them after every replay. Gradients do not accumulate across calls:
+  sum them yourself for gradient accumulation.
+- Labels are checked against the vocabulary before each replay (the captured ops cannot read
+  values on the host). Linear cross-entropy computes every row, ignored labels included (a row
+  count cannot change between replays).
+- Models with active dropout are refused: a checkpointed layer's recompute must draw the random
+  numbers its forward drew, and a capture can neither read nor reset the device's RNG state.
+- The graph keeps its memory (the step's activations at their peak) while it lives.
+- transformers cannot look at the batch while a graph is captured, so it builds every layer's
+  full attention mask; the capture gives each attention module the mask its warm-up calls had
+  (none, for SDPA's causal kernels, where they had none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from fusetune.checkpointing import private_offload_store
+from fusetune.ops._launch import capturing
+from fusetune.ops.cross_entropy import LabelCheck, flatten_labels
+
+__all__ = ["CapturedStep", "StaticBatch", "active_dropout", "check_labels", "output_size"]
+
+WARMUP_STEPS = 3  # before capture: Triton compiles, cuBLAS picks its kernels, the host pool fills
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Where ``model`` draws random numbers in training: dropout modules with p > 0 and configs with
+    attention dropout, by name."""
+    found = [name or type(module).__name__ for name, module in model.named_modules()
+             if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training]
+    for name, module in model.named_modules():
+        config = module.__dict__.get("config")
+        if getattr(config, "attention_dropout", 0) and module.training:
+            found.append(f"{name or type(module).__name__}.config.attention_dropout")
+    return found
+
+
+def output_size(model: nn.Module) -> int | None:
+    """Rows of the model's output embedding (its vocabulary), or None when it has none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    weight = getattr(head, "weight", None)
+    return None if weight is None else int(weight.shape[0])
+
+
+def check_labels(batch: Mapping, vocab_size: int | None, ignore_index: int) -> None:
+    """Raise the loss's own error for a ``labels`` entry outside [0, vocab_size) (a replayed loss
+    cannot: see ``fusetune.ops.cross_entropy.LabelCheck``)."""
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor):
+        LabelCheck(flatten_labels(labels, labels.numel()), vocab_size, ignore_index).raise_if_bad()
+
+
+class StaticBatch:
+    """The graph's input tensors: the captured batch's copies, refilled from each new batch.
+
+    Non-tensor values are kept as they were captured; a new batch must repeat them.
+    """
+
+    def __init__(self, batch: Mapping):
+        if not isinstance(batch, Mapping) or not batch:
+            raise TypeError("fusetune.CapturedStep: the batch must be a non-empty dict of model inputs.")
+        self.values = {key: value.detach().clone() if isinstance(value, torch.Tensor) else value
+                       for key, value in batch.items()}
+
+    def fill(self, batch: Mapping) -> None:
+        """Copy ``batch`` in, after checking that it matches the captured one."""
+        if set(batch) != set(self.values):
+            raise ValueError(
+                f"fusetune.CapturedStep: the batch has keys {sorted(batch)}, the captured one "
+                f"{sorted(self.values)}; every batch needs the same inputs (capture another step for others)."
+            )
+        for key, static in self.values.items():
+            value = batch[key]
+            if not isinstance(static, torch.Tensor):
+                if value != static:
+                    raise ValueError(
+                        f"fusetune.CapturedStep: {key}={value!r} differs from the captured {static!r}; "
+                        "non-tensor inputs are fixed at capture."
+                    )
+                continue
+            is_tensor = isinstance(value, torch.Tensor)
+            if not is_tensor or value.shape != static.shape or value.dtype != static.dtype:
+                got = f"{value.dtype} {tuple(value.shape)}" if is_tensor else type(value).__name__
+                raise ValueError(
+                    f"fusetune.CapturedStep: {key} is {got}, the captured one {static.dtype} "
+                    f"{tuple(static.shape)}; pad or cut batches to the captured shape, or capture a "
+                    "step for this shape."
+                )
+        for key, static in self.values.items():
+            if isinstance(static, torch.Tensor):
+                static.copy_(batch[key], non_blocking=True)
+
+
+class CapturedStep:
+    """A training step (``forward(batch)`` then ``backward``) captured once as a CUDA graph.
+
+    model: the model being trained (its trainable parameters get the gradients; a PEFT wrapper is
+    fine); forward: ``forward(batch) -> scalar loss``; batch: an example batch (dict of inputs on
+    the model's device) fixing the keys, shapes and dtypes. ``vocab_size``: what labels are checked
+    against (default: the model's output embedding rows); ``ignore_index``: the label that masks a
+    position. ``warmup_steps`` eager steps run first (their gradients are discarded; the optimizer
+    is not touched). See the module docstring for what differs from an eager step.
+    """
+
+    def __init__(self, model: nn.Module, forward: Callable[[dict], torch.Tensor], batch: Mapping, *,
+                 vocab_size: int | None = None, ignore_index: int = -100, warmup_steps: int = WARMUP_STEPS):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "fusetune.CapturedStep needs a CUDA device; on a CPU call forward and backward as usual."
+            )
+        if not model.training:
+            raise ValueError("fusetune.CapturedStep: the model is in eval mode; call model.train() first.")
+        random = active_dropout(model)
+        if random:
+            raise ValueError(
+                f"fusetune.CapturedStep: the model draws random numbers in training ({', '.join(random[:5])}"
+                f"{', ...' if len(random) > 5 else ''}); set those dropout probabilities to 0 (e.g. LoRA "
+                "dropout 0, attention_dropout 0) or train without capturing."
+            )
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("fusetune.CapturedStep: the model has no trainable parameters.")
+        self._vocab = vocab_size if vocab_size is not None else output_size(model)
+        if "labels" in batch and self._vocab is None:
+            raise ValueError(
+                "fusetune.CapturedStep: cannot find the model's output embedding to check labels against; "
+                "pass vocab_size=."
+            )
+        self._ignore_index = ignore_index
+        check_labels(batch, self._vocab, ignore_index)
+        self._batch = StaticBatch(batch)
+        self._graph = torch.cuda.CUDAGraph()
+        # The offload store's buffers stay the graph's: every replay copies through them.
+        with private_offload_store(model) as self._store, _masks_as_in_eager(model):
+            self._warm_up(forward, warmup_steps)
+            for p in self._params:
+                p.grad = None  # the capture allocates them; each replay then writes them afresh
+            with torch.cuda.graph(self._graph):
+                loss = forward(self._batch.values)
+                loss.backward()
+        self._loss = loss.detach()
+        self._grads = [p.grad for p in self._params]
+
+    def _warm_up(self, forward: Callable, steps: int) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(steps):
+                for p in self._params:
+                    p.grad = None
+                forward(self._batch.values).backward()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def pool_bytes(self) -> int:
+        """Device memory the graph holds for as long as it lives: the segments of its private pool
+        (what its replays use, beyond the parameters, the batch and the gradients' owners)."""
+        pool = self._graph.pool()
+        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                   if tuple(segment.get("segment_pool_id", ())) == tuple(pool))
+
+    def __call__(self, batch: Mapping) -> torch.Tensor:
+        """Run the captured step on ``batch``; returns the loss (a tensor the next call overwrites:
+        read or clone it first) and leaves the gradients in the parameters' ``.grad``."""
+        check_labels(batch, self._vocab, self._ignore_index)
+        self._batch.fill(batch)
+        self._graph.replay()
+        for p, grad in zip(self._params, self._grads, strict=True):
+            p.grad = grad
+        return self._loss
+
+
+class _MasksAsInEager:
+    """Attention calls made while capturing get the mask the warm-up steps had: none, where every
+    warm-up call of that attention module had none.
+
+    transformers decides whether a layer may drop its mask for SDPA's causal kernels by looking at
+    the batch (padding, packed positions). While a graph is captured it cannot look, so it builds the
+    full mask, and SDPA's causal kernels give way to masked ones (about 3x the attention time on
+    L8, measured). The warm-up steps run eagerly on the captured batch's layout, so they show which
+    layers had no mask; every replayed batch has that layout (same keys and shapes).
+    """
+
+    def __init__(self):
+        self.maskless: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    def wrap(self, attention: Callable) -> Callable:
+        @functools.wraps(attention)
+        def call(module, query, key, value, attention_mask, *args, **kwargs):
+            if not capturing():
+                self.maskless[module] = self.maskless.get(module, True) and attention_mask is None
+            elif self.maskless.get(module, False):
+                attention_mask = None
+            return attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+        return call
+
+
+@contextlib.contextmanager
+def _masks_as_in_eager(model: nn.Module):
+    """Within the block, the attention functions ``model`` looks up in transformers' registry are
+    wrapped by a :class:`_MasksAsInEager` (restored on exit)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # pragma: no cover - transformers is what the patched models come from
+        yield
+        return
+    configs = (module.__dict__.get("config") for module in model.modules())
+    names = {getattr(config, "_attn_implementation", None) for config in configs}
+    originals = {name: ALL_ATTENTION_FUNCTIONS[name] for name in names if name in ALL_ATTENTION_FUNCTIONS}
+    masks = _MasksAsInEager()
+    for name, attention in originals.items():
+        ALL_ATTENTION_FUNCTIONS[name] = masks.wrap(attention)
+    try:
+        yield
+    finally:
+        for name, attention in originals.items():
+            ALL_ATTENTION_FUNCTIONS[name] = attention

@@ -1,0 +1,235 @@
+"""fusetune.graphs: a training step captured as a CUDA graph, and what the ops do while one is captured.
+
+On a CPU: the batch and model checks, the label check the replay relies on and the private offload
+store (the linear cross-entropy's capture path is tested with the op). On CUDA: captured steps
+against eager steps of the same model on new batches, bf16 and 4-bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import peft
+import pytest
+import torch
+
+import fusetune
+from fusetune import graphs
+from fusetune.checkpointing import enable_checkpointing, private_offload_store
+from tests.patch.models import VOCAB, batch, tiny_model
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_llama(dropout: float = 0.0, **overrides) -> torch.nn.Module:
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS)
+    return peft.get_peft_model(tiny_model("llama", **overrides), config)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks made before capture and before every replay (CPU)
+# --------------------------------------------------------------------------------------------
+def test_static_batch_copies_a_matching_batch_in():
+    static = graphs.StaticBatch(batch(seed=0))
+    fresh = batch(seed=1)
+    static.fill(fresh)
+    for key, value in fresh.items():
+        assert torch.equal(static.values[key], value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: {**b, "attention_mask": torch.ones_like(b["input_ids"])}, "same inputs"),
+        (lambda b: {k: v[:, :-1] for k, v in b.items()}, "pad or cut batches"),
+        (lambda b: {**b, "input_ids": b["input_ids"].int()}, "pad or cut batches"),
+        (lambda b: {**b, "labels": b["labels"].tolist()}, "pad or cut batches"),
+    ],
+    ids=["keys", "shape", "dtype", "not a tensor"],
+)
+def test_static_batch_refuses_another_layout(change, message):
+    static = graphs.StaticBatch(batch(seed=0))
+    before = {k: v.clone() for k, v in static.values.items()}
+    with pytest.raises(ValueError, match=message):
+        static.fill(change(batch(seed=1)))
+    for key, value in before.items():  # nothing was copied in
+        assert torch.equal(static.values[key], value)
+
+
+def test_static_batch_refuses_another_constant():
+    static = graphs.StaticBatch({**batch(seed=0), "use_cache": False})
+    with pytest.raises(ValueError, match="fixed at capture"):
+        static.fill({**batch(seed=1), "use_cache": True})
+
+
+def test_active_dropout_names_every_source_of_randomness():
+    assert graphs.active_dropout(lora_llama()) == []
+    found = graphs.active_dropout(lora_llama(dropout=0.1))
+    assert found and all("lora_dropout" in name for name in found)
+    assert len(found) == 2 * len(LORA_TARGETS)  # two layers
+    attention = graphs.active_dropout(lora_llama(attention_dropout=0.1))
+    assert any(name.endswith("config.attention_dropout") for name in attention)
+    assert graphs.active_dropout(lora_llama(dropout=0.1).eval()) == []
+
+
+def test_output_size_reads_the_vocabulary_through_peft():
+    assert graphs.output_size(lora_llama()) == VOCAB
+    assert graphs.output_size(torch.nn.Linear(3, 4)) is None
+
+
+def test_batch_labels_are_checked_against_the_vocabulary():
+    good = batch(seed=0)
+    graphs.check_labels(good, VOCAB, -100)
+    graphs.check_labels({"input_ids": good["input_ids"]}, VOCAB, -100)  # nothing to check
+    bad = {**good, "labels": good["labels"].clone()}
+    bad["labels"][1, 2] = VOCAB
+    with pytest.raises(ValueError, match=f"label {VOCAB} is outside the vocabulary"):
+        graphs.check_labels(bad, VOCAB, -100)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_capture_without_cuda_says_what_to_do():
+    model = lora_llama()
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        fusetune.CapturedStep(model, lambda b: model(**b).loss, batch())
+
+
+def test_captured_attention_calls_get_the_masks_the_warm_up_had(monkeypatch):
+    received = []
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        received.append(attention_mask)
+        return query
+
+    masks = graphs._MasksAsInEager()
+    wrapped = masks.wrap(attention)
+    causal, windowed = torch.nn.Module(), torch.nn.Module()
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    for _ in range(2):  # warm-up: one module always without a mask, the other once with one
+        wrapped(causal, None, None, None, None)
+    wrapped(windowed, None, None, None, None)
+    wrapped(windowed, None, None, None, mask)
+    monkeypatch.setattr(graphs, "capturing", lambda: True)
+    received.clear()
+    wrapped(causal, None, None, None, mask)
+    wrapped(windowed, None, None, None, mask)
+    wrapped(torch.nn.Module(), None, None, None, mask)  # never seen in warm-up
+    assert received[0] is None and received[1] is mask and received[2] is mask
+
+
+def test_attention_registry_is_restored_after_capture_warm_up():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = lora_llama()
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with graphs._masks_as_in_eager(model):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not before
+        model(**batch()).loss.backward()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+# --------------------------------------------------------------------------------------------
+# The private offload store
+# --------------------------------------------------------------------------------------------
+def _stores(model) -> list:
+    return [layer._gradient_checkpointing_func.store for layer in model.base_model.model.model.layers]
+
+
+def test_private_offload_store_is_used_inside_and_kept_after():
+    model = lora_llama()
+    enable_checkpointing(model, offload=True)
+    shared = _stores(model)
+    assert len(set(map(id, shared))) == 1
+    with private_offload_store(model) as store:
+        assert all(s is store for s in _stores(model)) and store is not shared[0]
+        model(**batch()).loss.backward()
+    assert _stores(model) == shared
+    private_buffers = {id(b) for b in store.pool(torch.device("cpu")).free}
+    assert len(private_buffers) == 2  # one layer input each, back in the private pool after backward
+    model(**batch(seed=1)).loss.backward()
+    shared_buffers = {id(b) for b in shared[0].pool(torch.device("cpu")).free}
+    assert shared_buffers and not shared_buffers & private_buffers
+
+
+def test_private_offload_store_without_offloading_yields_none():
+    model = lora_llama()
+    enable_checkpointing(model, offload=False)
+    with private_offload_store(model) as store:
+        assert store is None
+        model(**batch()).loss.backward()
+
+
+# --------------------------------------------------------------------------------------------
+# Captured steps against eager ones (CUDA)
+# --------------------------------------------------------------------------------------------
+def _forward(model, inputs):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return model(**inputs, use_cache=False).loss
+
+
+def _eager_step(model, inputs):
+    for p in model.parameters():
+        p.grad = None
+    loss = _forward(model, inputs)
+    loss.backward()
+    return loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_grads_close(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        scale = w.abs().max().item()
+        torch.testing.assert_close(got[name], w, rtol=2e-2, atol=2e-2 * scale, msg=name)
+
+
+def _cuda_model(four_bit: bool) -> torch.nn.Module:
+    base = tiny_model("llama", num_hidden_layers=3).to("cuda", torch.bfloat16)
+    if four_bit:
+        fusetune.quantize_4bit(base, compute_dtype=torch.bfloat16)
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    model = peft.get_peft_model(base, config)
+    fusetune.apply(model)
+    enable_checkpointing(model, offload=True)
+    return model
+
+
+def _cuda_batch(seed: int) -> dict:
+    return {key: value.cuda() for key, value in batch(seed=seed, size=1, length=48).items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "nf4"])
+def test_captured_step_matches_eager_steps(four_bit):
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    model = _cuda_model(four_bit)
+    batches = [_cuda_batch(seed) for seed in range(3)]
+    eager = [_eager_step(model, b) for b in batches]
+    assert not torch.equal(eager[0][0], eager[1][0])
+
+    step = fusetune.CapturedStep(model, functools.partial(_forward, model), batches[0])
+    for inputs, (loss, grads) in zip(batches, eager, strict=True):
+        got_loss = step(inputs).clone()
+        torch.testing.assert_close(got_loss, loss, rtol=1e-2, atol=1e-2)
+        _assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, grads)
+
+    # An eager step in between (its own offload buffers) leaves the next replay exact.
+    _eager_step(model, batches[2])
+    step(batches[1])
+    _assert_grads_close({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                        eager[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_captured_step_refuses_bad_batches_before_replaying():
+    model = _cuda_model(False)
+    step = fusetune.CapturedStep(model, functools.partial(_forward, model), _cuda_batch(0))
+    assert step.pool_bytes() > 0
+    loss = step(_cuda_batch(1)).clone()
+    bad = _cuda_batch(2)
+    bad["labels"][0, 5] = VOCAB + 3
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        step(bad)
+    with pytest.raises(ValueError, match="pad or cut"):
+        step({k: v[:, :-2] for k, v in _cuda_batch(2).items()})
+    torch.testing.assert_close(step(_cuda_batch(1)).clone(), loss, rtol=0, atol=0)
