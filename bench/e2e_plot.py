@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from report import e2e_label
+from report import e2e_label, occupied_gib
 
 SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune (no offload)", "fusetune (graph)")
 PANELS = (("tokens_per_s", "tokens/s"), ("added_gib", "peak - static GiB"))
@@ -34,7 +34,8 @@ def table(records: list[dict]) -> dict:
     out: dict = {}
     for case, systems in metrics.items():
         for system, rows in systems.items():
-            static, peak = (rows.get(m, {}).get("value") for m in ("static_gib", "peak_allocated_gib"))
+            static = rows.get("static_gib", {}).get("value")
+            peak = occupied_gib(rows.get("peak_allocated_gib", {}))
             speed = rows.get("tokens_per_s", {})
             error = speed.get("error", "")
             out.setdefault(case, {})[system] = {

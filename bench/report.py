@@ -138,6 +138,15 @@ def e2e_where(config: dict) -> str:
     return f"{config['model']} {size} {config['variant']}"
 
 
+def occupied_gib(peak_row: dict) -> float | None:
+    """A peak_allocated_gib record's value, or for a captured step (``graph_footprint_gib``: static +
+    the graph's private pool, which its replays occupy without allocating) that footprint if larger."""
+    peak, footprint = peak_row.get("value"), peak_row.get("graph_footprint_gib")
+    if peak is None or footprint is None:
+        return peak
+    return max(peak, footprint)
+
+
 def e2e_order(label: str) -> tuple:
     """Sort key of a system label: the E2E_ORDER systems first, in that order."""
     order = {system: i for i, system in enumerate(E2E_ORDER)}
@@ -164,13 +173,14 @@ def e2e_table(records: list[dict]) -> list[str]:
     for (model, tokens, variant), systems in cases.items():
         for label in sorted(systems, key=e2e_order):
             metrics = systems[label]
-            static, peak = (common.value(systems, label, m) for m in ("static_gib", "peak_allocated_gib"))
+            static = common.value(systems, label, "static_gib")
+            peak = occupied_gib(metrics.get("peak_allocated_gib", {}))
             speed = metrics.get("tokens_per_s", {})
             steps = speed.get("step_s", [])[speed.get("steps", [0])[0]:]
             rows.append([model, f"{tokens:,}", variant, label, cell(systems, label, "tokens_per_s", ",.0f"),
                          f"{min(steps):.2f}-{max(steps):.2f}" if steps and speed["value"] else "",
                          cell(systems, label, "static_gib", ".2f"),
-                         cell(systems, label, "peak_allocated_gib", ".2f"),
+                         cell(systems, label, "peak_allocated_gib", ".2f") if peak is None else f"{peak:.2f}",
                          "" if static is None or peak is None else f"{peak - static:.2f}",
                          cell(systems, label, "peak_reserved_gib", ".2f"),
                          cell(systems, label, "loss", ".4f"), cell(systems, label, "mfu", ".3f")])
@@ -178,7 +188,9 @@ def e2e_table(records: list[dict]) -> list[str]:
                        for row in records if row.get("system_version")})
     notes = ["", "Tokens/s counts the language model's tokens over the timed steps; step s is the fastest "
              "and slowest timed step. GiB = 2^30 bytes; static is allocated before the first step, peak - "
-             "static is what training adds above the frozen weights. Loss is step 1's (identical weights "
+             "static is what training adds above the frozen weights (for a step replayed as a CUDA graph, "
+             "\"(graph)\", peak is static + the graph's private pool where that is larger: its replays "
+             "occupy the pool without allocating). Loss is step 1's (identical weights "
              "and batch in every system). MFU: 4 x matmul parameters + causal attention FLOPs per token "
              "over the H200's 989 TFLOP/s dense bf16.", "Versions: " + ", ".join(versions) + "."]
     return ["### End to end (LoRA r=16, batch 1, gradient checkpointing)", ""] + markdown(
