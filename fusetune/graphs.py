@@ -40,11 +40,18 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from fusetune.checkpointing import private_offload_store
+from fusetune.checkpointing import DTensor, private_offload_store
 from fusetune.ops._launch import capturing
 from fusetune.ops.cross_entropy import LabelCheck, flatten_labels
 
-__all__ = ["CapturedStep", "StaticBatch", "active_dropout", "check_labels", "output_size"]
+__all__ = [
+    "CapturedStep",
+    "StaticBatch",
+    "active_dropout",
+    "capturable_parameters",
+    "check_labels",
+    "output_size",
+]
 
 WARMUP_STEPS = 3  # before capture: Triton compiles, cuBLAS picks its kernels, the host pool fills
 
@@ -75,6 +82,32 @@ def check_labels(batch: Mapping, vocab_size: int | None, ignore_index: int) -> N
     labels = batch.get("labels")
     if isinstance(labels, torch.Tensor):
         LabelCheck(flatten_labels(labels, labels.numel()), vocab_size, ignore_index).raise_if_bad()
+
+
+def capturable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of ``model``, after checking that a step of it can be captured: in
+    training mode, without active dropout, on one GPU (no DDP, FSDP or ZeRO-3: their gradient
+    hooks and collectives run on the host between kernels, which a replay skips)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or any(
+            isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "fusetune.CapturedStep runs on one GPU: this model is wrapped by DDP or sharded (FSDP2 or "
+            "DeepSpeed ZeRO-3), whose gradient hooks and collectives a replayed graph would skip. Train "
+            "it without capturing."
+        )
+    if not model.training:
+        raise ValueError("fusetune.CapturedStep: the model is in eval mode; call model.train() first.")
+    random = active_dropout(model)
+    if random:
+        raise ValueError(
+            f"fusetune.CapturedStep: the model draws random numbers in training ({', '.join(random[:5])}"
+            f"{', ...' if len(random) > 5 else ''}); set those dropout probabilities to 0 (e.g. LoRA "
+            "dropout 0, attention_dropout 0) or train without capturing."
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("fusetune.CapturedStep: the model has no trainable parameters.")
+    return params
 
 
 class StaticBatch:
@@ -131,22 +164,11 @@ class CapturedStep:
 
     def __init__(self, model: nn.Module, forward: Callable[[dict], torch.Tensor], batch: Mapping, *,
                  vocab_size: int | None = None, ignore_index: int = -100, warmup_steps: int = WARMUP_STEPS):
+        self._params = capturable_parameters(model)
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "fusetune.CapturedStep needs a CUDA device; on a CPU call forward and backward as usual."
             )
-        if not model.training:
-            raise ValueError("fusetune.CapturedStep: the model is in eval mode; call model.train() first.")
-        random = active_dropout(model)
-        if random:
-            raise ValueError(
-                f"fusetune.CapturedStep: the model draws random numbers in training ({', '.join(random[:5])}"
-                f"{', ...' if len(random) > 5 else ''}); set those dropout probabilities to 0 (e.g. LoRA "
-                "dropout 0, attention_dropout 0) or train without capturing."
-            )
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        if not self._params:
-            raise ValueError("fusetune.CapturedStep: the model has no trainable parameters.")
         self._vocab = vocab_size if vocab_size is not None else output_size(model)
         if "labels" in batch and self._vocab is None:
             raise ValueError(

@@ -87,6 +87,22 @@ def test_batch_labels_are_checked_against_the_vocabulary():
         graphs.check_labels(bad, VOCAB, -100)
 
 
+def test_models_a_capture_cannot_replay_are_refused_with_the_fix():
+    model = lora_llama()
+    assert graphs.capturable_parameters(model) == [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="model.train"):
+        fusetune.CapturedStep(lora_llama().eval(), lambda b: None, batch())
+    with pytest.raises(ValueError, match="set those dropout probabilities to 0"):
+        fusetune.CapturedStep(lora_llama(dropout=0.1), lambda b: None, batch())
+    frozen = tiny_model("llama").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        graphs.capturable_parameters(frozen)
+    sharded = lora_llama()
+    next(sharded.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks its parameters
+    with pytest.raises(ValueError, match="runs on one GPU"):
+        graphs.capturable_parameters(sharded)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 def test_capture_without_cuda_says_what_to_do():
     model = lora_llama()
