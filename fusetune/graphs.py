@@ -25,6 +25,9 @@ What differs from an eager step, and why:
 - Models with active dropout are refused: a checkpointed layer's recompute must draw the random
   numbers its forward drew, and a capture can neither read nor reset the device's RNG state.
 - The graph keeps its memory (the step's activations at their peak) while it lives.
+- One GPU: DDP, FSDP2 and ZeRO-3 models are refused (their gradient hooks and collectives run on
+  the host between kernels). No loss scaling: the step calls ``loss.backward()`` itself, so train
+  in bf16 (autocast) or fp32, not fp16 with a GradScaler.
 - transformers cannot look at the batch while a graph is captured, so it builds every layer's
   full attention mask; the capture gives each attention module the mask its warm-up calls had
   (none, for SDPA's causal kernels, where they had none).
@@ -165,6 +168,11 @@ class CapturedStep:
     def __init__(self, model: nn.Module, forward: Callable[[dict], torch.Tensor], batch: Mapping, *,
                  vocab_size: int | None = None, ignore_index: int = -100, warmup_steps: int = WARMUP_STEPS):
         self._params = capturable_parameters(model)
+        if warmup_steps < 1:
+            raise ValueError(
+                f"fusetune.CapturedStep: warmup_steps={warmup_steps}; at least one eager step must run "
+                "before the capture (Triton compiles and cuBLAS picks its kernels there)."
+            )
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "fusetune.CapturedStep needs a CUDA device; on a CPU call forward and backward as usual."
@@ -201,8 +209,9 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(side)
 
     def pool_bytes(self) -> int:
-        """Device memory the graph holds for as long as it lives: the segments of its private pool
-        (what its replays use, beyond the parameters, the batch and the gradients' owners)."""
+        """Device memory the graph holds for as long as it lives: the segments of its private pool,
+        where its replays write activations and gradients (the parameters, the optimizer's state and
+        the graph's input batch live outside it)."""
         pool = self._graph.pool()
         return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
                    if tuple(segment.get("segment_pool_id", ())) == tuple(pool))

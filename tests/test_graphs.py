@@ -94,6 +94,8 @@ def test_models_a_capture_cannot_replay_are_refused_with_the_fix():
         fusetune.CapturedStep(lora_llama().eval(), lambda b: None, batch())
     with pytest.raises(ValueError, match="set those dropout probabilities to 0"):
         fusetune.CapturedStep(lora_llama(dropout=0.1), lambda b: None, batch())
+    with pytest.raises(ValueError, match="at least one eager step"):
+        fusetune.CapturedStep(model, lambda b: None, batch(), warmup_steps=0)
     frozen = tiny_model("llama").requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         graphs.capturable_parameters(frozen)
