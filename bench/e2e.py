@@ -245,30 +245,37 @@ def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optim
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """AdamW's step on the gradients backward left, then the loss after a full sync."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     common.synchronize()
     return loss.item()
 
 
-def step_function(case: Case, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """``step(batch) -> loss`` for ``case``: :func:`train_step`, or for ``fusetune-graph`` a
-    ``fusetune.CapturedStep`` made on the first batch (its warm-up steps and capture count in that
-    step's time and memory) and replayed for each batch, then the same AdamW step."""
-    if case.system != "fusetune-graph":
-        return functools.partial(train_step, model, optimizer=optimizer)
-    captured = []
+class GraphTrainStep:
+    """``fusetune-graph``'s step: a ``fusetune.CapturedStep`` made on the first batch (its warm-up
+    steps and capture count in that step's time and memory) and replayed for each batch, then the
+    same AdamW step as :func:`train_step`. ``pool_gib``: the graph's pool once captured."""
 
-    def step(batch: dict) -> float:
-        if not captured:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.captured = None
+        self.pool_gib: float | None = None
+
+    def __call__(self, batch: dict) -> float:
+        if self.captured is None:
             from fusetune.graphs import CapturedStep
 
-            captured.append(CapturedStep(model, functools.partial(forward_loss, model), batch))
-            step.pool_gib = captured[0].pool_bytes() / GIB
-        return optimizer_step(optimizer, captured[0](batch))
+            self.captured = CapturedStep(self.model, functools.partial(forward_loss, self.model), batch)
+            self.pool_gib = self.captured.pool_bytes() / GIB
+        return optimizer_step(self.optimizer, self.captured(batch))
 
-    step.pool_gib = None
-    return step
+
+def step_function(case: Case, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """``step(batch) -> loss`` for ``case``: :func:`train_step`, or a :class:`GraphTrainStep`."""
+    if case.system == "fusetune-graph":
+        return GraphTrainStep(model, optimizer)
+    return functools.partial(train_step, model, optimizer=optimizer)
 
 
 def profile_step(step, trace: Path) -> None:
