@@ -27,7 +27,9 @@ timed by wall clock between CUDA synchronisations. Systems:
   same weights (built once per model under ``--cache`` by ``--save-model``, deleted after the model's
   cases unless ``--keep-folders``), their ``get_peft_model`` with the same LoRA settings and
   ``use_gradient_checkpointing="unsloth"``; 4-bit through ``load_in_4bit=True``.
-- ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``;
+- ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``
+  (which keeps each layer's attention output for the recompute; with ``--recompute-attention`` it
+  does not, and the records say ``"keep_attention": false``);
   ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``);
   ``fusetune-graph`` is ``fusetune`` with each step's forward and backward replayed as a CUDA graph
   (``fusetune.CapturedStep``, captured on the first batch; its records say ``"graph": true``).
@@ -121,6 +123,7 @@ class Case:
     variant: str
     system: str
     tokens: int | None = None
+    recompute_attention: bool = False  # fusetune: enable_checkpointing(keep_attention=False)
 
     @property
     def model(self) -> str:
@@ -155,6 +158,8 @@ class Case:
             config["offload"] = False
         if self.system == "fusetune-graph":
             config["graph"] = True
+        if self.recompute_attention and self.system.startswith("fusetune"):
+            config["keep_attention"] = False
         if tiny:
             config["tiny"] = True
         return config
@@ -227,7 +232,8 @@ def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype
         from fusetune.checkpointing import enable_checkpointing
 
         fusetune.apply(peft_model)
-        enable_checkpointing(peft_model, offload=case.system != "fusetune-nooffload")
+        enable_checkpointing(peft_model, offload=case.system != "fusetune-nooffload",
+                             keep_attention=not case.recompute_attention)
     return peft_model
 
 
@@ -284,7 +290,7 @@ def profile_step(step, trace: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))
@@ -396,7 +402,7 @@ def graph_memory(step, static: int | None, cuda: bool) -> dict:
 
 def worker(args: argparse.Namespace) -> int:
     """Run one case and print its records as one ``E2E-RESULT`` line (errors included)."""
-    case = Case(args.config, args.variant, args.system, args.tokens)
+    case = Case(args.config, args.variant, args.system, args.tokens, args.recompute_attention)
     try:
         if case.system == "unsloth":
             import unsloth  # noqa: F401  (first: it patches transformers and peft as it is imported)
@@ -452,6 +458,7 @@ def run_case(case: Case, args: argparse.Namespace, timeout: float, folder: Path 
     argv += ["--folder", str(folder)] if folder else []
     argv += ["--tokens", str(case.tokens)] if case.tokens else []
     argv += ["--oom-above", str(args.oom_above)] if args.oom_above is not None else []
+    argv += ["--recompute-attention"] if case.recompute_attention else []
     status, text = run_process(argv, args.logs / f"{case.slug}.log", timeout)
     lines = [line for line in text.splitlines() if not line.startswith(RESULT)]
     results = [line for line in text.splitlines() if line.startswith(RESULT)]
@@ -492,6 +499,8 @@ def summary(records: list[dict]) -> str:
     label = f"{config['model']} {size} {config['variant']} {first['system']}"
     if config.get("offload") is False:
         label += " (no offload)"
+    if config.get("keep_attention") is False:
+        label += " (attention recomputed)"
     if all(row["value"] is None for row in records):
         return f"  {label}: FAILED: {first['error']}"
 
@@ -686,11 +695,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.max_context:  # the model's first configuration stands for it
             for variant in args.variants:
                 for system in args.systems:
-                    row = max_context(Case(configs[0], variant, system), args, left, saved)
+                    row = max_context(Case(configs[0], variant, system, None, args.recompute_attention), args,
+                                      left, saved)
                     append(args.out, [row])
                     print(context_summary(row), flush=True)
         else:
-            run_cases([Case(config, variant, system) for config in configs
+            run_cases([Case(config, variant, system, None, args.recompute_attention) for config in configs
                        for variant in args.variants for system in args.systems], args, left, saved)
         saved.remove()
     print(f"done in {time.monotonic() - start:.0f} s", flush=True)
@@ -731,6 +741,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--oom-above", type=int,
                         help="--tiny only: a worker past this many tokens raises torch.OutOfMemoryError, "
                         "standing in for a GPU's memory so that --max-context can be tried on a CPU")
+    parser.add_argument("--recompute-attention", action="store_true",
+                        help='fusetune systems recompute attention in backward (enable_checkpointing\'s '
+                             'keep_attention=False); their records say "keep_attention": false')
     parser.add_argument("--worker", action="store_true", help="run one case in this process")
     parser.add_argument("--config", choices=[*e2e_models.CONFIGS, *e2e_models.MIXED])
     parser.add_argument("--tokens", type=int, help="worker: this many tokens instead of the config's")

@@ -125,11 +125,12 @@ def ceilings_line(cases: dict) -> list[str]:
 
 
 def e2e_label(row: dict) -> str:
-    """A system's name in the end-to-end table (fusetune without activation offload, or with its step
-    replayed as a CUDA graph, marked)."""
+    """A system's name in the end-to-end table (fusetune without activation offload, with its step
+    replayed as a CUDA graph, or recomputing attention, marked)."""
     config = row["config"]
     return (row["system"] + (" (no offload)" if config.get("offload") is False else "")
-            + (" (graph)" if config.get("graph") else ""))
+            + (" (graph)" if config.get("graph") else "")
+            + (" (attention recomputed)" if config.get("keep_attention") is False else ""))
 
 
 def e2e_where(config: dict) -> str:

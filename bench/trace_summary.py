@@ -6,9 +6,10 @@ For each trace: the span from the first to the last GPU activity, the time the G
 of kernel, copy and memset intervals over all streams) and so how long it sat idle, the busy time by
 kind of work (matmuls, attention, NCCL, copies, the rest by kernel name), the idle gaps by length
 (launch latency, or the host falling behind), what the host was doing during the long ones, and
-the kernels that took the most time.
-``bench/e2e.py --profile DIR`` writes such traces; this tells whether a step is bound by the GPU's
-work (and which work) or by the host leaving the GPU idle.
+the kernels that took the most time, and (for traces recorded with shapes) the matmuls grouped by
+the shapes of their operator, with the rate each group ran at.
+``bench/e2e.py --profile DIR`` writes such traces (with shapes); this tells whether a step is bound by
+the GPU's work (and which work) or by the host leaving the GPU idle.
 """
 
 from __future__ import annotations
@@ -136,12 +137,44 @@ def host_during_long_gaps(events: list[dict], min_gap: float = LONG_GAP_US) -> d
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+# The operands of a matmul operator: (first, second) input index; the FLOPs are 2 * M * K * N.
+MATMUL_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}
+
+
+def matmul_shapes(events: list[dict]) -> list[dict]:
+    """Matmul kernel time grouped by the operator that launched it and its operands' shapes
+    (needs a trace recorded with ``record_shapes``: the operator's "Input Dims"), longest first:
+    name, operand dims, calls, kernel us, TFLOP/s. A kernel is tied to its operator by the
+    profiler's "External id"; kernels of operators outside ``MATMUL_OPERANDS`` (or without
+    shapes) are one group "other"."""
+    ops = {e["args"]["External id"]: e for e in events
+           if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})}
+    groups: dict[tuple, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for event in events:
+        if event.get("cat") != "kernel" or kind_of(event["name"]) != "matmul":
+            continue
+        op = ops.get(event.get("args", {}).get("External id"), {})
+        dims, operands = op.get("args", {}).get("Input Dims"), MATMUL_OPERANDS.get(op.get("name"))
+        key, flops = ("other", ()), 0.0
+        if dims and operands:
+            (m, k), (_, n) = dims[operands[0]], dims[operands[1]]
+            key, flops = (op["name"], (tuple(dims[operands[0]]), tuple(dims[operands[1]]))), 2.0 * m * k * n
+        group = groups[key]
+        group[0] += 1
+        group[1] += event["dur"]
+        group[2] += flops
+    rows = [{"op": name, "dims": dims, "calls": calls, "us": us,
+             "tflops": flops / us / 1e6 if us and flops else None}
+            for (name, dims), (calls, us, flops) in groups.items()]
+    return sorted(rows, key=lambda row: -row["us"])
+
+
 def summarise(events: list[dict], top: int) -> dict:
     """Span, busy and idle microseconds, busy time per kind, and the ``top`` kernels by total time."""
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     if not gpu:
         return {"span_us": 0.0, "busy_us": 0.0, "idle_fraction": None, "kinds": {}, "top": [], "gaps": {},
-                "host_in_long_gaps": {}}
+                "host_in_long_gaps": {}, "matmuls": []}
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
     span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
     busy = union_length(intervals)
@@ -155,7 +188,7 @@ def summarise(events: list[dict], top: int) -> dict:
     return {"span_us": span, "busy_us": busy, "idle_fraction": 1 - busy / span if span else None,
             "kinds": dict(sorted(kinds.items(), key=lambda item: -item[1])),
             "top": [(name, count, total) for name, (count, total) in ranked], "gaps": idle_gaps(intervals),
-            "host_in_long_gaps": host_during_long_gaps(events)}
+            "host_in_long_gaps": host_during_long_gaps(events), "matmuls": matmul_shapes(events)}
 
 
 def render(path: Path, summary: dict) -> str:
@@ -177,6 +210,11 @@ def render(path: Path, summary: dict) -> str:
                   for name, total in list(summary["host_in_long_gaps"].items())[:15]]
     lines.append("  top kernels: calls, total ms, name")
     lines += [f"    {count:6d} {total / 1e3:9.2f}  {name[:110]}" for name, count, total in summary["top"]]
+    if any(row["op"] != "other" for row in summary["matmuls"]):
+        lines.append("  matmuls by operator and operand shapes: calls, kernel ms, TFLOP/s, operator, shapes")
+        lines += [f"    {row['calls']:6d} {row['us'] / 1e3:9.2f} "
+                  f"{'-' if row['tflops'] is None else format(row['tflops'], '6.0f'):>6}  {row['op']} "
+                  f"{' x '.join(str(list(d)) for d in row['dims'])}" for row in summary["matmuls"]]
     return "\n".join(lines)
 
 

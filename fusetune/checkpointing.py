@@ -34,6 +34,9 @@ How it sits with the rest of the stack:
   The first recompute of each layer checks on the autograd graph that nothing between the MLP and the
   layer's output reads values (Llama-style ``residual + mlp(x)``); where something does (Gemma's norm
   after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
+- With offloading, each layer's causal SDPA attention output goes to the host beside its input and
+  the recompute runs no attention forward (``fusetune.kept_attention``; ``keep_attention=False``
+  turns it off).
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -52,6 +55,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from fusetune.kept_attention import KeptAttention, keeping, reusing
+from fusetune.kept_attention import install as install_kept_attention
 from fusetune.ops._launch import capturing
 from fusetune.ops.lora import outputs_unread
 
@@ -93,18 +98,24 @@ class _HostPool:
         self.in_use -= buffer.numel()
         self.free.append(buffer)
 
+    def give_all(self, buffers: list[torch.Tensor]) -> None:
+        for buffer in buffers:
+            self.give(buffer)
+
 
 class _Offloaded:
-    """One layer input held on the host, linked to the one saved before it (prefetched after it)."""
+    """One layer's tensors held on the host: its input, then whatever its forward kept
+    (``fusetune.kept_attention``); linked to the entry saved before it (prefetched after it)."""
 
-    __slots__ = ("__weakref__", "device", "host", "previous", "release", "restored")
+    __slots__ = ("__weakref__", "buffers", "device", "hosts", "previous", "release", "restored")
 
-    def __init__(self, device: torch.device, host: torch.Tensor, release: Callable[[], None], previous):
+    def __init__(self, device: torch.device, previous):
         self.device = device
-        self.host: torch.Tensor | None = host
-        self.release = release  # gives the buffer back to its pool: after restore, or when garbage
+        self.hosts: list[torch.Tensor] | None = []
+        self.buffers: list[torch.Tensor] = []  # the pool's; given back after restore, or when garbage
+        self.release: Callable[[], None] | None = None
         self.previous = previous  # weakref to the entry saved just before, or None
-        self.restored: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.restored: tuple[list[torch.Tensor], torch.cuda.Event | None] | None = None
 
 
 class _OffloadStore:
@@ -129,8 +140,17 @@ class _OffloadStore:
     def save(self, tensor: torch.Tensor) -> _Offloaded:
         """Start copying ``tensor`` to a host buffer; the caller may drop ``tensor`` right away."""
         pool = self.pool(tensor.device)
+        entry = _Offloaded(tensor.device, self._last)
+        entry.release = weakref.finalize(entry, pool.give_all, entry.buffers)
+        self.add(entry, tensor)
+        self._last = weakref.ref(entry)
+        return entry
+
+    def add(self, entry: _Offloaded, tensor: torch.Tensor) -> None:
+        """Copy one more tensor of ``entry``'s layer to the host; :meth:`restore` returns it too."""
         nbytes = tensor.numel() * tensor.element_size()
-        buffer = pool.take(nbytes)
+        buffer = self.pool(tensor.device).take(nbytes)
+        entry.buffers.append(buffer)
         host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         if tensor.is_cuda:
             self._join_held()
@@ -141,10 +161,7 @@ class _OffloadStore:
             self._free_after_copy(tensor, stream)
         else:
             host.copy_(tensor)
-        entry = _Offloaded(tensor.device, host, None, self._last)
-        entry.release = weakref.finalize(entry, pool.give, buffer)
-        self._last = weakref.ref(entry)
-        return entry
+        entry.hosts.append(host)
 
     def _free_after_copy(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
         """Let ``tensor``'s memory be reused only after ``stream``'s copy of it has run.
@@ -166,37 +183,40 @@ class _OffloadStore:
         self._held.clear()
 
     def _fetch(self, entry: _Offloaded) -> None:
-        """Start copying ``entry`` back to its device (on the side stream for CUDA)."""
-        host = entry.host
-        out = torch.empty(host.shape, dtype=host.dtype, device=entry.device)
+        """Start copying ``entry``'s tensors back to its device (on the side stream for CUDA)."""
+        outs = [torch.empty(host.shape, dtype=host.dtype, device=entry.device) for host in entry.hosts]
         event = None
         if entry.device.type == "cuda":
             stream = self._stream(entry.device)
-            stream.wait_stream(torch.cuda.current_stream(entry.device))  # ``out``'s memory is free
+            stream.wait_stream(torch.cuda.current_stream(entry.device))  # ``outs``' memory is free
             with torch.cuda.stream(stream):
-                out.copy_(host, non_blocking=True)
+                for out, host in zip(outs, entry.hosts, strict=True):
+                    out.copy_(host, non_blocking=True)
             event = stream.record_event()
             if not capturing():  # captured: restore's wait orders every use and the free after the copy
-                out.record_stream(stream)
+                for out in outs:
+                    out.record_stream(stream)
         else:
-            out.copy_(host)
-        entry.restored = (out, event)
+            for out, host in zip(outs, entry.hosts, strict=True):
+                out.copy_(host)
+        entry.restored = (outs, event)
 
-    def restore(self, entry: _Offloaded) -> torch.Tensor:
-        """The saved tensor back on its device, ready on the current stream; prefetches the previous one."""
+    def restore(self, entry: _Offloaded) -> list[torch.Tensor]:
+        """The saved tensors back on their device, in the order saved, ready on the current stream;
+        prefetches the previous entry's."""
         self._join_held()
         if entry.restored is None:
             self._fetch(entry)
-        out, event = entry.restored
-        entry.restored, entry.host = None, None
+        outs, event = entry.restored
+        entry.restored, entry.hosts = None, None
         if event is not None:
             torch.cuda.current_stream(entry.device).wait_event(event)
-        # Its next user is a device-to-host copy queued after this one on the same side stream.
+        # Their next user is a device-to-host copy queued after these on the same side stream.
         entry.release()
         previous = entry.previous() if entry.previous is not None else None
-        if previous is not None and previous.host is not None and previous.restored is None:
+        if previous is not None and previous.hosts is not None and previous.restored is None:
             self._fetch(previous)
-        return out
+        return outs
 
 
 # Autograd nodes whose backward reads no input values: a skipped output may flow through them.
@@ -257,6 +277,11 @@ class _Call:
         self.store = store
         self.offload_at = offload_at  # index into the tensor slots of the one kept on the host
         self.entry: _Offloaded | None = None
+        # Attention kept from forward for the recompute (fusetune.kept_attention): one item per
+        # attention call, None for a call run again; outputs go to the host with the layer's input.
+        self.keeps_attention = owner.keep_attention and offload_at is not None
+        self.kept: list[KeptAttention | None] = []
+        self.reused: list | None = None  # (output, kept) or None per call, during backward
         self.params = params  # gradients returned for these; None: accumulated by the recompute
         self.device_type = leaves[self.slots[0]].device.type if self.slots else "cpu"
         self.cpu_rng = torch.get_rng_state()
@@ -279,6 +304,18 @@ class _Call:
         self.out_slots = [i for i, x in enumerate(out_leaves) if isinstance(x, torch.Tensor)]
         self.out_constants = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
         return tuple(out_leaves[i] for i in self.out_slots)
+
+    def keep(self, output: torch.Tensor | None, kept: KeptAttention | None) -> None:
+        """Take one attention call of the layer's forward: its output to the host, beside the input."""
+        if output is not None:
+            self.store.add(self.entry, output)
+        self.kept.append(kept)
+
+    def reuse(self, restored: list[torch.Tensor]) -> None:
+        """Pair the kept attention outputs restored with the layer's input with their calls."""
+        outputs = iter(restored)
+        self.reused = [None if kept is None else (next(outputs), kept) for kept in self.kept]
+        self.kept = []
 
     def output(self, tensors) -> object:
         """The layer's output structure around the checkpoint's output tensors."""
@@ -318,6 +355,8 @@ class _Call:
             if self.rng_devices:
                 set_device_states(self.rng_devices, self.rng_states, device_type=self.device_type)
             stack.enter_context(torch.enable_grad())
+            if self.reused is not None:
+                stack.enter_context(reusing(self.reused))
             for kind, enabled, dtype in self.autocast:
                 stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled,
                                                    cache_enabled=self.autocast_cache))
@@ -334,7 +373,8 @@ class _Checkpoint(torch.autograd.Function):
             call.entry = call.store.save(tensors[call.offload_at])
         ctx.save_for_backward(*(t for i, t in enumerate(tensors) if i != call.offload_at))
         ctx.call, ctx.n_anchors = call, n_anchors
-        outputs = call.run(tensors)
+        with keeping(call.keep) if call.keeps_attention else contextlib.nullcontext():
+            outputs = call.run(tensors)
         ctx.mark_non_differentiable(*(t for t in outputs if not t.is_floating_point()))
         return outputs
 
@@ -348,10 +388,13 @@ class _Checkpoint(torch.autograd.Function):
                 "layer's input left host memory in the first; use enable_checkpointing(model, offload=False)."
             )
         if call.offload_at is not None:
-            saved.insert(call.offload_at, call.store.restore(call.entry))
+            restored = call.store.restore(call.entry)
+            saved.insert(call.offload_at, restored[0])
+            call.reuse(restored[1:])
             call.entry = None
         inputs = [t.detach().requires_grad_(needs) for t, needs in zip(saved, call.grad_mask, strict=True)]
         outputs = call.recompute(inputs)
+        call.reused = None
         pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True)
                  if out.requires_grad and grad is not None]
         wanted = [t for t in inputs if t.requires_grad]
@@ -376,11 +419,12 @@ class _Checkpoint(torch.autograd.Function):
 class _LayerCheckpoint:
     """The ``_gradient_checkpointing_func`` fusetune installs on one layer."""
 
-    def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple):
+    def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple, keep_attention: bool):
         self._layer = weakref.ref(layer)
         self.store = store
         self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
+        self.keep_attention = keep_attention  # fusetune.kept_attention, when offloading
 
     @property
     def offload(self) -> bool:
@@ -418,13 +462,18 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(model: nn.Module, *, offload: bool = True) -> int:
+def enable_checkpointing(model: nn.Module, *, offload: bool = True, keep_attention: bool = True) -> int:
     """Turn on activation checkpointing for every transformers ``GradientCheckpointingLayer`` in ``model``
     (decoder layers of the LM and of vision towers; works on a PEFT wrapper too), with fusetune's
     checkpoint function: with ``offload=True`` each layer's input hidden states are kept in pinned CPU
     memory (copied on a side CUDA stream) instead of on the GPU and prefetched back one layer ahead in
     backward; ``offload=False`` is plain recompute. Returns the number of layers. Idempotent; calling it
     again with the other ``offload`` switches modes.
+
+    ``keep_attention`` (with ``offload``): each layer's causal SDPA output goes to host memory beside
+    its input, with the kernel's log-sum-exp kept on the device (a float32 per token and head), so the
+    recompute runs no attention forward (``fusetune.kept_attention``). It doubles the bytes offloaded
+    per layer; ``False`` recomputes attention as before.
 
     Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either
     ``find_unused_parameters`` works; under FSDP2 shard per decoder layer.
@@ -437,17 +486,20 @@ def enable_checkpointing(model: nn.Module, *, offload: bool = True) -> int:
             f"fusetune: {type(model).__name__} has no transformers GradientCheckpointingLayer to checkpoint; "
             "pass a transformers model (or its PEFT wrapper) whose decoder layers derive from it."
         )
+    if offload and keep_attention:
+        install_kept_attention()
     store = _OffloadStore() if offload else None  # shared by the layers: prefetch follows their order
     for layer in layers:
         current = layer.__dict__.get("_gradient_checkpointing_func")
         if isinstance(current, _LayerCheckpoint):
             if current.offload == offload:
+                current.keep_attention = keep_attention
                 layer.gradient_checkpointing = True
                 continue
             previous = current.previous
         else:
             previous = (current, layer.__dict__.get("gradient_checkpointing"))
-        layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous)
+        layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous, keep_attention)
         layer.gradient_checkpointing = True
     return len(layers)
 

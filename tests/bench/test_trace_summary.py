@@ -69,3 +69,31 @@ def test_host_during_long_gaps():
     totals = trace_summary.host_during_long_gaps(events)
     assert totals == {"cudaStreamSynchronize": 200, "autograd::Foo": 170,
                       trace_summary.BETWEEN_OPS: 17, "cudaLaunchKernel": 3}
+
+
+def test_matmul_shapes():
+    """Two addmm_ kernels of one shape, an mm of another, a matmul kernel of an operator without
+    shapes, and a non-matmul kernel (not counted); rates worked out by hand."""
+    def op(name, ident, dims):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": 0, "dur": 1,
+                "args": {"External id": ident, "Input Dims": dims}}
+
+    def kernel(name, ident, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur, "args": {"External id": ident}}
+
+    events = [
+        op("aten::addmm_", 1, [[64, 32], [64, 128], [128, 32]]), kernel("nvjet_badd", 1, 2.0),
+        op("aten::addmm_", 2, [[64, 32], [64, 128], [128, 32]]), kernel("nvjet_badd", 2, 2.0),
+        op("aten::mm", 3, [[10, 20], [20, 30]]), kernel("nvjet_bz", 3, 6.0),
+        kernel("gemm_from_nowhere", 99, 1.0),
+        op("aten::add", 4, [[5], [5]]), kernel("vectorized_elementwise", 4, 50.0),
+    ]
+    rows = trace_summary.matmul_shapes(events)
+    assert [(r["op"], r["dims"], r["calls"], r["us"]) for r in rows] == [
+        ("aten::mm", ((10, 20), (20, 30)), 1, 6.0),
+        ("aten::addmm_", ((64, 128), (128, 32)), 2, 4.0),
+        ("other", (), 1, 1.0),
+    ]
+    assert abs(rows[0]["tflops"] - 2 * 10 * 20 * 30 / 6.0 / 1e6) < 1e-15
+    assert abs(rows[1]["tflops"] - 2 * 2 * 64 * 128 * 32 / 4.0 / 1e6) < 1e-15
+    assert rows[2]["tflops"] is None
