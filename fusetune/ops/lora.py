@@ -214,10 +214,10 @@ _UNREAD = _UnreadOutputs()
 @contextlib.contextmanager
 def outputs_unread() -> Iterator[list]:
     """Within this context ``lora_glu_mlp`` builds its autograd node but does not compute its
-    output's values: the down projection (the MLP's last and largest matmul) is skipped and the
-    output is uninitialised memory; with row tiles the whole forward is skipped, since backward
-    recomputes every tile from x anyway. Gradients are unaffected, because the MLP's backward
-    reads only what it saved, never its output.
+    output's values: the down projection (the MLP's last and largest matmul) and h = act(e) * g
+    are skipped (backward makes h's tiles anyway) and the output is uninitialised memory; with
+    row tiles the whole forward is skipped, since backward recomputes every tile from x anyway.
+    Gradients are unaffected, because the MLP's backward reads only what it saved, never its output.
 
     A checkpoint's recompute needs a layer's graph, not its output: its outputs' values are only
     thrown away. But an op between the MLP and the layer's output that saves its input for
@@ -439,24 +439,20 @@ def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str)
 
 
 def _down_forward(
-    e: torch.Tensor, g: torch.Tensor, down: _Group, activation: str, compute_output: bool, tiled: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``down(act(e) * g)`` (only when ``compute_output``: a recompute whose output goes unread
-    needs just the product) and the (T, r) LoRA-A product of its input. ``tiled``: h is made one
-    row tile at a time, for a forward that records a graph (a recompute, or training without
-    checkpoints), where e and g stay saved and gradients may be around; a forward without a graph
-    makes h in one piece."""
+    e: torch.Tensor, g: torch.Tensor, down: _Group, activation: str, tiled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``down(act(e) * g)`` and the (T, r) LoRA-A product of its input. ``tiled``: h is made one
+    row tile at a time, for a forward that records a graph (training without checkpoints), where
+    e and g stay saved and gradients may be around; a forward without a graph makes h in one
+    piece."""
     outs, products = [], []
     for rows in _row_tiles(e.shape[0]) if tiled else [slice(None)]:
         h = _hidden_tile(e, g, rows, activation)
-        if compute_output:
-            (y,), xa = _project(h, down)
-            outs.append(y)
-        else:
-            xa = _lora_product(h, down)
+        (y,), xa = _project(h, down)
+        outs.append(y)
         products.append(xa)
         del h
-    return (_cat_rows(outs) if compute_output else None), _cat_rows(products)
+    return _cat_rows(outs), _cat_rows(products)
 
 
 def _cat_rows(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -468,20 +464,27 @@ def _down_backward(
     down: _Group, activation: str, want_dh: bool, want_a: bool, want_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Down's dA and dB and, when ``want_dh``, the GLU's backward: e and g are overwritten in
-    place with de and dg. h (for dA, first: it reads e and g) and dh are made one row tile at a
-    time; dA is summed over the tiles by cuBLAS in the compute dtype (float32 arithmetic, one
-    rounding per tile). A large 4-bit down weight is dequantised a slice of its input columns at
-    a time, each giving those columns of dh, de and dg."""
+    place with de and dg. h (for dA, and for dB when forward did not save its LoRA-A product
+    ``xa_down``: a recompute that skipped down) and dh are made one row tile at a time, h before
+    dh (it reads e and g); dA and such a dB are summed over the tiles by cuBLAS in the compute
+    dtype (float32 arithmetic, one rounding per tile). A large 4-bit down weight is dequantised a
+    slice of its input columns at a time, each giving those columns of dh, de and dg."""
     (p,) = down.projections
     dxa = None  # scale * dY @ B, (T, r)
     if p.a is not None and (want_dh or want_a):
         dxa = _scaled_mm(grad, down.b[0], p.scale)
-    db = _scaled_mm(grad.t(), xa_down, p.scale).to(p.b.dtype) if want_b else None
+    db = _scaled_mm(grad.t(), xa_down, p.scale) if want_b and xa_down is not None else None
+    tiled_db = want_b and xa_down is None
     da = None
-    if want_a:
+    if want_a or tiled_db:
         for rows in _row_tiles(e.shape[0]):
             h = _hidden_tile(e, g, rows, activation)
-            da = torch.mm(dxa[rows].t(), h) if da is None else da.addmm_(dxa[rows].t(), h)
+            if want_a:
+                da = torch.mm(dxa[rows].t(), h) if da is None else da.addmm_(dxa[rows].t(), h)
+            if tiled_db:
+                xa = _lora_product(h, down)
+                db = (_scaled_mm(grad[rows].t(), xa, p.scale) if db is None
+                      else db.addmm_(grad[rows].t(), xa, alpha=p.scale))
             del h
     if want_dh:
         for cols in dense_slices([p.weight], 1, down.dtype):
@@ -495,7 +498,7 @@ def _down_backward(
                 glu_backward_into(e_tile, g_tile, dh, e_tile, g_tile, activation)
                 del dh
             del weight
-    return (None if da is None else da.to(p.a.dtype)), db
+    return (None if da is None else da.to(p.a.dtype)), (None if db is None else db.to(p.b.dtype))
 
 
 class _LoraGluMLP(torch.autograd.Function):
@@ -512,8 +515,9 @@ class _LoraGluMLP(torch.autograd.Function):
             gate_up, down = _group((gate, up), dtype), _group((down,), dtype)
             (e, g), xa_gate_up = _project(rows, gate_up)
             y = xa_down = None
-            if not unread or want_b[2]:  # values nobody reads (outputs_unread): down is skipped
-                y, xa_down = _down_forward(e, g, down, activation, not unread, tiled=records)
+            if not unread:  # values nobody reads (outputs_unread): down is skipped, and its
+                # LoRA-A product, for dB, is made in backward from the h tiles it makes anyway
+                y, xa_down = _down_forward(e, g, down, activation, tiled=records)
             if y is None:
                 y = rows.new_empty(rows.shape[0], _weight_shape(down.projections[0].weight)[0])
         ctx.save_for_backward(

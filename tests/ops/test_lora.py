@@ -228,9 +228,8 @@ def hidden_tile_rows(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("activation", list(ACTIVATIONS64))
-def test_lora_glu_mlp(activation, setting, hidden_tile_rows):
+def mlp_case(setting: str) -> tuple[torch.Tensor, list[LoraWeights]]:
+    """37 rows of x and gate, up, down projections with LoRA of different ranks and scales."""
     dtype = SETTINGS[setting][0]
     gen = torch.Generator().manual_seed(3)
     projections = [
@@ -239,8 +238,42 @@ def test_lora_glu_mlp(activation, setting, hidden_tile_rows):
         projection(gen, 40, INTER, 4, dtype, scale=1.5),
     ]
     x = torch.randn(37, HIDDEN, generator=gen).to(checks.DEVICE, dtype).requires_grad_()
+    return x, projections
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("activation", list(ACTIVATIONS64))
+def test_lora_glu_mlp(activation, setting, hidden_tile_rows):
+    x, projections = mlp_case(setting)
     fused = check_mlp(x, projections, activation, setting, f"{activation} {setting}")
-    assert len(fused[1]) == 7 and fused[1][0].dtype == dtype
+    assert len(fused[1]) == 7 and fused[1][0].dtype == SETTINGS[setting][0]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_unread_output_keeps_every_gradient(setting, hidden_tile_rows):
+    """Under ``outputs_unread`` (a checkpoint's recompute) down and h are skipped and down's LoRA-A
+    product is made in backward from its h tiles: every gradient still matches the reference and
+    float64 maths (the output is left uncomputed, so it is not compared)."""
+    x, projections = mlp_case(setting)
+    grad_outs = grads_for([(37, 40)], setting, 8)
+    cast = partial(autocast_for, setting)
+
+    def unread(x, ps):
+        with lora_module.outputs_unread() as skipped:
+            out = lora_glu_mlp(x, *ps, "silu")
+        assert skipped == [out.grad_fn]
+        return [out]
+
+    _, grads = run(unread, x, projections, grad_outs, cast)
+    _, ref_grads = run(lambda x, ps: [lora_glu_mlp_reference(x, *ps, "silu")], x, projections, grad_outs,
+                       cast)
+    x64, p64 = as_float64(x, projections)
+    _, grads64 = run(lambda x, ps: mlp64(x, ps, "silu"), x64, p64, grad_outs)
+    dtype = compute_dtype(setting)
+    assert len(grads) == len(ref_grads) == 7
+    for i, (grad, ref, exact) in enumerate(zip(grads, ref_grads, grads64, strict=True)):
+        checks.assert_matches_reference(grad, ref, dtype, f"unread {setting} grad{i}")
+        checks.assert_close_to_float64(grad, exact, dtype, f"unread {setting} grad{i}")
 
 
 def test_non_contiguous_input_and_partial_grads(hidden_tile_rows):
