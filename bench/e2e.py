@@ -28,9 +28,8 @@ timed by wall clock between CUDA synchronisations. Systems:
   cases unless ``--keep-folders``), their ``get_peft_model`` with the same LoRA settings and
   ``use_gradient_checkpointing="unsloth"``; 4-bit through ``load_in_4bit=True``.
 - ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``
-  (which keeps each layer's attention output for the recompute, and every third layer's MLP up
-  projection output; with ``--recompute-attention`` no attention is kept and the records say
-  ``"keep_attention": false``; ``--keep-mlp-every N|none`` sets the other, recorded when not 3);
+  (which keeps each layer's attention output for the recompute; with ``--recompute-attention`` it
+  does not, and the records say ``"keep_attention": false``);
   ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``);
   ``fusetune-graph`` is ``fusetune`` with each step's forward and backward replayed as a CUDA graph
   (``fusetune.CapturedStep``, captured on the first batch; its records say ``"graph": true``).
@@ -111,7 +110,6 @@ PACKAGES = {"hf": "peft", "liger": "liger-kernel", "unsloth": "unsloth"}  # each
 MIN_WORKER_S = 60  # with less of --budget left, a case is recorded as not run
 GIB = 2**30
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none")
-KEEP_MLP_EVERY = 3  # enable_checkpointing's default
 CONTEXT = (4096, 262144, 1024)  # --max-context's default start, ceiling and resolution (1/64 when tiny)
 MEMORY_FIELDS = ("device_total_gib", "host_total_gib", "host_peak_gib")  # every record's; see memory_fields
 
@@ -126,7 +124,6 @@ class Case:
     system: str
     tokens: int | None = None
     recompute_attention: bool = False  # fusetune: enable_checkpointing(keep_attention=False)
-    keep_mlp_every: int | None = KEEP_MLP_EVERY  # fusetune: enable_checkpointing(keep_mlp_every=...)
 
     @property
     def model(self) -> str:
@@ -163,8 +160,6 @@ class Case:
             config["graph"] = True
         if self.recompute_attention and self.system.startswith("fusetune"):
             config["keep_attention"] = False
-        if self.keep_mlp_every != KEEP_MLP_EVERY and self.system.startswith("fusetune"):
-            config["keep_mlp_every"] = self.keep_mlp_every
         if tiny:
             config["tiny"] = True
         return config
@@ -238,7 +233,7 @@ def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype
 
         fusetune.apply(peft_model)
         enable_checkpointing(peft_model, offload=case.system != "fusetune-nooffload",
-                             keep_attention=not case.recompute_attention, keep_mlp_every=case.keep_mlp_every)
+                             keep_attention=not case.recompute_attention)
     return peft_model
 
 
@@ -407,8 +402,7 @@ def graph_memory(step, static: int | None, cuda: bool) -> dict:
 
 def worker(args: argparse.Namespace) -> int:
     """Run one case and print its records as one ``E2E-RESULT`` line (errors included)."""
-    case = Case(args.config, args.variant, args.system, args.tokens, args.recompute_attention,
-                args.keep_mlp_every)
+    case = Case(args.config, args.variant, args.system, args.tokens, args.recompute_attention)
     try:
         if case.system == "unsloth":
             import unsloth  # noqa: F401  (first: it patches transformers and peft as it is imported)
@@ -465,7 +459,6 @@ def run_case(case: Case, args: argparse.Namespace, timeout: float, folder: Path 
     argv += ["--tokens", str(case.tokens)] if case.tokens else []
     argv += ["--oom-above", str(args.oom_above)] if args.oom_above is not None else []
     argv += ["--recompute-attention"] if case.recompute_attention else []
-    argv += ["--keep-mlp-every", str(case.keep_mlp_every).lower()]
     status, text = run_process(argv, args.logs / f"{case.slug}.log", timeout)
     lines = [line for line in text.splitlines() if not line.startswith(RESULT)]
     results = [line for line in text.splitlines() if line.startswith(RESULT)]
@@ -508,8 +501,6 @@ def summary(records: list[dict]) -> str:
         label += " (no offload)"
     if config.get("keep_attention") is False:
         label += " (attention recomputed)"
-    if "keep_mlp_every" in config:
-        label += f" (keep_mlp_every {config['keep_mlp_every']})"
     if all(row["value"] is None for row in records):
         return f"  {label}: FAILED: {first['error']}"
 
@@ -704,13 +695,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.max_context:  # the model's first configuration stands for it
             for variant in args.variants:
                 for system in args.systems:
-                    row = max_context(Case(configs[0], variant, system, None, args.recompute_attention,
-                                           args.keep_mlp_every), args, left, saved)
+                    row = max_context(Case(configs[0], variant, system, None, args.recompute_attention), args,
+                                      left, saved)
                     append(args.out, [row])
                     print(context_summary(row), flush=True)
         else:
-            run_cases([Case(config, variant, system, None, args.recompute_attention, args.keep_mlp_every)
-                       for config in configs
+            run_cases([Case(config, variant, system, None, args.recompute_attention) for config in configs
                        for variant in args.variants for system in args.systems], args, left, saved)
         saved.remove()
     print(f"done in {time.monotonic() - start:.0f} s", flush=True)
@@ -754,10 +744,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recompute-attention", action="store_true",
                         help='fusetune systems recompute attention in backward (enable_checkpointing\'s '
                              'keep_attention=False); their records say "keep_attention": false')
-    parser.add_argument("--keep-mlp-every", type=lambda text: None if text == "none" else int(text),
-                        default=KEEP_MLP_EVERY,
-                        help="fusetune systems: enable_checkpointing's keep_mlp_every (an int, or none); "
-                             f"records say it when not {KEEP_MLP_EVERY}")
     parser.add_argument("--worker", action="store_true", help="run one case in this process")
     parser.add_argument("--config", choices=[*e2e_models.CONFIGS, *e2e_models.MIXED])
     parser.add_argument("--tokens", type=int, help="worker: this many tokens instead of the config's")

@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fusetune import kept
 from fusetune.ops._launch import as_rows, check_float, use_triton
 from fusetune.ops.glu import (
     ACTIVATIONS,
@@ -279,23 +278,16 @@ def _lora_product(rows: torch.Tensor, group: _Group) -> torch.Tensor | None:
     return None if group.stacked_a is None else torch.mm(rows, group.stacked_a.t())
 
 
-def _project(
-    rows: torch.Tensor, group: _Group, given: Sequence[torch.Tensor | None] | None = None
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _project(rows: torch.Tensor, group: _Group) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every projection's output (T, out_i) and the stacked LoRA-A product.
 
-    ``given``: outputs already at hand (a recompute's kept ones, ``fusetune.kept``), returned as
-    they are instead of computed; None entries are computed. A large 4-bit base weight is
-    dequantised a slice of its rows at a time (``dense_slices``), each slice's matmul writing its
-    columns of the output; any other weight is one piece.
+    A large 4-bit base weight is dequantised a slice of its rows at a time (``dense_slices``),
+    each slice's matmul writing its columns of the output; any other weight is one piece.
     """
     dtype = group.dtype
     xa = _lora_product(rows, group)
     outs = []
-    for i, (p, lora_b, cols) in enumerate(zip(group.projections, group.b, group.slices, strict=True)):
-        if given is not None and given[i] is not None:
-            outs.append(given[i])
-            continue
+    for p, lora_b, cols in zip(group.projections, group.b, group.slices, strict=True):
         bias = None if p.bias is None else p.bias.to(dtype)
         out_slices = dense_slices([p.weight], 0, dtype)
         y = _output_start(rows, xa, p, lora_b, cols, bias, whole=len(out_slices) == 1)
@@ -509,26 +501,6 @@ def _down_backward(
     return (None if da is None else da.to(p.a.dtype)), (None if db is None else db.to(p.b.dtype))
 
 
-KEPT_UP = "mlp_up"  # what the fused MLP offers a checkpoint's recompute (fusetune.kept)
-
-
-def _kept_up(rows: torch.Tensor, up: LoraWeights, records: bool) -> torch.Tensor | None:
-    """In a recompute, the up projection's output its forward kept (then the up matmul is skipped),
-    else None."""
-    reused = kept.take(KEPT_UP) if records else None
-    if reused is None:
-        return None
-    g = reused[0]
-    expected = (rows.shape[0], _weight_shape(up.weight)[0])
-    if tuple(g.shape) != expected or g.dtype != rows.dtype:
-        raise RuntimeError(
-            f"fusetune.lora_glu_mlp: the recompute's up projection is {rows.dtype} {expected}, the one "
-            f"its forward kept {g.dtype} {tuple(g.shape)}; turn keeping off with "
-            "enable_checkpointing(model, keep_mlp_every=None) and report this."
-        )
-    return g
-
-
 class _LoraGluMLP(torch.autograd.Function):
     """Saves x, e and g; backward overwrites e and g with their gradients, so it can run once
     per graph (a second backward with ``retain_graph=True`` is refused)."""
@@ -541,9 +513,7 @@ class _LoraGluMLP(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
             gate_up, down = _group((gate, up), dtype), _group((down,), dtype)
-            (e, g), xa_gate_up = _project(rows, gate_up, (None, _kept_up(rows, up, records)))
-            if not records:  # a checkpointed layer's forward may keep g for its recompute
-                kept.offer(KEPT_UP, g)
+            (e, g), xa_gate_up = _project(rows, gate_up)
             y = xa_down = None
             if not unread:  # values nobody reads (outputs_unread): down is skipped, and its
                 # LoRA-A product, for dB, is made in backward from the h tiles it makes anyway

@@ -1,12 +1,11 @@
-"""fusetune.kept: an offloaded checkpoint keeps each causal SDPA output (fusetune.kept_attention)
-and, in chosen layers, the fused MLP's up projection output from forward, so the recompute runs no
-attention forward and no up matmul there, and the gradients stay those of an uncheckpointed model.
+"""fusetune.kept_attention: an offloaded checkpoint keeps each causal SDPA output from forward, so
+the recompute runs no attention forward, and the gradients stay those of an uncheckpointed model.
 
-Models are tiny random-weight transformers models with LoRA, float32 on CPU (the kept attention
-calls torch's CPU flash kernel there and cuDNN's on CUDA), compared with an uncheckpointed deep copy
-and with plain recompute (``keep_attention=False``, ``keep_mlp_every=None``). The attention calls
-are counted by wrapping the kernel entry points the two paths use: ``F.scaled_dot_product_attention``
-(transformers' SDPA function, so the original path) and ``kept_attention._forward`` (the kept path).
+Models are tiny random-weight transformers models with LoRA, float32 on CPU (the kept path calls
+torch's CPU flash kernel there and cuDNN's on CUDA), compared with an uncheckpointed deep copy and
+with plain recompute (``keep_attention=False``). The attention calls are counted by wrapping the
+kernel entry points the two paths use: ``F.scaled_dot_product_attention`` (transformers' SDPA
+function, so the original path) and ``kept_attention._forward`` (the kept path).
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusetune
 from fusetune import kept_attention
 from fusetune.checkpointing import enable_checkpointing
-from fusetune.ops import lora as lora_ops
 from tests.patch.models import batch, tiny_model
-from tests.test_checkpointing import _interpreted_kernels, assert_matches, lora, step
+from tests.test_checkpointing import assert_matches, lora, step
 
 
 class Calls:
@@ -147,52 +144,3 @@ def test_cuda_bf16_kept_attention_matches_plain_recompute(monkeypatch):
         if mine.requires_grad:
             error = (mine.grad.float() - other.grad.float()).norm() / other.grad.float().norm()
             assert error < 2e-2, f"{name}: relative error {error:.2e}"
-
-
-# --------------------------------------------------------------------------------------------
-# The fused MLP's up projection (needs the Triton glu kernels: interpreted on CPU, or CUDA)
-# --------------------------------------------------------------------------------------------
-def _count_up_matmuls(monkeypatch, model) -> dict:
-    """Fused MLP ``_project`` calls on gate and up: how many computed up, and how many were given it."""
-    counts = {"computed": 0, "given": 0}
-    original = lora_ops._project
-    ups = {id(m.base_layer.weight) for name, m in model.named_modules()
-           if name.endswith("up_proj") and hasattr(m, "base_layer")}
-
-    def counting(rows, group, given=None):
-        if len(group.projections) == 2 and id(group.projections[1].weight) in ups:
-            counts["given" if given is not None and given[1] is not None else "computed"] += 1
-        return original(rows, group, given)
-
-    monkeypatch.setattr(lora_ops, "_project", counting)
-    return counts
-
-
-@pytest.mark.parametrize(("every", "kept_layers"), [(1, 3), (2, 1), (None, 0)])
-def test_kept_up_projection_skips_its_matmul_in_chosen_layers(monkeypatch, every, kept_layers):
-    """Three layers: every layer, the second only, or none keep up's output; each keeping layer's
-    recompute is given it instead of computing it, and the gradients equal the uncheckpointed
-    model's over two steps (the second reuses the host buffers)."""
-    device = _interpreted_kernels(monkeypatch)
-    model = lora(tiny_model("llama", num_hidden_layers=3)).to(device)
-    fusetune.apply(model)
-    reference = copy.deepcopy(model)
-    enable_checkpointing(model, keep_mlp_every=every)
-    counts = _count_up_matmuls(monkeypatch, model)
-    inputs = {k: v.to(device) for k, v in batch(length=7).items()}
-    for _ in range(2):
-        counts.update(computed=0, given=0)
-        assert_matches(model, reference, inputs)
-        # Forward computes up in every layer; the recompute only where nothing was kept.
-        assert counts == {"computed": 3 + 3 - kept_layers, "given": kept_layers}
-    store = model.base_model.model.model.layers[0]._gradient_checkpointing_func.store
-    # A layer input and an attention output per layer, plus each kept up output.
-    (pool,) = store._pools.values()
-    assert len(pool.free) == 3 * 2 + kept_layers
-
-
-def test_keep_mlp_every_must_be_positive():
-    model = lora(tiny_model("llama"))
-    for bad in (0, -2, 1.5):
-        with pytest.raises(ValueError, match="keep_mlp_every"):
-            enable_checkpointing(model, keep_mlp_every=bad)
