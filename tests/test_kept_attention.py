@@ -1,12 +1,11 @@
-"""fusetune.kept: an offloaded checkpoint keeps each causal SDPA output (fusetune.kept_attention)
-and the fused LoRA projections' outputs from forward, so the recompute runs no attention forward and
-no projection matmuls, and the gradients stay those of an uncheckpointed model.
+"""fusetune.kept_attention: an offloaded checkpoint keeps each causal SDPA output from forward, so
+the recompute runs no attention forward, and the gradients stay those of an uncheckpointed model.
 
-Models are tiny random-weight transformers models with LoRA, float32 on CPU (the kept attention
-calls torch's CPU flash kernel there and cuDNN's on CUDA), compared with an uncheckpointed deep copy
-and with plain recompute (``keep_attention=False``, ``keep_projections=False``). The attention calls
-are counted by wrapping the kernel entry points the two paths use: ``F.scaled_dot_product_attention``
-(transformers' SDPA function, so the original path) and ``kept_attention._forward`` (the kept path).
+Models are tiny random-weight transformers models with LoRA, float32 on CPU (the kept path calls
+torch's CPU flash kernel there and cuDNN's on CUDA), compared with an uncheckpointed deep copy and
+with plain recompute (``keep_attention=False``). The attention calls are counted by wrapping the
+kernel entry points the two paths use: ``F.scaled_dot_product_attention`` (transformers' SDPA
+function, so the original path) and ``kept_attention._forward`` (the kept path).
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusetune
 from fusetune import kept_attention
 from fusetune.checkpointing import enable_checkpointing
-from fusetune.ops import lora as lora_ops
 from tests.patch.models import batch, tiny_model
-from tests.test_checkpointing import _interpreted_kernels, assert_matches, lora, step
+from tests.test_checkpointing import assert_matches, lora, step
 
 
 class Calls:
@@ -147,68 +144,3 @@ def test_cuda_bf16_kept_attention_matches_plain_recompute(monkeypatch):
         if mine.requires_grad:
             error = (mine.grad.float() - other.grad.float()).norm() / other.grad.float().norm()
             assert error < 2e-2, f"{name}: relative error {error:.2e}"
-
-
-# --------------------------------------------------------------------------------------------
-# The fused LoRA projections (fusetune.apply; the glu kernels: interpreted on CPU, or CUDA)
-# --------------------------------------------------------------------------------------------
-def _count_projections(monkeypatch, model) -> dict:
-    """``_project`` calls of attention's projections (q, k, v together, and o): computed, or given
-    kept outputs (the fused MLP's calls are not counted)."""
-    counts = {"computed": 0, "given": 0}
-    original = lora_ops._project
-    attention = {id(m.base_layer.weight) for name, m in model.named_modules()
-                 if name.endswith(("q_proj", "o_proj")) and hasattr(m, "base_layer")}
-
-    def counting(rows, group, given=None):
-        if id(group.projections[0].weight) in attention:
-            counts["given" if given is not None else "computed"] += 1
-        return original(rows, group, given)
-
-    monkeypatch.setattr(lora_ops, "_project", counting)
-    return counts
-
-
-def _fused_llama(device: str):
-    model = lora(tiny_model("llama", num_hidden_layers=2)).to(device)
-    fusetune.apply(model)
-    return model
-
-
-@pytest.mark.parametrize("keep", [True, False])
-def test_kept_projections_skip_their_matmuls(monkeypatch, keep):
-    """Two layers, each with a q-k-v call and an o call: the recompute is given all four calls'
-    outputs (or, with keep_projections=False, computes them), and the gradients equal the
-    uncheckpointed model's over two steps (the second reuses the host buffers)."""
-    device = _interpreted_kernels(monkeypatch)
-    model = _fused_llama(device)
-    reference = copy.deepcopy(model)
-    enable_checkpointing(model, keep_projections=keep)
-    counts = _count_projections(monkeypatch, model)
-    inputs = {k: v.to(device) for k, v in batch(length=7).items()}
-    for _ in range(2):
-        counts.update(computed=0, given=0)
-        assert_matches(model, reference, inputs)
-        assert counts == ({"computed": 4, "given": 4} if keep else {"computed": 8, "given": 0})
-
-
-def test_an_output_written_in_place_after_forward_is_computed_again(monkeypatch):
-    """A hook writes o_proj's output in place after it was offered, in the checkpoint's forward (with
-    gradients, autograd itself forbids writing a custom Function's output view), so the checkpoint
-    drops that offer (its copy may have read either value): the recompute computes o again, and
-    the gradients are still the uncheckpointed model's."""
-    device = _interpreted_kernels(monkeypatch)
-    model = _fused_llama(device)
-
-    def write_in_place(module, args, output):
-        if not torch.is_grad_enabled():
-            output.mul_(1.0)
-
-    for name, module in model.named_modules():
-        if name.endswith("o_proj"):
-            module.register_forward_hook(write_in_place)
-    reference = copy.deepcopy(model)
-    enable_checkpointing(model)
-    counts = _count_projections(monkeypatch, model)
-    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
-    assert counts == {"computed": 4 + 2, "given": 2}
