@@ -11,13 +11,14 @@ CUDA, the flash kernel on CPU) to get the output and the row log-sum-exp, hands 
 layer's offload store (it goes to host memory with the layer's input, and comes back with it, a
 layer ahead, in backward) and keeps the log-sum-exp (a float32 per row and head) on the device. In
 the recompute it runs no attention at all: an autograd node returns the kept output, and its
-backward calls the kernel's backward on the recomputed q, k and v. Gradients are those of plain
-recompute, exactly.
+backward calls the kernel's backward on the recomputed q, k and v. Gradients are plain recompute's
+(bitwise where SDPA would have picked the same kernel).
 
 Only the plain causal case is kept: no mask (SDPA's ``is_causal`` path), no dropout, no position
-bias, softcap or sinks, equal query and key lengths, bf16/fp16 on CUDA or any float on CPU. Any other
-call is run by the original function in forward and again in the recompute, as before. Outside a
-fusetune checkpoint the function is the original one.
+bias, softcap or sinks, equal query and key lengths, bf16/fp16 on CUDA (with cuDNN's SDPA enabled)
+or any float on CPU. Any other call, and any the kernel refuses (cuDNN on another GPU, say: then
+every call of that shape from then on), is run by the original function in forward and again in
+the recompute, as before. Outside a fusetune checkpoint the function is the original one.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ _KEPT_DTYPES = {"cuda": (torch.bfloat16, torch.float16),
 _CHANGES_RESULT = ("position_bias", "softcap", "s_aux")
 
 
-def keepable(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
+def _keepable(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
     """Whether this attention call is the plain causal case the kept path computes (see the module
     docstring); transformers' SDPA function would call SDPA's ``is_causal`` kernels for it."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -150,8 +151,19 @@ def keepable(module, query, key, value, attention_mask, dropout, is_causal, kwar
         and query.shape[1] % key.shape[1] == 0
         and query.dtype in _KEPT_DTYPES.get(query.device.type, ())
         and query.dtype == key.dtype == value.dtype
+        and (not query.is_cuda or torch.backends.cuda.cudnn_sdp_enabled())  # the user's choice
+        and _signature(query, key) not in _UNSUPPORTED
         and not torch.jit.is_tracing()
     )
+
+
+# Calls whose kernel refused them once (cuDNN's attention on another GPU, head size or version):
+# (device, dtype, head size, query heads, key heads). Those run the original function from then on.
+_UNSUPPORTED: set[tuple] = set()
+
+
+def _signature(query: torch.Tensor, key: torch.Tensor) -> tuple:
+    return (query.device, query.dtype, query.shape[-1], query.shape[1], key.shape[1])
 
 
 def _keeping_attention(sdpa: Callable) -> Callable:
@@ -178,10 +190,17 @@ def _keeping_attention(sdpa: Callable) -> Callable:
             return _FromKept.apply(query, key, value, output, kept), None
         if _KEEPER.sink is None:
             return original()
-        if not keepable(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+        if not _keepable(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
             _KEEPER.sink(None, None)
             return original()
-        out, lse, extras = _forward(query, key, value, scaling)
+        try:
+            out, lse, extras = _forward(query, key, value, scaling)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError):  # the kernel does not take this call: as before
+            _UNSUPPORTED.add(_signature(query, key))
+            _KEEPER.sink(None, None)
+            return original()
         output = out.transpose(1, 2).contiguous()  # transformers' layout; a view when q was one
         _KEEPER.sink(output, KeptAttention(lse, extras, scaling, output.shape))
         return output, None

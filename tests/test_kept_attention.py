@@ -144,3 +144,40 @@ def test_cuda_bf16_kept_attention_matches_plain_recompute(monkeypatch):
         if mine.requires_grad:
             error = (mine.grad.float() - other.grad.float()).norm() / other.grad.float().norm()
             assert error < 2e-2, f"{name}: relative error {error:.2e}"
+
+
+def test_a_call_the_kernel_refuses_runs_as_before_from_then_on(monkeypatch):
+    """A kernel error on the kept path (cuDNN refusing a GPU or head size) is not the user's: that
+    call, and every later one of its signature, runs transformers' function; gradients unchanged."""
+    model = lora(tiny_model("llama"))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    calls = Calls(monkeypatch)
+    refusals = []
+
+    def refuse(*args, **kwargs):
+        refusals.append(1)
+        raise RuntimeError("no execution plan for this attention")
+
+    monkeypatch.setattr(kept_attention, "_forward", refuse)
+    monkeypatch.setattr(kept_attention, "_UNSUPPORTED", set())
+    inputs = batch()
+    assert calls.of_step(model, inputs) == ({"sdpa": 2, "kept": 0}, {"sdpa": 2, "kept": 0})
+    assert len(refusals) == 1  # the second layer's call has the signature the first one's refused
+    assert_matches(model, reference, inputs)
+    assert len(refusals) == 1
+
+
+def test_out_of_memory_on_the_kept_path_is_the_users_error(monkeypatch):
+    """Running out of memory is not a refusal: it reaches the caller, and nothing is marked unsupported."""
+    model = lora(tiny_model("llama"))
+    enable_checkpointing(model)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kept_attention, "_forward", out_of_memory)
+    monkeypatch.setattr(kept_attention, "_UNSUPPORTED", set())
+    with pytest.raises(torch.OutOfMemoryError):
+        model(**batch())
+    assert not kept_attention._UNSUPPORTED

@@ -113,3 +113,18 @@ def test_saved_folder_holds_the_same_weights_and_a_tokenizer(tmp_path):
     assert all(torch.equal(tensor, reference[name]) for name, tensor in loaded.state_dict().items())
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert tokenizer.pad_token == "<|pad|>" and (tmp_path / "complete").exists()
+
+
+def test_fusetune_variants_are_recorded_and_labelled():
+    """--recompute-attention marks fusetune's records (and only fusetune's), and the report names it."""
+    import report
+
+    plain = e2e.Case("L8-4k", "bf16_lora", "fusetune-graph").record_config(tiny=False)
+    recomputed = e2e.Case("L8-4k", "bf16_lora", "fusetune-graph", recompute_attention=True)
+    config = recomputed.record_config(tiny=False)
+    assert "keep_attention" not in plain and config["keep_attention"] is False and config["graph"] is True
+    assert "keep_attention" not in e2e.Case("L8-4k", "bf16_lora", "unsloth",
+                                            recompute_attention=True).record_config(tiny=False)
+    label = report.e2e_label({"system": "fusetune", "config": config})
+    assert label == "fusetune (graph) (attention recomputed)"
+    assert report.e2e_label({"system": "fusetune", "config": plain}) == "fusetune (graph)"
