@@ -37,9 +37,8 @@ __all__ = ["KeptAttention", "install", "keeping", "reusing"]
 
 class KeptAttention(NamedTuple):
     """What backward needs of one attention call besides q, k and v: the kernel's log-sum-exp (None
-    while it is on the host with the layer's offloaded input) and its other outputs (``extras``:
-    cuDNN's sequence offsets, lengths and RNG tensors), the scale, and the output shape, to check
-    the recompute's call against."""
+    while it is on the host with the layer's offloaded input) and its other outputs (``extras``: cuDNN's sequence offsets, lengths and RNG tensors), the scale,
+    and the output shape, to check the recompute's call against."""
 
     lse: torch.Tensor | None
     extras: tuple
