@@ -306,21 +306,15 @@ class _Call:
         return tuple(out_leaves[i] for i in self.out_slots)
 
     def keep(self, output: torch.Tensor | None, kept: KeptAttention | None) -> None:
-        """Take one attention call of the layer's forward: its output and log-sum-exp go to the host,
-        beside the input (the log-sum-exp is small, but a layer's worth on the device for every layer
-        until backward is memory a VLM's target had no room for)."""
+        """Take one attention call of the layer's forward: its output to the host, beside the input."""
         if output is not None:
             self.store.add(self.entry, output)
-            self.store.add(self.entry, kept.lse)
-            kept = kept._replace(lse=None)
         self.kept.append(kept)
 
     def reuse(self, restored: list[torch.Tensor]) -> None:
-        """Pair the kept attention outputs and log-sum-exps restored with the layer's input with their
-        calls."""
-        tensors = iter(restored)
-        self.reused = [None if kept is None else (next(tensors), kept._replace(lse=next(tensors)))
-                       for kept in self.kept]
+        """Pair the kept attention outputs restored with the layer's input with their calls."""
+        outputs = iter(restored)
+        self.reused = [None if kept is None else (next(outputs), kept) for kept in self.kept]
         self.kept = []
 
     def output(self, tensors) -> object:
@@ -476,9 +470,9 @@ def enable_checkpointing(model: nn.Module, *, offload: bool = True, keep_attenti
     backward; ``offload=False`` is plain recompute. Returns the number of layers. Idempotent; calling it
     again with the other ``offload`` switches modes.
 
-    ``keep_attention`` (with ``offload``): each layer's causal SDPA output and the kernel's log-sum-exp
-    (a float32 per token and head) go to host memory beside its input, so the recompute runs no
-    attention forward (``fusetune.kept_attention``). It doubles the bytes offloaded
+    ``keep_attention`` (with ``offload``): each layer's causal SDPA output goes to host memory beside
+    its input, with the kernel's log-sum-exp kept on the device (a float32 per token and head), so the
+    recompute runs no attention forward (``fusetune.kept_attention``). It doubles the bytes offloaded
     per layer; ``False`` recomputes attention as before.
 
     Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either

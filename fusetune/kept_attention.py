@@ -7,9 +7,9 @@ about 9 ms of a 0.33 s step on an H200 (the cuDNN forward kernel, 0.28 ms a laye
 
 So, inside ``fusetune.checkpointing``'s offloading checkpoint, transformers' SDPA attention
 function is replaced by one that, in forward, calls the fused attention kernel directly (cuDNN's on
-CUDA, the flash kernel on CPU) to get the output and the row log-sum-exp (a float32 per row and
-head), and hands both to the layer's offload store: they go to host memory with the layer's input,
-and come back with it, a layer ahead, in backward. In
+CUDA, the flash kernel on CPU) to get the output and the row log-sum-exp, hands the output to the
+layer's offload store (it goes to host memory with the layer's input, and comes back with it, a
+layer ahead, in backward) and keeps the log-sum-exp (a float32 per row and head) on the device. In
 the recompute it runs no attention at all: an autograd node returns the kept output, and its
 backward calls the kernel's backward on the recomputed q, k and v. Gradients are plain recompute's
 (bitwise where SDPA would have picked the same kernel).
@@ -36,11 +36,11 @@ __all__ = ["KeptAttention", "install", "keeping", "reusing"]
 
 
 class KeptAttention(NamedTuple):
-    """What backward needs of one attention call besides q, k and v: the kernel's log-sum-exp (None
-    while it is on the host with the layer's offloaded input) and its other outputs (``extras``: cuDNN's sequence offsets, lengths and RNG tensors), the scale,
+    """What backward needs of one attention call besides q, k and v: the kernel's log-sum-exp and
+    its other outputs (``extras``: cuDNN's sequence offsets, lengths and RNG tensors), the scale,
     and the output shape, to check the recompute's call against."""
 
-    lse: torch.Tensor | None
+    lse: torch.Tensor
     extras: tuple
     scale: float | None
     shape: torch.Size

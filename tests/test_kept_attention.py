@@ -69,33 +69,6 @@ def test_kept_attention_matches_and_skips_the_recompute_attention(monkeypatch, a
     assert_matches(model, recomputed, inputs)
 
 
-def test_the_log_sum_exp_waits_on_the_host_with_the_output(monkeypatch):
-    """Between forward and backward nothing of the kept call stays on the device: each kernel's
-    output and log-sum-exp are handed to the layer's offload store, and backward gets them back."""
-    from fusetune.checkpointing import _OffloadStore
-
-    model = lora(tiny_model("llama"))
-    reference = copy.deepcopy(model)
-    enable_checkpointing(model)
-    made, offloaded = [], []
-    forward, add = kept_attention._forward, _OffloadStore.add
-
-    def recorded_forward(*args, **kwargs):
-        out, lse, extras = forward(*args, **kwargs)
-        made.append(lse)
-        return out, lse, extras
-
-    def recorded_add(self, entry, tensor):
-        offloaded.append(tensor)
-        return add(self, entry, tensor)
-
-    monkeypatch.setattr(kept_attention, "_forward", recorded_forward)
-    monkeypatch.setattr(_OffloadStore, "add", recorded_add)
-    assert_matches(model, reference, batch())
-    assert len(made) == 2
-    assert all(any(lse is t for t in offloaded) for lse in made)
-
-
 def test_a_mask_or_a_window_is_run_again_and_the_calls_stay_paired(monkeypatch):
     """Gemma 3's sliding-window layer gets a mask (12 tokens, window 8), so only its full-attention
     layer is kept: the recompute must pair each call with its own forward's."""
