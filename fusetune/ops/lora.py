@@ -15,7 +15,7 @@ small kernels per layer and autograd saves every intermediate. Here one autograd
   the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g, which
   lives only until the down projection has read it (one row tile at a time when forward records
   a graph: e and g are then kept, and h would be a third buffer of their size). Backward goes
-  over row tiles of 2,048 rows: per tile it recomputes h only when down's A needs its gradient,
+  over row tiles of about 32 MiB: per tile it recomputes h only when down's A needs its gradient,
   makes the tile's dh, and the glu backward kernel writes de and dg over e and g in place. So
   the only (T, intermediate) buffers of a training step are e and g, plus one (tile,
   intermediate) slice at a time; no float32 copies of activations. Because backward overwrites
@@ -419,16 +419,27 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, *_adapter_grads(da, db)
 
 
-# Rows of h = act(e) * g and of its gradient dh made at once by a forward that records a graph
-# and by backward: with e and g saved, a whole (T, intermediate) h or dh would be a third buffer
-# of that size. Tiles stay large (2,048 rows: each costs a handful of kernel launches, and at
-# 4,096 tokens the step is partly bound by host time).
-_HIDDEN_TILE_ROWS = 2048
+# Bytes of one tile of h = act(e) * g or of its gradient dh, made by a forward that records a graph
+# and by backward: with e and g saved, a whole (T, intermediate) h or dh would be a third buffer of
+# that size. A tile is live at the step's memory peak (the MLP backward of the last layers, with
+# most adapter gradients made), so it counts against the memory target; each tile also costs a
+# handful of kernel launches, which matter where the host limits an eager step. 32 MiB: four tiles
+# of 1,024 rows at Llama-3 8B's 4,096 tokens (two of 2,048 before: 28 MiB more at the peak).
+_HIDDEN_TILE_BYTES = 32 * 2**20
+# Tiles longer than this are whole multiples of it (full blocks for the matmuls over the tiles).
+_TILE_ROW_MULTIPLE = 64
 
 
-def _row_tiles(n_rows: int) -> list[slice]:
-    """The row slices of the tiles; at least one, so no rows take the same path."""
-    return [slice(start, start + _HIDDEN_TILE_ROWS) for start in range(0, max(n_rows, 1), _HIDDEN_TILE_ROWS)]
+def _row_tiles(rows: torch.Tensor) -> list[slice]:
+    """Row slices of equal size (the last may be shorter) covering ``rows`` (e or g, (T, width)),
+    each of about ``_HIDDEN_TILE_BYTES``; at least one, so no rows take another path."""
+    n_rows = rows.shape[0]
+    per_tile = max(1, _HIDDEN_TILE_BYTES // max(rows.shape[1] * rows.element_size(), 1))
+    count = max(1, -(-n_rows // per_tile))
+    size = max(1, -(-n_rows // count))
+    if size > _TILE_ROW_MULTIPLE:
+        size = -(-size // _TILE_ROW_MULTIPLE) * _TILE_ROW_MULTIPLE
+    return [slice(start, start + size) for start in range(0, max(n_rows, 1), size)]
 
 
 def _hidden_tile(e: torch.Tensor, g: torch.Tensor, rows: slice, activation: str) -> torch.Tensor:
@@ -446,7 +457,7 @@ def _down_forward(
     e and g stay saved and gradients may be around; a forward without a graph makes h in one
     piece."""
     outs, products = [], []
-    for rows in _row_tiles(e.shape[0]) if tiled else [slice(None)]:
+    for rows in _row_tiles(e) if tiled else [slice(None)]:
         h = _hidden_tile(e, g, rows, activation)
         (y,), xa = _project(h, down)
         outs.append(y)
@@ -477,7 +488,7 @@ def _down_backward(
     tiled_db = want_b and xa_down is None
     da = None
     if want_a or tiled_db:
-        for rows in _row_tiles(e.shape[0]):
+        for rows in _row_tiles(e):
             h = _hidden_tile(e, g, rows, activation)
             if want_a:
                 da = torch.mm(dxa[rows].t(), h) if da is None else da.addmm_(dxa[rows].t(), h)
@@ -489,7 +500,7 @@ def _down_backward(
     if want_dh:
         for cols in dense_slices([p.weight], 1, down.dtype):
             weight = dense_weight(p.weight, down.dtype, cols=cols)  # one copy for every tile
-            for rows in _row_tiles(e.shape[0]):
+            for rows in _row_tiles(e):
                 if dxa is None:
                     dh = torch.mm(grad[rows], weight)
                 else:

@@ -219,13 +219,36 @@ def test_lora_linear_with_frozen_bias(setting):
     check_linear(x, projections, setting, f"bias {setting}")
 
 
-@pytest.fixture(params=[None, 8], ids=["one_tile", "tiles_of_8"])
+@pytest.fixture(params=[None, 8], ids=["one_tile", "small_tiles"])
 def hidden_tile_rows(request, monkeypatch):
-    """The fused MLP's row tiles for h and dh: the default (one tile here) or 8 rows, so that
-    37 rows make four full tiles and a short one."""
+    """The fused MLP's row tiles for h and dh: the default (one tile here) or tiles of 8 rows of
+    bf16 (4 of float32), so that 37 rows make full tiles and a short one."""
     if request.param is not None:
-        monkeypatch.setattr(lora_module, "_HIDDEN_TILE_ROWS", request.param)
+        monkeypatch.setattr(lora_module, "_HIDDEN_TILE_BYTES", request.param * INTER * 2)
     return request.param
+
+
+@pytest.mark.parametrize("rows, width, dtype", [(4096, 14336, torch.bfloat16), (4096, 18944, torch.bfloat16),
+                                                (16384, 14336, torch.bfloat16), (4096, 14336, torch.float32),
+                                                (37, 96, torch.float32), (1, 14336, torch.bfloat16),
+                                                (0, 64, torch.bfloat16)])
+def test_row_tiles_cover_every_row_once_within_the_byte_budget(rows, width, dtype):
+    e = torch.empty(rows, width, dtype=dtype, device="meta")
+    tiles = lora_module._row_tiles(e)
+    covered = [i for tile in tiles for i in range(rows)[tile]]
+    assert covered == list(range(rows))
+    sizes = [len(range(rows)[tile]) for tile in tiles]
+    assert len(set(sizes[:-1])) <= 1 and sizes[-1] <= sizes[0]  # equal tiles, the last may be short
+    row_bytes = width * e.element_size()
+    budget_rows = max(1, lora_module._HIDDEN_TILE_BYTES // row_bytes)
+    # Within the budget, but for rounding up to whole 64-row blocks; no more tiles than needed.
+    assert sizes[0] <= max(budget_rows, 1) + lora_module._TILE_ROW_MULTIPLE - 1
+    fewest = -(-rows // (budget_rows + lora_module._TILE_ROW_MULTIPLE))
+    assert fewest <= len(tiles) <= max(1, -(-rows // budget_rows))
+    if sizes[0] > lora_module._TILE_ROW_MULTIPLE:
+        assert sizes[0] % lora_module._TILE_ROW_MULTIPLE == 0
+    if (rows, width, dtype) == (4096, 14336, torch.bfloat16):  # Llama-3 8B at 4,096 tokens
+        assert sizes == [1024] * 4
 
 
 def mlp_case(setting: str) -> tuple[torch.Tensor, list[LoraWeights]]:
@@ -459,7 +482,7 @@ def test_mlp_backward_makes_no_full_size_buffer(monkeypatch, unread):
     a time when it records a graph, whether it computes the output or a checkpoint's recompute
     leaves it unread; backward makes h and dh by tiles and writes de and dg over e and g. Without
     a graph, forward makes h in one piece."""
-    monkeypatch.setattr(lora_module, "_HIDDEN_TILE_ROWS", 8)
+    monkeypatch.setattr(lora_module, "_HIDDEN_TILE_BYTES", 8 * INTER * 4)  # 8 float32 rows
     gen = torch.Generator().manual_seed(14)
     projections = [projection(gen, INTER, HIDDEN, 4, torch.float32) for _ in range(2)]
     projections.append(projection(gen, HIDDEN, INTER, 4, torch.float32))
