@@ -55,6 +55,25 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def memory_order(x: torch.Tensor) -> list[int] | None:
+    """A permutation of ``x``'s dims, the last kept last, under which ``x`` is contiguous, when ``x``
+    is not contiguous itself but is a permuted view of dense memory with a contiguous last dim
+    (attention's (B, H, T, D) view of a (B, T, H, D) projection); None otherwise.
+
+    A row-wise op can then read and write such a tensor's rows in place, in memory order, where
+    :func:`as_rows` would copy it (and an op that saves its input for backward would keep the copy).
+    """
+    if x.dim() < 3 or x.stride(-1) != 1 or x.is_contiguous():
+        return None
+    order = [*sorted(range(x.dim() - 1), key=x.stride, reverse=True), x.dim() - 1]
+    return order if x.permute(order).is_contiguous() else None
+
+
+def inverse_order(order: list[int]) -> list[int]:
+    """The permutation that undoes ``order`` (``t.permute(order).permute(inverse_order(order))`` is t)."""
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (rows, last dim) with unit stride along the last dim.
 

@@ -21,6 +21,8 @@ from fusetune.ops._launch import (
     cdiv,
     check_float,
     check_row_width,
+    inverse_order,
+    memory_order,
     partial_buffer,
     persistent_programs,
     sum_partials,
@@ -130,6 +132,11 @@ if triton is not None:
             tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=mask)
 
 
+def _in_order(t: torch.Tensor | None, order: list[int] | None) -> torch.Tensor | None:
+    """``t``, computed in memory order (``memory_order``), as a view in the caller's dim order."""
+    return t if t is None or order is None else t.permute(inverse_order(order))
+
+
 def _rms_output_dtype(x: torch.Tensor, weight: torch.Tensor | None, gemma: bool) -> torch.dtype:
     return x.dtype if weight is None or gemma else torch.result_type(weight, x)
 
@@ -139,6 +146,12 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps, offset, gemma):
+        # A permuted view (mllama's q and k norms run on (B, H, T, D) views) is normalised in memory
+        # order, not copied; the outputs get x's layout, as eager elementwise maths would give them.
+        ctx.order = memory_order(x)
+        if ctx.order is not None:
+            x = x.permute(ctx.order)
+            residual = None if residual is None else residual.permute(ctx.order)
         rows = as_rows(x)
         n_rows, n_cols = rows.shape
         block = block_for(n_cols)
@@ -160,6 +173,7 @@ class _RMSNorm(torch.autograd.Function):
         ctx.save_for_backward(normalised, weight, rstd)
         ctx.shape, ctx.offset, ctx.gemma = x.shape, offset, gemma
         ctx.has_residual = residual is not None
+        y, summed = _in_order(y, ctx.order), _in_order(summed, ctx.order)
         return y if summed is None else (y, summed)
 
     @staticmethod
@@ -167,6 +181,9 @@ class _RMSNorm(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = h.shape
         block = block_for(n_cols)
+        if ctx.order is not None:  # the rows in forward's order
+            dy = dy.permute(ctx.order)
+            dsum = None if dsum is None else dsum.permute(ctx.order)
         dy_rows = as_rows(dy)
         ds_rows = None if dsum is None else as_rows(dsum)
         dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
@@ -182,6 +199,7 @@ class _RMSNorm(torch.autograd.Function):
             COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
+        dx = _in_order(dx, ctx.order)
         # x and residual enter the normalised sum alike, so they get the same gradient.
         dres = dx if ctx.has_residual else None
         return dx, dres, dw, None, None, None

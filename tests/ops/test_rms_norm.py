@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from fusetune.ops._launch import MAX_FUSED_ROW
+from fusetune.ops._launch import MAX_FUSED_ROW, inverse_order, memory_order
 from fusetune.ops.rms_norm import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -109,6 +109,31 @@ def test_rms_norm_non_contiguous(gen, dtype, layout):
     x = layout(x.detach()).requires_grad_()
     check_op(rms_norm, rms_norm_reference, (x, weight), dtype, gen, layout=layout, cast="gemma",
              offset=1.0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_attention_head_views_are_normalised_in_place_of_a_copy(gen, dtype):
+    """mllama's q_norm gets q as a (B, H, T, D) view of the projection's (B, T, H, D) output: its rows
+    are read where they lie (what backward saves is x's memory, not a copy) and the output has x's
+    layout, as eager maths gives it; gradients arriving in another layout are still right."""
+    projected = randn(gen, (2, 7, 3, 37), dtype)  # (B, T, H, D)
+    x = projected.transpose(1, 2).detach().requires_grad_()  # (B, H, T, D), not contiguous
+    weight = randn(gen, 37, dtype, scale=0.5).requires_grad_()
+    outs = check_op(rms_norm, rms_norm_reference, (x, weight), dtype, gen, cast="llama")
+    assert outs[0].stride() == x.stride()
+    saved_input = rms_norm(x, weight).grad_fn.saved_tensors[0]
+    assert saved_input.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+def test_memory_order_finds_the_permutation_of_a_dense_view():
+    base = torch.empty(2, 7, 3, 5)
+    assert memory_order(base) is None  # contiguous already
+    assert memory_order(base[:, :, :, :4]) is None  # rows with gaps: not dense
+    assert memory_order(base.transpose(-1, -2)) is None  # the last dim is not the contiguous one
+    for view in (base.transpose(1, 2), base.permute(2, 0, 1, 3), base.permute(1, 2, 0, 3)):
+        order = memory_order(view)
+        assert order[-1] == 3 and view.permute(order).is_contiguous()
+        assert torch.equal(view.permute(order).permute(inverse_order(order)), view)
 
 
 @pytest.mark.parametrize("cast", ["llama", "gemma"])
