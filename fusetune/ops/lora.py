@@ -15,7 +15,7 @@ small kernels per layer and autograd saves every intermediate. Here one autograd
   the gate and up outputs e and g and the (T, r) LoRA-A products, never h = act(e) * g, which
   lives only until the down projection has read it (one row tile at a time when forward records
   a graph: e and g are then kept, and h would be a third buffer of their size). Backward goes
-  over row tiles of about 32 MiB: per tile it recomputes h only when down's A needs its gradient,
+  over row tiles of about 48 MiB: per tile it recomputes h only when down's A needs its gradient,
   makes the tile's dh, and the glu backward kernel writes de and dg over e and g in place. So
   the only (T, intermediate) buffers of a training step are e and g, plus one (tile,
   intermediate) slice at a time; no float32 copies of activations. Because backward overwrites
@@ -423,9 +423,9 @@ class _LoraLinear(torch.autograd.Function):
 # and by backward: with e and g saved, a whole (T, intermediate) h or dh would be a third buffer of
 # that size. A tile is live at the step's memory peak (the MLP backward of the last layers, with
 # most adapter gradients made), so it counts against the memory target; each tile also costs a
-# handful of kernel launches, which matter where the host limits an eager step. 32 MiB: four tiles
-# of 1,024 rows at Llama-3 8B's 4,096 tokens (two of 2,048 before: 28 MiB more at the peak).
-_HIDDEN_TILE_BYTES = 32 * 2**20
+# handful of kernel launches, which matter where the host limits an eager step. 48 MiB: three tiles
+# of up to 1,408 rows at Llama-3 8B's 4,096 tokens.
+_HIDDEN_TILE_BYTES = 48 * 2**20
 # Tiles longer than this are whole multiples of it (full blocks for the matmuls over the tiles).
 _TILE_ROW_MULTIPLE = 64
 
