@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fusetune.ops._launch import as_rows, check_float, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, use_triton
 from fusetune.ops.glu import (
     ACTIVATIONS,
     geglu_reference,
@@ -435,10 +435,10 @@ def _row_tiles(rows: torch.Tensor) -> list[slice]:
     each of about ``_HIDDEN_TILE_BYTES``; at least one, so no rows take another path."""
     n_rows = rows.shape[0]
     per_tile = max(1, _HIDDEN_TILE_BYTES // max(rows.shape[1] * rows.element_size(), 1))
-    count = max(1, -(-n_rows // per_tile))
-    size = max(1, -(-n_rows // count))
+    count = max(1, cdiv(n_rows, per_tile))
+    size = max(1, cdiv(n_rows, count))
     if size > _TILE_ROW_MULTIPLE:
-        size = -(-size // _TILE_ROW_MULTIPLE) * _TILE_ROW_MULTIPLE
+        size = cdiv(size, _TILE_ROW_MULTIPLE) * _TILE_ROW_MULTIPLE
     return [slice(start, start + size) for start in range(0, max(n_rows, 1), size)]
 
 
