@@ -130,7 +130,8 @@ def e2e_label(row: dict) -> str:
     config = row["config"]
     return (row["system"] + (" (no offload)" if config.get("offload") is False else "")
             + (" (graph)" if config.get("graph") else "")
-            + (" (attention recomputed)" if config.get("keep_attention") is False else ""))
+            + (" (attention recomputed)" if config.get("keep_attention") is False else "")
+            + (" (projections recomputed)" if config.get("keep_projections") is False else ""))
 
 
 def e2e_where(config: dict) -> str:

@@ -36,7 +36,8 @@ How it sits with the rest of the stack:
   after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
 - With offloading, each layer's causal SDPA attention output goes to the host beside its input and
   the recompute runs no attention forward (``fusetune.kept_attention``; ``keep_attention=False``
-  turns it off).
+  turns it off), and so do the fused LoRA projections' outputs (q, k, v and o), whose matmuls the
+  recompute then skips (``keep_projections``). See ``fusetune.kept``.
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -55,10 +56,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-from fusetune.kept_attention import KeptAttention, keeping, reusing
-from fusetune.kept_attention import install as install_kept_attention
+from fusetune import kept_attention
+from fusetune.kept import keeping, reusing
 from fusetune.ops._launch import capturing
-from fusetune.ops.lora import outputs_unread
+from fusetune.ops.lora import KEPT_PROJECTIONS, outputs_unread
 
 try:  # FSDP2's sharded parameters
     from torch.distributed.tensor import DTensor
@@ -142,6 +143,7 @@ class _OffloadStore:
         pool = self.pool(tensor.device)
         entry = _Offloaded(tensor.device, self._last)
         entry.release = weakref.finalize(entry, pool.give_all, entry.buffers)
+        self._join_held()  # the layer before's copies: long done by now
         self.add(entry, tensor)
         self._last = weakref.ref(entry)
         return entry
@@ -153,7 +155,6 @@ class _OffloadStore:
         entry.buffers.append(buffer)
         host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         if tensor.is_cuda:
-            self._join_held()
             stream = self._stream(tensor.device)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(stream):
@@ -169,8 +170,13 @@ class _OffloadStore:
         Eagerly the allocator is told so (``record_stream``). While a CUDA graph is captured the
         allocator would then keep the block from any reuse until the capture ends, so every layer's
         input would stay in the graph's memory (3.55 GiB above the weights at L8 4k, 12 GiB at 16k,
-        measured). There the store holds the tensor instead, until the next save or restore makes
-        the compute stream wait for the copy (a layer later: long done) and lets it go.
+        measured). There the store holds the tensor instead, until the next layer's save (or a
+        restore) makes the compute stream wait for the copy (a layer later: long done) and lets it
+        go. Only those wait: were each :meth:`add` to wait too, a layer's compute would stall on its
+        own copies still in flight (its attention output's, when it offers its o projection's
+        output a few hundred microseconds later), and keeping more than the input would cost more
+        time than it saves (L8 4k captured: 11,680 tokens/s keeping q, k, v and o with a wait at
+        every add, 12,781 with this, 12,186 recomputing them; bench/RESULTS.md).
         """
         if capturing():
             self._held.append((tensor, stream.record_event()))
@@ -277,11 +283,15 @@ class _Call:
         self.store = store
         self.offload_at = offload_at  # index into the tensor slots of the one kept on the host
         self.entry: _Offloaded | None = None
-        # Attention kept from forward for the recompute (fusetune.kept_attention): one item per
-        # attention call, None for a call run again; outputs go to the host with the layer's input.
-        self.keeps_attention = owner.keep_attention and offload_at is not None
-        self.kept: list[KeptAttention | None] = []
-        self.reused: list | None = None  # (output, kept) or None per call, during backward
+        # Tensors the layer's forward offers its recompute (fusetune.kept), by kind, the ones kept
+        # going to the host with the layer's input: [kind, state, tensors sent, still valid] per
+        # offer; ``watched`` holds each sent tensor and its version until the forward ends.
+        self.keeps = {kind for kind, wanted in ((kept_attention.KIND, owner.keep_attention),
+                                                (KEPT_PROJECTIONS, owner.keep_projections)) if wanted}
+        self.keeps = self.keeps if offload_at is not None else set()
+        self.offers: list[list] = []
+        self.watched: list[tuple[int, torch.Tensor, int]] = []
+        self.reused: dict[str, list] | None = None  # per kind, (tensors, state) or None per offer
         self.params = params  # gradients returned for these; None: accumulated by the recompute
         self.device_type = leaves[self.slots[0]].device.type if self.slots else "cpu"
         self.cpu_rng = torch.get_rng_state()
@@ -305,17 +315,31 @@ class _Call:
         self.out_constants = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
         return tuple(out_leaves[i] for i in self.out_slots)
 
-    def keep(self, output: torch.Tensor | None, kept: KeptAttention | None) -> None:
-        """Take one attention call of the layer's forward: its output to the host, beside the input."""
-        if output is not None:
-            self.store.add(self.entry, output)
-        self.kept.append(kept)
+    def keep(self, kind: str, tensors: tuple[torch.Tensor, ...] | None, state: object) -> None:
+        """Take one offer (of a kind this layer keeps) of the layer's forward: its tensors go to the
+        host, beside the input; an offer of None is counted (as a call to compute again)."""
+        sent = tensors or ()
+        for tensor in sent:
+            self.store.add(self.entry, tensor)
+            self.watched.append((len(self.offers), tensor, tensor._version))
+        self.offers.append([kind, state, len(sent), bool(sent)])
+
+    def forget_changed(self) -> None:
+        """At the end of the layer's forward: an offer whose tensor was since written in place (the
+        copy may have read either value) is computed again in the recompute."""
+        for index, tensor, version in self.watched:
+            if tensor._version != version:
+                self.offers[index][3] = False
+        self.watched = []
 
     def reuse(self, restored: list[torch.Tensor]) -> None:
-        """Pair the kept attention outputs restored with the layer's input with their calls."""
-        outputs = iter(restored)
-        self.reused = [None if kept is None else (next(outputs), kept) for kept in self.kept]
-        self.kept = []
+        """Pair the kept tensors restored with the layer's input with their offers, for the recompute."""
+        tensors = iter(restored)
+        self.reused = {}
+        for kind, state, count, valid in self.offers:
+            taken = tuple(next(tensors) for _ in range(count))
+            self.reused.setdefault(kind, []).append((taken, state) if valid else None)
+        self.offers = []
 
     def output(self, tensors) -> object:
         """The layer's output structure around the checkpoint's output tensors."""
@@ -373,8 +397,9 @@ class _Checkpoint(torch.autograd.Function):
             call.entry = call.store.save(tensors[call.offload_at])
         ctx.save_for_backward(*(t for i, t in enumerate(tensors) if i != call.offload_at))
         ctx.call, ctx.n_anchors = call, n_anchors
-        with keeping(call.keep) if call.keeps_attention else contextlib.nullcontext():
+        with keeping(call.keep, call.keeps) if call.keeps else contextlib.nullcontext():
             outputs = call.run(tensors)
+        call.forget_changed()
         ctx.mark_non_differentiable(*(t for t in outputs if not t.is_floating_point()))
         return outputs
 
@@ -419,12 +444,14 @@ class _Checkpoint(torch.autograd.Function):
 class _LayerCheckpoint:
     """The ``_gradient_checkpointing_func`` fusetune installs on one layer."""
 
-    def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple, keep_attention: bool):
+    def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple):
         self._layer = weakref.ref(layer)
         self.store = store
         self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
-        self.keep_attention = keep_attention  # fusetune.kept_attention, when offloading
+        # What the layer's forward keeps for its recompute when offloading (fusetune.kept).
+        self.keep_attention = False
+        self.keep_projections = False
 
     @property
     def offload(self) -> bool:
@@ -462,7 +489,9 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(model: nn.Module, *, offload: bool = True, keep_attention: bool = True) -> int:
+def enable_checkpointing(
+    model: nn.Module, *, offload: bool = True, keep_attention: bool = True, keep_projections: bool = True
+) -> int:
     """Turn on activation checkpointing for every transformers ``GradientCheckpointingLayer`` in ``model``
     (decoder layers of the LM and of vision towers; works on a PEFT wrapper too), with fusetune's
     checkpoint function: with ``offload=True`` each layer's input hidden states are kept in pinned CPU
@@ -474,6 +503,13 @@ def enable_checkpointing(model: nn.Module, *, offload: bool = True, keep_attenti
     its input, with the kernel's log-sum-exp kept on the device (a float32 per token and head), so the
     recompute runs no attention forward (``fusetune.kept_attention``). It doubles the bytes offloaded
     per layer; ``False`` recomputes attention as before.
+
+    ``keep_projections`` (with ``offload``): the outputs of the fused LoRA projections
+    (``fusetune.ops.lora.lora_linear``: attention's q, k, v and o) go to the host too, and the
+    recompute skips their matmuls. At Llama-3 8B's size that is 2.5x a layer input (144 MiB a layer
+    at 4,096 tokens with the attention output), which an H200's host link carries within the
+    layer's forward; on a slower link, or where memory for the one layer prefetched ahead in
+    backward is short, ``False`` recomputes them as before.
 
     Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either
     ``find_unused_parameters`` works; under FSDP2 shard per decoder layer.
@@ -487,19 +523,18 @@ def enable_checkpointing(model: nn.Module, *, offload: bool = True, keep_attenti
             "pass a transformers model (or its PEFT wrapper) whose decoder layers derive from it."
         )
     if offload and keep_attention:
-        install_kept_attention()
+        kept_attention.install()
     store = _OffloadStore() if offload else None  # shared by the layers: prefetch follows their order
     for layer in layers:
         current = layer.__dict__.get("_gradient_checkpointing_func")
-        if isinstance(current, _LayerCheckpoint):
-            if current.offload == offload:
-                current.keep_attention = keep_attention
-                layer.gradient_checkpointing = True
-                continue
-            previous = current.previous
+        if isinstance(current, _LayerCheckpoint) and current.offload == offload:
+            checkpoint = current
         else:
-            previous = (current, layer.__dict__.get("gradient_checkpointing"))
-        layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous, keep_attention)
+            previous = current.previous if isinstance(current, _LayerCheckpoint) else (
+                current, layer.__dict__.get("gradient_checkpointing"))
+            checkpoint = layer._gradient_checkpointing_func = _LayerCheckpoint(layer, store, previous)
+        checkpoint.keep_attention = keep_attention
+        checkpoint.keep_projections = keep_projections
         layer.gradient_checkpointing = True
     return len(layers)
 

@@ -7,12 +7,12 @@ about 9 ms of a 0.33 s step on an H200 (the cuDNN forward kernel, 0.28 ms a laye
 
 So, inside ``fusetune.checkpointing``'s offloading checkpoint, transformers' SDPA attention
 function is replaced by one that, in forward, calls the fused attention kernel directly (cuDNN's on
-CUDA, the flash kernel on CPU) to get the output and the row log-sum-exp, hands the output to the
-layer's offload store (it goes to host memory with the layer's input, and comes back with it, a
-layer ahead, in backward) and keeps the log-sum-exp (a float32 per row and head) on the device. In
-the recompute it runs no attention at all: an autograd node returns the kept output, and its
-backward calls the kernel's backward on the recomputed q, k and v. Gradients are plain recompute's
-(bitwise where SDPA would have picked the same kernel).
+CUDA, the flash kernel on CPU) to get the output and the row log-sum-exp, and offers both to the
+checkpoint (``fusetune.kept``: the output goes to host memory with the layer's input, and comes back
+with it, a layer ahead, in backward; the log-sum-exp, a float32 per row and head, stays on the
+device). In the recompute it runs no attention at all: an autograd node returns the kept output, and its
+backward calls the kernel's backward on the recomputed q, k and v. Gradients are those of plain
+recompute, exactly.
 
 Only the plain causal case is kept: no mask (SDPA's ``is_causal`` path), no dropout, no position
 bias, softcap or sinks, equal query and key lengths, bf16/fp16 on CUDA (with cuDNN's SDPA enabled)
@@ -23,16 +23,18 @@ the recompute, as before. Outside a fusetune checkpoint the function is the orig
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["KeptAttention", "install", "keeping", "reusing"]
+from fusetune import kept as keeper
+
+__all__ = ["KIND", "KeptAttention", "install"]
+
+KIND = "attention"  # what this module offers and takes (fusetune.kept)
 
 
 class KeptAttention(NamedTuple):
@@ -44,41 +46,6 @@ class KeptAttention(NamedTuple):
     extras: tuple
     scale: float | None
     shape: torch.Size
-
-
-class _Keeper(threading.local):
-    """This thread's active checkpoint, if any. ``sink(output, kept)`` takes each attention call of
-    a layer's forward (``(None, None)`` for a call that is not kept); ``source`` yields, call by
-    call in the same order, ``(output, kept)`` for the recompute, or None for a call to run again."""
-
-    sink: Callable | None = None
-    source: Iterator | None = None
-
-
-_KEEPER = _Keeper()
-
-
-@contextlib.contextmanager
-def keeping(sink: Callable[[torch.Tensor | None, KeptAttention | None], None]):
-    """Within the block (a checkpointed layer's forward) attention calls are offered to ``sink``."""
-    previous = _KEEPER.sink, _KEEPER.source
-    _KEEPER.sink, _KEEPER.source = sink, None
-    try:
-        yield
-    finally:
-        _KEEPER.sink, _KEEPER.source = previous
-
-
-@contextlib.contextmanager
-def reusing(kept: list):
-    """Within the block (a layer's recompute) attention calls take, in order, the ``(output,
-    kept)`` pairs of ``kept`` (None: run this call again)."""
-    previous = _KEEPER.sink, _KEEPER.source
-    _KEEPER.sink, _KEEPER.source = None, iter(kept)
-    try:
-        yield
-    finally:
-        _KEEPER.sink, _KEEPER.source = previous
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,11 +143,11 @@ def _keeping_attention(sdpa: Callable) -> Callable:
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)
 
-        if _KEEPER.source is not None:  # a recompute
-            reused = next(_KEEPER.source, None)
+        if keeper.recomputing():
+            reused = keeper.take(KIND)
             if reused is None:
                 return original()
-            output, kept = reused
+            (output,), kept = reused
             if kept.shape != (query.shape[0], query.shape[2], query.shape[1], value.shape[-1]):
                 raise RuntimeError(
                     f"fusetune: a layer's recompute called attention with other shapes than its forward "
@@ -188,10 +155,10 @@ def _keeping_attention(sdpa: Callable) -> Callable:
                     "attention with enable_checkpointing(model, keep_attention=False) and report this."
                 )
             return _FromKept.apply(query, key, value, output, kept), None
-        if _KEEPER.sink is None:
+        if not keeper.offering(KIND):
             return original()
         if not _keepable(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-            _KEEPER.sink(None, None)
+            keeper.offer(KIND, None)
             return original()
         try:
             out, lse, extras = _forward(query, key, value, scaling)
@@ -199,10 +166,10 @@ def _keeping_attention(sdpa: Callable) -> Callable:
             raise
         except (RuntimeError, NotImplementedError):  # the kernel does not take this call: as before
             _UNSUPPORTED.add(_signature(query, key))
-            _KEEPER.sink(None, None)
+            keeper.offer(KIND, None)
             return original()
         output = out.transpose(1, 2).contiguous()  # transformers' layout; a view when q was one
-        _KEEPER.sink(output, KeptAttention(lse, extras, scaling, output.shape))
+        keeper.offer(KIND, (output,), KeptAttention(lse, extras, scaling, output.shape))
         return output, None
 
     attention.fusetune_keeps = True

@@ -275,3 +275,28 @@ def test_captured_step_memory_stays_near_the_eager_steps():
     eager_added = torch.cuda.max_memory_allocated() - start
     step = fusetune.CapturedStep(model, functools.partial(_forward, model), inputs)
     assert step.pool_bytes() < 1.5 * eager_added, (step.pool_bytes(), eager_added)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_under_capture_a_layers_copies_are_joined_at_the_next_layers_save():
+    """While a graph is captured, a layer's further tensors (kept attention and projection outputs)
+    go to the host without the compute stream waiting for its earlier copies still in flight; the
+    next layer's save waits for them all and lets them go. The replay copies the values."""
+    from fusetune.checkpointing import _OffloadStore
+
+    store = _OffloadStore()
+    first, second, third = (torch.full((1024, 1024), float(i), device="cuda") for i in range(3))
+    warm = store.save(first)  # fills the pool with three buffers: a capture may not pin host memory
+    store.add(warm, second)
+    store.restore(store.save(third))
+    store.restore(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        entry = store.save(first)
+        store.add(entry, second)
+        assert [id(held) for held, _ in store._held] == [id(first), id(second)]
+        following = store.save(third)
+        assert [id(held) for held, _ in store._held] == [id(third)]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert [host.flatten()[0].item() for host in entry.hosts + following.hosts] == [0.0, 1.0, 2.0]

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from fusetune import kept
 from fusetune.ops._launch import as_rows, cdiv, check_float, use_triton
 from fusetune.ops.glu import (
     ACTIVATIONS,
@@ -278,14 +279,20 @@ def _lora_product(rows: torch.Tensor, group: _Group) -> torch.Tensor | None:
     return None if group.stacked_a is None else torch.mm(rows, group.stacked_a.t())
 
 
-def _project(rows: torch.Tensor, group: _Group) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _project(
+    rows: torch.Tensor, group: _Group, given: Sequence[torch.Tensor] | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every projection's output (T, out_i) and the stacked LoRA-A product.
 
-    A large 4-bit base weight is dequantised a slice of its rows at a time (``dense_slices``),
-    each slice's matmul writing its columns of the output; any other weight is one piece.
+    ``given``: the outputs, already at hand (a recompute's kept ones, ``fusetune.kept``): only the
+    LoRA-A product is computed. A large 4-bit base weight is dequantised a slice of its rows at a
+    time (``dense_slices``), each slice's matmul writing its columns of the output; any other
+    weight is one piece.
     """
     dtype = group.dtype
     xa = _lora_product(rows, group)
+    if given is not None:
+        return list(given), xa
     outs = []
     for p, lora_b, cols in zip(group.projections, group.b, group.slices, strict=True):
         bias = None if p.bias is None else p.bias.to(dtype)
@@ -393,6 +400,33 @@ def _adapter_grads(da: list, db: list) -> list:
 _FIRST_ADAPTER = 2
 
 
+KEPT_PROJECTIONS = "projections"  # what lora_linear offers a checkpoint's recompute (fusetune.kept)
+
+
+def _kept_outputs(rows: torch.Tensor, group: _Group) -> list[torch.Tensor] | None:
+    """In a recompute, the outputs this call's forward kept (its matmuls are then skipped), else None.
+
+    A forward call that made more outputs than this one is a q-k-v group's first call in a
+    cross-attention (``fusetune.patch.lora.ProjectionGroup``): it computed all three on the
+    queries' input before the group noticed the keys' input differs and split. Its recompute
+    counterpart is the query alone; it computes again.
+    """
+    reused = kept.take(KEPT_PROJECTIONS)
+    if reused is None:
+        return None
+    outs, _ = reused
+    if len(outs) != len(group.projections):
+        return None
+    expected = [(rows.shape[0], _weight_shape(p.weight)[0]) for p in group.projections]
+    if [tuple(y.shape) for y in outs] != expected or any(y.dtype != group.dtype for y in outs):
+        raise RuntimeError(
+            f"fusetune.lora_linear: the recompute's outputs are {group.dtype} {expected}, the ones its "
+            f"forward kept {[(y.dtype, tuple(y.shape)) for y in outs]}; turn keeping off with "
+            "enable_checkpointing(model, keep_projections=False) and report this."
+        )
+    return list(outs)
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, *adapters):
@@ -402,7 +436,10 @@ class _LoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
             group = _group(projections, dtype)
-            outs, xa = _project(rows, group)
+            given = _kept_outputs(rows, group)
+            outs, xa = _project(rows, group, given)
+            if given is None:  # a checkpointed layer's forward may keep them for its recompute
+                kept.offer(KEPT_PROJECTIONS, tuple(outs))
         ctx.save_for_backward(rows if any(want_a) else None, xa if any(want_b) else None)
         ctx.group, ctx.x_meta, ctx.wants = group, (x.shape, x.dtype), (want[0], want_a, want_b)
         return tuple(y.view(*x.shape[:-1], y.shape[1]) for y in outs)

@@ -1,11 +1,12 @@
-"""fusetune.kept_attention: an offloaded checkpoint keeps each causal SDPA output from forward, so
-the recompute runs no attention forward, and the gradients stay those of an uncheckpointed model.
+"""fusetune.kept: an offloaded checkpoint keeps each causal SDPA output (fusetune.kept_attention)
+and the fused LoRA projections' outputs from forward, so the recompute runs no attention forward and
+no projection matmuls, and the gradients stay those of an uncheckpointed model.
 
-Models are tiny random-weight transformers models with LoRA, float32 on CPU (the kept path calls
-torch's CPU flash kernel there and cuDNN's on CUDA), compared with an uncheckpointed deep copy and
-with plain recompute (``keep_attention=False``). The attention calls are counted by wrapping the
-kernel entry points the two paths use: ``F.scaled_dot_product_attention`` (transformers' SDPA
-function, so the original path) and ``kept_attention._forward`` (the kept path).
+Models are tiny random-weight transformers models with LoRA, float32 on CPU (the kept attention
+calls torch's CPU flash kernel there and cuDNN's on CUDA), compared with an uncheckpointed deep copy
+and with plain recompute (``keep_attention=False``, ``keep_projections=False``). The attention calls
+are counted by wrapping the kernel entry points the two paths use: ``F.scaled_dot_product_attention``
+(transformers' SDPA function, so the original path) and ``kept_attention._forward`` (the kept path).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusetune import kept_attention
+import fusetune
+from fusetune import kept, kept_attention
 from fusetune.checkpointing import enable_checkpointing
+from fusetune.ops import lora as lora_ops
 from tests.patch.models import batch, tiny_model
-from tests.test_checkpointing import assert_matches, lora, step
+from tests.patch.vlm_models import tiny_vlm, vlm_batch
+from tests.test_checkpointing import _interpreted_kernels, assert_matches, lora, step
 
 
 class Calls:
@@ -181,3 +185,90 @@ def test_out_of_memory_on_the_kept_path_is_the_users_error(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         model(**batch())
     assert not kept_attention._UNSUPPORTED
+
+
+# --------------------------------------------------------------------------------------------
+# The fused LoRA projections (fusetune.apply; the glu kernels: interpreted on CPU, or CUDA)
+# --------------------------------------------------------------------------------------------
+def _count_projections(monkeypatch, model) -> dict:
+    """``_project`` calls of the language model's attention projections (q, k, v together or
+    alone, and o), by phase: computed in forward, computed again in a recompute, or given kept
+    outputs there (the fused MLP's calls and other models' are not counted)."""
+    counts = {"forward": 0, "recomputed": 0, "given": 0}
+    original = lora_ops._project
+    attention = {id(m.base_layer.weight) for name, m in model.named_modules()
+                 if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(m, "base_layer")
+                 and "vision" not in name}
+
+    def counting(rows, group, given=None):
+        if id(group.projections[0].weight) in attention:
+            phase = "forward" if not kept.recomputing() else "given" if given is not None else "recomputed"
+            counts[phase] += 1
+        return original(rows, group, given)
+
+    monkeypatch.setattr(lora_ops, "_project", counting)
+    return counts
+
+
+def _fused_llama(device: str):
+    model = lora(tiny_model("llama", num_hidden_layers=2)).to(device)
+    fusetune.apply(model)
+    return model
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_kept_projections_skip_their_matmuls(monkeypatch, keep):
+    """Two layers, each with a q-k-v call and an o call: the recompute is given all four calls'
+    outputs (or, with keep_projections=False, computes them), and the gradients equal the
+    uncheckpointed model's over two steps (the second reuses the host buffers)."""
+    device = _interpreted_kernels(monkeypatch)
+    model = _fused_llama(device)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model, keep_projections=keep)
+    counts = _count_projections(monkeypatch, model)
+    inputs = {k: v.to(device) for k, v in batch(length=7).items()}
+    for _ in range(2):
+        counts.update(forward=0, recomputed=0, given=0)
+        assert_matches(model, reference, inputs)
+        assert counts == {"forward": 4, "recomputed": 0 if keep else 4, "given": 4 if keep else 0}
+
+
+def test_an_output_written_in_place_after_forward_is_computed_again(monkeypatch):
+    """A hook writes o_proj's output in place after it was offered, in the checkpoint's forward (with
+    gradients, autograd itself forbids writing a custom Function's output view), so the checkpoint
+    drops that offer (its copy may have read either value): the recompute computes o again, and
+    the gradients are still the uncheckpointed model's."""
+    device = _interpreted_kernels(monkeypatch)
+    model = _fused_llama(device)
+
+    def write_in_place(module, args, output):
+        if not torch.is_grad_enabled():
+            output.mul_(1.0)
+
+    for name, module in model.named_modules():
+        if name.endswith("o_proj"):
+            module.register_forward_hook(write_in_place)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    counts = _count_projections(monkeypatch, model)
+    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
+    assert counts == {"forward": 4, "recomputed": 2, "given": 2}
+
+
+def test_mllama_cross_attention_keeps_its_projections_once_its_group_has_split(monkeypatch):
+    """mllama's cross-attention reads keys and values from the image states: its q-k-v group's first
+    call (step one's forward) computes all three on the text, then splits. That call's recompute
+    counterpart is the query alone, which computes again; every other call's outputs are given,
+    and from the second step on all of them. Gradients equal the uncheckpointed model's."""
+    device = _interpreted_kernels(monkeypatch)
+    model = lora(tiny_vlm("mllama", attn="sdpa")).to(device)
+    fusetune.apply(model)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    counts = _count_projections(monkeypatch, model)
+    inputs = {k: v.to(device) for k, v in vlm_batch("mllama").items()}
+    for first_step in (True, False):
+        counts.update(forward=0, recomputed=0, given=0)
+        assert_matches(model, reference, inputs)
+        assert counts["forward"] > 0 and counts["given"] > 0
+        assert (counts["recomputed"] > 0) == first_step
