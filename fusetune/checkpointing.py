@@ -417,6 +417,10 @@ class _Checkpoint(torch.autograd.Function):
             saved.insert(call.offload_at, restored[0])
             call.reuse(restored[1:])
             call.entry = None
+            # From here the kept tensors live only while the recompute's graph saves them (the
+            # attention output does; a projection output that was only added to the residual
+            # does not): held here, they would stay to the layer's backward's end.
+            del restored
         inputs = [t.detach().requires_grad_(needs) for t, needs in zip(saved, call.grad_mask, strict=True)]
         outputs = call.recompute(inputs)
         call.reused = None

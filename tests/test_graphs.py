@@ -281,11 +281,12 @@ def test_captured_step_memory_stays_near_the_eager_steps():
 def test_under_capture_a_layers_copies_are_joined_at_the_next_layers_save():
     """While a graph is captured, a layer's further tensors (kept attention and projection outputs)
     go to the host without the compute stream waiting for its earlier copies still in flight; the
-    next layer's save waits for them all and lets them go. The replay copies the values."""
+    next layer's save waits for them all and lets them go. Each replay takes the tensors' values
+    out and back."""
     from fusetune.checkpointing import _OffloadStore
 
     store = _OffloadStore()
-    first, second, third = (torch.full((1024, 1024), float(i), device="cuda") for i in range(3))
+    first, second, third = (torch.empty(1024, 1024, device="cuda") for _ in range(3))
     warm = store.save(first)  # fills the pool with three buffers: a capture may not pin host memory
     store.add(warm, second)
     store.restore(store.save(third))
@@ -297,6 +298,10 @@ def test_under_capture_a_layers_copies_are_joined_at_the_next_layers_save():
         assert [id(held) for held, _ in store._held] == [id(first), id(second)]
         following = store.save(third)
         assert [id(held) for held, _ in store._held] == [id(third)]
-    graph.replay()
-    torch.cuda.synchronize()
-    assert [host.flatten()[0].item() for host in entry.hosts + following.hosts] == [0.0, 1.0, 2.0]
+        back = store.restore(following) + store.restore(entry)  # joins every copy into the capture
+    for value in (1.0, 2.0):
+        for i, tensor in enumerate((first, second, third)):
+            tensor.fill_(value + i)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert [t.flatten()[0].item() for t in back] == [value + 2, value, value + 1]

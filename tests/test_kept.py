@@ -12,6 +12,7 @@ are counted by wrapping the kernel entry points the two paths use: ``F.scaled_do
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -272,3 +273,30 @@ def test_mllama_cross_attention_keeps_its_projections_once_its_group_has_split(m
         assert_matches(model, reference, inputs)
         assert counts["forward"] > 0 and counts["given"] > 0
         assert (counts["recomputed"] > 0) == first_step
+
+
+def test_kept_tensors_are_let_go_once_the_recompute_no_longer_needs_them(monkeypatch):
+    """When the layer's backward reaches its q-k-v projections, the tensors its forward kept are
+    gone (the o projection's output, added to the residual, is not saved by anything; the attention
+    output's node has run): only the layer's input is still held, as the norm's backward needs it."""
+    from fusetune.checkpointing import _OffloadStore
+
+    device = _interpreted_kernels(monkeypatch)
+    model = _fused_llama(device)
+    enable_checkpointing(model)
+    restored = []
+    original = _OffloadStore.restore
+
+    def remembering(store, entry):
+        tensors = original(store, entry)
+        restored.append([weakref.ref(t) for t in tensors])
+        return tensors
+
+    monkeypatch.setattr(_OffloadStore, "restore", remembering)
+    alive_at_qkv = []
+    projection = next(m for name, m in model.named_modules() if name.endswith("layers.1.self_attn.q_proj"))
+    projection.lora_A["default"].weight.register_hook(  # first in the recompute's backward
+        lambda grad: alive_at_qkv.append([ref() is not None for ref in restored[0]]))
+    model(**{k: v.to(device) for k, v in batch(length=7).items()}).loss.backward()
+    # The layer's input, q, k and v (one fused group), the attention output, o's output.
+    assert alive_at_qkv[0] == [True, False, False, False, False, False]
