@@ -28,9 +28,10 @@ timed by wall clock between CUDA synchronisations. Systems:
   cases unless ``--keep-folders``), their ``get_peft_model`` with the same LoRA settings and
   ``use_gradient_checkpointing="unsloth"``; 4-bit through ``load_in_4bit=True``.
 - ``fusetune``: ``peft.get_peft_model``, ``fusetune.apply``, ``enable_checkpointing(offload=True)``
-  (which keeps each layer's attention output and attention projections' outputs for the
-  recompute; with ``--recompute-attention`` / ``--recompute-projections`` it does not, and the
-  records say ``"keep_attention": false`` / ``"keep_projections": false``);
+  (which keeps each layer's attention output for the recompute, and, in a captured step, its
+  attention projections' outputs; ``--recompute-attention`` turns the first off, the records
+  saying ``"keep_attention": false``, and ``--keep-projections always|never`` sets the second for
+  every step, the records saying ``"keep_projections": true|false``);
   ``fusetune-nooffload`` is the same with ``offload=False`` (its records say ``"offload": false``);
   ``fusetune-graph`` is ``fusetune`` with each step's forward and backward replayed as a CUDA graph
   (``fusetune.CapturedStep``, captured on the first batch; its records say ``"graph": true``).
@@ -105,6 +106,8 @@ HERE = Path(__file__).resolve().parent
 RESULT = "E2E-RESULT "
 METRICS = ("tokens_per_s", "static_gib", "peak_allocated_gib", "peak_reserved_gib", "loss", "mfu")
 SYSTEMS = ("hf", "liger", "unsloth", "fusetune", "fusetune-nooffload", "fusetune-graph")
+# --keep-projections: enable_checkpointing's keep_projections (None: kept in captured steps only).
+KEEP_PROJECTIONS = {"auto": None, "always": True, "never": False}
 VARIANTS = ("bf16_lora", "qlora")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 PACKAGES = {"hf": "peft", "liger": "liger-kernel", "unsloth": "unsloth"}  # each system's version
@@ -125,7 +128,7 @@ class Case:
     system: str
     tokens: int | None = None
     recompute_attention: bool = False  # fusetune: enable_checkpointing(keep_attention=False)
-    recompute_projections: bool = False  # fusetune: enable_checkpointing(keep_projections=False)
+    keep_projections: str = "auto"  # fusetune: enable_checkpointing's keep_projections, KEEP_PROJECTIONS
 
     @property
     def model(self) -> str:
@@ -162,8 +165,8 @@ class Case:
             config["graph"] = True
         if self.recompute_attention and self.system.startswith("fusetune"):
             config["keep_attention"] = False
-        if self.recompute_projections and self.system.startswith("fusetune"):
-            config["keep_projections"] = False
+        if KEEP_PROJECTIONS[self.keep_projections] is not None and self.system.startswith("fusetune"):
+            config["keep_projections"] = KEEP_PROJECTIONS[self.keep_projections]
         if tiny:
             config["tiny"] = True
         return config
@@ -238,7 +241,7 @@ def prepare(case: Case, model: e2e_models.Model, tokens: int, dtype: torch.dtype
         fusetune.apply(peft_model)
         enable_checkpointing(peft_model, offload=case.system != "fusetune-nooffload",
                              keep_attention=not case.recompute_attention,
-                             keep_projections=not case.recompute_projections)
+                             keep_projections=KEEP_PROJECTIONS[case.keep_projections])
     return peft_model
 
 
@@ -408,7 +411,7 @@ def graph_memory(step, static: int | None, cuda: bool) -> dict:
 def worker(args: argparse.Namespace) -> int:
     """Run one case and print its records as one ``E2E-RESULT`` line (errors included)."""
     case = Case(args.config, args.variant, args.system, args.tokens, args.recompute_attention,
-                args.recompute_projections)
+                args.keep_projections)
     try:
         if case.system == "unsloth":
             import unsloth  # noqa: F401  (first: it patches transformers and peft as it is imported)
@@ -465,7 +468,7 @@ def run_case(case: Case, args: argparse.Namespace, timeout: float, folder: Path 
     argv += ["--tokens", str(case.tokens)] if case.tokens else []
     argv += ["--oom-above", str(args.oom_above)] if args.oom_above is not None else []
     argv += ["--recompute-attention"] if case.recompute_attention else []
-    argv += ["--recompute-projections"] if case.recompute_projections else []
+    argv += ["--keep-projections", case.keep_projections]
     status, text = run_process(argv, args.logs / f"{case.slug}.log", timeout)
     lines = [line for line in text.splitlines() if not line.startswith(RESULT)]
     results = [line for line in text.splitlines() if line.startswith(RESULT)]
@@ -508,8 +511,8 @@ def summary(records: list[dict]) -> str:
         label += " (no offload)"
     if config.get("keep_attention") is False:
         label += " (attention recomputed)"
-    if config.get("keep_projections") is False:
-        label += " (projections recomputed)"
+    if "keep_projections" in config:
+        label += " (projections kept)" if config["keep_projections"] else " (projections recomputed)"
     if all(row["value"] is None for row in records):
         return f"  {label}: FAILED: {first['error']}"
 
@@ -705,12 +708,12 @@ def orchestrate(args: argparse.Namespace) -> int:
             for variant in args.variants:
                 for system in args.systems:
                     row = max_context(Case(configs[0], variant, system, None, args.recompute_attention,
-                                           args.recompute_projections), args, left, saved)
+                                           args.keep_projections), args, left, saved)
                     append(args.out, [row])
                     print(context_summary(row), flush=True)
         else:
             run_cases([Case(config, variant, system, None, args.recompute_attention,
-                            args.recompute_projections) for config in configs
+                            args.keep_projections) for config in configs
                        for variant in args.variants for system in args.systems], args, left, saved)
         saved.remove()
     print(f"done in {time.monotonic() - start:.0f} s", flush=True)
@@ -754,10 +757,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recompute-attention", action="store_true",
                         help='fusetune systems recompute attention in backward (enable_checkpointing\'s '
                              'keep_attention=False); their records say "keep_attention": false')
-    parser.add_argument("--recompute-projections", action="store_true",
-                        help="fusetune systems recompute the LoRA projections in backward "
-                             "(enable_checkpointing's keep_projections=False); their records say "
-                             '"keep_projections": false')
+    parser.add_argument("--keep-projections", choices=list(KEEP_PROJECTIONS), default="auto",
+                        help="fusetune systems keep the LoRA projections' outputs for the recompute: "
+                             "auto (enable_checkpointing's default: in captured steps), always or never "
+                             '(their records say "keep_projections": true or false)')
     parser.add_argument("--worker", action="store_true", help="run one case in this process")
     parser.add_argument("--config", choices=[*e2e_models.CONFIGS, *e2e_models.MIXED])
     parser.add_argument("--tokens", type=int, help="worker: this many tokens instead of the config's")

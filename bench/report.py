@@ -126,12 +126,14 @@ def ceilings_line(cases: dict) -> list[str]:
 
 def e2e_label(row: dict) -> str:
     """A system's name in the end-to-end table (fusetune without activation offload, with its step
-    replayed as a CUDA graph, or recomputing attention, marked)."""
+    replayed as a CUDA graph, recomputing attention, or keeping or recomputing the projections
+    against the default, marked)."""
     config = row["config"]
     return (row["system"] + (" (no offload)" if config.get("offload") is False else "")
             + (" (graph)" if config.get("graph") else "")
             + (" (attention recomputed)" if config.get("keep_attention") is False else "")
-            + (" (projections recomputed)" if config.get("keep_projections") is False else ""))
+            + {True: " (projections kept)", False: " (projections recomputed)"}.get(
+                config.get("keep_projections"), ""))
 
 
 def e2e_where(config: dict) -> str:

@@ -36,8 +36,9 @@ How it sits with the rest of the stack:
   after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
 - With offloading, each layer's causal SDPA attention output goes to the host beside its input and
   the recompute runs no attention forward (``fusetune.kept_attention``; ``keep_attention=False``
-  turns it off), and so do the fused LoRA projections' outputs (q, k, v and o), whose matmuls the
-  recompute then skips (``keep_projections``). See ``fusetune.kept``.
+  turns it off), and in a step captured as a CUDA graph so do the fused LoRA projections' outputs
+  (q, k, v and o), whose matmuls the recompute then skips (``keep_projections``). See
+  ``fusetune.kept``.
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -286,8 +287,9 @@ class _Call:
         # Tensors the layer's forward offers its recompute (fusetune.kept), by kind, the ones kept
         # going to the host with the layer's input: [kind, state, tensors sent, still valid] per
         # offer; ``watched`` holds each sent tensor and its version until the forward ends.
+        projections = owner.keep_projections if owner.keep_projections is not None else capturing()
         self.keeps = {kind for kind, wanted in ((kept_attention.KIND, owner.keep_attention),
-                                                (KEPT_PROJECTIONS, owner.keep_projections)) if wanted}
+                                                (KEPT_PROJECTIONS, projections)) if wanted}
         self.keeps = self.keeps if offload_at is not None else set()
         self.offers: list[list] = []
         self.watched: list[tuple[int, torch.Tensor, int]] = []
@@ -455,7 +457,7 @@ class _LayerCheckpoint:
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
         # What the layer's forward keeps for its recompute when offloading (fusetune.kept).
         self.keep_attention = False
-        self.keep_projections = False
+        self.keep_projections: bool | None = False  # None: while a CUDA graph is captured
 
     @property
     def offload(self) -> bool:
@@ -494,7 +496,11 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 def enable_checkpointing(
-    model: nn.Module, *, offload: bool = True, keep_attention: bool = True, keep_projections: bool = True
+    model: nn.Module,
+    *,
+    offload: bool = True,
+    keep_attention: bool = True,
+    keep_projections: bool | None = None,
 ) -> int:
     """Turn on activation checkpointing for every transformers ``GradientCheckpointingLayer`` in ``model``
     (decoder layers of the LM and of vision towers; works on a PEFT wrapper too), with fusetune's
@@ -512,8 +518,13 @@ def enable_checkpointing(
     (``fusetune.ops.lora.lora_linear``: attention's q, k, v and o) go to the host too, and the
     recompute skips their matmuls. At Llama-3 8B's size that is 2.5x a layer input (144 MiB a layer
     at 4,096 tokens with the attention output), which an H200's host link carries within the
-    layer's forward; on a slower link, or where memory for the one layer prefetched ahead in
-    backward is short, ``False`` recomputes them as before.
+    layer's forward, and one more layer of them is on the device at backward's peak (prefetched).
+    It trades GPU work for host work and link bytes, so it pays where the GPU is the limit: in a
+    step captured as a CUDA graph (``fusetune.CapturedStep``), which is what the default ``None``
+    keeps them in (L8 4k on an H200: 12,781 tokens/s against 12,186 recomputing them, one call).
+    Eager steps at these sizes wait on the host, and there keeping them did not pay (the VLM steps
+    measured slower and heavier: bench/RESULTS.md); ``True`` keeps them in every step, ``False`` in
+    none.
 
     Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either
     ``find_unused_parameters`` works; under FSDP2 shard per decoder layer.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fusetune
-from fusetune import kept, kept_attention
+from fusetune import checkpointing, kept, kept_attention
 from fusetune.checkpointing import enable_checkpointing
 from fusetune.ops import lora as lora_ops
 from tests.patch.models import batch, tiny_model
@@ -217,21 +217,25 @@ def _fused_llama(device: str):
     return model
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_kept_projections_skip_their_matmuls(monkeypatch, keep):
+@pytest.mark.parametrize(("keep", "captured"), [(True, False), (False, False), (None, False), (None, True)])
+def test_kept_projections_skip_their_matmuls(monkeypatch, keep, captured):
     """Two layers, each with a q-k-v call and an o call: the recompute is given all four calls'
-    outputs (or, with keep_projections=False, computes them), and the gradients equal the
-    uncheckpointed model's over two steps (the second reuses the host buffers)."""
+    outputs where they are kept (``keep_projections=True``, or the default while a CUDA graph is
+    captured, which a CPU stands in for by answering ``capturing()`` as told) and computes them
+    otherwise; the gradients equal the uncheckpointed model's over two steps (the second reuses
+    the host buffers)."""
     device = _interpreted_kernels(monkeypatch)
+    monkeypatch.setattr(checkpointing, "capturing", lambda: captured)
     model = _fused_llama(device)
     reference = copy.deepcopy(model)
     enable_checkpointing(model, keep_projections=keep)
     counts = _count_projections(monkeypatch, model)
     inputs = {k: v.to(device) for k, v in batch(length=7).items()}
+    kept_here = keep if keep is not None else captured
     for _ in range(2):
         counts.update(forward=0, recomputed=0, given=0)
         assert_matches(model, reference, inputs)
-        assert counts == {"forward": 4, "recomputed": 0 if keep else 4, "given": 4 if keep else 0}
+        assert counts == {"forward": 4, "recomputed": 0 if kept_here else 4, "given": 4 if kept_here else 0}
 
 
 def test_an_output_written_in_place_after_forward_is_computed_again(monkeypatch):
@@ -250,7 +254,7 @@ def test_an_output_written_in_place_after_forward_is_computed_again(monkeypatch)
         if name.endswith("o_proj"):
             module.register_forward_hook(write_in_place)
     reference = copy.deepcopy(model)
-    enable_checkpointing(model)
+    enable_checkpointing(model, keep_projections=True)
     counts = _count_projections(monkeypatch, model)
     assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
     assert counts == {"forward": 4, "recomputed": 2, "given": 2}
@@ -265,7 +269,7 @@ def test_mllama_cross_attention_keeps_its_projections_once_its_group_has_split(m
     model = lora(tiny_vlm("mllama", attn="sdpa")).to(device)
     fusetune.apply(model)
     reference = copy.deepcopy(model)
-    enable_checkpointing(model)
+    enable_checkpointing(model, keep_projections=True)
     counts = _count_projections(monkeypatch, model)
     inputs = {k: v.to(device) for k, v in vlm_batch("mllama").items()}
     for first_step in (True, False):
@@ -283,7 +287,7 @@ def test_kept_tensors_are_let_go_once_the_recompute_no_longer_needs_them(monkeyp
 
     device = _interpreted_kernels(monkeypatch)
     model = _fused_llama(device)
-    enable_checkpointing(model)
+    enable_checkpointing(model, keep_projections=True)
     restored = []
     original = _OffloadStore.restore
 

@@ -128,3 +128,19 @@ def test_fusetune_variants_are_recorded_and_labelled():
     label = report.e2e_label({"system": "fusetune", "config": config})
     assert label == "fusetune (graph) (attention recomputed)"
     assert report.e2e_label({"system": "fusetune", "config": plain}) == "fusetune (graph)"
+
+
+@pytest.mark.parametrize(("choice", "recorded", "suffix"),
+                         [("auto", None, ""), ("always", True, " (projections kept)"),
+                          ("never", False, " (projections recomputed)")])
+def test_keep_projections_choices_are_recorded_and_labelled(choice, recorded, suffix):
+    """--keep-projections auto (enable_checkpointing's default) leaves fusetune's records as they
+    were; always and never mark them, and only fusetune's, and the report names the choice."""
+    import report
+
+    config = e2e.Case("L8-4k", "bf16_lora", "fusetune", keep_projections=choice).record_config(tiny=False)
+    assert config.get("keep_projections", None) is recorded
+    assert "keep_projections" not in e2e.Case("L8-4k", "bf16_lora", "unsloth",
+                                              keep_projections=choice).record_config(tiny=False)
+    assert report.e2e_label({"system": "fusetune", "config": config}) == "fusetune" + suffix
+    assert e2e.KEEP_PROJECTIONS[choice] is recorded
