@@ -36,9 +36,9 @@ How it sits with the rest of the stack:
   after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
 - With offloading, each layer's causal SDPA attention output goes to the host beside its input and
   the recompute runs no attention forward (``fusetune.kept_attention``; ``keep_attention=False``
-  turns it off), and in a step captured as a CUDA graph so do the fused LoRA projections' outputs
-  (q, k, v and o), whose matmuls the recompute then skips (``keep_projections``). See
-  ``fusetune.kept``.
+  turns it off), and in a step captured as a CUDA graph (its warm-up included) so do the fused
+  LoRA projections' outputs (q, k, v and o), whose matmuls the recompute then skips
+  (``keep_projections``). See ``fusetune.kept``.
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -121,9 +121,14 @@ class _Offloaded:
 
 
 class _OffloadStore:
-    """Moves layer inputs to host buffers and back, on one side stream per CUDA device."""
+    """Moves layer inputs to host buffers and back, on one side stream per CUDA device.
 
-    def __init__(self):
+    ``for_capture``: the store of a step captured as a CUDA graph (:func:`private_offload_store`),
+    whose layers keep their projections by default (``enable_checkpointing``'s ``keep_projections``).
+    """
+
+    def __init__(self, for_capture: bool = False):
+        self.for_capture = for_capture
         self._pools: dict[torch.device, _HostPool] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last: weakref.ref | None = None
@@ -287,7 +292,8 @@ class _Call:
         # Tensors the layer's forward offers its recompute (fusetune.kept), by kind, the ones kept
         # going to the host with the layer's input: [kind, state, tensors sent, still valid] per
         # offer; ``watched`` holds each sent tensor and its version until the forward ends.
-        projections = owner.keep_projections if owner.keep_projections is not None else capturing()
+        by_default = store is not None and store.for_capture
+        projections = owner.keep_projections if owner.keep_projections is not None else by_default
         self.keeps = {kind for kind, wanted in ((kept_attention.KIND, owner.keep_attention),
                                                 (KEPT_PROJECTIONS, projections)) if wanted}
         self.keeps = self.keeps if offload_at is not None else set()
@@ -457,7 +463,7 @@ class _LayerCheckpoint:
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
         # What the layer's forward keeps for its recompute when offloading (fusetune.kept).
         self.keep_attention = False
-        self.keep_projections: bool | None = False  # None: while a CUDA graph is captured
+        self.keep_projections: bool | None = False  # None: in a captured step's (its store says)
 
     @property
     def offload(self) -> bool:
@@ -520,8 +526,9 @@ def enable_checkpointing(
     at 4,096 tokens with the attention output), which an H200's host link carries within the
     layer's forward, and one more layer of them is on the device at backward's peak (prefetched).
     It trades GPU work for host work and link bytes, so it pays where the GPU is the limit: in a
-    step captured as a CUDA graph (``fusetune.CapturedStep``), which is what the default ``None``
-    keeps them in (L8 4k on an H200: 12,781 tokens/s against 12,186 recomputing them, one call).
+    step captured as a CUDA graph (``fusetune.CapturedStep``), which is where the default ``None``
+    keeps them (its warm-up steps too, which fill the host pool the capture may not grow; L8 4k on
+    an H200: 12,781 tokens/s against 12,186 recomputing them, one call).
     Eager steps at these sizes wait on the host, and there keeping them did not pay (the VLM steps
     measured slower and heavier: bench/RESULTS.md); ``True`` keeps them in every step, ``False`` in
     none.
@@ -562,12 +569,13 @@ def private_offload_store(model: nn.Module):
     A captured CUDA graph (``fusetune.graphs``) copies to and from the very host buffers its capture
     used, on every replay; with the shared store those buffers would go back to its pool and be handed
     to the next eager step. Run warm-up steps and the capture inside one block: the warm-up fills the
-    private pool, so the capture itself allocates no pinned memory (which it may not).
+    private pool, so the capture itself allocates no pinned memory (which it may not). Layers keep
+    their projections in the block unless ``keep_projections=False`` (see ``enable_checkpointing``).
     """
     checkpoints = [layer.__dict__.get("_gradient_checkpointing_func") for layer in _layers(model)]
     offloading = [c for c in checkpoints if isinstance(c, _LayerCheckpoint) and c.offload]
     shared = [c.store for c in offloading]
-    store = _OffloadStore() if offloading else None
+    store = _OffloadStore(for_capture=True) if offloading else None
     for checkpoint in offloading:
         checkpoint.store = store
     try:

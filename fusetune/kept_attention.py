@@ -11,8 +11,8 @@ CUDA, the flash kernel on CPU) to get the output and the row log-sum-exp, and of
 checkpoint (``fusetune.kept``: the output goes to host memory with the layer's input, and comes back
 with it, a layer ahead, in backward; the log-sum-exp, a float32 per row and head, stays on the
 device). In the recompute it runs no attention at all: an autograd node returns the kept output, and its
-backward calls the kernel's backward on the recomputed q, k and v. Gradients are those of plain
-recompute, exactly.
+backward calls the kernel's backward on the recomputed q, k and v. Gradients are plain recompute's
+(bitwise where SDPA would have picked the same kernel).
 
 Only the plain causal case is kept: no mask (SDPA's ``is_causal`` path), no dropout, no position
 bias, softcap or sinks, equal query and key lengths, bf16/fp16 on CUDA (with cuDNN's SDPA enabled)

@@ -11,6 +11,7 @@ are counted by wrapping the kernel entry points the two paths use: ``F.scaled_do
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import fusetune
-from fusetune import checkpointing, kept, kept_attention
-from fusetune.checkpointing import enable_checkpointing
+from fusetune import kept, kept_attention
+from fusetune.checkpointing import enable_checkpointing, private_offload_store
 from fusetune.ops import lora as lora_ops
 from tests.patch.models import batch, tiny_model
 from tests.patch.vlm_models import tiny_vlm, vlm_batch
@@ -217,25 +218,27 @@ def _fused_llama(device: str):
     return model
 
 
-@pytest.mark.parametrize(("keep", "captured"), [(True, False), (False, False), (None, False), (None, True)])
+@pytest.mark.parametrize(("keep", "captured"), [(True, False), (False, False), (None, False), (None, True),
+                                              (False, True)])
 def test_kept_projections_skip_their_matmuls(monkeypatch, keep, captured):
     """Two layers, each with a q-k-v call and an o call: the recompute is given all four calls'
-    outputs where they are kept (``keep_projections=True``, or the default while a CUDA graph is
-    captured, which a CPU stands in for by answering ``capturing()`` as told) and computes them
-    otherwise; the gradients equal the uncheckpointed model's over two steps (the second reuses
-    the host buffers)."""
+    outputs where they are kept (``keep_projections=True``, or the default in a captured step's
+    offload store, which ``private_offload_store`` makes for CapturedStep's warm-up and capture)
+    and computes them otherwise; the gradients equal the uncheckpointed model's over two steps
+    (the second reuses the host buffers)."""
     device = _interpreted_kernels(monkeypatch)
-    monkeypatch.setattr(checkpointing, "capturing", lambda: captured)
     model = _fused_llama(device)
     reference = copy.deepcopy(model)
     enable_checkpointing(model, keep_projections=keep)
     counts = _count_projections(monkeypatch, model)
     inputs = {k: v.to(device) for k, v in batch(length=7).items()}
     kept_here = keep if keep is not None else captured
-    for _ in range(2):
-        counts.update(forward=0, recomputed=0, given=0)
-        assert_matches(model, reference, inputs)
-        assert counts == {"forward": 4, "recomputed": 0 if kept_here else 4, "given": 4 if kept_here else 0}
+    with private_offload_store(model) if captured else contextlib.nullcontext():
+        for _ in range(2):
+            counts.update(forward=0, recomputed=0, given=0)
+            assert_matches(model, reference, inputs)
+            assert counts == {"forward": 4, "recomputed": 0 if kept_here else 4,
+                              "given": 4 if kept_here else 0}
 
 
 def test_an_output_written_in_place_after_forward_is_computed_again(monkeypatch):
