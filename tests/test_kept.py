@@ -339,3 +339,45 @@ def test_masked_grouped_query_attention_runs_without_copies_of_keys_and_values(m
     step(model, inputs)
     # One cross-attention layer: its forward and its recompute (in full, as the first step found).
     assert calls == {"repeat_kv": 0, "grouped_with_mask": 2}
+
+
+@pytest.mark.parametrize("mask_kind", ["float", "bool", "broadcast_keys"])
+def test_masked_gqa_equals_transformers_copies(mask_kind):
+    """``_masked_gqa`` against transformers' own SDPA function (which copies keys and values to
+    every query head) on float, boolean and key-broadcast masks: the same output, and the same
+    gradients for q, k and v."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, False
+    q, k, v = (torch.randn(2, heads, length, 8, dtype=torch.float64, requires_grad=True)
+               for heads, length in ((6, 5), (2, 7), (2, 7)))
+    allowed = torch.rand(2, 1, 5, 7) < 0.6
+    allowed[..., 0] = True
+    mask = {"float": torch.zeros(2, 1, 5, 7, dtype=torch.float64).masked_fill(~allowed, -1e9),
+            "bool": allowed, "broadcast_keys": allowed[..., :1].expand(2, 1, 5, 1)}[mask_kind]
+    ours = kept_attention._masked_gqa(q, k, v, mask, 0.0, 0.3, {})
+    assert ours is not None
+    theirs = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    torch.testing.assert_close(ours[0], theirs[0])
+    grad = torch.randn_like(theirs[0])
+    expected = torch.autograd.grad(theirs[0], (q, k, v), grad)
+    for got, want in zip(torch.autograd.grad(ours[0], (q, k, v), grad), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", ["no_mask", "equal_heads", "longer_mask", "softcap"])
+def test_masked_gqa_leaves_other_calls_to_transformers(case):
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    mask = torch.zeros(1, 1, 3, 3)
+    kwargs = {}
+    if case == "no_mask":
+        mask = None
+    elif case == "equal_heads":
+        k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8)
+    elif case == "longer_mask":
+        mask = torch.zeros(1, 1, 3, 5)
+    else:
+        kwargs = {"softcap": 30.0}
+    assert kept_attention._masked_gqa(q, k, v, mask, 0.0, None, kwargs) is None
