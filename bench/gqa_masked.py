@@ -14,7 +14,7 @@ copy is 100 MiB a layer, live through the layer's backward, and it sits at the p
 and checks each against ``repeat_kv``'s output and gradients. Results: ``gqa-masked-<tag>.jsonl``;
 metrics ``time_ms`` (median of do_bench), ``peak_mib`` and ``max_error``.
 
-    python bench/gqa_masked.py --out bench/results
+    python -m bench.gqa_masked --out bench/results
 """
 
 from __future__ import annotations

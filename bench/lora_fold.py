@@ -15,7 +15,7 @@ the copy of x; ``gate_up_shared`` is gate's folded matmul reading columns [0, K 
 (T, K + 2r) buffer holding [x | s xA_gate | s xA_up] (up would read [r, K + 2r)), so that one copy
 of x serves both. Results: ``lora-fold-<tag>.jsonl``; metric ``time_ms`` (median of do_bench).
 
-    python bench/lora_fold.py --out bench/results
+    python -m bench.lora_fold --out bench/results
 """
 
 from __future__ import annotations
