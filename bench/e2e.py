@@ -100,6 +100,7 @@ import common
 import e2e_models
 import memory_peak
 import patch_gpu
+import report
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -506,13 +507,7 @@ def summary(records: list[dict]) -> str:
     first = records[0]
     config = first["config"]
     size = config.get("tokens") or config["mode"]
-    label = f"{config['model']} {size} {config['variant']} {first['system']}"
-    if config.get("offload") is False:
-        label += " (no offload)"
-    if config.get("keep_attention") is False:
-        label += " (attention recomputed)"
-    if "keep_projections" in config:
-        label += " (projections kept)" if config["keep_projections"] else " (projections recomputed)"
+    label = f"{config['model']} {size} {config['variant']} {report.e2e_label(first)}"
     if all(row["value"] is None for row in records):
         return f"  {label}: FAILED: {first['error']}"
 
