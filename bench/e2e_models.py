@@ -85,7 +85,7 @@ def models(tiny: bool) -> dict[str, Model]:
 
 
 # Benchmark configurations: name -> (model, language-model tokens).
-CONFIGS = {"L8-4k": ("L8", 4096), "L8-16k": ("L8", 16384), "L8-32k": ("L8", 32768),
+CONFIGS = {"L8-4k": ("L8", 4096), "L8-8k": ("L8", 8192), "L8-16k": ("L8", 16384), "L8-32k": ("L8", 32768),
            "Q7VL": ("Q7VL", 4096), "M11": ("M11", 4096)}
 
 

@@ -269,6 +269,15 @@ def _values_unread(outputs, skipped: list) -> bool:
                               for node, reached in reaches.items() if reached)
 
 
+# Eager layer calls of at least this many tokens keep their projections by default (enable_checkpointing).
+KEEP_PROJECTIONS_FROM = 8192
+
+
+def _tokens(hidden: torch.Tensor) -> int:
+    """Token positions in a layer's hidden states (every dimension but the last)."""
+    return hidden.numel() // hidden.shape[-1] if hidden.dim() and hidden.shape[-1] else 0
+
+
 def _autocast_modes(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
     return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
             for kind in dict.fromkeys((device_type, "cpu"))]
@@ -292,8 +301,10 @@ class _Call:
         # Tensors the layer's forward offers its recompute (fusetune.kept), by kind, the ones kept
         # going to the host with the layer's input: [kind, state, tensors sent, still valid] per
         # offer; ``watched`` holds each sent tensor and its version until the forward ends.
-        by_default = store is not None and store.for_capture
-        projections = owner.keep_projections if owner.keep_projections is not None else by_default
+        projections = owner.keep_projections
+        if projections is None:  # the default: kept where the GPU, not the host, sets the pace
+            projections = offload_at is not None and (
+                store.for_capture or _tokens(leaves[self.slots[offload_at]]) >= KEEP_PROJECTIONS_FROM)
         self.keeps = {kind for kind, wanted in ((kept_attention.KIND, owner.keep_attention),
                                                 (KEPT_PROJECTIONS, projections)) if wanted}
         self.keeps = self.keeps if offload_at is not None else set()

@@ -8,6 +8,7 @@ against eager steps of the same model on new batches, bf16 and 4-bit.
 from __future__ import annotations
 
 import functools
+import os
 
 import peft
 import pytest
@@ -146,6 +147,32 @@ def test_attention_registry_is_restored_after_capture_warm_up():
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
+@pytest.mark.parametrize("setting", ["PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", None])
+def test_capture_switches_expandable_segments_on_for_itself_only(monkeypatch, setting):
+    """The capture asks the allocator for expandable segments and switches them off again after,
+    unless the process had them on already (then it leaves the setting alone)."""
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    for name in graphs.ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    if setting:
+        monkeypatch.setenv(setting, "max_split_size_mb:512,Expandable_Segments:True")
+    with graphs._expandable_segments():
+        inside = list(calls)
+    if setting:
+        assert calls == []
+    else:
+        assert inside == ["expandable_segments:True"]
+        assert calls == ["expandable_segments:True", "expandable_segments:False"]
+
+
+def test_capture_runs_where_torch_cannot_switch_segments(monkeypatch):
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings", raising=False)
+    with graphs._expandable_segments():
+        value = torch.ones(3).sum()
+    assert value == 3
+
+
 # --------------------------------------------------------------------------------------------
 # The private offload store
 # --------------------------------------------------------------------------------------------
@@ -275,6 +302,14 @@ def test_captured_step_memory_stays_near_the_eager_steps():
     eager_added = torch.cuda.max_memory_allocated() - start
     step = fusetune.CapturedStep(model, functools.partial(_forward, model), inputs)
     assert step.pool_bytes() < 1.5 * eager_added, (step.pool_bytes(), eager_added)
+    pool = [segment for segment in torch.cuda.memory_snapshot()
+            if tuple(segment.get("segment_pool_id", ())) == tuple(step._graph.pool())]
+    assert pool and all(segment["is_expandable"] for segment in pool)
+    if not any("expandable" in os.environ.get(name, "") for name in graphs.ALLOCATOR_SETTINGS):
+        after = torch.empty(32 << 20, dtype=torch.uint8, device="cuda").data_ptr()  # outside the capture
+        segment = next(s for s in torch.cuda.memory_snapshot()
+                       if s["address"] <= after < s["address"] + s["total_size"])
+        assert not segment["is_expandable"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")

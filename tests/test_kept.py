@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fusetune
-from fusetune import kept, kept_attention
+from fusetune import checkpointing, kept, kept_attention
 from fusetune.checkpointing import enable_checkpointing, private_offload_store
 from fusetune.ops import lora as lora_ops
 from tests.patch.models import batch, tiny_model
@@ -218,21 +218,27 @@ def _fused_llama(device: str):
     return model
 
 
-@pytest.mark.parametrize(("keep", "captured"), [(True, False), (False, False), (None, False), (None, True),
-                                              (False, True)])
-def test_kept_projections_skip_their_matmuls(monkeypatch, keep, captured):
+@pytest.mark.parametrize(("keep", "captured", "from_tokens"),
+                         [(True, False, None), (False, False, None), (None, False, None), (None, True, None),
+                          (False, True, None), (None, False, 0), (None, False, 1), (False, False, 0)])
+def test_kept_projections_skip_their_matmuls(monkeypatch, keep, captured, from_tokens):
     """Two layers, each with a q-k-v call and an o call: the recompute is given all four calls'
-    outputs where they are kept (``keep_projections=True``, or the default in a captured step's
-    offload store, which ``private_offload_store`` makes for CapturedStep's warm-up and capture)
-    and computes them otherwise; the gradients equal the uncheckpointed model's over two steps
-    (the second reuses the host buffers)."""
+    outputs where they are kept (``keep_projections=True``; by default in a captured step's offload
+    store, which ``private_offload_store`` makes for CapturedStep's warm-up and capture, and in
+    eager calls of at least ``KEEP_PROJECTIONS_FROM`` tokens, here set to the batch's tokens plus
+    ``from_tokens``) and computes them otherwise; the gradients equal the uncheckpointed model's
+    over two steps (the second reuses the host buffers)."""
     device = _interpreted_kernels(monkeypatch)
     model = _fused_llama(device)
     reference = copy.deepcopy(model)
     enable_checkpointing(model, keep_projections=keep)
     counts = _count_projections(monkeypatch, model)
     inputs = {k: v.to(device) for k, v in batch(length=7).items()}
-    kept_here = keep if keep is not None else captured
+    long_enough = False
+    if from_tokens is not None:
+        monkeypatch.setattr(checkpointing, "KEEP_PROJECTIONS_FROM", inputs["input_ids"].numel() + from_tokens)
+        long_enough = from_tokens <= 0
+    kept_here = keep if keep is not None else captured or long_enough
     with private_offload_store(model) if captured else contextlib.nullcontext():
         for _ in range(2):
             counts.update(forward=0, recomputed=0, given=0)
