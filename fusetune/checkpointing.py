@@ -36,9 +36,9 @@ How it sits with the rest of the stack:
   after the MLP, mllama's gated cross-attention MLP), that layer is recomputed in full from then on.
 - With offloading, each layer's causal SDPA attention output goes to the host beside its input and
   the recompute runs no attention forward (``fusetune.kept_attention``; ``keep_attention=False``
-  turns it off), and in a step captured as a CUDA graph (its warm-up included) so do the fused
-  LoRA projections' outputs (q, k, v and o), whose matmuls the recompute then skips
-  (``keep_projections``). See ``fusetune.kept``.
+  turns it off), and in a step captured as a CUDA graph (its warm-up included) or a layer call of
+  8,192 tokens or more so do the fused LoRA projections' outputs (q, k, v and o), whose matmuls the
+  recompute then skips (``keep_projections``). See ``fusetune.kept``.
 - Inputs other than the hidden states that need gradients (mllama's ``cross_attention_states``) get
   them, positional or keyword; a frozen input (frozen embeddings with LoRA) still yields an output that
   requires grad when the layer has trainable parameters. Dropout RNG (CPU and device) and autocast are
@@ -536,13 +536,15 @@ def enable_checkpointing(
     recompute skips their matmuls. At Llama-3 8B's size that is 2.5x a layer input (144 MiB a layer
     at 4,096 tokens with the attention output), which an H200's host link carries within the
     layer's forward, and one more layer of them is on the device at backward's peak (prefetched).
-    It trades GPU work for host work and link bytes, so it pays where the GPU is the limit: in a
-    step captured as a CUDA graph (``fusetune.CapturedStep``), which is where the default ``None``
-    keeps them (its warm-up steps too, which fill the host pool the capture may not grow; L8 4k on
-    an H200: 12,781 tokens/s against 12,186 recomputing them, one call).
-    Eager steps at these sizes wait on the host, and there keeping them did not pay (the VLM steps
-    measured slower and heavier: bench/RESULTS.md); ``True`` keeps them in every step, ``False`` in
-    none.
+    It trades GPU work for host work and link bytes, so it pays where the GPU is the limit, which
+    is where the default ``None`` keeps them: in a step captured as a CUDA graph
+    (``fusetune.CapturedStep``; its warm-up steps too, which fill the host pool the capture may not
+    grow), and in eager layer calls of at least ``KEEP_PROJECTIONS_FROM`` (8,192) tokens. On an
+    H200 (bench/RESULTS.md): L8 captured at 4,096 tokens 12,781 tokens/s against 12,186
+    recomputing them; L8 eager at 8,192 tokens 11,765 against 11,276, and at 16,384 10,410 against
+    Unsloth's 8,527 with 3.41 GiB above the weights. Eager steps of 4,096 tokens wait on the host,
+    and there keeping them did not pay (the VLM steps measured slower and heavier). ``True`` keeps
+    them in every call, ``False`` in none.
 
     Leave transformers' own gradient checkpointing off (see the module docstring). Under DDP either
     ``find_unused_parameters`` works; under FSDP2 shard per decoder layer.
