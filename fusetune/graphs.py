@@ -24,7 +24,9 @@ What differs from an eager step, and why:
   count cannot change between replays).
 - Models with active dropout are refused: a checkpointed layer's recompute must draw the random
   numbers its forward drew, and a capture can neither read nor reset the device's RNG state.
-- The graph keeps its memory (the step's activations at their peak) while it lives.
+- The graph keeps its memory (the step's activations at their peak) while it lives. It is captured
+  with the allocator in expandable segments, so that memory is the peak and not the peak plus
+  fragmentation (see ``_expandable_segments``).
 - One GPU: DDP, FSDP2 and ZeRO-3 models are refused (their gradient hooks and collectives run on
   the host between kernels). No loss scaling: the step calls ``loss.backward()`` itself, so train
   in bf16 (autocast) or fp32, not fp16 with a GradScaler.
