@@ -387,3 +387,21 @@ def test_masked_gqa_leaves_other_calls_to_transformers(case):
     else:
         kwargs = {"softcap": 30.0}
     assert kept_attention._masked_gqa(q, k, v, mask, 0.0, None, kwargs) is None
+
+
+def test_kept_projections_with_4bit_base_weights(monkeypatch):
+    """A QLoRA model (fusetune's NF4 weights, dequantised by the fused projections): the recompute is
+    given the four attention calls' outputs and the gradients equal the uncheckpointed model's."""
+    pytest.importorskip("bitsandbytes")
+    from fusetune.quantize import quantize_4bit
+
+    device = _interpreted_kernels(monkeypatch)
+    base = tiny_model("llama", num_hidden_layers=2, intermediate_size=128).to(torch.bfloat16)
+    quantize_4bit(base)
+    model = lora(base).to(device)
+    fusetune.apply(model)
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model, keep_projections=True)
+    counts = _count_projections(monkeypatch, model)
+    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
+    assert counts == {"forward": 4, "recomputed": 0, "given": 4}
