@@ -235,21 +235,21 @@ ALLOCATOR_SETTINGS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 @contextlib.contextmanager
 def _expandable_segments():
-    """Within the block, new device memory comes in expandable segments (restored on exit unless the
-    process had them on already).
+    """Within the block, new device memory comes in expandable segments; the setting is restored on
+    exit. Where the process's allocator settings name ``expandable_segments`` (on or off), they are
+    left alone: the user's choice wins (some platforms, WSL among them, cannot map such segments).
 
     Why: the graph keeps its private pool for as long as it lives, and with plain segments that pool
     is the capture's peak allocation plus its fragmentation. The caching allocator gives every
     large request that no free block fits a new segment of its own size, and a segment's free
-    blocks never join another's: on L8 at 16,384 tokens the pool held 4.65 GiB for a 3.45 GiB peak
-    (bench/RESULTS.md). An expandable segment is one address range per stream that grows by mapping
-    pages, so free neighbours join and the pool stays near the peak. Where this torch has no runtime
-    switch for it, the capture runs as it would anyway.
+    blocks never join another's: on L8 at 16,384 tokens the pool held 4.65 GiB for a 3.45 GiB peak.
+    An expandable segment is one address range per stream that grows by mapping pages, so free
+    neighbours join: the same capture's pool held 3.56 GiB (bench/RESULTS.md). Where this torch has
+    no run-time switch for it, the capture runs as it would anyway.
     """
     settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    already = any("expandable_segments:true" in os.environ.get(name, "").lower()
-                  for name in ALLOCATOR_SETTINGS)
-    if settings is None or already:
+    chosen = any("expandable_segments" in os.environ.get(name, "") for name in ALLOCATOR_SETTINGS)
+    if settings is None or chosen:
         yield
         return
     settings("expandable_segments:True")

@@ -147,19 +147,24 @@ def test_attention_registry_is_restored_after_capture_warm_up():
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
-@pytest.mark.parametrize("setting", ["PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", None])
-def test_capture_switches_expandable_segments_on_for_itself_only(monkeypatch, setting):
+@pytest.mark.parametrize(("name", "value"), [
+    ("PYTORCH_ALLOC_CONF", "max_split_size_mb:512,expandable_segments:True"),
+    ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),
+    ("PYTORCH_ALLOC_CONF", "max_split_size_mb:512"),
+    (None, None),
+])
+def test_capture_switches_expandable_segments_on_for_itself_only(monkeypatch, name, value):
     """The capture asks the allocator for expandable segments and switches them off again after,
-    unless the process had them on already (then it leaves the setting alone)."""
+    unless the process's allocator settings chose either way (then it leaves them alone)."""
     calls = []
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
-    for name in graphs.ALLOCATOR_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    if setting:
-        monkeypatch.setenv(setting, "max_split_size_mb:512,Expandable_Segments:True")
+    for setting in graphs.ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(setting, raising=False)
+    if name:
+        monkeypatch.setenv(name, value)
     with graphs._expandable_segments():
         inside = list(calls)
-    if setting:
+    if value and "expandable_segments" in value:
         assert calls == []
     else:
         assert inside == ["expandable_segments:True"]
@@ -284,7 +289,9 @@ def test_captured_step_refuses_bad_batches_before_replaying():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
 def test_captured_step_memory_stays_near_the_eager_steps():
     """The graph's pool holds about what an eager step allocates above the weights: offloaded layer
-    inputs are released during the capture, not kept to its end (16 layers of 4 MiB inputs here)."""
+    inputs are released during the capture, not kept to its end (16 layers of 4 MiB inputs here).
+    Unless the process chose otherwise, the pool lies in expandable segments and allocations after
+    the capture do not."""
     base = tiny_model("llama", hidden_size=1024, intermediate_size=1024, num_hidden_layers=16,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
@@ -302,10 +309,10 @@ def test_captured_step_memory_stays_near_the_eager_steps():
     eager_added = torch.cuda.max_memory_allocated() - start
     step = fusetune.CapturedStep(model, functools.partial(_forward, model), inputs)
     assert step.pool_bytes() < 1.5 * eager_added, (step.pool_bytes(), eager_added)
-    pool = [segment for segment in torch.cuda.memory_snapshot()
-            if tuple(segment.get("segment_pool_id", ())) == tuple(step._graph.pool())]
-    assert pool and all(segment["is_expandable"] for segment in pool)
-    if not any("expandable" in os.environ.get(name, "") for name in graphs.ALLOCATOR_SETTINGS):
+    if not any("expandable_segments" in os.environ.get(name, "") for name in graphs.ALLOCATOR_SETTINGS):
+        pool = [segment for segment in torch.cuda.memory_snapshot()
+                if tuple(segment.get("segment_pool_id", ())) == tuple(step._graph.pool())]
+        assert pool and all(segment["is_expandable"] for segment in pool)
         after = torch.empty(32 << 20, dtype=torch.uint8, device="cuda").data_ptr()  # outside the capture
         segment = next(s for s in torch.cuda.memory_snapshot()
                        if s["address"] <= after < s["address"] + s["total_size"])
