@@ -212,6 +212,16 @@ def _count_projections(monkeypatch, model) -> dict:
     return counts
 
 
+def _step_keeping_projections(monkeypatch, model, device: str) -> dict:
+    """One step of ``model`` checkpointed keeping its projections, against an uncheckpointed copy
+    (same loss and gradients); the projection calls' counts (``_count_projections``)."""
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model, keep_projections=True)
+    counts = _count_projections(monkeypatch, model)
+    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
+    return counts
+
+
 def _fused_llama(device: str):
     model = lora(tiny_model("llama", num_hidden_layers=2)).to(device)
     fusetune.apply(model)
@@ -262,10 +272,7 @@ def test_an_output_written_in_place_after_forward_is_computed_again(monkeypatch)
     for name, module in model.named_modules():
         if name.endswith("o_proj"):
             module.register_forward_hook(write_in_place)
-    reference = copy.deepcopy(model)
-    enable_checkpointing(model, keep_projections=True)
-    counts = _count_projections(monkeypatch, model)
-    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
+    counts = _step_keeping_projections(monkeypatch, model, device)
     assert counts == {"forward": 4, "recomputed": 2, "given": 2}
 
 
@@ -400,8 +407,5 @@ def test_kept_projections_with_4bit_base_weights(monkeypatch):
     quantize_4bit(base)
     model = lora(base).to(device)
     fusetune.apply(model)
-    reference = copy.deepcopy(model)
-    enable_checkpointing(model, keep_projections=True)
-    counts = _count_projections(monkeypatch, model)
-    assert_matches(model, reference, {k: v.to(device) for k, v in batch(length=7).items()})
+    counts = _step_keeping_projections(monkeypatch, model, device)
     assert counts == {"forward": 4, "recomputed": 0, "given": 4}
