@@ -75,18 +75,16 @@ class TimedStep:
         mark()
         loss.backward()
         mark()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        value = e2e.optimizer_step(optimizer, loss)  # the e2e step's AdamW step, then a full sync
         mark()
-        e2e.common.synchronize()
-        end = time.perf_counter()
+        end = marks[-1]
         gpu = ("gpu fwd {:.3f} bwd {:.3f} opt {:.3f}".format(*(events[i].elapsed_time(events[i + 1]) / 1e3
                                                                 for i in range(3))) if cuda else "no gpu")
         ran = [now - before for now, before in zip(self.clock.counts, counts, strict=True)]
         host = [after - before for before, after in zip(marks, marks[1:], strict=False)]
         print(f"STEP wall {end - marks[0]:.3f} host fwd {host[0]:.3f} bwd {host[1]:.3f} | {gpu} | "
               f"gc {self.clock.seconds - collected:.3f} s gens {ran}", flush=True)
-        return loss.item()
+        return value
 
 
 def main(argv: list[str]) -> int:
