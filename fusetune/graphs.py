@@ -16,9 +16,12 @@ capture one step per shape); its tensors are copied into the graph's own inputs.
 
 What differs from an eager step, and why:
 
-- Each replay writes the trainable parameters' gradients afresh into buffers the graph owns, and
-  ``param.grad`` is set to them after every replay. Gradients do not accumulate across calls:
-  sum them yourself for gradient accumulation.
+- Gradients accumulate in ``.grad`` as after an eager backward: a parameter whose ``.grad`` is None
+  gets the replay's gradient (the graph's own buffer, no copy), one that has a gradient gets it
+  added. A ``.grad`` still holding the graph's buffer from the previous call is copied out before
+  the replay overwrites that buffer, so gradient accumulation costs one copy of the trainable
+  gradients a micro-step, and ``optimizer.zero_grad()`` (set to None, torch's default) none.
+  Making the step leaves the gradients as they were before it (its warm-up steps' are dropped).
 - Labels are checked against the vocabulary before each replay (the captured ops cannot read
   values on the host). Linear cross-entropy computes every row, ignored labels included (a row
   count cannot change between replays).
@@ -54,8 +57,10 @@ __all__ = [
     "CapturedStep",
     "StaticBatch",
     "active_dropout",
+    "add_replayed_gradients",
     "capturable_parameters",
     "check_labels",
+    "keep_earlier_gradients",
     "output_size",
 ]
 
@@ -164,8 +169,9 @@ class CapturedStep:
     fine); forward: ``forward(batch) -> scalar loss``; batch: an example batch (dict of inputs on
     the model's device) fixing the keys, shapes and dtypes. ``vocab_size``: what labels are checked
     against (default: the model's output embedding rows); ``ignore_index``: the label that masks a
-    position. ``warmup_steps`` eager steps run first (their gradients are discarded; the optimizer
-    is not touched). See the module docstring for what differs from an eager step.
+    position. ``warmup_steps`` eager steps run first (their gradients are dropped and ``.grad`` is
+    left as it was; the optimizer is not touched). See the module docstring for what differs from
+    an eager step.
     """
 
     def __init__(self, model: nn.Module, forward: Callable[[dict], torch.Tensor], batch: Mapping, *,
@@ -190,6 +196,7 @@ class CapturedStep:
         check_labels(batch, self._vocab, ignore_index)
         self._batch = StaticBatch(batch)
         self._graph = torch.cuda.CUDAGraph()
+        before = [p.grad for p in self._params]
         # The offload store's buffers stay the graph's: every replay copies through them.
         with private_offload_store(model) as self._store, _masks_as_in_eager(model):
             self._warm_up(forward, warmup_steps)
@@ -200,6 +207,8 @@ class CapturedStep:
                 loss.backward()
         self._loss = loss.detach()
         self._grads = [p.grad for p in self._params]
+        for p, grad in zip(self._params, before, strict=True):
+            p.grad = grad
 
     def _warm_up(self, forward: Callable, steps: int) -> None:
         side = torch.cuda.Stream()
@@ -221,13 +230,38 @@ class CapturedStep:
 
     def __call__(self, batch: Mapping) -> torch.Tensor:
         """Run the captured step on ``batch``; returns the loss (a tensor the next call overwrites:
-        read or clone it first) and leaves the gradients in the parameters' ``.grad``."""
+        read or clone it first) and accumulates the gradients in the parameters' ``.grad``."""
         check_labels(batch, self._vocab, self._ignore_index)
         self._batch.fill(batch)
+        earlier = keep_earlier_gradients(self._params, self._grads)
         self._graph.replay()
-        for p, grad in zip(self._params, self._grads, strict=True):
-            p.grad = grad
+        add_replayed_gradients(self._params, self._grads, earlier)
         return self._loss
+
+
+def keep_earlier_gradients(params: list[nn.Parameter],
+                           buffers: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Before a replay: the gradient each parameter already has, which the replay's is added to (None:
+    it has none). A ``.grad`` that is still the graph's own buffer (left there by the previous call)
+    is copied out first, since the replay overwrites the buffer."""
+    earlier = []
+    for p, buffer in zip(params, buffers, strict=True):
+        grad = p.grad
+        if grad is not None and grad.data_ptr() == buffer.data_ptr():
+            grad = p.grad = grad.clone()
+        earlier.append(grad)
+    return earlier
+
+
+def add_replayed_gradients(params: list[nn.Parameter], buffers: list[torch.Tensor],
+                           earlier: list[torch.Tensor | None]) -> None:
+    """After a replay: each parameter's ``.grad`` is the replay's gradient (its buffer, where it had
+    none) or its earlier gradient plus the replay's, as an eager backward would leave it."""
+    for p, buffer, grad in zip(params, buffers, earlier, strict=True):
+        if grad is None:
+            p.grad = buffer
+        else:
+            grad.add_(buffer)
 
 
 ALLOCATOR_SETTINGS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")

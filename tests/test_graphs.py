@@ -210,6 +210,35 @@ def test_private_offload_store_without_offloading_yields_none():
         model(**batch()).loss.backward()
 
 
+def _replay_writing(buffers: list[torch.Tensor], values: list[float]):
+    for buffer, value in zip(buffers, values, strict=True):
+        buffer.fill_(value)
+
+
+def test_replayed_gradients_accumulate_like_eager_backwards():
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    buffers = [torch.empty(3), torch.empty(2, 2)]  # the graph's gradient buffers
+    expected = [torch.zeros(3), torch.zeros(2, 2)]
+    params[1].grad = torch.full((2, 2), 10.0)  # an eager step's gradient
+    expected[1] += 10
+    for values in ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0]):
+        earlier = graphs.keep_earlier_gradients(params, buffers)
+        _replay_writing(buffers, values)
+        graphs.add_replayed_gradients(params, buffers, earlier)
+        for p, want, value in zip(params, expected, values, strict=True):
+            want += value
+            torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+    assert params[0].grad.data_ptr() != buffers[0].data_ptr()  # copied out before the second replay
+
+    for p in params:  # zero_grad(set_to_none=True): the next replay's buffer is the gradient, no copy
+        p.grad = None
+    earlier = graphs.keep_earlier_gradients(params, buffers)
+    _replay_writing(buffers, [7.0, 8.0])
+    graphs.add_replayed_gradients(params, buffers, earlier)
+    assert [p.grad.data_ptr() for p in params] == [b.data_ptr() for b in buffers]
+    torch.testing.assert_close(params[1].grad, torch.full((2, 2), 8.0), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Captured steps against eager ones (CUDA)
 # --------------------------------------------------------------------------------------------
@@ -218,12 +247,20 @@ def _forward(model, inputs):
         return model(**inputs, use_cache=False).loss
 
 
-def _eager_step(model, inputs):
+def _clear_grads(model):
     for p in model.parameters():
         p.grad = None
+
+
+def _trainable_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _eager_step(model, inputs):
+    _clear_grads(model)
     loss = _forward(model, inputs)
     loss.backward()
-    return loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach().clone(), _trainable_grads(model)
 
 
 def _assert_grads_close(got: dict, want: dict):
@@ -260,15 +297,38 @@ def test_captured_step_matches_eager_steps(four_bit):
 
     step = fusetune.CapturedStep(model, functools.partial(_forward, model), batches[0])
     for inputs, (loss, grads) in zip(batches, eager, strict=True):
+        _clear_grads(model)
         got_loss = step(inputs).clone()
         torch.testing.assert_close(got_loss, loss, rtol=1e-2, atol=1e-2)
-        _assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, grads)
+        _assert_grads_close(_trainable_grads(model), grads)
 
     # An eager step in between (its own offload buffers) leaves the next replay exact.
     _eager_step(model, batches[2])
+    _clear_grads(model)
     step(batches[1])
-    _assert_grads_close({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
-                        eager[1][1])
+    _assert_grads_close(_trainable_grads(model), eager[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_captured_steps_accumulate_gradients_as_eager_backwards_do():
+    model = _cuda_model(False)
+    batches = [_cuda_batch(seed) for seed in range(3)]
+    _clear_grads(model)
+    for inputs in batches:
+        _forward(model, inputs).backward()
+    summed = _trainable_grads(model)
+    _eager_step(model, batches[0])
+    first = _trainable_grads(model)
+
+    step = fusetune.CapturedStep(model, functools.partial(_forward, model), batches[1])
+    _assert_grads_close(_trainable_grads(model), first)  # making the step left .grad alone
+    for inputs in batches[1:]:  # added to the first batch's; the second call copies out of the graph
+        step(inputs)
+    _assert_grads_close(_trainable_grads(model), summed)
+    _clear_grads(model)
+    for inputs in batches:  # from no gradient: the first replay's buffer, then added to
+        step(inputs)
+    _assert_grads_close(_trainable_grads(model), summed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
