@@ -1,23 +1,28 @@
 """fusetune.graphs: a training step captured as a CUDA graph, and what the ops do while one is captured.
 
-On a CPU: the batch and model checks, the label check the replay relies on and the private offload
-store (the linear cross-entropy's capture path is tested with the op). On CUDA: captured steps
-against eager steps of the same model on new batches, bf16 and 4-bit.
+On a CPU: the batch and model checks, the label check the replay relies on, the private offload
+store, the gradient accumulation across replays, and which models' steps read nothing on the host
+while captured (the linear cross-entropy's capture path is tested with the op). On CUDA: captured
+steps against eager steps of the same model on new batches, bf16 and 4-bit, text and mllama.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import peft
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusetune
 from fusetune import graphs
 from fusetune.checkpointing import enable_checkpointing, private_offload_store
+from fusetune.ops import _launch
 from tests.patch.models import VOCAB, batch, tiny_model
+from tests.patch.vlm_models import tiny_vlm, vlm_batch
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -210,6 +215,63 @@ def test_private_offload_store_without_offloading_yields_none():
         model(**batch()).loss.backward()
 
 
+# What a captured stream may not do: read a device value on the host (an item, a count of nonzeros,
+# a data-dependent output size, a comparison whose answer the host branches on).
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+              "unique_consecutive", "repeat_interleave", "bincount", "equal", "is_nonzero"}
+
+
+class _HostReads(TorchDispatchMode):
+    """The ops (and boolean-mask indexing) of a step that would read a value on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        masks = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                         for i in args[1] if i is not None)
+        if name in HOST_READS or masks:
+            self.found.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def as_if_captured(monkeypatch):
+    """transformers and fusetune's ops both see a stream being captured (as in ``torch.cuda.graph``)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    capturing = _launch.capturing
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("fusetune") and \
+                getattr(module, "capturing", None) is capturing:
+            monkeypatch.setattr(module, "capturing", lambda: True)
+    assert graphs.capturing()
+
+
+def _lora_step_model(model: torch.nn.Module) -> torch.nn.Module:
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    model = peft.get_peft_model(model, config)
+    fusetune.apply(model)
+    enable_checkpointing(model, offload=True)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "mllama", "qwen2_vl"])
+def test_a_step_reads_no_device_value_on_the_host_while_captured(arch, as_if_captured):
+    """Whether a model's training step can be captured at all: Llama's and mllama's (the e2e
+    benchmark's captured L8 and M11) read nothing on the host once transformers and fusetune's ops
+    see a capture; Qwen2-VL's vision code reads its image grids (``.tolist()``), so it cannot be."""
+    model = _lora_step_model(tiny_model("llama") if arch == "llama" else tiny_vlm(arch, attn="sdpa"))
+    inputs = batch() if arch == "llama" else vlm_batch(arch)
+    with _HostReads() as reads:
+        model(**inputs).loss.backward()
+    if arch == "qwen2_vl":
+        assert "_local_scalar_dense.default" in reads.found
+    else:
+        assert reads.found == []
+
+
 def _replay_writing(buffers: list[torch.Tensor], values: list[float]):
     for buffer, value in zip(buffers, values, strict=True):
         buffer.fill_(value)
@@ -270,8 +332,9 @@ def _assert_grads_close(got: dict, want: dict):
         torch.testing.assert_close(got[name], w, rtol=2e-2, atol=2e-2 * scale, msg=name)
 
 
-def _cuda_model(four_bit: bool) -> torch.nn.Module:
-    base = tiny_model("llama", num_hidden_layers=3).to("cuda", torch.bfloat16)
+def _cuda_model(four_bit: bool, arch: str = "llama") -> torch.nn.Module:
+    base = tiny_model("llama", num_hidden_layers=3) if arch == "llama" else tiny_vlm(arch, attn="sdpa")
+    base = base.to("cuda", torch.bfloat16)
     if four_bit:
         fusetune.quantize_4bit(base, compute_dtype=torch.bfloat16)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
@@ -281,17 +344,20 @@ def _cuda_model(four_bit: bool) -> torch.nn.Module:
     return model
 
 
-def _cuda_batch(seed: int) -> dict:
-    return {key: value.cuda() for key, value in batch(seed=seed, size=1, length=48).items()}
+def _cuda_batch(seed: int, arch: str = "llama") -> dict:
+    inputs = batch(seed=seed, size=1, length=48) if arch == "llama" else vlm_batch(arch, seed=seed)
+    return {key: value.to("cuda", torch.bfloat16 if value.is_floating_point() else value.dtype)
+            for key, value in inputs.items()}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
-@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "nf4"])
-def test_captured_step_matches_eager_steps(four_bit):
+@pytest.mark.parametrize("arch, four_bit", [("llama", False), ("llama", True), ("mllama", False)],
+                         ids=["bf16", "nf4", "mllama"])
+def test_captured_step_matches_eager_steps(arch, four_bit):
     if four_bit:
         pytest.importorskip("bitsandbytes")
-    model = _cuda_model(four_bit)
-    batches = [_cuda_batch(seed) for seed in range(3)]
+    model = _cuda_model(four_bit, arch)
+    batches = [_cuda_batch(seed, arch) for seed in range(3)]
     eager = [_eager_step(model, b) for b in batches]
     assert not torch.equal(eager[0][0], eager[1][0])
 
