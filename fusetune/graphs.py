@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import traceback
 import weakref
 from collections.abc import Callable, Mapping
 
@@ -59,6 +60,7 @@ __all__ = [
     "active_dropout",
     "add_replayed_gradients",
     "capturable_parameters",
+    "capture_failure",
     "check_labels",
     "keep_earlier_gradients",
     "output_size",
@@ -202,9 +204,12 @@ class CapturedStep:
             self._warm_up(forward, warmup_steps)
             for p in self._params:
                 p.grad = None  # the capture allocates them; each replay then writes them afresh
-            with _expandable_segments(), torch.cuda.graph(self._graph):
-                loss = forward(self._batch.values)
-                loss.backward()
+            try:
+                with _expandable_segments(), torch.cuda.graph(self._graph):
+                    loss = forward(self._batch.values)
+                    loss.backward()
+            except RuntimeError as error:
+                raise RuntimeError(capture_failure(error)) from error
         self._loss = loss.detach()
         self._grads = [p.grad for p in self._params]
         for p, grad in zip(self._params, before, strict=True):
@@ -237,6 +242,30 @@ class CapturedStep:
         self._graph.replay()
         add_replayed_gradients(self._params, self._grads, earlier)
         return self._loss
+
+
+def capture_failure(error: BaseException) -> str:
+    """The message for a capture that failed with ``error``: the first error of its chain and where
+    the step last called into torch before it, with what a capture cannot do and the fix.
+
+    Why: the CUDA error a host read raises inside a capture (and the one that ending the spoiled
+    capture raises after it) names neither the read nor the model code that made it."""
+    first = error
+    while first.__context__ is not None:
+        first = first.__context__
+    inside_torch = os.path.dirname(torch.__file__) + os.sep
+    frames = [frame for frame in traceback.extract_tb(first.__traceback__)
+              if not frame.filename.startswith(inside_torch)]
+    where = (f" It last called into torch at {frames[-1].filename}:{frames[-1].lineno} "
+             f"({frames[-1].name}).") if frames else ""
+    cause = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+    return (
+        f"fusetune.CapturedStep: the step could not be captured as a CUDA graph ({cause}).{where} "
+        "A captured step may not read a device value on the host: no .item(), .tolist(), nonzero, "
+        "boolean-mask indexing or other output whose size depends on the data (Qwen2-VL-family vision "
+        "towers read their image grids so). Train this model with eager steps, or move that read "
+        "out of forward."
+    )
 
 
 def keep_earlier_gradients(params: list[nn.Parameter],

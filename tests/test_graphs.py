@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
+import textwrap
 
 import peft
 import pytest
@@ -272,6 +274,25 @@ def test_a_step_reads_no_device_value_on_the_host_while_captured(arch, as_if_cap
         assert reads.found == []
 
 
+def _split_badly(x: torch.Tensor):
+    return torch.split(x, [1, 1])  # torch's own Python raises, below this frame
+
+
+def test_a_failed_capture_names_the_first_error_and_where_the_step_called_torch():
+    try:
+        try:
+            _split_badly(torch.zeros(3))
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904 (chained as __exit__ chains it)
+    except RuntimeError as ending:
+        message = graphs.capture_failure(ending)
+    assert "could not be captured" in message and "previous error" not in message
+    assert "split_with_sizes expects split_sizes to sum exactly to 3" in message
+    line = _split_badly.__code__.co_firstlineno + 1
+    assert f"test_graphs.py:{line} (_split_badly)" in message
+    assert "eager steps" in message
+
+
 def _replay_writing(buffers: list[torch.Tensor], values: list[float]):
     for buffer, value in zip(buffers, values, strict=True):
         buffer.fill_(value)
@@ -473,3 +494,29 @@ def test_under_capture_a_layers_copies_are_joined_at_the_next_layers_save():
         graph.replay()
         torch.cuda.synchronize()
         assert [t.flatten()[0].item() for t in back] == [value + 2, value, value + 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_a_step_reading_the_host_is_refused_with_where_it_read(tmp_path):
+    """In its own process: a capture spoiled by a host read leaves the CUDA stream state of the
+    process it failed in behind it."""
+    script = tmp_path / "host_read.py"
+    script.write_text(textwrap.dedent("""
+        import functools, torch, fusetune
+        from tests.test_graphs import _cuda_model, _cuda_batch, _forward
+
+        def forward(model, inputs):
+            labelled = inputs["labels"].ne(-100).sum().item()  # read on the host
+            return _forward(model, inputs) * labelled
+
+        model = _cuda_model(False)
+        try:
+            fusetune.CapturedStep(model, functools.partial(forward, model), _cuda_batch(0))
+        except RuntimeError as error:
+            print(error)
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": root})
+    assert "fusetune.CapturedStep: the step could not be captured" in done.stdout, done.stderr[-2000:]
+    assert "host_read.py:6 (forward)" in done.stdout
