@@ -57,7 +57,8 @@ def plot(records: list[dict], path: Path) -> Path:
     cases = list(data)
     systems = [s for s in SYSTEMS if any(s in data[c] for c in cases)]
     width = 0.8 / max(len(systems), 1)
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(4 + 3.6 * len(cases), 5))
+    # Panels one above the other: with a dozen configurations side by side they would be too wide to read.
+    figure, axes = plt.subplots(len(PANELS), 1, figsize=(2 + 1.5 * len(cases), 4.5 * len(PANELS)))
     for axis, (metric, title) in zip(axes, PANELS, strict=True):
         for i, system in enumerate(systems):
             for j, case in enumerate(cases):
@@ -74,7 +75,7 @@ def plot(records: list[dict], path: Path) -> Path:
     handles = {label: handle for axis in axes
                for handle, label in zip(*axis.get_legend_handles_labels(), strict=True)}
     figure.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), frameon=False)
-    figure.tight_layout(rect=(0, 0, 1, 0.92))
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
