@@ -96,6 +96,10 @@ def mixed_records() -> dict:
     """{(system, layout): {metric: record}} of tiny Q7VL trained 1 + 2 steps, padded and packed
     (fusetune's ops on their PyTorch references, as in the workers on a CPU: the kernels are tested in
     tests/ops)."""
+    # Triton decides at definition whether a kernel is interpreted: define fusetune's kernels under
+    # the suite's TRITON_INTERPRET=1 first, or tests run after this fixture find compiled kernels and no GPU.
+    import fusetune.ops  # noqa: F401
+
     out = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "0")
