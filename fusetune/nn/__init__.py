@@ -8,5 +8,6 @@ optimisers see no difference.
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.nn.layer_norm import FusedLayerNorm
 from fusetune.nn.rms_norm import FusedRMSNorm
+from fusetune.nn.vision_attention import SegmentedVisionAttention
 
-__all__ = ["FusedGatedMLP", "FusedLayerNorm", "FusedRMSNorm"]
+__all__ = ["FusedGatedMLP", "FusedLayerNorm", "FusedRMSNorm", "SegmentedVisionAttention"]

@@ -11,6 +11,7 @@ from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
 from fusetune.patch.report import PatchReport
 from fusetune.patch.rope import rope_rule, unclaimed_rotary
 from fusetune.patch.sharding import follow_swap
+from fusetune.patch.vision import vision_attention_rule
 
 _REPORT_ATTR = "_fusetune_report"
 
@@ -36,6 +37,7 @@ def apply(
     layer_norm: bool = True,
     rope: bool = True,
     glu: bool = True,
+    vision_attention: bool = True,
     lora: bool = True,
     loss: str | None = "linear_cross_entropy",
     mlp_tile_rows: int | None = None,
@@ -49,7 +51,9 @@ def apply(
     materialising logits. With ``lora``, PEFT LoRA attention projections and gated MLPs run as
     fused autograd functions (q, k, v in one pass; gate, up, activation and down in one), also
     over 4-bit (bitsandbytes NF4) base weights; ``mlp_tile_rows`` makes those MLPs run inputs of
-    more tokens than that in row tiles, saving only their input (for very long contexts). Only
+    more tokens than that in row tiles, saving only their input (for very long contexts). With
+    ``vision_attention``, Qwen2-VL-style vision towers attend within all their windows (or images)
+    in one call instead of one call each (``fusetune.nn.vision_attention``). Only
     this instance changes: no class, module global or ``torch.nn.functional`` is touched. Each
     switch turns one kind off; ``loss`` is "linear_cross_entropy", "cross_entropy" or None.
 
@@ -62,13 +66,16 @@ def apply(
     if existing is not None and not existing.undone:
         raise RuntimeError("fusetune: this model is already patched; call fusetune.unapply(model) first.")
     report = PatchReport()
-    switches = {"rms_norm": rms_norm, "layer_norm": layer_norm, "glu": glu, "rope": rope, "lora": lora,
-                "loss": loss}
+    switches = {"rms_norm": rms_norm, "layer_norm": layer_norm, "glu": glu,
+                "vision_attention": vision_attention, "rope": rope, "lora": lora, "loss": loss}
     report.switched_off = {kind for kind, on in switches.items() if not on}
     if lora:  # first, so the LoRA MLPs become FusedLoraMLP before the plain GLU rule sees them
         patch_lora(model, report, mlp_tile_rows)
+    # The vision attention rule before rope's: rope leaves those modules alone (their rotary is not
+    # transformers' apply_rotary_pos_emb), and the first rule with a verdict on a module decides.
     rules = [rule for kind, rule in (("rms_norm", rms_norm_rule), ("layer_norm", layer_norm_rule),
-                                     ("glu", glu_rule), ("rope", rope_rule)) if switches[kind]]
+                                     ("glu", glu_rule), ("vision_attention", vision_attention_rule),
+                                     ("rope", rope_rule)) if switches[kind]]
     for name, module in list(model.named_modules()):
         decision = next((d for d in (rule(module) for rule in rules) if d is not None), None)
         if decision is None:

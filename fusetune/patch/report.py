@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-KINDS = ("rms_norm", "layer_norm", "glu", "rope", "lora", "loss")
+KINDS = ("rms_norm", "layer_norm", "glu", "vision_attention", "rope", "lora", "loss")
 
 
 @dataclass
@@ -48,12 +48,12 @@ class PatchReport:
         self.undone = True
 
     def __str__(self) -> str:
-        lines = [f"{'kind':<12}{'patched':>8}{'left alone':>12}"]
+        lines = [f"{'kind':<17}{'patched':>8}{'left alone':>12}"]
         for kind in KINDS:
             if kind in self.switched_off:
-                lines.append(f"{kind:<12}{'off':>8}{'-':>12}")
+                lines.append(f"{kind:<17}{'off':>8}{'-':>12}")
             else:
-                lines.append(f"{kind:<12}{len(self.patched[kind]):>8}{len(self.left_alone[kind]):>12}")
+                lines.append(f"{kind:<17}{len(self.patched[kind]):>8}{len(self.left_alone[kind]):>12}")
         reasons: dict[tuple[str, str], list[str]] = defaultdict(list)
         for kind in KINDS:
             for name, reason in self.left_alone[kind]:

@@ -124,8 +124,8 @@ class _LastMask:
 _last_mask = _LastMask()
 
 
-def _segments(cu: torch.Tensor, tokens: int, device) -> Segments:
-    """``_read(cu, ...)`` once per tensor."""
+def cached_segments(cu: torch.Tensor, tokens: int, device) -> Segments:
+    """``_read(cu, ...)`` once per tensor (the layers of a forward share one boundaries tensor)."""
     known = _recent.get(cu, (tokens, device))
     return known if known is not None else _recent.put(cu, (tokens, device), _read(cu, tokens, device))
 
@@ -156,10 +156,10 @@ def segments(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> Segments:
     tokens = query.shape[0] * query.shape[2]
     given_q, given_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if given_q is not None or given_k is not None:
-        found = _segments(given_q if given_q is not None else given_k, tokens, query.device)
+        found = cached_segments(given_q if given_q is not None else given_k, tokens, query.device)
         if given_q is not None and given_k is not None and given_k is not given_q:
             # (the collator's one tensor becomes two when Trainer moves the batch to the device)
-            if _segments(given_k, key.shape[0] * key.shape[2], query.device).lengths != found.lengths:
+            if cached_segments(given_k, key.shape[0] * key.shape[2], query.device).lengths != found.lengths:
                 raise ValueError(
                     "fusetune_varlen runs causal self-attention within each sample: cu_seq_lens_q and "
                     "cu_seq_lens_k must be the same."
@@ -186,13 +186,14 @@ def segments(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> Segments:
 # The two kernels' paths.
 
 
-def per_segment_attention(query, key, value, lengths, scale=None, dropout=0.0) -> torch.Tensor:
-    """Causal SDPA on each ``lengths`` segment of ``(1, heads, tokens, head_dim)`` tensors (key and
-    value may have fewer heads: grouped-query attention), concatenated: ``(1, heads, tokens, head_dim)``."""
+def per_segment_attention(query, key, value, lengths, scale=None, dropout=0.0, causal=True) -> torch.Tensor:
+    """SDPA (causal, or full with ``causal=False``) on each ``lengths`` segment of ``(1, heads,
+    tokens, head_dim)`` tensors (key and value may have fewer heads: grouped-query attention),
+    concatenated: ``(1, heads, tokens, head_dim)``."""
     gqa = key.shape[1] != query.shape[1]
     parts = [
         F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=gqa
+            q, k, v, dropout_p=dropout, scale=scale, is_causal=causal, enable_gqa=gqa
         )
         for q, k, v in zip(
             query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True
@@ -212,23 +213,24 @@ def varlen_function():
 
 @functools.lru_cache(maxsize=8)
 def call_plan(function) -> dict | None:
-    """How to call this ``varlen_attn``: ``{"causal": {keyword: value}, "gqa": takes enable_gqa,
-    "scale": takes scale}``, or None where it cannot do causal attention."""
+    """How to call this ``varlen_attn``: ``{"causal": {keyword: value}, "full": {keyword: value}
+    (no mask within a segment), "gqa": takes enable_gqa, "scale": takes scale}``, or None where it
+    cannot do causal attention."""
     parameters = inspect.signature(function).parameters
     if "is_causal" in parameters:  # torch 2.10
-        causal = {"is_causal": True}
+        causal, full = {"is_causal": True}, {"is_causal": False}
     elif "window_size" in parameters:  # torch 2.11 on: causal is window_size == (-1, 0), a tuple
-        causal = {"window_size": (-1, 0)}
+        causal, full = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
     else:
         return None
-    return {"causal": causal, "gqa": "enable_gqa" in parameters, "scale": "scale" in parameters}
+    return {"causal": causal, "full": full, "gqa": "enable_gqa" in parameters, "scale": "scale" in parameters}
 
 
-def varlen_call(function, plan, query, key, value, cu, longest, scale=None) -> torch.Tensor:
+def varlen_call(function, plan, query, key, value, cu, longest, scale=None, causal=True) -> torch.Tensor:
     """``function`` (a ``varlen_attn``) on ``(tokens, heads, head_dim)`` tensors with the same
-    query and key boundaries ``cu``, called as ``plan`` says: causal, grouped-query heads through
-    ``enable_gqa`` or repeated, ``scale`` passed or folded into the query."""
-    kwargs = dict(plan["causal"])
+    query and key boundaries ``cu``, called as ``plan`` says: causal (or full), grouped-query heads
+    through ``enable_gqa`` or repeated, ``scale`` passed or folded into the query."""
+    kwargs = dict(plan["causal" if causal else "full"])
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         if plan["gqa"]:
@@ -262,10 +264,11 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
-def segment_attention(query, key, value, found: Segments, scale=None, dropout=0.0) -> torch.Tensor:
-    """Causal attention within each of the ``found`` segments of the flattened ``(batch, heads,
-    seq, head_dim)`` tensors, as ``(batch, seq, heads, head_dim)``: one ``varlen_attn`` call where
-    it can, else SDPA per segment."""
+def segment_attention(query, key, value, found: Segments, scale=None, dropout=0.0,
+                      causal=True) -> torch.Tensor:
+    """Attention (causal, or full with ``causal=False``) within each of the ``found`` segments of
+    the flattened ``(batch, heads, seq, head_dim)`` tensors, as ``(batch, seq, heads, head_dim)``:
+    one ``varlen_attn`` call where it can, else SDPA per segment."""
     batch, heads, seq, dim = query.shape
     usable = _varlen_usable(query, key, dropout)
     function = varlen_function() if usable is not None else None
@@ -273,21 +276,22 @@ def segment_attention(query, key, value, found: Segments, scale=None, dropout=0.
     if plan is not None:
         try:
             out = varlen_call(
-                function, plan, _flat(query), _flat(key), _flat(value), found.cu, found.longest, scale
+                function, plan, _flat(query), _flat(key), _flat(value), found.cu, found.longest, scale, causal
             )
             return out.view(batch, seq, heads, dim)
         except (RuntimeError, ValueError, NotImplementedError) as error:
             _failed.add(usable)
             warnings.warn(
                 f"torch varlen_attn refused {query.dtype} heads {heads}/{key.shape[1]} x {dim} "
-                f"({str(error).splitlines()[0][:200]}); fusetune_varlen runs SDPA per sample instead.",
+                f"({str(error).splitlines()[0][:200]}); SDPA runs per segment instead.",
                 stacklevel=2,
             )
 
     def flat(t):  # (batch, heads, seq, dim) -> (1, heads, batch * seq, dim)
         return t if t.shape[0] == 1 else t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1])
 
-    out = per_segment_attention(flat(query), flat(key), flat(value), list(found.lengths), scale, dropout)
+    lengths = list(found.lengths)
+    out = per_segment_attention(flat(query), flat(key), flat(value), lengths, scale, dropout, causal)
     return out.reshape(heads, batch, seq, dim).permute(1, 2, 0, 3)
 
 

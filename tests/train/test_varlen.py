@@ -292,11 +292,13 @@ def test_call_plan_reads_each_torch_signature():
     calls = []
     assert varlen.call_plan(_fake("2.10", calls)) == {
         "causal": {"is_causal": True},
+        "full": {"is_causal": False},
         "gqa": False,
         "scale": True,
     }
     assert varlen.call_plan(_fake("2.11", calls)) == {
         "causal": {"window_size": (-1, 0)},
+        "full": {"window_size": (-1, -1)},
         "gqa": False,
         "scale": True,
     }
@@ -382,7 +384,7 @@ def test_a_refused_varlen_call_falls_back_to_sdpa_per_sample(monkeypatch):
     monkeypatch.setattr(varlen, "_varlen_usable", lambda query, key, dropout: ("refusing",))
     monkeypatch.setattr(varlen, "_failed", set())
     query, key, value = qkv((3, 6))
-    with pytest.warns(UserWarning, match="SDPA per sample"):
+    with pytest.warns(UserWarning, match="SDPA runs per segment"):
         out = run(query, key, value, position_ids=positions((3, 6)))
     torch.testing.assert_close(
         out.double(), float64_reference(query, key, value, [3, 6]), rtol=1e-5, atol=1e-6
