@@ -26,10 +26,11 @@ from fusetune.patch.vision import vision_attention_rule
 from fusetune.train import varlen
 from tests.patch.vlm_models import VLMS, _qwen_batch, tiny_vlm
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # Two rows, one image each: 8 x 8 patches (four of Qwen2.5-VL's 56-pixel windows in the tiny
-# config) and 4 x 4 (one window).
+# config) and 4 x 4 (one window). Qwen3-VL's patches are 16 pixels.
 windowed_batch = _qwen_batch(14, ((1, 8, 8), (1, 4, 4)))
+PATCH = {"qwen3_vl": 16}
 
 
 def _vision_lora(arch: str):
@@ -59,7 +60,7 @@ def test_vision_attention_is_swapped_and_trains_as_the_original(arch):
     assert all(isinstance(model.get_submodule(name), SegmentedVisionAttention) for name in swapped)
     assert list(model.state_dict()) == keys  # the same parameters under the same names
 
-    inputs = windowed_batch()
+    inputs = _qwen_batch(PATCH.get(arch, 14), ((1, 8, 8), (1, 4, 4)))()
     loss, expected = model(**inputs).loss, reference(**inputs).loss
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     loss.backward()
