@@ -137,7 +137,13 @@ def test_on_cuda_the_varlen_kernel_matches_the_per_window_attention(monkeypatch)
     calls = []
     real = varlen.varlen_function()
     assert real is not None, "this torch has no varlen_attn"
-    monkeypatch.setattr(varlen, "varlen_function", lambda: lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    @functools.wraps(real)  # call_plan reads the signature through __wrapped__
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_function", lambda: counted)
     inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype)
               for k, v in windowed_batch().items()}
     loss, expected = model(**inputs).loss, reference(**inputs).loss
