@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fusetune.train.varlen import cached_segments, segment_attention
+from fusetune.segment_attention import cached_segments, segment_attention
 
 
 class SegmentedVisionAttention(nn.Module):

@@ -21,9 +21,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 import fusetune
+from fusetune import segment_attention as segmented
 from fusetune.nn import SegmentedVisionAttention
 from fusetune.patch.vision import vision_attention_rule
-from fusetune.train import varlen
 from tests.patch.vlm_models import VLMS, _qwen_batch, tiny_vlm
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -94,11 +94,11 @@ def test_one_varlen_call_per_layer_covers_every_window(monkeypatch):
     fusetune.apply(model, loss=None)
     calls = []
     fake = functools.partial(_float64_full_attention, calls=calls)  # keeps the signature call_plan reads
-    monkeypatch.setattr(varlen, "varlen_function", lambda: fake)
-    monkeypatch.setattr(varlen, "_varlen_usable", lambda query, key, dropout: ("fake",))
+    monkeypatch.setattr(segmented, "varlen_function", lambda: fake)
+    monkeypatch.setattr(segmented, "varlen_usable", lambda query, key, dropout: ("fake",))
     reads = []
-    real_read = varlen._read
-    monkeypatch.setattr(varlen, "_read", lambda *args: reads.append(args[0]) or real_read(*args))
+    real_read = segmented.read_segments
+    monkeypatch.setattr(segmented, "read_segments", lambda *args: reads.append(args[0]) or real_read(*args))
 
     inputs = windowed_batch()
     torch.testing.assert_close(model(**inputs).loss, reference(**inputs).loss, rtol=1e-5, atol=1e-5)
@@ -135,7 +135,7 @@ def test_on_cuda_the_varlen_kernel_matches_the_per_window_attention(monkeypatch)
     report = fusetune.apply(model, loss=None)
     assert report.patched["vision_attention"]
     calls = []
-    real = varlen.varlen_function()
+    real = segmented.varlen_function()
     assert real is not None, "this torch has no varlen_attn"
 
     @functools.wraps(real)  # call_plan reads the signature through __wrapped__
@@ -143,7 +143,7 @@ def test_on_cuda_the_varlen_kernel_matches_the_per_window_attention(monkeypatch)
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(varlen, "varlen_function", lambda: counted)
+    monkeypatch.setattr(segmented, "varlen_function", lambda: counted)
     inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype)
               for k, v in windowed_batch().items()}
     loss, expected = model(**inputs).loss, reference(**inputs).loss

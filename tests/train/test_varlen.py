@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from fusetune import segment_attention as segmented
 from fusetune.train import varlen
 
 
@@ -220,8 +221,8 @@ def test_boundaries_from_positions_and_lengths():
 def test_boundaries_are_read_once_per_tensor(monkeypatch):
     """Every layer gets the same boundary tensors: they are read (a device sync on a GPU) once."""
     reads = []
-    real = varlen._read
-    monkeypatch.setattr(varlen, "_read", lambda *args: reads.append(args[0]) or real(*args))
+    real = segmented.read_segments
+    monkeypatch.setattr(segmented, "read_segments", lambda *args: reads.append(args[0]) or real(*args))
     query, key, value = qkv((5, 4))
     cu, other = varlen.cu_seq_lens([5, 4]), varlen.cu_seq_lens([5, 4])  # as Trainer moves one tensor twice
     for _ in range(3):
@@ -290,23 +291,23 @@ def _fake(signature: str, calls: list):
 
 def test_call_plan_reads_each_torch_signature():
     calls = []
-    assert varlen.call_plan(_fake("2.10", calls)) == {
+    assert segmented.call_plan(_fake("2.10", calls)) == {
         "causal": {"is_causal": True},
         "full": {"is_causal": False},
         "gqa": False,
         "scale": True,
     }
-    assert varlen.call_plan(_fake("2.11", calls)) == {
+    assert segmented.call_plan(_fake("2.11", calls)) == {
         "causal": {"window_size": (-1, 0)},
         "full": {"window_size": (-1, -1)},
         "gqa": False,
         "scale": True,
     }
-    assert varlen.call_plan(_fake("2.13", calls))["gqa"] is True
-    assert varlen.call_plan(lambda q, k, v, cu_q, cu_k, max_q, max_k: q) is None
-    installed = varlen.varlen_function()
+    assert segmented.call_plan(_fake("2.13", calls))["gqa"] is True
+    assert segmented.call_plan(lambda q, k, v, cu_q, cu_k, max_q, max_k: q) is None
+    installed = segmented.varlen_function()
     if installed is not None:  # this torch's own: one of the known forms
-        plan = varlen.call_plan(installed)
+        plan = segmented.call_plan(installed)
         assert plan is not None and plan["scale"]
 
 
@@ -316,8 +317,8 @@ def test_varlen_branch_arguments_and_result(monkeypatch, signature):
     dim) tensors, int32 cumulative lengths, the causal flag and GQA the signature takes, the result
     reshaped back to (batch, tokens, heads, dim)."""
     calls = []
-    monkeypatch.setattr(varlen, "varlen_function", lambda: _fake(signature, calls))
-    monkeypatch.setattr(varlen, "_varlen_usable", lambda query, key, dropout: ("fake",))
+    monkeypatch.setattr(segmented, "varlen_function", lambda: _fake(signature, calls))
+    monkeypatch.setattr(segmented, "varlen_usable", lambda query, key, dropout: ("fake",))
     lengths = (5, 2, 9)
     query, key, value = qkv(lengths, heads=4, kv_heads=2)
     cu = varlen.cu_seq_lens(lengths)
@@ -339,8 +340,8 @@ def test_varlen_branch_arguments_and_result(monkeypatch, signature):
 def test_varlen_branch_flattens_the_rows_of_a_batch(monkeypatch):
     """A batch of two rows, each of two samples (position ids restarting): one call over the four."""
     calls = []
-    monkeypatch.setattr(varlen, "varlen_function", lambda: _fake("2.13", calls))
-    monkeypatch.setattr(varlen, "_varlen_usable", lambda query, key, dropout: ("fake",))
+    monkeypatch.setattr(segmented, "varlen_function", lambda: _fake("2.13", calls))
+    monkeypatch.setattr(segmented, "varlen_usable", lambda query, key, dropout: ("fake",))
     query, key, value = qkv((3, 4), batch=2)
     out = run(query, key, value, position_ids=positions((3, 4)).expand(2, -1))
     (call,) = calls
@@ -371,7 +372,7 @@ def test_varlen_scale_folds_into_the_query_without_a_scale_argument():
 
     query, key, value = (t.detach()[0].transpose(0, 1) for t in qkv((4, 3), heads=2, kv_heads=2))
     cu = varlen.cu_seq_lens([4, 3])
-    out = varlen.varlen_call(no_scale, varlen.call_plan(no_scale), query, key, value, cu, 4, scale=0.2)
+    out = segmented.varlen_call(no_scale, segmented.call_plan(no_scale), query, key, value, cu, 4, scale=0.2)
     expected = float64_reference(*(t.transpose(0, 1)[None] for t in (query, key, value)), [4, 3], scale=0.2)
     torch.testing.assert_close(out.double(), expected[0], rtol=1e-5, atol=1e-6)
 
@@ -380,9 +381,9 @@ def test_a_refused_varlen_call_falls_back_to_sdpa_per_sample(monkeypatch):
     def refusing(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
 
-    monkeypatch.setattr(varlen, "varlen_function", lambda: refusing)
-    monkeypatch.setattr(varlen, "_varlen_usable", lambda query, key, dropout: ("refusing",))
-    monkeypatch.setattr(varlen, "_failed", set())
+    monkeypatch.setattr(segmented, "varlen_function", lambda: refusing)
+    monkeypatch.setattr(segmented, "varlen_usable", lambda query, key, dropout: ("refusing",))
+    monkeypatch.setattr(segmented, "_failed", set())
     query, key, value = qkv((3, 6))
     with pytest.warns(UserWarning, match="SDPA runs per segment"):
         out = run(query, key, value, position_ids=positions((3, 6)))
@@ -393,4 +394,4 @@ def test_a_refused_varlen_call_falls_back_to_sdpa_per_sample(monkeypatch):
 
 def test_varlen_is_for_cuda_only():
     query = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
-    assert varlen._varlen_usable(query, query, 0.0) is None
+    assert segmented.varlen_usable(query, query, 0.0) is None
