@@ -44,9 +44,11 @@ class Segments(NamedTuple):
 
 class _Recent:
     """Results for the last few tensors seen. The same boundaries reach every layer of a forward
-    (and its recompute), so they are read off the device once a step, not once a layer."""
+    (and its recompute), so they are read off the device once a step, not once a layer. Eight:
+    a packed VLM step has up to five at once (the vision tower's window and image boundaries, the
+    text rows' query and key boundaries, their position ids)."""
 
-    def __init__(self, size: int = 4):
+    def __init__(self, size: int = 8):
         self.size, self.entries = size, []
 
     def get(self, tensor: torch.Tensor, extra):
