@@ -208,6 +208,8 @@ class CapturedStep:
                 with _expandable_segments(), torch.cuda.graph(self._graph):
                     loss = forward(self._batch.values)
                     loss.backward()
+            except torch.OutOfMemoryError:
+                raise  # its own message says what to do; it is no host read
             except RuntimeError as error:
                 raise RuntimeError(capture_failure(error)) from error
         self._loss = loss.detach()
