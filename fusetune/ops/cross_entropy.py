@@ -29,6 +29,8 @@ gradients (torch returns NaN there); one bad batch then cannot poison a run.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -44,11 +46,43 @@ from fusetune.ops._launch import (
 )
 
 _REDUCTIONS = ("mean", "sum", "none")
-# (segment columns, vocab block, warps) of the row kernel, chosen on an H200 with
-# bench/tune_cross_entropy.py (ce-tuning-h200-scalar.jsonl, kernel time): one segment a row up to
-# Gemma's vocabulary (a program reads its row twice, the second time partly from L2), 4,096-wide
-# blocks and 8 warps, within 1% of the best setting at each of the three tuned shapes.
-_LAUNCH = (262144, 4096, 8)
+
+
+class RowLaunch(NamedTuple):
+    """How the row kernel is launched.
+
+    ``segment_cols``: columns a work item covers (a row is cut into ``ceil(vocab / segment_cols)``
+    items, the last of which to finish makes the row's gradient); ``block``: columns a loop step
+    loads; ``warps``; ``programs_per_sm``: 0 launches one program per item, n > 0 a persistent grid
+    of n programs an SM that walk the items in order, so that fewer rows are in flight and a row's
+    second read is likelier to find it in L2; ``stages``: software-pipelining depth of the column
+    loops (None: the compiler's default for a plain loop).
+    """
+
+    segment_cols: int
+    block: int
+    warps: int
+    programs_per_sm: int = 0
+    stages: int | None = None
+
+
+# The row kernel's launches, chosen on an H200 with bench/tune_cross_entropy.py (kernel time): one
+# segment a row up to Gemma's vocabulary, 8,192-wide blocks and 8 warps. 4,096-wide blocks were as
+# fast in one call (ce-tuning-h200-scalar.jsonl) and 6% slower in another
+# (ce-tuning-h200-persistent.jsonl), where 8,192 was within 2% of the best at every shape both
+# times. Up to _FEW_ROWS rows (the chunks linear_cross_entropy runs the kernel on) a persistent
+# grid of four programs an SM was 5-6% faster than a program a row at 1,024 rows of vocab 152,064
+# and 262,144; at 8,192 rows it was 5% slower.
+_LAUNCH = RowLaunch(262144, 8192, 8)
+_FEW_ROWS_LAUNCH = RowLaunch(262144, 8192, 8, programs_per_sm=4)
+_FEW_ROWS = 2048
+
+
+def tuned_launch(n_rows: int) -> RowLaunch:
+    """The row kernel's launch for ``n_rows`` rows (measured on an H200, see above)."""
+    return _FEW_ROWS_LAUNCH if n_rows <= _FEW_ROWS else _LAUNCH
+
+
 # Elements per step, and programs per SM, of the in-place scaling kernel.
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 4
@@ -64,7 +98,7 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, STAGES: tl.constexpr):
     """Max, sum of ``exp(z - max)`` and (with ``SMOOTHING``, else 0) plain sum of the (soft-capped)
     logits in columns [start, end), streamed with an online max. An all ``-inf`` stretch gives a
     max of -inf and a sum of 0.
@@ -77,7 +111,7 @@ def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, S
     top = tl.full([], float("-inf"), dtype=tl.float32)
     total = tl.zeros([], dtype=tl.float32)
     logit_sum = tl.zeros([], dtype=tl.float32)
-    for first in range(start, end, BLOCK):
+    for first in tl.range(start, end, BLOCK, num_stages=STAGES):
         offs = first + cols
         mask = offs < end
         z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -118,6 +152,7 @@ def _finish_row(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
 
@@ -136,7 +171,7 @@ def _finish_row(
     if COMPUTE_GRAD:
         cols = tl.arange(0, BLOCK)
         softmax_factor = 1.0 + 2.0 * z_loss * lse
-        for start in range(0, n_cols, BLOCK):
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
             offs = start + cols
             mask = offs < n_cols
             x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
@@ -150,7 +185,8 @@ def _finish_row(
 
 
 @triton.jit
-def _cross_entropy_split_kernel(
+def _row_segment(
+    item,
     logits_ptr,
     logits_row_stride,
     labels_ptr,
@@ -173,18 +209,16 @@ def _cross_entropy_split_kernel(
     COMPUTE_GRAD: tl.constexpr,
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one program each
-    (program ``pid`` takes segment ``pid % n_segments`` of row ``pid // n_segments``, so a row's
-    programs run side by side). Each writes its stretch's statistics and counts itself in on the
-    row's arrival counter; the program that arrives last combines them into the log-sum-exp and
-    makes the loss and the whole row's gradient, re-reading the row soon after its siblings read
-    it, so that much of it is still in L2. No program ever waits for another (so the interpreter,
-    which runs programs one after another, runs it too). ``SEGMENTS`` is a power of two
-    >= ``n_segments``."""
-    pid = tl.program_id(0)
-    row = pid // n_segments
-    segment = pid % n_segments
+    """Work item ``item``: segment ``item % n_segments`` of row ``item // n_segments`` (so a row's
+    items are neighbours). It writes its stretch's statistics and counts itself in on the row's
+    arrival counter; the item that arrives last combines them into the log-sum-exp and makes the
+    loss and the whole row's gradient, re-reading the row soon after its siblings read it, so that
+    much of it is still in L2. No item ever waits for another (so the interpreter, which runs
+    programs one after another, runs it too). ``SEGMENTS`` is a power of two >= ``n_segments``."""
+    row = item // n_segments
+    segment = item % n_segments
     row64 = tl.cast(row, tl.int64)
     label = tl.load(labels_ptr + row64).to(tl.int64)
     logits_row = logits_ptr + row64 * logits_row_stride
@@ -198,7 +232,7 @@ def _cross_entropy_split_kernel(
             _zero_columns(grad_row, start, end, BLOCK)
     else:
         top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
-                                               BLOCK)
+                                               BLOCK, STAGES)
         stats = stats_ptr + (row64 * n_segments + segment) * 3
         tl.store(stats, top)
         tl.store(stats + 1, total)
@@ -221,7 +255,43 @@ def _cross_entropy_split_kernel(
                 scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
             _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
                         tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
-                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK)
+                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES)
+
+
+@triton.jit
+def _cross_entropy_split_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    grad_row_stride,
+    scale_ptr,
+    scale_stride,
+    stats_ptr,
+    arrivals_ptr,
+    n_items,
+    n_cols,
+    segment_cols,
+    n_segments,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The row kernel: each program takes the work items ``pid, pid + programs, ...`` (see
+    ``_row_segment``); with one program per item, each takes one."""
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        _row_segment(item, logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad_ptr, grad_row_stride,
+                     scale_ptr, scale_stride, stats_ptr, arrivals_ptr, n_cols, segment_cols, n_segments,
+                     ignore_index, label_smoothing, z_loss, softcap, HAS_SOFTCAP, SMOOTHING, COMPUTE_GRAD,
+                     SEGMENTS, BLOCK, STAGES)
 
 
 def cross_entropy_rows(
@@ -234,15 +304,15 @@ def cross_entropy_rows(
     softcap: float | None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
-    launch: tuple[int, int, int] | None = None,
+    launch: RowLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row float32 losses of 2-D ``logits`` (rows with unit column stride), via the kernel.
 
     With ``grad_scale`` (a float32 tensor of 1 element, or one per row) the gradient times that
     scale is also written, to ``grad_out`` (a new tensor when None; pass ``logits`` to work in
     place), and returned as the second value (None without ``grad_scale``). Labels must already
-    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` = (segment columns, block,
-    warps) overrides the tuned launch configuration (for benchmarks and tests).
+    be range-checked (``check_labels`` or ``LabelCheck``). ``launch`` (a ``RowLaunch``) overrides
+    the tuned launch configuration (for benchmarks and tests).
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -251,13 +321,17 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    segment_cols, block, warps = launch or _LAUNCH
+    segment_cols, block, warps, programs_per_sm, stages = launch or tuned_launch(n_rows)
     block = min(block, next_power_of_2(n_cols))
     segment_cols = max(block, segment_cols // block * block)
     n_segments = cdiv(n_cols, segment_cols)
-    stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
+    n_items = n_rows * n_segments
+    programs = n_items
+    if programs_per_sm:
+        programs = min(n_items, programs_per_sm * sm_count(logits.device))
+    stats = torch.empty(n_items * 3, dtype=torch.float32, device=logits.device)
     arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
-    _cross_entropy_split_kernel[(n_rows * n_segments,)](
+    _cross_entropy_split_kernel[(programs,)](
         logits,
         logits.stride(0),
         labels,
@@ -268,6 +342,7 @@ def cross_entropy_rows(
         (1 if grad_scale.numel() > 1 else 0) if compute_grad else 0,
         stats,
         arrivals,
+        n_items,
         n_cols,
         segment_cols,
         n_segments,
@@ -280,6 +355,7 @@ def cross_entropy_rows(
         COMPUTE_GRAD=compute_grad,
         SEGMENTS=next_power_of_2(n_segments),
         BLOCK=block,
+        STAGES=stages,
         num_warps=warps,
     )
     return losses, grad_out

@@ -25,15 +25,19 @@ ROWS, VOCAB = 11, 5003  # vocab spans two 4096-wide blocks, neither a multiple o
 
 # Launches of the row kernel every test here runs under: the tuned default (one segment a row at
 # these vocabularies), and five segments of 1,024 columns (the last one short) read in 256-wide
-# blocks, so that the last arrival's combine of the others' statistics is exercised.
-ROW_KERNEL_LAUNCHES = {"tuned": None, "split-5": (1024, 256, 4)}
+# blocks by a persistent grid (programs walk several items each) with pipelined column loops, so
+# that the last arrival's combine of the others' statistics and the item loop are exercised.
+ROW_KERNEL_LAUNCHES = {
+    "tuned": None,
+    "split-5-persistent": cross_entropy_module.RowLaunch(1024, 256, 4, programs_per_sm=1, stages=2),
+}
 
 
 @pytest.fixture(autouse=True, params=list(ROW_KERNEL_LAUNCHES), ids=list(ROW_KERNEL_LAUNCHES))
 def row_kernel_launch(request, monkeypatch):
     launch = ROW_KERNEL_LAUNCHES[request.param]
     if launch is not None:
-        monkeypatch.setattr(cross_entropy_module, "_LAUNCH", launch)
+        monkeypatch.setattr(cross_entropy_module, "tuned_launch", lambda n_rows: launch)
 
 
 def float64_loss(
