@@ -28,11 +28,12 @@ import torch
 
 from fusetune.ops._launch import as_rows, capturing, check_float, use_triton
 from fusetune.ops.cross_entropy import (
-    check_labels,
     check_options,
     cross_entropy_reference,
     cross_entropy_rows,
+    flatten_labels,
     loss_denominator,
+    raise_out_of_range,
     reduce_losses,
     scale_by_grad_output,
 )
@@ -116,15 +117,30 @@ def _chunked_loss(
     return losses, grads
 
 
-def labelled_rows(flat_labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of the rows whose label is not ``ignore_index``, so that the others cost nothing.
+def labelled_rows(flat_labels: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor | None:
+    """Check the labels, and find the rows whose label is not ``ignore_index`` so that the others
+    cost nothing, with one read of the device on the host.
 
-    None (every row is computed; an ignored row's loss and gradient are zero) while a CUDA graph
-    is captured: the count of labelled rows is a host-side shape, which a replay cannot change.
+    Raises the clear error for a label outside [0, n_classes). Returns the labelled rows' indices in
+    order, or None when every row is labelled. Why one read: the label count and the range check
+    each drain the device queue when read; ``nonzero`` would drain it a second time, so the indices
+    come from a stable sort (labelled rows first) cut to the count that was read.
+
+    While a CUDA graph is captured nothing is read or checked (``fusetune.graphs.CapturedStep``
+    checks each batch's labels before its replay) and None is returned: every row is computed, an
+    ignored row's loss and gradient being zero, since the count is a host-side shape that a replay
+    cannot change.
     """
     if capturing():
         return None
-    return (flat_labels != ignore_index).nonzero().squeeze(1)
+    keep = flat_labels != ignore_index
+    bad = keep & ((flat_labels < 0) | (flat_labels >= n_classes))
+    count, n_bad = torch.stack((keep.sum(), bad.sum())).tolist()
+    if n_bad:
+        raise_out_of_range(flat_labels, n_classes, ignore_index)
+    if count == flat_labels.numel():
+        return None
+    return torch.argsort((~keep).to(torch.uint8), stable=True)[:count]
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -149,12 +165,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             rows = as_rows(hidden)
             n_rows, vocab = rows.shape[0], weight.shape[0]
-            flat_labels = check_labels(labels, n_rows, vocab, options["ignore_index"])
+            flat_labels = flatten_labels(labels, n_rows)
+            labelled = labelled_rows(flat_labels, vocab, options["ignore_index"])
             denominator = loss_denominator(
                 flat_labels, reduction, options["ignore_index"], num_items_in_batch
             )
-            labelled = labelled_rows(flat_labels, options["ignore_index"])
-            every_row = labelled is None or labelled.numel() == n_rows
+            every_row = labelled is None
             kept_rows = rows if every_row else rows.index_select(0, labelled)
             kept_rows = kept_rows.to(compute_dtype).contiguous()
             kept_labels = flat_labels if every_row else flat_labels.index_select(0, labelled)
@@ -225,7 +241,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = [found.hidden, found.weight, found.bias]
         grad_hidden, grad_weight, grad_bias = grads
         if grad_hidden is not None:
-            if labelled is not None and labelled.numel() != n_rows:
+            if labelled is not None:
                 grad_hidden = grad_hidden.new_zeros(n_rows, grad_hidden.shape[1]).index_copy_(
                     0, labelled, grad_hidden
                 )

@@ -93,8 +93,22 @@ def test_capture_path_computes_every_row(monkeypatch, dtype, reduction, train_we
     module = importlib.import_module("fusetune.ops.linear_cross_entropy")
     monkeypatch.setattr(module, "capturing", lambda: True)
     h, w, b, labels = make_inputs(dtype)
-    assert module.labelled_rows(labels, -100) is None
+    assert module.labelled_rows(labels, VOCAB, -100) is None
     check_all(dtype, h, w, b, labels, train_weight=train_weight, reduction=reduction, chunk_rows=4)
+
+
+def test_labelled_rows_are_the_unignored_rows_in_order():
+    """The stable-sort indices equal ``nonzero``'s; every row labelled gives None; a label outside
+    the vocabulary raises the error that names it."""
+    module = importlib.import_module("fusetune.ops.linear_cross_entropy")
+    labels = torch.randint(0, VOCAB, (257,))
+    labels[torch.randperm(257)[:100]] = -100
+    expected = (labels != -100).nonzero().squeeze(1)
+    assert torch.equal(module.labelled_rows(labels, VOCAB, -100), expected)
+    assert module.labelled_rows(labels.clamp_min(0), VOCAB, -100) is None
+    labels[7] = VOCAB
+    with pytest.raises(ValueError, match=f"label {VOCAB} is outside the vocabulary"):
+        module.labelled_rows(labels, VOCAB, -100)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
