@@ -185,80 +185,6 @@ def _finish_row(
 
 
 @triton.jit
-def _row_segment(
-    item,
-    logits_ptr,
-    logits_row_stride,
-    labels_ptr,
-    loss_ptr,
-    grad_ptr,
-    grad_row_stride,
-    scale_ptr,
-    scale_stride,
-    stats_ptr,
-    arrivals_ptr,
-    n_cols,
-    segment_cols,
-    n_segments,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    SMOOTHING: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    SEGMENTS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """Work item ``item``: segment ``item % n_segments`` of row ``item // n_segments`` (so a row's
-    items are neighbours). It writes its stretch's statistics and counts itself in on the row's
-    arrival counter; the item that arrives last combines them into the log-sum-exp and makes the
-    loss and the whole row's gradient, re-reading the row soon after its siblings read it, so that
-    much of it is still in L2. No item ever waits for another (so the interpreter, which runs
-    programs one after another, runs it too). ``SEGMENTS`` is a power of two >= ``n_segments``."""
-    row = item // n_segments
-    segment = item % n_segments
-    row64 = tl.cast(row, tl.int64)
-    label = tl.load(labels_ptr + row64).to(tl.int64)
-    logits_row = logits_ptr + row64 * logits_row_stride
-    grad_row = grad_ptr + row64 * grad_row_stride
-    start = segment * segment_cols
-    end = tl.minimum(start + segment_cols, n_cols)
-    if label == ignore_index:
-        if segment == 0:
-            tl.store(loss_ptr + row64, 0.0)
-        if COMPUTE_GRAD:
-            _zero_columns(grad_row, start, end, BLOCK)
-    else:
-        top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
-                                               BLOCK, STAGES)
-        stats = stats_ptr + (row64 * n_segments + segment) * 3
-        tl.store(stats, top)
-        tl.store(stats + 1, total)
-        tl.store(stats + 2, logit_sum)
-        # Release: the stores above are visible to whoever sees this count; acquire: the last
-        # arrival sees every sibling's.
-        arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_segments - 1:
-            segments = tl.arange(0, SEGMENTS)
-            mine = segments < n_segments
-            row_stats = stats_ptr + (row64 * n_segments + segments) * 3
-            tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
-            totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
-            logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
-            top = tl.max(tops, axis=0)
-            safe_top = tl.where(top == float("-inf"), 0.0, top)
-            lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
-            scale = 1.0
-            if COMPUTE_GRAD:
-                scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-            _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
-                        tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
-                        HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES)
-
-
-@triton.jit
 def _cross_entropy_split_kernel(
     logits_ptr,
     logits_row_stride,
@@ -285,13 +211,55 @@ def _cross_entropy_split_kernel(
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """The row kernel: each program takes the work items ``pid, pid + programs, ...`` (see
-    ``_row_segment``); with one program per item, each takes one."""
+    """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one work item
+    each: item ``i`` is segment ``i % n_segments`` of row ``i // n_segments`` (so a row's items
+    are neighbours). Program ``pid`` takes the items ``pid, pid + programs, ...`` (one each with a
+    program per item). An item writes its stretch's statistics and counts itself in on the row's
+    arrival counter; the item that arrives last combines them into the log-sum-exp and makes the
+    loss and the whole row's gradient, re-reading the row soon after its siblings read it, so that
+    much of it may still be in L2. No item ever waits for another (so the interpreter, which runs
+    programs one after another, runs it too). ``SEGMENTS`` is a power of two >= ``n_segments``."""
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        _row_segment(item, logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad_ptr, grad_row_stride,
-                     scale_ptr, scale_stride, stats_ptr, arrivals_ptr, n_cols, segment_cols, n_segments,
-                     ignore_index, label_smoothing, z_loss, softcap, HAS_SOFTCAP, SMOOTHING, COMPUTE_GRAD,
-                     SEGMENTS, BLOCK, STAGES)
+        row = item // n_segments
+        segment = item % n_segments
+        row64 = tl.cast(row, tl.int64)
+        label = tl.load(labels_ptr + row64).to(tl.int64)
+        logits_row = logits_ptr + row64 * logits_row_stride
+        grad_row = grad_ptr + row64 * grad_row_stride
+        start = segment * segment_cols
+        end = tl.minimum(start + segment_cols, n_cols)
+        if label == ignore_index:
+            if segment == 0:
+                tl.store(loss_ptr + row64, 0.0)
+            if COMPUTE_GRAD:
+                _zero_columns(grad_row, start, end, BLOCK)
+        else:
+            top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
+                                                   BLOCK, STAGES)
+            stats = stats_ptr + (row64 * n_segments + segment) * 3
+            tl.store(stats, top)
+            tl.store(stats + 1, total)
+            tl.store(stats + 2, logit_sum)
+            # Release: the stores above are visible to whoever sees this count; acquire: the last
+            # arrival sees every sibling's.
+            arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_segments - 1:
+                segments = tl.arange(0, SEGMENTS)
+                mine = segments < n_segments
+                row_stats = stats_ptr + (row64 * n_segments + segments) * 3
+                tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
+                totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
+                logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
+                top = tl.max(tops, axis=0)
+                safe_top = tl.where(top == float("-inf"), 0.0, top)
+                lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
+                scale = 1.0
+                if COMPUTE_GRAD:
+                    scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
+                _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
+                            tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
+                            HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES)
+
 
 
 def cross_entropy_rows(
