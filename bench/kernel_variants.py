@@ -1,0 +1,89 @@
+"""Source variants of a fusetune kernel, timed side by side by ``bench/ops.py`` in one call.
+
+A launch setting can be swept from outside (``bench/tune_rows.py``); a change to a kernel's body
+cannot. This copies the checkout's ``fusetune`` package once per variant into a scratch folder,
+applies the variant's text replacements to it (each must match exactly once, so a variant that no
+longer fits the source fails loudly), and runs ``bench/ops.py`` on that copy for the variant's ops,
+fusetune alone, in a subprocess, correctness checks included. Each variant's records go to
+``DIR/ops-<tag>-<variant>.jsonl``, kernel time and its fraction of copy bandwidth included;
+``shipped`` is the source as it is.
+
+The variants are of the RMSNorm backward (``fusetune/ops/rms_norm.py``), where add_rms_norm stays
+at 0.77 of copy: ``dw_vector`` keeps the weight-gradient partial sum as one row (the rows of a
+step summed at once) instead of a (rows x block) tile, which holds fewer registers a thread;
+``evict_first`` marks the streamed loads (dy, the saved input, the residual gradient) as the
+first to leave L2.
+Run on the GPU: ``python bench/kernel_variants.py --out DIR`` (``--quick`` under the interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RMS_NORM = "fusetune/ops/rms_norm.py"
+_DW_TILE = "dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)"
+_LOAD_DY = "tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0)"
+_LOAD_H = "tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0)"
+_LOAD_DS = "tl.load(DS + rows64 * stride_ds + cols[None, :], mask=tile, other=0.0)"
+
+
+def _evicting(load: str) -> str:
+    return load[:-1] + ', eviction_policy="evict_first")'
+
+
+VARIANTS: dict[str, list[tuple[str, str, str]]] = {
+    "shipped": [],
+    "dw_vector": [
+        (RMS_NORM, _DW_TILE, "dw = tl.zeros((BLOCK,), dtype=tl.float32)"),
+        (RMS_NORM, "dw += dy * normed\n", "dw += tl.sum(dy * normed, axis=0)\n"),
+        (RMS_NORM, "dw += dy * normed.to(H.dtype.element_ty).to(tl.float32)",
+         "dw += tl.sum(dy * normed.to(H.dtype.element_ty).to(tl.float32), axis=0)"),
+        (RMS_NORM, "cols, tl.sum(dw, axis=0), mask=mask)", "cols, dw, mask=mask)"),
+    ],
+    "evict_first": [(RMS_NORM, load, _evicting(load)) for load in (_LOAD_DY, _LOAD_H, _LOAD_DS)],
+}
+
+
+def patched_copy(variant: str, scratch: Path) -> Path:
+    """A copy of the checkout's ``fusetune`` and ``bench`` with ``variant``'s replacements applied."""
+    root = scratch / variant
+    for folder in ("fusetune", "bench"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    for relative, old, new in VARIANTS[variant]:
+        path = root / relative
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"variant {variant}: {old!r} occurs {text.count(old)} times in {relative}")
+        path.write_text(text.replace(old, new))
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON lines")
+    parser.add_argument("--tag", default="h200-rms-variants")
+    parser.add_argument("--ops", default="add_rms_norm,rms_norm")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (plumbing)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        for variant in args.variants.split(","):
+            root = patched_copy(variant, Path(scratch))
+            command = [sys.executable, str(root / "bench" / "ops.py"), "--out", str(args.out.resolve()),
+                       "--tag", f"{args.tag}-{variant}", "--ops", args.ops, "--systems", "fusetune",
+                       ] + (["--quick"] if args.quick else [])
+            print(f"== {variant}", flush=True)
+            failed += subprocess.run(command, cwd=root / "bench").returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
