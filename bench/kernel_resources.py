@@ -53,7 +53,8 @@ def compiled_variants(kernel) -> list:
 
 def main() -> None:
     run_ops()
-    print(f"{'kernel':42s} {'warps':>5s} {'regs':>5s} {'spills':>6s} {'shared':>7s} {'programs/SM (regs)':>19s}")
+    columns = ("warps", 5), ("regs", 5), ("spills", 6), ("shared", 7), ("programs/SM (regs)", 19)
+    print(f"{'kernel':42s} " + " ".join(f"{name:>{width}s}" for name, width in columns))
     for name in MODULES:
         module = importlib.import_module(f"fusetune.ops.{name}")
         for attr, value in sorted(vars(module).items()):
