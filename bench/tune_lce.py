@@ -21,7 +21,7 @@ SHAPES = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},
           {"tokens": 16384, "hidden": 3584, "vocab": 152064},
           {"tokens": 8192, "hidden": 2304, "vocab": 262144})
 QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 500},)
-CHUNKS = (128, 256, 512, 1024, 2048, 4096)
+CHUNKS = (128, 256, 512, 768, 1024, 1280, 1536, 2048, 4096)
 QUICK_CHUNKS = (16, 32)
 
 
@@ -45,6 +45,8 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) 
     try:
         ms = common.time_fwd_bwd(step, grad_to_none=leaves, **timing)
         rows.append(common.record("fusetune", config, common.TIME, ms))
+        if torch.cuda.is_available():  # the device's time alone: the step can wait on the host
+            rows.append(common.record("fusetune", config, common.KERNEL_TIME, common.kernel_ms(step)))
         for leaf in leaves:
             leaf.grad = None
         if torch.cuda.is_available():
