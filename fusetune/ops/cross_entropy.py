@@ -261,7 +261,6 @@ def _cross_entropy_split_kernel(
                             HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES)
 
 
-
 def cross_entropy_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
