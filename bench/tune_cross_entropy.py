@@ -55,8 +55,9 @@ QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per
 
 
 def launches(vocab: int) -> list[RowLaunch]:
-    """The settings swept at one vocabulary: one segment a row, and two where a row passes 128k."""
-    segments = (262144,) if vocab <= 131072 * 1.25 else (131072, 262144)
+    """The settings swept at one vocabulary: one segment a row, and at Gemma's vocabulary (rows of
+    over 160k columns) two of 131,072 columns as well."""
+    segments = (262144,) if vocab <= 160_000 else (131072, 262144)
     return [RowLaunch(segment, block, warps, programs, stages) for segment in segments for block in BLOCKS
             for warps in WARPS for programs in PROGRAMS_PER_SM for stages in STAGES]
 

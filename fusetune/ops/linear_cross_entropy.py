@@ -33,6 +33,7 @@ from fusetune.ops.cross_entropy import (
     cross_entropy_rows,
     flatten_labels,
     loss_denominator,
+    out_of_range,
     raise_out_of_range,
     reduce_losses,
     scale_by_grad_output,
@@ -134,9 +135,9 @@ def labelled_rows(flat_labels: torch.Tensor, n_classes: int, ignore_index: int) 
     if capturing():
         return None
     keep = flat_labels != ignore_index
-    bad = keep & ((flat_labels < 0) | (flat_labels >= n_classes))
-    count, n_bad = torch.stack((keep.sum(), bad.sum())).tolist()
-    if n_bad:
+    bad = out_of_range(flat_labels, n_classes, ignore_index)
+    count, any_bad = torch.stack((keep.sum(), bad.to(torch.int64))).tolist()
+    if any_bad:
         raise_out_of_range(flat_labels, n_classes, ignore_index)
     if count == flat_labels.numel():
         return None
