@@ -52,16 +52,11 @@ class RowLaunch(NamedTuple):
     """How the row kernel is launched.
 
     ``segment_cols``: columns a work item covers (a row is cut into ``ceil(vocab / segment_cols)``
-    segments); ``block``: columns a loop step loads; ``warps``; ``stages``: software-pipelining
-    depth of the column loops (None: the compiler's default for a plain loop).
-
-    ``lag_rows`` picks the kernel when a gradient is made. 0: the split kernel, whose work items
-    each read a segment, the last of a row to finish then making the whole row's gradient;
-    ``programs_per_sm`` 0 launches it with one program per item, n > 0 as a persistent grid of n
-    programs an SM that walk the items in order, so that fewer rows are in flight. n > 0: the
-    lagged kernel, where a segment's gradient is a work item of its own, queued ``lag_rows`` rows
-    after the row's statistics items so that its read may find the segment in L2
-    (``programs_per_sm`` must be 0). Without a gradient the split kernel reads each row once.
+    items, the last of which to finish makes the row's gradient); ``block``: columns a loop step
+    loads; ``warps``; ``programs_per_sm``: 0 launches one program per item, n > 0 a persistent grid
+    of n programs an SM that walk the items in order, so that fewer rows are in flight and a row's
+    second read is likelier to find it in L2; ``stages``: software-pipelining depth of the column
+    loops (None: the compiler's default for a plain loop).
     """
 
     segment_cols: int
@@ -69,7 +64,6 @@ class RowLaunch(NamedTuple):
     warps: int
     programs_per_sm: int = 0
     stages: int | None = None
-    lag_rows: int = 0
 
 
 # The row kernel's launches, chosen on an H200 with bench/tune_cross_entropy.py (kernel time): one
@@ -143,81 +137,51 @@ def _zero_columns(grad_row, start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _label_logit(logits_row, label, n_cols, softcap, HAS_SOFTCAP: tl.constexpr):
-    """The (soft-capped) labelled logit: one scalar load, its index clamped into the row so that a
-    bad label (reported by the host-side check) can never make the kernel read outside it."""
-    safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
-    return _softcapped(tl.load(logits_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
-
-
-@triton.jit
-def _row_loss(lse, logit_sum, z_label, n_cols, label_smoothing, z_loss):
-    """A labelled row's loss from its log-sum-exp, its logits' sum and its labelled logit."""
-    loss = lse - (1.0 - label_smoothing) * z_label - label_smoothing / n_cols * logit_sum
-    return loss + z_loss * lse * lse
-
-
-@triton.jit
-def _combined_stats(stats_ptr, row64, n_segments, SEGMENTS: tl.constexpr):
-    """A row's log-sum-exp and logits' sum from its segments' (max, sum-exp, sum) triples, read
-    from L2 (the siblings that wrote them ran on other multiprocessors)."""
-    segments = tl.arange(0, SEGMENTS)
-    mine = segments < n_segments
-    row_stats = stats_ptr + (row64 * n_segments + segments) * 3
-    tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
-    totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
-    logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
-    top = tl.max(tops, axis=0)
-    safe_top = tl.where(top == float("-inf"), 0.0, top)
-    lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
-    return lse, tl.sum(logit_sums, axis=0)
-
-
-@triton.jit
-def _store_segment_stats(stats_ptr, row64, segment, n_segments, top, total, logit_sum):
-    """Write one segment's (max, sum-exp, sum) triple where ``_combined_stats`` reads it."""
-    stats = stats_ptr + (row64 * n_segments + segment) * 3
-    tl.store(stats, top)
-    tl.store(stats + 1, total)
-    tl.store(stats + 2, logit_sum)
-
-
-@triton.jit
-def _write_gradient(
+def _finish_row(
     logits_row,
-    grad_row,
-    start,
-    end,
     label,
-    lse,
+    loss_ptr,
+    grad_row,
     scale,
+    lse,
+    logit_sum,
     n_cols,
     label_smoothing,
     z_loss,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """``scale * dloss/dlogits`` of a labelled row over columns [start, end).
+    """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
 
-    May overwrite the logits in place (``grad_row == logits_row``): each element is read before it
-    is written, by this program.
+    The gradient pass re-reads the row and may overwrite the logits in place
+    (``grad_row == logits_row``): each element is read before it is written, by this program.
     """
-    cols = tl.arange(0, BLOCK)
+    # The labelled logit: one scalar load, its index clamped into the row so that a bad label
+    # (reported by the host-side check) can never make the kernel read outside it.
+    safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
+    z_label = _softcapped(tl.load(logits_row + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
     smooth = label_smoothing / n_cols
-    softmax_factor = 1.0 + 2.0 * z_loss * lse
-    for first in tl.range(start, end, BLOCK, num_stages=STAGES):
-        offs = first + cols
-        mask = offs < end
-        x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-        z = _softcapped(x, softcap, HAS_SOFTCAP)
-        grad = tl.exp(z - lse) * softmax_factor - smooth
-        grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
-        if HAS_SOFTCAP:
-            capped = z / softcap
-            grad = grad * (1.0 - capped * capped)
-        tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
+    loss = lse - (1.0 - label_smoothing) * z_label - smooth * logit_sum
+    loss += z_loss * lse * lse
+    tl.store(loss_ptr, loss)
+
+    if COMPUTE_GRAD:
+        cols = tl.arange(0, BLOCK)
+        softmax_factor = 1.0 + 2.0 * z_loss * lse
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+            z = _softcapped(x, softcap, HAS_SOFTCAP)
+            grad = tl.exp(z - lse) * softmax_factor - smooth
+            grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
+            if HAS_SOFTCAP:
+                capped = z / softcap
+                grad = grad * (1.0 - capped * capped)
+            tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -272,106 +236,29 @@ def _cross_entropy_split_kernel(
         else:
             top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
                                                    BLOCK, STAGES)
-            _store_segment_stats(stats_ptr, row64, segment, n_segments, top, total, logit_sum)
+            stats = stats_ptr + (row64 * n_segments + segment) * 3
+            tl.store(stats, top)
+            tl.store(stats + 1, total)
+            tl.store(stats + 2, logit_sum)
             # Release: the stores above are visible to whoever sees this count; acquire: the last
             # arrival sees every sibling's.
             arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
             if arrived == n_segments - 1:
-                lse, logit_sum = _combined_stats(stats_ptr, row64, n_segments, SEGMENTS)
-                # Read before the gradient may overwrite it in place.
-                z_label = _label_logit(logits_row, label, n_cols, softcap, HAS_SOFTCAP)
-                loss = _row_loss(lse, logit_sum, z_label, n_cols, label_smoothing, z_loss)
-                tl.store(loss_ptr + row64, loss)
+                segments = tl.arange(0, SEGMENTS)
+                mine = segments < n_segments
+                row_stats = stats_ptr + (row64 * n_segments + segments) * 3
+                tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
+                totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
+                logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
+                top = tl.max(tops, axis=0)
+                safe_top = tl.where(top == float("-inf"), 0.0, top)
+                lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
+                scale = 1.0
                 if COMPUTE_GRAD:
                     scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-                    _write_gradient(logits_row, grad_row, 0, n_cols, label, lse, scale, n_cols,
-                                    label_smoothing, z_loss, softcap, HAS_SOFTCAP, BLOCK, STAGES)
-
-
-@triton.jit
-def _cross_entropy_lagged_kernel(
-    logits_ptr,
-    logits_row_stride,
-    labels_ptr,
-    loss_ptr,
-    grad_ptr,
-    grad_row_stride,
-    scale_ptr,
-    scale_stride,
-    stats_ptr,
-    label_logits_ptr,
-    counters_ptr,
-    n_rows,
-    n_cols,
-    segment_cols,
-    n_segments,
-    lag_rows,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    SMOOTHING: tl.constexpr,
-    SEGMENTS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """Loss and gradient with a row's statistics and its gradient as separate work items, the
-    gradient items queued ``lag_rows`` rows behind the statistics items, so that a row's second
-    read comes while few other rows have been read since: from L2, when the lag is short enough.
-
-    Items are taken from a ticket counter (``counters_ptr[0]``), in this order: step ``j`` holds
-    the ``n_segments`` statistics items of row ``j``, then the gradient items of row
-    ``j - lag_rows`` (tickets of rows outside [0, n_rows) do nothing). A statistics item writes its
-    segment's (max, sum-exp, sum) triple (and, if the label falls in it, the labelled logit) and
-    counts itself in on the row's counter (``counters_ptr[1 + row]``). A gradient item waits until
-    all of them have, combines them, and writes its segment's gradient (segment 0 also the loss).
-    A wait is only ever for tickets taken earlier, by programs already running, which never wait
-    themselves: no wait lasts forever, whichever programs the device keeps resident, and the
-    interpreter (programs one after another, in ticket order) never waits at all.
-    """
-    ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
-    step = ticket // (2 * n_segments)
-    slot = ticket % (2 * n_segments)
-    is_stats = slot < n_segments
-    row = tl.where(is_stats, step, step - lag_rows)
-    segment = tl.where(is_stats, slot, slot - n_segments)
-    if (row >= 0) & (row < n_rows):
-        row64 = tl.cast(row, tl.int64)
-        label = tl.load(labels_ptr + row64).to(tl.int64)
-        logits_row = logits_ptr + row64 * logits_row_stride
-        grad_row = grad_ptr + row64 * grad_row_stride
-        arrivals = counters_ptr + 1 + row64
-        start = segment * segment_cols
-        end = tl.minimum(start + segment_cols, n_cols)
-        if is_stats:
-            if label != ignore_index:
-                top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP,
-                                                       SMOOTHING, BLOCK, STAGES)
-                _store_segment_stats(stats_ptr, row64, segment, n_segments, top, total, logit_sum)
-                # Kept for the loss now: the gradient may overwrite the logits in place later.
-                label_col = tl.minimum(tl.maximum(label, 0), n_cols - 1)
-                if (label_col >= start) & (label_col < end):
-                    tl.store(label_logits_ptr + row64, _label_logit(logits_row, label, n_cols, softcap,
-                                                                    HAS_SOFTCAP))
-                # Release: the stores above are visible to whoever sees this count.
-                tl.atomic_add(arrivals, 1, sem="release", scope="gpu")
-        elif label == ignore_index:
-            if segment == 0:
-                tl.store(loss_ptr + row64, 0.0)
-            _zero_columns(grad_row, start, end, BLOCK)
-        else:
-            arrived = tl.atomic_add(arrivals, 0, sem="acquire", scope="gpu")
-            while arrived < n_segments:
-                arrived = tl.atomic_add(arrivals, 0, sem="acquire", scope="gpu")
-            lse, logit_sum = _combined_stats(stats_ptr, row64, n_segments, SEGMENTS)
-            if segment == 0:
-                z_label = tl.load(label_logits_ptr + row64, cache_modifier=".cg")
-                loss = _row_loss(lse, logit_sum, z_label, n_cols, label_smoothing, z_loss)
-                tl.store(loss_ptr + row64, loss)
-            scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-            _write_gradient(logits_row, grad_row, start, end, label, lse, scale, n_cols, label_smoothing,
-                            z_loss, softcap, HAS_SOFTCAP, BLOCK, STAGES)
+                _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
+                            tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
+                            HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES)
 
 
 def cross_entropy_rows(
@@ -401,40 +288,15 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    segment_cols, block, warps, programs_per_sm, stages, lag_rows = launch or tuned_launch(n_rows)
-    if lag_rows and programs_per_sm:
-        raise ValueError(f"fusetune: {launch}: the lagged kernel takes one program per work item; "
-                         "set programs_per_sm=0.")
+    segment_cols, block, warps, programs_per_sm, stages = launch or tuned_launch(n_rows)
     block = min(block, next_power_of_2(n_cols))
     segment_cols = max(block, segment_cols // block * block)
     n_segments = cdiv(n_cols, segment_cols)
-    stats = torch.empty(n_rows * n_segments * 3, dtype=torch.float32, device=logits.device)
-    options = dict(
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None,
-        SMOOTHING=label_smoothing > 0,
-        SEGMENTS=next_power_of_2(n_segments),
-        BLOCK=block,
-        STAGES=stages,
-        num_warps=warps,
-    )
-    if compute_grad and lag_rows:
-        # counters[0] hands out tickets, counters[1 + row] counts a row's statistics items in.
-        counters = torch.zeros(1 + n_rows, dtype=torch.int32, device=logits.device)
-        label_logits = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        _cross_entropy_lagged_kernel[((n_rows + lag_rows) * 2 * n_segments,)](
-            logits, logits.stride(0), labels, losses, grad_out, grad_out.stride(0), grad_scale,
-            1 if grad_scale.numel() > 1 else 0, stats, label_logits, counters, n_rows, n_cols,
-            segment_cols, n_segments, lag_rows, **options,
-        )
-        return losses, grad_out
     n_items = n_rows * n_segments
     programs = n_items
     if programs_per_sm:
         programs = min(n_items, programs_per_sm * sm_count(logits.device))
+    stats = torch.empty(n_items * 3, dtype=torch.float32, device=logits.device)
     arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
     _cross_entropy_split_kernel[(programs,)](
         logits,
@@ -451,8 +313,17 @@ def cross_entropy_rows(
         n_cols,
         segment_cols,
         n_segments,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        SMOOTHING=label_smoothing > 0,
         COMPUTE_GRAD=compute_grad,
-        **options,
+        SEGMENTS=next_power_of_2(n_segments),
+        BLOCK=block,
+        STAGES=stages,
+        num_warps=warps,
     )
     return losses, grad_out
 

@@ -23,15 +23,13 @@ cross_entropy_module = importlib.import_module("fusetune.ops.cross_entropy")
 
 ROWS, VOCAB = 11, 5003  # vocab spans two 4096-wide blocks, neither a multiple of one
 
-# Launches of the row kernel every test here runs under: the tuned default; five segments of 1,024
-# columns (the last one short) read in 256-wide blocks by a persistent grid (programs walk several
-# items each) with pipelined column loops, so that the last arrival's combine of the others'
-# statistics and the item loop are exercised; and the lagged kernel with five segments a row and
-# each row's gradient items two rows behind its statistics items.
+# Launches of the row kernel every test here runs under: the tuned default (one segment a row at
+# these vocabularies), and five segments of 1,024 columns (the last one short) read in 256-wide
+# blocks by a persistent grid (programs walk several items each) with pipelined column loops, so
+# that the last arrival's combine of the others' statistics and the item loop are exercised.
 ROW_KERNEL_LAUNCHES = {
     "tuned": None,
     "split-5-persistent": cross_entropy_module.RowLaunch(1024, 256, 4, programs_per_sm=1, stages=2),
-    "lagged-5": cross_entropy_module.RowLaunch(1024, 256, 4, lag_rows=2),
 }
 
 

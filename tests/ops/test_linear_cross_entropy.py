@@ -136,17 +136,11 @@ def test_options(options):
     check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, **options)
 
 
-@pytest.mark.parametrize(
-    "launch",
-    [dict(), dict(lag_rows=2)],
-    ids=["split", "lagged"],
-)
-def test_row_kernel_in_place_on_split_rows(monkeypatch, launch):
+def test_row_kernel_in_place_on_split_rows(monkeypatch):
     """The row kernel writing the gradient over a chunk's logits with each row cut into five
-    segments of 1,024 columns (the tuned launch gives these small rows one segment), by the split
-    kernel and by the lagged one."""
+    segments of 1,024 columns (the tuned launch gives these small rows one segment)."""
     cross_entropy_module = importlib.import_module("fusetune.ops.cross_entropy")
-    split = cross_entropy_module.RowLaunch(1024, 256, 4, **launch)
+    split = cross_entropy_module.RowLaunch(1024, 256, 4)
     monkeypatch.setattr(cross_entropy_module, "tuned_launch", lambda n_rows: split)
     check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, label_smoothing=0.1)
 
