@@ -2,14 +2,17 @@
 they fall short of 80% of copy bandwidth, so that their defaults are measured, not guessed.
 
 The norms take num_warps from the row width (``_launch.warps_for``), the backward's persistent
-grid from ``_launch._PROGRAMS_PER_SM``, the rows each RMSNorm backward program loads at once from
-``rms_norm.backward_rows``, LayerNorm's backward software-pipelining stages from
-``layer_norm._backward_stages`` (``--stages-only`` sweeps just those); RoPE its tile, heads and
-warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and ``rope._WARPS``. For each
-configuration this sweep sets those module values, times forward + backward (and forward alone)
-on bench/ops.py's inputs, takes the step's kernel time alone (torch.profiler: the timed step can
-wait on the host) and records both as fractions of the copy bandwidth measured in the same run
-(bench/ops.py's byte counts); ``default`` rows are the shipped settings.
+grid from ``_launch._PROGRAMS_PER_SM`` (``_NARROW_PROGRAMS_PER_SM`` for narrow rows), the rows
+each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, LayerNorm's backward
+software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
+those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and
+``rope._WARPS``. ``--narrow`` sweeps the norms on narrow rows (per-head norms, a vision tower's
+LayerNorm) over the elements a program takes (``_launch.ROW_TILE``, which sets how many rows that
+is) and the backward's programs per SM. For each configuration this sweep sets those module
+values, times forward + backward (and forward alone) on bench/ops.py's inputs, takes the step's
+kernel time alone (torch.profiler: the timed step can wait on the host) and records both as
+fractions of the copy bandwidth measured in the same run (bench/ops.py's byte counts);
+``default`` rows are the shipped settings.
 Run: ``python bench/tune_rows.py --out DIR [--quick] [--ops add_rms_norm ...]`` (writes
 DIR/rows-tuning-<tag>.jsonl).
 """
@@ -41,6 +44,12 @@ ROPE_CASES = tuple(("rope", shape) for shape in ops.ROPE)
 # 32,768 rows is not a loss at 8,192.
 STAGE_CASES = tuple(("layer_norm", {"tokens": tokens, "hidden": hidden})
                     for tokens in (8192, 32768) for hidden in (4096, 8192))
+# Narrow rows, taken several to a program (``_launch.rows_per_program``): bench/ops.py's per-head
+# and vision-tower shapes.
+NARROW_CASES = tuple(("rms_norm", shape) for shape in ops.HEAD_NORM) + tuple(
+    ("layer_norm", shape) for shape in ops.VISION_NORM)
+ROW_TILES = (1024, 2048, 4096, 8192, 16384)
+NARROW_PROGRAMS = (2, 4, 8)
 QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NORM[0]),
                ("rope", ops.QUICK_ROPE[0]))
 NORM_WARPS = (8, 16, 32)
@@ -63,13 +72,17 @@ ROPE_WARPS = (4, 8)
 @contextlib.contextmanager
 def launch_settings(warps: int | None = None, programs_per_sm: int | None = None,
                     rope_tile: int | None = None, rope_heads: int | None = None,
-                    backward_rows: int | None = None, stages: int | None = None):
+                    backward_rows: int | None = None, stages: int | None = None,
+                    row_tile: int | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
-              (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"))]
+              (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
+              (_launch, "_NARROW_PROGRAMS_PER_SM"))]
     try:
+        if row_tile is not None:
+            _launch.ROW_TILE = row_tile
         if warps is not None:
             for module in (rms_norm, layer_norm):
                 module.warps_for = lambda block, warps=warps: warps
@@ -77,7 +90,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
         if backward_rows is not None:
             rms_norm.backward_rows = lambda block, residual, rows=backward_rows: rows
         if programs_per_sm is not None:
-            _launch._PROGRAMS_PER_SM = programs_per_sm
+            _launch._PROGRAMS_PER_SM = _launch._NARROW_PROGRAMS_PER_SM = programs_per_sm
         if rope_tile is not None:
             rope._MAX_TILE = rope_tile
         if rope_heads is not None:
@@ -90,9 +103,13 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
             setattr(module, name, value)
 
 
-def grid(name: str, quick: bool, stages_only: bool = False) -> list[dict]:
+def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False) -> list[dict]:
     """The settings swept for one op, the shipped default first (``stages_only``: the default and
-    the pipelining stages alone)."""
+    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM)."""
+    if narrow:
+        settings = [{"row_tile": t, "programs_per_sm": p}
+                    for t, p in itertools.product(ROW_TILES, NARROW_PROGRAMS)]
+        return [{}] + (settings[:2] if quick else settings)
     if stages_only:
         settings = [{"stages": s} for s in STAGES[: 1 if quick else None]]
         return ([{}] + settings) * 2  # everything twice: the run's noise shows
@@ -150,19 +167,23 @@ def main() -> None:
                             help="sweep only these ops (default: all)")
         parser.add_argument("--stages-only", action="store_true",
                             help="only LayerNorm's backward pipelining stages against the default")
+        parser.add_argument("--narrow", action="store_true",
+                            help="only the norms on narrow rows, over row tiles and programs per SM")
 
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning",
                                           {"warmup": 25, "rep": 100}, choose_ops)
     copy_bytes = 2**20 if args.quick else 2**30
     copy_rate = common.copy_bandwidth(copy_bytes, **timing)
     common.record("device", {"op": "copy", "bytes": copy_bytes}, common.COPY, copy_rate / 1e9)
-    cases = STAGE_CASES if args.stages_only else NORM_CASES + ROPE_CASES
+    cases = STAGE_CASES if args.stages_only else NARROW_CASES if args.narrow else NORM_CASES + ROPE_CASES
     for name, shape in QUICK_CASES if args.quick else cases:
         if args.ops and name not in args.ops:
             continue
+        if (args.stages_only or args.narrow) and name == "rope":
+            continue
         if args.stages_only and name != "layer_norm":
             continue
-        for setting in grid(name, args.quick, args.stages_only):
+        for setting in grid(name, args.quick, args.stages_only, args.narrow):
             measure(name, shape, setting, timing, copy_rate)
             common.release()
 

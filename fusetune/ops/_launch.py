@@ -108,6 +108,25 @@ def block_for(n_cols: int, limit: int = MAX_FUSED_ROW) -> int:
     return min(limit, next_power_of_2(n_cols))
 
 
+# Narrow rows (per-head norms of Qwen3 or Gemma 3: 128 or 256 wide, over tokens x heads; a vision
+# tower's 1,024-wide LayerNorm) would launch a program for every few hundred bytes. Rows up to
+# ROW_TILE / 2 wide are taken several to a program, ROW_TILE elements in all
+# (``rows_per_program``), and a persistent backward over rows up to NARROW_BLOCK wide runs
+# _NARROW_PROGRAMS_PER_SM programs an SM. Measured on an H200 with bench/tune_rows.py --narrow
+# (rows-tuning-h200-narrow.jsonl, kernel time over 5 tiles x 3 programs an SM): these settings
+# were within 4% of the best at 262144 x 128 and 131072 x 256 (RMSNorm) and the best at
+# 32768 x 1024 (LayerNorm, 0.113 ms against 0.145-0.181 with two programs an SM).
+ROW_TILE = 1024
+NARROW_BLOCK = 1024
+_NARROW_PROGRAMS_PER_SM = 8
+
+
+def rows_per_program(block: int) -> int:
+    """Rows a row kernel's program takes at once when each row fits a ``block``: one for rows
+    wider than ``ROW_TILE`` / 2, else as many as fill ``ROW_TILE`` elements."""
+    return max(1, ROW_TILE // block)
+
+
 def warps_for(block: int) -> int:
     """num_warps for a row kernel whose block holds ``block`` elements."""
     if block >= 32768:
@@ -138,13 +157,18 @@ def sm_count(device: torch.device) -> int:
     return _INTERPRETER_PROGRAMS
 
 
-def persistent_programs(n_rows: int, device: torch.device) -> int:
-    """How many programs a persistent row-loop backward grid launches (at most one per row).
+def persistent_programs(n_rows: int, device: torch.device, block: int | None = None) -> int:
+    """How many programs a persistent row-loop backward grid launches (at most one per row, or per
+    group of rows when rows are taken several at a time) over rows that fit ``block``.
 
     Bounded by a small multiple of the SM count so the fp32 partial-sum buffer for parameter
-    gradients stays ``programs x hidden``, whatever the number of rows.
+    gradients stays ``programs x hidden``, whatever the number of rows; rows up to ``NARROW_BLOCK``
+    wide get more programs an SM (see above).
     """
-    per_sm = _PROGRAMS_PER_SM if device.type == "cuda" else 1
+    per_sm = 1
+    if device.type == "cuda":
+        narrow = block is not None and block <= NARROW_BLOCK
+        per_sm = _NARROW_PROGRAMS_PER_SM if narrow else _PROGRAMS_PER_SM
     return min(n_rows, per_sm * sm_count(device))
 
 

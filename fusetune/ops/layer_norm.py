@@ -1,8 +1,9 @@
 """LayerNorm over the last dim as Triton forward and backward kernels.
 
-The forward runs one program per row and saves the row's fp32 mean and rstd; the backward
-recomputes the normalised row from the saved input, on a bounded persistent grid whose programs
-each keep fp32 partial sums of the weight and bias gradients (finished by ``sum_partials``, shared
+The forward runs one program per row (per several rows where rows are narrow:
+``rows_per_program``) and saves the row's fp32 mean and rstd; the backward recomputes the
+normalised row from the saved input, as many rows at a time, on a bounded persistent grid whose
+programs each keep fp32 partial sums of the weight and bias gradients (finished by ``sum_partials``, shared
 with ``rms_norm`` through ``_launch``). The backward's row loop is software-pipelined
 where rows are wide and each program has many of them (``_backward_stages``): the next rows'
 loads are issued while the current row is computed.
@@ -15,10 +16,12 @@ import torch
 from fusetune.ops._launch import (
     as_rows,
     block_for,
+    cdiv,
     check_float,
     check_row_width,
     partial_buffer,
     persistent_programs,
+    rows_per_program,
     sum_partials,
     triton,
     use_triton,
@@ -37,9 +40,10 @@ _PIPELINED_MIN_ROWS_PER_PROGRAM = 64
 _PIPELINE_STAGES = 3
 
 
-def _backward_stages(block: int, n_rows: int, programs: int) -> int:
-    """Stages of the backward's row loop for rows of ``block`` spread over ``programs``."""
-    long_loop = n_rows >= _PIPELINED_MIN_ROWS_PER_PROGRAM * programs
+def _backward_stages(block: int, n_groups: int, programs: int) -> int:
+    """Stages of the backward's loop over ``n_groups`` groups of rows (one row each where rows are
+    wide) of ``block``, spread over ``programs``."""
+    long_loop = n_groups >= _PIPELINED_MIN_ROWS_PER_PROGRAM * programs
     return _PIPELINE_STAGES if block >= _PIPELINED_BLOCK and long_loop else 1
 
 
@@ -49,51 +53,57 @@ if triton is not None:
     @triton.jit
     def _layer_norm_forward_kernel(
         X, W, B, Y, MEAN, RSTD,
-        stride_x, n_cols, eps,
-        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        stride_x, n_rows, n_cols, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
-        # One program per row; Y is contiguous, n_cols wide.
-        row = tl.program_id(0)
-        row64 = tl.cast(row, tl.int64)
+        # One program per ROWS rows, a (ROWS, BLOCK) tile; Y is contiguous, n_cols wide.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows64 = tl.cast(rows, tl.int64)[:, None]
+        in_rows = rows < n_rows
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        h = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(h, axis=0) / n_cols
-        centred = tl.where(mask, h - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-        y = centred * rstd
+        tile = in_rows[:, None] & mask[None, :]
+        h = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=1) / n_cols
+        centred = tl.where(tile, h - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        tl.store(MEAN + rows, mean, mask=in_rows)
+        tl.store(RSTD + rows, rstd, mask=in_rows)
+        y = centred * rstd[:, None]
         if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row64 * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows64 * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=tile)
 
     @triton.jit
     def _layer_norm_backward_kernel(
         DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
         stride_dy, stride_x, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-        BLOCK: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
     ):
-        # Persistent: program p handles rows p, p + P, ... and writes one row of each fp32
-        # partial-sum buffer (P x n_cols). DX is contiguous, n_cols wide.
+        # Persistent: program p handles the groups of ROWS rows p, p + P, ... and writes one row of
+        # each fp32 partial-sum buffer (P x n_cols). DX is contiguous, n_cols wide.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
         if COMPUTE_DW:
-            dw = tl.zeros((BLOCK,), dtype=tl.float32)
+            dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         if COMPUTE_DB:
-            db = tl.zeros((BLOCK,), dtype=tl.float32)
-        for row in tl.range(pid, n_rows, tl.num_programs(0), num_stages=STAGES):
-            row64 = tl.cast(row, tl.int64)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            h = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            normed = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+            db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+        for group in tl.range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
+            rows = group * ROWS + tl.arange(0, ROWS)
+            rows64 = tl.cast(rows, tl.int64)[:, None]
+            in_rows = rows < n_rows
+            tile = in_rows[:, None] & mask[None, :]
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            h = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]
+            mean = tl.load(MEAN + rows, mask=in_rows, other=0.0)[:, None]
+            normed = tl.where(tile, (h - mean) * rstd, 0.0)
             if HAS_WEIGHT:
                 dnormed = dy * w
             else:
@@ -102,14 +112,14 @@ if triton is not None:
                 dw += dy * normed
             if COMPUTE_DB:
                 db += dy
-            mean_dn = tl.sum(dnormed, axis=0) / n_cols
-            mean_dn_n = tl.sum(dnormed * normed, axis=0) / n_cols
+            mean_dn = (tl.sum(dnormed, axis=1) / n_cols)[:, None]
+            mean_dn_n = (tl.sum(dnormed * normed, axis=1) / n_cols)[:, None]
             dx = rstd * (dnormed - mean_dn - normed * mean_dn_n)
-            tl.store(DX + row64 * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + rows64 * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=tile)
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
+            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=mask)
         if COMPUTE_DB:
-            tl.store(DB_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, db, mask=mask)
+            tl.store(DB_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(db, axis=0), mask=mask)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -121,11 +131,12 @@ class _LayerNorm(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _layer_norm_forward_kernel[(n_rows,)](
+        rows_at_once = rows_per_program(block)
+        _layer_norm_forward_kernel[(cdiv(n_rows, rows_at_once),)](
             rows, weight, bias, y, mean, rstd,
-            rows.stride(0), n_cols, eps,
+            rows.stride(0), n_rows, n_cols, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=warps_for(block),
+            BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block * rows_at_once),
         )
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.shape = x.shape
@@ -139,7 +150,9 @@ class _LayerNorm(torch.autograd.Function):
         block = block_for(n_cols)
         dy_rows = as_rows(dy)
         dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
-        programs = persistent_programs(n_rows, rows.device)
+        rows_at_once = rows_per_program(block)
+        groups = cdiv(n_rows, rows_at_once)
+        programs = persistent_programs(groups, rows.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)
@@ -148,7 +161,8 @@ class _LayerNorm(torch.autograd.Function):
             dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
             dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK=block, STAGES=_backward_stages(block, n_rows, programs), num_warps=warps_for(block),
+            BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block, groups, programs),
+            num_warps=warps_for(block * rows_at_once),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         db = sum_partials(db_partial, ctx.bias_dtype) if need_db else None

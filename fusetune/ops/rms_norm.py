@@ -4,7 +4,8 @@
 (``cast="gemma"``, with ``offset=1.0``); ``add_rms_norm`` also does the ``residual + hidden``
 add that precedes every such norm in a decoder layer, in the same pass over memory.
 
-Both share one forward kernel (one program per row, ``HAS_RESIDUAL`` switching the add on) and one
+Both share one forward kernel (one program per row, or per several rows where rows are narrow, as
+the per-head norms of Qwen3 and Gemma 3 are; ``HAS_RESIDUAL`` switching the add on) and one
 backward kernel (a bounded, persistent grid: each program walks many rows, ``backward_rows`` of
 them at a time, and keeps its own fp32 partial sum of the weight gradient; ``sum_partials`` adds
 those up). The backward recomputes the normalised row from the saved input and one fp32 ``rstd``
@@ -25,6 +26,7 @@ from fusetune.ops._launch import (
     memory_order,
     partial_buffer,
     persistent_programs,
+    rows_per_program,
     sum_partials,
     triton,
     use_triton,
@@ -47,8 +49,8 @@ _BACKWARD_ROWS: dict[tuple[int, bool], int] = {(4096, True): 2, (8192, True): 2,
 
 def backward_rows(block: int, residual: bool) -> int:
     """Rows each program of the RMSNorm backward loads at once, for rows of ``block``, with or
-    without the fused residual add."""
-    return _BACKWARD_ROWS.get((block, residual), 1)
+    without the fused residual add (narrow rows: as many as ``rows_per_program`` gives)."""
+    return _BACKWARD_ROWS.get((block, residual), rows_per_program(block))
 
 
 if triton is not None:
@@ -56,26 +58,29 @@ if triton is not None:
     @triton.jit
     def _rms_norm_forward_kernel(
         X, R, S, Y, W, RSTD,
-        stride_x, stride_r, n_cols, eps, offset,
+        stride_x, stride_r, n_rows, n_cols, eps, offset,
         HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, GEMMA: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
-        # One program per row. S (the rounded sum x + r) and Y are contiguous, n_cols wide.
-        row = tl.program_id(0)
-        row64 = tl.cast(row, tl.int64)
+        # One program per ROWS rows, a (ROWS, BLOCK) tile. S (the rounded sum x + r) and Y are
+        # contiguous, n_cols wide.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows64 = tl.cast(rows, tl.int64)[:, None]
+        in_rows = rows < n_rows
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
+        tile = in_rows[:, None] & mask[None, :]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0)
         if HAS_RESIDUAL:
-            r = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0)
+            r = tl.load(R + rows64 * stride_r + cols[None, :], mask=tile, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-            tl.store(S + row64 * n_cols + cols, x, mask=mask)
+            tl.store(S + rows64 * n_cols + cols[None, :], x, mask=tile)
         h = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-        tl.store(RSTD + row, rstd)
-        normed = h * rstd
+        rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+        tl.store(RSTD + rows, rstd, mask=in_rows)
+        normed = h * rstd[:, None]
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
             if GEMMA:  # (offset + weight) in fp32 times the fp32 normalised row
                 y = normed * (offset + w)
             else:  # (offset + weight) in weight dtype times the row rounded to x dtype
@@ -83,7 +88,7 @@ if triton is not None:
                 y = scale * normed.to(X.dtype.element_ty).to(tl.float32)
         else:
             y = normed
-        tl.store(Y + row64 * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows64 * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=tile)
 
     @triton.jit
     def _rms_norm_backward_kernel(
@@ -162,11 +167,12 @@ class _RMSNorm(torch.autograd.Function):
         else:
             res_rows = as_rows(residual)
             summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _rms_norm_forward_kernel[(n_rows,)](
+        rows_at_once = rows_per_program(block)
+        _rms_norm_forward_kernel[(cdiv(n_rows, rows_at_once),)](
             rows, res_rows, summed, y, weight, rstd,
-            rows.stride(0), 0 if res_rows is None else res_rows.stride(0), n_cols, eps, offset,
+            rows.stride(0), 0 if res_rows is None else res_rows.stride(0), n_rows, n_cols, eps, offset,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, GEMMA=gemma,
-            BLOCK=block, num_warps=warps_for(block),
+            BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block * rows_at_once),
         )
         # Recompute in backward from what was normalised (x, or the rounded sum) and rstd.
         normalised = rows if summed is None else summed.view(n_rows, n_cols)
@@ -188,7 +194,7 @@ class _RMSNorm(torch.autograd.Function):
         ds_rows = None if dsum is None else as_rows(dsum)
         dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
         rows_at_once = backward_rows(block, ctx.has_residual)
-        programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device)
+        programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, h.device)
         _rms_norm_backward_kernel[(programs,)](
@@ -196,7 +202,8 @@ class _RMSNorm(torch.autograd.Function):
             dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
             n_rows, n_cols, ctx.offset,
             HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
-            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block),
+            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once,
+            num_warps=warps_for(block * rows_per_program(block)),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
         dx = _in_order(dx, ctx.order)

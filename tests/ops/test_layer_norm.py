@@ -46,8 +46,10 @@ def test_layer_norm_optional_params(gen, dtype, weight, bias):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
-@pytest.mark.parametrize("shape", [(7, 129), (1, 37), (37,), (2, 3, 4, 16)])
+@pytest.mark.parametrize("shape", [(7, 129), (1, 37), (37,), (2, 3, 4, 16), (5, 300), (3, 1500)])
 def test_layer_norm_shapes(gen, dtype, shape):
+    """Narrow rows go several to a program (129 wide: four, the last program's tile part-filled;
+    300 wide: two, the last program with one), rows of 1,500 one to a program."""
     check_op(layer_norm, layer_norm_reference, inputs(gen, shape, dtype), dtype, gen)
 
 

@@ -96,8 +96,10 @@ def test_rms_norm_matches_references(gen, dtype, cast, offset):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("shape", [(7, 129), (1, 37), (37,), (2, 3, 4, 16)])
+@pytest.mark.parametrize("shape", [(7, 129), (1, 37), (37,), (2, 3, 4, 16), (5, 300), (3, 1500)])
 def test_rms_norm_shapes(gen, dtype, shape):
+    """Narrow rows go several to a program (129 wide: four, the last program's tile part-filled;
+    300 wide: two, the last program with one), rows of 1,500 one to a program."""
     args = inputs(gen, shape, dtype)
     check_op(rms_norm, rms_norm_reference, args, dtype, gen, cast="llama")
 
@@ -175,6 +177,13 @@ def test_add_rms_norm_matches_references(gen, dtype, cast, offset):
     # float32 -> bfloat16 instead of rounding to nearest, so bf16 is only exact when compiled.
     if dtype != torch.bfloat16 or checks.DEVICE == "cuda":
         assert torch.equal(summed, x.detach() + residual.detach())
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("shape", [(5, 300), (3, 1500)])
+def test_add_rms_norm_two_rows_and_one_row_a_program(gen, dtype, shape):
+    args = inputs(gen, shape, dtype, residual=True)
+    check_op(add_rms_norm, add_rms_norm_reference, args, dtype, gen, cast="llama")
 
 
 @pytest.mark.parametrize("rows_at_once", (2, 4))
