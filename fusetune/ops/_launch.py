@@ -127,6 +127,19 @@ def rows_per_program(block: int) -> int:
     return max(1, ROW_TILE // block)
 
 
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def row_tile(first_row, n_rows, col_mask, ROWS: tl.constexpr):
+        """Rows ``first_row`` .. ``first_row + ROWS - 1`` of a (rows x block) tile: their indices,
+        the same as int64 column vectors (for offsets past 2^31), which of them exist, and the
+        tile's mask (rows that exist by columns in ``col_mask``)."""
+        rows = first_row + tl.arange(0, ROWS)
+        in_rows = rows < n_rows
+        return rows, tl.cast(rows, tl.int64)[:, None], in_rows, in_rows[:, None] & col_mask[None, :]
+
+
 def warps_for(block: int) -> int:
     """num_warps for a row kernel whose block holds ``block`` elements."""
     if block >= 32768:

@@ -50,6 +50,8 @@ def _backward_stages(block: int, n_groups: int, programs: int) -> int:
 if triton is not None:
     import triton.language as tl
 
+    from fusetune.ops._launch import row_tile
+
     @triton.jit
     def _layer_norm_forward_kernel(
         X, W, B, Y, MEAN, RSTD,
@@ -57,12 +59,9 @@ if triton is not None:
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
         # One program per ROWS rows, a (ROWS, BLOCK) tile; Y is contiguous, n_cols wide.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        rows64 = tl.cast(rows, tl.int64)[:, None]
-        in_rows = rows < n_rows
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        tile = in_rows[:, None] & mask[None, :]
+        rows, rows64, in_rows, tile = row_tile(tl.program_id(0) * ROWS, n_rows, mask, ROWS)
         h = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0).to(tl.float32)
         mean = tl.sum(h, axis=1) / n_cols
         centred = tl.where(tile, h - mean[:, None], 0.0)
@@ -95,10 +94,7 @@ if triton is not None:
         if COMPUTE_DB:
             db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         for group in tl.range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
-            rows = group * ROWS + tl.arange(0, ROWS)
-            rows64 = tl.cast(rows, tl.int64)[:, None]
-            in_rows = rows < n_rows
-            tile = in_rows[:, None] & mask[None, :]
+            rows, rows64, in_rows, tile = row_tile(group * ROWS, n_rows, mask, ROWS)
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             h = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]

@@ -36,6 +36,8 @@ from fusetune.ops._launch import (
 if triton is not None:
     import triton.language as tl
 
+    from fusetune.ops._launch import row_tile
+
 CASTS = ("llama", "gemma")
 
 # Rows an RMSNorm backward program has in flight at once, by (block width, fused residual) (others:
@@ -64,12 +66,9 @@ if triton is not None:
     ):
         # One program per ROWS rows, a (ROWS, BLOCK) tile. S (the rounded sum x + r) and Y are
         # contiguous, n_cols wide.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        rows64 = tl.cast(rows, tl.int64)[:, None]
-        in_rows = rows < n_rows
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        tile = in_rows[:, None] & mask[None, :]
+        rows, rows64, in_rows, tile = row_tile(tl.program_id(0) * ROWS, n_rows, mask, ROWS)
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(R + rows64 * stride_r + cols[None, :], mask=tile, other=0.0)
@@ -112,10 +111,7 @@ if triton is not None:
         if COMPUTE_DW:
             dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         for group in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-            rows = group * ROWS + tl.arange(0, ROWS)
-            rows64 = tl.cast(rows, tl.int64)[:, None]
-            in_rows = rows < n_rows
-            tile = in_rows[:, None] & mask[None, :]
+            rows, rows64, in_rows, tile = row_tile(group * ROWS, n_rows, mask, ROWS)
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             h = tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]
