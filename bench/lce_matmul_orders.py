@@ -1,0 +1,59 @@
+"""linear_cross_entropy's matmuls one chunk at a time, in the operand orders cuBLAS could be given.
+
+With a frozen weight the op's time over the bare matmuls is its cross-entropy kernels plus what the
+matmuls lose by running on chunks of rows. The chunk's hidden gradient ``dlogits @ weight`` is a
+long-K product with a small output (rows x hidden); cuBLAS may tile its transpose
+``weight.T @ dlogits.T`` (hidden x rows) better. This times, per shape and chunk size, each
+chunk matmul in both orders (the transposed one including its copy back into row-major rows),
+scaled to the whole batch, beside the same products over all rows at once.
+Run on the GPU: ``python bench/lce_matmul_orders.py --out DIR`` writes
+DIR/lce-matmul-orders-<tag>.jsonl.
+"""
+
+from __future__ import annotations
+
+import common
+import torch
+
+SHAPES = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},
+          {"tokens": 16384, "hidden": 3584, "vocab": 152064},
+          {"tokens": 8192, "hidden": 2304, "vocab": 262144})
+QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 500},)
+CHUNKS = (1024, 1536, 2048)
+QUICK_CHUNKS = (16, 32)
+
+
+def products(hidden: torch.Tensor, weight: torch.Tensor, dlogits: torch.Tensor, out: torch.Tensor) -> dict:
+    """The chunk products, named, each a call that writes where the op writes."""
+    logits = torch.empty_like(dlogits)
+    return {
+        "logits": lambda: torch.mm(hidden, weight.t(), out=logits),
+        "hidden_grad": lambda: torch.mm(dlogits, weight, out=out),
+        "hidden_grad_transposed": lambda: out.copy_(torch.mm(weight.t(), dlogits.t()).t()),
+    }
+
+
+def main() -> None:
+    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "lce-matmul-orders",
+                                          {"warmup": 25, "rep": 100})
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        n, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
+        dev = common.device()
+        weight = torch.randn(v, h, device=dev, dtype=torch.bfloat16) * h**-0.5
+        for rows in (*(QUICK_CHUNKS if args.quick else CHUNKS), n):
+            hidden = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
+            dlogits = torch.randn(rows, v, device=dev, dtype=torch.bfloat16) * 1e-3
+            out = torch.empty(rows, h, device=dev, dtype=torch.bfloat16)
+            for name, run in products(hidden, weight, dlogits, out).items():
+                ms = common.time_fwd_bwd(run, **timing)
+                whole = ms * n / rows  # the batch's worth of chunks (the last one may be short)
+                config = {"op": "lce_chunk_matmul", **shape, "chunk_rows": rows, "product": name}
+                common.record("torch", config, common.TIME, whole)
+                print(f"  {common.shape_text(shape)} rows={rows} {name}: {ms:.3f} ms a chunk, "
+                      f"{whole:.2f} ms the batch", flush=True)
+            del hidden, dlogits, out
+            common.release()
+
+
+if __name__ == "__main__":
+    main()
