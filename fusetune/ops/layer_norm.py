@@ -3,10 +3,10 @@
 The forward runs one program per row (per several rows where rows are narrow:
 ``rows_per_program``) and saves the row's fp32 mean and rstd; the backward recomputes the
 normalised row from the saved input, as many rows at a time, on a bounded persistent grid whose
-programs each keep fp32 partial sums of the weight and bias gradients (finished by ``sum_partials``, shared
-with ``rms_norm`` through ``_launch``). The backward's row loop is software-pipelined
-where rows are wide and each program has many of them (``_backward_stages``): the next rows'
-loads are issued while the current row is computed.
+programs each keep fp32 partial sums of the weight and bias gradients (finished by
+``sum_partials``, shared with ``rms_norm`` through ``_launch``). The backward's row loop is
+software-pipelined where rows are wide and each program has many of them (``_backward_stages``):
+the next rows' loads are issued while the current row is computed.
 """
 
 from __future__ import annotations
