@@ -322,9 +322,12 @@ def _norm_shapes(key: str, pairs) -> tuple[dict, ...]:
 
 NORM = _norm_shapes("hidden", [(8192, 4096), (8192, 8192), (32768, 4096), (32768, 8192)])
 # Per-head norms (rows: tokens x heads): Qwen3-8B's q_norm (32 heads of 128) and Gemma-3-12B's
-# q_norm (16 heads of 256), at 8,192 tokens; and a CLIP ViT-L/14 vision tower's LayerNorm (1,024).
+# q_norm (16 heads of 256), at 8,192 tokens; and vision towers' norms over 32,768 patches: CLIP
+# ViT-L/14's LayerNorm (1,024) and SigLIP-so400m's (1,152, Gemma 3's tower), Qwen2.5-VL's RMSNorm
+# (1,280).
 HEAD_NORM = _norm_shapes("hidden", [(262144, 128), (131072, 256)])
-VISION_NORM = _norm_shapes("hidden", [(32768, 1024)])
+VISION_NORM = _norm_shapes("hidden", [(32768, 1024), (32768, 1152)])
+VISION_RMS_NORM = _norm_shapes("hidden", [(32768, 1280)])
 # Llama-3-8B and Llama-3-70B MLP widths.
 GLU = _norm_shapes("inter", [(8192, 14336), (32768, 14336), (8192, 28672)])
 ROPE = tuple({"batch": 1, "seq": n, "q_heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -340,7 +343,7 @@ QUICK_CE = ({"tokens": 64, "vocab": 1000},)
 QUICK_LCE = ({"tokens": 64, "hidden": 128, "vocab": 1000},)
 
 OPS = (
-    Op("rms_norm", "rms_norm", NORM + HEAD_NORM, QUICK_NORM, make_rms_norm, eager_rms_norm,
+    Op("rms_norm", "rms_norm", NORM + HEAD_NORM + VISION_RMS_NORM, QUICK_NORM, make_rms_norm, eager_rms_norm,
        liger_rms_norm, bytes_rms_norm),
     Op("add_rms_norm", "rms_norm", NORM, QUICK_NORM, make_add_rms_norm, eager_add_rms_norm,
        liger_add_rms_norm, bytes_add_rms_norm),

@@ -44,9 +44,9 @@ ROPE_CASES = tuple(("rope", shape) for shape in ops.ROPE)
 # 32,768 rows is not a loss at 8,192.
 STAGE_CASES = tuple(("layer_norm", {"tokens": tokens, "hidden": hidden})
                     for tokens in (8192, 32768) for hidden in (4096, 8192))
-# Narrow rows, taken several to a program (``_launch.rows_per_program``): bench/ops.py's per-head
-# and vision-tower shapes.
-NARROW_CASES = tuple(("rms_norm", shape) for shape in ops.HEAD_NORM) + tuple(
+# Narrow rows (``_launch.rows_per_program``, ``_launch.NARROW_BLOCK``): bench/ops.py's per-head and
+# vision-tower shapes.
+NARROW_CASES = tuple(("rms_norm", shape) for shape in ops.HEAD_NORM + ops.VISION_RMS_NORM) + tuple(
     ("layer_norm", shape) for shape in ops.VISION_NORM)
 ROW_TILES = (1024, 2048, 4096, 8192, 16384)
 NARROW_PROGRAMS = (2, 4, 8)

@@ -108,16 +108,19 @@ def block_for(n_cols: int, limit: int = MAX_FUSED_ROW) -> int:
     return min(limit, next_power_of_2(n_cols))
 
 
-# Narrow rows (per-head norms of Qwen3 or Gemma 3: 128 or 256 wide, over tokens x heads; a vision
-# tower's 1,024-wide LayerNorm) would launch a program for every few hundred bytes. Rows up to
+# Narrow rows (per-head norms of Qwen3 or Gemma 3: 128 or 256 wide, over tokens x heads; vision
+# towers' norms: 1,024-1,280 wide) would launch a program for every few hundred bytes. Rows up to
 # ROW_TILE / 2 wide are taken several to a program, ROW_TILE elements in all
-# (``rows_per_program``), and a persistent backward over rows up to NARROW_BLOCK wide runs
-# _NARROW_PROGRAMS_PER_SM programs an SM. Measured on an H200 with bench/tune_rows.py --narrow
-# (rows-tuning-h200-narrow.jsonl, kernel time over 5 tiles x 3 programs an SM): these settings
+# (``rows_per_program``), and a persistent backward over rows whose block is up to NARROW_BLOCK
+# runs _NARROW_PROGRAMS_PER_SM programs an SM. Measured on an H200 with bench/tune_rows.py --narrow
+# (rows-tuning-h200-narrow*.jsonl, kernel time over 5 tiles x 3 programs an SM): these settings
 # were within 4% of the best at 262144 x 128 and 131072 x 256 (RMSNorm) and the best at
-# 32768 x 1024 (LayerNorm, 0.113 ms against 0.145-0.181 with two programs an SM).
+# 32768 x 1024 (LayerNorm, 0.113 ms against 0.145-0.181 with two programs an SM). With 2,048-wide
+# blocks too (ops-h200-vision-norms*.jsonl, same call) Qwen2.5-VL's vision RMSNorm (32768 x 1280)
+# went from 0.199 to 0.156 ms and SigLIP's LayerNorm (32768 x 1152) from 0.228 to 0.186 ms, the
+# other shapes within 1%.
 ROW_TILE = 1024
-NARROW_BLOCK = 1024
+NARROW_BLOCK = 2048
 _NARROW_PROGRAMS_PER_SM = 8
 
 
@@ -175,8 +178,8 @@ def persistent_programs(n_rows: int, device: torch.device, block: int | None = N
     group of rows when rows are taken several at a time) over rows that fit ``block``.
 
     Bounded by a small multiple of the SM count so the fp32 partial-sum buffer for parameter
-    gradients stays ``programs x hidden``, whatever the number of rows; rows up to ``NARROW_BLOCK``
-    wide get more programs an SM (see above).
+    gradients stays ``programs x hidden``, whatever the number of rows; rows whose block is up to
+    ``NARROW_BLOCK`` get more programs an SM (see above).
     """
     per_sm = 1
     if device.type == "cuda":
