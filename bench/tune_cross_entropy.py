@@ -33,7 +33,12 @@ segment's two reads. At 8,192 rows its best setting was 3-5% slower than the tun
 still in flight (a thousand items are), a long one leaves L2. On 1,024-row in-place chunks it was
 5-7% faster (0.249 against 0.269 ms at vocab 152,064), about 0.6% of linear cross-entropy's
 time; the kernel was dropped as not worth its synchronisation.
-Run: ``python bench/tune_cross_entropy.py --out DIR`` (writes DIR/ce-tuning-<tag>.jsonl).
+In the eighteenth session ``--kernel deferred`` sweeps the one-pass kernel that linear
+cross-entropy now runs on its chunks (``fusetune/ops/deferred_softmax.py``: one read and one write
+a row, the softmax's normalisation left to the matmuls), on the chunk shapes, beside the split
+kernel's tuned launch on the same chunks.
+Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred]`` (writes
+DIR/ce-tuning-<tag>.jsonl).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ import common
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
-from fusetune.ops.cross_entropy import RowLaunch, cross_entropy_rows  # noqa: E402
+from fusetune.ops.cross_entropy import RowLaunch, cross_entropy_rows, tuned_launch  # noqa: E402
+from fusetune.ops.deferred_softmax import DeferredLaunch, deferred_cross_entropy_rows  # noqa: E402
 
 SHAPES = (
     {"tokens": 8192, "vocab": 128256},
@@ -61,55 +67,91 @@ PROGRAMS_PER_SM = (0, 1, 2, 4)
 STAGES = (None, 2, 3)
 QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per_sm=1, stages=2))
 
+# linear_cross_entropy's chunks: 1,024 rows with a frozen weight, 2,048 with a trainable one.
+DEFERRED_SHAPES = tuple({"tokens": rows, "vocab": vocab, "in_place": True}
+                        for rows, vocab in ((1024, 152064), (1024, 262144), (2048, 128256), (2048, 262144)))
+QUICK_DEFERRED_SHAPES = ({"tokens": 8, "vocab": 3000, "in_place": True},)
+DEFERRED_LAUNCHES = tuple(DeferredLaunch(block, warps, programs, stages) for block in (4096, 8192, 16384)
+                          for warps in (8, 16) for programs in (0, 4, 8) for stages in (None, 3))
+QUICK_DEFERRED_LAUNCHES = (DeferredLaunch(512, 4), DeferredLaunch(1024, 4, programs_per_sm=1, stages=3))
+
 
 def launches(vocab: int) -> list[RowLaunch]:
-    """The settings swept at one vocabulary: one segment a row, and at Gemma's vocabulary (rows of
-    over 160k columns) two of 131,072 columns as well."""
+    """The split kernel's settings swept at one vocabulary: one segment a row, and at Gemma's
+    vocabulary (rows of over 160k columns) two of 131,072 columns as well."""
     segments = (262144,) if vocab <= 160_000 else (131072, 262144)
     return [RowLaunch(segment, block, warps, programs, stages) for segment in segments for block in BLOCKS
             for warps in WARPS for programs in PROGRAMS_PER_SM for stages in STAGES]
 
 
-def main() -> None:
-    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40})
-    for shape in QUICK_SHAPES if args.quick else SHAPES:
-        n, v = shape["tokens"], shape["vocab"]
-        grid = QUICK_LAUNCHES if args.quick else launches(v)
-        logits = torch.randn(n, v, device=common.device(), dtype=torch.bfloat16) * 2
-        labels = torch.randint(0, v, (n,), device=logits.device)
-        # In place, every timed run overwrites the logits with a gradient that the next one reads
-        # as logits: the same bytes move, the values only stay finite.
-        grad = logits if shape.get("in_place") else torch.empty_like(logits)
-        scale = torch.full((1,), 1.0 / n, device=logits.device)
-        options = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
-        reference = None if shape.get("in_place") else cross_entropy_rows(logits, labels, **options)[0]
-        best = None
-        for launch in grid:
-            config = {"op": "cross_entropy_rows", **shape, "kernel": "split", **launch._asdict(),
-                      "variant": "loss_and_grad"}
-            run = functools.partial(cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,
-                                    launch=launch, **options)
-            try:
-                ms = common.time_fwd_bwd(run, **timing)
-                kernels = common.kernel_ms(run) if torch.cuda.is_available() else None
-            except Exception as exc:  # a configuration the compiler rejects is recorded, not fatal
-                common.record("fusetune", config, common.TIME, None, common.describe(exc))
+def split_run(logits, labels, grad, scale, launch):
+    """The split kernel's loss and gradient (written to ``grad``) with ``launch``."""
+    options = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
+    return functools.partial(cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,
+                             launch=launch, **options)
+
+
+def deferred_run(logits, labels, grad, scale, launch):
+    """The one-pass kernel's losses and row scales, numerators written over ``logits``."""
+    del grad  # in place only
+    return functools.partial(deferred_cross_entropy_rows, logits, labels, scale, ignore_index=-100,
+                             softcap=None, launch=launch)
+
+
+def sweep_shape(shape: dict, grid, kernel: str, run_of, passes: int, timing: dict) -> None:
+    """Time every launch in ``grid`` at one shape (kernel time where CUDA is there), recording each;
+    ``passes`` is the number of times a launch moves the logits (for the printed bandwidth)."""
+    n, v = shape["tokens"], shape["vocab"]
+    logits = torch.randn(n, v, device=common.device(), dtype=torch.bfloat16) * 2
+    labels = torch.randint(0, v, (n,), device=logits.device)
+    # In place, every timed run overwrites the logits with a gradient (or numerators) that the next
+    # one reads as logits: the same bytes move, the values only stay finite.
+    grad = logits if shape.get("in_place") else torch.empty_like(logits)
+    scale = torch.full((1,), 1.0 / n, device=logits.device)
+    reference = None if shape.get("in_place") else run_of(logits, labels, grad, scale, tuned_launch(n))()[0]
+    best = None
+    for launch in grid:
+        config = {"op": "cross_entropy_rows", **shape, "kernel": kernel, **launch._asdict(),
+                  "variant": "loss_and_grad"}
+        run = run_of(logits, labels, grad, scale, launch)
+        try:
+            ms = common.time_fwd_bwd(run, **timing)
+            kernels = common.kernel_ms(run) if torch.cuda.is_available() else None
+        except Exception as exc:  # a configuration the compiler rejects is recorded, not fatal
+            common.record("fusetune", config, common.TIME, None, common.describe(exc))
+            continue
+        if reference is not None:  # the same losses as the default launch, or the setting is wrong
+            error = (run()[0] - reference).abs().max().item()
+            if error > 1e-4:
+                common.record("fusetune", config, common.TIME, None, f"losses differ by {error:.3g}")
                 continue
-            if reference is not None:  # the same losses as the default launch, or the setting is wrong
-                error = (run()[0] - reference).abs().max().item()
-                if error > 1e-4:
-                    common.record("fusetune", config, common.TIME, None, f"losses differ by {error:.3g}")
-                    continue
-            common.record("fusetune", config, common.TIME, ms)
-            if kernels is not None:
-                common.record("fusetune", config, common.KERNEL_TIME, kernels)
-            device_ms = ms if kernels is None else kernels  # the kernels' time where it is known
-            gbps = 3 * n * v * 2 / (device_ms / 1000) / 1e9  # two reads and one write of bf16 logits
-            print(f"  {n}x{v} launch={launch}: {ms:.3f} ms, kernels {device_ms:.3f} ms "
-                  f"({gbps:.0f} GB/s if 3 passes)", flush=True)
-            best = min(best or (device_ms, launch), (device_ms, launch), key=lambda pair: pair[0])
-        print(f"best {n}x{v}: {best}", flush=True)
-        common.release()
+        common.record("fusetune", config, common.TIME, ms)
+        if kernels is not None:
+            common.record("fusetune", config, common.KERNEL_TIME, kernels)
+        device_ms = ms if kernels is None else kernels  # the kernels' time where it is known
+        gbps = passes * n * v * 2 / (device_ms / 1000) / 1e9
+        print(f"  {n}x{v} {kernel} launch={launch}: {ms:.3f} ms, kernels {device_ms:.3f} ms "
+              f"({gbps:.0f} GB/s if {passes} passes)", flush=True)
+        best = min(best or (device_ms, launch), (device_ms, launch), key=lambda pair: pair[0])
+    print(f"best {kernel} {n}x{v}: {best}", flush=True)
+    common.release()
+
+
+def main() -> None:
+    args, timing = common.sweep_arguments(
+        __doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40},
+        lambda parser: parser.add_argument("--kernel", choices=("split", "deferred"), default="split",
+                                           help="which row kernel to sweep"))
+    if args.kernel == "split":
+        for shape in QUICK_SHAPES if args.quick else SHAPES:
+            grid = QUICK_LAUNCHES if args.quick else launches(shape["vocab"])
+            sweep_shape(shape, grid, "split", split_run, 3, timing)
+        return
+    for shape in QUICK_DEFERRED_SHAPES if args.quick else DEFERRED_SHAPES:
+        # The split kernel's tuned launch on the same chunk first: the time the new kernel replaces.
+        sweep_shape(shape, (tuned_launch(shape["tokens"]),), "split", split_run, 3, timing)
+        sweep_shape(shape, QUICK_DEFERRED_LAUNCHES if args.quick else DEFERRED_LAUNCHES, "deferred",
+                    deferred_run, 2, timing)
 
 
 if __name__ == "__main__":

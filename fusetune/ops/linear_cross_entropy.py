@@ -1,12 +1,16 @@
 """The language-model loss straight from hidden states: ``cross_entropy(hidden @ weight.T + bias)``.
 
 The (tokens x vocab) logits are never materialised, in forward or backward: rows are processed in
-chunks. For each chunk, cuBLAS computes the chunk's logits into one reused buffer, the shared
-cross-entropy row kernel turns them into ``scale * dloss/dlogits`` in place, and two more matmuls
-turn that into the chunk's hidden gradient and its contribution to the weight gradient. So the
-work is the three matmuls the maths needs (two when the weight is frozen, as under LoRA) plus one
-read and one write of each chunk's logits, and the peak extra memory is one chunk of logits plus
-the gradients themselves.
+chunks. For each chunk, cuBLAS computes the chunk's logits into one reused buffer, a row kernel
+turns them into the gradient in place, and two more matmuls turn that into the chunk's hidden
+gradient and its contribution to the weight gradient. So the work is the three matmuls the maths
+needs (two when the weight is frozen, as under LoRA) plus one read and one write of each chunk's
+logits, and the peak extra memory is one chunk of logits plus the gradients themselves.
+
+The row kernel is the one-pass ``deferred_softmax`` kernel where it applies (bfloat16 or float32,
+no bias, label smoothing or z-loss: ``defers_normalisation``): it writes the softmax's numerators
+and a scale per row, which the matmuls apply to their (rows x hidden) side. Elsewhere it is the
+cross-entropy op's kernel, which writes ``scale * dloss/dlogits`` itself but reads each row twice.
 
 Rows whose label is ``ignore_index`` are dropped before any matmul (in a VLM most rows are image or
 prompt tokens), so they cost nothing (except while a CUDA graph is captured: see
@@ -38,6 +42,7 @@ from fusetune.ops.cross_entropy import (
     reduce_losses,
     scale_by_grad_output,
 )
+from fusetune.ops.deferred_softmax import DEFERRED_DTYPES, deferred_cross_entropy_rows
 
 # Rows per chunk, measured on an H200 (bench/tune_lce.py, bench/results/lce-tuning-h200.jsonl):
 # with a trainable weight every chunk adds its share into the (vocab x hidden) gradient, a
@@ -51,6 +56,19 @@ def default_chunk_rows(n_rows: int, weight_trainable: bool) -> int:
     """Rows per chunk: 2048 when the weight gets a gradient, 1024 when it is frozen (at most n_rows)."""
     rows = _CHUNK_ROWS_TRAINABLE if weight_trainable else _CHUNK_ROWS_FROZEN
     return max(1, min(n_rows, rows))
+
+
+def defers_normalisation(dtype: torch.dtype, bias: torch.Tensor | None, options: dict) -> bool:
+    """Whether the chunks' gradients come from the one-pass row kernel (``deferred_softmax``),
+    which leaves the softmax's per-row normalisation to the matmuls: bfloat16 or float32 logits,
+    no bias, no label smoothing and no z-loss (the module says why). Otherwise the two-pass row
+    kernel writes the gradient itself."""
+    return (
+        dtype in DEFERRED_DTYPES
+        and bias is None
+        and options["label_smoothing"] == 0
+        and options["z_loss"] == 0
+    )
 
 
 @dataclass
@@ -88,6 +106,7 @@ def _chunked_loss(
     logits_buffer = torch.empty(
         min(chunk_rows, n_rows), vocab, dtype=hidden.dtype, device=hidden.device
     )
+    deferred = defers_normalisation(hidden.dtype, bias, options)
     for start in range(0, n_rows, chunk_rows):
         end = min(start + chunk_rows, n_rows)
         rows = hidden[start:end]
@@ -96,23 +115,33 @@ def _chunked_loss(
             torch.mm(rows, weight.t(), out=logits)
         else:
             torch.addmm(bias, rows, weight.t(), out=logits)
-        scale = None
-        if grad_scale is not None:
-            scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
-        losses[start:end], dlogits = cross_entropy_rows(
-            logits, labels[start:end], grad_scale=scale, grad_out=logits, **options
-        )
-        if dlogits is None:
+        if grad_scale is None:
+            losses[start:end], _ = cross_entropy_rows(logits, labels[start:end], **options)
             continue
+        scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
+        row_scales = None
+        if deferred:
+            losses[start:end], row_scales = deferred_cross_entropy_rows(
+                logits, labels[start:end], scale,
+                ignore_index=options["ignore_index"], softcap=options["softcap"],
+            )
+        else:
+            losses[start:end], _ = cross_entropy_rows(
+                logits, labels[start:end], grad_scale=scale, grad_out=logits, **options
+            )
+        # ``logits`` now holds the chunk's gradient, or its numerators when row_scales is not None.
         if want_weight:
+            weighted_rows = rows if row_scales is None else rows * row_scales[:, None].to(rows.dtype)
             if grads.weight is None:
-                grads.weight = torch.mm(dlogits.t(), rows)
+                grads.weight = torch.mm(logits.t(), weighted_rows)
             else:
-                grads.weight.addmm_(dlogits.t(), rows)
+                grads.weight.addmm_(logits.t(), weighted_rows)
         if want_bias:
-            grads.bias += dlogits.sum(0, dtype=torch.float32)
+            grads.bias += logits.sum(0, dtype=torch.float32)
         if want_hidden:
-            torch.mm(dlogits, weight, out=grads.hidden[start:end])
+            torch.mm(logits, weight, out=grads.hidden[start:end])
+            if row_scales is not None:
+                grads.hidden[start:end].mul_(row_scales[:, None])
     if want_weight and grads.weight is None:  # no labelled rows: the gradient is exactly zero
         grads.weight = torch.zeros_like(weight)
     return losses, grads

@@ -1,0 +1,198 @@
+"""Cross-entropy rows with the softmax's normalisation left to the caller: one read and one write.
+
+``linear_cross_entropy`` turns each chunk of logits into a gradient that two matmuls then consume.
+The plain row kernel (``cross_entropy_rows``) needs a row's log-sum-exp before it can write
+``softmax - onehot``, so it reads the row twice and writes it once. This kernel reads it once:
+it writes the softmax *numerators* ``exp(z - ref)`` as it goes, ``ref`` being the largest logit
+seen in the row's first block, and hands back one float32 ``row_scale`` a row such that
+
+    row_scale[r] * out[r, :] == grad_scale[r] * dloss/dlogits[r, :]
+
+The caller folds ``row_scale`` into the (rows x hidden) side of its matmuls, which costs next to
+nothing. Two details keep this exact and finite:
+
+- The label's ``- 1`` is written into the label's own element at the end of the row, as minus
+  the sum of the other numerators, so that ``row_scale * out`` there is ``p_label - 1`` to the
+  output dtype's precision relative to its own size, however confident the row (no cancellation
+  in float32, nor in the consuming matmul).
+- A later block whose max exceeds ``ref`` by more than ``RESCALE_GAP`` moves ``ref`` up and
+  rescales the columns already written (a rare second pass over the row's start). So numerators
+  never exceed ``e**RESCALE_GAP``, and their sums over a vocabulary in the matmul stay far below
+  float32's (and bfloat16's) overflow.
+
+Why the callers choose this path only for bfloat16 and float32 logits, without label smoothing,
+z-loss or a bias: float16 cannot hold ``e**30``; smoothing's uniform ``- eps / vocab`` and a
+bias's column sums do not fold into a row scale; z-loss's factor ``1 + 2 z lse`` could be zero.
+The soft-cap's derivative is per element and is simply multiplied into the numerators.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fusetune.ops._launch import next_power_of_2, sm_count
+from fusetune.ops.cross_entropy import _softcapped, _zero_columns
+
+# Nats a block's max may exceed the row's reference before the reference moves (see above).
+RESCALE_GAP = 30.0
+
+DEFERRED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class DeferredLaunch(NamedTuple):
+    """How the kernel is launched: ``block`` columns a loop step, ``warps``, ``programs_per_sm``
+    (0: a program a row; n: a persistent grid of n programs an SM walking the rows in order) and
+    ``stages`` (software-pipelining depth of the column loop; None: the compiler's default)."""
+
+    block: int
+    warps: int
+    programs_per_sm: int = 0
+    stages: int | None = None
+
+
+# An initial setting, before the sweep in bench/tune_cross_entropy.py (--kernel deferred).
+_LAUNCH = DeferredLaunch(8192, 8, programs_per_sm=4)
+
+
+@triton.jit
+def _rescale_columns(row_ptr, end, factor, BLOCK: tl.constexpr):
+    """Multiply the numerators already written in columns [0, end) by ``factor`` (the reference
+    moved up): one more read and write of that stretch, taken only when a row needs it."""
+    cols = tl.arange(0, BLOCK)
+    for first in range(0, end, BLOCK):
+        offs = first + cols
+        mask = offs < end
+        numerators = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(row_ptr + offs, (numerators * factor).to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softcap_slope(z, softcap):
+    """d(softcapped)/dx at a soft-capped value ``z``: ``1 - (z / softcap)**2``."""
+    capped = z / softcap
+    return 1.0 - capped * capped
+
+
+@triton.jit
+def _deferred_rows_kernel(
+    logits_ptr,
+    row_stride,
+    labels_ptr,
+    loss_ptr,
+    row_scale_ptr,
+    grad_scale_ptr,
+    grad_scale_stride,
+    n_rows,
+    n_cols,
+    ignore_index,
+    softcap,
+    rescale_gap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Rows ``pid, pid + programs, ...``: each labelled row's loss, row scale and numerators (in
+    place over its logits); an ignored row gets loss 0, row scale 0 and zeros."""
+    cols = tl.arange(0, BLOCK)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        label = tl.load(labels_ptr + row64).to(tl.int64)
+        row_ptr = logits_ptr + row64 * row_stride
+        if label == ignore_index:
+            tl.store(loss_ptr + row64, 0.0)
+            tl.store(row_scale_ptr + row64, 0.0)
+            _zero_columns(row_ptr, 0, n_cols, BLOCK)
+        else:
+            # Clamped so that a bad label (reported by the host-side check) never reads outside
+            # the row; read before the row is overwritten (the barrier orders it for every warp).
+            safe_label = tl.minimum(tl.maximum(label, 0), n_cols - 1)
+            z_label = _softcapped(tl.load(row_ptr + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
+            label_col = safe_label.to(tl.int32)
+            tl.debug_barrier()
+            ref = tl.full([], float("-inf"), dtype=tl.float32)
+            others = tl.zeros([], dtype=tl.float32)  # the numerators' sum, the label's left out
+            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                offs = start + cols
+                mask = offs < n_cols
+                z = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                z = _softcapped(z, softcap, HAS_SOFTCAP)
+                top = tl.max(z, axis=0)
+                if top > ref + rescale_gap:  # the first block, or a much larger logit later
+                    factor = tl.exp(ref - top)
+                    others = others * factor
+                    tl.debug_barrier()
+                    _rescale_columns(row_ptr, start, factor, BLOCK)
+                    tl.debug_barrier()
+                    ref = top
+                # A row of -inf so far keeps ref at -inf: its numerators are exp(-inf) = 0.
+                numerators = tl.exp(z - tl.where(ref == float("-inf"), 0.0, ref))
+                others += tl.sum(tl.where(offs == label_col, 0.0, numerators), axis=0)
+                if HAS_SOFTCAP:
+                    numerators = numerators * _softcap_slope(z, softcap)
+                tl.store(row_ptr + offs, numerators.to(row_ptr.dtype.element_ty), mask=mask)
+            ref = tl.where(ref == float("-inf"), 0.0, ref)
+            total = others + tl.exp(z_label - ref)
+            tl.store(loss_ptr + row64, ref + tl.log(total) - z_label)
+            grad_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32)
+            tl.store(row_scale_ptr + row64, grad_scale / total)
+            # row_scale * this == grad_scale * (p_label - 1) * slope: the label's "- 1", folded in,
+            # as minus the other numerators' sum (p_label - 1 = -others / total, no cancellation).
+            label_term = -others
+            if HAS_SOFTCAP:
+                label_term = label_term * _softcap_slope(z_label, softcap)
+            tl.debug_barrier()
+            tl.store(row_ptr + safe_label, label_term.to(row_ptr.dtype.element_ty))
+
+
+def deferred_cross_entropy_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_scale: torch.Tensor,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    launch: DeferredLaunch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float32 losses of 2-D ``logits`` (unit column stride, bfloat16 or float32), and
+    float32 row scales; ``logits`` is overwritten with numerators such that
+    ``row_scales[:, None] * logits == grad_scale * dloss/dlogits`` (see the module docstring).
+
+    ``grad_scale``: a float32 tensor of 1 element or one per row. Labels must already be
+    range-checked. ``launch`` overrides the tuned launch (for benchmarks and tests).
+    """
+    if logits.dtype not in DEFERRED_DTYPES:
+        raise TypeError(
+            f"fusetune: deferred normalisation takes {DEFERRED_DTYPES} logits, not {logits.dtype}."
+        )
+    n_rows, n_cols = logits.shape
+    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    row_scales = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return losses, row_scales
+    block, warps, programs_per_sm, stages = launch or _LAUNCH
+    programs = n_rows
+    if programs_per_sm:
+        programs = min(n_rows, programs_per_sm * sm_count(logits.device))
+    _deferred_rows_kernel[(programs,)](
+        logits,
+        logits.stride(0),
+        labels,
+        losses,
+        row_scales,
+        grad_scale,
+        1 if grad_scale.numel() > 1 else 0,
+        n_rows,
+        n_cols,
+        ignore_index,
+        float(softcap) if softcap is not None else 1.0,
+        RESCALE_GAP,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK=min(block, next_power_of_2(n_cols)),
+        STAGES=stages,
+        num_warps=warps,
+    )
+    return losses, row_scales

@@ -1,0 +1,151 @@
+"""The one-pass row kernel of linear_cross_entropy: ``row_scale * numerators`` against float64
+gradients, with the reference moved by a later, much larger logit, and with confident rows."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from fusetune.ops.deferred_softmax import (
+    RESCALE_GAP,
+    DeferredLaunch,
+    deferred_cross_entropy_rows,
+)
+from tests.ops.checks import DEVICE, assert_close_to_float64
+
+VOCAB = 3001  # not a multiple of the block
+SMALL_BLOCKS = DeferredLaunch(block=256, warps=4)  # several blocks a row, as at real vocab sizes
+PERSISTENT = DeferredLaunch(block=512, warps=4, programs_per_sm=1)
+
+
+def float64_rows(logits, labels, scale, softcap=None, ignore_index=-100):
+    """Per-row losses and ``scale * dloss/dlogits`` in float64 (ignored rows: 0 and 0)."""
+    z = logits.double()
+    capped = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    keep = labels != ignore_index
+    safe = labels.clamp_min(0)
+    lse = torch.logsumexp(capped, dim=1)
+    losses = (lse - capped.gather(1, safe[:, None]).squeeze(1)) * keep
+    grad = torch.softmax(capped, dim=1)
+    grad[torch.arange(len(labels)), safe] -= 1.0
+    if softcap is not None:
+        grad = grad * (1.0 - torch.tanh(z / softcap) ** 2)
+    grad = grad * scale.double().reshape(-1, 1) * keep[:, None]
+    return losses, grad
+
+
+def run_kernel(logits, labels, scale, launch, softcap=None):
+    """The kernel's losses and the gradient it stands for, ``row_scales * numerators``."""
+    out = logits.clone()
+    losses, row_scales = deferred_cross_entropy_rows(
+        out, labels, scale, ignore_index=-100, softcap=softcap, launch=launch
+    )
+    assert torch.isfinite(out).all() and torch.isfinite(row_scales).all()
+    return losses, row_scales.double()[:, None] * out.double()
+
+
+def random_rows(dtype, rows=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, VOCAB, generator=gen) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, VOCAB, (rows,), generator=gen)
+    labels[2] = -100
+    return logits, labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 15.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("launch", [SMALL_BLOCKS, PERSISTENT], ids=["row_programs", "persistent"])
+@pytest.mark.parametrize("per_row_scale", [False, True], ids=["one_scale", "row_scales"])
+def test_matches_float64(dtype, softcap, launch, per_row_scale):
+    logits, labels = random_rows(dtype)
+    scale = (
+        torch.linspace(0.5, 2.0, len(labels), device=DEVICE)
+        if per_row_scale
+        else torch.full((1,), 1 / 6, device=DEVICE)
+    )
+    losses, grad = run_kernel(logits, labels, scale, launch, softcap)
+    want_losses, want_grad = float64_rows(logits, labels, scale, softcap)
+    assert_close_to_float64(losses, want_losses, torch.float32, "losses")
+    assert_close_to_float64(grad, want_grad, dtype, "gradient")
+    assert torch.all(grad[2] == 0) and losses[2] == 0, "an ignored row gives loss 0 and gradient 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_moves_up_for_a_much_larger_later_logit(dtype):
+    """Rows whose first block sits far below a later logit (by 45-110 nats, past the gap): the
+    numerators already written are rescaled, once or twice a row, and stay finite."""
+    logits, labels = random_rows(dtype, rows=4)
+    logits[0, 700] = 60.0  # one jump of ~60 nats in the third block
+    logits[1, 300], logits[1, 2900] = 45.0, 110.0  # two jumps
+    logits[3, :256] -= 80.0  # a low first block, the row's bulk one gap above it
+    labels[0], labels[1] = 700, 5  # one row confident, one almost surely wrong
+    scale = torch.full((1,), 0.25, device=DEVICE)
+    losses, grad = run_kernel(logits, labels, scale, SMALL_BLOCKS)
+    want_losses, want_grad = float64_rows(logits, labels, scale)
+    assert_close_to_float64(losses, want_losses, torch.float32, "losses")
+    assert_close_to_float64(grad, want_grad, dtype, "gradient")
+    out = logits.clone()
+    deferred_cross_entropy_rows(out, labels, scale, ignore_index=-100, softcap=None, launch=SMALL_BLOCKS)
+    unlabelled = torch.ones_like(out, dtype=torch.bool)
+    unlabelled[torch.arange(4), labels.clamp_min(0)] = False
+    assert out.float()[unlabelled].max() <= math.exp(RESCALE_GAP) * 1.01, "numerators stay below e^gap"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_confident_rows_keep_the_label_gradient_precise(dtype):
+    """p_label near 1: the label's gradient ``p - 1`` is small against the numerators' sum, and
+    must still come out to the dtype's precision relative to itself (the "- 1" is folded into
+    the label's element in float32, not left to cancel in a matmul)."""
+    logits, labels = random_rows(dtype, rows=5)
+    labels[2] = 11
+    for row, margin in enumerate((8.0, 12.0, 16.0, 9.0, 10.0)):
+        logits[row, labels[row]] = logits[row].float().max() + margin
+    scale = torch.ones(1, device=DEVICE)
+    _, grad = run_kernel(logits, labels, scale, SMALL_BLOCKS)
+    _, want_grad = float64_rows(logits, labels, scale)
+    rows = torch.arange(5)
+    label_grad, want_label_grad = grad[rows, labels], want_grad[rows, labels]
+    assert (want_label_grad < 0).all() and (want_label_grad > -1e-2).all()
+    assert_close_to_float64(label_grad, want_label_grad, dtype, "label gradients")
+
+
+def test_float16_is_refused():
+    logits, labels = random_rows(torch.float16)
+    with pytest.raises(TypeError, match="deferred normalisation"):
+        deferred_cross_entropy_rows(
+            logits, labels, torch.ones(1, device=DEVICE), ignore_index=-100, softcap=None
+        )
+
+
+@pytest.mark.parametrize(
+    "dtype, options, deferred",
+    [
+        (torch.bfloat16, {}, True),
+        (torch.float32, dict(softcap=30.0, reduction="none"), True),
+        (torch.float16, {}, False),
+        (torch.bfloat16, dict(label_smoothing=0.1), False),
+        (torch.bfloat16, dict(z_loss=1e-4), False),
+    ],
+)
+def test_linear_cross_entropy_takes_the_one_pass_kernel_where_it_folds(monkeypatch, dtype, options, deferred):
+    """bf16 and fp32 without smoothing or z-loss run the one-pass kernel (the speed path); the
+    other cases run the two-pass kernel; the result matches the reference either way."""
+    lce = importlib.import_module("fusetune.ops.linear_cross_entropy")
+    calls = []
+    real = lce.deferred_cross_entropy_rows
+    monkeypatch.setattr(lce, "deferred_cross_entropy_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 24, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+    weight = (torch.randn(VOCAB, 24, generator=gen) / 5).to(dtype).to(DEVICE)
+    labels = torch.randint(0, VOCAB, (9,), generator=gen).to(DEVICE)
+    loss = lce.linear_cross_entropy(hidden, weight, labels, chunk_rows=4, **options)
+    (grad,) = torch.autograd.grad(loss.sum(), hidden)
+    assert bool(calls) == deferred
+    ref_hidden = hidden.detach().double().requires_grad_()
+    ref_loss = lce.linear_cross_entropy_reference(ref_hidden, weight.double(), labels, **options)
+    (ref_grad,) = torch.autograd.grad(ref_loss.sum(), ref_hidden)
+    # The loss is float32 whatever the inputs: tolerances as in test_linear_cross_entropy.
+    loss_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    assert_close_to_float64(loss, ref_loss, loss_dtype, "loss")
+    assert_close_to_float64(grad, ref_grad, dtype, "grad hidden")
