@@ -71,9 +71,9 @@ QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per
 DEFERRED_SHAPES = tuple({"tokens": rows, "vocab": vocab, "in_place": True}
                         for rows, vocab in ((1024, 152064), (1024, 262144), (2048, 128256), (2048, 262144)))
 QUICK_DEFERRED_SHAPES = ({"tokens": 8, "vocab": 3000, "in_place": True},)
-DEFERRED_LAUNCHES = tuple(DeferredLaunch(block, warps, programs, stages) for block in (4096, 8192, 16384)
-                          for warps in (8, 16) for programs in (0, 4, 8) for stages in (None, 3))
-QUICK_DEFERRED_LAUNCHES = (DeferredLaunch(512, 4), DeferredLaunch(1024, 4, programs_per_sm=1, stages=3))
+DEFERRED_LAUNCHES = tuple(DeferredLaunch(block, warps, programs) for block in (2048, 4096, 8192)
+                          for warps in (4, 8, 16, 32) for programs in (0, 4, 8) if block // (32 * warps) >= 2)
+QUICK_DEFERRED_LAUNCHES = (DeferredLaunch(512, 4), DeferredLaunch(1024, 4, programs_per_sm=1))
 
 
 def launches(vocab: int) -> list[RowLaunch]:
