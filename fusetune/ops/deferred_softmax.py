@@ -15,10 +15,16 @@ nothing. Two details keep this exact and finite:
   the sum of the other numerators, so that ``row_scale * out`` there is ``p_label - 1`` to the
   output dtype's precision relative to its own size, however confident the row (no cancellation
   in float32, nor in the consuming matmul).
-- A later block whose max exceeds ``ref`` by more than ``RESCALE_GAP`` moves ``ref`` up and
-  rescales the columns already written (a rare second pass over the row's start). So numerators
-  never exceed ``e**RESCALE_GAP``, and their sums over a vocabulary in the matmul stay far below
-  float32's (and bfloat16's) overflow.
+- The row's loop holds no reduction, so its loads and stores stream without the warps waiting
+  on one another: ``ref`` is fixed from the first block, and each lane keeps its own running max.
+  The row's max is reduced once, at the end. Where it exceeds ``ref`` by more than
+  ``RESCALE_GAP`` (rare: a logit 30 nats above every logit of the first block), the numerators
+  written are multiplied by ``exp(ref - max)``, one more pass over the row. Numerators are
+  clamped at ``exp(CLAMP)``, below float32's and bfloat16's overflow; where the max exceeds
+  ``ref`` by more than ``CLAMP`` a clamped numerator has lost its value, and the row's logits are
+  recomputed from ``hidden`` and ``weight`` in the kernel (a product of the row with the whole
+  weight, slow but never met by sane logits). So numerators end at most ``e**RESCALE_GAP``, and
+  their sums over a vocabulary in the consuming matmul stay far below float32's overflow.
 
 Why the callers choose this path only for bfloat16 and float32 logits, without label smoothing,
 z-loss or a bias: float16 cannot hold ``e**30``; smoothing's uniform ``- eps / vocab`` and a
@@ -37,8 +43,14 @@ import triton.language as tl
 from fusetune.ops._launch import next_power_of_2, sm_count
 from fusetune.ops.cross_entropy import _softcapped, _zero_columns
 
-# Nats a block's max may exceed the row's reference before the reference moves (see above).
+# Nats the row's max may exceed the reference before the numerators are rescaled, and the
+# exponent at which numerators are clamped in the first pass (see above).
 RESCALE_GAP = 30.0
+CLAMP = 80.0
+
+# The tile (vocab columns x hidden features) of the in-kernel recompute of a row's logits.
+_RECOMPUTE_COLS = 128
+_RECOMPUTE_FEATURES = 64
 
 DEFERRED_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -53,10 +65,10 @@ class DeferredLaunch(NamedTuple):
 
 
 # Swept on an H200 with bench/tune_cross_entropy.py --kernel deferred (36 settings at four chunk
-# shapes, ce-tuning-h200-deferred-prefetch.jsonl): the best on average, 0.90 of the two-pass
-# kernel's time on the same chunks (0.247 against 0.266 ms at 1024 x 152064, 0.406 against 0.448
-# at 1024 x 262144).
-_LAUNCH = DeferredLaunch(2048, 8, programs_per_sm=8)
+# shapes, ce-tuning-h200-deferred-lanes.jsonl): the best, 0.67 of the two-pass kernel's time on the
+# same chunks (0.301 against 0.452 ms at 1024 x 262144, 0.83 of copy bandwidth for its two
+# passes); blocks of 2,048-4,096 columns with any warps and grid were within 3% of it.
+_LAUNCH = DeferredLaunch(2048, 8)
 
 
 @triton.jit
@@ -87,9 +99,44 @@ def _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP: 
 
 
 @triton.jit
+def _recompute_numerators(row_ptr, hidden_row, hidden_stride, weight_ptr, weight_row_stride,
+                          weight_col_stride, n_cols, hidden_size, ref, label_col, softcap,
+                          HAS_SOFTCAP: tl.constexpr, COLS: tl.constexpr, FEATURES: tl.constexpr):
+    """Recompute a row's logits (``hidden_row @ weight.T``, float32 sums rounded to the logits'
+    dtype, as the chunk's matmul makes them), write their numerators against ``ref`` and return
+    their sum, the label's left out. For rows whose first pass clamped a numerator."""
+    cols = tl.arange(0, COLS)
+    features = tl.arange(0, FEATURES)
+    others = tl.zeros([], dtype=tl.float32)
+    for first in range(0, n_cols, COLS):
+        offs = first + cols
+        mask = offs < n_cols
+        acc = tl.zeros([COLS], dtype=tl.float32)
+        for k in range(0, hidden_size, FEATURES):
+            ks = k + features
+            h = tl.load(hidden_row + ks * hidden_stride, mask=ks < hidden_size, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + offs.to(tl.int64)[:, None] * weight_row_stride
+                        + ks[None, :] * weight_col_stride,
+                        mask=mask[:, None] & (ks < hidden_size)[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * h[None, :], axis=1)
+        z = _softcapped(acc.to(row_ptr.dtype.element_ty).to(tl.float32), softcap, HAS_SOFTCAP)
+        numerators = tl.where(mask, tl.exp(z - ref), 0.0)
+        others += tl.sum(tl.where(offs == label_col, 0.0, numerators), axis=0)
+        _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
+    return others
+
+
+@triton.jit
 def _deferred_rows_kernel(
     logits_ptr,
     row_stride,
+    hidden_ptr,
+    hidden_row_stride,
+    hidden_col_stride,
+    weight_ptr,
+    weight_row_stride,
+    weight_col_stride,
+    hidden_size,
     labels_ptr,
     loss_ptr,
     row_scale_ptr,
@@ -100,8 +147,11 @@ def _deferred_rows_kernel(
     ignore_index,
     softcap,
     rescale_gap,
+    clamp,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
+    COLS: tl.constexpr,
+    FEATURES: tl.constexpr,
 ):
     """Rows ``pid, pid + programs, ...``: each labelled row's loss, row scale and numerators (in
     place over its logits); an ignored row gets loss 0, row scale 0 and zeros."""
@@ -126,26 +176,32 @@ def _deferred_rows_kernel(
             ref = tl.max(_softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP), axis=0)
             ref = tl.where(ref == float("-inf"), 0.0, ref)
             sums = tl.zeros([BLOCK], dtype=tl.float32)  # per lane: numerators, the label's left out
+            tops = tl.full([BLOCK], float("-inf"), dtype=tl.float32)  # per lane: the largest logit
             for start in range(0, n_cols, BLOCK):
                 offs = start + cols
                 mask = offs < n_cols
                 z = _softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP)
-                # The next block's load goes out before this block's reduction holds the warps.
                 z_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < n_cols, other=float("-inf"))
-                numerators = tl.exp(z - ref)
+                numerators = tl.exp(tl.minimum(z - ref, clamp))
                 _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
-                top = tl.max(z, axis=0)
-                if top > ref + rescale_gap:  # rare: move the reference up, redo what was written
-                    factor = tl.exp(ref - top)
-                    sums = sums * factor
-                    tl.debug_barrier()
-                    _rescale_columns(row_ptr, start, factor, BLOCK)
-                    ref = top
-                    numerators = tl.exp(z - ref)
-                    _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
-                    tl.debug_barrier()
+                tops = tl.maximum(tops, z)
                 sums += tl.where(offs == label_col, 0.0, numerators)
-            others = tl.sum(sums, axis=0)
+            top = tl.max(tops, axis=0)
+            if top > ref + clamp:  # a numerator was clamped: recompute the row's logits
+                tl.debug_barrier()
+                hidden_row = hidden_ptr + row64 * hidden_row_stride
+                others = _recompute_numerators(row_ptr, hidden_row, hidden_col_stride, weight_ptr,
+                                               weight_row_stride, weight_col_stride, n_cols, hidden_size,
+                                               top, label_col, softcap, HAS_SOFTCAP, COLS, FEATURES)
+                ref = top
+            elif top > ref + rescale_gap:  # move the reference up to the max
+                factor = tl.exp(ref - top)
+                tl.debug_barrier()
+                _rescale_columns(row_ptr, n_cols, factor, BLOCK)
+                others = tl.sum(sums * factor, axis=0)
+                ref = top
+            else:
+                others = tl.sum(sums, axis=0)
             total = others + tl.exp(z_label - ref)
             tl.store(loss_ptr + row64, ref + tl.log(total) - z_label)
             grad_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32)
@@ -161,6 +217,8 @@ def _deferred_rows_kernel(
 
 def deferred_cross_entropy_rows(
     logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
     labels: torch.Tensor,
     grad_scale: torch.Tensor,
     *,
@@ -171,6 +229,9 @@ def deferred_cross_entropy_rows(
     """Per-row float32 losses of 2-D ``logits`` (unit column stride, bfloat16 or float32), and
     float32 row scales; ``logits`` is overwritten with numerators such that
     ``row_scales[:, None] * logits == grad_scale * dloss/dlogits`` (see the module docstring).
+
+    ``logits`` must be ``hidden @ weight.T`` (rows with unit column stride), which the kernel
+    recomputes for a row whose logits span more than ``CLAMP`` nats above its first block.
 
     ``grad_scale``: a float32 tensor of 1 element or one per row. Labels must already be
     range-checked. ``launch`` overrides the tuned launch (for benchmarks and tests).
@@ -184,6 +245,11 @@ def deferred_cross_entropy_rows(
     row_scales = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return losses, row_scales
+    if hidden.shape != (n_rows, weight.shape[1]) or weight.shape[0] != n_cols:
+        raise ValueError(
+            f"fusetune: logits {tuple(logits.shape)} are not hidden {tuple(hidden.shape)} @ weight.T "
+            f"{tuple(weight.shape)}."
+        )
     block, warps, programs_per_sm = launch or _LAUNCH
     programs = n_rows
     if programs_per_sm:
@@ -191,6 +257,11 @@ def deferred_cross_entropy_rows(
     _deferred_rows_kernel[(programs,)](
         logits,
         logits.stride(0),
+        hidden,
+        *hidden.stride(),
+        weight,
+        *weight.stride(),
+        weight.shape[1],
         labels,
         losses,
         row_scales,
@@ -201,8 +272,11 @@ def deferred_cross_entropy_rows(
         ignore_index,
         float(softcap) if softcap is not None else 1.0,
         RESCALE_GAP,
+        CLAMP,
         HAS_SOFTCAP=softcap is not None,
         BLOCK=min(block, next_power_of_2(n_cols)),
+        COLS=_RECOMPUTE_COLS,
+        FEATURES=_RECOMPUTE_FEATURES,
         num_warps=warps,
     )
     return losses, row_scales

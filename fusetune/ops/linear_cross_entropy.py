@@ -122,7 +122,7 @@ def _chunked_loss(
         row_scales = None
         if deferred:
             losses[start:end], row_scales = deferred_cross_entropy_rows(
-                logits, labels[start:end], scale,
+                logits, rows, weight, labels[start:end], scale,
                 ignore_index=options["ignore_index"], softcap=options["softcap"],
             )
         else:

@@ -1,5 +1,6 @@
 """The one-pass row kernel of linear_cross_entropy: ``row_scale * numerators`` against float64
-gradients, with the reference moved by a later, much larger logit, and with confident rows."""
+gradients, with rows whose max lies far above their first block (rescaled, or recomputed from
+hidden and weight), and with confident rows."""
 
 import importlib
 import math
@@ -35,22 +36,29 @@ def float64_rows(logits, labels, scale, softcap=None, ignore_index=-100):
     return losses, grad
 
 
-def run_kernel(logits, labels, scale, launch, softcap=None):
+def run_kernel(logits, hidden, weight, labels, scale, launch, softcap=None):
     """The kernel's losses and the gradient it stands for, ``row_scales * numerators``."""
     out = logits.clone()
     losses, row_scales = deferred_cross_entropy_rows(
-        out, labels, scale, ignore_index=-100, softcap=softcap, launch=launch
+        out, hidden, weight, labels, scale, ignore_index=-100, softcap=softcap, launch=launch
     )
     assert torch.isfinite(out).all() and torch.isfinite(row_scales).all()
-    return losses, row_scales.double()[:, None] * out.double()
+    return losses, row_scales.double()[:, None] * out.double(), out
 
 
-def random_rows(dtype, rows=7, seed=0):
+def logits_of(hidden, weight):
+    """``hidden @ weight.T`` as the chunk's matmul makes it: float32 sums rounded to the dtype."""
+    return (hidden.float() @ weight.float().t()).to(hidden.dtype)
+
+
+def random_rows(dtype, rows=7, features=24, seed=0):
+    """Hidden rows, a weight and their logits (about 3 nats of spread), and labels (row 2 ignored)."""
     gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(rows, VOCAB, generator=gen) * 3).to(dtype).to(DEVICE)
+    hidden = torch.randn(rows, features, generator=gen).to(dtype).to(DEVICE)
+    weight = (torch.randn(VOCAB, features, generator=gen) * 0.6).to(dtype).to(DEVICE)
     labels = torch.randint(0, VOCAB, (rows,), generator=gen)
     labels[2] = -100
-    return logits, labels.to(DEVICE)
+    return hidden, weight, labels.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,13 +66,14 @@ def random_rows(dtype, rows=7, seed=0):
 @pytest.mark.parametrize("launch", [SMALL_BLOCKS, PERSISTENT], ids=["row_programs", "persistent"])
 @pytest.mark.parametrize("per_row_scale", [False, True], ids=["one_scale", "row_scales"])
 def test_matches_float64(dtype, softcap, launch, per_row_scale):
-    logits, labels = random_rows(dtype)
+    hidden, weight, labels = random_rows(dtype)
+    logits = logits_of(hidden, weight)
     scale = (
         torch.linspace(0.5, 2.0, len(labels), device=DEVICE)
         if per_row_scale
         else torch.full((1,), 1 / 6, device=DEVICE)
     )
-    losses, grad = run_kernel(logits, labels, scale, launch, softcap)
+    losses, grad, _ = run_kernel(logits, hidden, weight, labels, scale, launch, softcap)
     want_losses, want_grad = float64_rows(logits, labels, scale, softcap)
     assert_close_to_float64(losses, want_losses, torch.float32, "losses")
     assert_close_to_float64(grad, want_grad, dtype, "gradient")
@@ -72,23 +81,26 @@ def test_matches_float64(dtype, softcap, launch, per_row_scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reference_moves_up_for_a_much_larger_later_logit(dtype):
-    """Rows whose first block sits far below a later logit (by 45-110 nats, past the gap): the
-    numerators already written are rescaled, once or twice a row, and stay finite."""
-    logits, labels = random_rows(dtype, rows=4)
-    logits[0, 700] = 60.0  # one jump of ~60 nats in the third block
-    logits[1, 300], logits[1, 2900] = 45.0, 110.0  # two jumps
-    logits[3, :256] -= 80.0  # a low first block, the row's bulk one gap above it
-    labels[0], labels[1] = 700, 5  # one row confident, one almost surely wrong
+@pytest.mark.parametrize("launch", [SMALL_BLOCKS, PERSISTENT], ids=["row_programs", "persistent"])
+def test_rows_far_above_their_first_block(dtype, launch):
+    """Rows whose max lies far above their first block's: by about 45 and 60 nats (past the
+    rescale gap: the numerators are rescaled) and by about 105 (past the clamp: the row's logits
+    are recomputed from hidden and weight). Each matches float64, numerators end below e^gap."""
+    hidden, weight, labels = random_rows(dtype, rows=5)
+    hidden[:, :2] = 0.0
+    weight[:, :2] = 0.0
+    hidden[0, 0], weight[700, 0] = 6.0, 7.5  # one logit of ~45 in a later block
+    hidden[1, 0], weight[2900, 0] = 10.0, 10.5  # one of ~105, in the last block
+    hidden[3, 1], weight[:256, 1] = 6.0, -10.0  # a first block 60 nats below the rest
+    labels[0], labels[1], labels[4] = 700, 5, 2900  # row 0 confident, row 1 surely wrong
+    logits = logits_of(hidden, weight)
     scale = torch.full((1,), 0.25, device=DEVICE)
-    losses, grad = run_kernel(logits, labels, scale, SMALL_BLOCKS)
+    losses, grad, out = run_kernel(logits, hidden, weight, labels, scale, launch)
     want_losses, want_grad = float64_rows(logits, labels, scale)
     assert_close_to_float64(losses, want_losses, torch.float32, "losses")
     assert_close_to_float64(grad, want_grad, dtype, "gradient")
-    out = logits.clone()
-    deferred_cross_entropy_rows(out, labels, scale, ignore_index=-100, softcap=None, launch=SMALL_BLOCKS)
     unlabelled = torch.ones_like(out, dtype=torch.bool)
-    unlabelled[torch.arange(4), labels.clamp_min(0)] = False
+    unlabelled[torch.arange(5), labels.clamp_min(0)] = False
     assert out.float()[unlabelled].max() <= math.exp(RESCALE_GAP) * 1.01, "numerators stay below e^gap"
 
 
@@ -96,13 +108,14 @@ def test_reference_moves_up_for_a_much_larger_later_logit(dtype):
 def test_confident_rows_keep_the_label_gradient_precise(dtype):
     """p_label near 1: the label's gradient ``p - 1`` is small against the numerators' sum, and
     must still come out to the dtype's precision relative to itself (the "- 1" is folded into
-    the label's element in float32, not left to cancel in a matmul)."""
-    logits, labels = random_rows(dtype, rows=5)
+    the label's element as minus the other numerators' sum, not left to cancel)."""
+    hidden, weight, labels = random_rows(dtype, rows=5)
     labels[2] = 11
+    logits = logits_of(hidden, weight)
     for row, margin in enumerate((8.0, 12.0, 16.0, 9.0, 10.0)):
         logits[row, labels[row]] = logits[row].float().max() + margin
     scale = torch.ones(1, device=DEVICE)
-    _, grad = run_kernel(logits, labels, scale, SMALL_BLOCKS)
+    _, grad, _ = run_kernel(logits, hidden, weight, labels, scale, SMALL_BLOCKS)
     _, want_grad = float64_rows(logits, labels, scale)
     rows = torch.arange(5)
     label_grad, want_label_grad = grad[rows, labels], want_grad[rows, labels]
@@ -110,11 +123,22 @@ def test_confident_rows_keep_the_label_gradient_precise(dtype):
     assert_close_to_float64(label_grad, want_label_grad, dtype, "label gradients")
 
 
+def test_shapes_that_do_not_make_the_logits_are_refused():
+    hidden, weight, labels = random_rows(torch.float32)
+    logits = logits_of(hidden, weight)
+    with pytest.raises(ValueError, match="are not hidden"):
+        deferred_cross_entropy_rows(
+            logits, hidden[:, 1:], weight, labels, torch.ones(1, device=DEVICE), ignore_index=-100,
+            softcap=None,
+        )
+
+
 def test_float16_is_refused():
-    logits, labels = random_rows(torch.float16)
+    hidden, weight, labels = random_rows(torch.float16)
     with pytest.raises(TypeError, match="deferred normalisation"):
         deferred_cross_entropy_rows(
-            logits, labels, torch.ones(1, device=DEVICE), ignore_index=-100, softcap=None
+            logits_of(hidden, weight), hidden, weight, labels, torch.ones(1, device=DEVICE),
+            ignore_index=-100, softcap=None,
         )
 
 
