@@ -131,6 +131,19 @@ def test_masked_logits(dtype):
     assert torch.isfinite(x.grad).all() and not x.grad[masked].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_far_above_their_first_block(dtype):
+    """The statistics' reference is a stretch's first block's max: rows whose max lies about 36 and
+    60 nats above it (the sums are rescaled) and about 90 above (past the clamp: summed again)."""
+    logits, labels = make_inputs(dtype)
+    logits[0, 4500] = 45.0
+    logits[1, 5000] = 100.0
+    logits[3, :256] -= 60.0
+    logits[5, :1100] -= 60.0  # under split-5, a whole segment and the next one's first block
+    labels[0], labels[1], labels[3] = 4500, 7, 300
+    check_all(dtype, logits, labels)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_upstream_gradient_of_one(dtype):
     """``loss.backward()``'s grad_output of 1 leaves the stored gradient as forward wrote it."""
