@@ -41,7 +41,12 @@ import triton
 import triton.language as tl
 
 from fusetune.ops._launch import next_power_of_2, sm_count
-from fusetune.ops.cross_entropy import CLAMP, RESCALE_GAP, _softcapped, _zero_columns
+from fusetune.ops.cross_entropy import _softcapped, _zero_columns
+
+# Nats the row's max may exceed the reference before the numerators are rescaled, and the
+# exponent at which numerators are clamped in the first pass (see above).
+RESCALE_GAP = 30.0
+CLAMP = 80.0
 
 # The tile (vocab columns x hidden features) of the in-kernel recompute of a row's logits.
 _RECOMPUTE_COLS = 128
@@ -141,6 +146,8 @@ def _deferred_rows_kernel(
     n_cols,
     ignore_index,
     softcap,
+    rescale_gap,
+    clamp,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
     COLS: tl.constexpr,
@@ -175,19 +182,19 @@ def _deferred_rows_kernel(
                 mask = offs < n_cols
                 z = _softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP)
                 z_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < n_cols, other=float("-inf"))
-                numerators = tl.exp(tl.minimum(z - ref, CLAMP))
+                numerators = tl.exp(tl.minimum(z - ref, clamp))
                 _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
                 tops = tl.maximum(tops, z)
                 sums += tl.where(offs == label_col, 0.0, numerators)
             top = tl.max(tops, axis=0)
-            if top > ref + CLAMP:  # a numerator was clamped: recompute the row's logits
+            if top > ref + clamp:  # a numerator was clamped: recompute the row's logits
                 tl.debug_barrier()
                 hidden_row = hidden_ptr + row64 * hidden_row_stride
                 others = _recompute_numerators(row_ptr, hidden_row, hidden_col_stride, weight_ptr,
                                                weight_row_stride, weight_col_stride, n_cols, hidden_size,
                                                top, label_col, softcap, HAS_SOFTCAP, COLS, FEATURES)
                 ref = top
-            elif top > ref + RESCALE_GAP:  # move the reference up to the max
+            elif top > ref + rescale_gap:  # move the reference up to the max
                 factor = tl.exp(ref - top)
                 tl.debug_barrier()
                 _rescale_columns(row_ptr, n_cols, factor, BLOCK)
@@ -264,6 +271,8 @@ def deferred_cross_entropy_rows(
         n_cols,
         ignore_index,
         float(softcap) if softcap is not None else 1.0,
+        RESCALE_GAP,
+        CLAMP,
         HAS_SOFTCAP=softcap is not None,
         BLOCK=min(block, next_power_of_2(n_cols)),
         COLS=_RECOMPUTE_COLS,
