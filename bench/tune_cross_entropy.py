@@ -41,6 +41,11 @@ writing it (``ce-tuning-h200-deferred-first.jsonl``: 0.44 ms at best against the
 0.45 at 1024 x 262144); with the next block's load issued before that reduction
 (``ce-tuning-h200-deferred-prefetch.jsonl``) 0.90 of the split kernel's time; the loop without
 any reduction (each lane's own running max, reduced once a row) is the current one.
+The same lane-wise loop in the two-pass kernel's statistics pass (reference from the first block,
+each lane's max and sum, reduced once a segment) made that kernel slower, not faster
+(``ce-tuning-h200-lanes.jsonl``, ``ops-h200-ce-lanes.jsonl``: at best 1.86 ms at 8192 x 128256
+against 1.54-1.57 in earlier calls, 2.10 with the tuned launch against Liger's 1.52 in the same
+call): it was reverted, and the statistics pass keeps its scalar running max and sum.
 Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred]`` (writes
 DIR/ce-tuning-<tag>.jsonl).
 """

@@ -12,8 +12,7 @@ device (``scale_by_grad_output``).
 
 The row kernel can split a row among programs that run side by side; the last to finish makes the
 row's loss and gradient (see ``_cross_entropy_split_kernel``). Its statistics pass takes one
-exponential an element and holds no reduction in its loop (a reference fixed from the first
-block, each lane's own max and sum: ``_segment_stats``); the H200 is fastest with one
+exponential an element (a scalar running max and sum); with that, the H200 is fastest with one
 segment a row up to Gemma's vocabulary, the program reading its row a second time partly from L2
 (bench/tune_cross_entropy.py); longer rows are split.
 With ``reduction="none"`` the per-row scale is only known in backward, so there the kernel runs
@@ -97,54 +96,34 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     return x
 
 
-# A row's sums of exponentials are taken against a reference fixed from its first block, with no
-# reduction in the loop (each lane keeps its own max and sum, reduced once; a reduction a block
-# holds every warp and stalls the loads). Where the row's max exceeds the reference by more than
-# RESCALE_GAP the sums are rescaled to the max; exponents are clamped at CLAMP (below float32's
-# and bfloat16's overflow), so a max beyond that means a clamped term lost its value and the sum
-# is taken again. The one-pass kernel of linear cross-entropy (deferred_softmax) shares both.
-RESCALE_GAP = tl.constexpr(30.0)
-CLAMP = tl.constexpr(80.0)
-
-
 @triton.jit
 def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """Reference, sum of ``exp(z - reference)`` and (with ``SMOOTHING``, else 0) plain sum of the
-    (soft-capped) logits in columns [start, end); the reference is the stretch's max where it
-    lies over RESCALE_GAP above its first block's, else that first block's max (see above). An
-    all ``-inf`` stretch gives -inf and 0. One exponential an element, one read (a second only
-    for a stretch whose max lies over CLAMP above its first block's).
+                   BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Max, sum of ``exp(z - max)`` and (with ``SMOOTHING``, else 0) plain sum of the (soft-capped)
+    logits in columns [start, end), streamed with an online max. An all ``-inf`` stretch gives a
+    max of -inf and a sum of 0.
+
+    The running max and sum are scalars: each block is reduced to its max first, so every element
+    costs one exponential (a per-lane running max would rescale each lane's sum every step, two
+    exponentials an element, and the special-function units would bound the pass).
     """
     cols = tl.arange(0, BLOCK)
-    z_next = tl.load(logits_row + start + cols, mask=start + cols < end, other=float("-inf"))
-    ref = tl.max(_softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP), axis=0)
-    ref = tl.where(ref == float("-inf"), 0.0, ref)
-    sums = tl.zeros([BLOCK], dtype=tl.float32)
-    tops = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    logit_sums = tl.zeros([BLOCK], dtype=tl.float32)
-    for first in range(start, end, BLOCK):
+    top = tl.full([], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([], dtype=tl.float32)
+    logit_sum = tl.zeros([], dtype=tl.float32)
+    for first in tl.range(start, end, BLOCK, num_stages=STAGES):
         offs = first + cols
-        z = _softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP)
-        # The next block's load goes out before this block's arithmetic.
-        z_next = tl.load(logits_row + offs + BLOCK, mask=offs + BLOCK < end, other=float("-inf"))
-        sums += tl.exp(tl.minimum(z - ref, CLAMP))
-        tops = tl.maximum(tops, z)
+        mask = offs < end
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        z = _softcapped(z, softcap, HAS_SOFTCAP)
+        new_top = tl.maximum(top, tl.max(z, axis=0))
+        # While only -inf has been seen the sum stays zero (avoid inf - inf).
+        safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+        total = total * tl.exp(top - safe_top) + tl.sum(tl.exp(z - safe_top), axis=0)
+        top = new_top
         if SMOOTHING:
-            logit_sums += tl.where(offs < end, z, 0.0)
-    top = tl.max(tops, axis=0)
-    if top > ref + CLAMP:  # a clamped term: sum again against the max
-        sums = tl.zeros([BLOCK], dtype=tl.float32)
-        for first in range(start, end, BLOCK):
-            offs = first + cols
-            z = tl.load(logits_row + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
-            sums += tl.exp(_softcapped(z, softcap, HAS_SOFTCAP) - top)
-        ref = top
-    elif top > ref + RESCALE_GAP:
-        sums = sums * tl.exp(ref - top)
-        ref = top
-    ref = tl.where(top == float("-inf"), top, ref)
-    return ref, tl.sum(sums, axis=0), tl.sum(logit_sums, axis=0)
+            logit_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    return top, total, logit_sum
 
 
 @triton.jit
@@ -256,7 +235,7 @@ def _cross_entropy_split_kernel(
                 _zero_columns(grad_row, start, end, BLOCK)
         else:
             top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
-                                                   BLOCK)
+                                                   BLOCK, STAGES)
             stats = stats_ptr + (row64 * n_segments + segment) * 3
             tl.store(stats, top)
             tl.store(stats + 1, total)
