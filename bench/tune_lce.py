@@ -3,7 +3,8 @@
 Times fusetune's ``linear_cross_entropy`` forward+backward and its peak memory for several
 ``chunk_rows`` values (and the default) with a trainable and a frozen weight, so the default chunk
 rule in ``fusetune/ops/linear_cross_entropy.py`` is chosen from measurements, not guesses.
-Run on the GPU: ``python bench/tune_lce.py --out DIR`` writes DIR/lce-tuning-<tag>.jsonl.
+Run on the GPU: ``python bench/tune_lce.py --out DIR [--chunks 128,256]`` writes
+DIR/lce-tuning-<tag>.jsonl.
 """
 
 from __future__ import annotations
@@ -60,10 +61,15 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) 
 
 
 def main() -> None:
-    args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "lce-tuning", {"warmup": 10, "rep": 50})
+    args, timing = common.sweep_arguments(
+        __doc__.split("\n\n")[0], "lce-tuning", {"warmup": 10, "rep": 50},
+        lambda parser: parser.add_argument("--chunks", help=f"rows per chunk, comma list (default {CHUNKS})"))
+    chunks = QUICK_CHUNKS if args.quick else CHUNKS
+    if args.chunks:
+        chunks = tuple(int(rows) for rows in args.chunks.split(","))
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         for trainable in (True, False):
-            for chunk in (None, *(QUICK_CHUNKS if args.quick else CHUNKS)):
+            for chunk in (None, *chunks):
                 measure(shape, trainable, chunk, timing)
                 common.release()
 
