@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
-from fusetune.ops import cross_entropy, layer_norm, linear_cross_entropy, rms_norm  # noqa: E402
+from fusetune.ops import add_rms_norm, cross_entropy, layer_norm, linear_cross_entropy, rms_norm  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -45,6 +45,16 @@ def case_lce_frozen():
 def case_rms_norm():
     x, w = _leaf(32768, 4096), _leaf(4096)
     return lambda: rms_norm(x, w).backward(torch.ones_like(x)), [x, w]
+
+
+def case_add_rms_norm():
+    x, r, w = _leaf(32768, 4096), _leaf(32768, 4096), _leaf(4096)
+
+    def step():
+        normed, summed = add_rms_norm(x, r, w)
+        torch.autograd.backward((normed, summed), (torch.ones_like(x), torch.ones_like(x)))
+
+    return step, [x, r, w]
 
 
 def case_layer_norm():
