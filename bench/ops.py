@@ -247,8 +247,9 @@ def bytes_rms_norm(s: dict, variant: str):
 def bytes_add_rms_norm(s: dict, variant: str):
     """fwd reads x, r, w, writes y, s = x + r; bwd reads s, dy, ds, w, writes one tensor that is
     both dx and dr (they are equal), and dw: 8 N H + 3 H elements. Here x and r are both leaves,
-    and autograd cannot store one tensor as two leaves' .grad, so every system's step also copies
-    it once (a read and a write, 2 N H more; in a decoder the two gradients flow on, uncopied):
+    and autograd cannot store one tensor as two leaves' .grad, so the step also copies it once (a
+    read and a write, 2 N H more; a system whose backward writes two tensors writes them instead;
+    in a decoder the two gradients flow on, uncopied):
     10 N H + 3 H in all. (Before the eighteenth session the count left the copy out.)"""
     return "bytes", BF16_BYTES * (10 * s["tokens"] * s["hidden"] + 3 * s["hidden"])
 
