@@ -47,6 +47,12 @@ def case_rms_norm():
     return lambda: rms_norm(x, w).backward(torch.ones_like(x)), [x, w]
 
 
+def case_rms_norm_per_head():
+    """Qwen3-style q/k norm rows: 8,192 tokens x 16 heads of 256 (Gemma 3's head size)."""
+    x, w = _leaf(131072, 256), _leaf(256)
+    return lambda: rms_norm(x, w).backward(torch.ones_like(x)), [x, w]
+
+
 def case_add_rms_norm():
     x, r, w = _leaf(32768, 4096), _leaf(32768, 4096), _leaf(4096)
 
