@@ -7,7 +7,7 @@ gradient and its contribution to the weight gradient. So the work is the three m
 needs (two when the weight is frozen, as under LoRA) plus one read and one write of each chunk's
 logits, and the peak extra memory is one chunk of logits plus the gradients themselves.
 
-The row kernel is the one-pass ``deferred_softmax`` kernel where it applies (bfloat16 or float32,
+The row kernel is the one-pass ``deferred_softmax`` kernel where it applies (bfloat16 or float32;
 no bias, label smoothing or z-loss: ``defers_normalisation``): it writes the softmax's numerators
 and a scale per row, which the matmuls apply to their (rows x hidden) side. Elsewhere it is the
 cross-entropy op's kernel, which writes ``scale * dloss/dlogits`` itself but reads each row twice.
