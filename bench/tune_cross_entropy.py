@@ -46,11 +46,12 @@ each lane's max and sum, reduced once a segment) made that kernel slower, not fa
 (``ce-tuning-h200-lanes.jsonl``, ``ops-h200-ce-lanes.jsonl``: at best 1.86 ms at 8192 x 128256
 against 1.54-1.57 in earlier calls, 2.10 with the tuned launch against Liger's 1.52 in the same
 call): it was reverted, and the statistics pass keeps its scalar running max and sum.
-In the nineteenth session ``--kernel resident`` sweeps a pipelined resident kernel
-(``fusetune/ops/resident_cross_entropy.py``): a persistent grid in which a group of programs
-holds a row, a stretch each in registers, and each program loads its next row's stretch before it
-waits on its siblings' statistics, beside the split kernel's tuned launch on the same shapes.
-Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred|resident]`` (writes
+In the nineteenth session a pipelined resident kernel was swept (a persistent grid in which a
+group of programs holds a row, a stretch each in registers, and each program loads its next row's
+stretch before it waits on its siblings' statistics): 1.46-1.56x slower than the split kernel in
+the same call (``ce-tuning-h200-resident-pipelined.jsonl``; bench/RESULTS.md says why). It was
+dropped, with its ``--kernel resident`` mode.
+Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred]`` (writes
 DIR/ce-tuning-<tag>.jsonl).
 """
 
@@ -66,7 +67,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 from fusetune.ops.cross_entropy import RowLaunch, cross_entropy_rows, tuned_launch  # noqa: E402
 from fusetune.ops.deferred_softmax import DeferredLaunch, deferred_cross_entropy_rows  # noqa: E402
-from fusetune.ops.resident_cross_entropy import ResidentLaunch, resident_cross_entropy_rows  # noqa: E402
 
 SHAPES = (
     {"tokens": 8192, "vocab": 128256},
@@ -88,14 +88,6 @@ QUICK_DEFERRED_SHAPES = ({"tokens": 8, "vocab": 3000, "in_place": True},)
 DEFERRED_LAUNCHES = tuple(DeferredLaunch(block, warps, programs) for block in (2048, 4096, 8192)
                           for warps in (4, 8, 16, 32) for programs in (0, 4, 8) if block // (32 * warps) >= 2)
 QUICK_DEFERRED_LAUNCHES = (DeferredLaunch(512, 4), DeferredLaunch(1024, 4, programs_per_sm=1))
-
-# The resident kernel's settings: a program's stretch from 8 to 64 elements a thread.
-RESIDENT_SHAPES = ({"tokens": 8192, "vocab": 128256}, {"tokens": 8192, "vocab": 152064},
-                   {"tokens": 8192, "vocab": 262144})
-RESIDENT_LAUNCHES = tuple(ResidentLaunch(block, warps, programs) for block in (2048, 4096, 8192, 16384)
-                          for warps in (4, 8, 16) for programs in (1, 2, 4, 8)
-                          if 8 <= block // (32 * warps) <= 64)
-QUICK_RESIDENT_LAUNCHES = (ResidentLaunch(512, 4, 2), ResidentLaunch(1024, 4, 1))
 
 
 def launches(vocab: int) -> list[RowLaunch]:
@@ -122,13 +114,6 @@ def deferred_run(logits, labels, grad, scale, launch):
     weight = torch.zeros(logits.shape[1], 64, device=logits.device, dtype=logits.dtype)
     return functools.partial(deferred_cross_entropy_rows, logits, hidden, weight, labels, scale,
                              ignore_index=-100, softcap=None, launch=launch)
-
-
-def resident_run(logits, labels, grad, scale, launch):
-    """The resident kernel's loss and gradient (written to ``grad``) with ``launch``."""
-    options = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
-    return functools.partial(resident_cross_entropy_rows, logits, labels, grad_scale=scale, grad_out=grad,
-                             launch=launch, **options)
 
 
 def sweep_shape(shape: dict, grid, kernel: str, run_of, passes: int, timing: dict) -> None:
@@ -179,18 +164,12 @@ def sweep_shape(shape: dict, grid, kernel: str, run_of, passes: int, timing: dic
 def main() -> None:
     args, timing = common.sweep_arguments(
         __doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40},
-        lambda parser: parser.add_argument("--kernel", choices=("split", "deferred", "resident"), default="split",
+        lambda parser: parser.add_argument("--kernel", choices=("split", "deferred"), default="split",
                                            help="which row kernel to sweep"))
     if args.kernel == "split":
         for shape in QUICK_SHAPES if args.quick else SHAPES:
             grid = QUICK_LAUNCHES if args.quick else launches(shape["vocab"])
             sweep_shape(shape, grid, "split", split_run, 3, timing)
-        return
-    if args.kernel == "resident":
-        for shape in QUICK_SHAPES[:1] if args.quick else RESIDENT_SHAPES:
-            sweep_shape(shape, (tuned_launch(shape["tokens"]),), "split", split_run, 3, timing)
-            sweep_shape(shape, QUICK_RESIDENT_LAUNCHES if args.quick else RESIDENT_LAUNCHES, "resident",
-                        resident_run, 2, timing)
         return
     for shape in QUICK_DEFERRED_SHAPES if args.quick else DEFERRED_SHAPES:
         # The split kernel's tuned launch on the same chunk first: the time the new kernel replaces.
