@@ -15,6 +15,17 @@ step summed at once) instead of a (rows x block) tile, which holds fewer registe
 first to leave L2; ``ds_before_reduction`` (eighteenth session) loads the residual gradient with dy
 and the input, before the row's reduction, instead of after it: 5-8% slower by kernel time
 (``ops-h200-rms-ds-*.jsonl``: 0.703 against 0.651 ms at 32768 x 4096), so not taken.
+Nineteenth session, for rms_norm on per-head rows (131072 x 256, 0.94x torch.compile), three
+variants of the then source, one call (``ops-h200-narrow-*.jsonl``, kernel time): software-pipelining
+the backward's row loop (three stages) was 10% faster where a step takes one row (4,096- and
+2,048-wide rows), 1.45-1.55x slower where it takes two (8,192-wide), no different on narrow rows;
+tiles of up to 1,024 elements with two warps instead of four were 2-5% faster on narrow rows;
+4,096-element forward tiles on rows up to 512 wide changed nothing beyond 2%. The first two were
+taken (``rms_norm.backward_stages``, ``_launch.warps_for``). In a second call
+(``ops-h200-stages-*.jsonl``) ``plain_loop`` and ``four_warps`` reverted them (each slower where it
+applies, as before), ``wide_one_row_pipelined`` took one pipelined row a step for the plain norm's
+8,192-wide rows instead of two plain ones (8% faster: taken, and the variant dropped) and
+``residual_one_row_pipelined`` did so for add_rms_norm (no faster: not taken).
 Run on the GPU: ``python bench/kernel_variants.py --out DIR`` (``--quick`` under the interpreter).
 """
 
@@ -29,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RMS_NORM = "fusetune/ops/rms_norm.py"
+LAUNCH = "fusetune/ops/_launch.py"
 _DW_TILE = "dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)"
 _LOAD_DY = "tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0)"
 _LOAD_H = "tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0)"
@@ -54,6 +66,12 @@ VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "ds_before_reduction": [
         (RMS_NORM, _RSTD_LOAD, _RSTD_LOAD + _EARLY_DS),
         (RMS_NORM, "                dx += " + _LOAD_DS + ".to(tl.float32)\n", "                dx += ds\n"),
+    ],
+    # Nineteenth session: each reverts or extends one of that session's RMSNorm launch changes.
+    "plain_loop": [(RMS_NORM, "    return _PIPELINE_STAGES if rows_at_once == 1 else 1\n", "    return 1\n")],
+    "four_warps": [(LAUNCH, "    return 2\n", "    return 4\n")],
+    "residual_one_row_pipelined": [
+        (RMS_NORM, "{(4096, True): 2, (8192, True): 2}", "{}"),
     ],
 }
 

@@ -144,14 +144,18 @@ if triton is not None:
 
 
 def warps_for(block: int) -> int:
-    """num_warps for a row kernel whose block holds ``block`` elements."""
+    """num_warps for a row kernel whose block holds ``block`` elements.
+
+    Tiles of up to 1,024 elements (``ROW_TILE``: narrow rows, several to a tile) take two warps: on an
+    H200 RMSNorm at 131072 x 256 and 262144 x 128 went from 0.101 / 0.097 ms with four to
+    0.096 / 0.094 (kernel time, bench/kernel_variants.py, ops-h200-narrow-*.jsonl, one call)."""
     if block >= 32768:
         return 32
     if block >= 8192:
         return 16
     if block >= 2048:
         return 8
-    return 4
+    return 2
 
 
 # Programs per SM in a persistent backward grid; under the interpreter a few programs suffice

@@ -34,7 +34,7 @@ from fusetune.ops._launch import (
 # from 0.76 to 0.88-0.89 of copy bandwidth (backward 0.55 -> 0.43 ms) in three calls; with a short
 # loop (8192 x 8192, about 31 rows a program) they were slower (0.52 against 0.46 ms); with
 # 4,096-wide rows the runs were too noisy to tell, so those keep a plain loop. 2 stages were slower
-# everywhere, 4 the same as 3. (The RMSNorm backward, tried the same way, was slower with 3 stages.)
+# everywhere, 4 the same as 3. (The RMSNorm backward pipelines its one-row steps: see rms_norm.py.)
 _PIPELINED_BLOCK = 8192
 _PIPELINED_MIN_ROWS_PER_PROGRAM = 64
 _PIPELINE_STAGES = 3

@@ -42,17 +42,34 @@ CASTS = ("llama", "gemma")
 
 # Rows an RMSNorm backward program has in flight at once, by (block width, fused residual) (others:
 # one). bench/tune_rows.py measures the choice on the H200: add_rms_norm went from 0.71 to 0.77 of
-# copy bandwidth at 32768 x 8192 and 32768 x 4096 with two rows (four spilled registers); the plain
-# norm at 32768 x 4096, which has no residual gradient to load, takes its kernels from 0.40 to
-# 0.37 ms with one (rows-tuning-h200-kernels.jsonl, kernel time). (LayerNorm's backward, tried the
-# same way, was slower with two rows, so it takes one.)
-_BACKWARD_ROWS: dict[tuple[int, bool], int] = {(4096, True): 2, (8192, True): 2, (8192, False): 2}
+# copy bandwidth at 32768 x 8192 and 32768 x 4096 with two rows (four spilled registers;
+# rows-tuning-h200-kernels.jsonl, kernel time), and one software-pipelined row a step is no faster
+# there (ops-h200-stages-*.jsonl). The plain norm, which has no residual gradient to load, takes one
+# pipelined row at every width (below). (LayerNorm's backward, tried the same way, was slower with
+# two rows, so it takes one.)
+_BACKWARD_ROWS: dict[tuple[int, bool], int] = {(4096, True): 2, (8192, True): 2}
 
 
 def backward_rows(block: int, residual: bool) -> int:
     """Rows each program of the RMSNorm backward loads at once, for rows of ``block``, with or
     without the fused residual add (narrow rows: as many as ``rows_per_program`` gives)."""
     return _BACKWARD_ROWS.get((block, residual), rows_per_program(block))
+
+
+# Software-pipelining stages of the backward's row loop (``tl.range``'s ``num_stages``) where it
+# takes one row a step. Measured on an H200 by kernel time (bench/kernel_variants.py, two calls,
+# ops-h200-narrow-*.jsonl and ops-h200-stages-*.jsonl): 3 stages took rms_norm's backward + forward
+# from 0.103 to 0.094 ms at 8192 x 4096, 0.368 to 0.336 at 32768 x 4096 and 0.156 to 0.145 at
+# 32768 x 1280; at 8,192-wide rows, one pipelined row a step instead of two plain ones took it from
+# 0.196 to 0.181 ms (8192 x 8192) and 0.719 to 0.663 (32768 x 8192), where pipelining two rows a step
+# was 1.45-1.55x slower (registers). On narrow rows (several a step) stages changed nothing, so
+# those keep a plain loop.
+_PIPELINE_STAGES = 3
+
+
+def backward_stages(rows_at_once: int) -> int:
+    """Stages of the RMSNorm backward's row loop when each step loads ``rows_at_once`` rows."""
+    return _PIPELINE_STAGES if rows_at_once == 1 else 1
 
 
 if triton is not None:
@@ -94,7 +111,7 @@ if triton is not None:
         DY, H, W, RSTD, DS, DX, DW_PARTIAL,
         stride_dy, stride_h, stride_ds, n_rows, n_cols, offset,
         HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, GEMMA: tl.constexpr,
-        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
     ):
         # Persistent: program p handles the groups of ROWS rows p, p + P, p + 2P, ... (ROWS rows in
         # flight at once) and writes one row of DW_PARTIAL (fp32, P x n_cols). DX is contiguous,
@@ -110,7 +127,7 @@ if triton is not None:
                 scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
         if COMPUTE_DW:
             dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-        for group in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        for group in tl.range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
             rows, rows64, in_rows, tile = row_tile(group * ROWS, n_rows, mask, ROWS)
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0).to(tl.float32)
             h = tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0).to(tl.float32)
@@ -198,7 +215,7 @@ class _RMSNorm(torch.autograd.Function):
             dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
             n_rows, n_cols, ctx.offset,
             HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
-            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once,
+            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, STAGES=backward_stages(rows_at_once),
             num_warps=warps_for(block * rows_per_program(block)),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
