@@ -25,7 +25,13 @@ taken (``rms_norm.backward_stages``, ``_launch.warps_for``). In a second call
 (``ops-h200-stages-*.jsonl``) ``plain_loop`` and ``four_warps`` reverted them (each slower where it
 applies, as before), ``wide_one_row_pipelined`` took one pipelined row a step for the plain norm's
 8,192-wide rows instead of two plain ones (8% faster: taken, and the variant dropped) and
-``residual_one_row_pipelined`` did so for add_rms_norm (no faster: not taken).
+``residual_one_row_pipelined`` did so for add_rms_norm (no faster: not taken). In a third call
+(``ops-h200-narrow2-*.jsonl``, ``ops-h200-ln-stages-*.jsonl``) the narrow backward's grid with 16
+or 32 programs an SM instead of 8, and one warp instead of two, were each slower on narrow rows
+(not taken; ``narrow_programs_16``, ``narrow_programs_32``, ``narrow_one_warp``); LayerNorm's
+backward pipelined on every row of 2,048 or more, whatever its loop's length, was 11-15% faster at
+8192 x 4096, 8192 x 8192 and 32768 x 4096 (taken: ``layer_norm._backward_stages``;
+``ln_plain_loop`` reverts it).
 Run on the GPU: ``python bench/kernel_variants.py --out DIR`` (``--quick`` under the interpreter).
 """
 
@@ -41,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RMS_NORM = "fusetune/ops/rms_norm.py"
 LAUNCH = "fusetune/ops/_launch.py"
+LAYER_NORM = "fusetune/ops/layer_norm.py"
 _DW_TILE = "dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)"
 _LOAD_DY = "tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0)"
 _LOAD_H = "tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0)"
@@ -73,6 +80,10 @@ VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "residual_one_row_pipelined": [
         (RMS_NORM, "{(4096, True): 2, (8192, True): 2}", "{}"),
     ],
+    "narrow_programs_16": [(LAUNCH, "_NARROW_PROGRAMS_PER_SM = 8\n", "_NARROW_PROGRAMS_PER_SM = 16\n")],
+    "narrow_programs_32": [(LAUNCH, "_NARROW_PROGRAMS_PER_SM = 8\n", "_NARROW_PROGRAMS_PER_SM = 32\n")],
+    "narrow_one_warp": [(LAUNCH, "    return 2\n", "    return 1\n")],
+    "ln_plain_loop": [(LAYER_NORM, "_PIPELINED_BLOCK = 2048\n", "_PIPELINED_BLOCK = 1 << 30\n")],
 }
 
 

@@ -96,7 +96,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
         if rope_heads is not None:
             rope._MAX_HEADS = rope_heads
         if stages is not None:
-            layer_norm._backward_stages = lambda block, n_rows, programs, stages=stages: stages
+            layer_norm._backward_stages = lambda block, stages=stages: stages
         yield
     finally:
         for module, name, value in saved:

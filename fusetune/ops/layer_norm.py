@@ -5,8 +5,8 @@ The forward runs one program per row (per several rows where rows are narrow:
 normalised row from the saved input, as many rows at a time, on a bounded persistent grid whose
 programs each keep fp32 partial sums of the weight and bias gradients (finished by
 ``sum_partials``, shared with ``rms_norm`` through ``_launch``). The backward's row loop is
-software-pipelined where rows are wide and each program has many of them (``_backward_stages``):
-the next rows' loads are issued while the current row is computed.
+software-pipelined where rows are 2,048 wide or more (``_backward_stages``): the next rows' loads
+are issued while the current row is computed.
 """
 
 from __future__ import annotations
@@ -28,23 +28,20 @@ from fusetune.ops._launch import (
     warps_for,
 )
 
-# Stages of the backward's row loop (``tl.range``'s ``num_stages``), measured with
-# bench/tune_rows.py on the H200 (rows-tuning-h200-stages*.jsonl, each setting timed twice or more):
-# with 8,192-wide rows and a long loop (32768 x 8192, about 124 rows a program) 3 stages took the op
-# from 0.76 to 0.88-0.89 of copy bandwidth (backward 0.55 -> 0.43 ms) in three calls; with a short
-# loop (8192 x 8192, about 31 rows a program) they were slower (0.52 against 0.46 ms); with
-# 4,096-wide rows the runs were too noisy to tell, so those keep a plain loop. 2 stages were slower
-# everywhere, 4 the same as 3. (The RMSNorm backward pipelines its one-row steps: see rms_norm.py.)
-_PIPELINED_BLOCK = 8192
-_PIPELINED_MIN_ROWS_PER_PROGRAM = 64
+# Stages of the backward's row loop (``tl.range``'s ``num_stages``), measured on the H200 by kernel
+# time (bench/kernel_variants.py, ops-h200-ln-stages-*.jsonl, one call): 3 stages on rows of 2,048
+# or more took the op from 0.117 to 0.104 ms at 8192 x 4096, 0.240 to 0.205 at 8192 x 8192, 0.396
+# to 0.348 at 32768 x 4096 and 0.188 to 0.185 at SigLIP's 32768 x 1152, and left 32768 x 8192 as it
+# was. (An earlier sweep by step time, noisy where the host is slower than the kernels, had kept
+# 4,096-wide rows and short loops plain: rows-tuning-h200-stages*.jsonl.) 2 stages were slower, 4
+# the same as 3, there.
+_PIPELINED_BLOCK = 2048
 _PIPELINE_STAGES = 3
 
 
-def _backward_stages(block: int, n_groups: int, programs: int) -> int:
-    """Stages of the backward's loop over ``n_groups`` groups of rows (one row each where rows are
-    wide) of ``block``, spread over ``programs``."""
-    long_loop = n_groups >= _PIPELINED_MIN_ROWS_PER_PROGRAM * programs
-    return _PIPELINE_STAGES if block >= _PIPELINED_BLOCK and long_loop else 1
+def _backward_stages(block: int) -> int:
+    """Stages of the backward's row loop over rows of ``block``."""
+    return _PIPELINE_STAGES if block >= _PIPELINED_BLOCK else 1
 
 
 if triton is not None:
@@ -147,8 +144,7 @@ class _LayerNorm(torch.autograd.Function):
         dy_rows = as_rows(dy)
         dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
         rows_at_once = rows_per_program(block)
-        groups = cdiv(n_rows, rows_at_once)
-        programs = persistent_programs(groups, rows.device, block)
+        programs = persistent_programs(cdiv(n_rows, rows_at_once), rows.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)
@@ -157,7 +153,7 @@ class _LayerNorm(torch.autograd.Function):
             dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
             dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block, groups, programs),
+            BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block),
             num_warps=warps_for(block * rows_at_once),
         )
         dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
