@@ -31,7 +31,13 @@ or 32 programs an SM instead of 8, and one warp instead of two, were each slower
 (not taken; ``narrow_programs_16``, ``narrow_programs_32``, ``narrow_one_warp``); LayerNorm's
 backward pipelined on every row of 2,048 or more, whatever its loop's length, was 11-15% faster at
 8192 x 4096, 8192 x 8192 and 32768 x 4096 (taken: ``layer_norm._backward_stages``;
-``ln_plain_loop`` reverts it).
+``ln_plain_loop`` reverts it). In a fourth call (``ops-h200-fwd-*.jsonl``) RMSNorm's forward as a
+persistent, pipelined grid of 8, 16 or 32 programs an SM on narrow rows was 7% faster on
+1,280-wide rows (one to a tile) and no faster on rows of 128 or 256: taken for rows of one tile
+(``rms_norm.forward_grid``); ``forward_per_tile`` reverts it. LayerNorm's forward written as the
+same loop was 5-13% slower on wide rows, where it ran one tile a program as before, in two calls
+(``ops-h200-fwd2-*.jsonl``, ``ops-h200-fwd3-*.jsonl``, the latter beside that loop replaced by a
+single tile, which restored the earlier times): it keeps a program a tile.
 Run on the GPU: ``python bench/kernel_variants.py --out DIR`` (``--quick`` under the interpreter).
 """
 
@@ -54,6 +60,8 @@ _LOAD_H = "tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0)"
 _LOAD_DS = "tl.load(DS + rows64 * stride_ds + cols[None, :], mask=tile, other=0.0)"
 _RSTD_LOAD = "            rstd = tl.load(RSTD + rows, mask=in_rows, other=0.0)[:, None]\n"
 _EARLY_DS = "            if HAS_DSUM:\n                ds = " + _LOAD_DS + ".to(tl.float32)\n"
+_PER_TILE = (RMS_NORM, "    if not ROW_TILE < block <= NARROW_BLOCK:\n",
+             "    if True:  # a program a tile everywhere\n")
 
 
 def _evicting(load: str) -> str:
@@ -84,6 +92,7 @@ VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "narrow_programs_32": [(LAUNCH, "_NARROW_PROGRAMS_PER_SM = 8\n", "_NARROW_PROGRAMS_PER_SM = 32\n")],
     "narrow_one_warp": [(LAUNCH, "    return 2\n", "    return 1\n")],
     "ln_plain_loop": [(LAYER_NORM, "_PIPELINED_BLOCK = 2048\n", "_PIPELINED_BLOCK = 1 << 30\n")],
+    "forward_per_tile": [_PER_TILE],
 }
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from fusetune.ops._launch import (
+    NARROW_BLOCK,
+    ROW_TILE,
     as_rows,
     block_for,
     cdiv,
@@ -27,6 +29,7 @@ from fusetune.ops._launch import (
     partial_buffer,
     persistent_programs,
     rows_per_program,
+    sm_count,
     sum_partials,
     triton,
     use_triton,
@@ -72,6 +75,25 @@ def backward_stages(rows_at_once: int) -> int:
     return _PIPELINE_STAGES if rows_at_once == 1 else 1
 
 
+# The forward on rows of one tile each up to NARROW_BLOCK wide (1,280-wide rows of a vision tower,
+# in 2,048-wide blocks): a persistent grid of _ROW_FORWARD_PROGRAMS_PER_SM programs an SM, each
+# walking its tiles in a software-pipelined loop, where other rows run a program a tile. On an H200
+# (bench/kernel_variants.py, kernel time) it took 32768 x 1280 from 0.142 to 0.133 ms with 16
+# programs an SM (8: 0.134, 32: 0.132; ops-h200-fwd-*.jsonl) and 0.141 to 0.132 in a second call
+# (ops-h200-fwd2-*.jsonl); on rows of 128 and 256, several to a tile, it was no faster. (LayerNorm's
+# forward written as the same loop was 5-13% slower on wide rows, even with one tile a program:
+# ops-h200-fwd3-*.jsonl; it keeps a program a tile.)
+_ROW_FORWARD_PROGRAMS_PER_SM = 16
+_ROW_FORWARD_STAGES = 3
+
+
+def forward_grid(n_tiles: int, block: int, device: torch.device) -> tuple[int, int]:
+    """Programs and loop stages of the forward over ``n_tiles`` tiles of rows of ``block``."""
+    if not ROW_TILE < block <= NARROW_BLOCK:
+        return n_tiles, 1
+    return min(n_tiles, _ROW_FORWARD_PROGRAMS_PER_SM * sm_count(device)), _ROW_FORWARD_STAGES
+
+
 if triton is not None:
 
     @triton.jit
@@ -79,32 +101,34 @@ if triton is not None:
         X, R, S, Y, W, RSTD,
         stride_x, stride_r, n_rows, n_cols, eps, offset,
         HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, GEMMA: tl.constexpr,
-        BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
     ):
-        # One program per ROWS rows, a (ROWS, BLOCK) tile. S (the rounded sum x + r) and Y are
-        # contiguous, n_cols wide.
+        # Program p takes the (ROWS, BLOCK) tiles p, p + P, ... (one each where the grid has a
+        # program per tile). S (the rounded sum x + r) and Y are contiguous, n_cols wide.
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        rows, rows64, in_rows, tile = row_tile(tl.program_id(0) * ROWS, n_rows, mask, ROWS)
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(R + rows64 * stride_r + cols[None, :], mask=tile, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-            tl.store(S + rows64 * n_cols + cols[None, :], x, mask=tile)
-        h = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
-        tl.store(RSTD + rows, rstd, mask=in_rows)
-        normed = h * rstd[:, None]
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
-            if GEMMA:  # (offset + weight) in fp32 times the fp32 normalised row
-                y = normed * (offset + w)
-            else:  # (offset + weight) in weight dtype times the row rounded to x dtype
-                scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
-                y = scale * normed.to(X.dtype.element_ty).to(tl.float32)
-        else:
-            y = normed
-        tl.store(Y + rows64 * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=tile)
+        for first in tl.range(tl.program_id(0) * ROWS, n_rows, tl.num_programs(0) * ROWS, num_stages=STAGES):
+            rows, rows64, in_rows, tile = row_tile(first, n_rows, mask, ROWS)
+            x = tl.load(X + rows64 * stride_x + cols[None, :], mask=tile, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(R + rows64 * stride_r + cols[None, :], mask=tile, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+                tl.store(S + rows64 * n_cols + cols[None, :], x, mask=tile)
+            h = x.to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+            tl.store(RSTD + rows, rstd, mask=in_rows)
+            normed = h * rstd[:, None]
+            if HAS_WEIGHT:
+                if GEMMA:  # (offset + weight) in fp32 times the fp32 normalised row
+                    y = normed * (offset + w)
+                else:  # (offset + weight) in weight dtype times the row rounded to x dtype
+                    scale = (offset + w).to(W.dtype.element_ty).to(tl.float32)
+                    y = scale * normed.to(X.dtype.element_ty).to(tl.float32)
+            else:
+                y = normed
+            tl.store(Y + rows64 * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=tile)
 
     @triton.jit
     def _rms_norm_backward_kernel(
@@ -181,11 +205,12 @@ class _RMSNorm(torch.autograd.Function):
             res_rows = as_rows(residual)
             summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rows_at_once = rows_per_program(block)
-        _rms_norm_forward_kernel[(cdiv(n_rows, rows_at_once),)](
+        programs, stages = forward_grid(cdiv(n_rows, rows_at_once), block, x.device)
+        _rms_norm_forward_kernel[(programs,)](
             rows, res_rows, summed, y, weight, rstd,
             rows.stride(0), 0 if res_rows is None else res_rows.stride(0), n_rows, n_cols, eps, offset,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, GEMMA=gemma,
-            BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block * rows_at_once),
+            BLOCK=block, ROWS=rows_at_once, STAGES=stages, num_warps=warps_for(block * rows_at_once),
         )
         # Recompute in backward from what was normalised (x, or the rounded sum) and rstd.
         normalised = rows if summed is None else summed.view(n_rows, n_cols)

@@ -55,11 +55,12 @@ def test_layer_norm_shapes(gen, dtype, shape):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_layer_norm_pipelined_backward(gen, dtype):
-    """Rows of 2,048 or more (here a 2,048 block) take the software-pipelined row loop, each
-    program walking several rows: the same numbers as the references. (Compiled on a GPU this is
-    the pipelined code; the interpreter runs the loop plainly.)"""
+    """Rows of 2,048 or more (here a 2,048 block) take the software-pipelined backward loop, with
+    more rows than its grid has programs, so every program walks several: the same numbers as the
+    references. (Compiled on a GPU this is the pipelined code; the interpreter runs the loop
+    plainly.)"""
     cols = 1500
-    programs = persistent_programs(2**30, torch.device(checks.DEVICE))
+    programs = persistent_programs(2**30, torch.device(checks.DEVICE), block_for(cols))
     rows = 3 * programs + 1
     assert _backward_stages(block_for(cols)) > 1  # the test takes the pipelined path
     check_op(layer_norm, layer_norm_reference, inputs(gen, (rows, cols), dtype), dtype, gen)

@@ -7,10 +7,17 @@ import importlib
 import pytest
 import torch
 
-from fusetune.ops._launch import MAX_FUSED_ROW, inverse_order, memory_order
+from fusetune.ops._launch import (
+    MAX_FUSED_ROW,
+    block_for,
+    inverse_order,
+    memory_order,
+    rows_per_program,
+)
 from fusetune.ops.rms_norm import (
     add_rms_norm,
     add_rms_norm_reference,
+    forward_grid,
     rms_norm,
     rms_norm_reference,
 )
@@ -184,6 +191,20 @@ def test_add_rms_norm_matches_references(gen, dtype, cast, offset):
 def test_add_rms_norm_two_rows_and_one_row_a_program(gen, dtype, shape):
     args = inputs(gen, shape, dtype, residual=True)
     check_op(add_rms_norm, add_rms_norm_reference, args, dtype, gen, cast="llama")
+
+
+@pytest.mark.parametrize("op, reference, residual", [(rms_norm, rms_norm_reference, False),
+                                                      (add_rms_norm, add_rms_norm_reference, True)])
+def test_rows_of_one_tile_walked_by_persistent_programs(gen, op, reference, residual):
+    """Rows of one tile each (here 1,500 wide, a 2,048 block) go through the persistent forward and
+    the pipelined backward, with more rows than either grid has programs, so every program walks
+    several."""
+    cols = 1500
+    programs, _ = forward_grid(2**30, block_for(cols), torch.device(checks.DEVICE))
+    rows = programs + 3
+    assert rows_per_program(block_for(cols)) == 1 and programs < rows
+    check_op(op, reference, inputs(gen, (rows, cols), torch.bfloat16, residual=residual), torch.bfloat16,
+             gen, cast="llama")
 
 
 @pytest.mark.parametrize("rows_at_once", (2, 4))
