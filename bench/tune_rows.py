@@ -61,8 +61,8 @@ BACKWARD_ROWS = (1, 2, 4)
 ROWS_WARPS = (4, 8, 16)
 ROWS_PROGRAMS = (2, 4)
 # Software-pipelining stages of LayerNorm's backward row loop, with the shipped warps. The sweeps
-# that chose 3 (rows-tuning-h200-stages*.jsonl) also tried them on the RMSNorm backward, since
-# made a plain loop again (slower or unchanged there).
+# that chose 3 (rows-tuning-h200-stages*.jsonl) were read from step times; the nineteenth session's
+# source variants by kernel time (bench/kernel_variants.py) set both norms' stages since.
 STAGES = (1, 3)
 ROPE_TILES = (2048, 4096, 8192)
 ROPE_HEADS = (2, 4, 8)

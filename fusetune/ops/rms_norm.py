@@ -5,11 +5,12 @@
 add that precedes every such norm in a decoder layer, in the same pass over memory.
 
 Both share one forward kernel (one program per row, or per several rows where rows are narrow, as
-the per-head norms of Qwen3 and Gemma 3 are; ``HAS_RESIDUAL`` switching the add on) and one
-backward kernel (a bounded, persistent grid: each program walks many rows, ``backward_rows`` of
-them at a time, and keeps its own fp32 partial sum of the weight gradient; ``sum_partials`` adds
-those up). The backward recomputes the normalised row from the saved input and one fp32 ``rstd``
-per row instead of storing the output.
+the per-head norms of Qwen3 and Gemma 3 are, or a persistent grid walking rows up to 2,048 wide:
+``forward_grid``; ``HAS_RESIDUAL`` switching the add on) and one backward kernel (a bounded,
+persistent grid: each program walks many rows, ``backward_rows`` of them at a time, software-
+pipelined where that is one row: ``backward_stages``, and keeps its own fp32 partial sum of the
+weight gradient; ``sum_partials`` adds those up). The backward recomputes the normalised row from
+the saved input and one fp32 ``rstd`` per row instead of storing the output.
 """
 
 from __future__ import annotations
