@@ -68,18 +68,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from th
 from fusetune.ops.cross_entropy import RowLaunch, cross_entropy_rows, tuned_launch  # noqa: E402
 from fusetune.ops.deferred_softmax import DeferredLaunch, deferred_cross_entropy_rows  # noqa: E402
 
+# cross_entropy's shapes in bench/ops.py (8,192 rows of Llama 3's, Qwen2.5's and Gemma 3's
+# vocabularies), and Llama's once in place, as Liger's kernel writes its gradient.
 SHAPES = (
     {"tokens": 8192, "vocab": 128256},
+    {"tokens": 8192, "vocab": 152064},
     {"tokens": 8192, "vocab": 262144},
-    {"tokens": 1024, "vocab": 152064, "in_place": True},
-    {"tokens": 1024, "vocab": 262144, "in_place": True},
+    {"tokens": 8192, "vocab": 128256, "in_place": True},
 )
 QUICK_SHAPES = ({"tokens": 16, "vocab": 3000}, {"tokens": 8, "vocab": 3000, "in_place": True})
 BLOCKS = (4096, 8192)
 WARPS = (8, 16)
 PROGRAMS_PER_SM = (0, 1, 2, 4)
-STAGES = (None, 2, 3)
-QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per_sm=1, stages=2))
+STAGES = (None, 3)
+# (reverse, l2_hints): the gradient pass's order over the row, and L2 eviction hints.
+ORDERS = ((False, False), (True, False), (True, True), (False, True))
+QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per_sm=1, stages=2),
+                  RowLaunch(1024, 512, 4, reverse=True, l2_hints=True))
 
 # linear_cross_entropy's chunks: 1,024 rows with a frozen weight, 2,048 with a trainable one.
 DEFERRED_SHAPES = tuple({"tokens": rows, "vocab": vocab, "in_place": True}
@@ -90,12 +95,12 @@ DEFERRED_LAUNCHES = tuple(DeferredLaunch(block, warps, programs) for block in (2
 QUICK_DEFERRED_LAUNCHES = (DeferredLaunch(512, 4), DeferredLaunch(1024, 4, programs_per_sm=1))
 
 
-def launches(vocab: int) -> list[RowLaunch]:
-    """The split kernel's settings swept at one vocabulary: one segment a row, and at Gemma's
-    vocabulary (rows of over 160k columns) two of 131,072 columns as well."""
-    segments = (262144,) if vocab <= 160_000 else (131072, 262144)
-    return [RowLaunch(segment, block, warps, programs, stages) for segment in segments for block in BLOCKS
-            for warps in WARPS for programs in PROGRAMS_PER_SM for stages in STAGES]
+def launches() -> list[RowLaunch]:
+    """The split kernel's settings swept: one segment a row (the tuned launch's, up to Gemma's
+    vocabulary), each block, warp count, grid, pipelining depth, gradient-pass order and hint."""
+    return [RowLaunch(262144, block, warps, programs, stages, reverse, hints) for block in BLOCKS
+            for warps in WARPS for programs in PROGRAMS_PER_SM for stages in STAGES
+            for reverse, hints in ORDERS]
 
 
 def split_run(logits, labels, grad, scale, launch):
@@ -166,9 +171,11 @@ def main() -> None:
         __doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40},
         lambda parser: parser.add_argument("--kernel", choices=("split", "deferred"), default="split",
                                            help="which row kernel to sweep"))
+    if torch.cuda.is_available():
+        print(f"L2 cache: {torch.cuda.get_device_properties(0).L2_cache_size / 2**20:.0f} MiB", flush=True)
     if args.kernel == "split":
         for shape in QUICK_SHAPES if args.quick else SHAPES:
-            grid = QUICK_LAUNCHES if args.quick else launches(shape["vocab"])
+            grid = QUICK_LAUNCHES if args.quick else launches()
             sweep_shape(shape, grid, "split", split_run, 3, timing)
         return
     for shape in QUICK_DEFERRED_SHAPES if args.quick else DEFERRED_SHAPES:

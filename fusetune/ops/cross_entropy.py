@@ -56,7 +56,10 @@ class RowLaunch(NamedTuple):
     loads; ``warps``; ``programs_per_sm``: 0 launches one program per item, n > 0 a persistent grid
     of n programs an SM that walk the items in order, so that fewer rows are in flight and a row's
     second read is likelier to find it in L2; ``stages``: software-pipelining depth of the column
-    loops (None: the compiler's default for a plain loop).
+    loops (None: the compiler's default for a plain loop); ``reverse``: the gradient pass walks the
+    row from its last block to its first, so that it first re-reads the bytes read last (the likeliest
+    still in L2); ``l2_hints``: the statistics pass asks L2 to keep what it reads, the gradient pass
+    to drop what it reads and writes.
     """
 
     segment_cols: int
@@ -64,6 +67,8 @@ class RowLaunch(NamedTuple):
     warps: int
     programs_per_sm: int = 0
     stages: int | None = None
+    reverse: bool = False
+    l2_hints: bool = False
 
 
 # The row kernel's launches, chosen on an H200 with bench/tune_cross_entropy.py (kernel time): one
@@ -98,7 +103,7 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
-                   BLOCK: tl.constexpr, STAGES: tl.constexpr):
+                   BLOCK: tl.constexpr, STAGES: tl.constexpr, L2_HINTS: tl.constexpr):
     """Max, sum of ``exp(z - max)`` and (with ``SMOOTHING``, else 0) plain sum of the (soft-capped)
     logits in columns [start, end), streamed with an online max. An all ``-inf`` stretch gives a
     max of -inf and a sum of 0.
@@ -114,8 +119,11 @@ def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, S
     for first in tl.range(start, end, BLOCK, num_stages=STAGES):
         offs = first + cols
         mask = offs < end
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        z = _softcapped(z, softcap, HAS_SOFTCAP)
+        if L2_HINTS:
+            z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+        else:
+            z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
+        z = _softcapped(z.to(tl.float32), softcap, HAS_SOFTCAP)
         new_top = tl.maximum(top, tl.max(z, axis=0))
         # While only -inf has been seen the sum stays zero (avoid inf - inf).
         safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
@@ -153,6 +161,8 @@ def _finish_row(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
+    REVERSE: tl.constexpr,
+    L2_HINTS: tl.constexpr,
 ):
     """A labelled row's loss from its log-sum-exp, and optionally ``scale * dloss/dlogits``.
 
@@ -171,17 +181,28 @@ def _finish_row(
     if COMPUTE_GRAD:
         cols = tl.arange(0, BLOCK)
         softmax_factor = 1.0 + 2.0 * z_loss * lse
-        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+        last_start = (n_cols - 1) // BLOCK * BLOCK
+        for step in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            start = step
+            if REVERSE:
+                start = last_start - step
             offs = start + cols
             mask = offs < n_cols
-            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-            z = _softcapped(x, softcap, HAS_SOFTCAP)
+            if L2_HINTS:
+                x = tl.load(logits_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+            else:
+                x = tl.load(logits_row + offs, mask=mask, other=0.0)
+            z = _softcapped(x.to(tl.float32), softcap, HAS_SOFTCAP)
             grad = tl.exp(z - lse) * softmax_factor - smooth
             grad = tl.where(offs == label, grad - (1.0 - label_smoothing), grad)
             if HAS_SOFTCAP:
                 capped = z / softcap
                 grad = grad * (1.0 - capped * capped)
-            tl.store(grad_row + offs, (grad * scale).to(grad_row.dtype.element_ty), mask=mask)
+            grad = (grad * scale).to(grad_row.dtype.element_ty)
+            if L2_HINTS:
+                tl.store(grad_row + offs, grad, mask=mask, eviction_policy="evict_first")
+            else:
+                tl.store(grad_row + offs, grad, mask=mask)
 
 
 @triton.jit
@@ -210,6 +231,8 @@ def _cross_entropy_split_kernel(
     SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
+    REVERSE: tl.constexpr,
+    L2_HINTS: tl.constexpr,
 ):
     """Each row is cut into ``n_segments`` stretches of ``segment_cols`` columns, one work item
     each: item ``i`` is segment ``i % n_segments`` of row ``i // n_segments`` (so a row's items
@@ -235,7 +258,7 @@ def _cross_entropy_split_kernel(
                 _zero_columns(grad_row, start, end, BLOCK)
         else:
             top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
-                                                   BLOCK, STAGES)
+                                                   BLOCK, STAGES, L2_HINTS)
             stats = stats_ptr + (row64 * n_segments + segment) * 3
             tl.store(stats, top)
             tl.store(stats + 1, total)
@@ -258,7 +281,7 @@ def _cross_entropy_split_kernel(
                     scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
                 _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
                             tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
-                            HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES)
+                            HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES, REVERSE, L2_HINTS)
 
 
 def cross_entropy_rows(
@@ -288,7 +311,7 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    segment_cols, block, warps, programs_per_sm, stages = launch or tuned_launch(n_rows)
+    segment_cols, block, warps, programs_per_sm, stages, reverse, l2_hints = launch or tuned_launch(n_rows)
     block = min(block, next_power_of_2(n_cols))
     segment_cols = max(block, segment_cols // block * block)
     n_segments = cdiv(n_cols, segment_cols)
@@ -323,6 +346,8 @@ def cross_entropy_rows(
         SEGMENTS=next_power_of_2(n_segments),
         BLOCK=block,
         STAGES=stages,
+        REVERSE=reverse,
+        L2_HINTS=l2_hints,
         num_warps=warps,
     )
     return losses, grad_out
