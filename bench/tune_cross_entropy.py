@@ -68,14 +68,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from th
 from fusetune.ops.cross_entropy import RowLaunch, cross_entropy_rows, tuned_launch  # noqa: E402
 from fusetune.ops.deferred_softmax import DeferredLaunch, deferred_cross_entropy_rows  # noqa: E402
 
-# cross_entropy's shapes in bench/ops.py (8,192 rows of Llama 3's, Qwen2.5's and Gemma 3's
-# vocabularies), and Llama's once in place, as Liger's kernel writes its gradient.
-SHAPES = (
-    {"tokens": 8192, "vocab": 128256},
-    {"tokens": 8192, "vocab": 152064},
-    {"tokens": 8192, "vocab": 262144},
-    {"tokens": 8192, "vocab": 128256, "in_place": True},
-)
+# --shapes ops: cross_entropy's shapes in bench/ops.py (8,192 rows of Llama 3's, Qwen2.5's and
+# Gemma 3's vocabularies), and Llama's once in place, as Liger's kernel writes its gradient.
+# --shapes few: up to _FEW_ROWS rows (the tuned launch's other setting), in place, as
+# linear_cross_entropy runs the kernel on its chunks where the one-pass kernel does not apply.
+SHAPES = {
+    "ops": (
+        {"tokens": 8192, "vocab": 128256},
+        {"tokens": 8192, "vocab": 152064},
+        {"tokens": 8192, "vocab": 262144},
+        {"tokens": 8192, "vocab": 128256, "in_place": True},
+    ),
+    "few": (
+        {"tokens": 1024, "vocab": 152064, "in_place": True},
+        {"tokens": 1024, "vocab": 262144, "in_place": True},
+        {"tokens": 2048, "vocab": 128256, "in_place": True},
+    ),
+}
 QUICK_SHAPES = ({"tokens": 16, "vocab": 3000}, {"tokens": 8, "vocab": 3000, "in_place": True})
 BLOCKS = (4096, 8192)
 WARPS = (8, 16)
@@ -169,12 +178,15 @@ def sweep_shape(shape: dict, grid, kernel: str, run_of, passes: int, timing: dic
 def main() -> None:
     args, timing = common.sweep_arguments(
         __doc__.split("\n\n")[0], "ce-tuning", {"warmup": 10, "rep": 40},
-        lambda parser: parser.add_argument("--kernel", choices=("split", "deferred"), default="split",
-                                           help="which row kernel to sweep"))
+        lambda parser: (
+            parser.add_argument("--kernel", choices=("split", "deferred"), default="split",
+                                help="which row kernel to sweep"),
+            parser.add_argument("--shapes", choices=tuple(SHAPES), default="ops",
+                                help="the split kernel's shapes (see SHAPES)")))
     if torch.cuda.is_available():
         print(f"L2 cache: {torch.cuda.get_device_properties(0).L2_cache_size / 2**20:.0f} MiB", flush=True)
     if args.kernel == "split":
-        for shape in QUICK_SHAPES if args.quick else SHAPES:
+        for shape in QUICK_SHAPES if args.quick else SHAPES[args.shapes]:
             grid = QUICK_LAUNCHES if args.quick else launches()
             sweep_shape(shape, grid, "split", split_run, 3, timing)
         return

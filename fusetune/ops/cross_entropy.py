@@ -78,8 +78,8 @@ class RowLaunch(NamedTuple):
 # times. Up to _FEW_ROWS rows (the chunks linear_cross_entropy runs the kernel on) a persistent
 # grid of four programs an SM was 5-6% faster than a program a row at 1,024 rows of vocab 152,064
 # and 262,144; at 8,192 rows it was 5% slower.
-_LAUNCH = RowLaunch(262144, 8192, 8)
-_FEW_ROWS_LAUNCH = RowLaunch(262144, 8192, 8, programs_per_sm=4)
+_LAUNCH = RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True)
+_FEW_ROWS_LAUNCH = RowLaunch(262144, 8192, 8, programs_per_sm=4, reverse=True, l2_hints=True)
 _FEW_ROWS = 2048
 
 

@@ -27,11 +27,10 @@ ROWS, VOCAB = 11, 5003  # vocab spans two 4096-wide blocks, neither a multiple o
 # these vocabularies), and five segments of 1,024 columns (the last one short) read in 256-wide
 # blocks by a persistent grid (programs walk several items each) with pipelined column loops, so
 # that the last arrival's combine of the others' statistics and the item loop are exercised; that
-# launch also walks the gradient pass backwards with L2 hints (the tuned one forwards, without).
+# launch also walks the gradient pass forwards without L2 hints (the tuned one backwards, with).
 ROW_KERNEL_LAUNCHES = {
     "tuned": None,
-    "split-5-persistent": cross_entropy_module.RowLaunch(1024, 256, 4, programs_per_sm=1, stages=2,
-                                                         reverse=True, l2_hints=True),
+    "split-5-persistent": cross_entropy_module.RowLaunch(1024, 256, 4, programs_per_sm=1, stages=2),
 }
 
 
