@@ -52,7 +52,7 @@ from torch import nn
 
 from fusetune.checkpointing import DTensor, private_offload_store
 from fusetune.ops._launch import capturing
-from fusetune.ops.cross_entropy import LabelCheck, flatten_labels
+from fusetune.ops.labels import LabelCheck, flatten_labels
 
 __all__ = [
     "CapturedStep",

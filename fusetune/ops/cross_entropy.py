@@ -37,13 +37,13 @@ import triton.language as tl
 
 from fusetune.ops._launch import (
     as_rows,
-    capturing,
     cdiv,
     check_float,
     next_power_of_2,
     sm_count,
     use_triton,
 )
+from fusetune.ops.labels import check_labels, flatten_labels, loss_denominator, summarise_labels
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -259,28 +259,34 @@ def _cross_entropy_split_kernel(
         else:
             top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
                                                    BLOCK, STAGES, L2_HINTS)
-            stats = stats_ptr + (row64 * n_segments + segment) * 3
-            tl.store(stats, top)
-            tl.store(stats + 1, total)
-            tl.store(stats + 2, logit_sum)
-            # Release: the stores above are visible to whoever sees this count; acquire: the last
-            # arrival sees every sibling's.
-            arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_segments - 1:
-                segments = tl.arange(0, SEGMENTS)
-                mine = segments < n_segments
-                row_stats = stats_ptr + (row64 * n_segments + segments) * 3
-                tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
-                totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
-                logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
-                top = tl.max(tops, axis=0)
-                safe_top = tl.where(top == float("-inf"), 0.0, top)
-                lse = top + tl.log(tl.sum(totals * tl.exp(tops - safe_top), axis=0))
+            # A row of one segment is finished by its only item: no statistics go through memory.
+            finishes_row = True
+            if SEGMENTS > 1:
+                stats = stats_ptr + (row64 * n_segments + segment) * 3
+                tl.store(stats, top)
+                tl.store(stats + 1, total)
+                tl.store(stats + 2, logit_sum)
+                # Release: the stores above are visible to whoever sees this count; acquire: the
+                # last arrival sees every sibling's.
+                arrived = tl.atomic_add(arrivals_ptr + row64, 1, sem="acq_rel", scope="gpu")
+                finishes_row = arrived == n_segments - 1
+                if finishes_row:
+                    segments = tl.arange(0, SEGMENTS)
+                    mine = segments < n_segments
+                    row_stats = stats_ptr + (row64 * n_segments + segments) * 3
+                    tops = tl.load(row_stats, mask=mine, other=float("-inf"), cache_modifier=".cg")
+                    totals = tl.load(row_stats + 1, mask=mine, other=0.0, cache_modifier=".cg")
+                    logit_sums = tl.load(row_stats + 2, mask=mine, other=0.0, cache_modifier=".cg")
+                    top = tl.max(tops, axis=0)
+                    safe_top = tl.where(top == float("-inf"), 0.0, top)
+                    total = tl.sum(totals * tl.exp(tops - safe_top), axis=0)
+                    logit_sum = tl.sum(logit_sums, axis=0)
+            if finishes_row:
                 scale = 1.0
                 if COMPUTE_GRAD:
                     scale = tl.load(scale_ptr + row64 * scale_stride).to(tl.float32)
-                _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, lse,
-                            tl.sum(logit_sums, axis=0), n_cols, label_smoothing, z_loss, softcap,
+                _finish_row(logits_row, label, loss_ptr + row64, grad_row, scale, top + tl.log(total),
+                            logit_sum, n_cols, label_smoothing, z_loss, softcap,
                             HAS_SOFTCAP, COMPUTE_GRAD, BLOCK, STAGES, REVERSE, L2_HINTS)
 
 
@@ -319,8 +325,11 @@ def cross_entropy_rows(
     programs = n_items
     if programs_per_sm:
         programs = min(n_items, programs_per_sm * sm_count(logits.device))
-    stats = torch.empty(n_items * 3, dtype=torch.float32, device=logits.device)
-    arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
+    if n_segments > 1:  # the statistics that a row's items combine, and its arrival counter
+        stats = torch.empty(n_items * 3, dtype=torch.float32, device=logits.device)
+        arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
+    else:  # unused
+        stats, arrivals = losses, labels
     _cross_entropy_split_kernel[(programs,)](
         logits,
         logits.stride(0),
@@ -370,103 +379,6 @@ def check_options(
             "fusetune: num_items_in_batch replaces the 'mean' denominator; it cannot be combined "
             f"with reduction={reduction!r}. Use reduction='mean'."
         )
-
-
-def flatten_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``labels`` as (n_rows,) contiguous int64, after checking their type and count."""
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(
-            f"fusetune: labels must be an integer tensor (got {labels.dtype}); use .long()."
-        )
-    if labels.numel() != n_rows:
-        raise ValueError(
-            f"fusetune: {labels.numel()} labels for {n_rows} rows of logits; pass one label per row "
-            "(for a causal LM, shift labels before calling, or use the patched model's loss)."
-        )
-    return labels.reshape(-1).to(torch.int64).contiguous()
-
-
-def out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
-    """A 0-dim bool tensor, on the labels' device (no host sync): is any label outside [0, n_classes)?"""
-    return ((flat != ignore_index) & ((flat < 0) | (flat >= n_classes))).any()
-
-
-def raise_out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    """Raise the error for labels that ``out_of_range`` flagged, naming the first bad one."""
-    bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
-    raise ValueError(
-        f"fusetune: label {flat[bad][0].item()} is outside the vocabulary [0, {n_classes}); labels "
-        f"must be class indices or ignore_index={ignore_index}. Check the tokenizer's vocab size "
-        "against the model's, and that padding uses ignore_index."
-    )
-
-
-class LabelCheck:
-    """Whether any label lies outside [0, n_classes), found on the device and read later without
-    draining it.
-
-    On CUDA the flag is copied into pinned host memory behind an event, so reading it waits only
-    for this check (queue it before the kernels that follow), never for the rest of the queue; on
-    a CPU the flag is simply read.
-
-    While a CUDA graph is captured nothing is checked: the host cannot read a captured value, and
-    a replay would not run the host's side anyway. The caller checks instead:
-    ``fusetune.graphs.CapturedStep`` checks every batch's labels before its replay.
-    """
-
-    def __init__(self, flat: torch.Tensor, n_classes: int, ignore_index: int):
-        self._labels = (flat, n_classes, ignore_index)
-        self._ready = self._bad = None
-        if capturing():
-            return
-        bad = out_of_range(flat, n_classes, ignore_index)
-        if bad.is_cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            # The copy is queued on the labels' device's current stream; the event goes on that
-            # stream too, whichever device is current.
-            host.copy_(bad, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(bad.device))
-            bad = host
-        self._bad = bad
-
-    def raise_if_bad(self) -> None:
-        """Raise the clear error naming the first bad label, if there is one."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        if self._bad is not None and bool(self._bad):
-            raise_out_of_range(*self._labels)
-
-
-def check_labels(
-    labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
-) -> torch.Tensor:
-    """Flatten ``labels`` to (n_rows,) int64 and fail clearly on any label outside [0, n_classes).
-
-    Costs one small reduction and one host sync. (The kernels never read outside a row whatever
-    the labels: they clamp the index they load; this check is what turns a bad label into an
-    error.) Not while a CUDA graph is captured (see ``LabelCheck``).
-    """
-    flat = flatten_labels(labels, n_rows)
-    LabelCheck(flat, n_classes, ignore_index).raise_if_bad()
-    return flat
-
-
-def loss_denominator(
-    labels: torch.Tensor, reduction: str, ignore_index: int, num_items_in_batch
-) -> torch.Tensor:
-    """The float32 tensor the summed loss is divided by (stays on the device: no host sync).
-
-    "mean": the number of labelled rows, floored at 1 (all-ignored gives loss 0, not NaN), or
-    ``num_items_in_batch`` when given (transformers' gradient-accumulation rule). "sum"/"none": 1.
-    """
-    if reduction != "mean":
-        return torch.ones((), dtype=torch.float32, device=labels.device)
-    if num_items_in_batch is not None:
-        return torch.as_tensor(
-            num_items_in_batch, dtype=torch.float32, device=labels.device
-        ).reshape(())
-    return (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
 
 
 def reduce_losses(
@@ -531,12 +443,13 @@ class _CrossEntropy(torch.autograd.Function):
     ):
         rows = as_rows(logits)
         flat_labels = flatten_labels(labels, rows.shape[0])
-        # Queued before the kernel, so that reading it in backward waits for nothing after it.
-        # The kernel clamps bad labels, so running it before the error is raised is safe.
-        labels_check = LabelCheck(flat_labels, rows.shape[1], ignore_index)
+        # The range check is queued before the row kernel, so that reading it in backward waits
+        # for nothing after it. The kernel clamps bad labels, so running it before the error is
+        # raised is safe.
+        summary = summarise_labels(flat_labels, rows.shape[1], ignore_index, reduction, num_items_in_batch)
+        labels_check = summary.check
         if not needs_grad:
             labels_check.raise_if_bad()
-        denominator = loss_denominator(flat_labels, reduction, ignore_index, num_items_in_batch)
         options = dict(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
@@ -544,7 +457,7 @@ class _CrossEntropy(torch.autograd.Function):
             softcap=softcap,
         )
         eager_grad = needs_grad and reduction != "none"
-        grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
+        grad_scale = summary.grad_scale if eager_grad else None
         row_losses, grad = cross_entropy_rows(rows, flat_labels, grad_scale=grad_scale, **options)
         ctx.logits_shape = logits.shape
         ctx.labels_check = labels_check
@@ -554,7 +467,7 @@ class _CrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad)
         elif needs_grad:
             ctx.save_for_backward(flat_labels, rows)
-        return reduce_losses(row_losses, reduction, denominator, labels.shape)
+        return reduce_losses(row_losses, reduction, summary.denominator, labels.shape)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -35,14 +35,11 @@ from fusetune.ops.cross_entropy import (
     check_options,
     cross_entropy_reference,
     cross_entropy_rows,
-    flatten_labels,
-    loss_denominator,
-    out_of_range,
-    raise_out_of_range,
     reduce_losses,
     scale_by_grad_output,
 )
 from fusetune.ops.deferred_softmax import DEFERRED_DTYPES, deferred_cross_entropy_rows
+from fusetune.ops.labels import LabelSummary, flatten_labels, raise_out_of_range, summarise_labels
 
 # Rows per chunk, measured on an H200 (bench/tune_lce.py, bench/results/lce-tuning-h200.jsonl):
 # with a trainable weight every chunk adds its share into the (vocab x hidden) gradient, a
@@ -147,9 +144,12 @@ def _chunked_loss(
     return losses, grads
 
 
-def labelled_rows(flat_labels: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor | None:
+def labelled_rows(
+    flat_labels: torch.Tensor, summary: LabelSummary, n_classes: int, ignore_index: int
+) -> torch.Tensor | None:
     """Check the labels, and find the rows whose label is not ``ignore_index`` so that the others
-    cost nothing, with one read of the device on the host.
+    cost nothing, with one read of the device on the host (of ``summary``, the labels'
+    ``summarise_labels``).
 
     Raises the clear error for a label outside [0, n_classes). Returns the labelled rows' indices in
     order, or None when every row is labelled. Why one read: the label count and the range check
@@ -163,14 +163,12 @@ def labelled_rows(flat_labels: torch.Tensor, n_classes: int, ignore_index: int) 
     """
     if capturing():
         return None
-    keep = flat_labels != ignore_index
-    bad = out_of_range(flat_labels, n_classes, ignore_index)
-    count, any_bad = torch.stack((keep.sum(), bad.to(torch.int64))).tolist()
+    count, any_bad = summary.counts.tolist()
     if any_bad:
         raise_out_of_range(flat_labels, n_classes, ignore_index)
     if count == flat_labels.numel():
         return None
-    return torch.argsort((~keep).to(torch.uint8), stable=True)[:count]
+    return torch.argsort((flat_labels == ignore_index).to(torch.uint8), stable=True)[:count]
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -196,10 +194,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = as_rows(hidden)
             n_rows, vocab = rows.shape[0], weight.shape[0]
             flat_labels = flatten_labels(labels, n_rows)
-            labelled = labelled_rows(flat_labels, vocab, options["ignore_index"])
-            denominator = loss_denominator(
-                flat_labels, reduction, options["ignore_index"], num_items_in_batch
+            summary = summarise_labels(
+                flat_labels, vocab, options["ignore_index"], reduction, num_items_in_batch
             )
+            labelled = labelled_rows(flat_labels, summary, vocab, options["ignore_index"])
             every_row = labelled is None
             kept_rows = rows if every_row else rows.index_select(0, labelled)
             kept_rows = kept_rows.to(compute_dtype).contiguous()
@@ -209,7 +207,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk = chunk_rows or default_chunk_rows(kept_rows.shape[0], wants[1])
 
             eager_grad = any(wants) and reduction != "none"
-            grad_scale = (1.0 / denominator).reshape(1) if eager_grad else None
+            grad_scale = summary.grad_scale if eager_grad else None
             kept_losses, grads = _chunked_loss(
                 kept_rows,
                 kept_labels,
@@ -241,7 +239,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif any(wants):
             ctx.recompute = (options, wants, chunk)
             ctx.save_for_backward(labelled, kept_rows, kept_labels, matmul_weight, matmul_bias)
-        return reduce_losses(row_losses, reduction, denominator, labels.shape)
+        return reduce_losses(row_losses, reduction, summary.denominator, labels.shape)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -5,6 +5,7 @@ import importlib
 import pytest
 import torch
 
+from fusetune.ops.labels import summarise_labels
 from fusetune.ops.linear_cross_entropy import (
     default_chunk_rows,
     linear_cross_entropy,
@@ -84,6 +85,12 @@ def test_matches_reference(dtype, train_weight):
     check_all(dtype, *make_inputs(dtype), train_weight=train_weight, chunk_rows=4)
 
 
+def labelled_rows(labels, vocab):
+    """The module's ``labelled_rows`` of flat labels, from their summary (ignore_index -100)."""
+    module = importlib.import_module("fusetune.ops.linear_cross_entropy")
+    return module.labelled_rows(labels, summarise_labels(labels, vocab, -100, "mean", None), vocab, -100)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
@@ -93,22 +100,21 @@ def test_capture_path_computes_every_row(monkeypatch, dtype, reduction, train_we
     module = importlib.import_module("fusetune.ops.linear_cross_entropy")
     monkeypatch.setattr(module, "capturing", lambda: True)
     h, w, b, labels = make_inputs(dtype)
-    assert module.labelled_rows(labels, VOCAB, -100) is None
+    assert labelled_rows(labels, VOCAB) is None
     check_all(dtype, h, w, b, labels, train_weight=train_weight, reduction=reduction, chunk_rows=4)
 
 
 def test_labelled_rows_are_the_unignored_rows_in_order():
     """The stable-sort indices equal ``nonzero``'s; every row labelled gives None; a label outside
     the vocabulary raises the error that names it."""
-    module = importlib.import_module("fusetune.ops.linear_cross_entropy")
     labels = torch.randint(0, VOCAB, (257,))
     labels[torch.randperm(257)[:100]] = -100
     expected = (labels != -100).nonzero().squeeze(1)
-    assert torch.equal(module.labelled_rows(labels, VOCAB, -100), expected)
-    assert module.labelled_rows(labels.clamp_min(0), VOCAB, -100) is None
+    assert torch.equal(labelled_rows(labels, VOCAB), expected)
+    assert labelled_rows(labels.clamp_min(0), VOCAB) is None
     labels[7] = VOCAB
     with pytest.raises(ValueError, match=f"label {VOCAB} is outside the vocabulary"):
-        module.labelled_rows(labels, VOCAB, -100)
+        labelled_rows(labels, VOCAB)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -1,0 +1,201 @@
+"""The labels of a cross-entropy loss: their checks, their count, and the loss's denominator.
+
+A label outside [0, vocab) must become a clear error, never an out-of-bounds read (the row kernels
+clamp the index they load, so they are safe either way) and never a wait that drains the device:
+``LabelCheck`` reads the flag later, through pinned memory behind an event.
+
+``summarise_labels`` finds everything a loss needs from its labels in one pass of one small
+kernel: how many rows are labelled, the denominator of the reduction (and its reciprocal, the
+gradient's scale), and the out-of-range flag. The same answers from torch's elementwise ops and
+reductions took 11 (cross_entropy) to 15 (linear_cross_entropy) kernel launches a step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fusetune.ops._launch import capturing
+
+# Labels a step of the summary kernel reads (eight warps, 32 a thread).
+_SUMMARY_BLOCK = 8192
+# How the summary kernel finds the denominator.
+_COUNT, _FROM_TENSOR, _FIXED = 0, 1, 2
+
+
+def flatten_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``labels`` as (n_rows,) contiguous int64, after checking their type and count."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(
+            f"fusetune: labels must be an integer tensor (got {labels.dtype}); use .long()."
+        )
+    if labels.numel() != n_rows:
+        raise ValueError(
+            f"fusetune: {labels.numel()} labels for {n_rows} rows of logits; pass one label per row "
+            "(for a causal LM, shift labels before calling, or use the patched model's loss)."
+        )
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """A 0-dim bool tensor, on the labels' device (no host sync): is any label outside [0, n_classes)?"""
+    return ((flat != ignore_index) & ((flat < 0) | (flat >= n_classes))).any()
+
+
+def raise_out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raise the error for labels that ``out_of_range`` flagged, naming the first bad one."""
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
+    raise ValueError(
+        f"fusetune: label {flat[bad][0].item()} is outside the vocabulary [0, {n_classes}); labels "
+        f"must be class indices or ignore_index={ignore_index}. Check the tokenizer's vocab size "
+        "against the model's, and that padding uses ignore_index."
+    )
+
+
+class LabelCheck:
+    """Whether any label lies outside [0, n_classes), found on the device and read later without
+    draining it.
+
+    On CUDA the flag is copied into pinned host memory behind an event, so reading it waits only
+    for this check (queue it before the kernels that follow), never for the rest of the queue; on
+    a CPU the flag is simply read.
+
+    While a CUDA graph is captured nothing is checked: the host cannot read a captured value, and
+    a replay would not run the host's side anyway. The caller checks instead:
+    ``fusetune.graphs.CapturedStep`` checks every batch's labels before its replay.
+    """
+
+    def __init__(
+        self, flat: torch.Tensor, n_classes: int, ignore_index: int, bad: torch.Tensor | None = None
+    ):
+        """``bad``: the flag, nonzero where a label is out of range, when it was found already
+        (``summarise_labels``); None finds it here."""
+        self._labels = (flat, n_classes, ignore_index)
+        self._ready = self._bad = None
+        if capturing():
+            return
+        if bad is None:
+            bad = out_of_range(flat, n_classes, ignore_index)
+        if bad.is_cuda:
+            host = torch.empty((), dtype=bad.dtype, pin_memory=True)
+            # The copy is queued on the labels' device's current stream; the event goes on that
+            # stream too, whichever device is current.
+            host.copy_(bad, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(bad.device))
+            bad = host
+        self._bad = bad
+
+    def raise_if_bad(self) -> None:
+        """Raise the clear error naming the first bad label, if there is one."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        if self._bad is not None and bool(self._bad):
+            raise_out_of_range(*self._labels)
+
+
+def check_labels(
+    labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """Flatten ``labels`` to (n_rows,) int64 and fail clearly on any label outside [0, n_classes).
+
+    Costs one small reduction and one host sync. (The kernels never read outside a row whatever
+    the labels: they clamp the index they load; this check is what turns a bad label into an
+    error.) Not while a CUDA graph is captured (see ``LabelCheck``).
+    """
+    flat = flatten_labels(labels, n_rows)
+    LabelCheck(flat, n_classes, ignore_index).raise_if_bad()
+    return flat
+
+
+def loss_denominator(
+    labels: torch.Tensor, reduction: str, ignore_index: int, num_items_in_batch
+) -> torch.Tensor:
+    """The float32 tensor the summed loss is divided by (stays on the device: no host sync).
+
+    "mean": the number of labelled rows, floored at 1 (all-ignored gives loss 0, not NaN), or
+    ``num_items_in_batch`` when given (transformers' gradient-accumulation rule). "sum"/"none": 1.
+    """
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=labels.device)
+    if num_items_in_batch is not None:
+        return torch.as_tensor(
+            num_items_in_batch, dtype=torch.float32, device=labels.device
+        ).reshape(())
+    return (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+
+
+class LabelSummary(NamedTuple):
+    """What a loss needs from its labels, on the labels' device (``summarise_labels``).
+
+    ``counts``: int64 [labelled rows, out-of-range flag]; ``scales``: float32 [denominator,
+    1 / denominator]; ``check``: the range check that reads the flag when asked (``LabelCheck``).
+    """
+
+    counts: torch.Tensor
+    scales: torch.Tensor
+    check: LabelCheck
+
+    @property
+    def denominator(self) -> torch.Tensor:
+        """The 0-dim float32 tensor the summed loss is divided by (``loss_denominator``'s rule)."""
+        return self.scales[0]
+
+    @property
+    def grad_scale(self) -> torch.Tensor:
+        """``1 / denominator`` as a 1-element float32 tensor (the row kernels' gradient scale)."""
+        return self.scales[1:]
+
+
+@triton.jit
+def _label_summary_kernel(labels_ptr, n_rows, n_classes, ignore_index, items_ptr, fixed_denominator,
+                          counts_ptr, scales_ptr, DENOMINATOR: tl.constexpr, BLOCK: tl.constexpr):
+    """One program walks every label and writes ``LabelSummary.counts`` and ``.scales``. ``DENOMINATOR`` is
+    _COUNT = 0 (labelled rows, floored at 1), _FROM_TENSOR = 1 (the number at ``items_ptr``) or
+    _FIXED = 2 (``fixed_denominator``)."""
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        label = tl.load(labels_ptr + offs, mask=offs < n_rows, other=ignore_index)
+        labelled = label != ignore_index
+        count += labelled.to(tl.int32)
+        bad = tl.maximum(bad, (labelled & ((label < 0) | (label >= n_classes))).to(tl.int32))
+    total = tl.sum(count.to(tl.int64), axis=0)
+    if DENOMINATOR == 0:
+        denominator = tl.maximum(total, 1).to(tl.float32)
+    elif DENOMINATOR == 1:
+        denominator = tl.load(items_ptr).to(tl.float32)
+    else:
+        denominator = fixed_denominator
+    tl.store(counts_ptr, total)
+    tl.store(counts_ptr + 1, tl.max(bad, axis=0).to(tl.int64))
+    tl.store(scales_ptr, denominator)
+    tl.store(scales_ptr + 1, 1.0 / denominator)
+
+
+def summarise_labels(
+    flat: torch.Tensor, n_classes: int, ignore_index: int, reduction: str, num_items_in_batch
+) -> LabelSummary:
+    """Count, denominator and range check of flat int64 labels, in one kernel (Triton inputs only:
+    the CPU references use ``loss_denominator`` and ``check_labels``). Nothing is read on the host;
+    the check's flag is queued for reading before any later kernel."""
+    counts = torch.empty(2, dtype=torch.int64, device=flat.device)
+    scales = torch.empty(2, dtype=torch.float32, device=flat.device)
+    items, mode, fixed = scales, _FIXED, 1.0  # "sum" and "none" divide by 1
+    if reduction != "mean":
+        pass
+    elif num_items_in_batch is None:
+        mode = _COUNT
+    elif torch.is_tensor(num_items_in_batch) and num_items_in_batch.device == flat.device:
+        items, mode = num_items_in_batch.reshape(1), _FROM_TENSOR
+    else:  # a number, or a tensor elsewhere (read once on the host)
+        fixed = float(num_items_in_batch)
+    _label_summary_kernel[(1,)](
+        flat, flat.numel(), n_classes, ignore_index, items, fixed, counts, scales,
+        DENOMINATOR=mode, BLOCK=_SUMMARY_BLOCK, num_warps=8,
+    )
+    return LabelSummary(counts, scales, LabelCheck(flat, n_classes, ignore_index, bad=counts[1]))
