@@ -109,6 +109,7 @@ def test_labelled_rows_are_the_unignored_rows_in_order():
     the vocabulary raises the error that names it."""
     labels = torch.randint(0, VOCAB, (257,))
     labels[torch.randperm(257)[:100]] = -100
+    labels = labels.to(DEVICE)
     expected = (labels != -100).nonzero().squeeze(1)
     assert torch.equal(labelled_rows(labels, VOCAB), expected)
     assert labelled_rows(labels.clamp_min(0), VOCAB) is None
