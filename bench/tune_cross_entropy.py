@@ -51,6 +51,15 @@ group of programs holds a row, a stretch each in registers, and each program loa
 stretch before it waits on its siblings' statistics): 1.46-1.56x slower than the split kernel in
 the same call (``ce-tuning-h200-resident-pipelined.jsonl``; bench/RESULTS.md says why). It was
 dropped, with its ``--kernel resident`` mode.
+In the twentieth session the sweep took the gradient pass's order (``RowLaunch.reverse``: from the
+row's last block to its first, so that the bytes read last in the statistics pass, the likeliest
+still in L2, are re-read first) and L2 eviction hints (``.l2_hints``) at the three vocabularies
+(``ce-tuning-h200-order.jsonl``) and at the few-rows shapes (``--shapes few``,
+``ce-tuning-h200-order-few.jsonl``). Backwards with hints was the best setting at every shape:
+1.572 -> 1.536 ms at 8192 x 128256, 1.841 -> 1.818 at 152,064, 3.145 -> 3.115 at 262,144;
+0.268 -> 0.258 ms at 1024 x 152064, 0.448 -> 0.434 at 1024 x 262144, 0.443 -> 0.427 at
+2048 x 128256. Hints alone, forwards, were 0.7-1.1% slower; a persistent grid of one program an SM
+(fewer rows in flight) stayed 1.4x slower or worse: too few loads in flight to keep HBM busy.
 Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred]`` (writes
 DIR/ce-tuning-<tag>.jsonl).
 """

@@ -14,12 +14,15 @@ The row kernel can split a row among programs that run side by side; the last to
 row's loss and gradient (see ``_cross_entropy_split_kernel``). Its statistics pass takes one
 exponential an element (a scalar running max and sum); with that, the H200 is fastest with one
 segment a row up to Gemma's vocabulary, the program reading its row a second time partly from L2
-(bench/tune_cross_entropy.py); longer rows are split.
+(bench/tune_cross_entropy.py); longer rows are split. The second pass walks the row backwards, so
+that it starts on the blocks the first pass read last, the likeliest still in L2.
 With ``reduction="none"`` the per-row scale is only known in backward, so there the kernel runs
 again in backward instead.
 
 The op never drains the device: the label range check is read through pinned memory behind an
 event (``LabelCheck``), so a training step keeps the GPU busy while the host queues the next work.
+The labels' count, the loss's denominator and that check come from one small kernel
+(``fusetune.ops.labels.summarise_labels``).
 
 The row kernel is shared with ``linear_cross_entropy``, which runs it in place on chunks of logits.
 
@@ -77,7 +80,10 @@ class RowLaunch(NamedTuple):
 # (ce-tuning-h200-persistent.jsonl), where 8,192 was within 2% of the best at every shape both
 # times. Up to _FEW_ROWS rows (the chunks linear_cross_entropy runs the kernel on) a persistent
 # grid of four programs an SM was 5-6% faster than a program a row at 1,024 rows of vocab 152,064
-# and 262,144; at 8,192 rows it was 5% slower.
+# and 262,144; at 8,192 rows it was 5% slower. Both walk the gradient pass backwards with L2 hints
+# (twentieth session, ce-tuning-h200-order*.jsonl): the best setting at every swept shape, 1-2%
+# faster than forwards at 8,192 rows (1.572 -> 1.536 ms at vocab 128,256) and 3-4% at 1,024-2,048
+# (0.268 -> 0.258 ms at 1024 x 152064), where fewer rows in flight leave more of a row in L2.
 _LAUNCH = RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True)
 _FEW_ROWS_LAUNCH = RowLaunch(262144, 8192, 8, programs_per_sm=4, reverse=True, l2_hints=True)
 _FEW_ROWS = 2048
