@@ -102,7 +102,12 @@ STAGES = (None, 3)
 # (reverse, l2_hints): the gradient pass's order over the row, and L2 eviction hints.
 ORDERS = ((False, False), (True, False), (True, True), (False, True))
 QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per_sm=1, stages=2),
-                  RowLaunch(1024, 512, 4, reverse=True, l2_hints=True))
+                  RowLaunch(1024, 512, 4, reverse=True, l2_hints=True, l2_keep_cols=1024))
+# --grid keep: the best settings of the order sweep (backwards, with hints), keeping in L2 only the
+# last KEEP_COLS columns a row's statistics pass reads (0: all of them).
+KEEP_BASES = (RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True),
+              RowLaunch(262144, 8192, 8, programs_per_sm=4, reverse=True, l2_hints=True))
+KEEP_COLS = (0, 49152, 65536, 98304)
 
 # linear_cross_entropy's chunks: 1,024 rows with a frozen weight, 2,048 with a trainable one.
 DEFERRED_SHAPES = tuple({"tokens": rows, "vocab": vocab, "in_place": True}
@@ -119,6 +124,11 @@ def launches() -> list[RowLaunch]:
     return [RowLaunch(262144, block, warps, programs, stages, reverse, hints) for block in BLOCKS
             for warps in WARPS for programs in PROGRAMS_PER_SM for stages in STAGES
             for reverse, hints in ORDERS]
+
+
+def keep_launches() -> list[RowLaunch]:
+    """The ``--grid keep`` settings: each of KEEP_BASES with each of KEEP_COLS."""
+    return [base._replace(l2_keep_cols=keep) for base in KEEP_BASES for keep in KEEP_COLS]
 
 
 def split_run(logits, labels, grad, scale, launch):
@@ -191,12 +201,14 @@ def main() -> None:
             parser.add_argument("--kernel", choices=("split", "deferred"), default="split",
                                 help="which row kernel to sweep"),
             parser.add_argument("--shapes", choices=tuple(SHAPES), default="ops",
-                                help="the split kernel's shapes (see SHAPES)")))
+                                help="the split kernel's shapes (see SHAPES)"),
+            parser.add_argument("--grid", choices=("full", "keep"), default="full",
+                                help="the split kernel's settings: launches() or keep_launches()")))
     if torch.cuda.is_available():
         print(f"L2 cache: {torch.cuda.get_device_properties(0).L2_cache_size / 2**20:.0f} MiB", flush=True)
     if args.kernel == "split":
         for shape in QUICK_SHAPES if args.quick else SHAPES[args.shapes]:
-            grid = QUICK_LAUNCHES if args.quick else launches()
+            grid = QUICK_LAUNCHES if args.quick else launches() if args.grid == "full" else keep_launches()
             sweep_shape(shape, grid, "split", split_run, 3, timing)
         return
     for shape in QUICK_DEFERRED_SHAPES if args.quick else DEFERRED_SHAPES:

@@ -62,7 +62,8 @@ class RowLaunch(NamedTuple):
     loops (None: the compiler's default for a plain loop); ``reverse``: the gradient pass walks the
     row from its last block to its first, so that it first re-reads the bytes read last (the likeliest
     still in L2); ``l2_hints``: the statistics pass asks L2 to keep what it reads, the gradient pass
-    to drop what it reads and writes.
+    to drop what it reads and writes; ``l2_keep_cols``: with hints, only the last this many columns
+    of a segment are kept (the rest read to be dropped), 0 keeping all.
     """
 
     segment_cols: int
@@ -72,6 +73,7 @@ class RowLaunch(NamedTuple):
     stages: int | None = None
     reverse: bool = False
     l2_hints: bool = False
+    l2_keep_cols: int = 0
 
 
 # The row kernel's launches, chosen on an H200 with bench/tune_cross_entropy.py (kernel time): one
@@ -84,8 +86,8 @@ class RowLaunch(NamedTuple):
 # (twentieth session, ce-tuning-h200-order*.jsonl): the best setting at every swept shape, 1-2%
 # faster than forwards at 8,192 rows (1.572 -> 1.536 ms at vocab 128,256) and 3-4% at 1,024-2,048
 # (0.268 -> 0.258 ms at 1024 x 152064), where fewer rows in flight leave more of a row in L2.
-_LAUNCH = RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True)
-_FEW_ROWS_LAUNCH = RowLaunch(262144, 8192, 8, programs_per_sm=4, reverse=True, l2_hints=True)
+_LAUNCH = RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True, l2_keep_cols=65536)
+_FEW_ROWS_LAUNCH = _LAUNCH._replace(programs_per_sm=4)
 _FEW_ROWS = 2048
 
 
@@ -108,8 +110,9 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
-                   BLOCK: tl.constexpr, STAGES: tl.constexpr, L2_HINTS: tl.constexpr):
+def _segment_stats(logits_row, start, end, softcap, keep_cols, HAS_SOFTCAP: tl.constexpr,
+                   SMOOTHING: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+                   L2_HINTS: tl.constexpr):
     """Max, sum of ``exp(z - max)`` and (with ``SMOOTHING``, else 0) plain sum of the (soft-capped)
     logits in columns [start, end), streamed with an online max. An all ``-inf`` stretch gives a
     max of -inf and a sum of 0.
@@ -126,7 +129,10 @@ def _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP: tl.constexpr, S
         offs = first + cols
         mask = offs < end
         if L2_HINTS:
-            z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+            if first + keep_cols >= end:  # among the last keep_cols columns: re-read soon
+                z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+            else:
+                z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first")
         else:
             z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
         z = _softcapped(z.to(tl.float32), softcap, HAS_SOFTCAP)
@@ -231,6 +237,7 @@ def _cross_entropy_split_kernel(
     label_smoothing,
     z_loss,
     softcap,
+    keep_cols,
     HAS_SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -263,8 +270,8 @@ def _cross_entropy_split_kernel(
             if COMPUTE_GRAD:
                 _zero_columns(grad_row, start, end, BLOCK)
         else:
-            top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, HAS_SOFTCAP, SMOOTHING,
-                                                   BLOCK, STAGES, L2_HINTS)
+            top, total, logit_sum = _segment_stats(logits_row, start, end, softcap, keep_cols, HAS_SOFTCAP,
+                                                   SMOOTHING, BLOCK, STAGES, L2_HINTS)
             # A row of one segment is finished by its only item: no statistics go through memory.
             finishes_row = True
             if SEGMENTS > 1:
@@ -323,7 +330,8 @@ def cross_entropy_rows(
         grad_out = torch.empty_like(logits)
     if n_rows == 0:
         return losses, grad_out
-    segment_cols, block, warps, programs_per_sm, stages, reverse, l2_hints = launch or tuned_launch(n_rows)
+    segment_cols, block, warps, programs_per_sm, stages, reverse, l2_hints, keep_cols = (
+        launch or tuned_launch(n_rows))
     block = min(block, next_power_of_2(n_cols))
     segment_cols = max(block, segment_cols // block * block)
     n_segments = cdiv(n_cols, segment_cols)
@@ -355,6 +363,7 @@ def cross_entropy_rows(
         float(label_smoothing),
         float(z_loss),
         float(softcap) if softcap is not None else 1.0,
+        keep_cols or n_cols,
         HAS_SOFTCAP=softcap is not None,
         SMOOTHING=label_smoothing > 0,
         COMPUTE_GRAD=compute_grad,

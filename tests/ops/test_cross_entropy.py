@@ -27,10 +27,12 @@ ROWS, VOCAB = 11, 5003  # vocab spans two 4096-wide blocks, neither a multiple o
 # these vocabularies), and five segments of 1,024 columns (the last one short) read in 256-wide
 # blocks by a persistent grid (programs walk several items each) with pipelined column loops, so
 # that the last arrival's combine of the others' statistics and the item loop are exercised; that
-# launch also walks the gradient pass forwards without L2 hints (the tuned one backwards, with).
+# launch also walks the gradient pass forwards (the tuned one backwards) and keeps only each
+# segment's last block in L2 (the tuned one, at these widths, all of it), so both hints' loads run.
 ROW_KERNEL_LAUNCHES = {
     "tuned": None,
-    "split-5-persistent": cross_entropy_module.RowLaunch(1024, 256, 4, programs_per_sm=1, stages=2),
+    "split-5-persistent": cross_entropy_module.RowLaunch(1024, 256, 4, programs_per_sm=1, stages=2,
+                                                         l2_hints=True, l2_keep_cols=256),
 }
 
 

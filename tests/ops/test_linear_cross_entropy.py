@@ -146,9 +146,9 @@ def test_options(options):
 def test_row_kernel_in_place_on_split_rows(monkeypatch):
     """The row kernel writing the gradient over a chunk's logits with each row cut into five
     segments of 1,024 columns (the tuned launch gives these small rows one segment), its gradient
-    pass walking each row backwards as the tuned launch's does."""
+    pass walking each row backwards as the tuned launch's does, without L2 hints."""
     cross_entropy_module = importlib.import_module("fusetune.ops.cross_entropy")
-    split = cross_entropy_module.RowLaunch(1024, 256, 4, reverse=True, l2_hints=True)
+    split = cross_entropy_module.RowLaunch(1024, 256, 4, reverse=True)
     monkeypatch.setattr(cross_entropy_module, "tuned_launch", lambda n_rows: split)
     check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, label_smoothing=0.1)
 
