@@ -60,6 +60,12 @@ still in L2, are re-read first) and L2 eviction hints (``.l2_hints``) at the thr
 0.268 -> 0.258 ms at 1024 x 152064, 0.448 -> 0.434 at 1024 x 262144, 0.443 -> 0.427 at
 2048 x 128256. Hints alone, forwards, were 0.7-1.1% slower; a persistent grid of one program an SM
 (fewer rows in flight) stayed 1.4x slower or worse: too few loads in flight to keep HBM busy.
+``--grid keep`` then swept how much of a row the statistics pass asks L2 to keep (its last
+``RowLaunch.l2_keep_cols`` columns; the rest are loaded to be evicted first), in two calls
+(``ce-tuning-h200-keep*.jsonl``): the last 65,536 columns were the best or within 1% of it at
+every shape in both, against keeping all of the row 1.561 -> 1.506 ms at 8192 x 128256,
+1.853 -> 1.780 at 152,064, 3.194 -> 3.142 at 262,144 (second call), 1-3% at the few-row shapes;
+with the tuned launch 16,384 columns were slower than keeping all, 98,304 in between.
 Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred]`` (writes
 DIR/ce-tuning-<tag>.jsonl).
 """

@@ -15,7 +15,8 @@ row's loss and gradient (see ``_cross_entropy_split_kernel``). Its statistics pa
 exponential an element (a scalar running max and sum); with that, the H200 is fastest with one
 segment a row up to Gemma's vocabulary, the program reading its row a second time partly from L2
 (bench/tune_cross_entropy.py); longer rows are split. The second pass walks the row backwards, so
-that it starts on the blocks the first pass read last, the likeliest still in L2.
+that it starts on the blocks the first pass read last, the likeliest still in L2; the first pass
+asks L2 to keep only those last blocks, and the second to drop what it has used.
 With ``reduction="none"`` the per-row scale is only known in backward, so there the kernel runs
 again in backward instead.
 
@@ -86,6 +87,10 @@ class RowLaunch(NamedTuple):
 # (twentieth session, ce-tuning-h200-order*.jsonl): the best setting at every swept shape, 1-2%
 # faster than forwards at 8,192 rows (1.572 -> 1.536 ms at vocab 128,256) and 3-4% at 1,024-2,048
 # (0.268 -> 0.258 ms at 1024 x 152064), where fewer rows in flight leave more of a row in L2.
+# Keeping only a row's last 65,536 columns in L2 (the ones the backward pass re-reads first; the
+# rest are read to be dropped, so they do not push other rows' tails out) was the best or within
+# 1% of it in two calls (ce-tuning-h200-keep*.jsonl, 0 / 16,384-98,304 columns): 1.561 -> 1.506 ms
+# at 8192 x 128256, 1.853 -> 1.780 at 152,064, 3.194 -> 3.142 at 262,144, 1-3% at 1,024-2,048 rows.
 _LAUNCH = RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True, l2_keep_cols=65536)
 _FEW_ROWS_LAUNCH = _LAUNCH._replace(programs_per_sm=4)
 _FEW_ROWS = 2048
