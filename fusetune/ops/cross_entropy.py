@@ -547,7 +547,8 @@ def cross_entropy(
     ``label_smoothing`` as in torch; ``softcap`` applies ``softcap * tanh(logits / softcap)`` first
     (Gemma 2/3); ``z_loss`` adds ``z_loss * logsumexp**2`` per labelled row; ``num_items_in_batch``
     (int or tensor) divides the summed loss instead of the labelled-row count (transformers'
-    gradient-accumulation rule). All labels ignored gives 0 and zero gradients, not NaN.
+    gradient-accumulation rule). All labels ignored gives 0 and zero gradients, not NaN (also with
+    ``num_items_in_batch`` 0: a denominator below 1 counts as 1).
     """
     check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     check_float("logits", logits)

@@ -116,15 +116,16 @@ def loss_denominator(
 ) -> torch.Tensor:
     """The float32 tensor the summed loss is divided by (stays on the device: no host sync).
 
-    "mean": the number of labelled rows, floored at 1 (all-ignored gives loss 0, not NaN), or
-    ``num_items_in_batch`` when given (transformers' gradient-accumulation rule). "sum"/"none": 1.
+    "mean": the number of labelled rows, or ``num_items_in_batch`` when given (transformers'
+    gradient-accumulation rule), either floored at 1: every label ignored gives loss 0, not NaN,
+    also when ``num_items_in_batch`` counted none in any micro-batch. "sum"/"none": 1.
     """
     if reduction != "mean":
         return torch.ones((), dtype=torch.float32, device=labels.device)
     if num_items_in_batch is not None:
         return torch.as_tensor(
             num_items_in_batch, dtype=torch.float32, device=labels.device
-        ).reshape(())
+        ).reshape(()).clamp_min(1)
     return (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
 
 
@@ -154,8 +155,8 @@ class LabelSummary(NamedTuple):
 def _label_summary_kernel(labels_ptr, n_rows, n_classes, ignore_index, items_ptr, fixed_denominator,
                           counts_ptr, scales_ptr, DENOMINATOR: tl.constexpr, BLOCK: tl.constexpr):
     """One program walks every label and writes ``LabelSummary.counts`` and ``.scales``. ``DENOMINATOR`` is
-    _COUNT = 0 (labelled rows, floored at 1), _FROM_TENSOR = 1 (the number at ``items_ptr``) or
-    _FIXED = 2 (``fixed_denominator``)."""
+    _COUNT = 0 (labelled rows), _FROM_TENSOR = 1 (the number at ``items_ptr``) or _FIXED = 2
+    (``fixed_denominator``); the first two floored at 1, as ``loss_denominator`` does."""
     count = tl.zeros([BLOCK], dtype=tl.int32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, n_rows, BLOCK):
@@ -168,7 +169,7 @@ def _label_summary_kernel(labels_ptr, n_rows, n_classes, ignore_index, items_ptr
     if DENOMINATOR == 0:
         denominator = tl.maximum(total, 1).to(tl.float32)
     elif DENOMINATOR == 1:
-        denominator = tl.load(items_ptr).to(tl.float32)
+        denominator = tl.maximum(tl.load(items_ptr).to(tl.float32), 1.0)
     else:
         denominator = fixed_denominator
     tl.store(counts_ptr, total)
@@ -186,14 +187,13 @@ def summarise_labels(
     counts = torch.empty(2, dtype=torch.int64, device=flat.device)
     scales = torch.empty(2, dtype=torch.float32, device=flat.device)
     items, mode, fixed = scales, _FIXED, 1.0  # "sum" and "none" divide by 1
-    if reduction != "mean":
-        pass
-    elif num_items_in_batch is None:
+    items_here = torch.is_tensor(num_items_in_batch) and num_items_in_batch.device == flat.device
+    if reduction == "mean" and num_items_in_batch is None:
         mode = _COUNT
-    elif torch.is_tensor(num_items_in_batch) and num_items_in_batch.device == flat.device:
+    elif reduction == "mean" and items_here:
         items, mode = num_items_in_batch.reshape(1), _FROM_TENSOR
-    else:  # a number, or a tensor elsewhere (read once on the host)
-        fixed = float(num_items_in_batch)
+    elif reduction == "mean":  # a number, or a tensor elsewhere (read once on the host)
+        fixed = max(float(num_items_in_batch), 1.0)
     _label_summary_kernel[(1,)](
         flat, flat.numel(), n_classes, ignore_index, items, fixed, counts, scales,
         DENOMINATOR=mode, BLOCK=_SUMMARY_BLOCK, num_warps=8,

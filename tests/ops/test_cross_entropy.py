@@ -208,12 +208,17 @@ def test_three_dim_and_non_contiguous():
     check_all(torch.bfloat16, logits3, labels.reshape(3, 5))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_not_nan(reduction):
+@pytest.mark.parametrize(
+    "options",
+    [dict(reduction="mean"), dict(reduction="sum"), dict(reduction="none"),
+     dict(num_items_in_batch=0), dict(num_items_in_batch=torch.tensor(0, device=DEVICE))],
+    ids=["mean", "sum", "none", "num_items_0", "num_items_0_tensor"],
+)
+def test_all_ignored_gives_zero_not_nan(options):
     logits, labels = make_inputs(torch.float32, rows=4)
     labels = torch.full_like(labels, -100)
     x = logits.clone().requires_grad_()
-    loss = cross_entropy(x, labels, reduction=reduction)
+    loss = cross_entropy(x, labels, **options)
     loss.sum().backward()
     assert torch.all(loss == 0)
     assert torch.all(x.grad == 0)

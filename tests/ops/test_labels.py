@@ -50,9 +50,12 @@ def test_num_items_in_batch_replaces_the_count(as_tensor):
     assert scale == pytest.approx(1 / 12345, rel=1e-6)
 
 
-def test_every_label_ignored_counts_zero_and_divides_by_one():
+@pytest.mark.parametrize("items", [None, 0, "tensor"])
+def test_every_label_ignored_counts_zero_and_divides_by_one(items):
+    """The count, or a num_items_in_batch of 0, floors at 1: the loss is 0, not NaN."""
     labels = torch.full((301,), -100, device=DEVICE)
-    assert summary_values(labels) == (0, 0, 1.0, 1.0)
+    items = torch.tensor(0, device=DEVICE) if items == "tensor" else items
+    assert summary_values(labels, num_items_in_batch=items) == (0, 0, 1.0, 1.0)
 
 
 def test_no_labels():
