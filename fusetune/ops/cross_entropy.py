@@ -87,7 +87,7 @@ class RowLaunch(NamedTuple):
 # (twentieth session, ce-tuning-h200-order*.jsonl): the best setting at every swept shape, 1-2%
 # faster than forwards at 8,192 rows (1.572 -> 1.536 ms at vocab 128,256) and 3-4% at 1,024-2,048
 # (0.268 -> 0.258 ms at 1024 x 152064), where fewer rows in flight leave more of a row in L2.
-# Keeping only a row's last 65,536 columns in L2 (the ones the backward pass re-reads first; the
+# Keeping only a row's last 65,536 columns in L2 (the ones the gradient pass re-reads first; the
 # rest are read to be dropped, so they do not push other rows' tails out) was the best or within
 # 1% of it in two calls (ce-tuning-h200-keep*.jsonl, 0 / 16,384-98,304 columns): 1.561 -> 1.506 ms
 # at 8192 x 128256, 1.853 -> 1.780 at 152,064, 3.194 -> 3.142 at 262,144, 1-3% at 1,024-2,048 rows.
