@@ -55,6 +55,18 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def check_same_device(name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Reject ``others`` (those not None) on another device than ``reference`` (called ``name``),
+    naming the fix. The kernels would otherwise fail on a pointer they cannot read, and the loss
+    ops' labels are the input most often left behind on the CPU."""
+    for other_name, tensor in others.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise ValueError(
+                f"fusetune: {other_name} is on {tensor.device} but {name} is on {reference.device}; "
+                f"move it there with .to({name}.device)."
+            )
+
+
 def memory_order(x: torch.Tensor) -> list[int] | None:
     """A permutation of ``x``'s dims, the last kept last, under which ``x`` is contiguous, when ``x``
     is not contiguous itself but is a permuted view of dense memory with a contiguous last dim

@@ -43,6 +43,7 @@ from fusetune.ops._launch import (
     as_rows,
     cdiv,
     check_float,
+    check_same_device,
     next_power_of_2,
     sm_count,
     use_triton,
@@ -552,6 +553,7 @@ def cross_entropy(
     """
     check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     check_float("logits", logits)
+    check_same_device("logits", logits, labels=labels)
     if not use_triton(logits):
         return cross_entropy_reference(
             logits,

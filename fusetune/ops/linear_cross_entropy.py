@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusetune.ops._launch import as_rows, capturing, check_float, use_triton
+from fusetune.ops._launch import as_rows, capturing, check_float, check_same_device, use_triton
 from fusetune.ops.cross_entropy import (
     check_options,
     cross_entropy_reference,
@@ -337,6 +337,7 @@ def linear_cross_entropy(
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if tensor is not None:
             check_float(name, tensor)
+    check_same_device("hidden", hidden, weight=weight, bias=bias, labels=labels)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"fusetune: weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}; "

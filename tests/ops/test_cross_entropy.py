@@ -273,3 +273,9 @@ def test_bad_label_dtype_and_count():
         cross_entropy(logits, labels.float())
     with pytest.raises(ValueError, match="labels for"):
         cross_entropy(logits, labels[:-1])
+
+
+def test_labels_on_another_device_are_a_clear_error():
+    logits, labels = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"labels is on meta but logits is on .*\.to\(logits\.device\)"):
+        cross_entropy(logits, labels.to("meta"))

@@ -214,6 +214,8 @@ def test_default_chunk_rows_is_bounded_by_the_rows():
         (dict(chunk_rows=0), ValueError, "chunk_rows"),
         (dict(weight_dtype=torch.bfloat16), TypeError, "autocast"),
         (dict(label=VOCAB), ValueError, "outside the vocabulary"),
+        (dict(labels_device="meta"), ValueError, "labels is on meta but hidden is on"),
+        (dict(weight_device="meta"), ValueError, "weight is on meta but hidden is on"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, error, message):
@@ -224,5 +226,7 @@ def test_bad_input_is_a_clear_error(kwargs, error, message):
         w = w.to(kwargs["weight_dtype"])
     if "label" in kwargs:
         labels[1] = kwargs["label"]
+    labels = labels.to(kwargs.get("labels_device", labels.device))
+    w = w.to(kwargs.get("weight_device", w.device))
     with pytest.raises(error, match=message):
         linear_cross_entropy(h, w, labels, chunk_rows=kwargs.get("chunk_rows"))
