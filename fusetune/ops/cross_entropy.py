@@ -48,7 +48,13 @@ from fusetune.ops._launch import (
     sm_count,
     use_triton,
 )
-from fusetune.ops.labels import check_labels, flatten_labels, loss_denominator, summarise_labels
+from fusetune.ops.labels import (
+    LabelCheck,
+    check_labels,
+    flatten_labels,
+    loss_denominator,
+    summarise_labels,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -468,7 +474,7 @@ class _CrossEntropy(torch.autograd.Function):
         # for nothing after it. The kernel clamps bad labels, so running it before the error is
         # raised is safe.
         summary = summarise_labels(flat_labels, rows.shape[1], ignore_index, reduction, num_items_in_batch)
-        labels_check = summary.check
+        labels_check = LabelCheck(flat_labels, rows.shape[1], ignore_index, bad=summary.counts[1])
         if not needs_grad:
             labels_check.raise_if_bad()
         options = dict(

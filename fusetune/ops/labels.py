@@ -133,12 +133,12 @@ class LabelSummary(NamedTuple):
     """What a loss needs from its labels, on the labels' device (``summarise_labels``).
 
     ``counts``: int64 [labelled rows, out-of-range flag]; ``scales``: float32 [denominator,
-    1 / denominator]; ``check``: the range check that reads the flag when asked (``LabelCheck``).
+    1 / denominator]. A caller that reads the flag later passes ``counts[1]`` to ``LabelCheck``;
+    one that reads the counts at once (``linear_cross_entropy``) needs no check of its own.
     """
 
     counts: torch.Tensor
     scales: torch.Tensor
-    check: LabelCheck
 
     @property
     def denominator(self) -> torch.Tensor:
@@ -181,9 +181,9 @@ def _label_summary_kernel(labels_ptr, n_rows, n_classes, ignore_index, items_ptr
 def summarise_labels(
     flat: torch.Tensor, n_classes: int, ignore_index: int, reduction: str, num_items_in_batch
 ) -> LabelSummary:
-    """Count, denominator and range check of flat int64 labels, in one kernel (Triton inputs only:
-    the CPU references use ``loss_denominator`` and ``check_labels``). Nothing is read on the host;
-    the check's flag is queued for reading before any later kernel."""
+    """Count, denominator and out-of-range flag of flat int64 labels, in one kernel (Triton inputs
+    only: the CPU references use ``loss_denominator`` and ``check_labels``). Nothing is read on
+    the host."""
     counts = torch.empty(2, dtype=torch.int64, device=flat.device)
     scales = torch.empty(2, dtype=torch.float32, device=flat.device)
     items, mode, fixed = scales, _FIXED, 1.0  # "sum" and "none" divide by 1
@@ -198,4 +198,4 @@ def summarise_labels(
         flat, flat.numel(), n_classes, ignore_index, items, fixed, counts, scales,
         DENOMINATOR=mode, BLOCK=_SUMMARY_BLOCK, num_warps=8,
     )
-    return LabelSummary(counts, scales, LabelCheck(flat, n_classes, ignore_index, bad=counts[1]))
+    return LabelSummary(counts, scales)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusetune.ops.labels import summarise_labels
+from fusetune.ops.labels import LabelCheck, summarise_labels
 from tests.ops.checks import DEVICE
 
 VOCAB = 1000
@@ -69,8 +69,9 @@ def test_out_of_range_label_in_the_last_step_is_flagged(bad_label):
     count, bad, _, _ = summary_values(labels)
     assert bad == 1
     assert count == int((labels != -100).sum())
+    flag = summarise_labels(labels, VOCAB, -100, "mean", None).counts[1]
     with pytest.raises(ValueError, match=f"label {bad_label} is outside the vocabulary"):
-        summarise_labels(labels, VOCAB, -100, "mean", None).check.raise_if_bad()
+        LabelCheck(labels, VOCAB, -100, bad=flag).raise_if_bad()
 
 
 def test_another_ignore_index_is_not_out_of_range():
@@ -78,4 +79,4 @@ def test_another_ignore_index_is_not_out_of_range():
     labels[labels == -100] = -1
     summary = summarise_labels(labels, VOCAB, -1, "mean", None)
     assert summary.counts.tolist() == [int((labels != -1).sum()), 0]
-    summary.check.raise_if_bad()
+    LabelCheck(labels, VOCAB, -1, bad=summary.counts[1]).raise_if_bad()
