@@ -5,10 +5,16 @@ Times fusetune's ``linear_cross_entropy`` forward+backward and its peak memory f
 rule in ``fusetune/ops/linear_cross_entropy.py`` is chosen from measurements, not guesses.
 Run on the GPU: ``python bench/tune_lce.py --out DIR [--chunks 128,256]`` writes
 DIR/lce-tuning-<tag>.jsonl.
+
+With ``--slices`` it sweeps the frozen-weight path that also cuts the vocabulary
+(``fusetune/ops/vocab_slices.py``) instead: rows per chunk times bytes of a slice of logits,
+beside the whole-vocabulary chunks that path replaced (variant ``whole_vocab``), into
+DIR/lce-slices-<tag>.jsonl.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -18,16 +24,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 from fusetune.ops.linear_cross_entropy import default_chunk_rows, linear_cross_entropy  # noqa: E402
 
+# The modules themselves (``fusetune.ops`` re-exports a function under the first one's name).
+lce_module = importlib.import_module("fusetune.ops.linear_cross_entropy")
+slices_module = importlib.import_module("fusetune.ops.vocab_slices")
+
 SHAPES = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},
           {"tokens": 16384, "hidden": 3584, "vocab": 152064},
           {"tokens": 8192, "hidden": 2304, "vocab": 262144})
 QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 500},)
 CHUNKS = (128, 256, 512, 768, 1024, 1280, 1536, 2048, 4096)
 QUICK_CHUNKS = (16, 32)
+SLICE_CHUNKS = (1024, 2048)
+SLICE_MIB = (16, 32, 48, 64)
+QUICK_SLICE_MIB = (1 / 64,)
 
 
-def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) -> list[dict]:
-    """Time and peak memory of one configuration, recorded under system ``fusetune``."""
+def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict,
+            variant: str = "") -> list[dict]:
+    """Time and peak memory of one configuration, recorded under system ``fusetune``
+    (``variant`` added to the config's variant)."""
     n, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
     dev = common.device()
     hidden = torch.randn(n, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -36,7 +51,7 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) 
     chosen = chunk_rows or default_chunk_rows(n, trainable)
     config = {"op": "linear_cross_entropy", **shape, "chunk_rows": chosen,
               "variant": ("trainable_weight" if trainable else "frozen_weight")
-              + ("_default_chunk" if chunk_rows is None else "")}
+              + ("_default_chunk" if chunk_rows is None else "") + variant}
     leaves = [hidden, weight] if trainable else [hidden]
 
     def step():
@@ -60,10 +75,39 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict) 
     return rows
 
 
+def sweep_slices(shapes: tuple[dict, ...], chunks: tuple[int, ...], slice_mib: tuple[float, ...],
+                 timing: dict) -> None:
+    """The frozen-weight sliced path at each rows-per-chunk and slice size, and the
+    whole-vocabulary chunks at the default rows (slicing switched off)."""
+    budget = slices_module.SLICE_BYTES
+    for shape in shapes:
+        for chunk in chunks:
+            for mib in slice_mib:
+                slices_module.SLICE_BYTES = int(mib * 2**20)
+                measure(shape, False, chunk, timing, variant=f"_slice_{mib:g}MiB")
+                common.release()
+        slices_module.SLICE_BYTES = budget
+        sliced = lce_module.slices_vocabulary
+        lce_module.slices_vocabulary = lambda *args: False
+        measure(shape, False, None, timing, variant="_whole_vocab")
+        lce_module.slices_vocabulary = sliced
+        common.release()
+
+
 def main() -> None:
+    def more(parser):
+        parser.add_argument("--chunks", help=f"rows per chunk, comma list (default {CHUNKS})")
+        parser.add_argument("--slices", action="store_true",
+                            help=f"sweep the sliced frozen path: rows {SLICE_CHUNKS} x MiB {SLICE_MIB}")
+
     args, timing = common.sweep_arguments(
-        __doc__.split("\n\n")[0], "lce-tuning", {"warmup": 10, "rep": 50},
-        lambda parser: parser.add_argument("--chunks", help=f"rows per chunk, comma list (default {CHUNKS})"))
+        __doc__.split("\n\n")[0], "lce-slices" if "--slices" in sys.argv else "lce-tuning",
+        {"warmup": 10, "rep": 50}, more)
+    if args.slices:
+        sweep_slices(QUICK_SHAPES if args.quick else SHAPES,
+                     QUICK_CHUNKS if args.quick else SLICE_CHUNKS,
+                     QUICK_SLICE_MIB if args.quick else SLICE_MIB, timing)
+        return
     chunks = QUICK_CHUNKS if args.quick else CHUNKS
     if args.chunks:
         chunks = tuple(int(rows) for rows in args.chunks.split(","))

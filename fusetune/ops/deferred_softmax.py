@@ -127,6 +127,85 @@ def _recompute_numerators(row_ptr, hidden_row, hidden_stride, weight_ptr, weight
 
 
 @triton.jit
+def _row_loss(ref, others, z_label, total):
+    """``logsumexp(z) - z_label`` of a row whose numerators against ``ref`` sum to ``total``, or
+    ``others`` with the label's left out. Where the label is less than 40 nats below ``ref`` it is
+    ``log1p(others * exp(ref - z_label))`` (log1p by Goldberg's ``log(u) * x / (u - 1)``), so that
+    a confident row's small loss keeps float32's precision relative to itself, not to the size of
+    its logits; below that, ``others * exp(...)`` could overflow and the loss is large anyway."""
+    gap = ref - z_label
+    x = others * tl.exp(tl.minimum(gap, 40.0))
+    u = 1.0 + x
+    log1p = tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+    return tl.where(gap < 40.0, log1p, ref + tl.log(total) - z_label)
+
+
+@triton.jit
+def _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """A row's first block of logits (raw: the numerator pass's first prefetch) and the largest
+    (soft-capped) logit in it, 0 for a block of -inf (whose numerators are 0): the reference."""
+    cols = tl.arange(0, BLOCK)
+    z_first = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf"))
+    ref = tl.max(_softcapped(z_first.to(tl.float32), softcap, HAS_SOFTCAP), axis=0)
+    return z_first, tl.where(ref == float("-inf"), 0.0, ref)
+
+
+@triton.jit
+def _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
+                    HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    """Stream a row's logits once, from ``z_first`` (its first block, loaded), writing (with
+    ``WRITE``) the numerators ``exp(z - ref)``, clamped at ``exp(clamp)``, in their place. Returns
+    per lane the numerators' sums, the label's column left out, and the largest logit seen.
+
+    The loop holds no reduction, so its loads and stores stream without the warps waiting on one
+    another; the next block is loaded before this one is written."""
+    cols = tl.arange(0, BLOCK)
+    z_next = z_first
+    sums = tl.zeros([BLOCK], dtype=tl.float32)
+    tops = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + cols
+        mask = offs < n_cols
+        z = _softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP)
+        z_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < n_cols, other=float("-inf"))
+        numerators = tl.exp(tl.minimum(z - ref, clamp))
+        if WRITE:
+            _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
+        tops = tl.maximum(tops, z)
+        sums += tl.where(offs == label_col, 0.0, numerators)
+    return sums, tops
+
+
+@triton.jit
+def _settle_reference(row_ptr, sums, tops, ref, label_col, n_cols, hidden_row, hidden_col_stride,
+                      weight_ptr, weight_row_stride, weight_col_stride, hidden_size, softcap,
+                      rescale_gap, clamp, HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr,
+                      BLOCK: tl.constexpr, COLS: tl.constexpr, FEATURES: tl.constexpr):
+    """After ``_numerator_pass``: the sum of the row's numerators (the label's left out) and the
+    reference they end up against. The reference moves up to the row's max where that exceeds it
+    by more than ``rescale_gap`` (the numerators written are rescaled) or ``clamp`` (a numerator
+    was clamped: the row's logits are recomputed from ``hidden_row`` and the weight)."""
+    top = tl.max(tops, axis=0)
+    if top > ref + clamp:
+        tl.debug_barrier()
+        others = _recompute_numerators(row_ptr, hidden_row, hidden_col_stride, weight_ptr,
+                                       weight_row_stride, weight_col_stride, n_cols, hidden_size,
+                                       top, label_col, softcap, HAS_SOFTCAP, COLS, FEATURES)
+        settled = top
+    elif top > ref + rescale_gap:
+        factor = tl.exp(ref - top)
+        if WRITE:
+            tl.debug_barrier()
+            _rescale_columns(row_ptr, n_cols, factor, BLOCK)
+        others = tl.sum(sums * factor, axis=0)
+        settled = top
+    else:
+        others = tl.sum(sums, axis=0)
+        settled = ref
+    return others, settled
+
+
+@triton.jit
 def _deferred_rows_kernel(
     logits_ptr,
     row_stride,
@@ -155,7 +234,6 @@ def _deferred_rows_kernel(
 ):
     """Rows ``pid, pid + programs, ...``: each labelled row's loss, row scale and numerators (in
     place over its logits); an ignored row gets loss 0, row scale 0 and zeros."""
-    cols = tl.arange(0, BLOCK)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)
         label = tl.load(labels_ptr + row64).to(tl.int64)
@@ -171,39 +249,16 @@ def _deferred_rows_kernel(
             z_label = _softcapped(tl.load(row_ptr + safe_label).to(tl.float32), softcap, HAS_SOFTCAP)
             label_col = safe_label.to(tl.int32)
             tl.debug_barrier()
-            # The reference: the first block's max (0 for a block of -inf, whose numerators are 0).
-            z_next = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf"))
-            ref = tl.max(_softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP), axis=0)
-            ref = tl.where(ref == float("-inf"), 0.0, ref)
-            sums = tl.zeros([BLOCK], dtype=tl.float32)  # per lane: numerators, the label's left out
-            tops = tl.full([BLOCK], float("-inf"), dtype=tl.float32)  # per lane: the largest logit
-            for start in range(0, n_cols, BLOCK):
-                offs = start + cols
-                mask = offs < n_cols
-                z = _softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP)
-                z_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < n_cols, other=float("-inf"))
-                numerators = tl.exp(tl.minimum(z - ref, clamp))
-                _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
-                tops = tl.maximum(tops, z)
-                sums += tl.where(offs == label_col, 0.0, numerators)
-            top = tl.max(tops, axis=0)
-            if top > ref + clamp:  # a numerator was clamped: recompute the row's logits
-                tl.debug_barrier()
-                hidden_row = hidden_ptr + row64 * hidden_row_stride
-                others = _recompute_numerators(row_ptr, hidden_row, hidden_col_stride, weight_ptr,
-                                               weight_row_stride, weight_col_stride, n_cols, hidden_size,
-                                               top, label_col, softcap, HAS_SOFTCAP, COLS, FEATURES)
-                ref = top
-            elif top > ref + rescale_gap:  # move the reference up to the max
-                factor = tl.exp(ref - top)
-                tl.debug_barrier()
-                _rescale_columns(row_ptr, n_cols, factor, BLOCK)
-                others = tl.sum(sums * factor, axis=0)
-                ref = top
-            else:
-                others = tl.sum(sums, axis=0)
+            z_first, ref = _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP, BLOCK)
+            sums, tops = _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
+                                         HAS_SOFTCAP, True, BLOCK)
+            others, ref = _settle_reference(row_ptr, sums, tops, ref, label_col, n_cols,
+                                            hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
+                                            weight_ptr, weight_row_stride, weight_col_stride,
+                                            hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
+                                            True, BLOCK, COLS, FEATURES)
             total = others + tl.exp(z_label - ref)
-            tl.store(loss_ptr + row64, ref + tl.log(total) - z_label)
+            tl.store(loss_ptr + row64, _row_loss(ref, others, z_label, total))
             grad_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32)
             tl.store(row_scale_ptr + row64, grad_scale / total)
             # row_scale * this == grad_scale * (p_label - 1) * slope: the label's "- 1", folded in,

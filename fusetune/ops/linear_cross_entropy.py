@@ -11,6 +11,8 @@ The row kernel is the one-pass ``deferred_softmax`` kernel where it applies (bfl
 no bias, label smoothing or z-loss: ``defers_normalisation``): it writes the softmax's numerators
 and a scale per row, which the matmuls apply to their (rows x hidden) side. Elsewhere it is the
 cross-entropy op's kernel, which writes ``scale * dloss/dlogits`` itself but reads each row twice.
+Where it applies and the weight gets no gradient (LoRA), a chunk is also cut along the vocabulary
+(``vocab_slices``): its buffer of logits is then a few tens of MiB, not a (rows x vocab) block.
 
 Rows whose label is ``ignore_index`` are dropped before any matmul (in a VLM most rows are image or
 prompt tokens), so they cost nothing (except while a CUDA graph is captured: see
@@ -40,6 +42,7 @@ from fusetune.ops.cross_entropy import (
 )
 from fusetune.ops.deferred_softmax import DEFERRED_DTYPES, deferred_cross_entropy_rows
 from fusetune.ops.labels import LabelSummary, flatten_labels, raise_out_of_range, summarise_labels
+from fusetune.ops.vocab_slices import sliced_frozen_loss
 
 # Rows per chunk, measured on an H200 (bench/tune_lce.py, bench/results/lce-tuning-h200.jsonl):
 # with a trainable weight every chunk adds its share into the (vocab x hidden) gradient, a
@@ -50,7 +53,8 @@ _CHUNK_ROWS_FROZEN = 1024
 
 
 def default_chunk_rows(n_rows: int, weight_trainable: bool) -> int:
-    """Rows per chunk: 2048 when the weight gets a gradient, 1024 when it is frozen (at most n_rows)."""
+    """Rows per whole-vocabulary chunk: 2048 when the weight gets a gradient, 1024 when it is
+    frozen (at most n_rows). Chunks cut along the vocabulary too take ``vocab_slices``' rule."""
     rows = _CHUNK_ROWS_TRAINABLE if weight_trainable else _CHUNK_ROWS_FROZEN
     return max(1, min(n_rows, rows))
 
@@ -68,6 +72,14 @@ def defers_normalisation(dtype: torch.dtype, bias: torch.Tensor | None, options:
     )
 
 
+def slices_vocabulary(dtype: torch.dtype, bias: torch.Tensor | None, options: dict,
+                      weight_trainable: bool) -> bool:
+    """Whether chunks are also cut along the vocabulary (``vocab_slices``): where the one-pass
+    kernel applies and the weight gets no gradient (a slice's share of it would need the
+    softmax's normalisation, known only after the last slice)."""
+    return defers_normalisation(dtype, bias, options) and not weight_trainable
+
+
 @dataclass
 class _Gradients:
     hidden: torch.Tensor | None
@@ -83,18 +95,26 @@ def _chunked_loss(
     options: dict,
     grad_scale: torch.Tensor | None,
     wants: tuple[bool, bool, bool],
-    chunk_rows: int,
+    chunk_rows: int | None,
 ) -> tuple[torch.Tensor, _Gradients]:
     """Per-row losses of the rows ``hidden`` (n, H), and with ``grad_scale`` their gradients (a
     row labelled ``ignore_index`` gives loss 0 and gradient 0; callers usually pass labelled rows only).
 
     ``grad_scale`` is a float32 tensor of one element or one per row; ``wants`` says which of
-    (hidden, weight, bias) need a gradient.
+    (hidden, weight, bias) need a gradient; ``chunk_rows`` None takes the path's default.
     """
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
-    losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     want_hidden, want_weight, want_bias = wants if grad_scale is not None else (False, False, False)
+    if slices_vocabulary(hidden.dtype, bias, options, want_weight):
+        losses, grad_hidden = sliced_frozen_loss(
+            hidden, labels, weight, grad_scale if want_hidden else None,
+            ignore_index=options["ignore_index"], softcap=options["softcap"],
+            chunk_rows=chunk_rows,
+        )
+        return losses, _Gradients(hidden=grad_hidden, weight=None, bias=None)
+    chunk_rows = chunk_rows or default_chunk_rows(n_rows, wants[1])
+    losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     grads = _Gradients(
         hidden=torch.empty_like(hidden) if want_hidden else None,
         weight=None,
@@ -204,8 +224,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             kept_labels = flat_labels if every_row else flat_labels.index_select(0, labelled)
             matmul_weight = weight.to(compute_dtype)
             matmul_bias = bias.to(compute_dtype) if bias is not None else None
-            chunk = chunk_rows or default_chunk_rows(kept_rows.shape[0], wants[1])
-
             eager_grad = any(wants) and reduction != "none"
             grad_scale = summary.grad_scale if eager_grad else None
             kept_losses, grads = _chunked_loss(
@@ -216,7 +234,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 options,
                 grad_scale,
                 wants,
-                chunk,
+                chunk_rows,
             )
             row_losses = (
                 kept_losses
@@ -237,7 +255,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if eager_grad:
             ctx.save_for_backward(labelled, grads.hidden, grads.weight, grads.bias)
         elif any(wants):
-            ctx.recompute = (options, wants, chunk)
+            ctx.recompute = (options, wants, chunk_rows)
             ctx.save_for_backward(labelled, kept_rows, kept_labels, matmul_weight, matmul_bias)
         return reduce_losses(row_losses, reduction, summary.denominator, labels.shape)
 
@@ -329,9 +347,13 @@ def linear_cross_entropy(
     ``hidden`` (..., H), ``weight`` (vocab, H) (an ``lm_head`` weight, tied or not), ``labels``
     (...) with one label per row (shift them before calling for a causal LM). The options are
     ``cross_entropy``'s, with the same semantics, including loss 0 and zero gradients when every
-    label is ignored. ``chunk_rows`` overrides the rows per chunk, a memory/speed knob: the peak
-    extra memory is one chunk of logits (``chunk_rows x vocab``) plus the gradients; the default is
-    2048 rows with a trainable weight and 1024 with a frozen one. Returns a float32 loss.
+    label is ignored. ``chunk_rows`` overrides the rows per chunk, a memory/speed knob: with a
+    trainable weight the peak extra memory is one chunk of logits (``chunk_rows x vocab``, 2048
+    rows by default) plus the gradients. With a frozen weight in bfloat16 or float32 (no bias,
+    label smoothing or z-loss) a chunk is also cut along the vocabulary (``vocab_slices``): a
+    32 MiB block of logits and a float32 (chunk_rows x hidden) buffer of at most 18 MiB (by
+    default; 1,024 or 2,048 rows at common hidden sizes); otherwise a frozen weight takes
+    (1024 x vocab) chunks. Returns a float32 loss.
     """
     check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):

@@ -18,6 +18,8 @@ from tests.ops.checks import DEVICE, assert_close_to_float64
 VOCAB = 3001  # not a multiple of the block
 SMALL_BLOCKS = DeferredLaunch(block=256, warps=4)  # several blocks a row, as at real vocab sizes
 PERSISTENT = DeferredLaunch(block=512, warps=4, programs_per_sm=1)
+# linear_cross_entropy's one-pass paths, by the function each calls.
+ONE_PASS, SLICED = "deferred_cross_entropy_rows", "sliced_frozen_loss"
 
 
 def float64_rows(logits, labels, scale, softcap=None, ignore_index=-100):
@@ -108,15 +110,18 @@ def test_rows_far_above_their_first_block(dtype, launch):
 def test_confident_rows_keep_the_label_gradient_precise(dtype):
     """p_label near 1: the label's gradient ``p - 1`` is small against the numerators' sum, and
     must still come out to the dtype's precision relative to itself (the "- 1" is folded into
-    the label's element as minus the other numerators' sum, not left to cancel)."""
+    the label's element as minus the other numerators' sum, not left to cancel); so must the
+    small loss (``_row_loss``'s log1p)."""
     hidden, weight, labels = random_rows(dtype, rows=5)
     labels[2] = 11
     logits = logits_of(hidden, weight)
     for row, margin in enumerate((8.0, 12.0, 16.0, 9.0, 10.0)):
         logits[row, labels[row]] = logits[row].float().max() + margin
     scale = torch.ones(1, device=DEVICE)
-    _, grad, _ = run_kernel(logits, hidden, weight, labels, scale, SMALL_BLOCKS)
-    _, want_grad = float64_rows(logits, labels, scale)
+    losses, grad, _ = run_kernel(logits, hidden, weight, labels, scale, SMALL_BLOCKS)
+    want_losses, want_grad = float64_rows(logits, labels, scale)
+    # Their small losses too keep float32's precision relative to themselves.
+    assert_close_to_float64(losses, want_losses, torch.float32, "losses")
     rows = torch.arange(5)
     label_grad, want_label_grad = grad[rows, labels], want_grad[rows, labels]
     assert (want_label_grad < 0).all() and (want_label_grad > -1e-2).all()
@@ -143,31 +148,39 @@ def test_float16_is_refused():
 
 
 @pytest.mark.parametrize(
-    "dtype, options, deferred",
+    "dtype, options, trainable, paths",
     [
-        (torch.bfloat16, {}, True),
-        (torch.float32, dict(softcap=30.0, reduction="none"), True),
-        (torch.float16, {}, False),
-        (torch.bfloat16, dict(label_smoothing=0.1), False),
-        (torch.bfloat16, dict(z_loss=1e-4), False),
+        (torch.bfloat16, {}, True, {ONE_PASS}),
+        (torch.bfloat16, {}, False, {SLICED}),
+        # reduction="none": a forward of losses alone (sliced), the gradients in backward
+        (torch.float32, dict(softcap=30.0, reduction="none"), True, {SLICED, ONE_PASS}),
+        (torch.float32, dict(softcap=30.0, reduction="none"), False, {SLICED}),
+        (torch.float16, {}, True, set()),
+        (torch.float16, {}, False, set()),
+        (torch.bfloat16, dict(label_smoothing=0.1), False, set()),
+        (torch.bfloat16, dict(z_loss=1e-4), False, set()),
     ],
 )
-def test_linear_cross_entropy_takes_the_one_pass_kernel_where_it_folds(monkeypatch, dtype, options, deferred):
-    """bf16 and fp32 without smoothing or z-loss run the one-pass kernel (the speed path); the
-    other cases run the two-pass kernel; the result matches the reference either way."""
+def test_linear_cross_entropy_takes_the_one_pass_kernel_where_it_folds(
+    monkeypatch, dtype, options, trainable, paths
+):
+    """bf16 and fp32 without smoothing or z-loss run the one-pass kernel (the speed path), a
+    vocabulary slice at a time where no weight gradient is made; the other cases run the
+    two-pass kernel (neither path); the result matches the reference either way."""
     lce = importlib.import_module("fusetune.ops.linear_cross_entropy")
     calls = []
-    real = lce.deferred_cross_entropy_rows
-    monkeypatch.setattr(lce, "deferred_cross_entropy_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in (ONE_PASS, SLICED):
+        real = getattr(lce, name)
+        monkeypatch.setattr(lce, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(9, 24, generator=gen).to(dtype).to(DEVICE).requires_grad_()
-    weight = (torch.randn(VOCAB, 24, generator=gen) / 5).to(dtype).to(DEVICE)
+    weight = (torch.randn(VOCAB, 24, generator=gen) / 5).to(dtype).to(DEVICE).requires_grad_(trainable)
     labels = torch.randint(0, VOCAB, (9,), generator=gen).to(DEVICE)
     loss = lce.linear_cross_entropy(hidden, weight, labels, chunk_rows=4, **options)
     (grad,) = torch.autograd.grad(loss.sum(), hidden)
-    assert bool(calls) == deferred
+    assert set(calls) == paths
     ref_hidden = hidden.detach().double().requires_grad_()
-    ref_loss = lce.linear_cross_entropy_reference(ref_hidden, weight.double(), labels, **options)
+    ref_loss = lce.linear_cross_entropy_reference(ref_hidden, weight.detach().double(), labels, **options)
     (ref_grad,) = torch.autograd.grad(ref_loss.sum(), ref_hidden)
     # The loss is float32 whatever the inputs: tolerances as in test_linear_cross_entropy.
     loss_dtype = torch.float32 if dtype == torch.float32 else torch.float16
