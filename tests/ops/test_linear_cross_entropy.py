@@ -159,6 +159,15 @@ def test_default_chunking_and_three_dim_strided_hidden():
     check_all(torch.float32, h3, w, b, labels.reshape(3, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
+def test_weight_in_a_transposed_layout(dtype, train_weight):
+    """A (vocab, hidden) weight whose storage is (hidden, vocab), as a tied or transposed head may
+    be: every path reads it through its strides."""
+    h, w, b, labels = make_inputs(dtype)
+    check_all(dtype, h, w.t().contiguous().t(), b, labels, train_weight=train_weight, chunk_rows=4)
+
+
 def test_no_row_ignored_and_one_row():
     check_all(torch.float32, *make_inputs(torch.float32, ignore_every=0), chunk_rows=4)
     check_all(torch.float32, *make_inputs(torch.float32, rows=1, ignore_every=0))
