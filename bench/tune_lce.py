@@ -22,7 +22,7 @@ import common
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
-from fusetune.ops.linear_cross_entropy import default_chunk_rows, linear_cross_entropy  # noqa: E402
+from fusetune.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 # The modules themselves (``fusetune.ops`` re-exports a function under the first one's name).
 lce_module = importlib.import_module("fusetune.ops.linear_cross_entropy")
@@ -48,14 +48,13 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict,
     hidden = torch.randn(n, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(v, h, device=dev, dtype=torch.bfloat16) * h**-0.5).requires_grad_(trainable)
     labels = torch.randint(0, v, (n,), device=dev)
-    chosen = chunk_rows or default_chunk_rows(n, trainable)
-    config = {"op": "linear_cross_entropy", **shape, "chunk_rows": chosen,
+    config = {"op": "linear_cross_entropy", **shape, "chunk_rows": chunk_rows or "default",
               "variant": ("trainable_weight" if trainable else "frozen_weight")
               + ("_default_chunk" if chunk_rows is None else "") + variant}
     leaves = [hidden, weight] if trainable else [hidden]
 
     def step():
-        linear_cross_entropy(hidden, weight, labels, chunk_rows=chosen).backward()
+        linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows).backward()
 
     rows = []
     try:
@@ -69,7 +68,7 @@ def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict,
             rows.append(common.record("fusetune", config, common.MEMORY, common.peak_memory_mib(step)))
     except Exception as exc:  # an OOM at one chunk size must not end the sweep
         rows.append(common.record("fusetune", config, common.TIME, None, common.describe(exc)))
-    print(f"  {common.shape_text(shape)} {config['variant']} chunk={chosen}: "
+    print(f"  {common.shape_text(shape)} {config['variant']} chunk={config['chunk_rows']}: "
           + ", ".join(f"{r['metric']}={r['value'] if r['value'] is None else round(r['value'], 2)}"
                       for r in rows), flush=True)
     return rows
