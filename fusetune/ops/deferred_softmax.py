@@ -177,14 +177,17 @@ def _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
 
 
 @triton.jit
-def _settle_reference(row_ptr, sums, tops, ref, label_col, n_cols, hidden_row, hidden_col_stride,
-                      weight_ptr, weight_row_stride, weight_col_stride, hidden_size, softcap,
-                      rescale_gap, clamp, HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr,
-                      BLOCK: tl.constexpr, COLS: tl.constexpr, FEATURES: tl.constexpr):
-    """After ``_numerator_pass``: the sum of the row's numerators (the label's left out) and the
-    reference they end up against. The reference moves up to the row's max where that exceeds it
-    by more than ``rescale_gap`` (the numerators written are rescaled) or ``clamp`` (a numerator
-    was clamped: the row's logits are recomputed from ``hidden_row`` and the weight)."""
+def _row_numerators(row_ptr, z_first, ref, label_col, n_cols, hidden_row, hidden_col_stride,
+                    weight_ptr, weight_row_stride, weight_col_stride, hidden_size, softcap,
+                    rescale_gap, clamp, HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr,
+                    BLOCK: tl.constexpr, COLS: tl.constexpr, FEATURES: tl.constexpr):
+    """A row's numerators against ``ref`` (``_numerator_pass``, written with ``WRITE``): returns
+    their sum, the label's left out, and the reference they end up against. The reference moves
+    up to the row's max where that exceeds it by more than ``rescale_gap`` (the numerators
+    written are rescaled) or ``clamp`` (a numerator was clamped: the row's logits are recomputed
+    from ``hidden_row`` and the weight)."""
+    sums, tops = _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
+                                 HAS_SOFTCAP, WRITE, BLOCK)
     top = tl.max(tops, axis=0)
     if top > ref + clamp:
         tl.debug_barrier()
@@ -250,13 +253,11 @@ def _deferred_rows_kernel(
             label_col = safe_label.to(tl.int32)
             tl.debug_barrier()
             z_first, ref = _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP, BLOCK)
-            sums, tops = _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
-                                         HAS_SOFTCAP, True, BLOCK)
-            others, ref = _settle_reference(row_ptr, sums, tops, ref, label_col, n_cols,
-                                            hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
-                                            weight_ptr, weight_row_stride, weight_col_stride,
-                                            hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
-                                            True, BLOCK, COLS, FEATURES)
+            others, ref = _row_numerators(row_ptr, z_first, ref, label_col, n_cols,
+                                          hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
+                                          weight_ptr, weight_row_stride, weight_col_stride,
+                                          hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
+                                          True, BLOCK, COLS, FEATURES)
             total = others + tl.exp(z_label - ref)
             tl.store(loss_ptr + row64, _row_loss(ref, others, z_label, total))
             grad_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32)

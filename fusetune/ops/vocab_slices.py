@@ -50,9 +50,8 @@ from fusetune.ops.deferred_softmax import (
     CLAMP,
     RESCALE_GAP,
     _first_block,
-    _numerator_pass,
     _row_loss,
-    _settle_reference,
+    _row_numerators,
     _softcap_slope,
 )
 
@@ -150,13 +149,11 @@ def _slice_rows_kernel(
             ref = tl.load(ref_ptr + row64)
             carried = tl.load(others_ptr + row64)
         tl.debug_barrier()  # the label's logit is read before any warp overwrites it
-        sums, tops = _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
-                                     HAS_SOFTCAP, WRITE, BLOCK)
-        others, settled = _settle_reference(row_ptr, sums, tops, ref, label_col, n_cols,
-                                            hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
-                                            weight_ptr, weight_row_stride, weight_col_stride,
-                                            hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
-                                            WRITE, BLOCK, COLS, FEATURES)
+        others, settled = _row_numerators(row_ptr, z_first, ref, label_col, n_cols,
+                                          hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
+                                          weight_ptr, weight_row_stride, weight_col_stride,
+                                          hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
+                                          WRITE, BLOCK, COLS, FEATURES)
         if settled != ref:  # the reference moved up: rescale what earlier slices summed
             factor = tl.exp(ref - settled)
             carried = carried * factor
