@@ -152,10 +152,12 @@ def _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.
 
 @triton.jit
 def _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
-                    HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr, SUM_LOGITS: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """Stream a row's logits once, from ``z_first`` (its first block, loaded), writing (with
     ``WRITE``) the numerators ``exp(z - ref)``, clamped at ``exp(clamp)``, in their place. Returns
-    per lane the numerators' sums, the label's column left out, and the largest logit seen.
+    per lane the numerators' sums, the label's column left out, the largest logit seen, and (with
+    ``SUM_LOGITS``, else zeros) the sums of the (soft-capped) logits, for label smoothing.
 
     The loop holds no reduction, so its loads and stores stream without the warps waiting on one
     another; the next block is loaded before this one is written."""
@@ -163,6 +165,7 @@ def _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
     z_next = z_first
     sums = tl.zeros([BLOCK], dtype=tl.float32)
     tops = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    logit_sums = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         mask = offs < n_cols
@@ -173,21 +176,25 @@ def _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
             _store_numerators(row_ptr, offs, mask, numerators, z, softcap, HAS_SOFTCAP)
         tops = tl.maximum(tops, z)
         sums += tl.where(offs == label_col, 0.0, numerators)
-    return sums, tops
+        if SUM_LOGITS:
+            logit_sums += tl.where(mask, z, 0.0)
+    return sums, tops, logit_sums
 
 
 @triton.jit
 def _row_numerators(row_ptr, z_first, ref, label_col, n_cols, hidden_row, hidden_col_stride,
                     weight_ptr, weight_row_stride, weight_col_stride, hidden_size, softcap,
                     rescale_gap, clamp, HAS_SOFTCAP: tl.constexpr, WRITE: tl.constexpr,
-                    BLOCK: tl.constexpr, COLS: tl.constexpr, FEATURES: tl.constexpr):
+                    SUM_LOGITS: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr,
+                    FEATURES: tl.constexpr):
     """A row's numerators against ``ref`` (``_numerator_pass``, written with ``WRITE``): returns
-    their sum, the label's left out, and the reference they end up against. The reference moves
+    their sum, the label's left out, the reference they end up against, and (with
+    ``SUM_LOGITS``, else 0) the sum of the row's (soft-capped) logits. The reference moves
     up to the row's max where that exceeds it by more than ``rescale_gap`` (the numerators
     written are rescaled) or ``clamp`` (a numerator was clamped: the row's logits are recomputed
     from ``hidden_row`` and the weight)."""
-    sums, tops = _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
-                                 HAS_SOFTCAP, WRITE, BLOCK)
+    sums, tops, logit_sums = _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap,
+                                             clamp, HAS_SOFTCAP, WRITE, SUM_LOGITS, BLOCK)
     top = tl.max(tops, axis=0)
     if top > ref + clamp:
         tl.debug_barrier()
@@ -205,7 +212,7 @@ def _row_numerators(row_ptr, z_first, ref, label_col, n_cols, hidden_row, hidden
     else:
         others = tl.sum(sums, axis=0)
         settled = ref
-    return others, settled
+    return others, settled, tl.sum(logit_sums, axis=0)
 
 
 @triton.jit
@@ -253,11 +260,11 @@ def _deferred_rows_kernel(
             label_col = safe_label.to(tl.int32)
             tl.debug_barrier()
             z_first, ref = _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP, BLOCK)
-            others, ref = _row_numerators(row_ptr, z_first, ref, label_col, n_cols,
-                                          hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
-                                          weight_ptr, weight_row_stride, weight_col_stride,
-                                          hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
-                                          True, BLOCK, COLS, FEATURES)
+            others, ref, _ = _row_numerators(row_ptr, z_first, ref, label_col, n_cols,
+                                             hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
+                                             weight_ptr, weight_row_stride, weight_col_stride,
+                                             hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
+                                             True, False, BLOCK, COLS, FEATURES)
             total = others + tl.exp(z_label - ref)
             tl.store(loss_ptr + row64, _row_loss(ref, others, z_label, total))
             grad_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32)

@@ -11,8 +11,9 @@ The row kernel is the one-pass ``deferred_softmax`` kernel where it applies (bfl
 no bias, label smoothing or z-loss: ``defers_normalisation``): it writes the softmax's numerators
 and a scale per row, which the matmuls apply to their (rows x hidden) side. Elsewhere it is the
 cross-entropy op's kernel, which writes ``scale * dloss/dlogits`` itself but reads each row twice.
-Where it applies and the weight gets no gradient (LoRA), a chunk is also cut along the vocabulary
-(``vocab_slices``): its buffer of logits is then a few tens of MiB, not a (rows x vocab) block.
+When the weight gets no gradient (LoRA), a chunk of bfloat16 or float32 rows without a bias is
+also cut along the vocabulary (``vocab_slices``, with the same one-pass kernel's helpers): its
+buffer of logits is then a few tens of MiB, not a (rows x vocab) block.
 
 Rows whose label is ``ignore_index`` are dropped before any matmul (in a VLM most rows are image or
 prompt tokens), so they cost nothing (except while a CUDA graph is captured: see
@@ -74,10 +75,16 @@ def defers_normalisation(dtype: torch.dtype, bias: torch.Tensor | None, options:
 
 def slices_vocabulary(dtype: torch.dtype, bias: torch.Tensor | None, options: dict,
                       weight_trainable: bool) -> bool:
-    """Whether chunks are also cut along the vocabulary (``vocab_slices``): where the one-pass
-    kernel applies and the weight gets no gradient (a slice's share of it would need the
-    softmax's normalisation, known only after the last slice)."""
-    return defers_normalisation(dtype, bias, options) and not weight_trainable
+    """Whether chunks are also cut along the vocabulary (``vocab_slices``): where the weight gets
+    no gradient (a slice's share of it would need the softmax's normalisation, known only after
+    the last slice), for bfloat16 or float32 without a bias, and not label smoothing with a
+    soft-cap (the module says why)."""
+    return (
+        dtype in DEFERRED_DTYPES
+        and bias is None
+        and not weight_trainable
+        and not (options["label_smoothing"] and options["softcap"] is not None)
+    )
 
 
 @dataclass
@@ -108,8 +115,7 @@ def _chunked_loss(
     want_hidden, want_weight, want_bias = wants if grad_scale is not None else (False, False, False)
     if slices_vocabulary(hidden.dtype, bias, options, want_weight):
         losses, grad_hidden = sliced_frozen_loss(
-            hidden, labels, weight, grad_scale if want_hidden else None,
-            ignore_index=options["ignore_index"], softcap=options["softcap"],
+            hidden, labels, weight, grad_scale if want_hidden else None, **options,
             chunk_rows=chunk_rows,
         )
         return losses, _Gradients(hidden=grad_hidden, weight=None, bias=None)
@@ -349,11 +355,11 @@ def linear_cross_entropy(
     ``cross_entropy``'s, with the same semantics, including loss 0 and zero gradients when every
     label is ignored. ``chunk_rows`` overrides the rows per chunk, a memory/speed knob: with a
     trainable weight the peak extra memory is one chunk of logits (``chunk_rows x vocab``, 2048
-    rows by default) plus the gradients. With a frozen weight in bfloat16 or float32 (no bias,
-    label smoothing or z-loss) a chunk is also cut along the vocabulary (``vocab_slices``): a
-    32 MiB block of logits and a float32 (chunk_rows x hidden) buffer of at most 18 MiB (by
-    default; 1,024 or 2,048 rows at common hidden sizes); otherwise a frozen weight takes
-    (1024 x vocab) chunks. Returns a float32 loss.
+    rows by default) plus the gradients. With a frozen weight in bfloat16 or float32 (no bias;
+    not label smoothing with a soft-cap) a chunk is also cut along the vocabulary
+    (``vocab_slices``): a 32 MiB block of logits and a float32 (chunk_rows x hidden) buffer of at
+    most 18 MiB (by default; 1,024 or 2,048 rows at common hidden sizes); otherwise a frozen
+    weight takes (1024 x vocab) chunks. Returns a float32 loss.
     """
     check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):

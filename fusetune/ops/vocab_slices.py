@@ -19,7 +19,9 @@ of rows and slice:
 ``grad_scale / total * (accumulator - others * weight[label])``, ``others`` being the numerators'
 sum without the label's and ``total`` with it, which is ``grad_scale * (softmax - onehot) @
 weight``. The subtraction is made in float32 on float32 products, so the label's ``- 1`` costs
-no precision.
+no precision. Label smoothing's uniform ``- eps / vocab`` adds ``eps / vocab`` times the weight's
+column sums (taken once a call), and z-loss's factor ``1 + 2 z lse`` scales the accumulator and
+the label's term, both in the same kernel.
 
 The reference is the first slice's first block's max, moved up (and what was summed before
 rescaled, the accumulator's row included) only where a later logit exceeds it by more than
@@ -31,8 +33,9 @@ than with whole-vocabulary chunks of 8-16x the memory (``bench/results/lce-slice
 
 Only for a frozen weight: a slice's share of the *weight* gradient needs its rows' normalised
 softmax, known only after the last slice, so a trainable weight takes whole-vocabulary chunks
-(``linear_cross_entropy``). Only bfloat16 and float32, without bias, label smoothing or z-loss:
-the same limits as ``deferred_softmax``, for the same reasons.
+(``linear_cross_entropy``). Only bfloat16 and float32 (float16 cannot hold the numerators) and
+without a bias (whose gradient is the softmax's column sums); not label smoothing with a
+soft-cap, whose uniform term would then be weighted per element by the cap's slope.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ def _slice_rows_kernel(
     ref_ptr,
     others_ptr,
     z_label_ptr,
+    logit_sums_ptr,
     acc_ptr,
     acc_row_stride,
     ignore_index,
@@ -118,6 +122,7 @@ def _slice_rows_kernel(
     rescale_gap,
     clamp,
     HAS_SOFTCAP: tl.constexpr,
+    SMOOTHING: tl.constexpr,
     FIRST: tl.constexpr,
     WRITE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -126,8 +131,9 @@ def _slice_rows_kernel(
 ):
     """One row of one slice (vocabulary columns [first_col, first_col + n_cols)): numerators in
     place over the logits (with ``WRITE``; the label's written as 0, an ignored row's all 0), and
-    the row's carried reference, numerator sum and label logit updated. ``FIRST``: the slice
-    that starts the row (its reference comes from its first block, its sums from 0)."""
+    the row's carried reference, numerator sum, label logit and (with ``SMOOTHING``) logit sum
+    updated. ``FIRST``: the slice that starts the row (its reference comes from its first block,
+    its sums from 0)."""
     row64 = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row64).to(tl.int64)
     row_ptr = logits_ptr + row64 * row_stride
@@ -144,16 +150,19 @@ def _slice_rows_kernel(
         if FIRST:
             z_first, ref = _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP, BLOCK)
             carried = tl.zeros([], dtype=tl.float32)
+            carried_logits = tl.zeros([], dtype=tl.float32)
         else:
             z_first, _ = _first_block(row_ptr, n_cols, softcap, HAS_SOFTCAP, BLOCK)
             ref = tl.load(ref_ptr + row64)
             carried = tl.load(others_ptr + row64)
+            carried_logits = tl.load(logit_sums_ptr + row64) if SMOOTHING else 0.0
         tl.debug_barrier()  # the label's logit is read before any warp overwrites it
-        others, settled = _row_numerators(row_ptr, z_first, ref, label_col, n_cols,
-                                          hidden_ptr + row64 * hidden_row_stride, hidden_col_stride,
-                                          weight_ptr, weight_row_stride, weight_col_stride,
-                                          hidden_size, softcap, rescale_gap, clamp, HAS_SOFTCAP,
-                                          WRITE, BLOCK, COLS, FEATURES)
+        others, settled, logit_sum = _row_numerators(
+            row_ptr, z_first, ref, label_col, n_cols, hidden_ptr + row64 * hidden_row_stride,
+            hidden_col_stride, weight_ptr, weight_row_stride, weight_col_stride, hidden_size, softcap,
+            rescale_gap, clamp, HAS_SOFTCAP, WRITE, SMOOTHING, BLOCK, COLS, FEATURES)
+        if SMOOTHING:
+            tl.store(logit_sums_ptr + row64, carried_logits + logit_sum)
         if settled != ref:  # the reference moved up: rescale what earlier slices summed
             factor = tl.exp(ref - settled)
             carried = carried * factor
@@ -172,6 +181,8 @@ def _finish_rows_kernel(
     ref_ptr,
     others_ptr,
     z_label_ptr,
+    logit_sums_ptr,
+    column_sums_ptr,
     loss_ptr,
     grad_scale_ptr,
     grad_scale_stride,
@@ -186,12 +197,21 @@ def _finish_rows_kernel(
     n_classes,
     ignore_index,
     softcap,
+    label_smoothing,
+    z_loss,
     HAS_SOFTCAP: tl.constexpr,
+    SMOOTHING: tl.constexpr,
     WANT_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One row's loss and (with ``WANT_GRAD``) hidden gradient from its carried sums and its
-    float32 accumulator; an ignored row gets loss 0 and a zero gradient."""
+    float32 accumulator; an ignored row gets loss 0 and a zero gradient.
+
+    With smoothing ``eps`` and z-loss ``z``, ``dloss/dlogit_v = slope_v * (c * p_v - (1 - eps) *
+    [v = label] - eps / vocab)``, ``c = 1 + 2 z lse``; so the gradient is ``grad_scale / total *
+    (c * acc - label_term * weight[label]) - grad_scale * eps / vocab * column_sums``, where
+    ``label_term = slope_label * ((1 - eps) * others - (2 z lse + eps) * n_label)`` is
+    ``slope_label * ((1 - eps) * total - c * n_label)`` without its cancellation."""
     row64 = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row64).to(tl.int64)
     grad_row = grad_ptr + row64 * grad_row_stride
@@ -203,11 +223,20 @@ def _finish_rows_kernel(
         ref = tl.load(ref_ptr + row64)
         others = tl.load(others_ptr + row64)
         z_label = tl.load(z_label_ptr + row64)
-        total = others + tl.exp(z_label - ref)
-        tl.store(loss_ptr + row64, _row_loss(ref, others, z_label, total))
+        n_label = tl.exp(z_label - ref)
+        total = others + n_label
+        lse = ref + tl.log(total)
+        loss = _row_loss(ref, others, z_label, total)
+        if SMOOTHING:
+            mean_logit = tl.load(logit_sums_ptr + row64) / n_classes
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - mean_logit)
+        tl.store(loss_ptr + row64, loss + z_loss * lse * lse)
         if WANT_GRAD:
-            row_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32) / total
-            label_term = others  # (1 - p_label) * total: the label's "- 1", times the slope
+            grad_scale = tl.load(grad_scale_ptr + row64 * grad_scale_stride).to(tl.float32)
+            row_scale = grad_scale / total
+            softmax_factor = 1.0 + 2.0 * z_loss * lse
+            # Without smoothing or z-loss: others, (1 - p_label) * total, the label's "- 1".
+            label_term = (1.0 - label_smoothing) * others - (2.0 * z_loss * lse + label_smoothing) * n_label
             if HAS_SOFTCAP:
                 label_term = label_term * _softcap_slope(z_label, softcap)
             acc_row = acc_ptr + row64 * acc_row_stride
@@ -220,7 +249,10 @@ def _finish_rows_kernel(
                 mask = offs < hidden_size
                 acc = tl.load(acc_row + offs, mask=mask, other=0.0)
                 w = tl.load(label_row + offs * weight_col_stride, mask=mask, other=0.0).to(tl.float32)
-                grad = row_scale * (acc - label_term * w)
+                grad = row_scale * (softmax_factor * acc - label_term * w)
+                if SMOOTHING:
+                    column_sums = tl.load(column_sums_ptr + offs, mask=mask, other=0.0)
+                    grad -= grad_scale * label_smoothing / n_classes * column_sums
                 tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -246,16 +278,21 @@ def sliced_frozen_loss(
     *,
     ignore_index: int,
     softcap: float | None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row float32 losses of ``rows @ weight.T`` (rows (n, H) contiguous, bfloat16 or float32;
-    labels range-checked) and, with ``grad_scale`` (float32, one element or one per row), the
-    rows' gradient ``grad_scale * dloss/drows`` in their dtype; an ignored row gives 0 and 0.
+    labels range-checked; the options as in ``cross_entropy``, but not label smoothing with a
+    soft-cap) and, with ``grad_scale`` (float32, one element or one per row), the rows' gradient
+    ``grad_scale * dloss/drows`` in their dtype; an ignored row gives 0 and 0.
 
     ``chunk_rows`` rows at a time (default ``slice_chunk_rows``), a vocabulary slice of
     ``slice_width`` columns at a time: the peak extra memory is one (chunk x slice) block of
     logits, a float32 (chunk x hidden) accumulator and the gradient itself.
     """
+    if label_smoothing and softcap is not None:
+        raise ValueError("fusetune: vocabulary slices take label smoothing or a soft-cap, not both.")
     n_rows, hidden_size = rows.shape
     vocab = weight.shape[0]
     device = rows.device
@@ -273,8 +310,12 @@ def sliced_frozen_loss(
         if want_grad
         else logits_buffer
     )
-    ref, others, z_label = torch.empty(3, chunk, dtype=torch.float32, device=device)
+    ref, others, z_label, logit_sums = torch.empty(4, chunk, dtype=torch.float32, device=device)
     scale = grad_scale if want_grad else losses  # a placeholder pointer when no gradient is made
+    smoothing = bool(label_smoothing)
+    # Label smoothing's uniform term: the weight's column sums, in float32 (else a placeholder).
+    column_sums = weight.sum(0, dtype=torch.float32) if smoothing and want_grad else losses
+    capped = dict(softcap=float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None)
     block, warps, _ = _LAUNCH
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
@@ -288,9 +329,9 @@ def sliced_frozen_loss(
             _slice_rows_kernel[(end - start,)](
                 logits, logits.stride(0), chunk_rows_now, *chunk_rows_now.stride(),
                 weight_slice, *weight_slice.stride(), hidden_size, chunk_labels,
-                first_col, last_col - first_col, ref, others, z_label, acc, acc.stride(0),
-                ignore_index, float(softcap) if softcap is not None else 1.0, RESCALE_GAP, CLAMP,
-                HAS_SOFTCAP=softcap is not None, FIRST=first_col == 0, WRITE=want_grad,
+                first_col, last_col - first_col, ref, others, z_label, logit_sums, acc, acc.stride(0),
+                ignore_index, rescale_gap=RESCALE_GAP, clamp=CLAMP, **capped, SMOOTHING=smoothing,
+                FIRST=first_col == 0, WRITE=want_grad,
                 BLOCK=min(block, next_power_of_2(last_col - first_col)),
                 COLS=_RECOMPUTE_COLS, FEATURES=_RECOMPUTE_FEATURES, num_warps=warps,
             )
@@ -299,11 +340,11 @@ def sliced_frozen_loss(
         grad_rows = grad[start:end] if want_grad else acc
         scale_rows = scale if scale.numel() == 1 else scale[start:end]
         _finish_rows_kernel[(end - start,)](
-            chunk_labels, ref, others, z_label, losses[start:end], scale_rows,
-            1 if scale_rows.numel() > 1 else 0, acc, acc.stride(0), weight, *weight.stride(),
-            grad_rows, grad_rows.stride(0), hidden_size, vocab, ignore_index,
-            float(softcap) if softcap is not None else 1.0,
-            HAS_SOFTCAP=softcap is not None, WANT_GRAD=want_grad,
+            chunk_labels, ref, others, z_label, logit_sums, column_sums, losses[start:end],
+            scale_rows, 1 if scale_rows.numel() > 1 else 0, acc, acc.stride(0), weight,
+            *weight.stride(), grad_rows, grad_rows.stride(0), hidden_size, vocab, ignore_index,
+            label_smoothing=float(label_smoothing), z_loss=float(z_loss), **capped,
+            SMOOTHING=smoothing, WANT_GRAD=want_grad,
             BLOCK=min(_FINISH_BLOCK, next_power_of_2(hidden_size)), num_warps=4,
         )
     return losses, grad

@@ -157,16 +157,20 @@ def test_float16_is_refused():
         (torch.float32, dict(softcap=30.0, reduction="none"), False, {SLICED}),
         (torch.float16, {}, True, set()),
         (torch.float16, {}, False, set()),
-        (torch.bfloat16, dict(label_smoothing=0.1), False, set()),
-        (torch.bfloat16, dict(z_loss=1e-4), False, set()),
+        (torch.bfloat16, dict(label_smoothing=0.1), True, set()),
+        (torch.bfloat16, dict(label_smoothing=0.1), False, {SLICED}),
+        (torch.bfloat16, dict(z_loss=1e-4), True, set()),
+        (torch.bfloat16, dict(z_loss=1e-4, softcap=30.0), False, {SLICED}),
+        (torch.float32, dict(label_smoothing=0.1, softcap=30.0), False, set()),
     ],
 )
 def test_linear_cross_entropy_takes_the_one_pass_kernel_where_it_folds(
     monkeypatch, dtype, options, trainable, paths
 ):
-    """bf16 and fp32 without smoothing or z-loss run the one-pass kernel (the speed path), a
-    vocabulary slice at a time where no weight gradient is made; the other cases run the
-    two-pass kernel (neither path); the result matches the reference either way."""
+    """bf16 and fp32 without smoothing or z-loss run the one-pass kernel (the speed path); where
+    no weight gradient is made, a vocabulary slice at a time, smoothing or z-loss too (but not
+    smoothing with a soft-cap); the other cases run the two-pass kernel (neither path); the
+    result matches the reference either way."""
     lce = importlib.import_module("fusetune.ops.linear_cross_entropy")
     calls = []
     for name in (ONE_PASS, SLICED):

@@ -35,20 +35,20 @@ def logits_of(hidden, weight):
     return (hidden.float() @ weight.float().t()).to(hidden.dtype)
 
 
-def float64_loss_and_grad(hidden, weight, labels, scale, softcap=None, ignore_index=-100):
+def float64_loss_and_grad(hidden, weight, labels, scale, softcap=None, ignore_index=-100,
+                          label_smoothing=0.0, z_loss=0.0):
     """Per-row losses and ``scale * dloss/dhidden`` in float64 from the dtype-rounded logits
-    (ignored rows: 0 and 0)."""
-    z = logits_of(hidden, weight).double()
+    (ignored rows: 0 and 0), by autograd through the textbook formula."""
+    z = logits_of(hidden, weight).double().requires_grad_()
     capped = softcap * torch.tanh(z / softcap) if softcap is not None else z
     keep = labels != ignore_index
     safe = labels.clamp_min(0)
-    losses = (torch.logsumexp(capped, dim=1) - capped.gather(1, safe[:, None]).squeeze(1)) * keep
-    dlogits = torch.softmax(capped, dim=1)
-    dlogits[torch.arange(len(labels)), safe] -= 1.0
-    if softcap is not None:
-        dlogits = dlogits * (1.0 - torch.tanh(z / softcap) ** 2)
-    dlogits = dlogits * scale.double().reshape(-1, 1) * keep[:, None]
-    return losses, dlogits @ weight.double()
+    lse = torch.logsumexp(capped, dim=1)
+    nll = lse - capped.gather(1, safe[:, None]).squeeze(1)
+    smoothed = (1 - label_smoothing) * nll + label_smoothing * (lse - capped.mean(dim=1))
+    losses = (smoothed + z_loss * lse.square()) * keep
+    (dlogits,) = torch.autograd.grad((losses * scale.double()).sum(), z)
+    return losses.detach(), dlogits @ weight.double()
 
 
 def random_rows(dtype, rows=13, features=37, seed=0, spread=0.6):
@@ -62,12 +62,14 @@ def random_rows(dtype, rows=13, features=37, seed=0, spread=0.6):
     return hidden, weight.to(DEVICE), labels.to(DEVICE)
 
 
-def check(hidden, weight, labels, scale, softcap=None, want_grad=True):
+def check(hidden, weight, labels, scale, softcap=None, want_grad=True, **options):
     losses, grad = sliced_frozen_loss(
         hidden, labels, weight, scale if want_grad else None, ignore_index=-100, softcap=softcap,
-        chunk_rows=CHUNK_ROWS,
+        chunk_rows=CHUNK_ROWS, **options,
     )
-    want_losses, want_grad_hidden = float64_loss_and_grad(hidden, weight, labels, scale, softcap)
+    want_losses, want_grad_hidden = float64_loss_and_grad(
+        hidden, weight, labels, scale, softcap, **options
+    )
     assert_close_to_float64(losses, want_losses, torch.float32, "losses")
     if want_grad:
         assert grad.dtype == hidden.dtype
@@ -92,6 +94,35 @@ def test_matches_float64_over_several_slices(narrow_slices, dtype, softcap, per_
         else torch.full((1,), 1 / 11, device=DEVICE)
     )
     check(hidden, weight, labels, scale, softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=0.1),
+        dict(z_loss=1e-3),
+        dict(label_smoothing=0.2, z_loss=1e-3),
+        dict(z_loss=1e-3, softcap=15.0),
+    ],
+    ids=["smoothing", "z_loss", "both", "z_loss_softcap"],
+)
+def test_smoothing_and_z_loss(narrow_slices, dtype, options):
+    """Label smoothing's uniform term (the weight's column sums) and z-loss's factor on the
+    softmax, against autograd through the textbook loss; per-row scales, and losses alone."""
+    narrow_slices(dtype)
+    hidden, weight, labels = random_rows(dtype)
+    labels[0], labels[1] = VOCAB - 1, 5
+    scale = torch.linspace(0.5, 2.0, len(labels), device=DEVICE)
+    check(hidden, weight, labels, scale, **options)
+    check(hidden, weight, labels, scale, want_grad=False, **options)
+
+
+def test_smoothing_with_a_softcap_is_refused():
+    hidden, weight, labels = random_rows(torch.float32, rows=3)
+    with pytest.raises(ValueError, match="not both"):
+        sliced_frozen_loss(hidden, labels, weight, None, ignore_index=-100, softcap=30.0,
+                           label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
