@@ -97,19 +97,23 @@ def main() -> None:
     def more(parser):
         parser.add_argument("--chunks", help=f"rows per chunk, comma list (default {CHUNKS})")
         parser.add_argument("--slices", action="store_true",
-                            help=f"sweep the sliced frozen path: rows {SLICE_CHUNKS} x MiB {SLICE_MIB}")
+                            help=f"sweep the sliced frozen path: rows (--chunks, default {SLICE_CHUNKS}) "
+                                 f"x MiB a slice (--slice-mib, default {SLICE_MIB})")
+        parser.add_argument("--slice-mib", help="MiB of logits a slice, comma list (with --slices)")
 
+    slices = "--slices" in sys.argv
+    # The slices' sweep compares settings a few percent apart: several steps a median, not one.
     args, timing = common.sweep_arguments(
-        __doc__.split("\n\n")[0], "lce-slices" if "--slices" in sys.argv else "lce-tuning",
-        {"warmup": 10, "rep": 50}, more)
+        __doc__.split("\n\n")[0], "lce-slices" if slices else "lce-tuning",
+        {"warmup": 25, "rep": 250} if slices else {"warmup": 10, "rep": 50}, more)
+    chosen_chunks = tuple(int(rows) for rows in args.chunks.split(",")) if args.chunks else None
     if args.slices:
+        mib = tuple(float(size) for size in args.slice_mib.split(",")) if args.slice_mib else None
         sweep_slices(QUICK_SHAPES if args.quick else SHAPES,
-                     QUICK_CHUNKS if args.quick else SLICE_CHUNKS,
-                     QUICK_SLICE_MIB if args.quick else SLICE_MIB, timing)
+                     chosen_chunks or (QUICK_CHUNKS if args.quick else SLICE_CHUNKS),
+                     mib or (QUICK_SLICE_MIB if args.quick else SLICE_MIB), timing)
         return
-    chunks = QUICK_CHUNKS if args.quick else CHUNKS
-    if args.chunks:
-        chunks = tuple(int(rows) for rows in args.chunks.split(","))
+    chunks = chosen_chunks or (QUICK_CHUNKS if args.quick else CHUNKS)
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         for trainable in (True, False):
             for chunk in (None, *chunks):
