@@ -32,6 +32,10 @@ SHAPES = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},
           {"tokens": 16384, "hidden": 3584, "vocab": 152064},
           {"tokens": 8192, "hidden": 2304, "vocab": 262144})
 QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 500},)
+# Small models' heads (Qwen2.5-0.5B and -1.5B), where the sliced path's launches a slice weigh
+# most against its matmuls (``--small``).
+SMALL_SHAPES = ({"tokens": 2048, "hidden": 896, "vocab": 151936},
+                {"tokens": 4096, "hidden": 1536, "vocab": 151936})
 CHUNKS = (128, 256, 512, 768, 1024, 1280, 1536, 2048, 4096)
 QUICK_CHUNKS = (16, 32)
 SLICE_CHUNKS = (1024, 2048)
@@ -100,6 +104,7 @@ def main() -> None:
                             help=f"sweep the sliced frozen path: rows (--chunks, default {SLICE_CHUNKS}) "
                                  f"x MiB a slice (--slice-mib, default {SLICE_MIB})")
         parser.add_argument("--slice-mib", help="MiB of logits a slice, comma list (with --slices)")
+        parser.add_argument("--small", action="store_true", help="small models' shapes instead")
 
     slices = "--slices" in sys.argv
     # The slices' sweep compares settings a few percent apart: several steps a median, not one.
@@ -109,7 +114,7 @@ def main() -> None:
     chosen_chunks = tuple(int(rows) for rows in args.chunks.split(",")) if args.chunks else None
     if args.slices:
         mib = tuple(float(size) for size in args.slice_mib.split(",")) if args.slice_mib else None
-        sweep_slices(QUICK_SHAPES if args.quick else SHAPES,
+        sweep_slices(QUICK_SHAPES if args.quick else SMALL_SHAPES if args.small else SHAPES,
                      chosen_chunks or (QUICK_CHUNKS if args.quick else SLICE_CHUNKS),
                      mib or (QUICK_SLICE_MIB if args.quick else SLICE_MIB), timing)
         return
