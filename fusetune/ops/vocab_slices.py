@@ -28,8 +28,9 @@ rescaled, the accumulator's row included) only where a later logit exceeds it by
 ``RESCALE_GAP`` nats, as in ``deferred_softmax``, whose row helpers this kernel shares.
 
 The numbers: a 32 MiB slice of logits is still in L2 when the row kernel reads it and when the
-next product reads the numerators back, so the two matmuls and the row kernel took no longer
-than with whole-vocabulary chunks of 8-16x the memory (``bench/results/lce-slices-h200*.jsonl``).
+next product reads the numerators back, so at 7-9B models' heads the two matmuls and the row
+kernel took no longer than with whole-vocabulary chunks of 5-10x the memory; at small models'
+heads (hidden 896-1,536) 2-5% longer, about 0.1 ms (``bench/results/lce-slices-h200*.jsonl``).
 
 Only for a frozen weight: a slice's share of the *weight* gradient needs its rows' normalised
 softmax, known only after the last slice, so a trainable weight takes whole-vocabulary chunks
