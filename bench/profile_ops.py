@@ -3,7 +3,9 @@
 The ops benchmark says how long an op takes; this says why. For each case it prints the
 profiler's table of device kernels (time per kernel over a few steps) and the wall time of a step
 with and without a device sync, so host overhead (Python, launches, syncs) shows apart from the
-kernels. Run on the GPU: ``python bench/profile_ops.py [--cases a,b]``; output goes to stdout.
+kernels. Run on the GPU: ``python bench/profile_ops.py [--cases a,b] [--trace DIR]``; output goes
+to stdout, and with ``--trace`` each case's Chrome trace to DIR/<case>.json (``bench/trace_summary.py``
+reads it: where the device sat idle between the kernels, and what the host did meanwhile).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def case_layer_norm():
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
-def profile(name: str, steps: int = 5) -> None:
+def profile(name: str, steps: int = 5, trace_dir: Path | None = None) -> None:
     step, leaves = CASES[name]()
 
     def run():
@@ -93,6 +95,9 @@ def profile(name: str, steps: int = 5) -> None:
         for _ in range(steps):
             run()
         torch.cuda.synchronize()
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_dir / f"{name}.json"))
     print(f"\n=== {name}: host {host_ms:.3f} ms/step before the final sync, {synced_ms:.3f} ms/step "
           "with it", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60),
@@ -102,8 +107,10 @@ def profile(name: str, steps: int = 5) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
-    for name in parser.parse_args().cases.split(","):
-        profile(name)
+    parser.add_argument("--trace", type=Path, help="write each case's Chrome trace to this folder")
+    args = parser.parse_args()
+    for name in args.cases.split(","):
+        profile(name, trace_dir=args.trace)
 
 
 if __name__ == "__main__":

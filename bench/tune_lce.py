@@ -9,7 +9,8 @@ DIR/lce-tuning-<tag>.jsonl.
 With ``--slices`` it sweeps the frozen-weight path that also cuts the vocabulary
 (``fusetune/ops/vocab_slices.py``) instead: rows per chunk times bytes of a slice of logits,
 beside the whole-vocabulary chunks that path replaced (variant ``whole_vocab``), into
-DIR/lce-slices-<tag>.jsonl.
+DIR/lce-slices-<tag>.jsonl. With ``--slice-launch`` it sweeps instead the slice kernel's launch
+(columns a loop step x warps) at the default rows and slices, into the same file.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ QUICK_CHUNKS = (16, 32)
 SLICE_CHUNKS = (1024, 2048)
 SLICE_MIB = (16, 32, 48, 64)
 QUICK_SLICE_MIB = (1 / 64,)
+SLICE_LAUNCHES = tuple(slices_module.DeferredLaunch(block, warps)
+                       for block in (1024, 2048, 4096, 8192) for warps in (4, 8, 16))
+QUICK_SLICE_LAUNCHES = (slices_module.DeferredLaunch(64, 1), slices_module.DeferredLaunch(128, 2))
 
 
 def measure(shape: dict, trainable: bool, chunk_rows: int | None, timing: dict,
@@ -97,6 +101,19 @@ def sweep_slices(shapes: tuple[dict, ...], chunks: tuple[int, ...], slice_mib: t
         common.release()
 
 
+def sweep_slice_launches(shapes: tuple[dict, ...], launches: tuple, timing: dict) -> None:
+    """The frozen-weight sliced path at its default rows and slices, for each launch of its slice
+    kernel (the shipped one first)."""
+    shipped = slices_module._SLICE_LAUNCH
+    for shape in shapes:
+        measure(shape, False, None, timing, variant="_slice_launch_shipped")
+        for launch in launches:
+            slices_module._SLICE_LAUNCH = launch
+            measure(shape, False, None, timing, variant=f"_slice_launch_{launch.block}x{launch.warps}")
+            common.release()
+        slices_module._SLICE_LAUNCH = shipped
+
+
 def main() -> None:
     def more(parser):
         parser.add_argument("--chunks", help=f"rows per chunk, comma list (default {CHUNKS})")
@@ -105,13 +122,19 @@ def main() -> None:
                                  f"x MiB a slice (--slice-mib, default {SLICE_MIB})")
         parser.add_argument("--slice-mib", help="MiB of logits a slice, comma list (with --slices)")
         parser.add_argument("--small", action="store_true", help="small models' shapes instead")
+        parser.add_argument("--slice-launch", action="store_true",
+                            help="sweep the slice kernel's launch (columns a step x warps) instead")
 
-    slices = "--slices" in sys.argv
+    slices = "--slices" in sys.argv or "--slice-launch" in sys.argv
     # The slices' sweep compares settings a few percent apart: several steps a median, not one.
     args, timing = common.sweep_arguments(
         __doc__.split("\n\n")[0], "lce-slices" if slices else "lce-tuning",
         {"warmup": 25, "rep": 250} if slices else {"warmup": 10, "rep": 50}, more)
     chosen_chunks = tuple(int(rows) for rows in args.chunks.split(",")) if args.chunks else None
+    if args.slice_launch:
+        sweep_slice_launches(QUICK_SHAPES if args.quick else SMALL_SHAPES if args.small else SHAPES,
+                             QUICK_SLICE_LAUNCHES if args.quick else SLICE_LAUNCHES, timing)
+        return
     if args.slices:
         mib = tuple(float(size) for size in args.slice_mib.split(",")) if args.slice_mib else None
         sweep_slices(QUICK_SHAPES if args.quick else SMALL_SHAPES if args.small else SHAPES,
