@@ -2,7 +2,7 @@
 
 A label outside [0, vocab) must become a clear error, never an out-of-bounds read (the row kernels
 clamp the index they load, so they are safe either way) and never a wait that drains the device:
-``LabelCheck`` reads the flag later, through pinned memory behind an event.
+``LabelCheck`` reads the flag later, through pinned memory behind an event (``DeviceReading``).
 
 ``summarise_labels`` finds everything a loss needs from its labels in one pass of one small
 kernel: how many rows are labelled, the denominator of the reduction (and its reciprocal, the
@@ -55,13 +55,37 @@ def raise_out_of_range(flat: torch.Tensor, n_classes: int, ignore_index: int) ->
     )
 
 
+class DeviceReading:
+    """A small device tensor that the host reads later without draining the device's queue.
+
+    On CUDA it is copied into pinned host memory behind an event (queue it before the work that
+    follows), so reading it waits only for the copy, never for the rest of the queue; on a CPU it
+    is the tensor itself.
+    """
+
+    def __init__(self, value: torch.Tensor):
+        self._ready = None
+        if value.is_cuda:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            # The copy is queued on the tensor's device's current stream; the event goes on that
+            # stream too, whichever device is current.
+            host.copy_(value, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(value.device))
+            value = host
+        self._value = value
+
+    def read(self) -> torch.Tensor:
+        """The value, on the host once the copy is done (on a CPU, the tensor itself)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._value
+
+
 class LabelCheck:
     """Whether any label lies outside [0, n_classes), found on the device and read later without
-    draining it.
-
-    On CUDA the flag is copied into pinned host memory behind an event, so reading it waits only
-    for this check (queue it before the kernels that follow), never for the rest of the queue; on
-    a CPU the flag is simply read.
+    draining it (a ``DeviceReading``: queue the check before the kernels that follow).
 
     While a CUDA graph is captured nothing is checked: the host cannot read a captured value, and
     a replay would not run the host's side anyway. The caller checks instead:
@@ -74,26 +98,16 @@ class LabelCheck:
         """``bad``: the flag, nonzero where a label is out of range, when it was found already
         (``summarise_labels``); None finds it here."""
         self._labels = (flat, n_classes, ignore_index)
-        self._ready = self._bad = None
+        self._bad = None
         if capturing():
             return
         if bad is None:
             bad = out_of_range(flat, n_classes, ignore_index)
-        if bad.is_cuda:
-            host = torch.empty((), dtype=bad.dtype, pin_memory=True)
-            # The copy is queued on the labels' device's current stream; the event goes on that
-            # stream too, whichever device is current.
-            host.copy_(bad, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(bad.device))
-            bad = host
-        self._bad = bad
+        self._bad = DeviceReading(bad)
 
     def raise_if_bad(self) -> None:
         """Raise the clear error naming the first bad label, if there is one."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        if self._bad is not None and bool(self._bad):
+        if self._bad is not None and bool(self._bad.read()):
             raise_out_of_range(*self._labels)
 
 

@@ -16,9 +16,9 @@ also cut along the vocabulary (``vocab_slices``, with the same one-pass kernel's
 buffer of logits is then a few tens of MiB, not a (rows x vocab) block.
 
 Rows whose label is ``ignore_index`` are dropped before any matmul (in a VLM most rows are image or
-prompt tokens), so they cost nothing (except while a CUDA graph is captured: see
-``labelled_rows``). When the weight does not require grad no vocab x hidden
-buffer is allocated. With ``reduction`` "mean"/"sum" the gradients are computed during forward
+prompt tokens), so they cost nothing (``row_chunks``, which also says when the host reads their
+count, and why not while a CUDA graph is captured). When the weight does not require grad no vocab
+x hidden buffer is allocated. With ``reduction`` "mean"/"sum" the gradients are computed during forward
 (backward only rescales them when ``grad_output`` is not 1); with "none" the per-row scales come
 with ``grad_output``, so the chunk loop runs again in backward.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusetune.ops._launch import as_rows, capturing, check_float, check_same_device, use_triton
+from fusetune.ops._launch import as_rows, check_float, check_same_device, use_triton
 from fusetune.ops.cross_entropy import (
     check_options,
     cross_entropy_reference,
@@ -42,7 +42,8 @@ from fusetune.ops.cross_entropy import (
     scale_by_grad_output,
 )
 from fusetune.ops.deferred_softmax import DEFERRED_DTYPES, deferred_cross_entropy_rows
-from fusetune.ops.labels import LabelSummary, flatten_labels, raise_out_of_range, summarise_labels
+from fusetune.ops.labels import flatten_labels, summarise_labels
+from fusetune.ops.row_chunks import RowChunks
 from fusetune.ops.vocab_slices import sliced_frozen_loss
 
 # Rows per chunk, measured on an H200 (bench/tune_lce.py, bench/results/lce-tuning-h200.jsonl):
@@ -95,8 +96,7 @@ class _Gradients:
 
 
 def _chunked_loss(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
+    chunks: RowChunks,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     options: dict,
@@ -104,53 +104,54 @@ def _chunked_loss(
     wants: tuple[bool, bool, bool],
     chunk_rows: int | None,
 ) -> tuple[torch.Tensor, _Gradients]:
-    """Per-row losses of the rows ``hidden`` (n, H), and with ``grad_scale`` their gradients (a
-    row labelled ``ignore_index`` gives loss 0 and gradient 0; callers usually pass labelled rows only).
+    """Per-row losses of the rows ``chunks`` computes, and with ``grad_scale`` their gradients, in
+    its compact order (``chunks.count()`` rows). A row labelled ``ignore_index`` gives loss 0 and
+    gradient 0.
 
-    ``grad_scale`` is a float32 tensor of one element or one per row; ``wants`` says which of
-    (hidden, weight, bias) need a gradient; ``chunk_rows`` None takes the path's default.
+    ``grad_scale`` is a float32 tensor of one element or one per compact row; ``wants`` says which
+    of (hidden, weight, bias) need a gradient; ``chunk_rows`` None takes the path's default.
     """
-    n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     want_hidden, want_weight, want_bias = wants if grad_scale is not None else (False, False, False)
-    if slices_vocabulary(hidden.dtype, bias, options, want_weight):
+    if slices_vocabulary(chunks.dtype, bias, options, want_weight):
         losses, grad_hidden = sliced_frozen_loss(
-            hidden, labels, weight, grad_scale if want_hidden else None, **options,
-            chunk_rows=chunk_rows,
+            chunks, weight, grad_scale if want_hidden else None, **options, chunk_rows=chunk_rows,
         )
         return losses, _Gradients(hidden=grad_hidden, weight=None, bias=None)
+    # The count is read before any product: a whole-vocabulary product is too long to waste on
+    # rows that may be ignored (``row_chunks``).
+    losses, grad_hidden = chunks.outputs(want_hidden)
+    n_rows = chunks.count()
     chunk_rows = chunk_rows or default_chunk_rows(n_rows, wants[1])
-    losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     grads = _Gradients(
-        hidden=torch.empty_like(hidden) if want_hidden else None,
+        hidden=grad_hidden,
         weight=None,
-        bias=torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if want_bias else None,
+        bias=torch.zeros(vocab, dtype=torch.float32, device=chunks.device) if want_bias else None,
     )
     logits_buffer = torch.empty(
-        min(chunk_rows, n_rows), vocab, dtype=hidden.dtype, device=hidden.device
+        max(1, min(chunk_rows, n_rows)), vocab, dtype=chunks.dtype, device=chunks.device
     )
-    deferred = defers_normalisation(hidden.dtype, bias, options)
-    for start in range(0, n_rows, chunk_rows):
-        end = min(start + chunk_rows, n_rows)
-        rows = hidden[start:end]
+    deferred = defers_normalisation(chunks.dtype, bias, options)
+    for chunk in chunks.split(chunk_rows):
+        start, end, rows, labels = chunk.start, chunk.end, chunk.rows, chunk.labels
         logits = logits_buffer[: end - start]
         if bias is None:
             torch.mm(rows, weight.t(), out=logits)
         else:
             torch.addmm(bias, rows, weight.t(), out=logits)
         if grad_scale is None:
-            losses[start:end], _ = cross_entropy_rows(logits, labels[start:end], **options)
+            losses[start:end], _ = cross_entropy_rows(logits, labels, **options)
             continue
         scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
         row_scales = None
         if deferred:
             losses[start:end], row_scales = deferred_cross_entropy_rows(
-                logits, rows, weight, labels[start:end], scale,
+                logits, rows, weight, labels, scale,
                 ignore_index=options["ignore_index"], softcap=options["softcap"],
             )
         else:
             losses[start:end], _ = cross_entropy_rows(
-                logits, labels[start:end], grad_scale=scale, grad_out=logits, **options
+                logits, labels, grad_scale=scale, grad_out=logits, **options
             )
         # ``logits`` now holds the chunk's gradient, or its numerators when row_scales is not None.
         if want_weight:
@@ -170,31 +171,12 @@ def _chunked_loss(
     return losses, grads
 
 
-def labelled_rows(
-    flat_labels: torch.Tensor, summary: LabelSummary, n_classes: int, ignore_index: int
-) -> torch.Tensor | None:
-    """Check the labels, and find the rows whose label is not ``ignore_index`` so that the others
-    cost nothing, with one read of the device on the host (of ``summary``, the labels'
-    ``summarise_labels``).
-
-    Raises the clear error for a label outside [0, n_classes). Returns the labelled rows' indices in
-    order, or None when every row is labelled. Why one read: the label count and the range check
-    each drain the device queue when read; ``nonzero`` would drain it a second time, so the indices
-    come from a stable sort (labelled rows first) cut to the count that was read.
-
-    While a CUDA graph is captured nothing is read or checked (``fusetune.graphs.CapturedStep``
-    checks each batch's labels before its replay) and None is returned: every row is computed, an
-    ignored row's loss and gradient being zero, since the count is a host-side shape that a replay
-    cannot change.
-    """
-    if capturing():
-        return None
-    count, any_bad = summary.counts.tolist()
-    if any_bad:
-        raise_out_of_range(flat_labels, n_classes, ignore_index)
-    if count == flat_labels.numel():
-        return None
-    return torch.argsort((flat_labels == ignore_index).to(torch.uint8), stable=True)[:count]
+def _expand(compact: torch.Tensor, positions: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """Rows in ``RowChunks``' compact order put back at their ``positions`` among ``n_rows`` rows,
+    zeros elsewhere; ``compact`` itself when every row was computed (positions None)."""
+    if positions is None:
+        return compact
+    return compact.new_zeros(n_rows, *compact.shape[1:]).index_copy_(0, positions, compact)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -223,32 +205,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             summary = summarise_labels(
                 flat_labels, vocab, options["ignore_index"], reduction, num_items_in_batch
             )
-            labelled = labelled_rows(flat_labels, summary, vocab, options["ignore_index"])
-            every_row = labelled is None
-            kept_rows = rows if every_row else rows.index_select(0, labelled)
-            kept_rows = kept_rows.to(compute_dtype).contiguous()
-            kept_labels = flat_labels if every_row else flat_labels.index_select(0, labelled)
+            chunks = RowChunks.labelled(
+                rows, flat_labels, compute_dtype, summary, vocab, options["ignore_index"]
+            )
             matmul_weight = weight.to(compute_dtype)
             matmul_bias = bias.to(compute_dtype) if bias is not None else None
             eager_grad = any(wants) and reduction != "none"
             grad_scale = summary.grad_scale if eager_grad else None
             kept_losses, grads = _chunked_loss(
-                kept_rows,
-                kept_labels,
-                matmul_weight,
-                matmul_bias,
-                options,
-                grad_scale,
-                wants,
-                chunk_rows,
+                chunks, matmul_weight, matmul_bias, options, grad_scale, wants, chunk_rows
             )
-            row_losses = (
-                kept_losses
-                if every_row
-                else torch.zeros(n_rows, dtype=torch.float32, device=rows.device).index_copy_(
-                    0, labelled, kept_losses
-                )
-            )
+            labelled = chunks.positions()
+            row_losses = _expand(kept_losses, labelled, n_rows)
 
         ctx.shapes = (
             hidden.shape,
@@ -261,8 +229,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if eager_grad:
             ctx.save_for_backward(labelled, grads.hidden, grads.weight, grads.bias)
         elif any(wants):
-            ctx.recompute = (options, wants, chunk_rows)
-            ctx.save_for_backward(labelled, kept_rows, kept_labels, matmul_weight, matmul_bias)
+            ctx.recompute = (options, wants, chunk_rows, compute_dtype)
+            ctx.save_for_backward(labelled, rows, flat_labels, matmul_weight, matmul_bias)
         return reduce_losses(row_losses, reduction, summary.denominator, labels.shape)
 
     @staticmethod
@@ -275,14 +243,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 for g in (grad_hidden, grad_weight, grad_bias)
             ]
         else:
-            labelled, kept_rows, kept_labels, weight, bias = ctx.saved_tensors
-            options, wants, chunk = ctx.recompute
+            labelled, rows, flat_labels, weight, bias = ctx.saved_tensors
+            options, wants, chunk, compute_dtype = ctx.recompute
             per_row = grad_output.reshape(-1).to(torch.float32)
             per_row = per_row if labelled is None else per_row.index_select(0, labelled)
-            with torch.autocast(kept_rows.device.type, enabled=False):
+            with torch.autocast(rows.device.type, enabled=False):
                 _, found = _chunked_loss(
-                    kept_rows,
-                    kept_labels,
+                    RowChunks(rows, flat_labels, compute_dtype, order=labelled),
                     weight,
                     bias,
                     options,
@@ -293,11 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = [found.hidden, found.weight, found.bias]
         grad_hidden, grad_weight, grad_bias = grads
         if grad_hidden is not None:
-            if labelled is not None:
-                grad_hidden = grad_hidden.new_zeros(n_rows, grad_hidden.shape[1]).index_copy_(
-                    0, labelled, grad_hidden
-                )
-            grad_hidden = grad_hidden.view(hidden_shape).to(hidden_dtype)
+            grad_hidden = _expand(grad_hidden, labelled, n_rows).view(hidden_shape).to(hidden_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:

@@ -53,11 +53,13 @@ from fusetune.ops.deferred_softmax import (
     _RECOMPUTE_FEATURES,
     CLAMP,
     RESCALE_GAP,
+    DeferredLaunch,
     _first_block,
     _row_loss,
     _row_numerators,
     _softcap_slope,
 )
+from fusetune.ops.row_chunks import RowChunks
 
 # Bytes of one (rows x slice) block of logits, and of the float32 (rows x hidden) accumulator,
 # which sets the rows per chunk (at most MAX_CHUNK_ROWS). Swept on an H200 (bench/tune_lce.py
@@ -67,6 +69,10 @@ from fusetune.ops.deferred_softmax import (
 SLICE_BYTES = 32 * 2**20
 ACCUMULATOR_BYTES = 18 * 2**20
 MAX_CHUNK_ROWS = 2048
+
+# How the slice kernel is launched (a program a row; its grid is the chunk's rows): for now the
+# one-pass kernel's setting, which was swept on whole-vocabulary chunks read from HBM.
+_SLICE_LAUNCH = DeferredLaunch(_LAUNCH.block, _LAUNCH.warps)
 
 # Columns a loop step of the finishing kernel takes along the hidden size.
 _FINISH_BLOCK = 1024
@@ -272,8 +278,7 @@ def _add_product(acc: torch.Tensor, numerators: torch.Tensor, weight_slice: torc
 
 
 def sliced_frozen_loss(
-    rows: torch.Tensor,
-    labels: torch.Tensor,
+    chunks: RowChunks,
     weight: torch.Tensor,
     grad_scale: torch.Tensor | None,
     *,
@@ -283,28 +288,24 @@ def sliced_frozen_loss(
     z_loss: float = 0.0,
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row float32 losses of ``rows @ weight.T`` (rows (n, H) contiguous, bfloat16 or float32;
-    labels range-checked; the options as in ``cross_entropy``, but not label smoothing with a
-    soft-cap) and, with ``grad_scale`` (float32, one element or one per row), the rows' gradient
-    ``grad_scale * dloss/drows`` in their dtype; an ignored row gives 0 and 0.
+    """Per-row float32 losses of the rows ``chunks`` computes (bfloat16 or float32) times
+    ``weight.T`` (labels range-checked; the options as in ``cross_entropy``, but not label
+    smoothing with a soft-cap) and, with ``grad_scale`` (float32, one element or one per row),
+    the rows' gradient ``grad_scale * dloss/drows`` in their dtype; an ignored row gives 0 and 0.
+    Both in the chunks' compact order.
 
     ``chunk_rows`` rows at a time (default ``slice_chunk_rows``), a vocabulary slice of
     ``slice_width`` columns at a time: the peak extra memory is one (chunk x slice) block of
-    logits, a float32 (chunk x hidden) accumulator and the gradient itself.
+    logits, a float32 (chunk x hidden) accumulator and the gradient itself. The first chunk's
+    first product is queued before the host reads how many rows there are (``row_chunks``).
     """
     if label_smoothing and softcap is not None:
         raise ValueError("fusetune: vocabulary slices take label smoothing or a soft-cap, not both.")
-    n_rows, hidden_size = rows.shape
-    vocab = weight.shape[0]
-    device = rows.device
-    losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    hidden_size, vocab, device = chunks.hidden_size, weight.shape[0], chunks.device
     want_grad = grad_scale is not None
-    grad = torch.empty_like(rows) if want_grad else None
-    if n_rows == 0:
-        return losses, grad
-    chunk = max(1, min(chunk_rows or slice_chunk_rows(hidden_size), n_rows))
-    width = slice_width(chunk, vocab, rows.element_size())
-    logits_buffer = torch.empty(chunk, width, dtype=rows.dtype, device=device)
+    chunk = max(1, min(chunk_rows or slice_chunk_rows(hidden_size), chunks.capacity))
+    width = slice_width(chunk, vocab, chunks.dtype.itemsize)
+    logits_buffer = torch.empty(chunk, width, dtype=chunks.dtype, device=device)
     # The float32 products' sums; without a gradient none is made (the buffer stands in, unused).
     acc_buffer = (
         torch.empty(chunk, hidden_size, dtype=torch.float32, device=device)
@@ -312,24 +313,27 @@ def sliced_frozen_loss(
         else logits_buffer
     )
     ref, others, z_label, logit_sums = torch.empty(4, chunk, dtype=torch.float32, device=device)
-    scale = grad_scale if want_grad else losses  # a placeholder pointer when no gradient is made
     smoothing = bool(label_smoothing)
     # Label smoothing's uniform term: the weight's column sums, in float32 (else a placeholder).
-    column_sums = weight.sum(0, dtype=torch.float32) if smoothing and want_grad else losses
+    column_sums = weight.sum(0, dtype=torch.float32) if smoothing and want_grad else ref
     capped = dict(softcap=float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None)
-    block, warps, _ = _LAUNCH
-    for start in range(0, n_rows, chunk):
-        end = min(start + chunk, n_rows)
-        chunk_rows_now, chunk_labels = rows[start:end], labels[start:end]
-        acc = acc_buffer[: end - start]
+    block, warps, _ = _SLICE_LAUNCH
+    losses = grad = None
+    for rows in chunks.split(chunk):
         for first_col in range(0, vocab, width):
             last_col = min(first_col + width, vocab)
             weight_slice = weight[first_col:last_col]
-            logits = logits_buffer[: end - start, : last_col - first_col]
-            torch.mm(chunk_rows_now, weight_slice.t(), out=logits)
-            _slice_rows_kernel[(end - start,)](
-                logits, logits.stride(0), chunk_rows_now, *chunk_rows_now.stride(),
-                weight_slice, *weight_slice.stride(), hidden_size, chunk_labels,
+            torch.mm(rows.rows, weight_slice.t(), out=logits_buffer[: rows.size, : last_col - first_col])
+            # The first chunk is provisional: the host reads the count while the device computes.
+            if rows.settle() == 0:
+                break
+            if losses is None:
+                losses, grad = chunks.outputs(want_grad)
+            logits = logits_buffer[: rows.size, : last_col - first_col]
+            acc = acc_buffer[: rows.size]
+            _slice_rows_kernel[(rows.size,)](
+                logits, logits.stride(0), rows.rows, *rows.rows.stride(),
+                weight_slice, *weight_slice.stride(), hidden_size, rows.labels,
                 first_col, last_col - first_col, ref, others, z_label, logit_sums, acc, acc.stride(0),
                 ignore_index, rescale_gap=RESCALE_GAP, clamp=CLAMP, **capped, SMOOTHING=smoothing,
                 FIRST=first_col == 0, WRITE=want_grad,
@@ -338,14 +342,20 @@ def sliced_frozen_loss(
             )
             if want_grad:
                 _add_product(acc, logits, weight_slice, first=first_col == 0)
-        grad_rows = grad[start:end] if want_grad else acc
+        if rows.size == 0:
+            break
+        start, end = rows.start, rows.end
+        scale = grad_scale if want_grad else losses  # a placeholder pointer when no gradient is made
         scale_rows = scale if scale.numel() == 1 else scale[start:end]
-        _finish_rows_kernel[(end - start,)](
-            chunk_labels, ref, others, z_label, logit_sums, column_sums, losses[start:end],
+        grad_rows = grad[start:end] if want_grad else acc
+        _finish_rows_kernel[(rows.size,)](
+            rows.labels, ref, others, z_label, logit_sums, column_sums, losses[start:end],
             scale_rows, 1 if scale_rows.numel() > 1 else 0, acc, acc.stride(0), weight,
             *weight.stride(), grad_rows, grad_rows.stride(0), hidden_size, vocab, ignore_index,
             label_smoothing=float(label_smoothing), z_loss=float(z_loss), **capped,
             SMOOTHING=smoothing, WANT_GRAD=want_grad,
             BLOCK=min(_FINISH_BLOCK, next_power_of_2(hidden_size)), num_warps=4,
         )
+    if losses is None:  # no rows, or none labelled
+        losses, grad = chunks.outputs(want_grad)
     return losses, grad

@@ -5,7 +5,6 @@ import importlib
 import pytest
 import torch
 
-from fusetune.ops.labels import summarise_labels
 from fusetune.ops.linear_cross_entropy import (
     default_chunk_rows,
     linear_cross_entropy,
@@ -85,37 +84,26 @@ def test_matches_reference(dtype, train_weight):
     check_all(dtype, *make_inputs(dtype), train_weight=train_weight, chunk_rows=4)
 
 
-def labelled_rows(labels, vocab):
-    """The module's ``labelled_rows`` of flat labels, from their summary (ignore_index -100)."""
-    module = importlib.import_module("fusetune.ops.linear_cross_entropy")
-    return module.labelled_rows(labels, summarise_labels(labels, vocab, -100, "mean", None), vocab, -100)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
 def test_capture_path_computes_every_row(monkeypatch, dtype, reduction, train_weight):
     """While a CUDA graph is captured, ignored rows are not dropped (their count is a shape): the
     same loss and gradients with every row through the chunks."""
-    module = importlib.import_module("fusetune.ops.linear_cross_entropy")
-    monkeypatch.setattr(module, "capturing", lambda: True)
+    monkeypatch.setattr(importlib.import_module("fusetune.ops.row_chunks"), "capturing", lambda: True)
     h, w, b, labels = make_inputs(dtype)
-    assert labelled_rows(labels, VOCAB) is None
     check_all(dtype, h, w, b, labels, train_weight=train_weight, reduction=reduction, chunk_rows=4)
 
 
-def test_labelled_rows_are_the_unignored_rows_in_order():
-    """The stable-sort indices equal ``nonzero``'s; every row labelled gives None; a label outside
-    the vocabulary raises the error that names it."""
-    labels = torch.randint(0, VOCAB, (257,))
-    labels[torch.randperm(257)[:100]] = -100
-    labels = labels.to(DEVICE)
-    expected = (labels != -100).nonzero().squeeze(1)
-    assert torch.equal(labelled_rows(labels, VOCAB), expected)
-    assert labelled_rows(labels.clamp_min(0), VOCAB) is None
-    labels[7] = VOCAB
-    with pytest.raises(ValueError, match=f"label {VOCAB} is outside the vocabulary"):
-        labelled_rows(labels, VOCAB)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
+def test_first_chunk_longer_than_the_labelled_rows(dtype, reduction, train_weight):
+    """Three labelled rows in chunks of eight: the first chunk is handed out with eight rows
+    before their count is read (``row_chunks``); the ignored ones it holds must change nothing."""
+    h, w, b, labels = make_inputs(dtype, ignore_every=0)
+    labels[torch.tensor([0, 1, 2, 4, 5, 7, 8, 9, 11, 12])] = -100
+    check_all(dtype, h, w, b, labels, train_weight=train_weight, reduction=reduction, chunk_rows=8)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 
+from fusetune.ops.row_chunks import RowChunks
 from fusetune.ops.vocab_slices import slice_chunk_rows, slice_width, sliced_frozen_loss
 from tests.ops.checks import DEVICE, assert_close_to_float64
 
@@ -64,8 +65,8 @@ def random_rows(dtype, rows=13, features=37, seed=0, spread=0.6):
 
 def check(hidden, weight, labels, scale, softcap=None, want_grad=True, **options):
     losses, grad = sliced_frozen_loss(
-        hidden, labels, weight, scale if want_grad else None, ignore_index=-100, softcap=softcap,
-        chunk_rows=CHUNK_ROWS, **options,
+        RowChunks(hidden, labels, hidden.dtype), weight, scale if want_grad else None,
+        ignore_index=-100, softcap=softcap, chunk_rows=CHUNK_ROWS, **options,
     )
     want_losses, want_grad_hidden = float64_loss_and_grad(
         hidden, weight, labels, scale, softcap, **options
@@ -121,8 +122,8 @@ def test_smoothing_and_z_loss(narrow_slices, dtype, options):
 def test_smoothing_with_a_softcap_is_refused():
     hidden, weight, labels = random_rows(torch.float32, rows=3)
     with pytest.raises(ValueError, match="not both"):
-        sliced_frozen_loss(hidden, labels, weight, None, ignore_index=-100, softcap=30.0,
-                           label_smoothing=0.1)
+        sliced_frozen_loss(RowChunks(hidden, labels, hidden.dtype), weight, None, ignore_index=-100,
+                           softcap=30.0, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -181,8 +182,8 @@ def test_every_row_ignored_gives_zeros(narrow_slices):
     hidden, weight, labels = random_rows(torch.bfloat16, rows=5)
     labels[:] = -100
     losses, grad = sliced_frozen_loss(
-        hidden, labels, weight, torch.ones(1, device=DEVICE), ignore_index=-100, softcap=None,
-        chunk_rows=CHUNK_ROWS,
+        RowChunks(hidden, labels, hidden.dtype), weight, torch.ones(1, device=DEVICE),
+        ignore_index=-100, softcap=None, chunk_rows=CHUNK_ROWS,
     )
     assert torch.all(losses == 0) and torch.all(grad == 0)
 

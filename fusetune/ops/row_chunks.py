@@ -1,0 +1,155 @@
+"""The rows a linear cross-entropy computes, a chunk at a time: those whose label is not ignored.
+
+Leaving the ignored rows out makes them cost nothing (in a VLM most rows are image or prompt
+tokens). But how many rows remain is a number the host needs, because it sets the chunks'
+shapes, and the host can read a device value only once the device has got that far. If the
+count is read before any chunk is queued, the device sits idle while the host launches the first
+chunk's kernels. On an H200's host that was 0.46 ms a step at 8192 x 2304 x 262144 with a frozen
+weight, one gap a step (``bench/profile_ops.py --trace``).
+
+So ``RowChunks.labelled`` reads nothing up front. It queues three things:
+
+- the rows' order, labelled rows first, from a stable sort on the device;
+- a copy of the label count into pinned memory, behind an event (``DeviceReading``);
+- the first chunk's rows, provisionally the first ``chunk_rows`` of that order.
+
+The loop queues the chunk's first product, which needs no count, and then calls
+``Chunk.settle``. That reads the count while the device computes the product, and cuts the chunk
+to its labelled rows. Provisional rows past the count are ignored rows, so a product over them is
+wasted work, never a wrong result. A loop that cannot afford to waste its first product reads
+the count before it (``RowChunks.outputs``): whole-vocabulary chunks do, their product being
+milliseconds long; vocabulary slices (``vocab_slices``) do not, theirs being a 32 MiB block.
+
+While a CUDA graph is captured nothing is read, and every row is computed: the count is a
+host-side shape that a replay could not change. An ignored row's loss and gradient are zero.
+``fusetune.graphs.CapturedStep`` checks each batch's labels before its replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fusetune.ops._launch import capturing
+from fusetune.ops.labels import DeviceReading, LabelSummary, raise_out_of_range
+
+
+class Chunk:
+    """Rows ``[start, start + size)`` of the computed order: their hidden states (contiguous, in
+    the matmul dtype) and labels. Provisional until ``settle`` (the first chunk of
+    ``RowChunks.labelled`` only): it may then still hold rows past the labelled ones."""
+
+    def __init__(self, start: int, rows: torch.Tensor, labels: torch.Tensor,
+                 owner: RowChunks | None):
+        self.start, self.rows, self.labels = start, rows, labels
+        self._owner = owner  # set while provisional
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def settle(self) -> int:
+        """Cut the chunk to the rows that are computed and return how many it keeps (the first
+        time, the host reads their count: queue work that does not need it first)."""
+        if self._owner is not None:
+            keep = max(0, min(self.size, self._owner.count() - self.start))
+            self.rows, self.labels = self.rows[:keep], self.labels[:keep]
+            self._owner = None
+        return self.size
+
+
+class RowChunks:
+    """Rows (n, H) and their labels, handed out in chunks of consecutive positions of an order.
+
+    A loop over the chunks writes its outputs in that order, "compact" rows (``outputs``), and
+    ``positions`` maps them back to the rows. ``capacity`` bounds the rows a chunk can hold before
+    the count is known.
+    """
+
+    def __init__(self, rows: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype,
+                 order: torch.Tensor | None = None, pending: DeviceReading | None = None,
+                 check: tuple[int, int] | None = None):
+        """``rows`` (n, H) with unit column stride; ``labels`` (n,) int64; ``dtype`` the chunks'.
+        ``order``: the positions of the rows to compute (None: every row, in order); with
+        ``pending`` (a reading of ``LabelSummary.counts``) only its first ``count`` are, and
+        ``check`` (n_classes, ignore_index) names a label out of range once it is read."""
+        self.rows, self.labels, self.dtype = rows, labels, dtype
+        self._order, self._pending, self._check = order, pending, check
+        whole = order is None or pending is not None
+        self.capacity = rows.shape[0] if whole else order.numel()
+        self._count = None if pending is not None else self.capacity
+
+    @classmethod
+    def labelled(cls, rows: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype,
+                 summary: LabelSummary, n_classes: int, ignore_index: int) -> RowChunks:
+        """The rows whose label is not ``ignore_index``, their count read only when the first
+        chunk settles (every row while a CUDA graph is captured: the module says why)."""
+        if capturing():
+            return cls(rows, labels, dtype)
+        order = torch.argsort((labels == ignore_index).to(torch.uint8), stable=True)
+        return cls(rows, labels, dtype, order=order, pending=DeviceReading(summary.counts),
+                   check=(n_classes, ignore_index))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def count(self) -> int:
+        """How many rows are computed. The first call reads the label count on the host, and
+        raises the clear error if any label lies outside the vocabulary."""
+        if self._count is None:
+            count, any_bad = self._pending.read().tolist()
+            self._pending = None
+            if any_bad:
+                raise_out_of_range(self.labels, *self._check)
+            # The stable sort of an all-labelled batch is the identity: chunks are then views.
+            self._order = None if count == self.rows.shape[0] else self._order[:count]
+            self._count = count
+        return self._count
+
+    def outputs(self, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Empty buffers for the computed rows' float32 losses and (``with_grad``) their gradient
+        in the chunks' dtype, in the compact order. Reads the count if no chunk has."""
+        n_rows = self.count()
+        losses = torch.empty(n_rows, dtype=torch.float32, device=self.device)
+        grad = (
+            torch.empty(n_rows, self.hidden_size, dtype=self.dtype, device=self.device)
+            if with_grad
+            else None
+        )
+        return losses, grad
+
+    def positions(self) -> torch.Tensor | None:
+        """The computed rows' positions among the rows, in the compact order (None: every row, in
+        order). Reads the count if no chunk has."""
+        self.count()
+        return self._order
+
+    def split(self, chunk_rows: int) -> Iterator[Chunk]:
+        """The computed rows, ``chunk_rows`` at a time; the first chunk may be provisional
+        (``Chunk.settle``), and is settled before the second is made."""
+        start = 0
+        while start < (self.capacity if self._count is None else self._count):
+            end = min(start + chunk_rows, self.capacity if self._count is None else self._count)
+            chunk = Chunk(start, *self._take(start, end), owner=self if self._count is None else None)
+            yield chunk
+            chunk.settle()
+            start = chunk.end
+
+    def _take(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and labels at compact positions [start, end): views when every row is computed."""
+        if self._order is None:
+            rows, labels = self.rows[start:end], self.labels[start:end]
+        else:
+            index = self._order[start:end]
+            rows, labels = self.rows.index_select(0, index), self.labels.index_select(0, index)
+        return rows.to(self.dtype).contiguous(), labels
