@@ -13,12 +13,13 @@ So ``RowChunks.labelled`` reads nothing up front. It queues three things:
 - a copy of the label count into pinned memory, behind an event (``DeviceReading``);
 - the first chunk's rows, provisionally the first ``chunk_rows`` of that order.
 
-The loop queues the chunk's first product, which needs no count, and then calls
-``Chunk.settle``. That reads the count while the device computes the product, and cuts the chunk
-to its labelled rows. Provisional rows past the count are ignored rows, so a product over them is
-wasted work, never a wrong result. A loop that cannot afford to waste its first product reads
-the count before it (``RowChunks.outputs``): whole-vocabulary chunks do, their product being
-milliseconds long; vocabulary slices (``vocab_slices``) do not, theirs being a 32 MiB block.
+The loop queues the chunk's first work that needs no count, and then calls ``Chunk.settle``.
+That reads the count while the device works, and cuts the chunk to its labelled rows. Provisional
+rows past the count are ignored rows, which the kernels give loss 0 and gradient 0, so work on
+them is wasted, never wrong. How much to risk is the loop's choice. Vocabulary slices
+(``vocab_slices``) settle after the first slice, a 32 MiB block of logits. Whole-vocabulary
+chunks, whose product is milliseconds long, read the count before any product
+(``RowChunks.outputs``).
 
 While a CUDA graph is captured nothing is read, and every row is computed: the count is a
 host-side shape that a replay could not change. An ignored row's loss and gradient are zero.

@@ -297,7 +297,7 @@ def sliced_frozen_loss(
     ``chunk_rows`` rows at a time (default ``slice_chunk_rows``), a vocabulary slice of
     ``slice_width`` columns at a time: the peak extra memory is one (chunk x slice) block of
     logits, a float32 (chunk x hidden) accumulator and the gradient itself. The first chunk's
-    first product is queued before the host reads how many rows there are (``row_chunks``).
+    first slice is queued before the host reads how many rows there are (``row_chunks``).
     """
     if label_smoothing and softcap is not None:
         raise ValueError("fusetune: vocabulary slices take label smoothing or a soft-cap, not both.")
@@ -323,14 +323,9 @@ def sliced_frozen_loss(
         for first_col in range(0, vocab, width):
             last_col = min(first_col + width, vocab)
             weight_slice = weight[first_col:last_col]
-            torch.mm(rows.rows, weight_slice.t(), out=logits_buffer[: rows.size, : last_col - first_col])
-            # The first chunk is provisional: the host reads the count while the device computes.
-            if rows.settle() == 0:
-                break
-            if losses is None:
-                losses, grad = chunks.outputs(want_grad)
             logits = logits_buffer[: rows.size, : last_col - first_col]
             acc = acc_buffer[: rows.size]
+            torch.mm(rows.rows, weight_slice.t(), out=logits)
             _slice_rows_kernel[(rows.size,)](
                 logits, logits.stride(0), rows.rows, *rows.rows.stride(),
                 weight_slice, *weight_slice.stride(), hidden_size, rows.labels,
@@ -342,8 +337,15 @@ def sliced_frozen_loss(
             )
             if want_grad:
                 _add_product(acc, logits, weight_slice, first=first_col == 0)
+            # The first chunk is provisional: the host reads the count while the device works on
+            # the slice just queued (its rows past the count are ignored ones: wasted, not wrong).
+            if rows.settle() == 0:
+                break
         if rows.size == 0:
             break
+        if losses is None:
+            losses, grad = chunks.outputs(want_grad)
+        acc = acc_buffer[: rows.size]
         start, end = rows.start, rows.end
         scale = grad_scale if want_grad else losses  # a placeholder pointer when no gradient is made
         scale_rows = scale if scale.numel() == 1 else scale[start:end]

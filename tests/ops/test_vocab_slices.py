@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 
+from fusetune.ops.labels import summarise_labels
 from fusetune.ops.row_chunks import RowChunks
 from fusetune.ops.vocab_slices import slice_chunk_rows, slice_width, sliced_frozen_loss
 from tests.ops.checks import DEVICE, assert_close_to_float64
@@ -186,6 +187,27 @@ def test_every_row_ignored_gives_zeros(narrow_slices):
         ignore_index=-100, softcap=None, chunk_rows=CHUNK_ROWS,
     )
     assert torch.all(losses == 0) and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("labelled", [(5,), (1, 6), (0, 2, 3, 7, 8, 12)], ids=["one", "two", "six"])
+def test_count_read_after_the_first_slice(narrow_slices, labelled):
+    """With ``RowChunks.labelled`` the host reads the count only after the first slice: that slice
+    runs over ``CHUNK_ROWS`` rows of the labelled-first order, ignored ones too where fewer are
+    labelled, and the later slices over the labelled ones. The compact losses and gradients are
+    the labelled rows', in order."""
+    narrow_slices(torch.bfloat16)
+    hidden, weight, labels = random_rows(torch.bfloat16)
+    keep = torch.zeros(len(labels), dtype=torch.bool, device=DEVICE)
+    keep[list(labelled)] = True
+    labels = torch.where(keep, labels.clamp_min(0), -100)
+    summary = summarise_labels(labels, VOCAB, -100, "sum", None)
+    chunks = RowChunks.labelled(hidden, labels, hidden.dtype, summary, VOCAB, -100)
+    scale = torch.full((1,), 0.5, device=DEVICE)
+    losses, grad = sliced_frozen_loss(chunks, weight, scale, ignore_index=-100, softcap=None,
+                                      chunk_rows=CHUNK_ROWS)
+    want_losses, want_grad = float64_loss_and_grad(hidden[keep], weight, labels[keep], scale)
+    assert_close_to_float64(losses, want_losses, torch.float32, "losses")
+    assert_close_to_float64(grad, want_grad, torch.bfloat16, "hidden gradient")
 
 
 @pytest.mark.parametrize(
