@@ -320,7 +320,8 @@ def sliced_frozen_loss(
     block, warps, _ = _SLICE_LAUNCH
     losses = grad = None
     for rows in chunks.split(chunk):
-        for first_col in range(0, vocab, width):
+        first_col = 0
+        while first_col < vocab and rows.size:
             last_col = min(first_col + width, vocab)
             weight_slice = weight[first_col:last_col]
             logits = logits_buffer[: rows.size, : last_col - first_col]
@@ -338,14 +339,12 @@ def sliced_frozen_loss(
             if want_grad:
                 _add_product(acc, logits, weight_slice, first=first_col == 0)
             # The first chunk is provisional: the host reads the count while the device works on
-            # the slice just queued (its rows past the count are ignored ones: wasted, not wrong).
-            if rows.settle() == 0:
-                break
-        if rows.size == 0:
+            # this slice, which is redone over the labelled rows if some are ignored.
+            first_col = 0 if rows.settle() else last_col
+        if rows.size == 0:  # every label ignored
             break
         if losses is None:
             losses, grad = chunks.outputs(want_grad)
-        acc = acc_buffer[: rows.size]
         start, end = rows.start, rows.end
         scale = grad_scale if want_grad else losses  # a placeholder pointer when no gradient is made
         scale_rows = scale if scale.numel() == 1 else scale[start:end]
@@ -358,6 +357,6 @@ def sliced_frozen_loss(
             SMOOTHING=smoothing, WANT_GRAD=want_grad,
             BLOCK=min(_FINISH_BLOCK, next_power_of_2(hidden_size)), num_warps=4,
         )
-    if losses is None:  # no rows, or none labelled
+    if losses is None:  # no rows, or no labelled ones
         losses, grad = chunks.outputs(want_grad)
     return losses, grad

@@ -49,35 +49,42 @@ def test_chunks_are_the_labelled_rows_in_order():
 
 
 def test_the_first_chunk_is_provisional_until_it_settles():
-    """Before its count is read the first chunk holds ``chunk_rows`` rows of the labelled-first
-    order, ignored ones too where fewer are labelled; ``settle`` cuts it to the labelled ones and
-    no second chunk follows."""
+    """Before the count is read the first chunk is the first ``chunk_rows`` rows as they are;
+    some being ignored, ``settle`` says so and makes it the labelled rows, and no second chunk
+    follows."""
     rows, labels = random_batch(n_rows=10, ignored=(0, 1, 2, 4, 5, 6, 8))
     chunks = labelled_chunks(rows, labels)
     made = []
     for chunk in chunks.split(8):
-        assert chunk.size == 8, "provisional: the first 8 rows of the order"
-        assert torch.equal(chunk.rows[:3], rows[[3, 7, 9]])
-        assert torch.all(chunk.labels[3:] == -100)
-        assert chunk.settle() == 3
+        assert chunk.size == 8 and chunk.rows.data_ptr() == rows.data_ptr(), "provisional: a view"
+        assert chunk.settle() is True, "its rows changed: work on them is redone"
+        assert torch.equal(chunk.rows, rows[[3, 7, 9]])
         assert torch.equal(chunk.labels, labels[[3, 7, 9]])
+        assert chunk.settle() is False, "settled once"
         made.append(chunk)
     assert len(made) == 1
 
 
 def test_every_row_labelled_gives_views_and_no_positions():
+    """The provisional chunk stands (``settle`` False), and every chunk is a view."""
     rows, labels = random_batch(ignored=())
     chunks = labelled_chunks(rows, labels)
-    pieces = list(chunks.split(6))
+    pieces = []
+    for chunk in chunks.split(6):
+        assert chunk.settle() is False
+        pieces.append(chunk)
     assert [chunk.start for chunk in pieces] == [0, 6, 12, 18]
     assert chunks.positions() is None
-    assert pieces[1].rows.data_ptr() == rows[6:].data_ptr(), "a view once the count is known"
+    assert [chunk.rows.data_ptr() for chunk in pieces] == [rows[i].data_ptr() for i in (0, 6, 12, 18)]
 
 
 def test_every_row_ignored_gives_no_rows():
     rows, labels = random_batch(n_rows=6, ignored=range(6))
     chunks = labelled_chunks(rows, labels)
-    sizes = [chunk.settle() for chunk in chunks.split(4)]
+    sizes = []
+    for chunk in chunks.split(4):
+        assert chunk.settle() is True
+        sizes.append(chunk.size)
     assert sizes == [0]
     assert chunks.positions().numel() == 0 and chunks.outputs(with_grad=False)[0].numel() == 0
 

@@ -189,12 +189,13 @@ def test_every_row_ignored_gives_zeros(narrow_slices):
     assert torch.all(losses == 0) and torch.all(grad == 0)
 
 
-@pytest.mark.parametrize("labelled", [(5,), (1, 6), (0, 2, 3, 7, 8, 12)], ids=["one", "two", "six"])
+@pytest.mark.parametrize("labelled", [(5,), (1, 6), (0, 2, 3, 7, 8, 12), tuple(range(13))],
+                         ids=["one", "two", "six", "all"])
 def test_count_read_after_the_first_slice(narrow_slices, labelled):
-    """With ``RowChunks.labelled`` the host reads the count only after the first slice: that slice
-    runs over ``CHUNK_ROWS`` rows of the labelled-first order, ignored ones too where fewer are
-    labelled, and the later slices over the labelled ones. The compact losses and gradients are
-    the labelled rows', in order."""
+    """With ``RowChunks.labelled`` the host reads the count only after the first slice, which
+    runs over the first ``CHUNK_ROWS`` rows as they are and, where some rows are ignored, is
+    redone over the labelled ones. The compact losses and gradients are the labelled rows', in
+    order."""
     narrow_slices(torch.bfloat16)
     hidden, weight, labels = random_rows(torch.bfloat16)
     keep = torch.zeros(len(labels), dtype=torch.bool, device=DEVICE)
