@@ -360,7 +360,7 @@ OPS = (
        liger_cross_entropy, bytes_cross_entropy),
     Op("linear_cross_entropy", "linear_cross_entropy", LCE, QUICK_LCE, make_linear_cross_entropy,
        eager_linear_cross_entropy, liger_linear_cross_entropy, flops_linear_cross_entropy,
-       variants=("trainable_weight", "frozen_weight", "trainable_half_ignored"),
+       variants=("trainable_weight", "frozen_weight", "trainable_half_ignored", "frozen_half_ignored"),
        extra_steps={"matmul": lce_matmuls}),
 )
 OPS_BY_NAME = {op.name: op for op in OPS}
