@@ -70,8 +70,10 @@ SLICE_BYTES = 32 * 2**20
 ACCUMULATOR_BYTES = 18 * 2**20
 MAX_CHUNK_ROWS = 2048
 
-# How the slice kernel is launched (a program a row; its grid is the chunk's rows): for now the
-# one-pass kernel's setting, which was swept on whole-vocabulary chunks read from HBM.
+# How the slice kernel is launched (a program a row; its grid is the chunk's rows): the one-pass
+# kernel's setting. Swept again on the slices, read from L2 (bench/tune_lce.py --slice-launch,
+# lce-slices-h200-launch.jsonl: 1,024-8,192 columns a step x 4-16 warps): none was faster by more
+# than the noise, 1%.
 _SLICE_LAUNCH = DeferredLaunch(_LAUNCH.block, _LAUNCH.warps)
 
 # Columns a loop step of the finishing kernel takes along the hidden size.
