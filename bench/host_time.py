@@ -134,7 +134,8 @@ def op_records(args: argparse.Namespace) -> None:
     for name in OP_NAMES:
         op = ops.OPS_BY_NAME[name]
         shape, variant = ops.cases(op, quick=True)[0]
-        for system, build in ops.steps_for(op, None, tuple(args.systems)).items():
+        compiled = ops.compiled_eager(op) if "torch_compile" in args.systems else None
+        for system, build in ops.steps_for(op, compiled, tuple(args.systems)).items():
             config = ops.config_of(op, shape, variant)
             try:
                 step = build()
