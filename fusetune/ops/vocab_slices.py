@@ -305,33 +305,33 @@ def sliced_frozen_loss(
         raise ValueError("fusetune: vocabulary slices take label smoothing or a soft-cap, not both.")
     hidden_size, vocab, device = chunks.hidden_size, weight.shape[0], chunks.device
     want_grad = grad_scale is not None
-    chunk = max(1, min(chunk_rows or slice_chunk_rows(hidden_size), chunks.capacity))
-    width = slice_width(chunk, vocab, chunks.dtype.itemsize)
-    logits_buffer = torch.empty(chunk, width, dtype=chunks.dtype, device=device)
+    rows_per_chunk = max(1, min(chunk_rows or slice_chunk_rows(hidden_size), chunks.capacity))
+    width = slice_width(rows_per_chunk, vocab, chunks.dtype.itemsize)
+    logits_buffer = torch.empty(rows_per_chunk, width, dtype=chunks.dtype, device=device)
     # The float32 products' sums; without a gradient none is made (the buffer stands in, unused).
     acc_buffer = (
-        torch.empty(chunk, hidden_size, dtype=torch.float32, device=device)
+        torch.empty(rows_per_chunk, hidden_size, dtype=torch.float32, device=device)
         if want_grad
         else logits_buffer
     )
-    ref, others, z_label, logit_sums = torch.empty(4, chunk, dtype=torch.float32, device=device)
+    ref, others, z_label, logit_sums = torch.empty(4, rows_per_chunk, dtype=torch.float32, device=device)
     smoothing = bool(label_smoothing)
     # Label smoothing's uniform term: the weight's column sums, in float32 (else a placeholder).
     column_sums = weight.sum(0, dtype=torch.float32) if smoothing and want_grad else ref
     capped = dict(softcap=float(softcap) if softcap is not None else 1.0, HAS_SOFTCAP=softcap is not None)
     block, warps, _ = _SLICE_LAUNCH
     losses = grad = None
-    for rows in chunks.split(chunk):
+    for chunk in chunks.split(rows_per_chunk):
         first_col = 0
-        while first_col < vocab and rows.size:
+        while first_col < vocab and chunk.size:
             last_col = min(first_col + width, vocab)
             weight_slice = weight[first_col:last_col]
-            logits = logits_buffer[: rows.size, : last_col - first_col]
-            acc = acc_buffer[: rows.size]
-            torch.mm(rows.rows, weight_slice.t(), out=logits)
-            _slice_rows_kernel[(rows.size,)](
-                logits, logits.stride(0), rows.rows, *rows.rows.stride(),
-                weight_slice, *weight_slice.stride(), hidden_size, rows.labels,
+            logits = logits_buffer[: chunk.size, : last_col - first_col]
+            acc = acc_buffer[: chunk.size]
+            torch.mm(chunk.rows, weight_slice.t(), out=logits)
+            _slice_rows_kernel[(chunk.size,)](
+                logits, logits.stride(0), chunk.rows, *chunk.rows.stride(),
+                weight_slice, *weight_slice.stride(), hidden_size, chunk.labels,
                 first_col, last_col - first_col, ref, others, z_label, logit_sums, acc, acc.stride(0),
                 ignore_index, rescale_gap=RESCALE_GAP, clamp=CLAMP, **capped, SMOOTHING=smoothing,
                 FIRST=first_col == 0, WRITE=want_grad,
@@ -342,17 +342,17 @@ def sliced_frozen_loss(
                 _add_product(acc, logits, weight_slice, first=first_col == 0)
             # The first chunk is provisional: the host reads the count while the device works on
             # this slice, which is redone over the labelled rows if some are ignored.
-            first_col = 0 if rows.settle() else last_col
-        if rows.size == 0:  # every label ignored
+            first_col = 0 if chunk.settle() else last_col
+        if chunk.size == 0:  # every label ignored
             break
         if losses is None:
             losses, grad = chunks.outputs(want_grad)
-        start, end = rows.start, rows.end
+        start, end = chunk.start, chunk.end
         scale = grad_scale if want_grad else losses  # a placeholder pointer when no gradient is made
         scale_rows = scale if scale.numel() == 1 else scale[start:end]
         grad_rows = grad[start:end] if want_grad else acc
-        _finish_rows_kernel[(rows.size,)](
-            rows.labels, ref, others, z_label, logit_sums, column_sums, losses[start:end],
+        _finish_rows_kernel[(chunk.size,)](
+            chunk.labels, ref, others, z_label, logit_sums, column_sums, losses[start:end],
             scale_rows, 1 if scale_rows.numel() > 1 else 0, acc, acc.stride(0), weight,
             *weight.stride(), grad_rows, grad_rows.stride(0), hidden_size, vocab, ignore_index,
             label_smoothing=float(label_smoothing), z_loss=float(z_loss), **capped,
