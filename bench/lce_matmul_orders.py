@@ -3,8 +3,11 @@
 With a frozen weight the op's time over the bare matmuls is its cross-entropy kernels plus what the
 matmuls lose by running on chunks of rows. The chunk's hidden gradient ``dlogits @ weight`` is a
 long-K product with a small output (rows x hidden); cuBLAS may tile its transpose
-``weight.T @ dlogits.T`` (hidden x rows) better. This times, per shape and chunk size, each
-chunk matmul in both orders (the transposed one including its copy back into row-major rows),
+``weight.T @ dlogits.T`` (hidden x rows) better, or cut along the vocabulary into a batched product
+whose partial sums are then added (split-K by hand). With a trainable weight each chunk also adds
+``dlogits.T @ hidden`` into the (vocab x hidden) bfloat16 gradient, a product whose reduction is
+only a chunk long and which reads and writes the whole gradient. This times, per shape and chunk
+size, each chunk product (the transposed order including its copy back into row-major rows),
 scaled to the whole batch, beside the same products over all rows at once.
 Run on the GPU: ``python bench/lce_matmul_orders.py --out DIR`` writes
 DIR/lce-matmul-orders-<tag>.jsonl.
@@ -18,18 +21,31 @@ import torch
 SHAPES = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},
           {"tokens": 16384, "hidden": 3584, "vocab": 152064},
           {"tokens": 8192, "hidden": 2304, "vocab": 262144})
-QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 500},)
-CHUNKS = (1024, 1536, 2048)
+QUICK_SHAPES = ({"tokens": 64, "hidden": 32, "vocab": 504},)
+CHUNKS = (128, 256, 512, 1024, 2048)
 QUICK_CHUNKS = (16, 32)
+# Vocabulary pieces of the hand-made split-K hidden gradient (every listed vocabulary divides by it).
+SPLITS = 8
 
 
-def products(hidden: torch.Tensor, weight: torch.Tensor, dlogits: torch.Tensor, out: torch.Tensor) -> dict:
+def products(hidden: torch.Tensor, weight: torch.Tensor, dlogits: torch.Tensor, out: torch.Tensor,
+             weight_grad: torch.Tensor) -> dict:
     """The chunk products, named, each a call that writes where the op writes."""
     logits = torch.empty_like(dlogits)
+    rows, vocab = dlogits.shape
+    pieces = torch.empty(SPLITS, rows, weight.shape[1], device=out.device, dtype=out.dtype)
+
+    def hidden_grad_split_k():
+        torch.bmm(dlogits.view(rows, SPLITS, vocab // SPLITS).transpose(0, 1),
+                  weight.view(SPLITS, vocab // SPLITS, -1), out=pieces)
+        torch.sum(pieces, 0, out=out)
+
     return {
         "logits": lambda: torch.mm(hidden, weight.t(), out=logits),
         "hidden_grad": lambda: torch.mm(dlogits, weight, out=out),
         "hidden_grad_transposed": lambda: out.copy_(torch.mm(weight.t(), dlogits.t()).t()),
+        "hidden_grad_split_k": hidden_grad_split_k,
+        "weight_grad_accumulate": lambda: weight_grad.addmm_(dlogits.t(), hidden),
     }
 
 
@@ -40,11 +56,12 @@ def main() -> None:
         n, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
         dev = common.device()
         weight = torch.randn(v, h, device=dev, dtype=torch.bfloat16) * h**-0.5
+        weight_grad = torch.zeros_like(weight)
         for rows in (*(QUICK_CHUNKS if args.quick else CHUNKS), n):
             hidden = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
             dlogits = torch.randn(rows, v, device=dev, dtype=torch.bfloat16) * 1e-3
             out = torch.empty(rows, h, device=dev, dtype=torch.bfloat16)
-            for name, run in products(hidden, weight, dlogits, out).items():
+            for name, run in products(hidden, weight, dlogits, out, weight_grad).items():
                 ms = common.time_fwd_bwd(run, **timing)
                 whole = ms * n / rows  # the batch's worth of chunks (the last one may be short)
                 config = {"op": "lce_chunk_matmul", **shape, "chunk_rows": rows, "product": name}

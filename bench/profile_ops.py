@@ -38,6 +38,14 @@ def case_lce_trainable():
     return lambda: linear_cross_entropy(h, w, labels).backward(), [h, w]
 
 
+def case_lce_trainable_small_chunks():
+    """Llama 3's shape at Liger's chunk (256 rows, its logits as large as the hidden states): where
+    the time goes when the chunk's logits are kept that small."""
+    h, w = _leaf(8192, 4096), _leaf(128256, 4096, scale=4096**-0.5)
+    labels = torch.randint(0, 128256, (8192,), device="cuda")
+    return lambda: linear_cross_entropy(h, w, labels, chunk_rows=256).backward(), [h, w]
+
+
 def case_lce_frozen():
     h, w = _leaf(8192, 2304), _leaf(262144, 2304, scale=2304**-0.5, grad=False)
     labels = torch.randint(0, 262144, (8192,), device="cuda")
