@@ -1,12 +1,15 @@
-"""Launch settings of the row kernels (add + RMSNorm, LayerNorm, RoPE) on the large shapes where
-they fall short of 80% of copy bandwidth, so that their defaults are measured, not guessed.
+"""Launch settings of the row kernels (add + RMSNorm, LayerNorm, RoPE) and the GLU activations on the
+large shapes where they fall short of 80% of copy bandwidth or of their rivals, so that their defaults
+are measured, not guessed.
 
 The norms take num_warps from the row width (``_launch.warps_for``), the backward's persistent
 grid from ``_launch._PROGRAMS_PER_SM`` (``_NARROW_PROGRAMS_PER_SM`` for narrow rows), the rows
 each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, LayerNorm's backward
 software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
 those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and
-``rope._WARPS``. ``--narrow`` sweeps the norms on narrow rows (per-head norms, a vision tower's
+``rope._WARPS``; swiglu and geglu (``--glu``) their flat block and warps from ``glu._BLOCK`` and
+``glu._NUM_WARPS``, with 32-bit offsets where they fit and forced to 64-bit (``glu._wide_offsets``).
+``--narrow`` sweeps the norms on narrow rows (per-head norms, a vision tower's
 LayerNorm) over the elements a program takes (``_launch.ROW_TILE``, which sets how many rows that
 is) and the backward's programs per SM. For each configuration this sweep sets those module
 values, times forward + backward (and forward alone) on bench/ops.py's inputs, takes the step's
@@ -31,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 # The op modules (``fusetune.ops`` exports functions under the same names).
-_launch, layer_norm, rms_norm, rope = (importlib.import_module(f"fusetune.ops.{name}")
-                                       for name in ("_launch", "layer_norm", "rms_norm", "rope"))
+_launch, glu, layer_norm, rms_norm, rope = (importlib.import_module(f"fusetune.ops.{name}")
+                                            for name in ("_launch", "glu", "layer_norm", "rms_norm", "rope"))
 
 NORM_CASES = (("add_rms_norm", {"tokens": 32768, "hidden": 8192}),
               ("add_rms_norm", {"tokens": 32768, "hidden": 4096}),
@@ -64,6 +67,9 @@ ROWS_PROGRAMS = (2, 4)
 # that chose 3 (rows-tuning-h200-stages*.jsonl) were read from step times; the nineteenth session's
 # source variants by kernel time (bench/kernel_variants.py) set both norms' stages since.
 STAGES = (1, 3)
+GLU_CASES = tuple((name, shape) for name in ("swiglu", "geglu") for shape in ops.GLU)
+GLU_BLOCKS = (1024, 2048, 4096, 8192)
+GLU_WARPS = (4, 8, 16)
 ROPE_TILES = (2048, 4096, 8192)
 ROPE_HEADS = (2, 4, 8)
 ROPE_WARPS = (4, 8)
@@ -73,14 +79,22 @@ ROPE_WARPS = (4, 8)
 def launch_settings(warps: int | None = None, programs_per_sm: int | None = None,
                     rope_tile: int | None = None, rope_heads: int | None = None,
                     backward_rows: int | None = None, stages: int | None = None,
-                    row_tile: int | None = None):
+                    row_tile: int | None = None, glu_block: int | None = None,
+                    glu_warps: int | None = None, glu_wide: bool | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
               (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
-              (_launch, "_NARROW_PROGRAMS_PER_SM"))]
+              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"),
+              (glu, "_wide_offsets"))]
     try:
+        if glu_block is not None:
+            glu._BLOCK = glu_block
+        if glu_warps is not None:
+            glu._NUM_WARPS = glu_warps
+        if glu_wide:
+            glu._wide_offsets = lambda *rows: True
         if row_tile is not None:
             _launch.ROW_TILE = row_tile
         if warps is not None:
@@ -106,7 +120,10 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
 def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False) -> list[dict]:
     """The settings swept for one op, the shipped default first (``stages_only``: the default and
     the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM)."""
-    if narrow:
+    if name in ("swiglu", "geglu"):
+        settings = [{"glu_block": b, "glu_warps": w}
+                    for b, w in itertools.product(GLU_BLOCKS, GLU_WARPS)] + [{"glu_wide": True}]
+        return [{}] + (settings[:2] if quick else settings) + [{}]  # the default again: the noise
         settings = [{"row_tile": t, "programs_per_sm": p}
                     for t, p in itertools.product(ROW_TILES, NARROW_PROGRAMS)]
         return [{}] + (settings[:2] if quick else settings)
@@ -163,20 +180,25 @@ def measure(name: str, shape: dict, setting: dict, timing: dict, copy_rate: floa
 
 def main() -> None:
     def choose_ops(parser):
-        parser.add_argument("--ops", nargs="+", choices=[name for name, _ in NORM_CASES + ROPE_CASES],
+        parser.add_argument("--ops", nargs="+",
+                            choices=[name for name, _ in NORM_CASES + ROPE_CASES + GLU_CASES],
                             help="sweep only these ops (default: all)")
         parser.add_argument("--stages-only", action="store_true",
                             help="only LayerNorm's backward pipelining stages against the default")
         parser.add_argument("--narrow", action="store_true",
                             help="only the norms on narrow rows, over row tiles and programs per SM")
+        parser.add_argument("--glu", action="store_true",
+                            help="only swiglu and geglu, over their block, warps and offset width")
 
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning",
                                           {"warmup": 25, "rep": 100}, choose_ops)
     copy_bytes = 2**20 if args.quick else 2**30
     copy_rate = common.copy_bandwidth(copy_bytes, **timing)
     common.record("device", {"op": "copy", "bytes": copy_bytes}, common.COPY, copy_rate / 1e9)
-    cases = STAGE_CASES if args.stages_only else NARROW_CASES if args.narrow else NORM_CASES + ROPE_CASES
-    for name, shape in QUICK_CASES if args.quick else cases:
+    cases = (STAGE_CASES if args.stages_only else NARROW_CASES if args.narrow else GLU_CASES if args.glu
+             else NORM_CASES + ROPE_CASES)
+    quick_cases = (("swiglu", ops.QUICK_GLU[0]),) if args.glu else QUICK_CASES
+    for name, shape in quick_cases if args.quick else cases:
         if args.ops and name not in args.ops:
             continue
         if (args.stages_only or args.narrow) and name == "rope":
