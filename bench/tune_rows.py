@@ -117,9 +117,13 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
             setattr(module, name, value)
 
 
-def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False) -> list[dict]:
+def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False,
+         offsets_only: bool = False) -> list[dict]:
     """The settings swept for one op, the shipped default first (``stages_only``: the default and
-    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM)."""
+    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM;
+    ``offsets_only``: the GLU kernels' default against 64-bit offsets, three times in turn)."""
+    if offsets_only:
+        return [{}, {"glu_wide": True}] * (1 if quick else 3)
     if name in ("swiglu", "geglu"):
         settings = [{"glu_block": b, "glu_warps": w}
                     for b, w in itertools.product(GLU_BLOCKS, GLU_WARPS)] + [{"glu_wide": True}]
@@ -189,6 +193,8 @@ def main() -> None:
                             help="only the norms on narrow rows, over row tiles and programs per SM")
         parser.add_argument("--glu", action="store_true",
                             help="only swiglu and geglu, over their block, warps and offset width")
+        parser.add_argument("--glu-offsets", action="store_true",
+                            help="with --glu: only the default against 64-bit offsets, in turn")
 
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning",
                                           {"warmup": 25, "rep": 100}, choose_ops)
@@ -205,7 +211,7 @@ def main() -> None:
             continue
         if args.stages_only and name != "layer_norm":
             continue
-        for setting in grid(name, args.quick, args.stages_only, args.narrow):
+        for setting in grid(name, args.quick, args.stages_only, args.narrow, args.glu_offsets):
             measure(name, shape, setting, timing, copy_rate)
             common.release()
 

@@ -126,8 +126,10 @@ if triton is not None:
     def _flat_offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
         """This program's flat element indices, in int64 where an offset may pass 2^31 (``WIDE``)."""
         if WIDE:
-            return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        return tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        else:
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        return offs
 
     @triton.jit
     def _glu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, n_cols, gate_rs, up_rs,
