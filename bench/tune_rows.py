@@ -8,7 +8,7 @@ each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, Lay
 software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
 those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and
 ``rope._WARPS``; swiglu and geglu (``--glu``) their flat block and warps from ``glu._BLOCK`` and
-``glu._NUM_WARPS``, with 32-bit offsets where they fit and forced to 64-bit (``glu._wide_offsets``).
+``glu._NUM_WARPS``.
 ``--narrow`` sweeps the norms on narrow rows (per-head norms, a vision tower's
 LayerNorm) over the elements a program takes (``_launch.ROW_TILE``, which sets how many rows that
 is) and the backward's programs per SM. For each configuration this sweep sets those module
@@ -80,21 +80,18 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
                     rope_tile: int | None = None, rope_heads: int | None = None,
                     backward_rows: int | None = None, stages: int | None = None,
                     row_tile: int | None = None, glu_block: int | None = None,
-                    glu_warps: int | None = None, glu_wide: bool | None = None):
+                    glu_warps: int | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
               (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
-              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"),
-              (glu, "_wide_offsets"))]
+              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"))]
     try:
         if glu_block is not None:
             glu._BLOCK = glu_block
         if glu_warps is not None:
             glu._NUM_WARPS = glu_warps
-        if glu_wide:
-            glu._wide_offsets = lambda *rows: True
         if row_tile is not None:
             _launch.ROW_TILE = row_tile
         if warps is not None:
@@ -117,16 +114,12 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
             setattr(module, name, value)
 
 
-def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False,
-         offsets_only: bool = False) -> list[dict]:
+def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False) -> list[dict]:
     """The settings swept for one op, the shipped default first (``stages_only``: the default and
-    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM;
-    ``offsets_only``: the GLU kernels' default against 64-bit offsets, three times in turn)."""
-    if offsets_only:
-        return [{}, {"glu_wide": True}] * (1 if quick else 3)
+    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM)."""
     if name in ("swiglu", "geglu"):
         settings = [{"glu_block": b, "glu_warps": w}
-                    for b, w in itertools.product(GLU_BLOCKS, GLU_WARPS)] + [{"glu_wide": True}]
+                    for b, w in itertools.product(GLU_BLOCKS, GLU_WARPS)]
         return [{}] + (settings[:2] if quick else settings) + [{}]  # the default again: the noise
         settings = [{"row_tile": t, "programs_per_sm": p}
                     for t, p in itertools.product(ROW_TILES, NARROW_PROGRAMS)]
@@ -192,9 +185,7 @@ def main() -> None:
         parser.add_argument("--narrow", action="store_true",
                             help="only the norms on narrow rows, over row tiles and programs per SM")
         parser.add_argument("--glu", action="store_true",
-                            help="only swiglu and geglu, over their block, warps and offset width")
-        parser.add_argument("--glu-offsets", action="store_true",
-                            help="with --glu: only the default against 64-bit offsets, in turn")
+                            help="only swiglu and geglu, over their block and warps")
 
     args, timing = common.sweep_arguments(__doc__.split("\n\n")[0], "rows-tuning",
                                           {"warmup": 25, "rep": 100}, choose_ops)
@@ -211,7 +202,7 @@ def main() -> None:
             continue
         if args.stages_only and name != "layer_norm":
             continue
-        for setting in grid(name, args.quick, args.stages_only, args.narrow, args.glu_offsets):
+        for setting in grid(name, args.quick, args.stages_only, args.narrow):
             measure(name, shape, setting, timing, copy_rate)
             common.release()
 

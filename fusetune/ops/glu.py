@@ -123,19 +123,10 @@ if triton is not None:
         return result
 
     @triton.jit
-    def _flat_offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
-        """This program's flat element indices, in int64 where an offset may pass 2^31 (``WIDE``)."""
-        if WIDE:
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        else:
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        return offs
-
-    @triton.jit
     def _glu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, n_cols, gate_rs, up_rs,
                             ACTIVATION: tl.constexpr, STRIDED: tl.constexpr,
-                            BLOCK: tl.constexpr, WIDE: tl.constexpr):
-        offs = _flat_offsets(BLOCK, WIDE)
+                            BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n_elements
         g_offs = _offsets(offs, n_cols, gate_rs, STRIDED)
         u_offs = _offsets(offs, n_cols, up_rs, STRIDED)
@@ -148,8 +139,8 @@ if triton is not None:
     def _glu_backward_kernel(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
                              n_elements, n_cols, grad_rs, gate_rs, up_rs, dgate_rs, dup_rs,
                              ACTIVATION: tl.constexpr, STRIDED: tl.constexpr,
-                             BLOCK: tl.constexpr, WIDE: tl.constexpr):
-        offs = _flat_offsets(BLOCK, WIDE)
+                             BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n_elements
         grad = tl.load(grad_ptr + _offsets(offs, n_cols, grad_rs, STRIDED), mask=mask,
                        other=0.0).to(tl.float32)
@@ -176,15 +167,6 @@ def _grid(n: int) -> tuple[int]:
     return (cdiv(n, _BLOCK),)
 
 
-def _wide_offsets(*rows: torch.Tensor) -> bool:
-    """Whether an element offset of these (rows x cols) tensors, or a flat index of the last
-    program's block, can reach 2^31, so that the kernels must compute offsets in int64 (32-bit
-    offsets save integer work on the memory-bound path everywhere else)."""
-    n_rows, n_cols = rows[0].shape
-    furthest = max((n_rows - 1) * r.stride(0) + n_cols for r in rows)
-    return max(furthest, cdiv(n_rows * n_cols, _BLOCK) * _BLOCK) >= 2**31
-
-
 def glu_forward_into(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
     """Launch the forward kernel: ``out = act(gate) * up``, written into the given buffer.
 
@@ -197,7 +179,7 @@ def glu_forward_into(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ac
         _glu_forward_kernel[_grid(n)](
             gate, up, out, n, gate.shape[1], gate.stride(0), up.stride(0),
             ACTIVATION=ACTIVATIONS[activation], STRIDED=_strided(gate, up),
-            BLOCK=_BLOCK, WIDE=_wide_offsets(gate, up), num_warps=_NUM_WARPS,
+            BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
 
 
@@ -223,7 +205,7 @@ def glu_backward_into(
             grad, gate, up, dgate, dup, n, gate.shape[1],
             grad.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
             ACTIVATION=ACTIVATIONS[activation], STRIDED=_strided(grad, gate, up, dgate, dup),
-            BLOCK=_BLOCK, WIDE=_wide_offsets(grad, gate, up, dgate, dup), num_warps=_NUM_WARPS,
+            BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
 
 

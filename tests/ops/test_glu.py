@@ -180,42 +180,6 @@ def test_backward_into_column_slices_in_place():
         assert torch.equal(new, old)
 
 
-def _meta_rows(n_rows, n_cols, row_stride=None):
-    """A (n_rows, n_cols) view with that row stride, on the meta device: shapes and strides of
-    tensors past 2^31 elements without their memory."""
-    storage = torch.empty((n_rows - 1) * (row_stride or n_cols) + n_cols, device="meta")
-    return storage.as_strided((n_rows, n_cols), (row_stride or n_cols, 1))
-
-
-@pytest.mark.parametrize(
-    "rows, wide",
-    [
-        ([_meta_rows(2, 2**29)], False),
-        ([_meta_rows(2, 2**30)], True),  # 2^31 elements: the last flat index is 2^31 - 1
-        ([_meta_rows(2**16, 2**15 - 2048)], False),
-        # A gate half of a fused gate_up projection: the up half's offsets run twice as far.
-        ([_meta_rows(2**15 + 1, 2**15, row_stride=2**16), _meta_rows(2**15 + 1, 2**15)], True),
-        ([_meta_rows(2, 8, row_stride=2**31)], True),
-    ],
-    ids=["small", "2^31_elements", "just_under", "row_strided_halves", "huge_row_stride"],
-)
-def test_offsets_go_64_bit_only_where_one_can_pass_2_31(rows, wide):
-    assert glu_module._wide_offsets(*rows) is wide
-
-
-@pytest.mark.parametrize("shape_name", ["multi_block", "gate_up_chunk", "transposed"])
-@pytest.mark.parametrize("op_name", ["swiglu", "geglu_tanh"])
-def test_64_bit_offsets_give_the_same_results(monkeypatch, op_name, shape_name):
-    fused = OPS[op_name][0]
-    shape, layout = SHAPES[shape_name]
-    gate, up, grad = make_inputs(shape, layout, torch.float32, seed=7)
-    narrow = run(fused, gate, up, grad)
-    monkeypatch.setattr(glu_module, "_wide_offsets", lambda *rows: True)
-    wide = run(fused, gate, up, grad)
-    for a, b in zip(narrow, wide, strict=True):
-        assert torch.equal(a, b)
-
-
 def test_block_is_flat_and_large():
     assert glu_module._BLOCK >= 1024 and glu_module._BLOCK & (glu_module._BLOCK - 1) == 0
 
