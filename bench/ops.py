@@ -324,7 +324,9 @@ def _norm_shapes(key: str, pairs) -> tuple[dict, ...]:
     return tuple({"tokens": t, key: h} for t, h in pairs)
 
 
-NORM = _norm_shapes("hidden", [(8192, 4096), (8192, 8192), (32768, 4096), (32768, 8192)])
+# Llama-3.2-1B / Qwen2.5-3B (2,048), Llama-3-8B (4,096) and Llama-3-70B (8,192) hidden sizes.
+NORM = _norm_shapes("hidden", [(8192, 4096), (8192, 8192), (32768, 4096), (32768, 8192),
+                               (8192, 2048), (32768, 2048)])
 # Per-head norms (rows: tokens x heads): Qwen3-8B's q_norm (32 heads of 128) and Gemma-3-12B's
 # q_norm (16 heads of 256), at 8,192 tokens; and vision towers' norms over 32,768 patches: CLIP
 # ViT-L/14's LayerNorm (1,024) and SigLIP-so400m's (1,152, Gemma 3's tower), Qwen2.5-VL's RMSNorm
@@ -335,7 +337,10 @@ VISION_RMS_NORM = _norm_shapes("hidden", [(32768, 1280)])
 # Llama-3-8B and Llama-3-70B MLP widths.
 GLU = _norm_shapes("inter", [(8192, 14336), (32768, 14336), (8192, 28672)])
 ROPE = tuple({"batch": 1, "seq": n, "q_heads": 32, "kv_heads": 8, "head_dim": 128}
-             for n in (8192, 32768))  # Llama-3-8B attention
+             for n in (8192, 32768)) + (  # Llama-3-8B attention
+    {"batch": 1, "seq": 32768, "q_heads": 32, "kv_heads": 8, "head_dim": 64},  # Llama-3.2-1B
+    {"batch": 1, "seq": 8192, "q_heads": 16, "kv_heads": 8, "head_dim": 256},  # Gemma-3-12B
+)
 CE = tuple({"tokens": 8192, "vocab": v} for v in (128256, 152064, 262144))
 LCE = ({"tokens": 8192, "hidden": 4096, "vocab": 128256},    # Llama-3-8B
        {"tokens": 16384, "hidden": 3584, "vocab": 152064},   # Qwen2.5-7B
