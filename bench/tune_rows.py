@@ -7,11 +7,11 @@ grid from ``_launch._PROGRAMS_PER_SM`` (``_NARROW_PROGRAMS_PER_SM`` for narrow r
 each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, LayerNorm's backward
 software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
 those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and
-``rope._WARPS``; swiglu and geglu (``--glu``) their flat block and warps from ``glu._BLOCK`` and
-``glu._NUM_WARPS``.
-``--narrow`` sweeps the norms on narrow rows (per-head norms, a vision tower's
-LayerNorm) over the elements a program takes (``_launch.ROW_TILE``, which sets how many rows that
-is) and the backward's programs per SM. For each configuration this sweep sets those module
+``rope._WARPS`` (a swept heads setting replaces ``rope._HEADS_BY_HALF`` too); swiglu and geglu
+(``--glu``) their flat block and warps from ``glu._BLOCK`` and ``glu._NUM_WARPS``. ``--narrow``
+sweeps the norms on narrow rows (per-head norms, a vision tower's LayerNorm) over the elements a
+program takes (``_launch.ROW_TILE``, which sets how many rows that is) and the backward's programs
+per SM. For each configuration this sweep sets those module
 values, times forward + backward (and forward alone) on bench/ops.py's inputs, takes the step's
 kernel time alone (torch.profiler: the timed step can wait on the host) and records both as
 fractions of the copy bandwidth measured in the same run (bench/ops.py's byte counts);
@@ -86,7 +86,8 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
              ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
               (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
-              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"))]
+              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"),
+              (rope, "_HEADS_BY_HALF"))]
     try:
         if glu_block is not None:
             glu._BLOCK = glu_block
@@ -106,6 +107,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
             rope._MAX_TILE = rope_tile
         if rope_heads is not None:
             rope._MAX_HEADS = rope_heads
+            rope._HEADS_BY_HALF = {}
         if stages is not None:
             layer_norm._backward_stages = lambda block, stages=stages: stages
         yield

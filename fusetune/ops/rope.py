@@ -49,6 +49,11 @@ _MAX_TILE = 4096
 _MAX_HEADS = 4
 _WARPS = 4
 _INTERPRETER_TILE = 2**16
+# Half rotary widths (powers of two) whose kernels were faster with fewer heads a program: head dim 64
+# (Llama-3.2-1B) and 256 (Gemma 3) with two heads (0.186 -> 0.178 ms at 32,768 tokens, 0.117 ->
+# 0.109 at 8,192; at head dim 128 two heads were 14% slower at 32,768 tokens:
+# rows-tuning-h200-rope-heads.jsonl, kernel time).
+_HEADS_BY_HALF = {32: 2, 128: 2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, s
     block_half = next_power_of_2(half)
     block_pass = next_power_of_2(max(n_pass, 1))
     # Heads per program, then tokens to fill the tile (many more under the interpreter).
-    heads_cap = min(_MAX_HEADS, max(1, _MAX_TILE // block_half))
+    heads_cap = min(_HEADS_BY_HALF.get(block_half, _MAX_HEADS), max(1, _MAX_TILE // block_half))
     block_hq = min(next_power_of_2(max(n_q, 1)), heads_cap)
     block_hk = min(next_power_of_2(max(n_k, 1)), heads_cap)
     tile = max(block_hq, block_hk) * block_half

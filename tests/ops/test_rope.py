@@ -79,6 +79,10 @@ CASES = {
     "partial_bshd_transposed": Case(2, 2, 13, 13, 4, 2, 16, 8, 2, "transposed"),
     "decode_seq_broadcast": Case(3, 3, 1, 1, 5, 1, 12, 12, 1, "contiguous", "random"),
     "seq_broadcast_table": Case(2, 1, 7, 1, 3, 1, 10, 4, 2, "sliced"),
+    # Head dims whose launch takes two heads a program (rope._HEADS_BY_HALF): several head blocks,
+    # the last one part-masked.
+    "head_dim_64_two_heads_a_program": Case(1, 1, 5, 5, 5, 3, 64, 64, 1, "contiguous"),
+    "head_dim_256_two_heads_a_program": Case(2, 2, 3, 3, 3, 2, 256, 256, 2, "transposed"),
 }
 
 
