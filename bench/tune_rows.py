@@ -50,7 +50,9 @@ STAGE_CASES = tuple(("layer_norm", {"tokens": tokens, "hidden": hidden})
 # Narrow rows (``_launch.rows_per_program``, ``_launch.NARROW_BLOCK``): bench/ops.py's per-head and
 # vision-tower shapes.
 NARROW_CASES = tuple(("rms_norm", shape) for shape in ops.HEAD_NORM + ops.VISION_RMS_NORM) + tuple(
-    ("layer_norm", shape) for shape in ops.VISION_NORM)
+    ("layer_norm", shape) for shape in ops.VISION_NORM) + tuple(  # and the 2,048-wide hidden sizes
+    (name, shape) for name in ("rms_norm", "add_rms_norm", "layer_norm") for shape in ops.NORM
+    if shape["hidden"] == 2048)
 ROW_TILES = (1024, 2048, 4096, 8192, 16384)
 NARROW_PROGRAMS = (2, 4, 8)
 QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NORM[0]),
