@@ -125,6 +125,7 @@ def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False
         settings = [{"glu_block": b, "glu_warps": w}
                     for b, w in itertools.product(GLU_BLOCKS, GLU_WARPS)]
         return [{}] + (settings[:2] if quick else settings) + [{}]  # the default again: the noise
+    if narrow:
         settings = [{"row_tile": t, "programs_per_sm": p}
                     for t, p in itertools.product(ROW_TILES, NARROW_PROGRAMS)]
         return [{}] + (settings[:2] if quick else settings)
