@@ -1,8 +1,9 @@
 """LayerNorm over the last dim as Triton forward and backward kernels.
 
-The forward runs one program per row (per several rows where rows are narrow:
-``rows_per_program``) and saves the row's fp32 mean and rstd; the backward recomputes the
-normalised row from the saved input, as many rows at a time, on a bounded persistent grid whose
+The forward runs one program per row (per several rows where rows are narrow, and two where they
+fill a 2,048-wide block: ``_rows_at_once``) and saves the row's fp32 mean and rstd; the backward
+recomputes the normalised row from the saved input, as many rows at a time, on a bounded
+persistent grid whose
 programs each keep fp32 partial sums of the weight and bias gradients (finished by
 ``sum_partials``, shared with ``rms_norm`` through ``_launch``). The backward's row loop is
 software-pipelined where rows are 2,048 wide or more (``_backward_stages``): the next rows' loads
@@ -42,6 +43,24 @@ _PIPELINE_STAGES = 3
 def _backward_stages(block: int) -> int:
     """Stages of the backward's row loop over rows of ``block``."""
     return _PIPELINE_STAGES if block >= _PIPELINED_BLOCK else 1
+
+
+# Rows in 2,048-wide blocks (Llama-3.2-1B's and Qwen2.5-3B's 2,048, SigLIP's 1,152) go two to a
+# program, forward and backward, on the backward grid of wide rows rather than narrow ones:
+# 10-12% faster by kernel time on the H200 (bench/tune_rows.py --narrow,
+# rows-tuning-h200-narrow-2048.jsonl: 32768 x 2048 0.205 -> 0.186 ms, 8192 x 2048 0.072 -> 0.063,
+# 32768 x 1152 0.183 -> 0.164), where rows of 1,024 were 8% slower so (they keep the narrow launch).
+_PAIRED_BLOCK = 2048
+
+
+def _rows_at_once(block: int) -> int:
+    """Rows a program takes at once, forward and backward, over rows of ``block``."""
+    return 2 if block == _PAIRED_BLOCK else rows_per_program(block)
+
+
+def _backward_programs(n_groups: int, device: torch.device, block: int) -> int:
+    """Programs of the persistent backward over ``n_groups`` groups of rows of ``block``."""
+    return persistent_programs(n_groups, device, None if block == _PAIRED_BLOCK else block)
 
 
 if triton is not None:
@@ -124,7 +143,7 @@ class _LayerNorm(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rows_at_once = rows_per_program(block)
+        rows_at_once = _rows_at_once(block)
         _layer_norm_forward_kernel[(cdiv(n_rows, rows_at_once),)](
             rows, weight, bias, y, mean, rstd,
             rows.stride(0), n_rows, n_cols, eps,
@@ -143,8 +162,8 @@ class _LayerNorm(torch.autograd.Function):
         block = block_for(n_cols)
         dy_rows = as_rows(dy)
         dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
-        rows_at_once = rows_per_program(block)
-        programs = persistent_programs(cdiv(n_rows, rows_at_once), rows.device, block)
+        rows_at_once = _rows_at_once(block)
+        programs = _backward_programs(cdiv(n_rows, rows_at_once), rows.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)
