@@ -3,9 +3,8 @@
 The forward runs one program per row (per several rows where rows are narrow, and two where they
 fill a 2,048-wide block: ``_rows_at_once``) and saves the row's fp32 mean and rstd; the backward
 recomputes the normalised row from the saved input, as many rows at a time, on a bounded
-persistent grid whose
-programs each keep fp32 partial sums of the weight and bias gradients (finished by
-``sum_partials``, shared with ``rms_norm`` through ``_launch``). The backward's row loop is
+persistent grid whose programs each keep fp32 partial sums of the weight and bias gradients
+(finished by ``sum_partials``, shared with ``rms_norm`` through ``_launch``). The backward's row loop is
 software-pipelined where rows are 2,048 wide or more (``_backward_stages``): the next rows' loads
 are issued while the current row is computed.
 """
@@ -49,7 +48,7 @@ def _backward_stages(block: int) -> int:
 # program, forward and backward, on the backward grid of wide rows rather than narrow ones:
 # 10-12% faster by kernel time on the H200 (bench/tune_rows.py --narrow,
 # rows-tuning-h200-narrow-2048.jsonl: 32768 x 2048 0.205 -> 0.186 ms, 8192 x 2048 0.072 -> 0.063,
-# 32768 x 1152 0.183 -> 0.164), where rows of 1,024 were 8% slower so (they keep the narrow launch).
+# 32768 x 1152 0.183 -> 0.164); rows of 1,024 were 8% slower with it, so they keep the narrow launch.
 _PAIRED_BLOCK = 2048
 
 
