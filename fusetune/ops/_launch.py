@@ -194,28 +194,14 @@ def persistent_programs(n_rows: int, device: torch.device, block: int | None = N
     group of rows when rows are taken several at a time) over rows that fit ``block``.
 
     Bounded by a small multiple of the SM count so the fp32 partial-sum buffer for parameter
-    gradients stays ``programs x hidden``, whatever the number of rows; rows whose block is up to
-    ``NARROW_BLOCK`` get more programs an SM (see above).
+    gradients (``partial_sums``) stays ``programs x hidden``, whatever the number of rows; rows
+    whose block is up to ``NARROW_BLOCK`` get more programs an SM (see above).
     """
     per_sm = 1
     if device.type == "cuda":
         narrow = block is not None and block <= NARROW_BLOCK
         per_sm = _NARROW_PROGRAMS_PER_SM if narrow else _PROGRAMS_PER_SM
     return min(n_rows, per_sm * sm_count(device))
-
-
-def partial_buffer(
-    needed: bool, programs: int, n_cols: int, device: torch.device
-) -> torch.Tensor | None:
-    """The fp32 (programs x n_cols) buffer a persistent backward fills, or None if not needed."""
-    if not needed:
-        return None
-    return torch.empty((programs, n_cols), dtype=torch.float32, device=device)
-
-
-def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Finish a parameter gradient: add the per-program fp32 partial sums, cast to ``dtype``."""
-    return partial.sum(0).to(dtype)
 
 
 def check_row_width(n_cols: int) -> None:

@@ -4,9 +4,9 @@ The forward runs one program per row (per several rows where rows are narrow, an
 fill a 2,048-wide block: ``_rows_at_once``) and saves the row's fp32 mean and rstd; the backward
 recomputes the normalised row from the saved input, as many rows at a time, on a bounded
 persistent grid whose programs each keep fp32 partial sums of the weight and bias gradients
-(finished by ``sum_partials``, shared with ``rms_norm`` through ``_launch``). The backward's row loop is
-software-pipelined where rows are 2,048 wide or more (``_backward_stages``): the next rows' loads
-are issued while the current row is computed.
+(finished together, in one launch, by ``partial_sums.sum_partials``, as ``rms_norm``'s are). The
+backward's row loop is software-pipelined where rows are 2,048 wide or more (``_backward_stages``):
+the next rows' loads are issued while the current row is computed.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from fusetune.ops._launch import (
     cdiv,
     check_float,
     check_row_width,
-    partial_buffer,
     persistent_programs,
     rows_per_program,
-    sum_partials,
     triton,
     use_triton,
     warps_for,
 )
+from fusetune.ops.partial_sums import partial_buffer, sum_partials
 
 # Stages of the backward's row loop (``tl.range``'s ``num_stages``), measured on the H200 by kernel
 # time (bench/kernel_variants.py, ops-h200-ln-stages-*.jsonl, one call): 3 stages on rows of 2,048
@@ -93,12 +92,12 @@ if triton is not None:
     @triton.jit
     def _layer_norm_backward_kernel(
         DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
-        stride_dy, stride_x, n_rows, n_cols,
+        stride_dy, stride_x, stride_partial, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
     ):
-        # Persistent: program p handles the groups of ROWS rows p, p + P, ... and writes one row of
-        # each fp32 partial-sum buffer (P x n_cols). DX is contiguous, n_cols wide.
+        # Persistent: program p handles the groups of ROWS rows p, p + P, ... and writes row p of
+        # each fp32 partial sum (P x n_cols, rows stride_partial apart). DX is contiguous, n_cols wide.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -127,10 +126,11 @@ if triton is not None:
             mean_dn_n = (tl.sum(dnormed * normed, axis=1) / n_cols)[:, None]
             dx = rstd * (dnormed - mean_dn - normed * mean_dn_n)
             tl.store(DX + rows64 * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=tile)
+        own_row = tl.cast(pid, tl.int64) * stride_partial + cols
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=mask)
+            tl.store(DW_PARTIAL + own_row, tl.sum(dw, axis=0), mask=mask)
         if COMPUTE_DB:
-            tl.store(DB_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, tl.sum(db, axis=0), mask=mask)
+            tl.store(DB_PARTIAL + own_row, tl.sum(db, axis=0), mask=mask)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -165,17 +165,20 @@ class _LayerNorm(torch.autograd.Function):
         programs = _backward_programs(cdiv(n_rows, rows_at_once), rows.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        dw_partial = partial_buffer(need_dw, programs, n_cols, rows.device)
-        db_partial = partial_buffer(need_db, programs, n_cols, rows.device)
+        # The weight gradient's partial sums first, then the bias's, in one buffer.
+        dtypes = ([weight.dtype] if need_dw else []) + ([ctx.bias_dtype] if need_db else [])
+        partial = partial_buffer(programs, len(dtypes), n_cols, rows.device)
         _layer_norm_backward_kernel[(programs,)](
-            dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
-            dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
+            dy_rows, rows, weight, mean, rstd, dx,
+            partial[:, 0] if need_dw else None, partial[:, -1] if need_db else None,
+            dy_rows.stride(0), rows.stride(0), 0 if partial is None else partial.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
             BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block),
             num_warps=warps_for(block * rows_at_once),
         )
-        dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
-        db = sum_partials(db_partial, ctx.bias_dtype) if need_db else None
+        gradients = sum_partials(partial, *dtypes) if dtypes else ()
+        dw = gradients[0] if need_dw else None
+        db = gradients[-1] if need_db else None
         return dx, dw, db, None
 
 

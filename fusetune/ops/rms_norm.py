@@ -9,7 +9,7 @@ the per-head norms of Qwen3 and Gemma 3 are, or a persistent grid walking rows u
 ``forward_grid``; ``HAS_RESIDUAL`` switching the add on) and one backward kernel (a bounded,
 persistent grid: each program walks many rows, ``backward_rows`` of them at a time, software-
 pipelined where that is one row: ``backward_stages``, and keeps its own fp32 partial sum of the
-weight gradient; ``sum_partials`` adds those up). The backward recomputes the normalised row from
+weight gradient; ``partial_sums.sum_partials`` adds those up). The backward recomputes the normalised row from
 the saved input and one fp32 ``rstd`` per row instead of storing the output.
 """
 
@@ -27,15 +27,14 @@ from fusetune.ops._launch import (
     check_row_width,
     inverse_order,
     memory_order,
-    partial_buffer,
     persistent_programs,
     rows_per_program,
     sm_count,
-    sum_partials,
     triton,
     use_triton,
     warps_for,
 )
+from fusetune.ops.partial_sums import partial_buffer, sum_partials
 
 if triton is not None:
     import triton.language as tl
@@ -139,8 +138,8 @@ if triton is not None:
         COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
     ):
         # Persistent: program p handles the groups of ROWS rows p, p + P, p + 2P, ... (ROWS rows in
-        # flight at once) and writes one row of DW_PARTIAL (fp32, P x n_cols). DX is contiguous,
-        # n_cols wide.
+        # flight at once) and writes one row of DW_PARTIAL (fp32, P x n_cols, ``partial_buffer``). DX
+        # is contiguous, n_cols wide.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -235,7 +234,7 @@ class _RMSNorm(torch.autograd.Function):
         rows_at_once = backward_rows(block, ctx.has_residual)
         programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[2]
-        dw_partial = partial_buffer(need_dw, programs, n_cols, h.device)
+        dw_partial = partial_buffer(programs, int(need_dw), n_cols, h.device)
         _rms_norm_backward_kernel[(programs,)](
             dy_rows, h, weight, rstd, ds_rows, dx, dw_partial,
             dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
@@ -244,7 +243,7 @@ class _RMSNorm(torch.autograd.Function):
             COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, STAGES=backward_stages(rows_at_once),
             num_warps=warps_for(block * rows_per_program(block)),
         )
-        dw = sum_partials(dw_partial, weight.dtype) if need_dw else None
+        dw = sum_partials(dw_partial, weight.dtype)[0] if need_dw else None
         dx = _in_order(dx, ctx.order)
         # x and residual enter the normalised sum alike, so they get the same gradient.
         dres = dx if ctx.has_residual else None

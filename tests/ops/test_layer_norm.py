@@ -88,6 +88,26 @@ def test_layer_norm_frozen_params(gen):
     assert weight.grad is None and bias.grad is None and x.grad is not None
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_layer_norm_one_param_frozen(gen, frozen):
+    """Weight and bias both present, one of them frozen: the other's gradient alone is summed
+    (first and only in the partial-sum buffer), in its own dtype (a bf16 bias, an fp32 weight)."""
+    x, weight, bias = inputs(gen, (300, 37), torch.bfloat16, param_dtype=torch.float32)
+    bias = bias.detach().to(torch.bfloat16).requires_grad_()
+    (weight if frozen == "weight" else bias).requires_grad_(False)
+    check_op(layer_norm, layer_norm_reference, (x, weight, bias), torch.bfloat16, gen)
+    layer_norm(x, weight, bias).sum().backward()
+    assert (weight if frozen == "weight" else bias).grad is None
+
+
+def test_layer_norm_mixed_param_dtypes(gen):
+    """An fp32 weight beside a bf16 bias: both gradients from one partial-sum buffer, each in its
+    parameter's dtype (``check_op`` compares the dtypes with the reference's)."""
+    x, weight, bias = inputs(gen, (300, 37), torch.bfloat16, param_dtype=torch.float32)
+    bias = bias.detach().to(torch.bfloat16).requires_grad_()
+    check_op(layer_norm, layer_norm_reference, (x, weight, bias), torch.bfloat16, gen)
+
+
 def test_layer_norm_param_grads_only(gen):
     x, weight, bias = inputs(gen, (7, 37), torch.bfloat16)
     x.requires_grad_(False)
