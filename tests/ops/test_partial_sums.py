@@ -16,9 +16,9 @@ def filled_buffer(programs, gradients, n_cols):
     return buffer
 
 
-# Program counts below, at and above one tile of rows (256 at the shipped settings), and column
+# Program counts below, at and above one tile of rows (512 at the shipped settings), and column
 # counts that are not multiples of a program's columns.
-@pytest.mark.parametrize("programs", [1, 37, 300])
+@pytest.mark.parametrize("programs", [1, 37, 600])
 @pytest.mark.parametrize("n_cols", [5, 130])
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16,), (torch.bfloat16, torch.float16)],
                          ids=["fp32", "bf16", "bf16+fp16"])
