@@ -40,7 +40,7 @@ def programs_of(name: str, shape: dict, device: torch.device) -> int:
     if name == "layer_norm":
         at_once = layer_norm._rows_at_once(block)
         return layer_norm._backward_programs(cdiv(rows, at_once), device, block)
-    at_once = rms_norm.backward_rows(block, residual=False)
+    at_once = rms_norm.backward_rows(shape["hidden"], block, residual=False)
     return rms_norm.persistent_programs(cdiv(rows, at_once), device, block)
 
 

@@ -2,7 +2,8 @@
 large shapes where they fall short of 80% of copy bandwidth or of their rivals, so that their defaults
 are measured, not guessed.
 
-The norms take num_warps from the row width (``_launch.warps_for``), the backward's persistent
+The norms take num_warps from the row width (``_launch.warps_for``, RMSNorm through
+``rms_norm.row_warps``), the backward's persistent
 grid from ``_launch._PROGRAMS_PER_SM`` (``_NARROW_PROGRAMS_PER_SM`` for narrow rows), the rows
 each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, LayerNorm's backward
 software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
@@ -11,11 +12,11 @@ those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope
 (``--glu``) their flat block and warps from ``glu._BLOCK`` and ``glu._NUM_WARPS``. ``--narrow``
 sweeps the norms on narrow rows (per-head norms, a vision tower's LayerNorm) over the elements a
 program takes (``_launch.ROW_TILE``, which sets how many rows that is) and the backward's programs
-per SM. For each configuration this sweep sets those module
-values, times forward + backward (and forward alone) on bench/ops.py's inputs, takes the step's
-kernel time alone (torch.profiler: the timed step can wait on the host) and records both as
-fractions of the copy bandwidth measured in the same run (bench/ops.py's byte counts);
-``default`` rows are the shipped settings.
+per SM; ``--odd`` the RMSNorms on hidden sizes that are not a power of two over the wide rows'
+settings. For each configuration this sweep sets those module values, times forward + backward
+(and forward alone) on bench/ops.py's inputs, takes the step's kernel time alone (torch.profiler:
+the timed step can wait on the host) and records both as fractions of the copy bandwidth measured
+in the same run (bench/ops.py's byte counts); ``default`` rows are the shipped settings.
 Run: ``python bench/tune_rows.py --out DIR [--quick] [--ops add_rms_norm ...]`` (writes
 DIR/rows-tuning-<tag>.jsonl).
 """
@@ -53,6 +54,10 @@ NARROW_CASES = tuple(("rms_norm", shape) for shape in ops.HEAD_NORM + ops.VISION
     ("layer_norm", shape) for shape in ops.VISION_NORM) + tuple(  # and the 2,048-wide hidden sizes
     (name, shape) for name in ("rms_norm", "add_rms_norm", "layer_norm") for shape in ops.NORM
     if shape["hidden"] == 2048)
+# Hidden sizes that are not a power of two (``ops.ODD_NORM``), where a row fills 56-66% of its block
+# at 2,304, 5,120 and 5,376 (and 88% at 3,584, for comparison): the wide rows' settings, swept again.
+ODD_CASES = tuple((name, shape) for name in ("rms_norm", "add_rms_norm") for shape in ops.ODD_NORM
+                  if shape["hidden"] in (2304, 3584, 5120, 5376))
 ROW_TILES = (1024, 2048, 4096, 8192, 16384)
 NARROW_PROGRAMS = (2, 4, 8)
 QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NORM[0]),
@@ -85,7 +90,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
                     glu_warps: int | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
-             ((rms_norm, "warps_for"), (layer_norm, "warps_for"), (rope, "_WARPS"),
+             ((rms_norm, "row_warps"), (layer_norm, "warps_for"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
               (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
               (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"),
@@ -98,11 +103,11 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
         if row_tile is not None:
             _launch.ROW_TILE = row_tile
         if warps is not None:
-            for module in (rms_norm, layer_norm):
-                module.warps_for = lambda block, warps=warps: warps
+            rms_norm.row_warps = lambda n_cols, block, rows, warps=warps: warps
+            layer_norm.warps_for = lambda block, warps=warps: warps
             rope._WARPS = warps
         if backward_rows is not None:
-            rms_norm.backward_rows = lambda block, residual, rows=backward_rows: rows
+            rms_norm.backward_rows = lambda n_cols, block, residual, rows=backward_rows: rows
         if programs_per_sm is not None:
             _launch._PROGRAMS_PER_SM = _launch._NARROW_PROGRAMS_PER_SM = programs_per_sm
         if rope_tile is not None:
@@ -189,6 +194,8 @@ def main() -> None:
                             help="only LayerNorm's backward pipelining stages against the default")
         parser.add_argument("--narrow", action="store_true",
                             help="only the norms on narrow rows, over row tiles and programs per SM")
+        parser.add_argument("--odd", action="store_true",
+                            help="only the RMSNorms on hidden sizes that are not a power of two")
         parser.add_argument("--glu", action="store_true",
                             help="only swiglu and geglu, over their block and warps")
 
@@ -198,7 +205,7 @@ def main() -> None:
     copy_rate = common.copy_bandwidth(copy_bytes, **timing)
     common.record("device", {"op": "copy", "bytes": copy_bytes}, common.COPY, copy_rate / 1e9)
     cases = (STAGE_CASES if args.stages_only else NARROW_CASES if args.narrow else GLU_CASES if args.glu
-             else NORM_CASES + ROPE_CASES)
+             else ODD_CASES if args.odd else NORM_CASES + ROPE_CASES)
     quick_cases = (("swiglu", ops.QUICK_GLU[0]),) if args.glu else QUICK_CASES
     for name, shape in quick_cases if args.quick else cases:
         if args.ops and name not in args.ops:

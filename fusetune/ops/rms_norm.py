@@ -53,10 +53,29 @@ CASTS = ("llama", "gemma")
 _BACKWARD_ROWS: dict[tuple[int, bool], int] = {(4096, True): 2, (8192, True): 2}
 
 
-def backward_rows(block: int, residual: bool) -> int:
-    """Rows each program of the RMSNorm backward loads at once, for rows of ``block``, with or
-    without the fused residual add (narrow rows: as many as ``rows_per_program`` gives)."""
+# Wide rows that fill at most three quarters of their power-of-two block (hidden 2,304, 2,560, 3,072,
+# 5,120, 5,376: Gemma 2 and 3, Llama-3.2-3B, Qwen2.5-14B) run half the block's warps, and one
+# pipelined row a backward step with the fused residual too. On an H200 (bench/tune_rows.py --odd,
+# rows-tuning-h200-odd.jsonl, kernel time) that was the best of the wide rows' settings at 16,384 x
+# 2,304, 5,120 and 5,376, 5-7% faster than the full block's (rms_norm 0.116 -> 0.109 ms at 2,304,
+# add_rms_norm 0.461 -> 0.432 at 5,376); at 3,584 (88% full) nothing was more than 2% faster.
+def partly_filled(n_cols: int, block: int) -> bool:
+    """Whether rows of ``n_cols`` in a ``block`` take the partly filled wide rows' launch."""
+    return block > NARROW_BLOCK and 4 * n_cols <= 3 * block
+
+
+def backward_rows(n_cols: int, block: int, residual: bool) -> int:
+    """Rows each program of the RMSNorm backward loads at once, for rows of ``n_cols`` in ``block``,
+    with or without the fused residual add (narrow rows: as many as ``rows_per_program`` gives)."""
+    if partly_filled(n_cols, block):
+        return 1
     return _BACKWARD_ROWS.get((block, residual), rows_per_program(block))
+
+
+def row_warps(n_cols: int, block: int, rows: int) -> int:
+    """num_warps of a forward or backward program over ``rows`` rows of ``n_cols`` in ``block``."""
+    warps = warps_for(block * rows)
+    return warps // 2 if partly_filled(n_cols, block) else warps
 
 
 # Software-pipelining stages of the backward's row loop (``tl.range``'s ``num_stages``) where it
@@ -210,7 +229,7 @@ class _RMSNorm(torch.autograd.Function):
             rows, res_rows, summed, y, weight, rstd,
             rows.stride(0), 0 if res_rows is None else res_rows.stride(0), n_rows, n_cols, eps, offset,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, GEMMA=gemma,
-            BLOCK=block, ROWS=rows_at_once, STAGES=stages, num_warps=warps_for(block * rows_at_once),
+            BLOCK=block, ROWS=rows_at_once, STAGES=stages, num_warps=row_warps(n_cols, block, rows_at_once),
         )
         # Recompute in backward from what was normalised (x, or the rounded sum) and rstd.
         normalised = rows if summed is None else summed.view(n_rows, n_cols)
@@ -231,7 +250,7 @@ class _RMSNorm(torch.autograd.Function):
         dy_rows = as_rows(dy)
         ds_rows = None if dsum is None else as_rows(dsum)
         dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
-        rows_at_once = backward_rows(block, ctx.has_residual)
+        rows_at_once = backward_rows(n_cols, block, ctx.has_residual)
         programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dw_partial = partial_buffer(programs, int(need_dw), n_cols, h.device)
@@ -241,7 +260,7 @@ class _RMSNorm(torch.autograd.Function):
             n_rows, n_cols, ctx.offset,
             HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
             COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, STAGES=backward_stages(rows_at_once),
-            num_warps=warps_for(block * rows_per_program(block)),
+            num_warps=row_warps(n_cols, block, rows_per_program(block)),
         )
         dw = sum_partials(dw_partial, weight.dtype)[0] if need_dw else None
         dx = _in_order(dx, ctx.order)

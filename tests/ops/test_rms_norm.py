@@ -12,6 +12,7 @@ from fusetune.ops._launch import (
     block_for,
     inverse_order,
     memory_order,
+    persistent_programs,
     rows_per_program,
 )
 from fusetune.ops.rms_norm import (
@@ -207,12 +208,26 @@ def test_rows_of_one_tile_walked_by_persistent_programs(gen, op, reference, resi
              gen, cast="llama")
 
 
+@pytest.mark.parametrize("op, reference, residual", [(rms_norm, rms_norm_reference, False),
+                                                      (add_rms_norm, add_rms_norm_reference, True)])
+def test_wide_rows_partly_filling_their_block(gen, op, reference, residual):
+    """Rows of 2,400 fill 59% of their 4,096 block and take that launch (half the warps, one
+    pipelined row a backward step, where add_rms_norm's full 4,096 rows take two plain ones): the
+    same numbers as the references, over more rows than the backward has programs."""
+    cols = 2400
+    assert rms_norm_module.partly_filled(cols, block_for(cols))
+    assert rms_norm_module.backward_rows(cols, block_for(cols), residual) == 1
+    rows = persistent_programs(2**30, torch.device(checks.DEVICE), block_for(cols)) + 3
+    check_op(op, reference, inputs(gen, (rows, cols), torch.bfloat16, residual=residual), torch.bfloat16,
+             gen, cast="gemma", offset=1.0)
+
+
 @pytest.mark.parametrize("rows_at_once", (2, 4))
 @pytest.mark.parametrize("cast", ["llama", "gemma"])
 def test_backward_with_several_rows_at_once(gen, monkeypatch, rows_at_once, cast):
     """The backward's programs load ``backward_rows`` rows at a time: 15 rows over 4 programs
     leave a part-filled last group, and every program's weight-gradient partial still counts."""
-    monkeypatch.setattr(rms_norm_module, "backward_rows", lambda block, residual: rows_at_once)
+    monkeypatch.setattr(rms_norm_module, "backward_rows", lambda n_cols, block, residual: rows_at_once)
     x, residual, weight = inputs(gen, (3, 5, 37), torch.float32, residual=True)
     check_op(add_rms_norm, add_rms_norm_reference, (x, residual, weight), torch.float32, gen,
              offset=1.0 if cast == "gemma" else 0.0, cast=cast)
