@@ -336,8 +336,8 @@ VISION_NORM = _norm_shapes("hidden", [(32768, 1024), (32768, 1152)])
 VISION_RMS_NORM = _norm_shapes("hidden", [(32768, 1280)])
 # Hidden sizes that are not a power of two, of models users fine-tune, at 16,384 tokens: Gemma-2-2B
 # (2,304), Gemma-3-4B (2,560), Llama-3.2-3B (3,072), Qwen2.5-7B (3,584), Gemma-3-12B (3,840),
-# Qwen2.5-14B (5,120), Gemma-3-27B (5,376). A row kernel holds such a row in the next power-of-two
-# block, part of it masked.
+# Qwen2.5-14B (5,120), Gemma-3-27B (5,376); LayerNorm at the same sizes (Phi-2's is 2,560). A row
+# kernel holds such a row in the next power-of-two block, part of it masked.
 ODD_NORM = _norm_shapes("hidden", [(16384, h) for h in (2304, 2560, 3072, 3584, 3840, 5120, 5376)])
 # Llama-3-8B and Llama-3-70B MLP widths.
 GLU = _norm_shapes("inter", [(8192, 14336), (32768, 14336), (8192, 28672)])
@@ -361,8 +361,8 @@ OPS = (
        eager_rms_norm, liger_rms_norm, bytes_rms_norm),
     Op("add_rms_norm", "rms_norm", NORM + ODD_NORM, QUICK_NORM, make_add_rms_norm, eager_add_rms_norm,
        liger_add_rms_norm, bytes_add_rms_norm),
-    Op("layer_norm", "layer_norm", NORM + VISION_NORM, QUICK_NORM, make_layer_norm, eager_layer_norm,
-       liger_layer_norm, bytes_layer_norm),
+    Op("layer_norm", "layer_norm", NORM + VISION_NORM + ODD_NORM, QUICK_NORM, make_layer_norm,
+       eager_layer_norm, liger_layer_norm, bytes_layer_norm),
     Op("swiglu", "glu", GLU, QUICK_GLU, make_glu, eager_swiglu, liger_swiglu, bytes_glu),
     Op("geglu", "glu", GLU, QUICK_GLU, make_glu, eager_geglu, liger_geglu, bytes_glu),
     Op("rope", "rope", ROPE, QUICK_ROPE, make_rope, eager_rope, liger_rope, bytes_rope),

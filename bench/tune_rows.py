@@ -2,8 +2,7 @@
 large shapes where they fall short of 80% of copy bandwidth or of their rivals, so that their defaults
 are measured, not guessed.
 
-The norms take num_warps from the row width (``_launch.warps_for``, RMSNorm through
-``rms_norm.row_warps``), the backward's persistent
+The norms take num_warps from the row width (``_launch.row_warps``), the backward's persistent
 grid from ``_launch._PROGRAMS_PER_SM`` (``_NARROW_PROGRAMS_PER_SM`` for narrow rows), the rows
 each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, LayerNorm's backward
 software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
@@ -12,8 +11,10 @@ those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope
 (``--glu``) their flat block and warps from ``glu._BLOCK`` and ``glu._NUM_WARPS``. ``--narrow``
 sweeps the norms on narrow rows (per-head norms, a vision tower's LayerNorm) over the elements a
 program takes (``_launch.ROW_TILE``, which sets how many rows that is) and the backward's programs
-per SM; ``--odd`` the RMSNorms on hidden sizes that are not a power of two over the wide rows'
-settings. For each configuration this sweep sets those module values, times forward + backward
+per SM; ``--odd`` the norms on rows that part-fill their block (hidden sizes that are not a power
+of two, vision towers' 1,152 and 1,280) over warps, programs per SM and RMSNorm's rows a backward
+step (the twenty-fourth session's first such sweep, ``rows-tuning-h200-odd.jsonl``, took the wide
+RMSNorm grid instead). For each configuration this sweep sets those module values, times forward + backward
 (and forward alone) on bench/ops.py's inputs, takes the step's kernel time alone (torch.profiler:
 the timed step can wait on the host) and records both as fractions of the copy bandwidth measured
 in the same run (bench/ops.py's byte counts); ``default`` rows are the shipped settings.
@@ -54,10 +55,16 @@ NARROW_CASES = tuple(("rms_norm", shape) for shape in ops.HEAD_NORM + ops.VISION
     ("layer_norm", shape) for shape in ops.VISION_NORM) + tuple(  # and the 2,048-wide hidden sizes
     (name, shape) for name in ("rms_norm", "add_rms_norm", "layer_norm") for shape in ops.NORM
     if shape["hidden"] == 2048)
-# Hidden sizes that are not a power of two (``ops.ODD_NORM``), where a row fills 56-66% of its block
-# at 2,304, 5,120 and 5,376 (and 88% at 3,584, for comparison): the wide rows' settings, swept again.
-ODD_CASES = tuple((name, shape) for name in ("rms_norm", "add_rms_norm") for shape in ops.ODD_NORM
-                  if shape["hidden"] in (2304, 3584, 5120, 5376))
+# Rows that part-fill their power-of-two block: hidden sizes that are not a power of two
+# (``ops.ODD_NORM``), 56-66% of the block at 2,304, 5,120 and 5,376 (and 88% at 3,584, for
+# comparison), and the vision towers' 1,280 (RMSNorm) and 1,152 (LayerNorm) in 2,048-wide blocks.
+ODD_CASES = tuple((name, shape) for name in ("rms_norm", "add_rms_norm", "layer_norm")
+                  for shape in ops.ODD_NORM if shape["hidden"] in (2304, 3584, 5120, 5376)) + tuple(
+    ("rms_norm", shape) for shape in ops.VISION_RMS_NORM) + tuple(
+    ("layer_norm", shape) for shape in ops.VISION_NORM if shape["hidden"] == 1152)
+# Their warps reach below the wide rows' (a part-filled block's threads hold fewer of its elements).
+ODD_WARPS = (2, 4, 8, 16)
+ODD_PROGRAMS = (2, 4, 8)
 ROW_TILES = (1024, 2048, 4096, 8192, 16384)
 NARROW_PROGRAMS = (2, 4, 8)
 QUICK_CASES = (("add_rms_norm", ops.QUICK_NORM[0]), ("layer_norm", ops.QUICK_NORM[0]),
@@ -90,7 +97,7 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
                     glu_warps: int | None = None):
     """Within the block the ops launch with these settings (None keeps the shipped one)."""
     saved = [(module, name, getattr(module, name)) for module, name in
-             ((rms_norm, "row_warps"), (layer_norm, "warps_for"), (rope, "_WARPS"),
+             ((rms_norm, "row_warps"), (layer_norm, "row_warps"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
               (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
               (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"),
@@ -103,8 +110,8 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
         if row_tile is not None:
             _launch.ROW_TILE = row_tile
         if warps is not None:
-            rms_norm.row_warps = lambda n_cols, block, rows, warps=warps: warps
-            layer_norm.warps_for = lambda block, warps=warps: warps
+            for module in (rms_norm, layer_norm):
+                module.row_warps = lambda n_cols, block, rows, warps=warps: warps
             rope._WARPS = warps
         if backward_rows is not None:
             rms_norm.backward_rows = lambda n_cols, block, residual, rows=backward_rows: rows
@@ -123,9 +130,11 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
             setattr(module, name, value)
 
 
-def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False) -> list[dict]:
+def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False,
+         odd: bool = False) -> list[dict]:
     """The settings swept for one op, the shipped default first (``stages_only``: the default and
-    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM)."""
+    the pipelining stages alone; ``narrow``: the row tile and the backward's programs per SM;
+    ``odd``: part-filled rows, over warps, programs per SM and, for RMSNorm, rows a backward step)."""
     if name in ("swiglu", "geglu"):
         settings = [{"glu_block": b, "glu_warps": w}
                     for b, w in itertools.product(GLU_BLOCKS, GLU_WARPS)]
@@ -133,6 +142,12 @@ def grid(name: str, quick: bool, stages_only: bool = False, narrow: bool = False
     if narrow:
         settings = [{"row_tile": t, "programs_per_sm": p}
                     for t, p in itertools.product(ROW_TILES, NARROW_PROGRAMS)]
+        return [{}] + (settings[:2] if quick else settings)
+    if odd:
+        rows = BACKWARD_ROWS[:2] if name in ("add_rms_norm", "rms_norm") else (None,)
+        settings = [{k: v for k, v in (("backward_rows", r), ("warps", w), ("programs_per_sm", p))
+                     if v is not None}
+                    for r, w, p in itertools.product(rows, ODD_WARPS, ODD_PROGRAMS)]
         return [{}] + (settings[:2] if quick else settings)
     if stages_only:
         settings = [{"stages": s} for s in STAGES[: 1 if quick else None]]
@@ -195,7 +210,9 @@ def main() -> None:
         parser.add_argument("--narrow", action="store_true",
                             help="only the norms on narrow rows, over row tiles and programs per SM")
         parser.add_argument("--odd", action="store_true",
-                            help="only the RMSNorms on hidden sizes that are not a power of two")
+                            help="only the norms on rows that part-fill their block")
+        parser.add_argument("--hidden", nargs="+", type=int,
+                            help="sweep only the shapes of these hidden sizes (default: all)")
         parser.add_argument("--glu", action="store_true",
                             help="only swiglu and geglu, over their block and warps")
 
@@ -210,11 +227,13 @@ def main() -> None:
     for name, shape in quick_cases if args.quick else cases:
         if args.ops and name not in args.ops:
             continue
+        if args.hidden and shape.get("hidden") not in args.hidden:
+            continue
         if (args.stages_only or args.narrow) and name == "rope":
             continue
         if args.stages_only and name != "layer_norm":
             continue
-        for setting in grid(name, args.quick, args.stages_only, args.narrow):
+        for setting in grid(name, args.quick, args.stages_only, args.narrow, args.odd):
             measure(name, shape, setting, timing, copy_rate)
             common.release()
 

@@ -170,6 +170,25 @@ def warps_for(block: int) -> int:
     return 2
 
 
+# Rows that fill at most three quarters of a block wider than ROW_TILE (one row a tile, or two for
+# LayerNorm's 2,048-wide blocks: hidden 2,304, 2,560, 3,072, 5,120, 5,376 of Gemma 2 and 3,
+# Llama-3.2-3B and Qwen2.5-14B; the vision towers' 1,152 and 1,280) run half the warps ``warps_for``
+# gives the block, so that a thread still holds 18-21 of the row's elements. On an H200
+# (bench/tune_rows.py --odd, kernel time) that was the best warps setting for RMSNorm at 16,384 x
+# 2,304, 5,120 and 5,376 (5-7% faster, rows-tuning-h200-odd.jsonl) and 32,768 x 1,280 (8% with 4
+# programs an SM, 6% with the shipped 8), and LayerNorm at 32,768 x 1,152 (0.150 -> 0.125 ms,
+# rows-tuning-h200-odd-vision.jsonl); rows filling 88% of their block (3,584) gained nothing past 2%.
+def partly_filled(n_cols: int, block: int) -> bool:
+    """Whether rows of ``n_cols`` in ``block`` take the part-filled rows' launch (above)."""
+    return block > ROW_TILE and 4 * n_cols <= 3 * block
+
+
+def row_warps(n_cols: int, block: int, rows: int) -> int:
+    """num_warps of a norm program over ``rows`` rows of ``n_cols`` held in ``block``-wide tiles."""
+    warps = warps_for(block * rows)
+    return warps // 2 if partly_filled(n_cols, block) else warps
+
+
 # Programs per SM in a persistent backward grid; under the interpreter a few programs suffice
 # (and still make each program loop over several rows).
 _PROGRAMS_PER_SM = 2

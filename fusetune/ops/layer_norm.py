@@ -20,10 +20,10 @@ from fusetune.ops._launch import (
     check_float,
     check_row_width,
     persistent_programs,
+    row_warps,
     rows_per_program,
     triton,
     use_triton,
-    warps_for,
 )
 from fusetune.ops.partial_sums import partial_buffer, sum_partials
 
@@ -147,7 +147,7 @@ class _LayerNorm(torch.autograd.Function):
             rows, weight, bias, y, mean, rstd,
             rows.stride(0), n_rows, n_cols, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK=block, ROWS=rows_at_once, num_warps=warps_for(block * rows_at_once),
+            BLOCK=block, ROWS=rows_at_once, num_warps=row_warps(n_cols, block, rows_at_once),
         )
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.shape = x.shape
@@ -174,7 +174,7 @@ class _LayerNorm(torch.autograd.Function):
             dy_rows.stride(0), rows.stride(0), 0 if partial is None else partial.stride(0), n_rows, n_cols,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
             BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block),
-            num_warps=warps_for(block * rows_at_once),
+            num_warps=row_warps(n_cols, block, rows_at_once),
         )
         gradients = sum_partials(partial, *dtypes) if dtypes else ()
         dw = gradients[0] if need_dw else None

@@ -27,12 +27,13 @@ from fusetune.ops._launch import (
     check_row_width,
     inverse_order,
     memory_order,
+    partly_filled,
     persistent_programs,
+    row_warps,
     rows_per_program,
     sm_count,
     triton,
     use_triton,
-    warps_for,
 )
 from fusetune.ops.partial_sums import partial_buffer, sum_partials
 
@@ -53,29 +54,16 @@ CASTS = ("llama", "gemma")
 _BACKWARD_ROWS: dict[tuple[int, bool], int] = {(4096, True): 2, (8192, True): 2}
 
 
-# Wide rows that fill at most three quarters of their power-of-two block (hidden 2,304, 2,560, 3,072,
-# 5,120, 5,376: Gemma 2 and 3, Llama-3.2-3B, Qwen2.5-14B) run half the block's warps, and one
-# pipelined row a backward step with the fused residual too. On an H200 (bench/tune_rows.py --odd,
-# rows-tuning-h200-odd.jsonl, kernel time) that was the best of the wide rows' settings at 16,384 x
-# 2,304, 5,120 and 5,376, 5-7% faster than the full block's (rms_norm 0.116 -> 0.109 ms at 2,304,
-# add_rms_norm 0.461 -> 0.432 at 5,376); at 3,584 (88% full) nothing was more than 2% faster.
-def partly_filled(n_cols: int, block: int) -> bool:
-    """Whether rows of ``n_cols`` in a ``block`` take the partly filled wide rows' launch."""
-    return block > NARROW_BLOCK and 4 * n_cols <= 3 * block
-
-
+# Wide rows that part-fill their block (``_launch.partly_filled``) take one pipelined row a backward
+# step with the fused residual too: on an H200 (bench/tune_rows.py --odd, rows-tuning-h200-odd.jsonl,
+# kernel time) that, with half the warps, was the best of the wide rows' settings at 16,384 x 2,304,
+# 5,120 and 5,376, add_rms_norm 5-7% faster than with two plain rows (0.461 -> 0.432 ms at 5,376).
 def backward_rows(n_cols: int, block: int, residual: bool) -> int:
     """Rows each program of the RMSNorm backward loads at once, for rows of ``n_cols`` in ``block``,
     with or without the fused residual add (narrow rows: as many as ``rows_per_program`` gives)."""
     if partly_filled(n_cols, block):
         return 1
     return _BACKWARD_ROWS.get((block, residual), rows_per_program(block))
-
-
-def row_warps(n_cols: int, block: int, rows: int) -> int:
-    """num_warps of a forward or backward program over ``rows`` rows of ``n_cols`` in ``block``."""
-    warps = warps_for(block * rows)
-    return warps // 2 if partly_filled(n_cols, block) else warps
 
 
 # Software-pipelining stages of the backward's row loop (``tl.range``'s ``num_stages``) where it
