@@ -8,15 +8,16 @@ each RMSNorm backward program loads at once from ``rms_norm.backward_rows``, Lay
 software-pipelining stages from ``layer_norm._backward_stages`` (``--stages-only`` sweeps just
 those); RoPE its tile, heads and warps a program from ``rope._MAX_TILE``, ``rope._MAX_HEADS`` and
 ``rope._WARPS`` (a swept heads setting replaces ``rope._HEADS_BY_HALF`` too); swiglu and geglu
-(``--glu``) their flat block and warps from ``glu._BLOCK`` and ``glu._NUM_WARPS``. ``--narrow``
-sweeps the norms on narrow rows (per-head norms, a vision tower's LayerNorm) over the elements a
-program takes (``_launch.ROW_TILE``, which sets how many rows that is) and the backward's programs
-per SM; ``--odd`` the norms on rows that part-fill their block (hidden sizes that are not a power
-of two, vision towers' 1,152 and 1,280) over warps, programs per SM and RMSNorm's rows a backward
-step (the twenty-fourth session's first such sweep, ``rows-tuning-h200-odd.jsonl``, took the wide
-RMSNorm grid instead). For each configuration this sweep sets those module values, times forward + backward
-(and forward alone) on bench/ops.py's inputs, takes the step's kernel time alone (torch.profiler:
-the timed step can wait on the host) and records both as fractions of the copy bandwidth measured
+(``--glu``) their flat block and warps from ``glu._LAUNCH`` (a swept setting sets every
+activation's). ``--narrow`` sweeps the norms on narrow rows (per-head norms, a vision tower's
+LayerNorm) over the elements a program takes (``_launch.ROW_TILE``, which sets how many rows that
+is) and the backward's programs per SM; ``--odd`` the norms on rows that part-fill their block
+(hidden sizes that are not a power of two, vision towers' 1,152 and 1,280) over warps, programs
+per SM and RMSNorm's rows a backward step (the twenty-fourth session's first such sweep,
+``rows-tuning-h200-odd.jsonl``, took the wide RMSNorm grid instead). For each configuration this
+sweep sets those module values, times forward + backward (and forward alone) on bench/ops.py's
+inputs, takes the step's kernel time alone (torch.profiler: the timed step can wait on the host)
+and records both as fractions of the copy bandwidth measured
 in the same run (bench/ops.py's byte counts); ``default`` rows are the shipped settings.
 Run: ``python bench/tune_rows.py --out DIR [--quick] [--ops add_rms_norm ...]`` (writes
 DIR/rows-tuning-<tag>.jsonl).
@@ -100,13 +101,12 @@ def launch_settings(warps: int | None = None, programs_per_sm: int | None = None
              ((rms_norm, "row_warps"), (layer_norm, "row_warps"), (rope, "_WARPS"),
               (rms_norm, "backward_rows"), (_launch, "_PROGRAMS_PER_SM"), (rope, "_MAX_TILE"),
               (rope, "_MAX_HEADS"), (layer_norm, "_backward_stages"), (_launch, "ROW_TILE"),
-              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_BLOCK"), (glu, "_NUM_WARPS"),
+              (_launch, "_NARROW_PROGRAMS_PER_SM"), (glu, "_LAUNCH"),
               (rope, "_HEADS_BY_HALF"))]
     try:
-        if glu_block is not None:
-            glu._BLOCK = glu_block
-        if glu_warps is not None:
-            glu._NUM_WARPS = glu_warps
+        if glu_block is not None or glu_warps is not None:
+            glu._LAUNCH = {name: (glu_block or block, glu_warps or warps)
+                           for name, (block, warps) in glu._LAUNCH.items()}
         if row_tile is not None:
             _launch.ROW_TILE = row_tile
         if warps is not None:

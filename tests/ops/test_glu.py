@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -180,8 +181,13 @@ def test_backward_into_column_slices_in_place():
         assert torch.equal(new, old)
 
 
-def test_block_is_flat_and_large():
-    assert glu_module._BLOCK >= 1024 and glu_module._BLOCK & (glu_module._BLOCK - 1) == 0
+def test_every_activation_has_a_launch_that_multi_block_spans():
+    """Each activation has its flat block (a power of two) and warps, and the ``multi_block`` shape
+    spans several of its blocks, so the tests above cover programs past the first and a masked tail."""
+    assert set(glu_module._LAUNCH) == set(ACTIVATIONS)
+    elements = math.prod(SHAPES["multi_block"][0])
+    for block, _ in glu_module._LAUNCH.values():
+        assert block & (block - 1) == 0 and elements > block
 
 
 def _pair(shape_gate=(4, 6), shape_up=(4, 6), dtype_gate=torch.float32, dtype_up=torch.float32):
