@@ -166,8 +166,6 @@ def _strided(*rows: torch.Tensor) -> bool:
     return not all(r.is_contiguous() for r in rows)
 
 
-
-
 def glu_forward_into(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
     """Launch the forward kernel: ``out = act(gate) * up``, written into the given buffer.
 
