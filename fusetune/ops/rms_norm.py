@@ -9,8 +9,8 @@ the per-head norms of Qwen3 and Gemma 3 are, or a persistent grid walking rows u
 ``forward_grid``; ``HAS_RESIDUAL`` switching the add on) and one backward kernel (a bounded,
 persistent grid: each program walks many rows, ``backward_rows`` of them at a time, software-
 pipelined where that is one row: ``backward_stages``, and keeps its own fp32 partial sum of the
-weight gradient; ``partial_sums.sum_partials`` adds those up). The backward recomputes the normalised row from
-the saved input and one fp32 ``rstd`` per row instead of storing the output.
+weight gradient; ``partial_sums.sum_partials`` adds those up). The backward recomputes the
+normalised row from the saved input and one fp32 ``rstd`` per row instead of storing the output.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from fusetune.ops._launch import (
     block_for,
     inverse_order,
     memory_order,
+    partly_filled,
     persistent_programs,
     rows_per_program,
 )
@@ -215,7 +216,7 @@ def test_wide_rows_partly_filling_their_block(gen, op, reference, residual):
     pipelined row a backward step, where add_rms_norm's full 4,096 rows take two plain ones): the
     same numbers as the references, over more rows than the backward has programs."""
     cols = 2400
-    assert rms_norm_module.partly_filled(cols, block_for(cols))
+    assert partly_filled(cols, block_for(cols))
     assert rms_norm_module.backward_rows(cols, block_for(cols), residual) == 1
     rows = persistent_programs(2**30, torch.device(checks.DEVICE), block_for(cols)) + 3
     check_op(op, reference, inputs(gen, (rows, cols), torch.bfloat16, residual=residual), torch.bfloat16,
