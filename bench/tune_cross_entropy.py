@@ -66,6 +66,9 @@ still in L2, are re-read first) and L2 eviction hints (``.l2_hints``) at the thr
 every shape in both, against keeping all of the row 1.561 -> 1.506 ms at 8192 x 128256,
 1.853 -> 1.780 at 152,064, 3.194 -> 3.142 at 262,144 (second call), 1-3% at the few-row shapes;
 with the tuned launch 16,384 columns were slower than keeping all, 98,304 in between.
+In the twenty-fifth session ``--grid wide`` swept one or two programs an SM that each load
+16,384-32,768 columns a step with 16-32 warps (``ce-tuning-h200-wide.jsonl``): at best 1.11-1.20x
+slower than the tuned launch (1.744 against 1.506 ms at 8192 x 128256).
 Run: ``python bench/tune_cross_entropy.py --out DIR [--kernel deferred]`` (writes
 DIR/ce-tuning-<tag>.jsonl).
 """
@@ -114,6 +117,13 @@ QUICK_LAUNCHES = (RowLaunch(1024, 512, 4), RowLaunch(4096, 1024, 4, programs_per
 KEEP_BASES = (RowLaunch(262144, 8192, 8, reverse=True, l2_hints=True),
               RowLaunch(262144, 8192, 8, programs_per_sm=4, reverse=True, l2_hints=True))
 KEEP_COLS = (0, 49152, 65536, 98304)
+# --grid wide: a persistent grid of one or two programs an SM, each loading 16,384-32,768 columns a
+# step with 16-32 warps, so that few rows are in flight (a row's second read could come from L2)
+# and yet each SM has 32-128 KB of loads in flight (the narrower blocks' one-program grid had too
+# few to keep HBM busy).
+WIDE_LAUNCHES = tuple(
+    RowLaunch(262144, block, warps, programs, reverse=True, l2_hints=True, l2_keep_cols=keep)
+    for block in (16384, 32768) for warps in (16, 32) for programs in (1, 2) for keep in (0, 65536))
 
 # linear_cross_entropy's chunks: 1,024 rows with a frozen weight, 2,048 with a trainable one.
 DEFERRED_SHAPES = tuple({"tokens": rows, "vocab": vocab, "in_place": True}
@@ -135,6 +145,16 @@ def launches() -> list[RowLaunch]:
 def keep_launches() -> list[RowLaunch]:
     """The ``--grid keep`` settings: each of KEEP_BASES with each of KEEP_COLS."""
     return [base._replace(l2_keep_cols=keep) for base in KEEP_BASES for keep in KEEP_COLS]
+
+
+def split_grid(name: str, tokens: int) -> list[RowLaunch]:
+    """The split kernel's settings of ``--grid name`` at ``tokens`` rows (``wide``: beside the tuned
+    launch, the baseline it must beat)."""
+    if name == "full":
+        return launches()
+    if name == "keep":
+        return keep_launches()
+    return [tuned_launch(tokens), *WIDE_LAUNCHES]
 
 
 def split_run(logits, labels, grad, scale, launch):
@@ -208,13 +228,13 @@ def main() -> None:
                                 help="which row kernel to sweep"),
             parser.add_argument("--shapes", choices=tuple(SHAPES), default="ops",
                                 help="the split kernel's shapes (see SHAPES)"),
-            parser.add_argument("--grid", choices=("full", "keep"), default="full",
-                                help="the split kernel's settings: launches() or keep_launches()")))
+            parser.add_argument("--grid", choices=("full", "keep", "wide"), default="full",
+                                help="the split kernel's settings (split_grid)")))
     if torch.cuda.is_available():
         print(f"L2 cache: {torch.cuda.get_device_properties(0).L2_cache_size / 2**20:.0f} MiB", flush=True)
     if args.kernel == "split":
         for shape in QUICK_SHAPES if args.quick else SHAPES[args.shapes]:
-            grid = QUICK_LAUNCHES if args.quick else launches() if args.grid == "full" else keep_launches()
+            grid = QUICK_LAUNCHES if args.quick else split_grid(args.grid, shape["tokens"])
             sweep_shape(shape, grid, "split", split_run, 3, timing)
         return
     for shape in QUICK_DEFERRED_SHAPES if args.quick else DEFERRED_SHAPES:
