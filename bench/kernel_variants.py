@@ -38,6 +38,11 @@ persistent, pipelined grid of 8, 16 or 32 programs an SM on narrow rows was 7% f
 same loop was 5-13% slower on wide rows, where it ran one tile a program as before, in two calls
 (``ops-h200-fwd2-*.jsonl``, ``ops-h200-fwd3-*.jsonl``, the latter beside that loop replaced by a
 single tile, which restored the earlier times): it keeps a program a tile.
+Twenty-fifth session, for swiglu and geglu, which tie with torch.compile at the copy rate
+(``ops-h200-glu-variants-*.jsonl``, ``ops-h200-glu-hints-rivals.jsonl`` beside them in the same
+call): L2 hints on the GLU kernels' streamed loads (``glu_evict_loads``), and on their stores too
+(``glu_evict_all``), made them 4-7% slower at all six shapes, and at four of them with the stores
+(swiglu 8192 x 14336 0.434 -> 0.453 ms): not taken.
 Run on the GPU: ``python bench/kernel_variants.py --out DIR`` (``--quick`` under the interpreter).
 """
 
@@ -54,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RMS_NORM = "fusetune/ops/rms_norm.py"
 LAUNCH = "fusetune/ops/_launch.py"
 LAYER_NORM = "fusetune/ops/layer_norm.py"
+GLU = "fusetune/ops/glu.py"
 _DW_TILE = "dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)"
 _LOAD_DY = "tl.load(DY + rows64 * stride_dy + cols[None, :], mask=tile, other=0.0)"
 _LOAD_H = "tl.load(H + rows64 * stride_h + cols[None, :], mask=tile, other=0.0)"
@@ -66,6 +72,16 @@ _PER_TILE = (RMS_NORM, "    if not ROW_TILE < block <= NARROW_BLOCK:\n",
 
 def _evicting(load: str) -> str:
     return load[:-1] + ', eviction_policy="evict_first")'
+
+
+# The GLU kernels' loads (each input is read once) and stores (each output written once).
+_GLU_LOADS = ("tl.load(gate_ptr + g_offs, mask=mask, other=0.0)",
+              "tl.load(up_ptr + u_offs, mask=mask, other=0.0)",
+              *(f"{name}_rs, STRIDED), mask=mask,\n{' ' * indent}other=0.0)"
+                for name, indent in (("grad", 23), ("gate", 23), ("up", 21))))
+_GLU_STORES = ("out.to(out_ptr.dtype.element_ty), mask=mask)",
+               "(grad * up * dact).to(dgate_ptr.dtype.element_ty), mask=mask)",
+               "(grad * act).to(dup_ptr.dtype.element_ty), mask=mask)")
 
 
 VARIANTS: dict[str, list[tuple[str, str, str]]] = {
@@ -93,6 +109,11 @@ VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "narrow_one_warp": [(LAUNCH, "    return 2\n", "    return 1\n")],
     "ln_plain_loop": [(LAYER_NORM, "_PIPELINED_BLOCK = 2048\n", "_PIPELINED_BLOCK = 1 << 30\n")],
     "forward_per_tile": [_PER_TILE],
+    # Twenty-fifth session, for swiglu and geglu (a tie with torch.compile at the copy rate): the
+    # streamed loads marked the first to leave L2, and the stores too (``.cs``: cache streaming).
+    "glu_evict_loads": [(GLU, load, _evicting(load)) for load in _GLU_LOADS],
+    "glu_evict_all": [(GLU, load, _evicting(load)) for load in _GLU_LOADS]
+    + [(GLU, store, store[:-1] + ', cache_modifier=".cs")') for store in _GLU_STORES],
 }
 
 

@@ -21,7 +21,7 @@ import torch
 
 from fusetune import cli
 
-MAX_STEPS, SAVE_STEPS = 40, 5
+MAX_STEPS, SAVE_STEPS = 20, 5
 
 
 def _command(out: Path) -> list[str]:
