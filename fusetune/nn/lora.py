@@ -14,6 +14,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fusetune.nn.glu import FusedGatedMLP
+from fusetune.ops._launch import outside_compiled_graphs
 from fusetune.ops.lora import LoraWeights, lora_glu_mlp
 from fusetune.ops.nf4 import is_4bit
 
@@ -140,6 +141,7 @@ class FusedLoraMLP(FusedGatedMLP):
         super().__init__(children, activation)
         self.tile_rows = tile_rows
 
+    @outside_compiled_graphs  # reads its weights as eager code (as the ops run: see there)
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
         if any(isinstance(w, str) for w in weights):

@@ -38,6 +38,20 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def outside_compiled_graphs(op):
+    """``op`` as torch.compile sees it: a call it runs as it is, between compiled graphs, instead
+    of one it traces into.
+
+    Traced, the ops' kernels became Inductor's user-defined Triton kernels, and on an H200 (torch
+    2.11) that gave add_rms_norm a NaN weight gradient where eager's was right, and failed to
+    compile linear_cross_entropy's row kernels; the losses' host sides (label counts read back,
+    CUDA-graph checks) break a graph anyway. Each call is one graph break, and fullgraph=True
+    is refused; the results are eager's. Registering the ops as torch.library custom ops would
+    keep them in the graph (not done).
+    """
+    return torch.compiler.disable(op)
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether the Triton kernels should run for these inputs (see the module docstring)."""
     if triton is None:

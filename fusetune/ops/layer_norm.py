@@ -19,6 +19,7 @@ from fusetune.ops._launch import (
     cdiv,
     check_float,
     check_row_width,
+    outside_compiled_graphs,
     persistent_programs,
     row_warps,
     rows_per_program,
@@ -218,6 +219,7 @@ def layer_norm_reference(
     return y.to(x.dtype).contiguous()
 
 
+@outside_compiled_graphs
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,

@@ -27,6 +27,7 @@ from fusetune.ops._launch import (
     check_row_width,
     inverse_order,
     memory_order,
+    outside_compiled_graphs,
     partly_filled,
     persistent_programs,
     row_warps,
@@ -338,6 +339,7 @@ def add_rms_norm_reference(
     return rms_norm_reference(summed, weight, eps, offset, cast), summed
 
 
+@outside_compiled_graphs
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -367,6 +369,7 @@ def rms_norm(
     return rms_norm_reference(x, weight, eps, offset, cast)
 
 
+@outside_compiled_graphs
 def add_rms_norm(
     x: torch.Tensor,
     residual: torch.Tensor,

@@ -26,6 +26,7 @@ from torch import nn
 
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.nn.lora import FusedLoraMLP, is_lora_layer, projection_weights
+from fusetune.ops._launch import outside_compiled_graphs
 from fusetune.ops.lora import lora_linear
 from fusetune.patch.glu import glu_rule
 from fusetune.patch.report import PatchReport
@@ -48,6 +49,7 @@ class ProjectionGroup:
         self.split = len(layers) == 1
         self.pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
 
+    @outside_compiled_graphs  # holds outputs between calls and reads weights as eager code
     def output(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` through the fused path, or PEFT's forward when a projection is off it."""
         index = next(i for i, member in enumerate(self.layers) if member is layer)
