@@ -71,7 +71,8 @@ def test_report_lists_what_was_patched(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_loss_curve_matches(arch):
-    """10 AdamW steps on fresh batches: every step's loss within 1e-3 (relative) of the original's."""
+    """``CURVE_STEPS`` AdamW steps on fresh batches: every step's loss within 1e-3 (relative) of the
+    original's."""
     model, reference, _ = _pair(arch)
     assert_same_loss_curve(model, reference, lambda step: batch(seed=step))
 

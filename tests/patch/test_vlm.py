@@ -4,7 +4,7 @@ For each architecture (``tests/patch/vlm_models.py``), always with images in the
 lists the vision tower's and the language model's norms and gated MLPs as patched and the ungated
 vision MLPs as left alone; with the image tokens' labels at -100, the fused loss (which never makes
 the logits) and every parameter gradient equal the original forward's, with eager and sdpa
-attention and with gradient checkpointing; 10 AdamW steps give the same loss curve; two
+attention and with gradient checkpointing; a few AdamW steps give the same loss curve; two
 micro-batches with ``num_items_in_batch`` equal one batch; a LoRA model matches; save / load
 round-trips; greedy generation with an image gives the same tokens; a second instance is untouched.
 The checks shared with the text architectures live in ``tests/patch/checks.py``.
@@ -167,9 +167,9 @@ def test_num_items_in_batch_micro_batches_equal_one_batch(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adamw_loss_curve_matches(arch):
-    """10 AdamW steps (zero_grad each), a fresh one-row batch with its image each step (rows 0 and
-    1 in turn, to keep the interpreted kernels' time down): every step's loss within 1e-3
-    (relative) of the unpatched model's.
+    """``CURVE_STEPS`` AdamW steps (zero_grad each), a fresh one-row batch with its image each step
+    (rows 0 and 1 in turn, to keep the interpreted kernels' time down): every step's loss within
+    1e-3 (relative) of the unpatched model's.
 
     At lr 1e-3: at the text tests' 1e-2 these tiny VLMs do not train (the loss rises) and their
     trajectories are chaotic, so the first step's ~1e-7 rounding difference doubles about every
