@@ -141,7 +141,7 @@ class FusedLoraMLP(FusedGatedMLP):
         super().__init__(children, activation)
         self.tile_rows = tile_rows
 
-    @outside_compiled_graphs  # reads its weights as eager code (as the ops run: see there)
+    @outside_compiled_graphs  # reads its weights at call time, as eager code, like the ops it runs
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
         if any(isinstance(w, str) for w in weights):
