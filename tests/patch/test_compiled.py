@@ -26,8 +26,8 @@ DTYPE = torch.bfloat16 if checks.DEVICE == "cuda" else torch.float32
 TOLERANCE = 3e-2 if checks.DEVICE == "cuda" else 1e-6
 
 
-def _patched(arch: str, lora: bool) -> torch.nn.Module:
-    model = tiny_model(arch).to(checks.DEVICE, DTYPE)
+def _patched_llama(lora: bool) -> torch.nn.Module:
+    model = tiny_model("llama").to(checks.DEVICE, DTYPE)
     if lora:
         torch.manual_seed(1)
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, lora_dropout=0.0,
@@ -47,7 +47,7 @@ def _step(model: torch.nn.Module, called: torch.nn.Module, inputs: dict) -> tupl
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_compiled_patched_llama_trains_as_eager(lora):
-    model = _patched("llama", lora)
+    model = _patched_llama(lora)
     inputs = {key: value.to(checks.DEVICE) for key, value in batch().items()}
     eager_loss, eager_grads = _step(model, model, inputs)
     torch._dynamo.reset()
