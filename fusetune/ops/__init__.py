@@ -1,8 +1,9 @@
 """Fused ops: Triton kernels with hand-written backward passes, each with a PyTorch reference.
 
 CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) run the kernels; plain CPU tensors run
-the ``*_reference`` functions, which are also what the tests compare the kernels with. Under
-``torch.compile`` every op runs as it is, between compiled graphs (``_launch.outside_compiled_graphs``).
+the ``*_reference`` functions, which are also what the tests compare the kernels with. Every op
+launches on its input's GPU, whichever is current (a model split over GPUs), and under
+``torch.compile`` runs as it is, between compiled graphs (``_launch.public_op``).
 """
 
 from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference

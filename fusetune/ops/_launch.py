@@ -52,6 +52,43 @@ def outside_compiled_graphs(op):
     return torch.compiler.disable(op)
 
 
+def on_input_device(op):
+    """``op`` run with its first tensor argument's CUDA device as the current device.
+
+    Triton launches on the current device and its stream, not on the device of the pointers it is
+    given; torch does not switch devices for it. In a model split over GPUs (``device_map="auto"``)
+    a layer on ``cuda:1`` is called while ``cuda:0`` is current, so without this its kernels would
+    run on ``cuda:0`` reading ``cuda:1``'s memory, out of order with ``cuda:1``'s stream (a wrong
+    result or an illegal address). Backward needs no guard: autograd runs each node's backward
+    with its device current. Costs a device query a call; switches only where the devices differ.
+    """
+
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        device = cuda_device_of(args)
+        if device is None or device.index == torch.cuda.current_device():
+            return op(*args, **kwargs)
+        with torch.cuda.device(device):
+            return op(*args, **kwargs)
+
+    return call
+
+
+def cuda_device_of(args: tuple) -> torch.device | None:
+    """The device of the first tensor in ``args`` when that is a CUDA device with an index, else
+    None (CPU tensors, the interpreter's, and no tensor at all need no device switch)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device if arg.is_cuda and arg.device.index is not None else None
+    return None
+
+
+def public_op(op):
+    """The wrapping every public op gets: run on its input's device (:func:`on_input_device`) and as
+    it is between torch.compile's graphs (:func:`outside_compiled_graphs`)."""
+    return outside_compiled_graphs(on_input_device(op))
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether the Triton kernels should run for these inputs (see the module docstring)."""
     if triton is None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fusetune.ops._launch import as_rows, cdiv, check_float, outside_compiled_graphs, triton, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, public_op, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -235,7 +235,7 @@ class _GLU(torch.autograd.Function):
         )
 
 
-@outside_compiled_graphs
+@public_op
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (the Llama/Mistral/Qwen MLP), fused forward and backward.
 
@@ -249,7 +249,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _GLU.apply(gate, up, "silu")
 
 
-@outside_compiled_graphs
+@public_op
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """``gelu(gate, approximate) * up`` (the Gemma MLP), fused forward and backward.
 

@@ -19,8 +19,8 @@ from fusetune.ops._launch import (
     cdiv,
     check_float,
     check_row_width,
-    outside_compiled_graphs,
     persistent_programs,
+    public_op,
     row_warps,
     rows_per_program,
     triton,
@@ -219,7 +219,7 @@ def layer_norm_reference(
     return y.to(x.dtype).contiguous()
 
 
-@outside_compiled_graphs
+@public_op
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,

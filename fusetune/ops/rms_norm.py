@@ -27,9 +27,9 @@ from fusetune.ops._launch import (
     check_row_width,
     inverse_order,
     memory_order,
-    outside_compiled_graphs,
     partly_filled,
     persistent_programs,
+    public_op,
     row_warps,
     rows_per_program,
     sm_count,
@@ -339,7 +339,7 @@ def add_rms_norm_reference(
     return rms_norm_reference(summed, weight, eps, offset, cast), summed
 
 
-@outside_compiled_graphs
+@public_op
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -369,7 +369,7 @@ def rms_norm(
     return rms_norm_reference(x, weight, eps, offset, cast)
 
 
-@outside_compiled_graphs
+@public_op
 def add_rms_norm(
     x: torch.Tensor,
     residual: torch.Tensor,

@@ -34,7 +34,7 @@ from fusetune.ops._launch import (
     check_float,
     interpreting,
     next_power_of_2,
-    outside_compiled_graphs,
+    public_op,
     triton,
     use_triton,
 )
@@ -317,7 +317,7 @@ class _RoPE(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-@outside_compiled_graphs
+@public_op
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary position embedding to q and k, as transformers' ``apply_rotary_pos_emb``.
