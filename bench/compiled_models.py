@@ -7,8 +7,9 @@ tells whether a gradient difference comes from the patches or from compiling the
 Each record: a model (the tiny text Llama of ``tests/patch/models.py`` or one of the tiny VLMs of
 ``tests/patch/vlm_models.py``, sdpa attention), patched or not (system ``fusetune`` / ``hf``), the
 worst parameter's gradient difference as a fraction of that gradient's largest element, its name,
-and the loss difference; metric ``compiled_grad_error`` for compiled against eager and
-``eager_grad_error`` for a second eager step against the first (the step's own nondeterminism).
+the five worst parameters' differences, and the loss difference; metric ``compiled_grad_error``
+for compiled against eager and ``eager_grad_error`` for a second eager step against the first (the
+step's own nondeterminism).
 
     python bench/compiled_models.py --out bench/results            # bf16 + Inductor on a GPU
     python bench/compiled_models.py --out /some/folder --quick     # float32 + aot_eager on a CPU
@@ -24,17 +25,17 @@ import common
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TOP = 5  # the worst parameters a record lists
 
 
-def gradient_error(gradients: dict, reference: dict) -> tuple[float, str]:
-    """The largest ``max|g - g_ref| / max|g_ref|`` over the parameters, and that parameter's name."""
+def gradient_errors(gradients: dict, reference: dict) -> dict[str, float]:
+    """``max|g - g_ref| / max|g_ref|`` of every parameter, the largest first."""
     errors = {}
     for name, expected in reference.items():
         scale = expected.abs().max().item()
         difference = (gradients[name] - expected).abs().max().item()
         errors[name] = difference / scale if scale > 0 else difference
-    worst = max(errors, key=errors.get)
-    return errors[worst], worst
+    return dict(sorted(errors.items(), key=lambda item: item[1], reverse=True))
 
 
 def step(model: torch.nn.Module, called, inputs: dict) -> tuple[float, dict]:
@@ -76,8 +77,10 @@ def compare(name: str, patched: bool, backend: str, dtype: torch.dtype, device: 
     compiled_loss, compiled = step(model, torch.compile(model, backend=backend), inputs)
     for metric, loss, gradients in (("eager_grad_error", again_loss, again),
                                     ("compiled_grad_error", compiled_loss, compiled)):
-        error, worst = gradient_error(gradients, eager)
+        errors = gradient_errors(gradients, eager)
+        worst, error = next(iter(errors.items()))
         row = common.record(system, config, metric, error, worst_parameter=worst,
+                            worst_parameters=dict(list(errors.items())[:TOP]),
                             loss_difference=abs(loss - eager_loss), eager_loss=eager_loss)
         print(f"{name:12s} {system:9s} {metric:20s} {error:.3e} ({worst}); loss {row['loss_difference']:.2e}",
               flush=True)
