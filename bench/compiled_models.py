@@ -62,8 +62,8 @@ def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn
     return model, inputs
 
 
-def compare(name: str, patched: bool, backend: str, dtype: torch.dtype, device: torch.device) -> None:
-    """One model, patched or not: records of eager against eager and compiled against eager."""
+def compare(name: str, patched: bool, backend: str, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """One model, patched or not: its records, eager against eager and compiled against eager."""
     import fusetune
 
     model, inputs = build(name, dtype, device)
@@ -75,6 +75,7 @@ def compare(name: str, patched: bool, backend: str, dtype: torch.dtype, device: 
     again_loss, again = step(model, model, inputs)
     torch._dynamo.reset()
     compiled_loss, compiled = step(model, torch.compile(model, backend=backend), inputs)
+    rows = []
     for metric, loss, gradients in (("eager_grad_error", again_loss, again),
                                     ("compiled_grad_error", compiled_loss, compiled)):
         errors = gradient_errors(gradients, eager)
@@ -84,6 +85,8 @@ def compare(name: str, patched: bool, backend: str, dtype: torch.dtype, device: 
                             loss_difference=abs(loss - eager_loss), eager_loss=eager_loss)
         print(f"{name:12s} {system:9s} {metric:20s} {error:.3e} ({worst}); loss {row['loss_difference']:.2e}",
               flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> int:

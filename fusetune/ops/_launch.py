@@ -108,8 +108,9 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
 
 def check_same_device(name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
     """Reject ``others`` (those not None) on another device than ``reference`` (called ``name``),
-    naming the fix. The kernels would otherwise fail on a pointer they cannot read, and the loss
-    ops' labels are the input most often left behind on the CPU."""
+    naming the fix. The kernels would otherwise fail on a pointer they cannot read, or read another
+    GPU's memory out of order with its stream; the loss ops' labels are the input most often left
+    behind on the CPU."""
     for other_name, tensor in others.items():
         if tensor is not None and tensor.device != reference.device:
             raise ValueError(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fusetune.ops._launch import as_rows, cdiv, check_float, public_op, triton, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_op, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -35,6 +35,7 @@ _LAUNCH = {"silu": (1024, 4), "gelu_tanh": (4096, 8), "gelu": (4096, 8)}
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor, op: str) -> None:
+    check_same_device("gate", gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(
             f"fusetune.{op}: gate and up must have the same shape, got {tuple(gate.shape)} and "

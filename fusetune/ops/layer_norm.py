@@ -19,6 +19,7 @@ from fusetune.ops._launch import (
     cdiv,
     check_float,
     check_row_width,
+    check_same_device,
     persistent_programs,
     public_op,
     row_warps,
@@ -185,6 +186,7 @@ class _LayerNorm(torch.autograd.Function):
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     check_float("x", x)
+    check_same_device("x", x, weight=weight, bias=bias)
     if x.dim() == 0:
         raise ValueError("fusetune: layer_norm needs x with at least one dimension, got a scalar.")
     check_row_width(x.shape[-1])

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fusetune import kept
-from fusetune.ops._launch import as_rows, cdiv, check_float, public_op, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_op, use_triton
 from fusetune.ops.glu import (
     ACTIVATIONS,
     geglu_reference,
@@ -81,12 +81,13 @@ def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
     return tuple(weight.quant_state.shape) if is_4bit(weight) else tuple(weight.shape)
 
 
-def _check_projection(op: str, name: str, in_features: int, p: object) -> None:
+def _check_projection(op: str, name: str, x: torch.Tensor, in_features: int, p: object) -> None:
     if not isinstance(p, LoraWeights):
         raise TypeError(
             f"fusetune.{op}: {name} must be a fusetune.ops.lora.LoraWeights(weight, a, b, scale), "
             f"got {type(p).__name__}."
         )
+    check_same_device("x", x, **{f"{name}.{part}": getattr(p, part) for part in ("weight", "a", "b", "bias")})
     if p.weight.requires_grad:
         raise ValueError(
             f"fusetune.{op}: the base weight of {name} requires grad; fused LoRA needs a frozen "
@@ -132,7 +133,7 @@ def _check(op: str, x: torch.Tensor, projections: Sequence[LoraWeights], names: 
     if not projections:
         raise ValueError(f"fusetune.{op}: pass at least one LoraWeights projection.")
     for name, p in zip(names, projections, strict=True):
-        _check_projection(op, name, x.shape[-1], p)
+        _check_projection(op, name, x, x.shape[-1], p)
 
 
 def _check_mlp(
@@ -147,7 +148,7 @@ def _check_mlp(
             f"fusetune.{op}: gate and up have {intermediate} and {_weight_shape(up.weight)[0]} "
             "outputs; a gated MLP needs the same intermediate size for both."
         )
-    _check_projection(op, "down", intermediate, down)
+    _check_projection(op, "down", x, intermediate, down)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

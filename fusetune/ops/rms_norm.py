@@ -25,6 +25,7 @@ from fusetune.ops._launch import (
     cdiv,
     check_float,
     check_row_width,
+    check_same_device,
     inverse_order,
     memory_order,
     partly_filled,
@@ -278,6 +279,7 @@ def _check_inputs(
     """Validate the arguments of rms_norm / add_rms_norm; return whether cast is 'gemma'."""
     gemma = _is_gemma(cast)
     check_float("x", x)
+    check_same_device("x", x, residual=residual, weight=weight)
     if x.dim() == 0:
         raise ValueError("fusetune: rms_norm needs x with at least one dimension, got a scalar.")
     check_row_width(x.shape[-1])

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from fusetune.ops._launch import (
     cdiv,
     check_float,
+    check_same_device,
     interpreting,
     next_power_of_2,
     public_op,
@@ -80,6 +81,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                 f"embedding returns it, got shape {tuple(t.shape)} (for a (seq, rotary_dim) table "
                 f"pass {name}.unsqueeze(0))."
             )
+    check_same_device("q", q, k=k, cos=cos, sin=sin)
     if cos.shape != sin.shape:
         raise ValueError(
             f"fusetune.rope: cos and sin must have the same shape, got {tuple(cos.shape)} and "

@@ -1,17 +1,19 @@
 """The ops on a GPU that is not the current one.
 
 A model split over GPUs (``device_map="auto"``) calls a layer on ``cuda:1`` while ``cuda:0`` is
-current. Triton launches on the current device, whatever the pointers it is given, so every public op
-switches to its first tensor's device first (``_launch.on_input_device``). With two GPUs, every op's
-output and gradients, its inputs on ``cuda:1`` (busy) and ``cuda:0`` current, must equal the same
-call's with ``cuda:1`` current, and stay on ``cuda:1``. On any machine: every public op carries the switch,
-switches only where the devices differ, and asks nothing of CUDA for calls without a CUDA tensor.
+current. Triton launches on the current device, whatever the pointers it is given, so every public
+op switches to its first tensor's device first (``_launch.on_input_device``). With two GPUs, every
+op's output and gradients, its inputs on ``cuda:1`` (busy) and ``cuda:0`` current, must equal the
+same call's with ``cuda:1`` current, and stay on ``cuda:1``. On any machine: every public op carries
+the switch, switches only where the devices differ, asks nothing of CUDA for calls without a CUDA
+tensor, and refuses an input on another device than the first, naming it and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 
 import pytest
 import torch
@@ -96,3 +98,29 @@ def test_op_on_a_gpu_that_is_not_current_matches_it_current(name):
         assert out.device == torch.device("cuda", 1), f"{name} {what} is on {out.device}"
         error = checks.relative_error(out, ref)
         assert error <= SAME_DEVICE_TOLERANCE, f"{name} {what}: relative error {error:.3e}"
+
+
+def _inputs_with_one_elsewhere() -> list:
+    """(op, arguments with one tensor on the meta device, that tensor's name) for every op."""
+    x, w = torch.randn(3, 8), torch.randn(8)
+    q, cos = torch.randn(1, 2, 3, 4), torch.randn(1, 3, 4)
+    meta = torch.empty(8, device="meta")
+    projection = ops.LoraWeights(torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2), 1.0)
+    down_elsewhere = ops.LoraWeights(torch.empty(8, 5, device="meta"), None, None, 1.0)
+    return [
+        (ops.rms_norm, (x, meta), "weight"),
+        (ops.add_rms_norm, (x, x.to("meta"), w), "residual"),
+        (ops.layer_norm, (x, w, meta), "bias"),
+        (ops.rope, (q, q, cos, cos.to("meta")), "sin"),
+        (ops.swiglu, (x, x.to("meta")), "up"),
+        (ops.geglu, (x, x.to("meta")), "up"),
+        (ops.lora_linear, (x, projection._replace(b=projection.b.to("meta"))), "projections[0].b"),
+        (ops.lora_glu_mlp, (x, projection, projection, down_elsewhere, "silu"), "down.weight"),
+    ]
+
+
+@pytest.mark.parametrize(("op", "arguments", "elsewhere"), _inputs_with_one_elsewhere(),
+                         ids=lambda value: getattr(value, "__name__", None))
+def test_an_input_on_another_device_is_refused_by_name(op, arguments, elsewhere):
+    with pytest.raises(ValueError, match=rf"{re.escape(elsewhere)} is on meta but .* move it there"):
+        op(*arguments)
