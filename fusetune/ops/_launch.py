@@ -65,7 +65,7 @@ def on_input_device(op):
 
     @functools.wraps(op)
     def call(*args, **kwargs):
-        device = cuda_device_of(args)
+        device = cuda_device_of((*args, *kwargs.values()))
         if device is None or device.index == torch.cuda.current_device():
             return op(*args, **kwargs)
         with torch.cuda.device(device):
@@ -75,8 +75,9 @@ def on_input_device(op):
 
 
 def cuda_device_of(args: tuple) -> torch.device | None:
-    """The device of the first tensor in ``args`` when that is a CUDA device with an index, else
-    None (CPU tensors, the interpreter's, and no tensor at all need no device switch)."""
+    """The device of the first tensor in ``args`` (a call's positional arguments, then its keyword
+    arguments' values) when that is a CUDA device with an index, else None (CPU tensors, the
+    interpreter's, and no tensor at all need no device switch)."""
     for arg in args:
         if isinstance(arg, torch.Tensor):
             return arg.device if arg.is_cuda and arg.device.index is not None else None

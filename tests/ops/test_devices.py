@@ -69,6 +69,14 @@ def test_the_device_switches_only_where_it_differs(monkeypatch, current, switche
     assert entered == switched
 
 
+def test_tensors_passed_by_keyword_choose_the_device_too(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_launch, "cuda_device_of", lambda args: seen.append(args))
+    x = torch.randn(2)
+    _launch.on_input_device(lambda *args, **kwargs: None)(None, x=x)
+    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] is x
+
+
 def _keep_busy(device_index: int) -> None:
     """Queue about half a second of spinning on the device's current stream: the torch work queued
     there after it (each case's ``x * 2``) is then not done yet when a kernel launched on another
