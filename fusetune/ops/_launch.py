@@ -61,10 +61,14 @@ def on_input_device(op):
     run on ``cuda:0`` reading ``cuda:1``'s memory, out of order with ``cuda:1``'s stream (a wrong
     result or an illegal address). Backward needs no guard: autograd runs each node's backward
     with its device current. Costs a device query a call; switches only where the devices differ.
+    While torch.compile traces, the call goes through as it is: the custom ops it records switch
+    devices when they run (``_graph_ops.graph_op``).
     """
 
     @functools.wraps(op)
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
         device = cuda_device_of((*args, *kwargs.values()))
         if device is None or device.index == torch.cuda.current_device():
             return op(*args, **kwargs)
@@ -85,8 +89,15 @@ def cuda_device_of(args: tuple) -> torch.device | None:
 
 
 def public_op(op):
-    """The wrapping every public op gets: run on its input's device (:func:`on_input_device`) and as
-    it is between torch.compile's graphs (:func:`outside_compiled_graphs`)."""
+    """The wrapping of a public op whose launches are custom ops (``_graph_ops``): run on its input's
+    device (:func:`on_input_device`); torch.compile traces it into its graph."""
+    return on_input_device(op)
+
+
+def public_eager_op(op):
+    """The wrapping of a public op that torch.compile cannot trace: run on its input's device
+    (:func:`on_input_device`) and as it is between torch.compile's graphs
+    (:func:`outside_compiled_graphs`)."""
     return outside_compiled_graphs(on_input_device(op))
 
 
@@ -151,10 +162,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
     if x.dim() == 2:
         return x
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:
-        return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])  # a view where the strides allow one (no exception to trace)
 
 
 def next_power_of_2(n: int) -> int:

@@ -45,7 +45,7 @@ from fusetune.ops._launch import (
     check_float,
     check_same_device,
     next_power_of_2,
-    public_op,
+    public_eager_op,
     sm_count,
     use_triton,
 )
@@ -538,7 +538,7 @@ def cross_entropy_reference(
     return reduce_losses(per_row, reduction, denominator, labels.shape)
 
 
-@public_op
+@public_eager_op
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,

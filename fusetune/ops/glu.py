@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_op, triton, use_triton
 
 if triton is not None:
@@ -211,27 +212,46 @@ def glu_backward_into(
         )
 
 
+def _rows_like(gate: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of ``gate``'s shape and dtype (the launches' outputs)."""
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@graph_op("glu_forward", fake=lambda gate, up, activation: _rows_like(gate))
+def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` over 2-D rows (as :func:`glu_forward_into`), into a new contiguous tensor."""
+    out = _rows_like(gate)
+    glu_forward_into(out, gate, up, activation)
+    return out
+
+
+@graph_op("glu_backward", fake=lambda grad, gate, up, activation: [_rows_like(gate), _rows_like(gate)])
+def _glu_backward(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
+) -> list[torch.Tensor]:
+    """``[dgate, dup]`` over 2-D rows (as :func:`glu_backward_into`), into new contiguous tensors."""
+    dgate, dup = _rows_like(gate), _rows_like(gate)
+    glu_backward_into(dgate, dup, grad, gate, up, activation)
+    return [dgate, dup]
+
+
 class _GLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
         gate_rows, up_rows = _rows(gate), _rows(up)
-        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        glu_forward_into(out, gate_rows, up_rows, activation)
         ctx.save_for_backward(gate_rows, up_rows)
         ctx.activation = activation
         ctx.shape = gate.shape
-        return out
+        return _glu_forward(gate_rows, up_rows, activation).view(gate.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         gate_rows, up_rows = ctx.saved_tensors
-        dgate = torch.empty(ctx.shape, dtype=gate_rows.dtype, device=gate_rows.device)
-        dup = torch.empty_like(dgate)
-        glu_backward_into(_rows(dgate), _rows(dup), _rows(grad_out), gate_rows, up_rows, ctx.activation)
+        dgate, dup = _glu_backward(_rows(grad_out), gate_rows, up_rows, ctx.activation)
         return (
-            dgate if ctx.needs_input_grad[0] else None,
-            dup if ctx.needs_input_grad[1] else None,
+            dgate.view(ctx.shape) if ctx.needs_input_grad[0] else None,
+            dup.view(ctx.shape) if ctx.needs_input_grad[1] else None,
             None,
         )
 

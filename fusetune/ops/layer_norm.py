@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import (
     as_rows,
     block_for,
@@ -135,53 +136,93 @@ if triton is not None:
             tl.store(DB_PARTIAL + own_row, tl.sum(db, axis=0), mask=mask)
 
 
+def _forward_outputs(
+    rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> list[torch.Tensor]:
+    """New ``[y, mean, rstd]`` for :func:`_forward`'s rows."""
+    n_rows = rows.shape[0]
+    y = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
+    return [y, mean, torch.empty_like(mean)]
+
+
+@graph_op("layer_norm_forward", fake=_forward_outputs)
+def _forward(
+    rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> list[torch.Tensor]:
+    """The forward launch over 2-D ``rows``: ``[y, mean, rstd]``."""
+    y, mean, rstd = outputs = _forward_outputs(rows, weight, bias, eps)
+    n_rows, n_cols = rows.shape
+    block = block_for(n_cols)
+    rows_at_once = _rows_at_once(block)
+    _layer_norm_forward_kernel[(cdiv(n_rows, rows_at_once),)](
+        rows, weight, bias, y, mean, rstd,
+        rows.stride(0), n_rows, n_cols, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK=block, ROWS=rows_at_once, num_warps=row_warps(n_cols, block, rows_at_once),
+    )
+    return outputs
+
+
+def _backward_outputs(
+    dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+    rstd: torch.Tensor, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None,
+) -> list[torch.Tensor]:
+    """New ``[dx]``, then dw and db where their dtypes are given, for :func:`_backward`."""
+    dtypes = [dtype for dtype in (dw_dtype, db_dtype) if dtype is not None]
+    params = [torch.empty(rows.shape[1], dtype=dtype, device=rows.device) for dtype in dtypes]
+    return [torch.empty(rows.shape, dtype=rows.dtype, device=rows.device), *params]
+
+
+@graph_op("layer_norm_backward", fake=_backward_outputs)
+def _backward(
+    dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+    rstd: torch.Tensor, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None,
+) -> list[torch.Tensor]:
+    """The backward launch over 2-D rows: ``[dx]``, then the weight's gradient (in ``dw_dtype``)
+    and the bias's (in ``db_dtype``) where those are given (None: not wanted)."""
+    n_rows, n_cols = rows.shape
+    block = block_for(n_cols)
+    dx = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    rows_at_once = _rows_at_once(block)
+    programs = _backward_programs(cdiv(n_rows, rows_at_once), rows.device, block)
+    need_dw, need_db = dw_dtype is not None, db_dtype is not None
+    # The weight gradient's partial sums first, then the bias's, in one buffer.
+    dtypes = [dtype for dtype in (dw_dtype, db_dtype) if dtype is not None]
+    partial = partial_buffer(programs, len(dtypes), n_cols, rows.device)
+    _layer_norm_backward_kernel[(programs,)](
+        dy, rows, weight, mean, rstd, dx,
+        partial[:, 0] if need_dw else None, partial[:, -1] if need_db else None,
+        dy.stride(0), rows.stride(0), 0 if partial is None else partial.stride(0), n_rows, n_cols,
+        HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+        BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block),
+        num_warps=row_warps(n_cols, block, rows_at_once),
+    )
+    return [dx, *(sum_partials(partial, *dtypes) if dtypes else ())]
+
+
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         rows = as_rows(x)
-        n_rows, n_cols = rows.shape
-        block = block_for(n_cols)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        rows_at_once = _rows_at_once(block)
-        _layer_norm_forward_kernel[(cdiv(n_rows, rows_at_once),)](
-            rows, weight, bias, y, mean, rstd,
-            rows.stride(0), n_rows, n_cols, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK=block, ROWS=rows_at_once, num_warps=row_warps(n_cols, block, rows_at_once),
-        )
+        y, mean, rstd = _forward(rows, weight, bias, eps)
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         rows, weight, mean, rstd = ctx.saved_tensors
-        n_rows, n_cols = rows.shape
-        block = block_for(n_cols)
-        dy_rows = as_rows(dy)
-        dx = torch.empty(ctx.shape, dtype=rows.dtype, device=rows.device)
-        rows_at_once = _rows_at_once(block)
-        programs = _backward_programs(cdiv(n_rows, rows_at_once), rows.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        # The weight gradient's partial sums first, then the bias's, in one buffer.
-        dtypes = ([weight.dtype] if need_dw else []) + ([ctx.bias_dtype] if need_db else [])
-        partial = partial_buffer(programs, len(dtypes), n_cols, rows.device)
-        _layer_norm_backward_kernel[(programs,)](
-            dy_rows, rows, weight, mean, rstd, dx,
-            partial[:, 0] if need_dw else None, partial[:, -1] if need_db else None,
-            dy_rows.stride(0), rows.stride(0), 0 if partial is None else partial.stride(0), n_rows, n_cols,
-            HAS_WEIGHT=weight is not None, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK=block, ROWS=rows_at_once, STAGES=_backward_stages(block),
-            num_warps=row_warps(n_cols, block, rows_at_once),
+        dx, *params = _backward(
+            as_rows(dy), rows, weight, mean, rstd, weight.dtype if need_dw else None,
+            ctx.bias_dtype if need_db else None,
         )
-        gradients = sum_partials(partial, *dtypes) if dtypes else ()
-        dw = gradients[0] if need_dw else None
-        db = gradients[-1] if need_db else None
-        return dx, dw, db, None
+        dw = params[0] if need_dw else None
+        db = params[-1] if need_db else None
+        return dx.view(ctx.shape), dw, db, None
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusetune.ops._launch import as_rows, check_float, check_same_device, public_op, use_triton
+from fusetune.ops._launch import as_rows, check_float, check_same_device, public_eager_op, use_triton
 from fusetune.ops.cross_entropy import (
     check_options,
     cross_entropy_reference,
@@ -297,7 +297,7 @@ def linear_cross_entropy_reference(
     )
 
 
-@public_op
+@public_eager_op
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fusetune import kept
-from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_op, use_triton
+from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_eager_op, use_triton
 from fusetune.ops.glu import (
     ACTIVATIONS,
     geglu_reference,
@@ -685,7 +685,7 @@ def _accumulate(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
-@public_op
+@public_eager_op
 def lora_linear(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tensor, ...]:
     """``y_i = x @ W_i.T + scale_i * (x @ a_i.T) @ b_i.T`` for each projection, one autograd node.
 
@@ -700,7 +700,7 @@ def lora_linear(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tenso
     return _LoraLinear.apply(x, spec, *_adapter_args(projections))
 
 
-@public_op
+@public_eager_op
 def lora_glu_mlp(
     x: torch.Tensor,
     gate: LoraWeights,

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusetune.ops._launch import SUPPORTED_DTYPES, cdiv, public_op, triton, use_triton
+from fusetune.ops._launch import SUPPORTED_DTYPES, cdiv, public_eager_op, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -348,7 +348,7 @@ def _dequantize_nf4_triton(
     return out
 
 
-@public_op
+@public_eager_op
 def dequantize_nf4(
     packed: torch.Tensor,
     quant_state,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import (
     NARROW_BLOCK,
     ROW_TILE,
@@ -192,6 +193,75 @@ def _rms_output_dtype(x: torch.Tensor, weight: torch.Tensor | None, gemma: bool)
     return x.dtype if weight is None or gemma else torch.result_type(weight, x)
 
 
+def _forward_outputs(
+    rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+    offset: float, gemma: bool,
+) -> list[torch.Tensor]:
+    """New ``[y, rstd]`` (or ``[y, summed, rstd]`` with a residual) for :func:`_forward`'s rows."""
+    n_rows = rows.shape[0]
+    y = torch.empty(rows.shape, dtype=_rms_output_dtype(rows, weight, gemma), device=rows.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
+    if residual is None:
+        return [y, rstd]
+    return [y, torch.empty(rows.shape, dtype=rows.dtype, device=rows.device), rstd]
+
+
+@graph_op("rms_norm_forward", fake=_forward_outputs)
+def _forward(
+    rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+    offset: float, gemma: bool,
+) -> list[torch.Tensor]:
+    """The forward launch over 2-D ``rows`` (and ``residual`` rows, added first):
+    ``[y, rstd]`` or ``[y, summed, rstd]`` (``_forward_outputs``)."""
+    outputs = _forward_outputs(rows, residual, weight, eps, offset, gemma)
+    y, summed, rstd = outputs[0], outputs[1] if residual is not None else None, outputs[-1]
+    n_rows, n_cols = rows.shape
+    block = block_for(n_cols)
+    rows_at_once = rows_per_program(block)
+    programs, stages = forward_grid(cdiv(n_rows, rows_at_once), block, rows.device)
+    _rms_norm_forward_kernel[(programs,)](
+        rows, residual, summed, y, weight, rstd,
+        rows.stride(0), 0 if residual is None else residual.stride(0), n_rows, n_cols, eps, offset,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, GEMMA=gemma,
+        BLOCK=block, ROWS=rows_at_once, STAGES=stages, num_warps=row_warps(n_cols, block, rows_at_once),
+    )
+    return outputs
+
+
+def _backward_outputs(
+    dy: torch.Tensor, dsum: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
+    rstd: torch.Tensor, offset: float, gemma: bool, residual: bool, need_dw: bool,
+) -> list[torch.Tensor]:
+    """New ``[dx]`` (or ``[dx, dw]`` where ``need_dw``) for :func:`_backward`."""
+    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    return [dx, torch.empty(weight.shape, dtype=weight.dtype, device=h.device)] if need_dw else [dx]
+
+
+@graph_op("rms_norm_backward", fake=_backward_outputs)
+def _backward(
+    dy: torch.Tensor, dsum: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
+    rstd: torch.Tensor, offset: float, gemma: bool, residual: bool, need_dw: bool,
+) -> list[torch.Tensor]:
+    """The backward launch over 2-D rows: ``dy`` (and ``dsum``, the summed output's gradient, added
+    to dx), the normalised rows ``h`` and their ``rstd``; ``residual`` says whether forward added
+    one (it picks the launch). Returns ``[dx]`` or ``[dx, dw]``."""
+    n_rows, n_cols = h.shape
+    block = block_for(n_cols)
+    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    rows_at_once = backward_rows(n_cols, block, residual)
+    programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device, block)
+    dw_partial = partial_buffer(programs, int(need_dw), n_cols, h.device)
+    _rms_norm_backward_kernel[(programs,)](
+        dy, h, weight, rstd, dsum, dx, dw_partial,
+        dy.stride(0), h.stride(0), 0 if dsum is None else dsum.stride(0),
+        n_rows, n_cols, offset,
+        HAS_WEIGHT=weight is not None, HAS_DSUM=dsum is not None, GEMMA=gemma,
+        COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, STAGES=backward_stages(rows_at_once),
+        num_warps=row_warps(n_cols, block, rows_per_program(block)),
+    )
+    return [dx, sum_partials(dw_partial, weight.dtype)[0]] if need_dw else [dx]
+
+
 class _RMSNorm(torch.autograd.Function):
     """Triton RMSNorm with an optional fused residual add (``residual`` None: plain norm)."""
 
@@ -204,56 +274,30 @@ class _RMSNorm(torch.autograd.Function):
             x = x.permute(ctx.order)
             residual = None if residual is None else residual.permute(ctx.order)
         rows = as_rows(x)
-        n_rows, n_cols = rows.shape
-        block = block_for(n_cols)
-        y = torch.empty(x.shape, dtype=_rms_output_dtype(x, weight, gemma), device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        if residual is None:
-            res_rows, summed = None, None
-        else:
-            res_rows = as_rows(residual)
-            summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rows_at_once = rows_per_program(block)
-        programs, stages = forward_grid(cdiv(n_rows, rows_at_once), block, x.device)
-        _rms_norm_forward_kernel[(programs,)](
-            rows, res_rows, summed, y, weight, rstd,
-            rows.stride(0), 0 if res_rows is None else res_rows.stride(0), n_rows, n_cols, eps, offset,
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, GEMMA=gemma,
-            BLOCK=block, ROWS=rows_at_once, STAGES=stages, num_warps=row_warps(n_cols, block, rows_at_once),
-        )
+        outputs = _forward(rows, None if residual is None else as_rows(residual), weight, eps, offset, gemma)
         # Recompute in backward from what was normalised (x, or the rounded sum) and rstd.
-        normalised = rows if summed is None else summed.view(n_rows, n_cols)
-        ctx.save_for_backward(normalised, weight, rstd)
+        normalised = rows if residual is None else outputs[1]
+        ctx.save_for_backward(normalised, weight, outputs[-1])
         ctx.shape, ctx.offset, ctx.gemma = x.shape, offset, gemma
         ctx.has_residual = residual is not None
-        y, summed = _in_order(y, ctx.order), _in_order(summed, ctx.order)
-        return y if summed is None else (y, summed)
+        y = _in_order(outputs[0].view(x.shape), ctx.order)
+        if residual is None:
+            return y
+        return y, _in_order(outputs[1].view(x.shape), ctx.order)
 
     @staticmethod
     def backward(ctx, dy, dsum=None):
         h, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = h.shape
-        block = block_for(n_cols)
         if ctx.order is not None:  # the rows in forward's order
             dy = dy.permute(ctx.order)
             dsum = None if dsum is None else dsum.permute(ctx.order)
-        dy_rows = as_rows(dy)
-        ds_rows = None if dsum is None else as_rows(dsum)
-        dx = torch.empty(ctx.shape, dtype=h.dtype, device=h.device)
-        rows_at_once = backward_rows(n_cols, block, ctx.has_residual)
-        programs = persistent_programs(cdiv(n_rows, rows_at_once), h.device, block)
         need_dw = weight is not None and ctx.needs_input_grad[2]
-        dw_partial = partial_buffer(programs, int(need_dw), n_cols, h.device)
-        _rms_norm_backward_kernel[(programs,)](
-            dy_rows, h, weight, rstd, ds_rows, dx, dw_partial,
-            dy_rows.stride(0), h.stride(0), 0 if ds_rows is None else ds_rows.stride(0),
-            n_rows, n_cols, ctx.offset,
-            HAS_WEIGHT=weight is not None, HAS_DSUM=ds_rows is not None, GEMMA=ctx.gemma,
-            COMPUTE_DW=need_dw, BLOCK=block, ROWS=rows_at_once, STAGES=backward_stages(rows_at_once),
-            num_warps=row_warps(n_cols, block, rows_per_program(block)),
+        gradients = _backward(
+            as_rows(dy), None if dsum is None else as_rows(dsum), h, weight, rstd, ctx.offset, ctx.gemma,
+            ctx.has_residual, need_dw,
         )
-        dw = sum_partials(dw_partial, weight.dtype)[0] if need_dw else None
-        dx = _in_order(dx, ctx.order)
+        dx = _in_order(gradients[0].view(ctx.shape), ctx.order)
+        dw = gradients[1] if need_dw else None
         # x and residual enter the normalised sum alike, so they get the same gradient.
         dres = dx if ctx.has_residual else None
         return dx, dres, dw, None, None, None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import (
     cdiv,
     check_float,
@@ -233,34 +234,44 @@ def _table(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return t, sb, ss
 
 
-def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-            unsqueeze_dim: int, backward: bool, out_dtypes: tuple) -> tuple:
-    """Rotate q and k (either may be None) by cos/sin; backward=True applies the inverse.
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
-    Outputs keep the inputs' layout where it is dense (e.g. a transposed projection), else are
-    contiguous.
-    """
-    outs, pairs = [], []
-    for x, dtype in zip((q, k), out_dtypes, strict=True):
-        if x is None:
-            outs.append(None)
-            pairs.append(None)
-            continue
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        out = torch.empty_like(x, dtype=dtype)
-        outs.append(out)
-        pairs.append((_as_bshd(x, unsqueeze_dim), _as_bshd(out, unsqueeze_dim)))
+
+def _outputs(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+             unsqueeze_dim: int, backward: bool, q_dtype: torch.dtype, k_dtype: torch.dtype,
+             ) -> list[torch.Tensor]:
+    """New outputs of :func:`_launch`: one for each of q and k given, in ``q_dtype`` / ``k_dtype``,
+    in the input's layout where it is dense (e.g. a transposed projection), else contiguous."""
+    return [torch.empty_like(_unit_stride(x), dtype=dtype)
+            for x, dtype in ((q, q_dtype), (k, k_dtype)) if x is not None]
+
+
+def _placed(outs: list[torch.Tensor], inputs: tuple) -> list[torch.Tensor | None]:
+    """``outs`` (one for each of ``inputs`` that is not None) in their inputs' places, None elsewhere."""
+    present = iter(outs)
+    return [None if x is None else next(present) for x in inputs]
+
+
+@graph_op("rope", fake=_outputs)
+def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+            unsqueeze_dim: int, backward: bool, q_dtype: torch.dtype, k_dtype: torch.dtype,
+            ) -> list[torch.Tensor]:
+    """Rotate q and k (either may be None) by cos/sin; backward=True applies the inverse. Returns
+    the outputs of those given (``_outputs``)."""
+    outs = _outputs(q, k, cos, sin, unsqueeze_dim, backward, q_dtype, k_dtype)
+    pairs = [None if x is None else (_as_bshd(_unit_stride(x), unsqueeze_dim), _as_bshd(out, unsqueeze_dim))
+             for x, out in zip((q, k), _placed(outs, (q, k)), strict=True)]
     live = [p for p in pairs if p is not None]
     if not live:
-        return None, None
+        return outs
     # A missing one is replaced by the other (never touched: HAS_Q / HAS_K are off).
     (q_in, q_out), (k_in, k_out) = (p if p is not None else live[0] for p in pairs)
     n_q = q_in.shape[2] if pairs[0] is not None else 0
     n_k = k_in.shape[2] if pairs[1] is not None else 0
     batch, seq, _, head_dim = live[0][0].shape
     if batch * seq == 0:
-        return tuple(outs)
+        return outs
 
     cos, c_sb, c_ss = _table(cos)
     sin, s_sb, s_ss = _table(sin)
@@ -297,7 +308,7 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, s
 class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, unsqueeze_dim):
-        q_out, k_out = _launch(q, k, cos, sin, unsqueeze_dim, False, (q.dtype, k.dtype))
+        q_out, k_out = _launch(q, k, cos, sin, unsqueeze_dim, False, q.dtype, k.dtype)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim = unsqueeze_dim
         ctx.dtypes = (q.dtype, k.dtype)
@@ -311,11 +322,9 @@ class _RoPE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            grad_q = None
-        if not ctx.needs_input_grad[1]:
-            grad_k = None
-        dq, dk = _launch(grad_q, grad_k, cos, sin, ctx.unsqueeze_dim, True, ctx.dtypes)
+        grads = [g if wanted else None
+                 for g, wanted in zip((grad_q, grad_k), ctx.needs_input_grad[:2], strict=True)]
+        dq, dk = _placed(_launch(*grads, cos, sin, ctx.unsqueeze_dim, True, *ctx.dtypes), grads)
         return dq, dk, None, None, None
 
 

@@ -83,12 +83,14 @@ class LossState:
     """Per-instance settings of the fused loss forward, kept on the model as ``_fusetune_loss``.
 
     ``inner`` is a ``forward`` that was already set on the instance (accelerate does that) and
-    that the original path must keep calling; None means the class's forward.
+    that the original path must keep calling; None means the class's forward. ``output_class`` is
+    what the fused path returns (found once here: torch.compile would trace the lookup each call).
     """
 
     mode: str
     softcap: bool
     inner: Callable | None
+    output_class: type[ModelOutput]
 
 
 def _plain_linear(head: nn.Module | None) -> bool:
@@ -143,7 +145,8 @@ def _softcap(model: PreTrainedModel) -> float | None:
 
 def patch_loss(model: PreTrainedModel, mode: str, report: PatchReport) -> None:
     """Install the fused loss forward on ``model`` (instance attribute), recorded in ``report``."""
-    state = LossState(mode, KNOWN_HEADS[model.config.model_type], model.__dict__.get("forward"))
+    state = LossState(mode, KNOWN_HEADS[model.config.model_type], model.__dict__.get("forward"),
+                      _output_class(type(model).forward))
     report.set_attr(model, "_fusetune_loss", state)
     report.set_attr(model, "forward", MethodType(_fused_forward_like(type(model).forward), model))
 
@@ -164,7 +167,8 @@ def _fused_forward_like(class_forward: Callable) -> Callable:
 
 def _original(model: nn.Module) -> Callable:
     inner = model._fusetune_loss.inner
-    return inner if inner is not None else MethodType(type(model).forward, model)
+    # A partial, not a MethodType: torch.compile traces this call, and not MethodType's.
+    return inner if inner is not None else functools.partial(type(model).forward, model)
 
 
 def _keyword_arguments(function: Callable, args: tuple, kwargs: dict) -> dict | None:
@@ -211,7 +215,7 @@ def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
     hidden = _keep(outputs[0], logits_to_keep)
     state = model._fusetune_loss
     loss, logits = _loss(hidden, head, labels, state.mode, _softcap(model), return_logits, **loss_kwargs)
-    output_class = _output_class(type(model).forward)
+    output_class = state.output_class
     output = output_class(loss=loss, logits=logits, **_carried_fields(output_class, outputs))
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
@@ -278,7 +282,6 @@ def _as_forward_of(module: nn.Module, function: typing.Callable, *args: torch.Te
             module.forward = own
 
 
-@functools.cache
 def _output_class(class_forward: Callable) -> type[ModelOutput]:
     """The output class the head's forward is annotated to return (``tuple | X`` gives X), or
     CausalLMOutputWithPast if none."""

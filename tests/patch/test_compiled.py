@@ -2,9 +2,12 @@
 
 ``fusetune.apply`` and then ``torch.compile(model)`` (what ``Trainer(torch_compile=True)`` does) must
 work, plain and with PEFT LoRA on every projection (the fused LoRA paths hold outputs between calls
-and read weights at call time, so they run outside the compiled graphs, as the ops do). On CPU the
-graphs use the ``aot_eager`` backend (no C++ toolchain needed); on a GPU (``TRITON_INTERPRET=0``)
-Inductor's, whose own fusions round differently in bfloat16.
+and read weights at call time, so they run outside the compiled graphs, as the losses do). The
+patched norms, RoPE and GLUs stay in the graph (custom ops, ``fusetune/ops/_graph_ops.py``): a
+patched model's forward without labels compiles with ``fullgraph=True``, a text Llama and Mllama
+(whose q and k norms run on transposed views). On CPU the graphs use the ``aot_eager`` backend (no
+C++ toolchain needed); on a GPU (``TRITON_INTERPRET=0``) Inductor's, whose own fusions round
+differently in bfloat16.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import fusetune  # noqa: E402
 from tests.ops import checks  # noqa: E402
 from tests.patch.models import batch, tiny_model  # noqa: E402
 from tests.patch.test_lora_patch import ALL_LINEAR  # noqa: E402
+from tests.patch.vlm_models import tiny_vlm, vlm_batch  # noqa: E402
 
 BACKEND = "inductor" if checks.DEVICE == "cuda" else "aot_eager"
 DTYPE = torch.bfloat16 if checks.DEVICE == "cuda" else torch.float32
@@ -56,3 +60,32 @@ def test_compiled_patched_llama_trains_as_eager(lora):
     assert len(grads) == len(eager_grads) > 0
     for grad, expected in zip(grads, eager_grads, strict=True):
         assert checks.relative_error(grad, expected) <= TOLERANCE
+
+
+def _logits_loss(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """A loss of ``model``'s logits (called without labels: no fused loss, a graph of its own)."""
+    logits = model(**{key: value for key, value in inputs.items() if key != "labels"}).logits
+    return logits.float().square().mean()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mllama"])
+def test_patched_model_compiles_whole(arch):
+    if arch == "llama":
+        model, inputs = tiny_model("llama"), batch()
+    else:
+        model, inputs = tiny_vlm(arch, "sdpa"), vlm_batch(arch)
+    model = model.to(checks.DEVICE, DTYPE)
+    fusetune.apply(model)
+    inputs = {key: value.to(checks.DEVICE) for key, value in inputs.items()}
+    inputs = {key: value.to(DTYPE) if value.is_floating_point() else value for key, value in inputs.items()}
+    model.zero_grad(set_to_none=True)
+    eager_loss = _logits_loss(model, inputs)
+    eager_loss.backward()
+    eager_grads = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    loss = _logits_loss(torch.compile(model, backend=BACKEND, fullgraph=True), inputs)
+    loss.backward()
+    assert checks.relative_error(loss, eager_loss) <= TOLERANCE
+    for param, expected in zip(model.parameters(), eager_grads, strict=True):
+        assert checks.relative_error(param.grad, expected) <= TOLERANCE

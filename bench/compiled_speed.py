@@ -1,0 +1,178 @@
+"""A training step of a compiled Llama, with and without fusetune, against the same steps run eagerly.
+
+Since the norms, RoPE and the GLUs launch their kernels through ``torch.library`` custom ops
+(``fusetune/ops/_graph_ops.py``), ``torch.compile`` keeps a patched model's layers in one graph; the
+fused loss still runs between graphs (one break, at the end). This measures what that is worth. Every
+system runs the same model (Llama-3.2-1B's shape: hidden 2,048, 16 layers, vocab 128,256, tied
+embeddings, seeded random weights, bf16, sdpa; every parameter trained), one row of ``--tokens``
+tokens, forward + backward with the loss, no optimizer:
+
+- ``hf`` / ``hf-compiled``: transformers as it is, eager and ``torch.compile(model)``;
+- ``fusetune`` / ``fusetune-compiled``: after ``fusetune.apply(model)``, eager and compiled;
+- ``fusetune-compiled-breaks``: compiled with the patched ops called as before this change, each
+  between compiled graphs (``torch.compiler.disable``): one graph break at every op;
+- ``liger`` / ``liger-compiled``: Liger-Kernel's ``apply_liger_kernel_to_llama`` (it patches
+  transformers' classes, so these run last).
+
+Records: ``time_ms`` (median wall time of ``--steps`` steps after ``--warmup``, each ending in the
+loss's ``.item()``), with the first step's wall time (``first_step_s``, compiling included) and the
+graphs torch.compile made (``compiled_graphs``), and the peak memory a step allocates (``peak_mib``).
+``--quick`` runs a tiny model in float32 with ``aot_eager`` on a CPU.
+
+    python bench/compiled_speed.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import common
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-compiled", "fusetune-compiled-breaks", "liger",
+           "liger-compiled")
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                tie_word_embeddings=True, rms_norm_eps=1e-5)
+TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=257, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def build(quick: bool, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The Llama of this benchmark with seeded random weights, in training mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**(TINY if quick else LLAMA_1B), use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.train()
+
+
+def batch(model: torch.nn.Module, tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+@contextlib.contextmanager
+def ops_between_graphs():
+    """The patched modules' ops called as they were before they became custom ops: each one run as
+    it is between torch.compile's graphs (the benchmark's ``-breaks`` system)."""
+    import fusetune.nn.glu as glu_modules
+    import fusetune.nn.layer_norm as layer_norm_modules
+    import fusetune.nn.rms_norm as rms_norm_modules
+    import fusetune.patch.rope as rope_patch
+
+    names = [(rms_norm_modules, "rms_norm"), (layer_norm_modules, "layer_norm"), (glu_modules, "swiglu"),
+             (glu_modules, "geglu"), (rope_patch, "rope")]
+    saved = [getattr(module, name) for module, name in names]
+    for (module, name), op in zip(names, saved, strict=True):
+        setattr(module, name, torch.compiler.disable(op))
+    try:
+        yield
+    finally:
+        for (module, name), op in zip(names, saved, strict=True):
+            setattr(module, name, op)
+
+
+def prepare(system: str, model: torch.nn.Module, backend: str):
+    """``model`` set up as ``system`` runs it: the callable a step calls."""
+    if system.startswith("fusetune"):
+        import fusetune
+
+        fusetune.apply(model)
+    elif system.startswith("liger"):
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+    if system.endswith("compiled") or system.endswith("compiled-breaks"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        return torch.compile(model, backend=backend)
+    return model
+
+
+def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Build, set up and time one system; its records."""
+    config = {"model": "tiny-llama" if args.quick else "llama-3.2-1b-shape", "tokens": args.tokens,
+              "dtype": str(dtype).removeprefix("torch."), "backend": backend, "params": "all"}
+    model = build(args.quick, dtype, device)
+    inputs = batch(model, args.tokens, device)
+    called = prepare(system, model, backend)
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        loss = called(**inputs).loss
+        loss.backward()
+        return loss.item()
+
+    breaks = ops_between_graphs() if system.endswith("-breaks") else contextlib.nullcontext()
+    with breaks:
+        started = time.perf_counter()
+        loss = step()
+        first = time.perf_counter() - started
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # 0 when not compiled
+        for _ in range(args.warmup):
+            step()
+        times, peak = [], None
+        for _ in range(args.steps):
+            common.synchronize()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            started = time.perf_counter()
+            step()  # loss.item() waits for the device
+            times.append((time.perf_counter() - started) * 1000)
+            if device.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated() - before) / common.MIB
+    ms = statistics.median(times)
+    common.record(system, config, common.TIME, ms, first_step_s=first, loss=loss, steps=args.steps,
+                  compiled_graphs=graphs)
+    if peak is not None:
+        common.record(system, config, common.MEMORY, peak)
+    print(f"{system:26s} {ms:9.2f} ms, first {first:6.1f} s, {graphs} graphs, loss {loss:.4f}, "
+          f"peak {peak} MiB", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON lines")
+    parser.add_argument("--tag", default="h200", help="results file is compiled-speed-<tag>.jsonl")
+    parser.add_argument("--quick", action="store_true", help="tiny model, float32, aot_eager (a CPU)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(SYSTEMS))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=2, help="steps after the first before timing")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))  # fusetune from this checkout
+    systems = args.systems.split(",")
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    # Liger patches transformers' classes for every later model: its systems go last.
+    systems.sort(key=lambda name: name.startswith("liger"))
+    cuda = torch.cuda.is_available() and not args.quick
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype, backend = (torch.bfloat16, "inductor") if cuda else (torch.float32, "aot_eager")
+    path = common.open_results(args.out / f"compiled-speed-{args.tag}.jsonl")
+    print(f"environment: {common.environment()}\nresults: {path}", flush=True)
+    for system in systems:
+        try:
+            measure(system, args, backend, dtype, device)
+        except Exception as exc:  # one system's failure is recorded; the others still run
+            common.record(system, {"tokens": args.tokens}, common.TIME, None, common.describe(exc))
+            print(f"{system}: {common.describe(exc)}", flush=True)
+        common.release()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
