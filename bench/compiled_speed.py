@@ -84,6 +84,7 @@ def ops_between_graphs():
 
 def prepare(system: str, model: torch.nn.Module, backend: str):
     """``model`` set up as ``system`` runs it: the callable a step calls."""
+    torch._dynamo.utils.counters.clear()  # the graph count is this system's
     if system.startswith("fusetune"):
         import fusetune
 
@@ -94,7 +95,6 @@ def prepare(system: str, model: torch.nn.Module, backend: str):
         apply_liger_kernel_to_llama(model=model)
     if system.endswith("compiled") or system.endswith("compiled-breaks"):
         torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         return torch.compile(model, backend=backend)
     return model
 

@@ -220,8 +220,24 @@ def _copy_function(function: types.FunctionType, globals_: dict, closure: tuple 
     copy.__kwdefaults__ = None if function.__kwdefaults__ is None else dict(function.__kwdefaults__)
     copy.__dict__.update(function.__dict__)
     copy.__qualname__ = function.__qualname__
+    copy.__module__ = function.__module__  # taken from the globals' __name__, which a copy may lack
     copy.__doc__ = function.__doc__
     copy.__annotations__ = dict(function.__annotations__)
+    return copy
+
+
+def _globals_copy(function: types.FunctionType, replacements: dict[str, Callable]) -> dict:
+    """``function``'s module globals with ``replacements``, and without ``__name__``.
+
+    torch.compile guards a global that an inlined function reads through the module named by its
+    globals' ``__name__`` (it re-imports the module), which here would be the modeling file with the
+    original rotary function: torch 2.11 failed to build its guard on the replacement's closure
+    (``'NoneType' object is not subscriptable``), and 2.13 guarded the original function instead of
+    the one called. Without ``__name__`` it guards this dict itself. (A warning raised in the
+    forward names its module ``<string>``; relative imports use ``__package__``, which is kept.)
+    """
+    copy = {**function.__globals__, **replacements}
+    del copy["__name__"]
     return copy
 
 
@@ -233,7 +249,7 @@ def _rebuild(chain: list[Callable], replacements: dict[str, Callable]) -> Callab
     replaced, so it behaves as before around the new inner function.
     """
     inner = chain[-1]
-    rebuilt = _copy_function(inner, {**inner.__globals__, **replacements}, inner.__closure__)
+    rebuilt = _copy_function(inner, _globals_copy(inner, replacements), inner.__closure__)
     for wrapper, wrapped in zip(reversed(chain[:-1]), reversed(chain[1:]), strict=True):
         cells = (wrapper.__closure__ or ()) if isinstance(wrapper, types.FunctionType) else ()
         holding = [i for i, cell in enumerate(cells) if _cell_value(cell) is wrapped]

@@ -275,3 +275,22 @@ def test_accelerate_hook_keeps_wrapping_the_patched_forward(rope_calls):
     assert_same_gradients(model, reference)
     report.undo()
     assert attention._old_forward.__func__ is type(attention).forward
+
+
+def test_compiled_forward_guards_the_rotary_function_it_calls(monkeypatch):
+    """torch.compile guards what a patched forward reads from its own globals, not from the modeling
+    file's: another library replacing the file's rotary function (Liger does) recompiles nothing.
+    (Guarded through the file, torch 2.11 failed to compile a patched model at all.)"""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    fusetune.apply(model, **ROPE_ONLY)
+    ids = _batch()["input_ids"]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    expected = compiled(input_ids=ids).logits
+    graphs = counters["stats"]["unique_graphs"]
+    monkeypatch.setattr(_modeling(model), "apply_rotary_pos_emb", lambda *args, **kwargs: None)
+    assert torch.equal(compiled(input_ids=ids).logits, expected)
+    assert counters["stats"]["unique_graphs"] == graphs
