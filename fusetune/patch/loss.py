@@ -83,14 +83,18 @@ class LossState:
     """Per-instance settings of the fused loss forward, kept on the model as ``_fusetune_loss``.
 
     ``inner`` is a ``forward`` that was already set on the instance (accelerate does that) and
-    that the original path must keep calling; None means the class's forward. ``output_class`` is
-    what the fused path returns (found once here: torch.compile would trace the lookup each call).
+    that the original path must keep calling; None means the class's forward. The rest is read
+    from the model once, at patch time, rather than by every call (which torch.compile traces):
+    the original forward's ``parameters``, what the fused path returns (``output_class``) and
+    whether the base model's forward takes the labels (Gemma 3's).
     """
 
     mode: str
     softcap: bool
     inner: Callable | None
+    parameters: CallParameters
     output_class: type[ModelOutput]
+    base_takes_labels: bool
 
 
 def _plain_linear(head: nn.Module | None) -> bool:
@@ -145,8 +149,11 @@ def _softcap(model: PreTrainedModel) -> float | None:
 
 def patch_loss(model: PreTrainedModel, mode: str, report: PatchReport) -> None:
     """Install the fused loss forward on ``model`` (instance attribute), recorded in ``report``."""
-    state = LossState(mode, KNOWN_HEADS[model.config.model_type], model.__dict__.get("forward"),
-                      _output_class(type(model).forward))
+    inner = model.__dict__.get("forward")
+    original = inner if inner is not None else MethodType(type(model).forward, model)
+    base_takes_labels = "labels" in _named_parameters(_base_model(model).forward)
+    state = LossState(mode, KNOWN_HEADS[model.config.model_type], inner, CallParameters.of(original),
+                      _output_class(type(model).forward), base_takes_labels)
     report.set_attr(model, "_fusetune_loss", state)
     report.set_attr(model, "forward", MethodType(_fused_forward_like(type(model).forward), model))
 
@@ -171,27 +178,45 @@ def _original(model: nn.Module) -> Callable:
     return inner if inner is not None else functools.partial(type(model).forward, model)
 
 
-def _keyword_arguments(function: Callable, args: tuple, kwargs: dict) -> dict | None:
-    """All arguments of a call as keywords (``**kwargs`` flattened), or None if they do not bind."""
-    signature = inspect.signature(function)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return None
-    arguments = dict(bound.arguments)
-    for parameter in signature.parameters.values():
-        if parameter.kind is parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(parameter.name, {}))
-        elif parameter.kind is parameter.VAR_POSITIONAL and arguments.pop(parameter.name, ()):
+@dataclass(frozen=True)
+class CallParameters:
+    """A forward's parameters, read once at patch time (torch.compile traces every call of the
+    patched forward, and torch 2.11 cannot trace ``inspect.signature``)."""
+
+    positional: tuple[str, ...]  # the parameters a positional argument fills, in order
+    keywords: frozenset[str]  # the named parameters a keyword argument may fill
+    required: frozenset[str]  # those without a default
+    any_keyword: bool  # a ``**kwargs`` takes other names
+
+    @classmethod
+    def of(cls, function: Callable) -> CallParameters:
+        parameters = inspect.signature(function).parameters.values()
+        positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        required = {p.name for p in named if p.default is p.empty}
+        any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        return cls(tuple(positional), frozenset(keywords), frozenset(required), any_keyword)
+
+    def bind(self, args: tuple, kwargs: dict) -> dict | None:
+        """All arguments of a call as keywords (``**kwargs`` flattened), or None where
+        ``inspect.Signature.bind`` would refuse the call or it fills ``*args``."""
+        if len(args) > len(self.positional):
             return None
-    return arguments
+        arguments = dict(zip(self.positional, args, strict=False))  # args may fill fewer
+        for name, value in kwargs.items():
+            if name in arguments or (name not in self.keywords and not self.any_keyword):
+                return None
+            arguments[name] = value
+        return arguments if self.required <= arguments.keys() else None
 
 
 def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
     """The patched forward: the fused loss when training with labels, else the original path."""
     return_logits = kwargs.pop("return_logits", False)
+    state = model._fusetune_loss
     original = _original(model)
-    arguments = _keyword_arguments(original, args, kwargs)
+    arguments = state.parameters.bind(args, kwargs)
     head = model.get_output_embeddings()
     logits_to_keep = (arguments or {}).get("logits_to_keep", 0)
     if (
@@ -209,11 +234,10 @@ def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
     return_dict = arguments.pop("return_dict", None)
     loss_kwargs = {name: arguments.pop(name) for name in _LOSS_KWARGS if name in arguments}
     base = _base_model(model)
-    if "labels" in _named_parameters(base.forward):  # the head hands them on (Gemma 3)
+    if state.base_takes_labels:  # the head hands them on (Gemma 3)
         arguments["labels"] = labels
     outputs = base(**arguments)
     hidden = _keep(outputs[0], logits_to_keep)
-    state = model._fusetune_loss
     loss, logits = _loss(hidden, head, labels, state.mode, _softcap(model), return_logits, **loss_kwargs)
     output_class = state.output_class
     output = output_class(loss=loss, logits=logits, **_carried_fields(output_class, outputs))

@@ -187,3 +187,43 @@ def test_deep_copy_of_a_patched_model_is_independent():
     assert any(isinstance(m, FusedRMSNorm) for m in model.modules())
     assert model.forward.__self__ is model and model(**batch()).logits is None
     assert clone(**batch()).logits is not None
+
+
+def _reference_bind(function, args, kwargs):
+    """``inspect.Signature.bind``'s arguments, ``**kwargs`` flattened; None where it refuses the call
+    or fills ``*args`` (what the fused forward falls back to the original forward for)."""
+    import inspect
+
+    try:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    arguments = dict(bound.arguments)
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(parameter.name, {}))
+        elif parameter.kind is parameter.VAR_POSITIONAL and arguments.pop(parameter.name, ()):
+            return None
+    return arguments
+
+
+def test_call_parameters_bind_as_inspect_binds():
+    from fusetune.patch.loss import CallParameters
+
+    def with_kwargs(input_ids=None, labels=None, *, logits_to_keep=0, **kwargs):
+        pass
+
+    def plain(input_ids, labels=None, return_dict=None):
+        pass
+
+    def with_args(input_ids=None, *args, labels=None):
+        pass
+
+    calls = [((), {}), ((1,), {}), ((1, 2), {}), ((1, 2, 3), {}), ((1,), {"labels": 2}),
+             ((1,), {"input_ids": 2}), ((), {"labels": 2, "other": 3}), ((), {"logits_to_keep": 1}),
+             ((1, 2), {"return_dict": True}), ((), {"input_ids": 1, "labels": 2})]
+    for function in (with_kwargs, plain, with_args):
+        parameters = CallParameters.of(function)
+        for args, kwargs in calls:
+            expected = _reference_bind(function, args, kwargs)
+            assert parameters.bind(args, kwargs) == expected, (function.__name__, args, kwargs)

@@ -11,6 +11,7 @@ import copy
 import inspect
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -120,7 +121,9 @@ def test_deep_copy_is_rebound_and_independent(rope_calls):
 
 
 def test_deprecated_keyword_still_renamed(rope_calls):
-    """The ``@deprecate_kwarg`` wrapper is rebuilt around the new forward, not dropped."""
+    """The ``@deprecate_kwarg`` wrapper is rebuilt around the new forward, not dropped: the patched
+    attention warns as the unpatched one does (transformers 5.24 deprecates its ``past_key_values``;
+    5.17 does not) and fills the cache under the new name."""
     from transformers import DynamicCache
 
     model = tiny_model("llama").eval()
@@ -128,15 +131,18 @@ def test_deprecated_keyword_still_renamed(rope_calls):
     fusetune.apply(model, **ROPE_ONLY)
     hidden = torch.randn(1, 5, 64)
     positions = torch.arange(5)[None]
-    outputs, caches = [], []
+    outputs, caches, warned = [], [], []
     for m in (model, reference):
         cache = DynamicCache(config=m.config)
         position_embeddings = m.model.rotary_emb(hidden, positions)
         attention = m.model.layers[0].self_attn
-        with torch.no_grad(), pytest.warns(FutureWarning, match="past_key_values"):
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             outputs.append(attention(hidden, position_embeddings, None, past_key_values=cache)[0])
+        warned.append([str(w.message) for w in caught if issubclass(w.category, FutureWarning)])
         caches.append(cache)
     assert len(rope_calls) == 1
+    assert warned[0] == warned[1]
     assert_close(outputs[0], outputs[1], "attention output")
     assert caches[0].get_seq_length() == caches[1].get_seq_length() == 5
 
