@@ -208,7 +208,8 @@ class CallParameters:
             if name in arguments or (name not in self.keywords and not self.any_keyword):
                 return None
             arguments[name] = value
-        return arguments if self.required <= arguments.keys() else None
+        # not ``required <= arguments.keys()``: torch 2.11 cannot trace that comparison
+        return arguments if all(name in arguments for name in self.required) else None
 
 
 def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
