@@ -11,7 +11,7 @@ kernels (on an H200 with torch 2.11 add_rms_norm's weight gradient came out NaN,
 kernels failed to compile); left out (``torch.compiler.disable``), every op was a graph break.
 
 Called eagerly, the launch function runs directly: going through the custom op's dispatch cost
-28-93 microseconds a call on a CI host, more than many of the ops' whole host side.
+28-93 microseconds a call on a 2-core CPU host (measured), more than many of the ops' whole host side.
 
 A launch function takes and returns tensors (a list where the number of outputs depends on the
 arguments: custom ops cannot return None), never returns one of its inputs or a view of one, and

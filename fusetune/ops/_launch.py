@@ -40,14 +40,14 @@ def capturing() -> bool:
 
 def outside_compiled_graphs(op):
     """``op`` as torch.compile sees it: a call it runs as it is, between compiled graphs, instead
-    of one it traces into.
+    of one it traces into. Each call is one graph break, so ``fullgraph=True`` is refused; the
+    results are eager's.
 
-    Traced, the ops' kernels became Inductor's user-defined Triton kernels, and on an H200 (torch
-    2.11) that gave add_rms_norm a NaN weight gradient where eager's was right, and failed to
-    compile linear_cross_entropy's row kernels; the losses' host sides (label counts read back,
-    CUDA-graph checks) break a graph anyway. Each call is one graph break, and fullgraph=True
-    is refused; the results are eager's. Registering the ops as torch.library custom ops would
-    keep them in the graph (not done).
+    For the ops that do not launch through custom ops (``_graph_ops``): the losses, whose host
+    sides (label counts read back, label checks raised in backward, CUDA-graph checks) do not fit
+    a traced graph, and the LoRA paths, which hold outputs between calls and read their weights as
+    eager code. Traced into, the losses' kernels became Inductor's user-defined Triton kernels and
+    failed to compile on an H200 (torch 2.11).
     """
     return torch.compiler.disable(op)
 
