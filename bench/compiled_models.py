@@ -2,7 +2,7 @@
 step's loss and gradients are from the same step run eagerly, beside how far two eager steps are.
 
 fusetune's kernels run as they do eagerly in a compiled patched model (the norms, RoPE and GLUs as
-opaque custom ops inside the graph, the losses and LoRA between graphs), so what can differ from
+opaque custom ops inside the graph, the fused loss and LoRA between graphs), so what can differ from
 eager is Inductor's code for the model's own layers. Comparing the same models unpatched
 tells whether a gradient difference comes from the patches or from compiling the model's bf16 ops.
 Each record: a model (the tiny text Llama of ``tests/patch/models.py`` or one of the tiny VLMs of

@@ -3,8 +3,9 @@
 CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) run the kernels; plain CPU tensors run
 the ``*_reference`` functions, which are also what the tests compare the kernels with. Every op
 launches on its input's GPU, whichever is current (a model split over GPUs). Under ``torch.compile``
-the norms, RoPE and the GLUs stay in the compiled graph (their launches are custom ops,
-``_graph_ops``); the losses and the LoRA ops run as they are, between graphs (``_launch``).
+the norms, RoPE, the GLUs and linear_cross_entropy (its reduced loss) stay in the compiled graph
+(their launches are custom ops, ``_graph_ops``); cross_entropy and the LoRA ops run as they are,
+between graphs (``_launch``).
 """
 
 from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference

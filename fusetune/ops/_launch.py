@@ -43,11 +43,12 @@ def outside_compiled_graphs(op):
     of one it traces into. Each call is one graph break, so ``fullgraph=True`` is refused; the
     results are eager's.
 
-    For the ops that do not launch through custom ops (``_graph_ops``): the losses, whose host
-    sides (label counts read back, label checks raised in backward, CUDA-graph checks) do not fit
-    a traced graph, and the LoRA paths, which hold outputs between calls and read their weights as
-    eager code. Traced into, the losses' kernels became Inductor's user-defined Triton kernels and
-    failed to compile on an H200 (torch 2.11).
+    For the calls that do not launch through custom ops (``_graph_ops``): ``cross_entropy``, whose
+    host side (label counts read back, label checks raised in backward, CUDA-graph checks) does not
+    fit a traced graph, ``linear_cross_entropy`` where its custom op does not take the call, and the
+    LoRA paths, which hold outputs between calls and read their weights as eager code. Traced into,
+    the losses' kernels became Inductor's user-defined Triton kernels and failed to compile on an
+    H200 (torch 2.11).
     """
     return torch.compiler.disable(op)
 

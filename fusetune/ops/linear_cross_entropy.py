@@ -33,7 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fusetune.ops._launch import as_rows, check_float, check_same_device, public_eager_op, use_triton
+from fusetune.ops._graph_ops import graph_op
+from fusetune.ops._launch import (
+    as_rows,
+    check_float,
+    check_same_device,
+    outside_compiled_graphs,
+    public_op,
+    use_triton,
+)
 from fusetune.ops.cross_entropy import (
     check_options,
     cross_entropy_reference,
@@ -268,6 +276,69 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+def _loss_and_gradients_outputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None, z_loss: float,
+    items: torch.Tensor | None, item_count: int | None, wants: list[bool], chunk_rows: int | None,
+) -> list[torch.Tensor]:
+    """New outputs of :func:`_loss_and_gradients`: the scalar float32 loss, then a gradient like each
+    wanted input (contiguous, in its dtype)."""
+    wanted = [t for t, want in zip((hidden, weight, bias), wants, strict=True) if want]
+    loss = torch.empty((), dtype=torch.float32, device=hidden.device)
+    return [loss, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in wanted)]
+
+
+@graph_op("linear_cross_entropy", fake=_loss_and_gradients_outputs)
+def _loss_and_gradients(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None, z_loss: float,
+    items: torch.Tensor | None, item_count: int | None, wants: list[bool], chunk_rows: int | None,
+) -> list[torch.Tensor]:
+    """The reduced loss ("mean" or "sum") and, for a loss gradient of 1, the gradients of the inputs
+    that ``wants`` (hidden, weight, bias) names: what the eager op's forward computes, which its
+    backward only scales. ``items`` or ``item_count`` is ``num_items_in_batch``."""
+    inputs = [None if t is None else t.detach().requires_grad_(want)
+              for t, want in zip((hidden, weight, bias), wants, strict=True)]
+    row_options = dict(
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
+    )
+    items = items if items is not None else item_count
+    with torch.enable_grad():
+        loss = _LinearCrossEntropy.apply(
+            *inputs, labels, row_options, reduction, items, tuple(wants), chunk_rows
+        )
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    gradients = torch.autograd.grad(loss, wanted) if wanted else ()
+    return [loss.detach(), *(g.contiguous() for g in gradients)]
+
+
+class _InGraphLinearCrossEntropy(torch.autograd.Function):
+    """The loss inside a compiled graph: one custom op computes it and its gradients (for a loss
+    gradient of 1) in forward; backward scales them by the loss's gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, options, items, wants, chunk_rows):
+        item_tensor = items if isinstance(items, torch.Tensor) else None
+        item_count = None if isinstance(items, torch.Tensor) or items is None else int(items)
+        loss, *gradients = _loss_and_gradients(
+            hidden, weight, bias, labels, options["ignore_index"], options["reduction"],
+            options["label_smoothing"], options["softcap"], options["z_loss"], item_tensor, item_count,
+            list(wants), chunk_rows,
+        )
+        ctx.save_for_backward(*gradients)
+        ctx.wants = wants
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gradients = iter(ctx.saved_tensors)
+        scaled = []
+        for want in ctx.wants:
+            gradient = next(gradients) if want else None
+            scaled.append(None if gradient is None else gradient * grad_output.to(gradient.dtype))
+        return (*scaled, None, None, None, None, None)
+
+
 def linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -297,7 +368,7 @@ def linear_cross_entropy_reference(
     )
 
 
-@public_eager_op
+@public_op
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -358,6 +429,25 @@ def linear_cross_entropy(
     row_options = dict(
         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap
     )
-    return _LinearCrossEntropy.apply(
+    if _in_graph(hidden, reduction):
+        return _InGraphLinearCrossEntropy.apply(
+            hidden, weight, bias, labels, {**row_options, "reduction": reduction}, num_items_in_batch, wants,
+            chunk_rows,
+        )
+    return _between_graphs(
         hidden, weight, bias, labels, row_options, reduction, num_items_in_batch, wants, chunk_rows
     )
+
+
+def _in_graph(hidden: torch.Tensor, reduction: str) -> bool:
+    """Whether torch.compile is tracing a call the custom op takes: a reduced loss outside autocast
+    (under autocast the op would have to carry autocast's dtype into the compiled code's call)."""
+    return (torch.compiler.is_compiling() and reduction != "none"
+            and not torch.is_autocast_enabled(hidden.device.type))
+
+
+@outside_compiled_graphs
+def _between_graphs(*args) -> torch.Tensor:
+    """The eager op, run as it is: eagerly, and between torch.compile's graphs where the custom op
+    does not take the call (``_in_graph``)."""
+    return _LinearCrossEntropy.apply(*args)

@@ -40,6 +40,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from fusetune.ops._launch import outside_compiled_graphs
 from fusetune.ops.cross_entropy import cross_entropy
 from fusetune.ops.linear_cross_entropy import linear_cross_entropy
 from fusetune.patch.report import PatchReport
@@ -288,6 +289,7 @@ def _loss(
     return loss, _softcapped(head(hidden), softcap) if return_logits else None
 
 
+@outside_compiled_graphs
 def _as_forward_of(module: nn.Module, function: typing.Callable, *args: torch.Tensor) -> torch.Tensor:
     """``function(*args)`` run as ``module``'s forward, through ``module(*args)``.
 
@@ -295,6 +297,8 @@ def _as_forward_of(module: nn.Module, function: typing.Callable, *args: torch.Te
     module's group, DeepSpeed ZeRO-3's gather) and arranges the gradients' reduction from the inputs
     and outputs of that call; reading ``head.weight`` outside it would see the local shard. Running
     the fused loss as the head's forward gets the full weight exactly as ``head(hidden)`` would.
+    It runs between torch.compile's graphs: traced, setting and deleting the forward attribute made
+    torch 2.13 replay a deletion of an attribute that was no longer there.
     """
     own = module.__dict__.get("forward")
     module.forward = function

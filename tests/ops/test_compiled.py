@@ -1,13 +1,12 @@
 """Every fused op inside torch.compile'd code: the same outputs and gradients as the op called eagerly.
 
-The norms, RoPE and the GLUs launch their kernels through custom ops (``fusetune/ops/_graph_ops.py``),
-so torch.compile keeps them in its graph: they are compiled with ``fullgraph=True``, which fails on
-any graph break. The losses and the LoRA ops run as they are between compiled graphs
-(``_launch.public_eager_op``). Each case (``op_calls``) compiles a function that does some torch
-work around the op, runs forward and backward, and compares outputs and input gradients with the
-same function called eagerly. On CPU the compiled graphs use the ``aot_eager`` backend (no C++
-toolchain needed); on a GPU (``TRITON_INTERPRET=0``) Inductor's.
-"""
+The norms, RoPE, the GLUs and linear_cross_entropy launch their kernels through custom ops
+(``fusetune/ops/_graph_ops.py``), so torch.compile keeps them in its graph: they are compiled with
+``fullgraph=True``, which fails on any graph break. cross_entropy and the LoRA ops run as they are
+between compiled graphs (``_launch.public_eager_op``). Each case (``op_calls``) compiles a function
+that does some torch work around the op, runs forward and backward, and compares outputs and input
+gradients with the same function called eagerly. On CPU the compiled graphs use the ``aot_eager``
+backend (no C++ toolchain needed); on a GPU (``TRITON_INTERPRET=0``) Inductor's."""
 
 from __future__ import annotations
 
@@ -19,7 +18,8 @@ from tests.ops import checks, op_calls
 BACKEND = "inductor" if checks.DEVICE == "cuda" else "aot_eager"
 DTYPE = torch.bfloat16 if checks.DEVICE == "cuda" else torch.float32
 CASES = op_calls.op_cases(checks.DEVICE, DTYPE)
-IN_GRAPH = {"rms_norm", "add_rms_norm", "layer_norm", "rope", "swiglu", "geglu"}
+IN_GRAPH = {"rms_norm", "add_rms_norm", "layer_norm", "rope", "swiglu", "geglu", "linear_cross_entropy",
+            "linear_cross_entropy_frozen"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,4 +1,5 @@
-"""The custom ops the norms, RoPE and the GLUs launch through (``fusetune/ops/_graph_ops.py``), checked
+"""The custom ops the norms, RoPE, the GLUs and linear_cross_entropy launch through
+(``fusetune/ops/_graph_ops.py``), checked
 by ``torch.library.opcheck``: each op's schema, its fake implementation's outputs (shapes, dtypes
 and strides) against the real launch's, and the op traced by AOTAutograd against the op run eagerly.
 
@@ -15,6 +16,7 @@ import torch
 from fusetune.ops.glu import _glu_backward, _glu_forward
 from fusetune.ops.layer_norm import _backward as layer_norm_backward
 from fusetune.ops.layer_norm import _forward as layer_norm_forward
+from fusetune.ops.linear_cross_entropy import _loss_and_gradients as linear_cross_entropy_gradients
 from fusetune.ops.rms_norm import _backward as rms_norm_backward
 from fusetune.ops.rms_norm import _forward as rms_norm_forward
 from fusetune.ops.rope import _launch as rope_launch
@@ -34,7 +36,21 @@ def _cases() -> dict[str, tuple]:
     k = _randn(2, 7, 2, 16).transpose(1, 2)
     cos, sin = _randn(1, 7, 16), _randn(1, 7, 16)
     bf16 = torch.bfloat16
+    hidden, head, head_bias = _randn(13, 24), _randn(37, 24) * 0.1, _randn(37)
+    labels = torch.randint(0, 37, (13,), device=checks.DEVICE)
+    labels[:3] = -100
+    items = torch.tensor(7, device=checks.DEVICE)
+    loss_options = (-100, "mean", 0.0, None, 0.0)
     return {
+        "linear_cross_entropy, trainable with bias": (
+            linear_cross_entropy_gradients,
+            (hidden, head, head_bias, labels, *loss_options, None, None, [True, True, True], None)),
+        "linear_cross_entropy, frozen, items tensor": (
+            linear_cross_entropy_gradients,
+            (hidden, head, None, labels, *loss_options, items, None, [True, False, False], 4)),
+        "linear_cross_entropy, smoothing, softcap, z-loss, items count": (
+            linear_cross_entropy_gradients,
+            (hidden, head, None, labels, -100, "mean", 0.1, 3.0, 1e-4, None, 9, [True, True, False], None)),
         "rms_norm forward": (rms_norm_forward, (strided, None, weight, 1e-6, 0.0, False)),
         "rms_norm forward, residual, gemma": (rms_norm_forward, (rows, residual, weight, 1e-6, 1.0, True)),
         "rms_norm forward, no weight": (rms_norm_forward, (rows, None, None, 1e-6, 0.0, False)),

@@ -2,7 +2,7 @@
 
 ``fusetune.apply`` and then ``torch.compile(model)`` (what ``Trainer(torch_compile=True)`` does) must
 work, plain and with PEFT LoRA on every projection (the fused LoRA paths hold outputs between calls
-and read weights at call time, so they run outside the compiled graphs, as the losses do). The
+and read weights at call time, so they run outside the compiled graphs, as the fused loss does). The
 patched norms, RoPE and GLUs stay in the graph (custom ops, ``fusetune/ops/_graph_ops.py``): a
 patched model's forward without labels compiles with ``fullgraph=True``, a text Llama and Mllama
 (whose q and k norms run on transposed views). On CPU the graphs use the ``aot_eager`` backend (no
