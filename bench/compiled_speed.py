@@ -14,6 +14,13 @@ tokens, forward + backward with the loss, no optimizer:
 - ``liger`` / ``liger-compiled``: Liger-Kernel's ``apply_liger_kernel_to_llama`` (it patches
   transformers' classes, so these run last).
 
+With ``--lora`` the model is wrapped in PEFT LoRA (r=16, alpha 32, on all seven projections; only
+the adapters train) before each system sets it up. Compiled, a patched model's LoRA layers then run
+PEFT's own forward inside the graph (``fusetune/patch/lora.py``); ``fusetune-compiled-fused-lora``
+runs them through the fused LoRA ops between graphs instead, as before that change (each attention
+projection group and MLP one graph break), and ``fusetune-compiled-fused-mlp`` only the MLPs (one
+break a layer).
+
 Records: ``time_ms`` (median wall time of ``--steps`` steps after ``--warmup``, each ending in the
 loss's ``.item()``), with the first step's wall time (``first_step_s``, compiling included) and the
 graphs torch.compile made (``compiled_graphs``), and the peak memory a step allocates (``peak_mib``).
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -35,8 +43,10 @@ import common
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-compiled", "fusetune-compiled-breaks", "liger",
-           "liger-compiled")
+SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-compiled", "fusetune-compiled-breaks",
+           "fusetune-compiled-fused-lora", "fusetune-compiled-fused-mlp", "liger", "liger-compiled")
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True, rms_norm_eps=1e-5)
@@ -44,14 +54,19 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=257, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def build(quick: bool, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The Llama of this benchmark with seeded random weights, in training mode."""
+def build(quick: bool, lora: bool, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The Llama of this benchmark with seeded random weights, in training mode (with ``lora``, a
+    PEFT model of it whose adapters are the trained parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**(TINY if quick else LLAMA_1B), use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
     return model.train()
 
 
@@ -82,6 +97,20 @@ def ops_between_graphs():
             setattr(module, name, op)
 
 
+def fused_lora_between_graphs(model: torch.nn.Module, attention: bool = True) -> None:
+    """Route a patched model's LoRA MLPs and (with ``attention``) its LoRA attention projections
+    through the fused LoRA ops, between compiled graphs, as before compiled calls took PEFT's
+    forward (the benchmark's ``-fused-lora`` and ``-fused-mlp`` systems)."""
+    from fusetune.nn.lora import FusedLoraMLP
+    from fusetune.patch.lora import _GROUP_ATTR
+
+    for module in model.modules():
+        if isinstance(module, FusedLoraMLP):
+            module.forward = module._fused_forward
+        elif attention and hasattr(module, _GROUP_ATTR):
+            module.forward = functools.partial(getattr(module, _GROUP_ATTR).output, module)
+
+
 def prepare(system: str, model: torch.nn.Module, backend: str):
     """``model`` set up as ``system`` runs it: the callable a step calls."""
     torch._dynamo.utils.counters.clear()  # the graph count is this system's
@@ -89,11 +118,14 @@ def prepare(system: str, model: torch.nn.Module, backend: str):
         import fusetune
 
         fusetune.apply(model)
+        if system.endswith(("-fused-lora", "-fused-mlp")):
+            fused_lora_between_graphs(model, attention=system.endswith("-fused-lora"))
     elif system.startswith("liger"):
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        apply_liger_kernel_to_llama(model=model)
-    if system.endswith("compiled") or system.endswith("compiled-breaks"):
+        # Liger patches a model instance's modules: the transformers model inside a PEFT wrapper.
+        apply_liger_kernel_to_llama(model=getattr(model, "get_base_model", lambda: model)())
+    if "-compiled" in system:
         torch._dynamo.reset()
         return torch.compile(model, backend=backend)
     return model
@@ -103,8 +135,9 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
             device: torch.device) -> None:
     """Build, set up and time one system; its records."""
     config = {"model": "tiny-llama" if args.quick else "llama-3.2-1b-shape", "tokens": args.tokens,
-              "dtype": str(dtype).removeprefix("torch."), "backend": backend, "params": "all"}
-    model = build(args.quick, dtype, device)
+              "dtype": str(dtype).removeprefix("torch."), "backend": backend,
+              "params": "lora-r16" if args.lora else "all"}
+    model = build(args.quick, args.lora, dtype, device)
     inputs = batch(model, args.tokens, device)
     called = prepare(system, model, backend)
 
@@ -148,6 +181,7 @@ def main() -> int:
     parser.add_argument("--tag", default="h200", help="results file is compiled-speed-<tag>.jsonl")
     parser.add_argument("--quick", action="store_true", help="tiny model, float32, aot_eager (a CPU)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(SYSTEMS))
+    parser.add_argument("--lora", action="store_true", help="PEFT LoRA r=16 on every projection")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2, help="steps after the first before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")

@@ -141,8 +141,13 @@ class FusedLoraMLP(FusedGatedMLP):
         super().__init__(children, activation)
         self.tile_rows = tile_rows
 
-    @outside_compiled_graphs  # reads its weights at call time, as eager code, like the ops it runs
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # PEFT's projections and the GLU op, all in the graph
+            return super().forward(hidden_states)
+        return self._fused_forward(hidden_states)
+
+    @outside_compiled_graphs  # reads its weights at call time, as eager code, like the ops it runs
+    def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
         if any(isinstance(w, str) for w in weights):
             return super().forward(hidden_states)

@@ -1,11 +1,12 @@
 """A patched model under torch.compile trains as it does eagerly: same loss, same gradients.
 
 ``fusetune.apply`` and then ``torch.compile(model)`` (what ``Trainer(torch_compile=True)`` does) must
-work, plain and with PEFT LoRA on every projection (the fused LoRA paths hold outputs between calls
-and read weights at call time, so they run outside the compiled graphs, as the fused loss does). The
-patched norms, RoPE and GLUs stay in the graph (custom ops, ``fusetune/ops/_graph_ops.py``): a
-patched model's forward without labels compiles with ``fullgraph=True``, a text Llama and Mllama
-(whose q and k norms run on transposed views). On CPU the graphs use the ``aot_eager`` backend (no
+work, plain and with PEFT LoRA on every projection. The patched norms, RoPE and GLUs stay in the
+graph (custom ops, ``fusetune/ops/_graph_ops.py``), and so do LoRA layers, which compiled code runs
+through PEFT's own forward (the fused LoRA paths hold outputs between calls, so they would break the
+graph at each projection): a patched model's forward without labels compiles with
+``fullgraph=True``, a text Llama and Mllama (whose q and k norms run on transposed views), and with
+labels the fused loss is the one graph break. On CPU the graphs use the ``aot_eager`` backend (no
 C++ toolchain needed); on a GPU (``TRITON_INTERPRET=0``) Inductor's, whose own fusions round
 differently in bfloat16.
 """
@@ -49,18 +50,27 @@ def _step(model: torch.nn.Module, called: torch.nn.Module, inputs: dict) -> tupl
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-def test_compiled_patched_lora_llama_trains_as_eager():
-    """With labels: the fused loss and the fused LoRA paths between graphs, the rest compiled. (A
-    plain patched model compiled whole is the next test's.)"""
+# The LoRA model's eager step runs the fused LoRA ops and its compiled step PEFT's separate matmuls,
+# so the two round differently on CPU too (float32: 1.6e-6 measured; bfloat16 on an H200: 3.2e-2).
+LORA_TOLERANCE = 5e-2 if checks.DEVICE == "cuda" else 1e-5
+
+
+def test_compiled_patched_lora_llama_trains_as_eager_with_one_break():
+    """With labels: everything in one graph up to the fused loss, which runs between graphs (the
+    graph after it is the second). A plain patched model compiled whole is the next test's."""
+    from torch._dynamo.utils import counters
+
     model = _patched_lora_llama()
     inputs = {key: value.to(checks.DEVICE) for key, value in batch().items()}
     eager_loss, eager_grads = _step(model, model, inputs)
     torch._dynamo.reset()
+    counters.clear()
     loss, grads = _step(model, torch.compile(model, backend=BACKEND), inputs)
-    assert checks.relative_error(loss, eager_loss) <= TOLERANCE
+    assert counters["stats"]["unique_graphs"] == 2
+    assert checks.relative_error(loss, eager_loss) <= LORA_TOLERANCE
     assert len(grads) == len(eager_grads) > 0
     for grad, expected in zip(grads, eager_grads, strict=True):
-        assert checks.relative_error(grad, expected) <= TOLERANCE
+        assert checks.relative_error(grad, expected) <= LORA_TOLERANCE
 
 
 def _logits_loss(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
