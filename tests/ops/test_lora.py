@@ -581,11 +581,11 @@ def test_lora_glu_mlp_errors():
 def test_trainable_or_misshapen_bias_is_rejected():
     gen = torch.Generator().manual_seed(0)
     p = projection(gen, 24, HIDDEN, 4, torch.float32)
-    x = torch.randn(5, HIDDEN)
+    x = torch.randn(5, HIDDEN, device=checks.DEVICE)
     with pytest.raises(ValueError, match="bias of projections\\[0\\] requires grad"):
-        lora_linear(x, p._replace(bias=torch.zeros(24, requires_grad=True)))
+        lora_linear(x, p._replace(bias=torch.zeros(24, device=checks.DEVICE, requires_grad=True)))
     with pytest.raises(ValueError, match="expected \\(24,\\)"):
-        lora_linear(x, p._replace(bias=torch.zeros(23)))
+        lora_linear(x, p._replace(bias=torch.zeros(23, device=checks.DEVICE)))
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -617,4 +617,4 @@ def test_tile_rows_must_be_positive():
     projections = [projection(gen, INTER, HIDDEN, 4, torch.float32) for _ in range(2)]
     projections.append(projection(gen, HIDDEN, INTER, 4, torch.float32))
     with pytest.raises(ValueError, match="tile_rows=0"):
-        lora_glu_mlp(torch.randn(5, HIDDEN), *projections, "silu", tile_rows=0)
+        lora_glu_mlp(torch.randn(5, HIDDEN, device=checks.DEVICE), *projections, "silu", tile_rows=0)
