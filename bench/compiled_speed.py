@@ -16,14 +16,17 @@ tokens, forward + backward with the loss, no optimizer:
 
 With ``--lora`` the model is wrapped in PEFT LoRA (r=16, alpha 32, on all seven projections; only
 the adapters train) before each system sets it up. Compiled, a patched model's LoRA layers then run
-PEFT's own forward inside the graph (``fusetune/patch/lora.py``); ``fusetune-compiled-fused-lora``
-runs them through the fused LoRA ops between graphs instead, as before that change (each attention
-projection group and MLP one graph break), and ``fusetune-compiled-fused-mlp`` only the MLPs (one
-break a layer).
+the fused ops' maths as plain torch ops inside the graph (``fusetune/patch/lora.py``);
+``fusetune-compiled-fused-lora`` runs them through the fused LoRA ops between graphs instead, as
+before that change (each attention projection group and MLP one graph break), and
+``fusetune-compiled-fused-mlp`` only the MLPs (one break a layer).
 
 Records: ``time_ms`` (median wall time of ``--steps`` steps after ``--warmup``, each ending in the
 loss's ``.item()``), with the first step's wall time (``first_step_s``, compiling included) and the
 graphs torch.compile made (``compiled_graphs``), and the peak memory a step allocates (``peak_mib``).
+With ``--profile DIR`` (a GPU) each system also records ``kernel_ms``, the device time of a step
+(kernels, copies and memsets summed, so the gaps where the device waits for the host are left
+out), and writes the profiler's table of a step's kernels to ``DIR/compiled-<tag>-<system>.txt``.
 ``--quick`` runs a tiny model in float32 with ``aot_eager`` on a CPU.
 
     python bench/compiled_speed.py --out bench/results
@@ -99,8 +102,8 @@ def ops_between_graphs():
 
 def fused_lora_between_graphs(model: torch.nn.Module, attention: bool = True) -> None:
     """Route a patched model's LoRA MLPs and (with ``attention``) its LoRA attention projections
-    through the fused LoRA ops, between compiled graphs, as before compiled calls took PEFT's
-    forward (the benchmark's ``-fused-lora`` and ``-fused-mlp`` systems)."""
+    through the fused LoRA ops, between compiled graphs, as before compiled calls took the traced
+    path (the benchmark's ``-fused-lora`` and ``-fused-mlp`` systems)."""
     from fusetune.nn.lora import FusedLoraMLP
     from fusetune.patch.lora import _GROUP_ATTR
 
@@ -129,6 +132,24 @@ def prepare(system: str, model: torch.nn.Module, backend: str):
         torch._dynamo.reset()
         return torch.compile(model, backend=backend)
     return model
+
+
+def profile_steps(step, table: Path, steps: int = 3) -> float:
+    """Device milliseconds a step of ``step`` takes (the profiler's kernels, copies and memsets
+    summed); the profiler's table, by device time, goes to ``table``. The table also has the host
+    ops that launched the kernels, each with its kernels' time; the sum counts the kernels only."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    common.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    on_device = (event.self_device_time_total for event in events if event.device_type == DeviceType.CUDA)
+    return sum(on_device) / steps / 1000
 
 
 def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dtype,
@@ -166,11 +187,17 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
             times.append((time.perf_counter() - started) * 1000)
             if device.type == "cuda":
                 peak = (torch.cuda.max_memory_allocated() - before) / common.MIB
+        kernel = None
+        if args.profile is not None:
+            kernel = profile_steps(step, args.profile / f"compiled-{args.tag}-{system}.txt")
     ms = statistics.median(times)
     common.record(system, config, common.TIME, ms, first_step_s=first, loss=loss, steps=args.steps,
                   compiled_graphs=graphs)
     if peak is not None:
         common.record(system, config, common.MEMORY, peak)
+    if kernel is not None:
+        common.record(system, config, common.KERNEL_TIME, kernel)
+        print(f"{system:26s} kernels {kernel:9.2f} ms a step", flush=True)
     print(f"{system:26s} {ms:9.2f} ms, first {first:6.1f} s, {graphs} graphs, loss {loss:.4f}, "
           f"peak {peak} MiB", flush=True)
 
@@ -182,6 +209,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, float32, aot_eager (a CPU)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(SYSTEMS))
     parser.add_argument("--lora", action="store_true", help="PEFT LoRA r=16 on every projection")
+    parser.add_argument("--profile", type=Path, help="directory for each system's kernel table (a GPU)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2, help="steps after the first before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")

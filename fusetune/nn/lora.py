@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.ops._launch import outside_compiled_graphs
-from fusetune.ops.lora import LoraWeights, lora_glu_mlp
+from fusetune.ops.lora import LoraWeights, lora_glu_mlp, lora_glu_mlp_reference
 from fusetune.ops.nf4 import is_4bit
 
 
@@ -50,8 +50,8 @@ def _unreadable(modules: tuple[nn.Module, ...]) -> str | None:
     for param in params:
         if isinstance(param, DTensor):
             return "its weights are sharded DTensors here (outside the forward of the fully_shard unit)"
-    for param in params:
-        if "ds_id" in param.__dict__ and "ds_status" in param.__dict__:
+    for param in params:  # (getattr, not the tensor's __dict__: torch.compile traces this)
+        if getattr(param, "ds_id", None) is not None and getattr(param, "ds_status", None) is not None:
             return "DeepSpeed ZeRO-3 partitions its weights (gathered only inside their own module's forward)"
     return None
 
@@ -142,14 +142,28 @@ class FusedLoraMLP(FusedGatedMLP):
         self.tile_rows = tile_rows
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # PEFT's projections and the GLU op, all in the graph
-            return super().forward(hidden_states)
+        if torch.compiler.is_compiling():
+            return self._traced_forward(hidden_states)
         return self._fused_forward(hidden_states)
+
+    def _weights(self) -> list[LoraWeights] | None:
+        """The three projections' weights, or None when one is off the fused path."""
+        weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
+        return None if any(isinstance(w, str) for w in weights) else weights
+
+    def _traced_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Compiled code's path: the fused op's maths as plain torch ops, traced into the graph
+        (LoRA in the compute dtype, as the fused op runs it, where PEFT would run float32 adapters
+        in float32; Inductor fuses the activation)."""
+        weights = self._weights()
+        if weights is None:
+            return super().forward(hidden_states)
+        return lora_glu_mlp_reference(hidden_states, *weights, self.activation)
 
     @outside_compiled_graphs  # reads its weights at call time, as eager code, like the ops it runs
     def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
-        if any(isinstance(w, str) for w in weights):
+        weights = self._weights()
+        if weights is None:
             return super().forward(hidden_states)
         return lora_glu_mlp(hidden_states, *weights, activation=self.activation, tile_rows=self.tile_rows)
 

@@ -14,9 +14,10 @@
 Vision towers are treated alike where their layers carry these names and LoRA (their MLPs are
 mostly ungated, so only attention qualifies). Every call re-checks PEFT's flags
 (``fusetune.nn.lora.projection_weights``) and runs PEFT's own forward when a projection is off the
-fast path. Code that torch.compile traces runs PEFT's forward too (the MLP's activation still
-fused), so the layers stay in its graph: on an H200 that compiled step was 1.23-1.31x faster than
-one with each fused path a graph break, for more memory (bench/RESULTS.md).
+fast path. Code that torch.compile traces runs the fused ops' maths as plain torch ops
+(``lora_linear_reference``, ``lora_glu_mlp_reference``), so the layers stay in its graph: on an
+H200 that compiled step was faster than one with each fused path a graph break, for more memory
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.nn.lora import FusedLoraMLP, is_lora_layer, projection_weights
 from fusetune.ops._launch import outside_compiled_graphs
-from fusetune.ops.lora import lora_linear
+from fusetune.ops.lora import lora_linear, lora_linear_reference
 from fusetune.patch.glu import glu_rule
 from fusetune.patch.report import PatchReport
 from fusetune.patch.sharding import whole_parameters
@@ -77,13 +78,23 @@ class ProjectionGroup:
 
 
 def _grouped_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Instance ``forward`` of a grouped LoRA projection. Extra PEFT arguments, and calls that
-    torch.compile traces, take PEFT's own forward: traced, it is plain matmuls inside the graph,
-    where the fused path would break the graph at every projection (it holds outputs between
-    calls)."""
-    if args or kwargs or torch.compiler.is_compiling():
+    """Instance ``forward`` of a grouped LoRA projection (extra PEFT arguments: PEFT's own path)."""
+    if args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
+    if torch.compiler.is_compiling():
+        return _traced_output(self, x)
     return getattr(self, _GROUP_ATTR).output(self, x)
+
+
+def _traced_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` as compiled code runs it: the fused op's maths as plain torch ops, traced into
+    the graph (the fused path holds outputs between calls, so it would break the graph at every
+    projection), LoRA in the compute dtype as the fused op runs it (PEFT would run float32
+    adapters in float32); PEFT's forward where the projection is off the fused path."""
+    weights = projection_weights(layer)
+    if isinstance(weights, str):
+        return type(layer).forward(layer, x)
+    return lora_linear_reference(x, weights)[0]
 
 
 def _group(report: PatchReport, layers: list[nn.Module]) -> None:
