@@ -132,7 +132,8 @@ class FusedLoraMLP(FusedGatedMLP):
     fused autograd function (``fusetune.ops.lora.lora_glu_mlp``); any projection off the fast path
     at call time sends the whole call through ``FusedGatedMLP`` (PEFT's modules, fused activation).
     ``tile_rows``: run calls with more tokens than this in row tiles (long contexts; see
-    ``lora_glu_mlp``).
+    ``lora_glu_mlp``). Code that torch.compile traces runs the same maths as plain torch ops
+    (``_traced_forward``), without row tiles.
     """
 
     _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
