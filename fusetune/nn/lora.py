@@ -155,10 +155,13 @@ class FusedLoraMLP(FusedGatedMLP):
     def _traced_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Compiled code's path: the fused op's maths as plain torch ops, traced into the graph
         (LoRA in the compute dtype, as the fused op runs it, where PEFT would run float32 adapters
-        in float32; Inductor fuses the activation)."""
+        in float32; Inductor fuses the activation). With 4-bit base weights, whose dequantisation
+        runs between graphs anyway, the fused op runs, between graphs, as it does eagerly."""
         weights = self._weights()
         if weights is None:
             return super().forward(hidden_states)
+        if any(is_4bit(w.weight) for w in weights):
+            return self._fused_forward(hidden_states)
         return lora_glu_mlp_reference(hidden_states, *weights, self.activation)
 
     @outside_compiled_graphs  # reads its weights at call time, as eager code, like the ops it runs
