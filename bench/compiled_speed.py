@@ -15,7 +15,8 @@ tokens, forward + backward with the loss, no optimizer:
   transformers' classes, so these run last).
 
 With ``--lora`` the model is wrapped in PEFT LoRA (r=16, alpha 32, on all seven projections; only
-the adapters train) before each system sets it up. Compiled, a patched model's LoRA layers then run
+the adapters train) before each system sets it up; ``--qlora`` quantises its linear layers to 4 bits
+(``fusetune.quantize_4bit``) first. Compiled, a patched model's LoRA layers then run
 the fused ops' maths as plain torch ops inside the graph (``fusetune/patch/lora.py``);
 ``fusetune-compiled-fused-lora`` runs them through the fused LoRA ops between graphs instead, as
 before that change (each attention projection group and MLP one graph break), and
@@ -57,16 +58,21 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=257, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def build(quick: bool, lora: bool, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The Llama of this benchmark with seeded random weights, in training mode (with ``lora``, a
-    PEFT model of it whose adapters are the trained parameters)."""
+def build(quick: bool, params: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The Llama of this benchmark with seeded random weights, in training mode. ``params``:
+    "all" trains every parameter; "lora-r16" makes it a PEFT model whose adapters are the trained
+    parameters; "qlora-r16" quantises its linear layers to 4 bits first (fusetune's NF4 weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**(TINY if quick else LLAMA_1B), use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
-    if lora:
+    if params == "qlora-r16":
+        from fusetune.quantize import quantize_4bit
+
+        quantize_4bit(model, compute_dtype=dtype)
+    if params != "all":
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
@@ -157,8 +163,8 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
     """Build, set up and time one system; its records."""
     config = {"model": "tiny-llama" if args.quick else "llama-3.2-1b-shape", "tokens": args.tokens,
               "dtype": str(dtype).removeprefix("torch."), "backend": backend,
-              "params": "lora-r16" if args.lora else "all"}
-    model = build(args.quick, args.lora, dtype, device)
+              "params": "qlora-r16" if args.qlora else "lora-r16" if args.lora else "all"}
+    model = build(args.quick, config["params"], dtype, device)
     inputs = batch(model, args.tokens, device)
     called = prepare(system, model, backend)
 
@@ -209,6 +215,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, float32, aot_eager (a CPU)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ", ".join(SYSTEMS))
     parser.add_argument("--lora", action="store_true", help="PEFT LoRA r=16 on every projection")
+    parser.add_argument("--qlora", action="store_true", help="the same LoRA over 4-bit (NF4) base weights")
     parser.add_argument("--profile", type=Path, help="directory for each system's kernel table (a GPU)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2, help="steps after the first before timing")

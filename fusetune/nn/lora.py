@@ -156,7 +156,8 @@ class FusedLoraMLP(FusedGatedMLP):
         """Compiled code's path: the fused op's maths as plain torch ops, traced into the graph
         (LoRA in the compute dtype, as the fused op runs it, where PEFT would run float32 adapters
         in float32; Inductor fuses the activation). With 4-bit base weights, whose dequantisation
-        runs between graphs anyway, the fused op runs, between graphs, as it does eagerly."""
+        (an eager op) would break the graph anyway, the fused op runs, between graphs, as it does
+        eagerly."""
         weights = self._weights()
         if weights is None:
             return super().forward(hidden_states)

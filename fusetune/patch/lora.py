@@ -92,8 +92,8 @@ def _traced_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the graph (the fused path holds outputs between calls, so it would break the graph at every
     projection), LoRA in the compute dtype as the fused op runs it (PEFT would run float32
     adapters in float32); PEFT's forward where the projection is off the fused path. A 4-bit base
-    weight's dequantisation runs between graphs anyway, so there the fused path runs, between
-    graphs, as it does eagerly."""
+    weight's dequantisation (``nf4.dequantize_nf4``, an eager op) would break the graph anyway, so
+    there the fused path runs, between graphs, as it does eagerly."""
     weights = projection_weights(layer)
     if isinstance(weights, str):
         return type(layer).forward(layer, x)
