@@ -155,14 +155,11 @@ class FusedLoraMLP(FusedGatedMLP):
     def _traced_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Compiled code's path: the fused op's maths as plain torch ops, traced into the graph
         (LoRA in the compute dtype, as the fused op runs it, where PEFT would run float32 adapters
-        in float32; Inductor fuses the activation). With 4-bit base weights, whose dequantisation
-        (an eager op) would break the graph anyway, the fused op runs, between graphs, as it does
-        eagerly."""
+        in float32; Inductor fuses the activation; 4-bit base weights through the custom op
+        ``nf4_linear``)."""
         weights = self._weights()
         if weights is None:
             return super().forward(hidden_states)
-        if any(is_4bit(w.weight) for w in weights):
-            return self._fused_forward(hidden_states)
         return lora_glu_mlp_reference(hidden_states, *weights, self.activation)
 
     @outside_compiled_graphs  # reads its weights at call time, as eager code, like the ops it runs

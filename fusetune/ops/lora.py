@@ -58,7 +58,8 @@ from fusetune.ops.glu import (
     glu_forward_into,
     swiglu_reference,
 )
-from fusetune.ops.nf4 import dense_slices, dense_weight, is_4bit
+from fusetune.ops.nf4 import decoded_by_fusetune, dense_slices, dense_weight, is_4bit
+from fusetune.ops.nf4_linear import nf4_linear
 
 
 class LoraWeights(NamedTuple):
@@ -175,7 +176,10 @@ _GLU_REFERENCES = {
 
 def _reference_projection(x: torch.Tensor, p: LoraWeights, dtype: torch.dtype) -> torch.Tensor:
     bias = None if p.bias is None else p.bias.to(dtype)
-    y = F.linear(x, dense_weight(p.weight, dtype), bias)
+    if decoded_by_fusetune(p.weight):  # the dense weight only inside the op, and in compiled graphs
+        y = nf4_linear(x, p.weight) if bias is None else nf4_linear(x, p.weight) + bias
+    else:
+        y = F.linear(x, dense_weight(p.weight, dtype), bias)
     if p.a is None:
         return y
     return y + p.scale * F.linear(F.linear(x, p.a.to(dtype)), p.b.to(dtype))

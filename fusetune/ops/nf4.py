@@ -416,6 +416,12 @@ def _dequantize_bnb(
     return result if out is None else out.copy_(result)
 
 
+def decoded_by_fusetune(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a 4-bit weight that fusetune's NF4 kernel decodes (an NF4 one while
+    ``BACKEND`` is ``"triton"``); other 4-bit weights go to bitsandbytes' dequantize_4bit."""
+    return is_4bit(weight) and weight.quant_state.quant_type == "nf4" and BACKEND == "triton"
+
+
 def dense_weight(
     weight: torch.Tensor,
     dtype: torch.dtype,
@@ -447,7 +453,7 @@ def dense_weight(
             "(Linear4bit.forward in eval mode without gradients); run the layer in train mode or "
             "with gradients enabled before using fusetune's fused paths on it."
         )
-    if state.quant_type == "nf4" and BACKEND == "triton":
+    if decoded_by_fusetune(weight):
         return dequantize_nf4(weight.data, state, dtype, out=out, rows=rows, cols=cols)
     return _dequantize_bnb(weight, dtype, out, rows, cols)
 

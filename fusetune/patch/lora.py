@@ -31,7 +31,6 @@ from fusetune.nn.glu import FusedGatedMLP
 from fusetune.nn.lora import FusedLoraMLP, is_lora_layer, projection_weights
 from fusetune.ops._launch import outside_compiled_graphs
 from fusetune.ops.lora import lora_linear, lora_linear_reference
-from fusetune.ops.nf4 import is_4bit
 from fusetune.patch.glu import glu_rule
 from fusetune.patch.report import PatchReport
 from fusetune.patch.sharding import whole_parameters
@@ -91,14 +90,11 @@ def _traced_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` as compiled code runs it: the fused op's maths as plain torch ops, traced into
     the graph (the fused path holds outputs between calls, so it would break the graph at every
     projection), LoRA in the compute dtype as the fused op runs it (PEFT would run float32
-    adapters in float32); PEFT's forward where the projection is off the fused path. A 4-bit base
-    weight's dequantisation (``nf4.dequantize_nf4``, an eager op) would break the graph anyway, so
-    there the fused path runs, between graphs, as it does eagerly."""
+    adapters in float32; a 4-bit base weight through the custom op ``nf4_linear``); PEFT's forward
+    where the projection is off the fused path."""
     weights = projection_weights(layer)
     if isinstance(weights, str):
         return type(layer).forward(layer, x)
-    if is_4bit(weights.weight):
-        return getattr(layer, _GROUP_ATTR).output(layer, x)
     return lora_linear_reference(x, weights)[0]
 
 

@@ -1,0 +1,87 @@
+"""nf4_linear: ``x @ W.T`` over an NF4 weight, against bitsandbytes' dequantisation and float64 maths,
+forward and x's gradient; what autograd keeps for backward; and that torch.compile keeps it in one
+graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusetune.ops.nf4_linear import nf4_linear
+from tests.ops import checks
+from tests.ops.test_nf4 import bnb_dequantize, linear4bit
+
+pytest.importorskip("bitsandbytes")
+
+BACKEND = "inductor" if checks.DEVICE == "cuda" else "aot_eager"
+
+
+def _inputs(weight, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, weight.quant_state.shape[1], generator=gen).to(checks.DEVICE, dtype)
+    grad = torch.randn(3, 5, weight.quant_state.shape[0], generator=gen).to(checks.DEVICE, dtype)
+    return x.requires_grad_(), grad
+
+
+@pytest.mark.parametrize("dtype", checks.DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ((37, 70), (64, 129)), ids=str)
+def test_matches_dequantised_weight(shape, dtype):
+    weight = linear4bit(shape=shape).weight
+    x, grad = _inputs(weight, dtype)
+    out = nf4_linear(x, weight)
+    out.backward(grad)
+
+    dense = bnb_dequantize(weight.data, weight.quant_state, torch.float32).double()
+    x64 = x.detach().double().requires_grad_()
+    expected = x64 @ dense.T
+    expected.backward(grad.double())
+    assert out.dtype == dtype and out.shape == expected.shape
+    checks.assert_close_to_float64(out, expected, dtype, "nf4_linear")
+    checks.assert_close_to_float64(x.grad, x64.grad, dtype, "nf4_linear dx")
+
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(x_ref, bnb_dequantize(weight.data, weight.quant_state, dtype))
+    ref.backward(grad)
+    checks.assert_matches_reference(out, ref, dtype, "nf4_linear")
+    checks.assert_matches_reference(x.grad, x_ref.grad, dtype, "nf4_linear dx")
+
+
+def test_keeps_no_dense_weight_for_backward():
+    """Autograd keeps the packed bytes and the scales, never a (out, in) dense weight."""
+    weight = linear4bit(shape=(64, 128)).weight
+    x, grad = _inputs(weight, torch.float32)
+    kept = []
+
+    def keep(tensor):
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = nf4_linear(x, weight)
+    assert kept and all(tuple(t.shape) != (64, 128) for t in kept)
+    assert any(t.data_ptr() == weight.data_ptr() for t in kept)  # the packed bytes themselves
+    out.backward(grad)
+    assert x.grad is not None
+
+
+def test_compiles_into_one_graph_with_the_same_results():
+    from torch._dynamo.utils import counters
+
+    weight = linear4bit(shape=(37, 70)).weight
+    x, grad = _inputs(weight, torch.float32)
+
+    def layer(x):
+        return torch.relu(nf4_linear(x, weight)) * 2
+
+    out = layer(x)
+    out.backward(grad)
+    eager_out, eager_grad = out.detach(), x.grad
+    x.grad = None
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(layer, backend=BACKEND, fullgraph=True)(x)
+    out.backward(grad)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert checks.relative_error(out, eager_out) <= 1e-6
+    assert checks.relative_error(x.grad, eager_grad) <= 1e-6
