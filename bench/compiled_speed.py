@@ -9,6 +9,8 @@ tokens, forward + backward with the loss, no optimizer:
 
 - ``hf`` / ``hf-compiled``: transformers as it is, eager and ``torch.compile(model)``;
 - ``fusetune`` / ``fusetune-compiled``: after ``fusetune.apply(model)``, eager and compiled;
+- ``fusetune-captured``: the eager patched step captured as a CUDA graph (``fusetune.CapturedStep``,
+  a GPU only), each step a replay; its peak is the graph's pool (``CapturedStep.pool_bytes``);
 - ``fusetune-compiled-breaks``: compiled with the patched ops called as before this change, each
   between compiled graphs (``torch.compiler.disable``): one graph break at every op;
 - ``liger`` / ``liger-compiled``: Liger-Kernel's ``apply_liger_kernel_to_llama`` (it patches
@@ -47,8 +49,9 @@ import common
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-compiled", "fusetune-compiled-breaks",
-           "fusetune-compiled-fused-lora", "fusetune-compiled-fused-mlp", "liger", "liger-compiled")
+SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-captured", "fusetune-compiled",
+           "fusetune-compiled-breaks", "fusetune-compiled-fused-lora", "fusetune-compiled-fused-mlp",
+           "liger", "liger-compiled")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -174,6 +177,16 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
         loss.backward()
         return loss.item()
 
+    captured = None
+    if system == "fusetune-captured":
+        from fusetune.graphs import CapturedStep
+
+        captured = CapturedStep(model, lambda batch: called(**batch).loss, inputs)
+
+        def step() -> float:
+            model.zero_grad(set_to_none=True)
+            return captured(inputs).item()
+
     breaks = ops_between_graphs() if system.endswith("-breaks") else contextlib.nullcontext()
     with breaks:
         started = time.perf_counter()
@@ -191,7 +204,9 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
             started = time.perf_counter()
             step()  # loss.item() waits for the device
             times.append((time.perf_counter() - started) * 1000)
-            if device.type == "cuda":
+            if captured is not None:
+                peak = captured.pool_bytes() / common.MIB  # a replay allocates nothing of its own
+            elif device.type == "cuda":
                 peak = (torch.cuda.max_memory_allocated() - before) / common.MIB
         kernel = None
         if args.profile is not None:

@@ -3,8 +3,9 @@
 ``fusetune.apply`` and then ``torch.compile(model)`` (what ``Trainer(torch_compile=True)`` does) must
 work, plain and with PEFT LoRA on every projection. The patched norms, RoPE and GLUs stay in the
 graph (custom ops, ``fusetune/ops/_graph_ops.py``), and so do LoRA layers, which compiled code runs
-as the fused ops' maths in plain torch ops (4-bit base weights through the custom op ``nf4_linear``) (the fused LoRA paths hold outputs between calls, so they
-would break the graph at each projection): a patched model's forward without labels compiles with
+as the fused ops' maths in plain torch ops, 4-bit base weights through the custom op ``nf4_linear``
+(the fused LoRA paths hold outputs between calls, so they would break the graph at each
+projection): a patched model's forward without labels compiles with
 ``fullgraph=True``, a text Llama and Mllama (whose q and k norms run on transposed views), and with
 labels the fused loss is the one graph break. On CPU the graphs use the ``aot_eager`` backend (no
 C++ toolchain needed); on a GPU (``TRITON_INTERPRET=0``) Inductor's, whose own fusions round
