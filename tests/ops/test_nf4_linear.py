@@ -85,3 +85,23 @@ def test_compiles_into_one_graph_with_the_same_results():
     assert counters["stats"]["unique_graphs"] == 1
     assert checks.relative_error(out, eager_out) <= 1e-6
     assert checks.relative_error(x.grad, eager_grad) <= 1e-6
+
+
+@pytest.mark.parametrize("nested", (False, True), ids=("fp32_absmax", "double_quant"))
+def test_custom_ops_pass_opcheck(nested):
+    """Schema, fake outputs against the real ones, autograd registration, AOTAutograd."""
+    from bitsandbytes import functional as bnb_functional
+
+    gen = torch.Generator().manual_seed(5)
+    weight = (torch.randn(37, 70, generator=gen) * 0.05).to(checks.DEVICE)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
+    )
+    second = (state.state2.code, state.state2.absmax, state.offset) if nested else (None, None, None)
+    layout = ([37, 70], 64, int(state.state2.blocksize) if nested else 0)
+    x = torch.randn(3, 5, 70, generator=gen).to(checks.DEVICE).requires_grad_()
+    grad = torch.randn(3, 5, 37, generator=gen).to(checks.DEVICE)
+    torch.library.opcheck(torch.ops.fusetune.nf4_linear.default, (x, packed, state.absmax, *second, *layout))
+    torch.library.opcheck(
+        torch.ops.fusetune.nf4_linear_grad_input.default, (grad, packed, state.absmax, *second, *layout)
+    )
