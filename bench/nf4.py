@@ -1,7 +1,7 @@
 """NF4 dequantisation benchmark: fusetune's kernel against bitsandbytes' dequantize_4bit, and the
 price of dequantising a 4-bit MLP in slices.
 
-    python bench/nf4.py --out bench/results/nf4-h200.jsonl [--quick] [--slices-only]
+    python bench/nf4.py --out bench/results/nf4-h200.jsonl [--quick] [--slices-only | --host]
 
 For the Llama-3-8B linear shapes (out x in), each weight is quantised as QLoRA stores it (NF4,
 blocksize 64, double-quantised absmax) and dequantised to bf16 by both systems, which must agree
@@ -14,16 +14,23 @@ The slice records time one fused LoRA MLP forward + backward (``lora_glu_mlp``, 
 4,096 tokens, Llama-3 8B's hidden 4,096 and intermediate 14,336, NF4 base weights) with
 ``nf4.DENSE_SLICE_BYTES`` at each of ``SLICE_BUDGETS`` (``whole``: no slicing), and the peak memory
 the step adds (``peak_mib``), so the trade that the default makes is measured.
+
+``--host`` records only ``host_us``: the host's time a call on a 2048 x 512 weight (kernels of a
+few microseconds) through each layer of the call: the bare kernel launch, ``dequantize_nf4``,
+``dense_weight`` (what the fused paths call) and ``nf4_linear`` (compiled code's custom op), beside
+a tiny torch op and bitsandbytes' ``dequantize_4bit``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import common
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 from fusetune.ops import nf4  # noqa: E402
@@ -118,13 +125,65 @@ def bench_mlp_slices(shape: dict, budgets: dict, warmup: float, rep: float) -> N
     common.release()
 
 
+HOST_CALLS = 500
+
+
+def host_us(fn, calls: int) -> float:
+    """Microseconds of wall time a call of ``fn`` takes over ``calls`` calls in a row, the device
+    synchronised only before and after: with kernels of a few microseconds, the host's time."""
+    for _ in range(20):
+        fn()
+    common.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    common.synchronize()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def bench_host(rows: int, cols: int, calls: int) -> None:
+    """Host time of one dequantisation through each of the layers the fused paths and compiled code
+    call it through, on a weight small enough that the device never holds the host back."""
+    import bitsandbytes.functional as bnb_functional
+
+    from fusetune.ops.nf4_linear import nf4_linear
+
+    projection = _nf4_projection(rows, cols, rank=1)
+    weight = projection.weight
+    packed, state = weight.data, weight.quant_state
+    plan = nf4._launch_plan(packed, state)
+    window = nf4._window(plan, state, slice(None), slice(None))
+    out = torch.empty(window.shape, dtype=torch.bfloat16, device=packed.device)
+    x = torch.randn(16, cols, dtype=torch.bfloat16, device=packed.device)
+    a, b = torch.randn(64, 64, device=packed.device), torch.randn(64, 64, device=packed.device)
+    systems = {
+        "torch_add (a tiny torch op)": lambda: torch.add(a, b),
+        "kernel launch (plan made)": lambda: nf4._dequantize_nf4_triton(packed, plan, window, out),
+        "dequantize_nf4": lambda: dequantize_nf4(packed, state, torch.bfloat16),
+        "dense_weight (fused paths)": lambda: nf4.dense_weight(weight, torch.bfloat16),
+        "nf4_linear (compiled code's op)": lambda: nf4_linear(x, weight),
+        "F.linear over dense_weight": lambda: F.linear(x, nf4.dense_weight(weight, torch.bfloat16)),
+        "bitsandbytes dequantize_4bit": lambda: bnb_functional.dequantize_4bit(packed, state),
+    }
+    config = {"op": "nf4_host", "rows": rows, "cols": cols, "calls": calls}
+    with torch.no_grad():
+        for name, fn in systems.items():
+            us = host_us(fn, calls)
+            common.record(name, config, "host_us", us)
+            print(f"{name:34s} {us:8.1f} us a call", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON-lines file to write")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few reps (plumbing, CPU)")
     parser.add_argument("--slices-only", action="store_true", help="only the MLP slice records")
+    parser.add_argument("--host", action="store_true", help="only the host time a dequantisation costs")
     args = parser.parse_args()
     common.open_results(args.out)
+    if args.host:
+        bench_host(*((64, 128) if args.quick else (2048, 512)), 20 if args.quick else HOST_CALLS)
+        return 0
     shapes, warmup, rep = (QUICK_SHAPES, 1, 5) if args.quick else (SHAPES, 25, 100)
     bench_mlp_slices(*((QUICK_MLP_SHAPE, QUICK_SLICE_BUDGETS) if args.quick else (MLP_SHAPE, SLICE_BUDGETS)),
                      warmup, rep)
