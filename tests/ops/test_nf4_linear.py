@@ -105,3 +105,20 @@ def test_custom_ops_pass_opcheck(nested):
     torch.library.opcheck(
         torch.ops.fusetune.nf4_linear_grad_input.default, (grad, packed, state.absmax, *second, *layout)
     )
+
+
+def test_bytes_stored_in_a_float_dtype():
+    """FSDP2's QLoRA recipe stores the packed bytes as bf16; they are read as bytes all the same."""
+    from tests.ops.test_nf4 import quantized
+
+    as_bytes, bytes_state = quantized((6, 72))  # 216 bytes: whole bf16 elements
+    packed, state = quantized((6, 72), storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    weight = packed.detach()
+    weight.quant_state = state
+    x, grad = _inputs(weight, torch.float32)
+    out = nf4_linear(x, weight)
+    out.backward(grad)
+    dense = bnb_dequantize(as_bytes, bytes_state, torch.float32)  # the uint8 storage's weight
+    checks.assert_matches_reference(out, x.detach() @ dense.T, torch.float32, "nf4_linear")
+    checks.assert_matches_reference(x.grad, grad @ dense, torch.float32, "nf4_linear dx")
