@@ -17,6 +17,7 @@ kernel on a GPU, the reference on a plain CPU), bit for bit bitsandbytes'.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,66 +52,33 @@ class _State:
     quant_type: str = "nf4"
 
 
-def _dense(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code2: torch.Tensor | None,
-    absmax2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    blocksize2: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The weight as a dense (out, in) matrix of ``dtype``."""
-    nested = code2 is not None
-    state2 = _Codes(code2, absmax2, blocksize2) if nested else None
-    return dequantize_nf4(packed, _State(tuple(shape), blocksize, absmax, nested, state2, offset), dtype)
+def _weight_op(name: str, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], out_dim: int):
+    """The custom op ``fusetune::<name>(t, <the weight's state>) -> product(t, W)``, W the dense
+    weight in ``t``'s dtype, made inside the op and dropped with it; its fake output is ``t`` with
+    its last dim made ``shape[out_dim]``."""
+
+    def run(
+        t: torch.Tensor,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        code2: torch.Tensor | None,
+        absmax2: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        shape: list[int],
+        blocksize: int,
+        blocksize2: int,
+    ) -> torch.Tensor:
+        state2 = None if code2 is None else _Codes(code2, absmax2, blocksize2)
+        state = _State(tuple(shape), blocksize, absmax, state2 is not None, state2, offset)
+        return product(t, dequantize_nf4(packed, state, t.dtype))
+
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", on_input_device(run), mutates_args=())
+    op.register_fake(lambda t, *state: t.new_empty((*t.shape[:-1], state[5][out_dim])))
+    return op
 
 
-def _forward(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code2: torch.Tensor | None,
-    absmax2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    blocksize2: int,
-) -> torch.Tensor:
-    return F.linear(x, _dense(packed, absmax, code2, absmax2, offset, shape, blocksize, blocksize2, x.dtype))
-
-
-def _grad_input(
-    grad: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code2: torch.Tensor | None,
-    absmax2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    blocksize2: int,
-) -> torch.Tensor:
-    weight = _dense(packed, absmax, code2, absmax2, offset, shape, blocksize, blocksize2, grad.dtype)
-    return grad @ weight
-
-
-_nf4_linear = torch.library.custom_op(f"{NAMESPACE}::nf4_linear", on_input_device(_forward), mutates_args=())
-_nf4_grad_input = torch.library.custom_op(
-    f"{NAMESPACE}::nf4_linear_grad_input", on_input_device(_grad_input), mutates_args=()
-)
-
-
-@_nf4_linear.register_fake
-def _(x, packed, absmax, code2, absmax2, offset, shape, blocksize, blocksize2):
-    return x.new_empty((*x.shape[:-1], shape[0]))
-
-
-@_nf4_grad_input.register_fake
-def _(grad, packed, absmax, code2, absmax2, offset, shape, blocksize, blocksize2):
-    return grad.new_empty((*grad.shape[:-1], shape[1]))
+_nf4_linear = _weight_op("nf4_linear", F.linear, out_dim=0)
+_nf4_grad_input = _weight_op("nf4_linear_grad_input", torch.matmul, out_dim=1)
 
 
 def _setup_context(ctx, inputs, output) -> None:
