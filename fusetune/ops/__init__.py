@@ -3,9 +3,9 @@
 CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) run the kernels; plain CPU tensors run
 the ``*_reference`` functions, which are also what the tests compare the kernels with. Every op
 launches on its input's GPU, whichever is current (a model split over GPUs). Under ``torch.compile``
-the norms, RoPE, the GLUs and linear_cross_entropy (its reduced loss) stay in the compiled graph
-(their launches are custom ops, ``_graph_ops``); cross_entropy and the LoRA ops run as they are,
-between graphs (``_launch``).
+the norms, RoPE, the GLUs, linear_cross_entropy (its reduced loss) and nf4_linear stay in the
+compiled graph (their launches are custom ops, ``_graph_ops``); cross_entropy and the LoRA ops run
+as they are, between graphs (``_launch``).
 """
 
 from fusetune.ops.cross_entropy import cross_entropy, cross_entropy_reference
@@ -20,6 +20,7 @@ from fusetune.ops.lora import (
     lora_linear_reference,
 )
 from fusetune.ops.nf4 import dequantize_nf4, dequantize_nf4_reference
+from fusetune.ops.nf4_linear import nf4_linear
 from fusetune.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from fusetune.ops.rope import rope, rope_reference
 
@@ -41,6 +42,7 @@ __all__ = [
     "lora_linear_reference",
     "dequantize_nf4",
     "dequantize_nf4_reference",
+    "nf4_linear",
     "rms_norm",
     "rms_norm_reference",
     "rope",

@@ -4,7 +4,7 @@ A QLoRA model's traced code (``fusetune/patch/lora.py``, ``FusedLoraMLP._traced_
 projections as plain torch ops. A 4-bit base weight there would be dequantised by
 ``nf4.dequantize_nf4``, an eager op, one graph break at every projection; and a dense weight that
 feeds a traced matmul is what autograd saves for the backward, every layer's base weights kept in
-the compute dtype at once (16 GiB of bf16 at Llama-3 8B's size), the memory QLoRA exists to save.
+the compute dtype at once (13 GiB of bf16 at Llama-3 8B's size), the memory QLoRA exists to save.
 
 ``nf4_linear(x, weight)`` is instead the custom op ``fusetune::nf4_linear``: its forward dequantises
 the weight, multiplies and drops the dense copy; its backward, the custom op
