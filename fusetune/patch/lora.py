@@ -15,9 +15,9 @@ Vision towers are treated alike where their layers carry these names and LoRA (t
 mostly ungated, so only attention qualifies). Every call re-checks PEFT's flags
 (``fusetune.nn.lora.projection_weights``) and runs PEFT's own forward when a projection is off the
 fast path. Code that torch.compile traces runs the fused ops' maths as plain torch ops
-(``lora_linear_reference``, ``lora_glu_mlp_reference``), so the layers stay in its graph: on an
-H200 that compiled step was faster than one with each fused path a graph break, for more memory
-(bench/RESULTS.md).
+(``lora_linear_reference``, ``lora_glu_mlp_reference``; a 4-bit base weight's product is the custom
+op ``nf4_linear``), so the layers stay in its graph: on an H200 that compiled step was faster than
+one with each fused path a graph break, for more memory (bench/RESULTS.md).
 """
 
 from __future__ import annotations
