@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from fusetune.ops._graph_ops import NAMESPACE
-from fusetune.ops._launch import on_input_device
-from fusetune.ops.nf4 import dequantize_nf4
+from fusetune.ops._launch import check_float, check_same_device, on_input_device, public_op
+from fusetune.ops.nf4 import dequantize_nf4, is_4bit
 
 
 @dataclass
@@ -95,10 +95,28 @@ def _backward(ctx, grad):
 _nf4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not is_4bit(weight) or weight.quant_state.quant_type != "nf4":
+        raise TypeError(
+            "fusetune.nf4_linear: weight is not a bitsandbytes NF4 weight (a Params4bit, or its packed "
+            "bytes carrying its quant_state); for a plain weight use torch.nn.functional.linear."
+        )
+    check_float("x", x)
+    check_same_device("x", x, weight=weight)
+    in_features = int(weight.quant_state.shape[-1])
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"fusetune.nf4_linear: x's last dim is {x.shape[-1]} but the weight "
+            f"{tuple(weight.quant_state.shape)} takes {in_features} input features."
+        )
+
+
+@public_op
 def nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` in ``x``'s dtype, W a bitsandbytes NF4 weight (a ``Params4bit``, or a tensor of its
     packed bytes carrying its ``quant_state``), frozen; ``x``'s gradient only. The dense weight
     exists only inside the op's forward and backward (see the module docstring)."""
+    _check(x, weight)
     state = weight.quant_state
     nested = bool(state.nested)
     return _nf4_linear(

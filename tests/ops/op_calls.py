@@ -44,7 +44,7 @@ def op_cases(device: torch.device | str, dtype: torch.dtype) -> dict[str, Case]:
         return ops.lora_glu_mlp(x * 2, LoraWeights(mlp_gate, a, b, 2.0), LoraWeights(mlp_up, None, None, 1.0),
                                 LoraWeights(mlp_down, None, None, 1.0), "silu") + 1
 
-    return {
+    cases = {
         "rms_norm": (lambda x, w: ops.rms_norm(x * 2, w) + 1, (x, weight)),
         "add_rms_norm": (lambda x, r, w: sum(ops.add_rms_norm(x * 2, r, w)), (x, residual, weight)),
         "layer_norm": (lambda x, w, b: ops.layer_norm(x * 2, w, b) + 1, (x, weight, bias)),
@@ -59,6 +59,23 @@ def op_cases(device: torch.device | str, dtype: torch.dtype) -> dict[str, Case]:
                         (x, a, b)),
         "lora_glu_mlp": (mlp, (x, mlp_a, mlp_b)),
     }
+    nf4_weight = _nf4_weight(frozen(24, 72))
+    if nf4_weight is not None:
+        cases["nf4_linear"] = (lambda x: ops.nf4_linear(x * 2, nf4_weight) + 1, (x,))
+    return cases
+
+
+def _nf4_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` quantised to NF4 by bitsandbytes (its packed bytes carrying their quant_state), or
+    None where bitsandbytes is not installed (the op takes only its weights)."""
+    try:
+        from bitsandbytes import functional as bnb_functional
+    except ImportError:
+        return None
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    packed.quant_state = state
+    return packed
 
 
 def forward_backward(function: Callable[..., torch.Tensor],

@@ -1,6 +1,6 @@
 """Every fused op inside torch.compile'd code: the same outputs and gradients as the op called eagerly.
 
-The norms, RoPE, the GLUs and linear_cross_entropy launch their kernels through custom ops
+The norms, RoPE, the GLUs, linear_cross_entropy and nf4_linear launch their kernels through custom ops
 (``fusetune/ops/_graph_ops.py``), so torch.compile keeps them in its graph: they are compiled with
 ``fullgraph=True``, which fails on any graph break. cross_entropy and the LoRA ops run as they are
 between compiled graphs (``_launch.public_eager_op``). Each case (``op_calls``) compiles a function
@@ -19,7 +19,7 @@ BACKEND = "inductor" if checks.DEVICE == "cuda" else "aot_eager"
 DTYPE = torch.bfloat16 if checks.DEVICE == "cuda" else torch.float32
 CASES = op_calls.op_cases(checks.DEVICE, DTYPE)
 IN_GRAPH = {"rms_norm", "add_rms_norm", "layer_norm", "rope", "swiglu", "geglu", "linear_cross_entropy",
-            "linear_cross_entropy_frozen"}
+            "linear_cross_entropy_frozen", "nf4_linear"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

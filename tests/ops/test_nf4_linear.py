@@ -122,3 +122,18 @@ def test_bytes_stored_in_a_float_dtype():
     dense = bnb_dequantize(as_bytes, bytes_state, torch.float32)  # the uint8 storage's weight
     checks.assert_matches_reference(out, x.detach() @ dense.T, torch.float32, "nf4_linear")
     checks.assert_matches_reference(x.grad, grad @ dense, torch.float32, "nf4_linear dx")
+
+
+def test_bad_input_is_named():
+    weight = linear4bit(shape=(37, 70)).weight
+    x = torch.randn(4, 70, device=checks.DEVICE)
+    with pytest.raises(TypeError, match="not a bitsandbytes NF4 weight.*functional.linear"):
+        nf4_linear(x, torch.randn(37, 70, device=checks.DEVICE))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        nf4_linear(x.to(torch.float64), weight)
+    with pytest.raises(ValueError, match="last dim is 69 but the weight \\(37, 70\\) takes 70"):
+        nf4_linear(x[:, :69], weight)
+    elsewhere = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    elsewhere.quant_state = weight.quant_state
+    with pytest.raises(ValueError, match="weight is on meta but x is on .* move it there"):
+        nf4_linear(x, elsewhere)
