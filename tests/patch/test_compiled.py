@@ -57,12 +57,11 @@ def _step(model: torch.nn.Module, called: torch.nn.Module, inputs: dict) -> tupl
 LORA_TOLERANCE = 5e-2 if checks.DEVICE == "cuda" else 1e-5
 
 
-def test_compiled_patched_lora_llama_trains_as_eager_with_one_break():
+def _assert_compiled_trains_as_eager_with_one_break(model: torch.nn.Module) -> None:
     """With labels: everything in one graph up to the fused loss, which runs between graphs (the
-    graph after it is the second). A plain patched model compiled whole is the next test's."""
+    graph after it is the second); loss and trainable gradients as eager's."""
     from torch._dynamo.utils import counters
 
-    model = _patched_lora_llama()
     inputs = {key: value.to(checks.DEVICE) for key, value in batch().items()}
     eager_loss, eager_grads = _step(model, model, inputs)
     torch._dynamo.reset()
@@ -75,12 +74,14 @@ def test_compiled_patched_lora_llama_trains_as_eager_with_one_break():
         assert checks.relative_error(grad, expected) <= LORA_TOLERANCE
 
 
-def test_compiled_patched_qlora_llama_trains_as_eager_with_one_break():
-    """4-bit base weights too stay in the graph (their products are the custom op ``nf4_linear``):
-    the fused loss is still the only break."""
-    pytest.importorskip("bitsandbytes")
-    from torch._dynamo.utils import counters
+def test_compiled_patched_lora_llama_trains_as_eager_with_one_break():
+    """A plain patched model compiled whole is a later test's."""
+    _assert_compiled_trains_as_eager_with_one_break(_patched_lora_llama())
 
+
+def test_compiled_patched_qlora_llama_trains_as_eager_with_one_break():
+    """4-bit base weights too stay in the graph (their products are the custom op ``nf4_linear``)."""
+    pytest.importorskip("bitsandbytes")
     from fusetune.quantize import quantize_4bit
 
     base = tiny_model("llama", num_hidden_layers=1).to(DTYPE)
@@ -89,16 +90,7 @@ def test_compiled_patched_qlora_llama_trains_as_eager_with_one_break():
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False)
     model = peft.get_peft_model(base, config).to(checks.DEVICE)
     fusetune.apply(model)
-    inputs = {key: value.to(checks.DEVICE) for key, value in batch().items()}
-    eager_loss, eager_grads = _step(model, model, inputs)
-    torch._dynamo.reset()
-    counters.clear()
-    loss, grads = _step(model, torch.compile(model, backend=BACKEND), inputs)
-    assert counters["stats"]["unique_graphs"] == 2
-    assert checks.relative_error(loss, eager_loss) <= LORA_TOLERANCE
-    assert len(grads) == len(eager_grads) > 0
-    for grad, expected in zip(grads, eager_grads, strict=True):
-        assert checks.relative_error(grad, expected) <= LORA_TOLERANCE
+    _assert_compiled_trains_as_eager_with_one_break(model)
 
 
 def _logits_loss(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
