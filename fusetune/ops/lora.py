@@ -176,8 +176,9 @@ _GLU_REFERENCES = {
 
 def _reference_projection(x: torch.Tensor, p: LoraWeights, dtype: torch.dtype) -> torch.Tensor:
     bias = None if p.bias is None else p.bias.to(dtype)
-    if decoded_by_fusetune(p.weight):  # the dense weight only inside the op, and in compiled graphs
-        y = nf4_linear(x, p.weight) if bias is None else nf4_linear(x, p.weight) + bias
+    if decoded_by_fusetune(p.weight):  # dequantised inside the op, never saved; stays in compiled graphs
+        y = nf4_linear(x, p.weight)
+        y = y if bias is None else y + bias
     else:
         y = F.linear(x, dense_weight(p.weight, dtype), bias)
     if p.a is None:
