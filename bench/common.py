@@ -9,6 +9,7 @@ scripts' plumbing can be exercised on a CPU machine with ``--quick``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -110,6 +111,19 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     """A one-line error string for a record: the exception type and the start of its message."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:limit]}"
+
+
+@contextlib.contextmanager
+def launches_through_triton(through_triton: bool = True):
+    """Meanwhile (where ``through_triton``), every fusetune kernel launched through Triton's
+    ``kernel[grid](...)`` each time, as before the direct launch path (``DirectLaunch.enabled``)."""
+    from fusetune.ops._direct_launch import DirectLaunch
+
+    DirectLaunch.enabled = not through_triton
+    try:
+        yield
+    finally:
+        DirectLaunch.enabled = True
 
 
 def synchronize() -> None:

@@ -9,6 +9,8 @@ tokens, forward + backward with the loss, no optimizer:
 
 - ``hf`` / ``hf-compiled``: transformers as it is, eager and ``torch.compile(model)``;
 - ``fusetune`` / ``fusetune-compiled``: after ``fusetune.apply(model)``, eager and compiled;
+- ``fusetune-triton-launch``: ``fusetune`` with every kernel launched through Triton's
+  ``kernel[grid](...)`` each time, as before the direct launch path (``fusetune/ops/_direct_launch.py``);
 - ``fusetune-captured``: the eager patched step captured as a CUDA graph (``fusetune.CapturedStep``,
   a GPU only), each step a replay; its peak is the graph's pool (``CapturedStep.pool_bytes``);
 - ``fusetune-compiled-breaks``: compiled with the patched ops called as before this change, each
@@ -49,9 +51,9 @@ import common
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-captured", "fusetune-compiled",
-           "fusetune-compiled-breaks", "fusetune-compiled-fused-lora", "fusetune-compiled-fused-mlp",
-           "liger", "liger-compiled")
+SYSTEMS = ("hf", "hf-compiled", "fusetune", "fusetune-triton-launch", "fusetune-captured",
+           "fusetune-compiled", "fusetune-compiled-breaks", "fusetune-compiled-fused-lora",
+           "fusetune-compiled-fused-mlp", "liger", "liger-compiled")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -188,7 +190,7 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
             return captured(inputs).item()
 
     breaks = ops_between_graphs() if system.endswith("-breaks") else contextlib.nullcontext()
-    with breaks:
+    with breaks, common.launches_through_triton(system.endswith("-triton-launch")):
         started = time.perf_counter()
         loss = step()
         first = time.perf_counter() - started

@@ -9,7 +9,12 @@ microseconds, so the wall time of a synchronised step is the host's:
   system runs in its own process (Liger patches transformers' classes globally). fusetune's step
   is then profiled with cProfile, its functions listed by own time.
 - ``ops``: forward + backward of each memory-bound op at ``ops.py``'s quick shapes, per call, for
-  fusetune, Liger and eager PyTorch.
+  fusetune, Liger, eager PyTorch and torch.compile.
+
+``fusetune_triton_launch`` (ops) and ``fusetune-triton-launch`` (layer) are fusetune with every
+kernel launched through Triton's ``kernel[grid](...)`` each time (``DirectLaunch.enabled`` off), as
+before the direct launch path (``fusetune/ops/_direct_launch.py``): the difference is what that path
+saves the host.
 - ``large`` (GPU only): at the 32,768-token shapes of each norm and of RoPE, the forward + backward time
   ``ops.py`` reports (``do_bench``) beside the sum of the step's kernel times (torch.profiler) and
   the host time of a step left unsynchronised: where the host time exceeds the kernels', the
@@ -43,11 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
 
-LAYER_SYSTEMS = ("hf", "liger", "fusetune", "fusetune-nooffload")
+LAYER_SYSTEMS = ("hf", "liger", "fusetune", "fusetune-nooffload", "fusetune-triton-launch")
 DEPTHS = (2, 10)
 TOKENS = 64
 OP_NAMES = ("rms_norm", "add_rms_norm", "layer_norm", "swiglu", "rope", "cross_entropy")
-OP_SYSTEMS = ("fusetune", "liger", "torch_eager")
+OP_SYSTEMS = ("fusetune", "fusetune_triton_launch", "liger", "torch_eager")
 SYSTEMS = tuple(dict.fromkeys(LAYER_SYSTEMS + OP_SYSTEMS + ("torch_compile",)))
 
 
@@ -102,9 +107,10 @@ def _profile_text(step, steps: int, rows: int) -> str:
 def layer_worker(system: str, steps: int, profile_path: Path | None) -> None:
     """Print one JSON line: the step time at each depth (run in a process of its own)."""
     seconds = {}
-    for layers in DEPTHS:
-        profile = profile_path if layers == DEPTHS[-1] else None
-        seconds[str(layers)] = step_seconds(system, layers, steps, profile)
+    with common.launches_through_triton("triton" in system):
+        for layers in DEPTHS:
+            profile = profile_path if layers == DEPTHS[-1] else None
+            seconds[str(layers)] = step_seconds(system, layers, steps, profile)
     print(json.dumps(seconds))
 
 
@@ -135,18 +141,22 @@ def op_records(args: argparse.Namespace) -> None:
         op = ops.OPS_BY_NAME[name]
         shape, variant = ops.cases(op, quick=True)[0]
         compiled = ops.compiled_eager(op) if "torch_compile" in args.systems else None
-        for system, build in ops.steps_for(op, compiled, tuple(args.systems)).items():
+        builders = ops.steps_for(op, compiled, tuple(args.systems))
+        if "fusetune_triton_launch" in args.systems:
+            builders["fusetune_triton_launch"] = ops.steps_for(op, None, ("fusetune",))["fusetune"]
+        for system, build in builders.items():
             config = ops.config_of(op, shape, variant)
             try:
                 step = build()
                 inputs, grad_outputs = op.make(shape, variant)
-                for _ in range(20):
-                    step(inputs, grad_outputs)
-                common.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    step(inputs, grad_outputs)
-                common.synchronize()
+                with common.launches_through_triton("triton" in system):
+                    for _ in range(20):
+                        step(inputs, grad_outputs)
+                    common.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(args.calls):
+                        step(inputs, grad_outputs)
+                    common.synchronize()
                 us = (time.perf_counter() - start) / args.calls * 1e6
             except Exception as exc:
                 common.record(system, config, "host_us_per_call", None, common.describe(exc))

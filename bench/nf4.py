@@ -18,7 +18,8 @@ the step adds (``peak_mib``), so the trade that the default makes is measured.
 ``--host`` records only ``host_us``: the host's time a call on a 2048 x 512 weight (kernels of a
 few microseconds) through each layer of the call: the bare kernel launch, ``dequantize_nf4``,
 ``dense_weight`` (what the fused paths call) and ``nf4_linear`` (compiled code's custom op), beside
-a tiny torch op and bitsandbytes' ``dequantize_4bit``.
+a tiny torch op and bitsandbytes' ``dequantize_4bit``; the bare launch also through Triton's
+``kernel[grid](...)`` each time (``common.launches_through_triton``).
 """
 
 from __future__ import annotations
@@ -156,9 +157,13 @@ def bench_host(rows: int, cols: int, calls: int) -> None:
     out = torch.empty(window.shape, dtype=torch.bfloat16, device=packed.device)
     x = torch.randn(16, cols, dtype=torch.bfloat16, device=packed.device)
     a, b = torch.randn(64, 64, device=packed.device), torch.randn(64, 64, device=packed.device)
+    def launch():
+        nf4._dequantize_nf4_triton(packed, plan, window, out)
+
     systems = {
         "torch_add (a tiny torch op)": lambda: torch.add(a, b),
-        "kernel launch (plan made)": lambda: nf4._dequantize_nf4_triton(packed, plan, window, out),
+        "kernel launch (plan made)": launch,
+        "kernel launch through Triton (plan made)": launch,
         "dequantize_nf4": lambda: dequantize_nf4(packed, state, torch.bfloat16),
         "dense_weight (fused paths)": lambda: nf4.dense_weight(weight, torch.bfloat16),
         "nf4_linear (compiled code's op)": lambda: nf4_linear(x, weight),
@@ -168,7 +173,8 @@ def bench_host(rows: int, cols: int, calls: int) -> None:
     config = {"op": "nf4_host", "rows": rows, "cols": cols, "calls": calls}
     with torch.no_grad():
         for name, fn in systems.items():
-            us = host_us(fn, calls)
+            with common.launches_through_triton("through Triton" in name):
+                us = host_us(fn, calls)
             common.record(name, config, "host_us", us)
             print(f"{name:34s} {us:8.1f} us a call", flush=True)
 

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import (
     as_rows,
     cdiv,
@@ -230,6 +231,7 @@ def _finish_row(
                 tl.store(grad_row + offs, grad, mask=mask)
 
 
+@direct_launch
 @triton.jit
 def _cross_entropy_split_kernel(
     logits_ptr,
@@ -418,6 +420,7 @@ def reduce_losses(
     return row_losses.sum() / denominator
 
 
+@direct_launch
 @triton.jit
 def _scale_unless_one_kernel(x_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr):
     """``x *= scale`` in place over a flat tensor, skipped entirely when the scale is 1 (a

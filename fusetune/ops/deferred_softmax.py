@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import next_power_of_2, sm_count
 from fusetune.ops.cross_entropy import _softcapped, _zero_columns
 
@@ -215,6 +216,7 @@ def _row_numerators(row_ptr, z_first, ref, label_col, n_cols, hidden_row, hidden
     return others, settled, tl.sum(logit_sums, axis=0)
 
 
+@direct_launch
 @triton.jit
 def _deferred_rows_kernel(
     logits_ptr,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_op, triton, use_triton
 
@@ -127,6 +128,7 @@ if triton is not None:
             result = offs
         return result
 
+    @direct_launch
     @triton.jit
     def _glu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, n_cols, gate_rs, up_rs,
                             ACTIVATION: tl.constexpr, STRIDED: tl.constexpr,
@@ -140,6 +142,7 @@ if triton is not None:
         out = _activation(gate, ACTIVATION) * up
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @direct_launch
     @triton.jit
     def _glu_backward_kernel(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
                              n_elements, n_cols, grad_rs, gate_rs, up_rs, dgate_rs, dup_rs,

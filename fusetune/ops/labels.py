@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import capturing
 
 # Labels a step of the summary kernel reads (eight warps, 32 a thread).
@@ -165,6 +166,7 @@ class LabelSummary(NamedTuple):
         return self.scales[1:]
 
 
+@direct_launch
 @triton.jit
 def _label_summary_kernel(labels_ptr, n_rows, n_classes, ignore_index, items_ptr, fixed_denominator,
                           counts_ptr, scales_ptr, DENOMINATOR: tl.constexpr, BLOCK: tl.constexpr):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import (
     as_rows,
@@ -69,6 +70,7 @@ if triton is not None:
 
     from fusetune.ops._launch import row_tile
 
+    @direct_launch
     @triton.jit
     def _layer_norm_forward_kernel(
         X, W, B, Y, MEAN, RSTD,
@@ -92,6 +94,7 @@ if triton is not None:
             y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + rows64 * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=tile)
 
+    @direct_launch
     @triton.jit
     def _layer_norm_backward_kernel(
         DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import SUPPORTED_DTYPES, cdiv, public_eager_op, triton, use_triton
 
 if triton is not None:
@@ -164,6 +165,7 @@ def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dty
 # --------------------------------------------------------------------------------------------
 if triton is not None:
 
+    @direct_launch
     @triton.jit
     def _dequantize_nf4_kernel(
         packed_ptr,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import cdiv, next_power_of_2, triton
 
 # Columns a program of the reduction owns, and the elements of the (programs x columns) tile it
@@ -32,6 +33,7 @@ _WARPS = 4
 if triton is not None:
     import triton.language as tl
 
+    @direct_launch
     @triton.jit
     def _sum_partials_kernel(
         PARTIAL, FIRST, SECOND, n_programs, n_cols, stride_program,

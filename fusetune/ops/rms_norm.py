@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import (
     NARROW_BLOCK,
@@ -106,6 +107,7 @@ def forward_grid(n_tiles: int, block: int, device: torch.device) -> tuple[int, i
 
 if triton is not None:
 
+    @direct_launch
     @triton.jit
     def _rms_norm_forward_kernel(
         X, R, S, Y, W, RSTD,
@@ -140,6 +142,7 @@ if triton is not None:
                 y = normed
             tl.store(Y + rows64 * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=tile)
 
+    @direct_launch
     @triton.jit
     def _rms_norm_backward_kernel(
         DY, H, W, RSTD, DS, DX, DW_PARTIAL,

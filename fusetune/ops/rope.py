@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._graph_ops import graph_op
 from fusetune.ops._launch import (
     cdiv,
@@ -171,6 +172,7 @@ if triton is not None:
             kept = tl.load(x_row + pcols[None, None, :], mask=pmask, other=0.0)
             tl.store(o_row + pcols[None, None, :], kept.to(o_ptr.dtype.element_ty), mask=pmask)
 
+    @direct_launch
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
                      n_tokens, seq_len, n_q_heads, n_k_heads, q_blocks,

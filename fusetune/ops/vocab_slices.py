@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import next_power_of_2
 from fusetune.ops.cross_entropy import _softcapped, _zero_columns
 from fusetune.ops.deferred_softmax import (
@@ -106,6 +107,7 @@ def _scale_row(row_ptr, n_cols, factor, BLOCK: tl.constexpr):
         tl.store(row_ptr + offs, tl.load(row_ptr + offs, mask=mask) * factor, mask=mask)
 
 
+@direct_launch
 @triton.jit
 def _slice_rows_kernel(
     logits_ptr,
@@ -184,6 +186,7 @@ def _slice_rows_kernel(
             tl.store(row_ptr + local, tl.zeros([], dtype=tl.float32).to(row_ptr.dtype.element_ty))
 
 
+@direct_launch
 @triton.jit
 def _finish_rows_kernel(
     labels_ptr,

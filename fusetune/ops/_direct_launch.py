@@ -1,0 +1,113 @@
+"""Launching a Triton kernel straight through its compiled kernel once it has been compiled.
+
+``kernel[grid](*args)`` on a ``triton.jit`` function does, at every call, work whose result only
+changes when the kernel needs compiling again: it re-reads Triton's settings from the environment,
+binds and specialises each argument, builds a string cache key, checks the kernel's globals, and
+builds launch metadata for and calls the (empty) launch hooks. The ops make one to three launches a
+call and a small model's training step hundreds, so where the host sets a step's pace that is time
+the GPU waits. On an H200's host (torch 2.11, Triton 3.6; ``bench/nf4.py --host``,
+``bench/results/nf4-host-h200-direct.jsonl``) a bare launch took 25.3 microseconds that way and
+14.7 through :class:`DirectLaunch`, against 6.0 for a small torch op.
+
+:func:`direct_launch` wraps a kernel so that a launch goes through Triton once per specialisation
+(compiling it, with every one of Triton's checks), and after that straight to the compiled kernel's
+launcher, looked up by a key of this module's own: the current device, the specialisation of each
+argument (what Triton specialises on, :func:`argument_key`) and the keyword arguments (constexprs and
+launch options). Triton's path is kept where the shortcut would skip something it does: under the
+interpreter (the CPU tests), and while launch hooks are set (a profiler such as Proton's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusetune.ops._launch import triton
+
+_INT32 = range(-(2**31), 2**31)
+_INT64_END = 2**63
+
+# The key of an argument this module does not know how Triton specialises: such a launch always
+# goes through Triton.
+TRITON_DECIDES = object()
+
+
+def argument_key(arg) -> object:
+    """What Triton specialises a non-constexpr kernel argument on, as a hashable value.
+
+    Triton 3.6 and 3.9 (``native_specialize_impl``): a tensor by its dtype and whether its address
+    is a multiple of 16; an int equal to 1 becomes a constant, others by whether they fit 32 or 64
+    signed bits (else unsigned 64) and are a multiple of 16; None is a constant; a bool or float by
+    its type alone. ``tests/ops/test_direct_launch.py`` checks that arguments Triton tells apart get
+    different keys here. Any other type: :data:`TRITON_DECIDES`.
+    """
+    kind = type(arg)
+    if kind is bool or kind is float:
+        return kind
+    if kind is int:
+        return (arg == 1, arg % 16 == 0, arg in _INT32, arg < _INT64_END)
+    if arg is None:
+        return None
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    return TRITON_DECIDES
+
+
+def _hooks_set() -> bool:
+    """Whether Triton launch hooks are registered (Triton 3.6/3.9 keep them in ``HookChain``s)."""
+    runtime = triton.knobs.runtime
+    return any(getattr(hook, "calls", hook is not None) for hook in (runtime.launch_enter_hook,
+                                                                       runtime.launch_exit_hook))
+
+
+class DirectLaunch:
+    """A ``triton.jit`` kernel whose launches skip Triton's per-call work once compiled (above).
+
+    ``kernel[grid](*args, **keywords)`` works as on the ``triton.jit`` function, with ``grid`` a
+    tuple of up to three ints and every constexpr passed by keyword (the key takes positional
+    arguments by their specialisation, not their value); other attributes are the function's.
+    ``enabled`` (class-wide) switches the shortcut off, for the benchmark that measures it.
+    """
+
+    enabled = True
+
+    def __init__(self, jit_function):
+        self.jit_function = jit_function
+        params = jit_function.params
+        self._names = [param.name for param in params]
+        self._positional = next((i for i, param in enumerate(params) if param.is_constexpr), len(params))
+        self._defaults = {param.name: param.default for param in params if param.has_default}
+        self._compiled: dict[tuple, object] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.jit_function, name)
+
+    def __getitem__(self, grid):
+        return lambda *args, **keywords: self.launch(grid, args, keywords)
+
+    def launch(self, grid, args: tuple, keywords: dict) -> None:
+        """Launch on ``grid`` (a tuple of up to three ints) with the kernel's arguments."""
+        if len(args) > self._positional:
+            name = self._names[self._positional]
+            raise TypeError(f"fusetune: pass {name} to {self.fn.__name__} by keyword (it is a constexpr).")
+        device = torch.cuda.current_device()
+        arguments = tuple(map(argument_key, args))
+        key = (device, arguments, tuple(keywords.items()))
+        compiled = self._compiled.get(key)
+        if compiled is None or not DirectLaunch.enabled or _hooks_set():
+            compiled = self.jit_function[grid](*args, **keywords)
+            if TRITON_DECIDES not in arguments:
+                self._compiled[key] = compiled
+            return
+        values = [*args, *(keywords[name] if name in keywords else self._defaults[name]
+                           for name in self._names[len(args):])]
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     torch._C._cuda_getCurrentRawStream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *values)
+
+
+def direct_launch(jit_function):
+    """``jit_function`` (a ``triton.jit`` kernel) launched through :class:`DirectLaunch`; under the
+    interpreter, where ``triton.jit`` gives an interpreted function, that function as it is."""
+    if triton is None or not isinstance(jit_function, triton.runtime.JITFunction):
+        return jit_function
+    return DirectLaunch(jit_function)
