@@ -31,7 +31,9 @@ loss's ``.item()``), with the first step's wall time (``first_step_s``, compilin
 graphs torch.compile made (``compiled_graphs``), and the peak memory a step allocates (``peak_mib``).
 With ``--profile DIR`` (a GPU) each system also records ``kernel_ms``, the device time of a step
 (kernels, copies and memsets summed, so the gaps where the device waits for the host are left
-out), and writes the profiler's table of a step's kernels to ``DIR/compiled-<tag>-<system>.txt``.
+out), and writes the profiler's table of a step's kernels to ``DIR/compiled-<tag>-<system>.txt``;
+with ``--host-profile DIR``, a cProfile of three steps (the host's Python, by own time) to
+``DIR/compiled-host-<tag>-<system>.txt``.
 ``--quick`` runs a tiny model in float32 with ``aot_eager`` on a CPU.
 
     python bench/compiled_speed.py --out bench/results
@@ -163,6 +165,21 @@ def profile_steps(step, table: Path, steps: int = 3) -> float:
     return sum(on_device) / steps / 1000
 
 
+def host_profile_steps(step, table: Path, steps: int = 3) -> None:
+    """cProfile of ``steps`` steps of ``step``: the 45 functions with the most own time (file names
+    without their folders) go to ``table``."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    with table.open("w") as out:
+        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime").print_stats(45)
+
+
 def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dtype,
             device: torch.device) -> None:
     """Build, set up and time one system; its records."""
@@ -213,6 +230,8 @@ def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dt
         kernel = None
         if args.profile is not None:
             kernel = profile_steps(step, args.profile / f"compiled-{args.tag}-{system}.txt")
+        if args.host_profile is not None:
+            host_profile_steps(step, args.host_profile / f"compiled-host-{args.tag}-{system}.txt")
     ms = statistics.median(times)
     common.record(system, config, common.TIME, ms, first_step_s=first, loss=loss, steps=args.steps,
                   compiled_graphs=graphs)
@@ -234,6 +253,7 @@ def main() -> int:
     parser.add_argument("--lora", action="store_true", help="PEFT LoRA r=16 on every projection")
     parser.add_argument("--qlora", action="store_true", help="the same LoRA over 4-bit (NF4) base weights")
     parser.add_argument("--profile", type=Path, help="directory for each system's kernel table (a GPU)")
+    parser.add_argument("--host-profile", type=Path, help="directory for each system's cProfile of 3 steps")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2, help="steps after the first before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
