@@ -86,6 +86,9 @@ class DirectLaunch:
 
     def launch(self, grid, args: tuple, keywords: dict) -> None:
         """Launch on ``grid`` (a tuple of up to three ints) with the kernel's arguments."""
+        if not DirectLaunch.enabled:
+            self.jit_function[grid](*args, **keywords)
+            return
         if len(args) > self._positional:
             name = self._names[self._positional]
             raise TypeError(f"fusetune: pass {name} to {self.fn.__name__} by keyword (it is a constexpr).")
@@ -93,7 +96,7 @@ class DirectLaunch:
         arguments = tuple(map(argument_key, args))
         key = (device, arguments, tuple(keywords.items()))
         compiled = self._compiled.get(key)
-        if compiled is None or not DirectLaunch.enabled or _hooks_set():
+        if compiled is None or _hooks_set():
             compiled = self.jit_function[grid](*args, **keywords)
             if TRITON_DECIDES not in arguments:
                 self._compiled[key] = compiled
