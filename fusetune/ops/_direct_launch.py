@@ -14,7 +14,10 @@ the GPU waits. On an H200's host (torch 2.11, Triton 3.6; ``bench/nf4.py --host`
 launcher, looked up by a key of this module's own: the current device, the specialisation of each
 argument (what Triton specialises on, :func:`argument_key`) and the keyword arguments (constexprs and
 launch options). Triton's path is kept where the shortcut would skip something it does: under the
-interpreter (the CPU tests), and while launch hooks are set (a profiler such as Proton's).
+interpreter (the CPU tests), and while launch hooks are set (a profiler such as Proton's). The
+launcher is called as ``JITFunction.run`` calls it in Triton 3.4 to 3.9 (grid, stream, function,
+metadata, launch metadata, the two hooks, then every parameter's value in order, constexprs too);
+``pyproject.toml`` allows those versions.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ TRITON_DECIDES = object()
 def argument_key(arg) -> object:
     """What Triton specialises a non-constexpr kernel argument on, as a hashable value.
 
-    Triton 3.6 and 3.9 (``native_specialize_impl``): a tensor by its dtype and whether its address
-    is a multiple of 16; an int equal to 1 becomes a constant, others by whether they fit 32 or 64
-    signed bits (else unsigned 64) and are a multiple of 16; None is a constant; a bool or float by
-    its type alone. ``tests/ops/test_direct_launch.py`` checks that arguments Triton tells apart get
+    Triton 3.4 to 3.9 (``native_specialize_impl``; in 3.4 ``create_specialize_impl``): a tensor by
+    its dtype and whether its address is a multiple of 16; an int equal to 1 becomes a constant,
+    others by whether they fit 32 or 64 signed bits (else unsigned 64) and are a multiple of 16;
+    None is a constant; a bool or float by its type alone. ``tests/ops/test_direct_launch.py`` checks that arguments Triton tells apart get
     different keys here. Any other type: :data:`TRITON_DECIDES`.
     """
     kind = type(arg)
