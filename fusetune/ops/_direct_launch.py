@@ -40,8 +40,9 @@ def argument_key(arg) -> object:
     Triton 3.4 to 3.9 (``native_specialize_impl``; in 3.4 ``create_specialize_impl``): a tensor by
     its dtype and whether its address is a multiple of 16; an int equal to 1 becomes a constant,
     others by whether they fit 32 or 64 signed bits (else unsigned 64) and are a multiple of 16;
-    None is a constant; a bool or float by its type alone. ``tests/ops/test_direct_launch.py`` checks that arguments Triton tells apart get
-    different keys here. Any other type: :data:`TRITON_DECIDES`.
+    None is a constant; a bool or float by its type alone. ``tests/ops/test_direct_launch.py``
+    checks that arguments Triton tells apart get different keys here. Any other type:
+    :data:`TRITON_DECIDES`.
     """
     kind = type(arg)
     if kind is bool or kind is float:
