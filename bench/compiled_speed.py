@@ -65,13 +65,15 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=257, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def build(quick: bool, params: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The Llama of this benchmark with seeded random weights, in training mode. ``params``:
+def build(quick: bool, params: str, dtype: torch.dtype, device: torch.device,
+          shape: dict | None = None) -> torch.nn.Module:
+    """The Llama of this benchmark (``shape``: another Llama config's fields in place of
+    Llama-3.2-1B's) with seeded random weights, in training mode. ``params``:
     "all" trains every parameter; "lora-r16" makes it a PEFT model whose adapters are the trained
     parameters; "qlora-r16" quantises its linear layers to 4 bits first (fusetune's NF4 weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**(TINY if quick else LLAMA_1B), use_cache=False)
+    config = LlamaConfig(**(TINY if quick else shape or LLAMA_1B), use_cache=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)

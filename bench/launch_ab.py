@@ -7,9 +7,10 @@ Here the same model, or the same op's inputs, runs alternately with every kernel
 ``DirectLaunch.enabled`` off), one step or one block of calls each in turn, and each record pairs
 the two medians taken side by side in time:
 
-- ``model``: training steps (forward + backward with the loss, no optimizer) of the Llama of
-  ``bench/compiled_speed.py`` (Llama-3.2-1B's shape, 4,096 tokens, bf16), patched by
-  ``fusetune.apply``, with every parameter trained, LoRA r=16, and QLoRA r=16;
+- ``model``: training steps (forward + backward with the loss, no optimizer, no checkpointing) of
+  the Llama of ``bench/compiled_speed.py`` (Llama-3.2-1B's shape, or Llama-3.1-8B's with
+  ``--model llama-3.1-8b-shape``; 4,096 tokens, bf16, seeded random weights), patched by
+  ``fusetune.apply``, with every parameter trained, LoRA r=16, and QLoRA r=16 (``--params``);
 - ``ops``: forward + backward of each op at ``bench/ops.py``'s quick shape (64 tokens: the host's
   time alone), blocks of ``--calls`` calls.
 
@@ -36,6 +37,10 @@ import torch
 
 PATHS = ("direct", "triton")
 PARAMS = ("all", "lora-r16", "qlora-r16")
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                rms_norm_eps=1e-5)
+MODELS = {"llama-3.2-1b-shape": None, "llama-3.1-8b-shape": LLAMA_8B}
 OP_NAMES = ("rms_norm", "add_rms_norm", "layer_norm", "swiglu", "geglu", "rope", "cross_entropy",
             "linear_cross_entropy")
 
@@ -65,9 +70,9 @@ def model_pair(args: argparse.Namespace, params: str, device: torch.device, dtyp
     """Interleaved training steps of the patched Llama with ``params`` trained, on both paths."""
     import fusetune
 
-    config = {"model": "tiny-llama" if args.quick else "llama-3.2-1b-shape", "tokens": args.tokens,
+    config = {"model": "tiny-llama" if args.quick else args.model, "tokens": args.tokens,
               "dtype": str(dtype).removeprefix("torch."), "params": params}
-    model = compiled_speed.build(args.quick, params, dtype, device)
+    model = compiled_speed.build(args.quick, params, dtype, device, MODELS[args.model])
     fusetune.apply(model)
     inputs = compiled_speed.batch(model, args.tokens, device)
 
@@ -113,6 +118,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, few calls (plumbing, a CPU)")
     parser.add_argument("--parts", default="ops,model", help="any of ops, model")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--model", default="llama-3.2-1b-shape", choices=sorted(MODELS))
+    parser.add_argument("--params", default=",".join(PARAMS), help=f"comma list of {', '.join(PARAMS)}")
     args = parser.parse_args()
     sys.path.insert(0, str(compiled_speed.ROOT))  # fusetune from this checkout
     args.rounds, args.calls = (2, 3) if args.quick else (15, 100)
@@ -125,7 +132,7 @@ def main() -> int:
         for name in OP_NAMES:
             op_pair(args, name)
     if "model" in args.parts:
-        for params in PARAMS:
+        for params in args.params.split(","):
             model_pair(args, params, device, dtype)
             common.release()
     return 0
