@@ -4,8 +4,9 @@ Since the norms, RoPE and the GLUs launch their kernels through ``torch.library`
 (``fusetune/ops/_graph_ops.py``), ``torch.compile`` keeps a patched model's layers in one graph; the
 fused loss still runs between graphs (one break, at the end). This measures what that is worth. Every
 system runs the same model (Llama-3.2-1B's shape: hidden 2,048, 16 layers, vocab 128,256, tied
-embeddings, seeded random weights, bf16, sdpa; every parameter trained), one row of ``--tokens``
-tokens, forward + backward with the loss, no optimizer:
+embeddings; or Llama-3.1-8B's with ``--model llama-3.1-8b-shape``; seeded random weights, bf16,
+sdpa; every parameter trained), one row of ``--tokens`` tokens, forward + backward with the loss,
+no optimizer:
 
 - ``hf`` / ``hf-compiled``: transformers as it is, eager and ``torch.compile(model)``;
 - ``fusetune`` / ``fusetune-compiled``: after ``fusetune.apply(model)``, eager and compiled;
@@ -61,6 +62,10 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True, rms_norm_eps=1e-5)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                rms_norm_eps=1e-5)
+SHAPES = {"llama-3.2-1b-shape": LLAMA_1B, "llama-3.1-8b-shape": LLAMA_8B}
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=257, max_position_embeddings=256, tie_word_embeddings=True)
 
@@ -185,10 +190,10 @@ def host_profile_steps(step, table: Path, steps: int = 3) -> None:
 def measure(system: str, args: argparse.Namespace, backend: str, dtype: torch.dtype,
             device: torch.device) -> None:
     """Build, set up and time one system; its records."""
-    config = {"model": "tiny-llama" if args.quick else "llama-3.2-1b-shape", "tokens": args.tokens,
+    config = {"model": "tiny-llama" if args.quick else args.model, "tokens": args.tokens,
               "dtype": str(dtype).removeprefix("torch."), "backend": backend,
               "params": "qlora-r16" if args.qlora else "lora-r16" if args.lora else "all"}
-    model = build(args.quick, config["params"], dtype, device)
+    model = build(args.quick, config["params"], dtype, device, SHAPES[args.model])
     inputs = batch(model, args.tokens, device)
     called = prepare(system, model, backend)
 
@@ -257,6 +262,8 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="directory for each system's kernel table (a GPU)")
     parser.add_argument("--host-profile", type=Path, help="directory for each system's cProfile of 3 steps")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--model", default="llama-3.2-1b-shape", choices=sorted(SHAPES),
+                        help="the Llama shape (default Llama-3.2-1B's)")
     parser.add_argument("--warmup", type=int, default=2, help="steps after the first before timing")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     args = parser.parse_args()

@@ -37,10 +37,7 @@ import torch
 
 PATHS = ("direct", "triton")
 PARAMS = ("all", "lora-r16", "qlora-r16")
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-                rms_norm_eps=1e-5)
-MODELS = {"llama-3.2-1b-shape": None, "llama-3.1-8b-shape": LLAMA_8B}
+MODELS = compiled_speed.SHAPES
 OP_NAMES = ("rms_norm", "add_rms_norm", "layer_norm", "swiglu", "geglu", "rope", "cross_entropy",
             "linear_cross_entropy")
 
