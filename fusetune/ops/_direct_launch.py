@@ -83,6 +83,8 @@ class DirectLaunch:
         self._compiled: dict[tuple, object] = {}
 
     def __getattr__(self, name):
+        if name == "jit_function":  # not set yet (a copy being made): no attribute to forward to
+            raise AttributeError(name)
         return getattr(self.jit_function, name)
 
     def __getitem__(self, grid):

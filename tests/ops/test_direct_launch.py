@@ -9,6 +9,7 @@ that record their calls; on CUDA (``TRITON_INTERPRET=0``) the last test compares
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -152,6 +153,12 @@ def test_hooks_switch_and_unknown_arguments_go_through_triton(launcher):
     assert len(launcher.launches) == 5
     launcher[(1,)](x, y, 48, 0.5, STEP=4)
     assert len(launcher.launches) == 5
+
+
+def test_attributes_are_the_kernels_and_a_copy_works(launcher):
+    assert launcher.fn is _kernel
+    copied = copy.copy(launcher)
+    assert copied.fn is _kernel and copied.jit_function is launcher.jit_function
 
 
 def test_a_constexpr_passed_by_position_is_refused(launcher):
