@@ -113,6 +113,13 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
+def rotation(items: list | tuple, index: int) -> list:
+    """``items`` in the order of round ``index`` of an interleaved comparison: each round starts one
+    further along, so that no item always runs first (or right after the same other)."""
+    shift = index % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
 @contextlib.contextmanager
 def launches_through_triton(through_triton: bool = True):
     """Meanwhile (where ``through_triton``), every fusetune kernel launched through Triton's

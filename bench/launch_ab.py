@@ -47,7 +47,7 @@ def interleaved(run: Callable[[], float], rounds: int) -> dict[str, list[float]]
     the first of each pair switching side every round."""
     values = {path: [] for path in PATHS}
     for index in range(rounds):
-        for path in PATHS if index % 2 == 0 else reversed(PATHS):
+        for path in common.rotation(PATHS, index):
             with common.launches_through_triton(path == "triton"):
                 values[path].append(run())
     return values

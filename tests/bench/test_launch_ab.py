@@ -17,3 +17,10 @@ def test_interleaved_alternates_the_paths_with_the_switch_set_for_each():
     assert seen == [True, False, False, True, True, False]
     assert values == {"direct": [1.0, 4.0, 5.0], "triton": [2.0, 3.0, 6.0]}
     assert DirectLaunch.enabled
+
+
+def test_rotation_starts_each_round_one_further_along():
+    import common
+
+    assert [common.rotation("abc", index) for index in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
