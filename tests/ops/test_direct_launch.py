@@ -201,3 +201,26 @@ def test_direct_launches_match_triton_launches_on_a_gpu():
         direct = run(offset)
         for a, b in zip(through_triton, direct, strict=True):
             assert torch.equal(a, b)
+
+
+def test_every_launched_kernel_in_the_ops_is_wrapped():
+    """Each ``[grid](...)`` launch in fusetune/ops is of a kernel decorated ``@direct_launch`` (read
+    from the source: under the interpreter the decorator hands kernels back unwrapped)."""
+    import ast
+    from pathlib import Path
+
+    import fusetune.ops
+
+    launched, wrapped = set(), set()
+    for path in Path(fusetune.ops.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                if isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel"):
+                    launched.add(node.func.value.id)
+            if isinstance(node, ast.FunctionDef):
+                names = {d.id for d in node.decorator_list if isinstance(d, ast.Name)}
+                if "direct_launch" in names:
+                    wrapped.add(node.name)
+    assert len(launched) >= 15
+    assert launched <= wrapped, f"launched without @direct_launch: {sorted(launched - wrapped)}"
