@@ -17,7 +17,10 @@ launch options). Triton's path is kept where the shortcut would skip something i
 interpreter (the CPU tests), and while launch hooks are set (a profiler such as Proton's). The
 launcher is called as ``JITFunction.run`` calls it in Triton 3.4 to 3.9 (grid, stream, function,
 metadata, launch metadata, the two hooks, then every parameter's value in order, constexprs too);
-``pyproject.toml`` allows those versions.
+``pyproject.toml`` allows those versions. What the shortcut skips at every call, Triton's settings
+read again (``TRITON_DEBUG`` and the like, part of its compile key) and its check that the globals a
+kernel reads have not changed, applies to a kernel's first launch of each key: set such settings
+before the ops run.
 """
 
 from __future__ import annotations
