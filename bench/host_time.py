@@ -206,16 +206,7 @@ def large_records(args: argparse.Namespace) -> None:
 
 
 def _large_case(op: ops.Op, shape: dict, variant: str, system_step, profile_path: Path | None) -> dict:
-    inputs, grad_outputs = op.make(shape, variant)
-    leaves = [t for t in inputs.values() if t.requires_grad]
-
-    def step():
-        for leaf in leaves:
-            leaf.grad = None
-        system_step(inputs, grad_outputs)
-
-    for _ in range(3):
-        step()
+    step, leaves = ops.warm_step(op, shape, variant, system_step, warmup=3)
     if profile_path is not None:
         with profile_path.open("a") as out:
             out.write(f"{op.name} {common.shape_text(ops.config_of(op, shape, variant))}: "

@@ -442,23 +442,30 @@ def _optional(measured: Measured, name: str, take: Callable[[], float]) -> None:
         measured.errors[name] = common.describe(exc)
 
 
+def warm_step(op: Op, shape: dict, variant: str, step: Callable, warmup: int = 2) -> tuple[Callable, list]:
+    """``(run, leaves)``: one forward + backward of ``step`` (a system's step) on the case's inputs,
+    made here, each run with fresh gradients (as in training, rather than accumulated ones); run
+    ``warmup`` times already (compile / autotune / warm caches)."""
+    inputs, grad_outputs = op.make(shape, variant)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        step(inputs, grad_outputs)
+
+    for _ in range(warmup):
+        run()
+    return run, leaves
+
+
 def run_system(op: Op, shape: dict, variant: str, build: Callable, timing: dict) -> Measured:
     """Warm, time, then measure the kernel time and peak memory of one system on one case.
 
     Any failure before the time is taken propagates; the caller records it.
     """
     torch.manual_seed(0)
-    step = build()
-    inputs, grad_outputs = op.make(shape, variant)
-    leaves = [t for t in inputs.values() if t.requires_grad]
-
-    def run():
-        for leaf in leaves:  # fresh gradients, as in training, rather than accumulated ones
-            leaf.grad = None
-        step(inputs, grad_outputs)
-
-    for _ in range(2):  # compile / autotune / warm caches
-        run()
+    run, leaves = warm_step(op, shape, variant, build())
     common.synchronize()
     measured = Measured(ms=common.time_fwd_bwd(run, grad_to_none=leaves, **timing))
     _optional(measured, "kernel_ms", lambda: common.kernel_ms(run))

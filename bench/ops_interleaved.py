@@ -44,24 +44,6 @@ CASES = (
 )
 
 
-def _runner(op: ops.Op, shape: dict, variant: str, build) -> tuple:
-    """(run, leaves): one forward + backward of the system on fresh inputs, as ops.run_system
-    times it, warmed twice."""
-    torch.manual_seed(0)
-    step = build()
-    inputs, grad_outputs = op.make(shape, variant)
-    leaves = [t for t in inputs.values() if t.requires_grad]
-
-    def run():
-        for leaf in leaves:
-            leaf.grad = None
-        step(inputs, grad_outputs)
-
-    for _ in range(2):
-        run()
-    return run, leaves
-
-
 def interleaved_case(op: ops.Op, shape: dict, systems: tuple[str, ...], rounds: int, rep: float) -> None:
     variant = op.variants[0]
     config = ops.config_of(op, shape, variant)
@@ -69,7 +51,8 @@ def interleaved_case(op: ops.Op, shape: dict, systems: tuple[str, ...], rounds: 
     runners = {}
     for system, build in ops.steps_for(op, compiled, systems).items():
         try:
-            runners[system] = _runner(op, shape, variant, build)
+            torch.manual_seed(0)
+            runners[system] = ops.warm_step(op, shape, variant, build())
         except Exception as exc:
             common.record(system, config, common.TIME, None, common.describe(exc))
     common.synchronize()

@@ -39,17 +39,7 @@ def stub_launches() -> None:
 
 
 def python_us(op: ops.Op, shape: dict, build, calls: int) -> float:
-    step = build()
-    inputs, grad_outputs = op.make(shape, op.variants[0])
-    leaves = [t for t in inputs.values() if t.requires_grad]
-
-    def run():
-        for leaf in leaves:
-            leaf.grad = None
-        step(inputs, grad_outputs)
-
-    for _ in range(50):
-        run()
+    run, _ = ops.warm_step(op, shape, op.variants[0], build(), warmup=50)
     return min(timeit.repeat(run, number=calls, repeat=5)) / calls * 1e6
 
 
