@@ -60,7 +60,8 @@ def argument_key(arg) -> object:
 
 
 def _hooks_set() -> bool:
-    """Whether Triton launch hooks are registered (Triton 3.6/3.9 keep them in ``HookChain``s)."""
+    """Whether Triton launch hooks are registered (``HookChain``s from Triton 3.5 on, a function or
+    None in 3.4)."""
     runtime = triton.knobs.runtime
     return any(getattr(hook, "calls", hook is not None) for hook in (runtime.launch_enter_hook,
                                                                        runtime.launch_exit_hook))
