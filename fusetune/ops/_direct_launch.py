@@ -36,6 +36,9 @@ _INT64_END = 2**63
 # goes through Triton.
 TRITON_DECIDES = object()
 
+# Entries a kernel's table of launches by argument value holds before it is emptied (DirectLaunch).
+VALUE_KEYS = 1024
+
 
 def argument_key(arg) -> object:
     """What Triton specialises a non-constexpr kernel argument on, as a hashable value.
@@ -71,9 +74,18 @@ class DirectLaunch:
     """A ``triton.jit`` kernel whose launches skip Triton's per-call work once compiled (above).
 
     ``kernel[grid](*args, **keywords)`` works as on the ``triton.jit`` function, with ``grid`` a
-    tuple of up to three ints and every constexpr passed by keyword (the key takes positional
-    arguments by their specialisation, not their value); other attributes are the function's.
+    tuple of up to three ints and every constexpr passed by keyword (a positional argument is looked
+    up by its specialisation, which a constexpr's value is not); other attributes are the function's.
     ``enabled`` (class-wide) switches the shortcut off, for the benchmark that measures it.
+
+    Two tables find a launch's compiled kernel. ``_compiled`` is keyed by the specialisation
+    (:func:`argument_key` of each argument): one entry per compiled kernel. Working that key out
+    costs about 0.2 microseconds an int argument in Python, and a kernel with many strides pays it
+    at every launch, so ``_by_value`` remembers the entry under a cheaper key that holds the int
+    arguments themselves (an int's specialisation is a function of its value). A launch whose int
+    values were seen before finds its entry there; new values work out the specialisation once.
+    ``_by_value`` is emptied when it reaches :data:`VALUE_KEYS` entries (a training run whose
+    sequence lengths all differ), so it stays bounded.
     """
 
     enabled = True
@@ -84,7 +96,8 @@ class DirectLaunch:
         self._names = [param.name for param in params]
         self._positional = next((i for i, param in enumerate(params) if param.is_constexpr), len(params))
         self._defaults = {param.name: param.default for param in params if param.has_default}
-        self._compiled: dict[tuple, object] = {}
+        self._compiled: dict[tuple, tuple] = {}
+        self._by_value: dict[tuple, tuple] = {}
 
     def __getattr__(self, name):
         if name == "jit_function":  # not set yet (a copy being made): no attribute to forward to
@@ -103,19 +116,36 @@ class DirectLaunch:
             name = self._names[self._positional]
             raise TypeError(f"fusetune: pass {name} to {self.fn.__name__} by keyword (it is a constexpr).")
         device = torch.cuda.current_device()
-        arguments = tuple(map(argument_key, args))
-        key = (device, arguments, tuple(keywords.items()))
-        compiled = self._compiled.get(key)
-        if compiled is None or _hooks_set():
-            compiled = self.jit_function[grid](*args, **keywords)
-            if TRITON_DECIDES not in arguments:
-                self._compiled[key] = compiled
-            return
-        values = [*args, *(keywords[name] if name in keywords else self._defaults[name]
-                           for name in self._names[len(args):])]
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     torch._C._cuda_getCurrentRawStream(device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *values)
+        options = tuple(keywords.items())
+        by_value = (device, tuple([arg if type(arg) is int else argument_key(arg) for arg in args]), options)
+        entry = self._by_value.get(by_value)
+        if entry is None or _hooks_set():
+            entry = self._entry(grid, args, keywords, (device, tuple(map(argument_key, args)), options))
+            if entry is None:
+                return
+            if len(self._by_value) >= VALUE_KEYS:
+                self._by_value.clear()
+            self._by_value[by_value] = entry
+        run, function, metadata, constexprs, _ = entry
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+            torch._C._cuda_getCurrentRawStream(device), function, metadata, None, None, None,
+            *args, *constexprs)
+
+    def _entry(self, grid, args: tuple, keywords: dict, key: tuple) -> tuple | None:
+        """The compiled kernel of specialisation ``key`` as ``(launcher, function, metadata, the
+        values of the parameters after args, the compiled kernel)`` (the last keeps its module
+        loaded); or, where this launch must go through Triton (a new specialisation, hooks set, an
+        argument the key does not know), None once it has gone."""
+        entry = self._compiled.get(key)
+        if entry is not None and not _hooks_set():
+            return entry
+        compiled = self.jit_function[grid](*args, **keywords)
+        if entry is None and TRITON_DECIDES not in key[1]:
+            constexprs = tuple(keywords[name] if name in keywords else self._defaults[name]
+                               for name in self._names[len(args):])
+            self._compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata, constexprs,
+                                   compiled)
+        return None
 
 
 def direct_launch(jit_function):

@@ -26,6 +26,8 @@ kernel serves both directions and nothing but cos/sin is saved. cos/sin are not 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -222,22 +224,26 @@ if triton is not None:
                               t2, cols, col_mask, pcols, pcol_mask, HALF, BLOCK_HK, HAS_PASS)
 
 
-def _as_bshd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
-    """View x (unit feature stride) as (batch, seq, heads, head_dim), without a copy."""
-    return x.transpose(1, 2) if unsqueeze_dim == 1 else x
+def _heads_and_strides(x: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, int]:
+    """x's head count and its (batch, seq, head) strides, whichever of the two layouts it has."""
+    batch_stride, stride_1, stride_2, _ = x.stride()
+    if unsqueeze_dim == 1:  # (batch, heads, seq, head_dim)
+        return x.shape[1], batch_stride, stride_2, stride_1
+    return x.shape[2], batch_stride, stride_1, stride_2
 
 
 def _table(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """cos/sin with unit feature stride, and its (batch, seq) strides (0 where broadcast)."""
-    if t.stride(-1) != 1:
+    batch_stride, seq_stride, feature_stride = t.stride()
+    if feature_stride != 1:
         t = t.contiguous()
-    sb = 0 if t.shape[0] == 1 else t.stride(0)
-    ss = 0 if t.shape[1] == 1 else t.stride(1)
-    return t, sb, ss
+        batch_stride, seq_stride, _ = t.stride()
+    batch, seq, _ = t.shape
+    return t, 0 if batch == 1 else batch_stride, 0 if seq == 1 else seq_stride
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _unit_stride(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 def _outputs(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -255,53 +261,58 @@ def _placed(outs: list[torch.Tensor], inputs: tuple) -> list[torch.Tensor | None
     return [None if x is None else next(present) for x in inputs]
 
 
+@functools.lru_cache(maxsize=256)
+def _blocks(half: int, head_dim: int, n_q: int, n_k: int, n_tokens: int, interpreted: bool,
+            ) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_HALF, BLOCK_PASS, BLOCK_HQ, BLOCK_HK, BLOCK_T)`` of a launch: heads per program,
+    then tokens to fill the tile (many more under the interpreter). Cached: it is the same for
+    every layer of a model."""
+    block_half = next_power_of_2(half)
+    block_pass = next_power_of_2(max(head_dim - 2 * half, 1))
+    heads_cap = min(_HEADS_BY_HALF.get(block_half, _MAX_HEADS), max(1, _MAX_TILE // block_half))
+    block_hq = min(next_power_of_2(max(n_q, 1)), heads_cap)
+    block_hk = min(next_power_of_2(max(n_k, 1)), heads_cap)
+    tile = max(block_hq, block_hk) * block_half
+    block_t = next_power_of_2(max(1, (_INTERPRETER_TILE if interpreted else _MAX_TILE) // tile))
+    return block_half, block_pass, block_hq, block_hk, min(block_t, next_power_of_2(n_tokens))
+
+
 @graph_op("rope", fake=_outputs)
 def _launch(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
             unsqueeze_dim: int, backward: bool, q_dtype: torch.dtype, k_dtype: torch.dtype,
             ) -> list[torch.Tensor]:
     """Rotate q and k (either may be None) by cos/sin; backward=True applies the inverse. Returns
     the outputs of those given (``_outputs``)."""
+    q, k = _unit_stride(q), _unit_stride(k)
     outs = _outputs(q, k, cos, sin, unsqueeze_dim, backward, q_dtype, k_dtype)
-    pairs = [None if x is None else (_as_bshd(_unit_stride(x), unsqueeze_dim), _as_bshd(out, unsqueeze_dim))
-             for x, out in zip((q, k), _placed(outs, (q, k)), strict=True)]
-    live = [p for p in pairs if p is not None]
-    if not live:
+    q_out, k_out = _placed(outs, (q, k))
+    if q is None and k is None:
         return outs
     # A missing one is replaced by the other (never touched: HAS_Q / HAS_K are off).
-    (q_in, q_out), (k_in, k_out) = (p if p is not None else live[0] for p in pairs)
-    n_q = q_in.shape[2] if pairs[0] is not None else 0
-    n_k = k_in.shape[2] if pairs[1] is not None else 0
-    batch, seq, _, head_dim = live[0][0].shape
-    if batch * seq == 0:
+    q_in, q_out = (q, q_out) if q is not None else (k, k_out)
+    k_in, k_out = (k, k_out) if k is not None else (q_in, q_out)
+    batch, seq, head_dim = q_in.shape[0], q_in.shape[3 - unsqueeze_dim], q_in.shape[3]
+    n_tokens = batch * seq
+    if n_tokens == 0:
         return outs
-
+    n_q, *q_strides = _heads_and_strides(q_in, unsqueeze_dim)
+    n_k, *k_strides = _heads_and_strides(k_in, unsqueeze_dim)
+    n_q, n_k = (n_q if q is not None else 0), (n_k if k is not None else 0)
     cos, c_sb, c_ss = _table(cos)
     sin, s_sb, s_ss = _table(sin)
     half = cos.shape[-1] // 2
-    n_pass = head_dim - 2 * half
-    block_half = next_power_of_2(half)
-    block_pass = next_power_of_2(max(n_pass, 1))
-    # Heads per program, then tokens to fill the tile (many more under the interpreter).
-    heads_cap = min(_HEADS_BY_HALF.get(block_half, _MAX_HEADS), max(1, _MAX_TILE // block_half))
-    block_hq = min(next_power_of_2(max(n_q, 1)), heads_cap)
-    block_hk = min(next_power_of_2(max(n_k, 1)), heads_cap)
-    tile = max(block_hq, block_hk) * block_half
-    tile_budget = _INTERPRETER_TILE if interpreting() else _MAX_TILE
-    block_t = next_power_of_2(max(1, tile_budget // tile))
-    block_t = min(block_t, next_power_of_2(batch * seq))
-    n_tokens = batch * seq
-    q_blocks, k_blocks = cdiv(n_q, block_hq), cdiv(n_k, block_hk)
-    _rope_kernel[(cdiv(n_tokens, block_t), q_blocks + k_blocks)](
+    block_half, block_pass, block_hq, block_hk, block_t = _blocks(half, head_dim, n_q, n_k, n_tokens,
+                                                                  interpreting())
+    q_blocks = cdiv(n_q, block_hq)
+    _rope_kernel[(cdiv(n_tokens, block_t), q_blocks + cdiv(n_k, block_hk))](
         q_in, k_in, q_out, k_out, cos, sin,
         n_tokens, seq, n_q, n_k, q_blocks,
-        q_in.stride(0), q_in.stride(1), q_in.stride(2),
-        k_in.stride(0), k_in.stride(1), k_in.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        *q_strides, *k_strides,
+        *_heads_and_strides(q_out, unsqueeze_dim)[1:], *_heads_and_strides(k_out, unsqueeze_dim)[1:],
         c_sb, c_ss, s_sb, s_ss,
         HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        HAS_Q=pairs[0] is not None, HAS_K=pairs[1] is not None, HAS_PASS=n_pass > 0,
+        HAS_Q=q is not None, HAS_K=k is not None, HAS_PASS=head_dim > 2 * half,
         BACKWARD=backward, num_warps=_WARPS,
     )
     return tuple(outs)

@@ -76,17 +76,19 @@ class _Compiled:
 
 class _Triton:
     """A stand-in ``triton.jit`` function: real parameters, launches recorded, one compiled kernel
-    per launch through it."""
+    per launch through it (kept in ``compiled``)."""
 
     def __init__(self):
         self.params = triton.runtime.JITFunction(_kernel).params
         self.fn = _kernel
         self.launches = []
+        self.compiled = []
 
     def __getitem__(self, grid):
         def launch(*args, **keywords):
             self.launches.append((grid, args, keywords))
-            return _Compiled()
+            self.compiled.append(_Compiled())
+            return self.compiled[-1]
         return launch
 
 
@@ -101,12 +103,24 @@ def test_a_repeated_specialisation_launches_the_compiled_kernel(launcher):
     x, y = torch.zeros(32), torch.zeros(32)
     launcher[(5,)](x, y, 48, 0.5, STEP=4)
     assert len(launcher.launches) == 1
-    compiled = next(iter(launcher._compiled.values()))
+    [compiled] = launcher.jit_function.compiled
     x2, y2 = torch.ones(64), torch.ones(64)
-    launcher[(6, 2)](x2, y2, 32, 2.0, STEP=4)
+    for _ in range(2):  # new values of the same specialisation, then the same values again
+        launcher[(6, 2)](x2, y2, 32, 2.0, STEP=4)
     assert len(launcher.launches) == 1  # not through Triton again
     launch = (6, 2, 1, STREAM, "function", "metadata", None, None, None)
-    assert compiled.runs == [(*launch, x2, y2, 32, 2.0, 4, 7)]  # keywords and defaults in the kernel's order
+    # keywords and defaults in the kernel's order
+    assert compiled.runs == [(*launch, x2, y2, 32, 2.0, 4, 7)] * 2
+
+
+def test_the_table_of_launches_by_value_stays_bounded(launcher, monkeypatch):
+    monkeypatch.setattr(_direct_launch, "VALUE_KEYS", 4)
+    x, y = torch.zeros(32), torch.zeros(32)
+    for n in range(16, 16 * 12, 16):  # eleven values, one specialisation
+        launcher[(1,)](x, y, n, 0.5, STEP=4)
+        assert len(launcher._by_value) <= 4
+    assert len(launcher.launches) == 1
+    assert len(launcher.jit_function.compiled[0].runs) == 10
 
 
 @pytest.mark.parametrize(
@@ -126,12 +140,13 @@ def test_a_new_specialisation_goes_through_triton(launcher, change):
     for call in (first, second, second):
         launcher[(1,)](*call["args"], **call["keywords"])
     assert len(launcher.launches) == 2  # the second specialisation once, then directly
-    assert sum(len(compiled.runs) for compiled in launcher._compiled.values()) == 1
+    assert sum(len(compiled.runs) for compiled in launcher.jit_function.compiled) == 1
 
 
 def test_hooks_switch_and_unknown_arguments_go_through_triton(launcher):
     x, y = torch.zeros(32), torch.zeros(32)
-    launcher[(1,)](x, y, 48, 0.5, STEP=4)
+    for _ in range(2):  # through Triton, then remembered by value
+        launcher[(1,)](x, y, 48, 0.5, STEP=4)
     hook = triton.knobs.runtime.launch_enter_hook
     if not hasattr(hook, "add"):
         pytest.fail(f"Triton's launch hooks are a {type(hook)}; _direct_launch._hooks_set reads HookChains")
