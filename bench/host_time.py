@@ -9,7 +9,8 @@ microseconds, so the wall time of a synchronised step is the host's:
   system runs in its own process (Liger patches transformers' classes globally). fusetune's step
   is then profiled with cProfile, its functions listed by own time.
 - ``ops``: forward + backward of each memory-bound op at ``ops.py``'s quick shapes, per call, for
-  fusetune, Liger, eager PyTorch and torch.compile.
+  fusetune, Liger, eager PyTorch and torch.compile; fusetune's calls are then profiled with
+  cProfile (DIR/host-profile-ops-<tag>.txt).
 
 ``fusetune_triton_launch`` (ops) and ``fusetune-triton-launch`` (layer) are fusetune with every
 kernel launched through Triton's ``kernel[grid](...)`` each time (``DirectLaunch.enabled`` off), as
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import json
 import pstats
@@ -100,7 +102,7 @@ def _profile_text(step, steps: int, rows: int) -> str:
     profiler.disable()
     common.synchronize()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(rows)
     return f"cProfile of {steps} steps\n{text.getvalue()}"
 
 
@@ -163,6 +165,10 @@ def op_records(args: argparse.Namespace) -> None:
                 continue
             common.record(system, config, "host_us_per_call", us)
             print(f"{name} {system}: {us:.0f} us a forward + backward", flush=True)
+            if system == "fusetune":
+                profile = _profile_text(functools.partial(step, inputs, grad_outputs), args.calls, 30)
+                with (args.out / f"host-profile-ops-{args.tag}.txt").open("a") as out:
+                    out.write(f"{name} {common.shape_text(config)}, {args.calls} calls: {profile}\n")
 
 
 LARGE_OPS = ("rms_norm", "add_rms_norm", "layer_norm", "rope")
