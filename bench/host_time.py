@@ -10,7 +10,7 @@ microseconds, so the wall time of a synchronised step is the host's:
   is then profiled with cProfile, its functions listed by own time.
 - ``ops``: forward + backward of each memory-bound op at ``ops.py``'s quick shapes, per call, for
   fusetune, Liger, eager PyTorch and torch.compile; fusetune's calls are then profiled with
-  cProfile (DIR/host-profile-ops-<tag>.txt).
+  cProfile and torch.profiler's CPU table (DIR/host-profile-ops-<tag>.txt).
 
 ``fusetune_triton_launch`` (ops) and ``fusetune-triton-launch`` (layer) are fusetune with every
 kernel launched through Triton's ``kernel[grid](...)`` each time (``DirectLaunch.enabled`` off), as
@@ -106,6 +106,18 @@ def _profile_text(step, steps: int, rows: int) -> str:
     return f"cProfile of {steps} steps\n{text.getvalue()}"
 
 
+def _torch_profile_text(step, steps: int, rows: int) -> str:
+    """torch.profiler's CPU-side table of ``steps`` calls of ``step``: the ``rows`` operators (aten
+    ops, autograd nodes, launches) with the most own host time, which cProfile sees only as the
+    Python calls that reach them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+        common.synchronize()
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"torch.profiler (CPU) of {steps} steps\n{table}"
+
+
 def layer_worker(system: str, steps: int, profile_path: Path | None) -> None:
     """Print one JSON line: the step time at each depth (run in a process of its own)."""
     seconds = {}
@@ -166,9 +178,11 @@ def op_records(args: argparse.Namespace) -> None:
             common.record(system, config, "host_us_per_call", us)
             print(f"{name} {system}: {us:.0f} us a forward + backward", flush=True)
             if system == "fusetune":
-                profile = _profile_text(functools.partial(step, inputs, grad_outputs), args.calls, 30)
+                call = functools.partial(step, inputs, grad_outputs)
+                profiles = (_profile_text(call, args.calls, 30), _torch_profile_text(call, args.calls, 30))
                 with (args.out / f"host-profile-ops-{args.tag}.txt").open("a") as out:
-                    out.write(f"{name} {common.shape_text(config)}, {args.calls} calls: {profile}\n")
+                    out.write(f"{name} {common.shape_text(config)}, {args.calls} calls: {profiles[0]}\n"
+                              f"{profiles[1]}\n")
 
 
 LARGE_OPS = ("rms_norm", "add_rms_norm", "layer_norm", "rope")
