@@ -1,7 +1,7 @@
 """Two GPUs: sharded LoRA training equals one GPU's, and how the end-to-end step scales from 1 to 2 GPUs.
 
-    python bench/multi_gpu.py equality --out FILE [--models tiny,1b] [--engines fsdp2,zero3]
-                                       [--dtypes bf16,fp32] [--steps 20]
+    python bench/multi_gpu.py equality --out FILE [--models tiny,1b,tiny-nf4,1b-nf4]
+                                       [--engines fsdp2,zero3] [--dtypes bf16,fp32] [--steps 20]
     python bench/multi_gpu.py scale --out FILE [--configs L8-4k,Q7VL] [--systems liger,fusetune]
                                     [--gpus 1,2] [--steps 3,8] [--tiny]
     python bench/multi_gpu.py report --out FILE [--markdown bench/RESULTS.md]
@@ -22,10 +22,13 @@ workers run on CPU processes over gloo, in float32 unless ``equality --dtypes`` 
 
 Equality (``equality``; records: system fusetune, config {check: equality, model, engine, gpus: 2,
 batch, tokens, steps, dtype}). A Llama built from a config with seeded random weights (``tiny``: hidden
-64, 2 layers, vocab 512; ``1b``: Llama-3.2-1B's config, 1.24 B parameters), PEFT LoRA r=16 (alpha 16,
-dropout 0, float32 adapters) on q,k,v,o,gate,up,down, ``fusetune.apply``; ``--steps`` AdamW steps (lr
-1e-3) on one fixed global batch of 4 sequences (the same batch every step, so the loss falls and the
-adapters move far). Each of ``--dtypes`` is its own case (default: bf16 with CUDA, fp32 without):
+64, 2 layers, vocab 512; ``1b``: Llama-3.2-1B's config, 1.24 B parameters; ``tiny-nf4`` and
+``1b-nf4``: QLoRA-FSDP, the same with every linear layer but the head quantised to NF4 by
+``fusetune.quantize_4bit``, its bytes stored in the weights' dtype, FSDP2 only; tiny-nf4's layers are
+multiples of 64 wide), PEFT LoRA r=16 (alpha 16, dropout 0, float32 adapters) on
+q,k,v,o,gate,up,down, ``fusetune.apply``; ``--steps`` AdamW steps (lr 1e-3) on one fixed global batch
+of 4 sequences (the same batch every step, so the loss falls and the adapters move far). Each of
+``--dtypes`` is its own case (default: bf16 with CUDA, fp32 without):
 ``bf16``, bf16 base weights and bf16 autocast (CPU autocast on CPU processes); ``fp32``, float32
 weights, no autocast, float32 matmuls (TF32 off). Three trainings per case, from the same initial
 weights on the same batch. First rank 0 alone trains two unsharded copies, one after the other: the
@@ -104,14 +107,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULT = "MULTI-GPU-RESULT "
 NCCL = {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast (NVLS) stays off on these machines
-MODELS = ("tiny", "1b")
+MODELS = ("tiny", "1b", "tiny-nf4", "1b-nf4")
+# The QLoRA-FSDP checks: the model's linear layers (all but the head) quantised to NF4 by
+# fusetune.quantize_4bit before PEFT, the packed bytes stored in the weights' dtype (the QLoRA-FSDP
+# recipe, the storage FSDP2 shards), computing in it. FSDP2 only: ZeRO-3 does not shard 4-bit weights.
+NF4_MODELS = ("tiny-nf4", "1b-nf4")
 ENGINES = ("fsdp2", "zero3")
 SCALE_SYSTEMS = ("hf", "liger", "fusetune")
 EQUALITY_METRICS = ("loss_max_rel_diff", "lora_rel_diff", "lora_update_rel_diff")
 SCALE_METRICS = ("tokens_per_s_per_gpu", "tokens_per_s", "peak_allocated_gib", "static_gib", "loss")
 EQUALITY_WORLD = 2
 EQUALITY_BATCH = 4  # sequences in the fixed global batch; each of the two ranks trains on 2
-EQUALITY_TOKENS = {"tiny": 64, "1b": 1024}
+EQUALITY_TOKENS = {"tiny": 64, "1b": 1024, "tiny-nf4": 64, "1b-nf4": 1024}
 EQUALITY_LR = 1e-3
 SCALING_EFFICIENCY = 0.9  # the scaling target: 0.9 x the GPU count, 1.8 x on 2 GPUs
 NO_CUDA = "no CUDA: memory is measured on a GPU"  # the error of CPU runs' memory records
@@ -168,8 +175,18 @@ def tiny_llama_config():
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+def tiny_nf4_llama_config():
+    """The tiny Llama with every linear layer a multiple of 64 wide (bitsandbytes 0.50's CPU forward
+    misplaces 4-bit blocks otherwise), for the QLoRA check on CPU processes."""
+    config = tiny_llama_config()
+    config.hidden_size, config.intermediate_size, config.head_dim = 128, 256, 32
+    return config
+
+
 EQUALITY_SPECS = {"tiny": patch_gpu.Spec("llama-tiny", tiny_llama_config),
-                  "1b": patch_gpu.Spec("llama-3.2-1b", llama_32_1b_config)}
+                  "1b": patch_gpu.Spec("llama-3.2-1b", llama_32_1b_config),
+                  "tiny-nf4": patch_gpu.Spec("llama-tiny-nf4", tiny_nf4_llama_config),
+                  "1b-nf4": patch_gpu.Spec("llama-3.2-1b", llama_32_1b_config)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,8 +288,13 @@ def lora_model(name: str, dtype: str) -> torch.nn.Module:
 
     import fusetune
 
-    base = patch_gpu.build(EQUALITY_SPECS[name], use_dtype(dtype), seed=e2e_models.SEED, fast_init=True)
+    weights_dtype = use_dtype(dtype)
+    base = patch_gpu.build(EQUALITY_SPECS[name], weights_dtype, seed=e2e_models.SEED, fast_init=True)
     base.config.use_cache = False
+    if name in NF4_MODELS:
+        from fusetune.quantize import quantize_4bit
+
+        quantize_4bit(base, compute_dtype=weights_dtype, quant_storage=weights_dtype)
     torch.manual_seed(e2e_models.SEED + 1)
     lora = peft.LoraConfig(**e2e.LORA, target_modules=list(e2e_models.LORA_TARGETS), task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, lora)
@@ -488,6 +510,9 @@ def equality(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
     config = equality_config(args.model, args.engine, args.steps, args.dtype)
     if world != EQUALITY_WORLD:
         raise ValueError(f"the equality check runs on {EQUALITY_WORLD} processes, not {world}")
+    if args.engine == "zero3" and args.model in NF4_MODELS:
+        raise ValueError(f"{args.model} (4-bit weights) runs under fsdp2 only: ZeRO-3 does not shard 4-bit "
+                         "weights; drop zero3 from --engines")
     if args.engine == "zero3" and not deepspeed_imports():
         return failed("fusetune", config, EQUALITY_METRICS, "deepspeed not installed")
     single = noise = None
@@ -879,6 +904,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "equality":
         args.models = e2e._names(args.models, MODELS, "models")
         args.engines = e2e._names(args.engines, ENGINES, "engines")
+        if "zero3" in args.engines and set(args.models) & set(NF4_MODELS):
+            parser.error("the 4-bit models (-nf4) run under fsdp2 only: pass --engines fsdp2")
         args.dtypes = e2e._names(args.dtypes or dtype_name(), DTYPES, "dtypes")
     else:
         args.configs = e2e._names(args.configs, e2e_models.CONFIGS, "configs")

@@ -2,14 +2,15 @@
 
 The equality check (tiny Llama, float32, a few steps) under FSDP2, and under ZeRO-3 where DeepSpeed
 is installed (else its "deepspeed not installed" record), must find the sharded run equal to the
-single-process one to float32 rounding, and so must the noise reference (the batch's halves one after
-another, gradients accumulated) be. The accumulation itself is checked on a toy model with plain SGD,
-where a wrong scaling would show. The verdict is max(fixed bound, NOISE_FACTOR x noise floor) on
-made-up numbers. The scaling run (tiny L8 stand-in) must record tokens/s on 1 and 2 processes and a
-scaling ratio, while a stand-in ``liger_kernel`` whose patch function kills its processes makes the
-liger cases fail with that error and the rest still run. A second call of the same command skips what
-succeeded, in the same dtype only: its bf16 case runs (in bf16, on CPU) and is judged against its own
-noise floor. The report writes both tables.
+single-process one to float32 rounding (the tiny Llama with 4-bit base weights too, under FSDP2),
+and so must the noise reference (the batch's halves one after another, gradients accumulated) be.
+The accumulation itself is checked on a toy model with plain SGD, where a wrong scaling would show.
+The verdict is max(fixed bound, NOISE_FACTOR x noise floor) on made-up numbers. The scaling run
+(tiny L8 stand-in) must record tokens/s on 1 and 2 processes and a scaling ratio, while a stand-in
+``liger_kernel`` whose patch function kills its processes makes the liger cases fail with that error
+and the rest still run. A second call of the same command skips what succeeded, in the same dtype
+only: its bf16 case runs (in bf16, on CPU) and is judged against its own noise floor. The report
+writes both tables.
 """
 
 from __future__ import annotations
@@ -222,6 +223,31 @@ def test_the_dtype_option_defaults_by_device_and_reaches_every_job():
     assert worker.dtype == default
     with pytest.raises(SystemExit):
         multi_gpu.parse_args(["equality", "--out", "x.jsonl", "--dtypes", "fp16"])
+
+
+def test_the_4bit_check_quantises_the_base_and_trains_it_under_fsdp2(tmp_path):
+    """tiny-nf4: every projection a bitsandbytes 4-bit layer storing its bytes in the weights' dtype
+    (the head left whole), and FSDP2 over two processes equal to one process in float32."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = multi_gpu.lora_model("tiny-nf4", "fp32")
+    quantised = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert len(quantised) == 2 * 7 and not any("lm_head" in name for name in quantised)
+    assert all(module.weight.dtype == torch.float32 for module in model.modules()
+               if isinstance(module, bnb.nn.Linear4bit))
+    out = tmp_path / "multi-gpu-nf4.jsonl"
+    run(["equality", "--models", "tiny-nf4", "--engines", "fsdp2", "--steps", "3", "--out", str(out),
+         "--timeout", "120"], tmp_path)
+    records = pick([json.loads(line) for line in out.read_text().splitlines()], model="tiny-nf4")
+    assert set(records) == set(multi_gpu.EQUALITY_METRICS)
+    assert records["lora_update_rel_diff"]["update_norm"] > 0  # the adapters moved
+    for row in records.values():
+        assert row["value"] < 1e-5 and row["within_tolerance"], row
+    check_noise_floors(records, "fp32")
+
+
+def test_the_4bit_models_are_refused_under_zero3():
+    with pytest.raises(SystemExit):
+        multi_gpu.parse_args(["equality", "--out", "x.jsonl", "--models", "1b-nf4", "--engines", "zero3"])
 
 
 def test_report_writes_both_tables(results, tmp_path):
