@@ -827,8 +827,10 @@ def scaling_table(rows: list[dict]) -> list[str]:
 
 
 def failures(rows: list[dict]) -> list[str]:
-    """Each distinct error once, with the system."""
-    seen = dict.fromkeys((row["system"], row["error"]) for row in rows
+    """Each distinct error of the latest record of a system, config and metric once, with the system
+    (a failure that a later run of the same case replaced is not listed)."""
+    latest = {(row["system"], json.dumps(row["config"], sort_keys=True), row["metric"]): row for row in rows}
+    seen = dict.fromkeys((row["system"], row["error"]) for row in latest.values()
                          if row["value"] is None and row["error"] != NO_CUDA)
     return ["### Failures", "", *(f"- **{system}**: `{error}`" for system, error in seen)] if seen else []
 

@@ -261,6 +261,14 @@ def test_report_writes_both_tables(results, tmp_path):
     assert "| L8 | fusetune | 2 |" in text and "launch exited 1" in text
 
 
+def test_a_failure_replaced_by_a_later_success_is_not_reported():
+    config = {"model": "L8", "engine": "fsdp2", "gpus": 2}
+    failed_row = {"system": "fusetune", "config": config, "metric": "scaling", "value": None, "error": "cut"}
+    later = {**failed_row, "value": 1.6, "error": None}
+    assert multi_gpu.failures([failed_row, later]) == []
+    assert multi_gpu.failures([later, failed_row]) == ["### Failures", "", "- **fusetune**: `cut`"]
+
+
 def test_the_verdict_is_the_larger_of_the_fixed_bound_and_the_scaled_noise_floor():
     factor = multi_gpu.NOISE_FACTOR
     bound, within = multi_gpu.verdict(0.05, 1e-3, 0.02)  # the noise floor decides
