@@ -3,7 +3,7 @@
     python bench/multi_gpu.py equality --out FILE [--models tiny,1b,tiny-nf4,1b-nf4]
                                        [--engines fsdp2,zero3] [--dtypes bf16,fp32] [--steps 20]
     python bench/multi_gpu.py scale --out FILE [--configs L8-4k,Q7VL] [--systems liger,fusetune]
-                                    [--gpus 1,2] [--steps 3,8] [--tiny]
+                                    [--gpus 1,2] [--steps 3,8] [--tiny] [--trace DIR]
     python bench/multi_gpu.py report --out FILE [--markdown bench/RESULTS.md]
     (common options of equality and scale: [--timeout 420] [--budget S] [--logs DIR] [--rerun])
 
@@ -530,11 +530,11 @@ def equality(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
 # Scaling worker.
 
 
-def timed_steps(model: torch.nn.Module, batches: list[dict], warmup: int) -> tuple[list[float], float]:
+def timed_steps(model: torch.nn.Module, optimizer, batches: list[dict],
+                warmup: int) -> tuple[list[float], float]:
     """bench/e2e.py's training steps; (losses, the slowest process's seconds over the timed steps)."""
     import torch.distributed as dist
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     losses, seconds = [], []
     for batch in batches:
         start = time.perf_counter()
@@ -543,6 +543,20 @@ def timed_steps(model: torch.nn.Module, batches: list[dict], warmup: int) -> tup
     slowest = torch.tensor(sum(seconds[warmup:]), dtype=torch.float64, device=common.device())
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return losses, slowest.item()
+
+
+def profiled_step(model: torch.nn.Module, optimizer, batch: dict, path: Path) -> None:
+    """One more training step under torch.profiler (host and GPU activity), its Chrome trace written
+    to ``path`` (``bench/trace_summary.py`` reads it: how long the GPU sat idle, and how long NCCL's
+    kernels ran)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.profiler.profile(activities=activities) as profiler:
+        e2e.train_step(model, batch, optimizer)
+        common.synchronize()
+    profiler.export_chrome_trace(str(path))
 
 
 def memory_per_rank(static: float | None) -> list[dict]:
@@ -572,8 +586,12 @@ def throughput(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     batch = patch_gpu.to_device(cpu_batch, dtype)
-    losses, seconds = timed_steps(trained, [batch] * (warmup + timed), warmup)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
+    losses, seconds = timed_steps(trained, optimizer, [batch] * (warmup + timed), warmup)
     memory = memory_per_rank(static)
+    if args.trace is not None:
+        name = f"scale-{args.config}-{args.system}-{world}gpu-rank{rank}.json.gz"
+        profiled_step(trained, optimizer, batch, args.trace / name)
     if rank != 0:
         return []
     per_gpu = tokens * timed / seconds
@@ -654,7 +672,8 @@ def scale_jobs(args: argparse.Namespace) -> list[Job]:
         for system in args.systems:
             for gpus in args.gpus:
                 argv = ["scale", "--config", config, "--system", system, "--steps", steps,
-                        *(["--tiny"] if args.tiny else [])]
+                        *(["--tiny"] if args.tiny else []),
+                        *(["--trace", str(args.trace)] if args.trace else [])]
                 jobs.append(Job(f"scale-{config}-{system}-{gpus}gpu", gpus, argv, system,
                                 scale_config(config, gpus, args.tiny), SCALE_METRICS))
     return jobs
@@ -881,6 +900,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scale_parser.add_argument("--gpus", default="1,2", help="process counts (1 is the baseline)")
     scale_parser.add_argument("--steps", default="3,8", help="warm-up,timed")
     scale_parser.add_argument("--tiny", action="store_true", help="tiny models of the same architectures")
+    scale_parser.add_argument("--trace", type=Path,
+                              help="after the timed steps, profile one more and write each rank's Chrome "
+                                   "trace to this folder")
     scale_parser.add_argument("--config", choices=list(e2e_models.CONFIGS), help="worker: the configuration")
     scale_parser.add_argument("--system", choices=SCALE_SYSTEMS, help="worker: the system")
     report_parser = commands.add_parser("report", help="write --out's tables into --markdown")

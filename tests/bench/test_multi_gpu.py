@@ -9,8 +9,8 @@ The verdict is max(fixed bound, NOISE_FACTOR x noise floor) on made-up numbers. 
 (tiny L8 stand-in) must record tokens/s on 1 and 2 processes and a scaling ratio, while a stand-in
 ``liger_kernel`` whose patch function kills its processes makes the liger cases fail with that error
 and the rest still run. A second call of the same command skips what succeeded, in the same dtype
-only: its bf16 case runs (in bf16, on CPU) and is judged against its own noise floor. The report
-writes both tables.
+only: its bf16 case runs (in bf16, on CPU) and is judged against its own noise floor. ``--trace``
+writes each process's profiled step. The report writes both tables.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import multi_gpu
 import pytest
 import torch
+import trace_summary
 
 from tests.bench import BENCH, FAKE_LIGER
 
@@ -259,6 +260,21 @@ def test_report_writes_both_tables(results, tmp_path):
     assert "notes kept" in text and "<!-- begin multi-gpu-cpu.jsonl -->" in text
     assert "| tiny | fsdp2 | fp32 | 3 | lora_update_rel_diff |" in text and "| noise floor | bound |" in text
     assert "| L8 | fusetune | 2 |" in text and "launch exited 1" in text
+
+
+def test_trace_writes_each_ranks_profiled_step(tmp_path):
+    """--trace: after its timed steps every process profiles one more step and writes its Chrome
+    trace, which holds the step's training operators."""
+    out, traces = tmp_path / "multi-gpu-trace.jsonl", tmp_path / "traces"
+    run(["scale", "--tiny", "--configs", "L8-4k", "--systems", "fusetune", "--gpus", "1,2", "--steps", "1,1",
+         "--out", str(out), "--timeout", "120", "--trace", str(traces)], tmp_path)
+    names = sorted(path.name for path in traces.iterdir())
+    assert names == ["scale-L8-4k-fusetune-1gpu-rank0.json.gz",
+                     *(f"scale-L8-4k-fusetune-2gpu-rank{rank}.json.gz" for rank in (0, 1))]
+    for name in names:
+        events = trace_summary.load_events(traces / name)
+        assert any(event["name"] == "Optimizer.step#AdamW.step" for event in events)
+        assert any("_LoraLinear" in event["name"] for event in events)  # fusetune's fused LoRA ran
 
 
 def test_a_failure_replaced_by_a_later_success_is_not_reported():
