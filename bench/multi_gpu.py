@@ -22,7 +22,8 @@ workers run on CPU processes over gloo, in float32 unless ``equality --dtypes`` 
 
 Equality (``equality``; records: system fusetune, config {check: equality, model, engine, gpus: 2,
 batch, tokens, steps, dtype}). A Llama built from a config with seeded random weights (``tiny``: hidden
-64, 2 layers, vocab 512; ``1b``: Llama-3.2-1B's config, 1.24 B parameters; ``tiny-nf4`` and
+64, 2 layers, vocab 512; ``small``: the same 512 wide, its base weights big enough for ZeRO-3 to
+partition; ``1b``: Llama-3.2-1B's config, 1.24 B parameters; ``tiny-nf4`` and
 ``1b-nf4``: QLoRA-FSDP, the same with every linear layer but the head quantised to NF4 by
 ``fusetune.quantize_4bit``, its bytes stored in the weights' dtype, FSDP2 only; tiny-nf4's layers are
 multiples of 64 wide), PEFT LoRA r=16 (alpha 16, dropout 0, float32 adapters) on
@@ -107,7 +108,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULT = "MULTI-GPU-RESULT "
 NCCL = {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast (NVLS) stays off on these machines
-MODELS = ("tiny", "1b", "tiny-nf4", "1b-nf4")
+MODELS = ("tiny", "small", "1b", "tiny-nf4", "1b-nf4")
 # The QLoRA-FSDP checks: the model's linear layers (all but the head) quantised to NF4 by
 # fusetune.quantize_4bit before PEFT, the packed bytes stored in the weights' dtype (the QLoRA-FSDP
 # recipe, the storage FSDP2 shards), computing in it. FSDP2 only: ZeRO-3 does not shard 4-bit weights.
@@ -118,7 +119,7 @@ EQUALITY_METRICS = ("loss_max_rel_diff", "lora_rel_diff", "lora_update_rel_diff"
 SCALE_METRICS = ("tokens_per_s_per_gpu", "tokens_per_s", "peak_allocated_gib", "static_gib", "loss")
 EQUALITY_WORLD = 2
 EQUALITY_BATCH = 4  # sequences in the fixed global batch; each of the two ranks trains on 2
-EQUALITY_TOKENS = {"tiny": 64, "1b": 1024, "tiny-nf4": 64, "1b-nf4": 1024}
+EQUALITY_TOKENS = {"tiny": 64, "small": 64, "1b": 1024, "tiny-nf4": 64, "1b-nf4": 1024}
 EQUALITY_LR = 1e-3
 SCALING_EFFICIENCY = 0.9  # the scaling target: 0.9 x the GPU count, 1.8 x on 2 GPUs
 NO_CUDA = "no CUDA: memory is measured on a GPU"  # the error of CPU runs' memory records
@@ -175,6 +176,15 @@ def tiny_llama_config():
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+def small_llama_config():
+    """The tiny Llama 512 wide: its base weights are above ZeRO-3's persistence threshold (1e5
+    elements), so ZeRO-3 partitions them while it keeps the adapters whole, as at 1B, on CPU processes."""
+    config = tiny_llama_config()
+    config.hidden_size, config.intermediate_size = 512, 768
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 4, 64
+    return config
+
+
 def tiny_nf4_llama_config():
     """The tiny Llama with every linear layer a multiple of 64 wide (bitsandbytes 0.50's CPU forward
     misplaces 4-bit blocks otherwise), for the QLoRA check on CPU processes."""
@@ -184,6 +194,7 @@ def tiny_nf4_llama_config():
 
 
 EQUALITY_SPECS = {"tiny": patch_gpu.Spec("llama-tiny", tiny_llama_config),
+                  "small": patch_gpu.Spec("llama-small", small_llama_config),
                   "1b": patch_gpu.Spec("llama-3.2-1b", llama_32_1b_config),
                   "tiny-nf4": patch_gpu.Spec("llama-tiny-nf4", tiny_nf4_llama_config),
                   "1b-nf4": patch_gpu.Spec("llama-3.2-1b", llama_32_1b_config)}
