@@ -113,7 +113,12 @@ MODELS = ("tiny", "small", "1b", "tiny-nf4", "1b-nf4")
 # fusetune.quantize_4bit before PEFT, the packed bytes stored in the weights' dtype (the QLoRA-FSDP
 # recipe, the storage FSDP2 shards), computing in it. FSDP2 only: ZeRO-3 does not shard 4-bit weights.
 NF4_MODELS = ("tiny-nf4", "1b-nf4")
-ENGINES = ("fsdp2", "zero3")
+# fsdp2: FSDP2 shards every parameter (its defaults). fsdp2-frozen-whole: the frozen ones (LoRA's
+# base weights: no gradient, no optimizer state) stay whole on every GPU, FSDP2 ignoring them, so no
+# step gathers them. fsdp2-gathered: a layer's gathered parameters are kept from its forward to its
+# backward (reshard_after_forward=False), one gather a layer a step instead of two.
+FSDP2_ENGINES = ("fsdp2", "fsdp2-frozen-whole", "fsdp2-gathered")
+ENGINES = (*FSDP2_ENGINES, "zero3")
 SCALE_SYSTEMS = ("hf", "liger", "fusetune")
 EQUALITY_METRICS = ("loss_max_rel_diff", "lora_rel_diff", "lora_update_rel_diff")
 SCALE_METRICS = ("tokens_per_s_per_gpu", "tokens_per_s", "peak_allocated_gib", "static_gib", "loss")
@@ -215,10 +220,10 @@ def equality_config(model: str, engine: str, steps: int, dtype: str) -> dict:
             "batch": EQUALITY_BATCH, "tokens": EQUALITY_TOKENS[model], "steps": steps, "dtype": dtype}
 
 
-def scale_config(config_name: str, gpus: int, tiny: bool) -> dict:
+def scale_config(config_name: str, gpus: int, tiny: bool, engine: str = "fsdp2") -> dict:
     """The config of a scaling run's records (bench/e2e.py's, with the engine and the GPU count)."""
     config = {"model": e2e_models.model_of(config_name), "tokens": e2e_models.tokens_of(config_name, tiny),
-              "variant": "bf16_lora", "engine": "fsdp2", "gpus": gpus}
+              "variant": "bf16_lora", "engine": engine, "gpus": gpus}
     if tiny:
         config["tiny"] = True
     return config
@@ -254,9 +259,19 @@ def mesh():
     return init_device_mesh(common.device().type, (dist.get_world_size(),))
 
 
-def shard(model: torch.nn.Module) -> int:
+def fsdp2_options(module: torch.nn.Module, engine: str) -> dict:
+    """``fully_shard``'s options for ``module`` under ``engine`` (one of FSDP2_ENGINES)."""
+    if engine == "fsdp2-frozen-whole":
+        return {"ignored_params": {param for param in module.parameters() if not param.requires_grad}}
+    if engine == "fsdp2-gathered":
+        return {"reshard_after_forward": False}
+    return {}
+
+
+def shard(model: torch.nn.Module, engine: str = "fsdp2") -> int:
     """``fully_shard`` each decoder layer (and each vision block of a VLM: the model's
-    ``_no_split_modules`` classes, as ``fusetune train`` wraps them), then the root; the layer count."""
+    ``_no_split_modules`` classes, as ``fusetune train`` wraps them), then the root, as ``engine``
+    (one of FSDP2_ENGINES) says; the layer count."""
     from torch.distributed.fsdp import fully_shard
 
     from fusetune.train.config import DistributedSettings
@@ -266,8 +281,8 @@ def shard(model: torch.nn.Module) -> int:
     layers = [module for module in model.modules() if type(module).__name__ in names]
     device_mesh = mesh()
     for layer in reversed(layers):  # innermost first, as FSDP2 requires
-        fully_shard(layer, mesh=device_mesh)
-    fully_shard(model, mesh=device_mesh)
+        fully_shard(layer, mesh=device_mesh, **fsdp2_options(layer, engine))
+    fully_shard(model, mesh=device_mesh, **fsdp2_options(model, engine))
     return len(layers)
 
 
@@ -435,8 +450,8 @@ def sharded_run(name: str, engine: str, rank: int, world: int, steps: int,
     model = lora_model(name, dtype)
     batch = global_batch(name)
     mine = [part_of(batch, rank, world)]
-    if engine == "fsdp2":
-        shard(model)
+    if engine in FSDP2_ENGINES:
+        shard(model, engine)
         losses = train(model, AdamW(model), mine, label_count(batch), world, steps, dtype)
         final = lora_weights(model)
     else:
@@ -591,7 +606,7 @@ def throughput(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
     dtype = DTYPES[dtype_name()]  # bf16 on CUDA (bench/e2e.py's steps autocast there), float32 on CPU
     cpu_batch = e2e_models.inputs(model, tokens, args.tiny)
     trained = e2e.prepare(case, model, tokens, dtype, None)
-    shard(trained)
+    shard(trained, args.engine)
     common.synchronize()
     static = torch.cuda.memory_allocated() / e2e.GIB if torch.cuda.is_available() else None
     if torch.cuda.is_available():
@@ -601,7 +616,7 @@ def throughput(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
     losses, seconds = timed_steps(trained, optimizer, [batch] * (warmup + timed), warmup)
     memory = memory_per_rank(static)
     if args.trace is not None:
-        name = f"scale-{args.config}-{args.system}-{world}gpu-rank{rank}.json.gz"
+        name = f"scale-{args.config}-{args.system}-{args.engine}-{world}gpu-rank{rank}.json.gz"
         profiled_step(trained, optimizer, batch, args.trace / name)
     if rank != 0:
         return []
@@ -611,7 +626,7 @@ def throughput(args: argparse.Namespace, rank: int, world: int) -> list[dict]:
               "static_gib": _largest(memory, "static_gib")}
     extra = {"steps": [warmup, timed], "timed_s": seconds, "losses": losses, "per_rank": memory,
              "system_version": e2e._version(e2e.PACKAGES.get(args.system))}
-    config = scale_config(args.config, world, args.tiny)
+    config = scale_config(args.config, world, args.tiny, args.engine)
     return [common.record(args.system, config, metric, values[metric],
                           None if values[metric] is not None else NO_CUDA, **extra)
             for metric in SCALE_METRICS]
@@ -632,7 +647,8 @@ def worker(args: argparse.Namespace) -> int:
         system, metrics = "fusetune", EQUALITY_METRICS
         config = equality_config(args.model, args.engine, args.steps, args.dtype)
     else:
-        system, metrics, config = args.system, SCALE_METRICS, scale_config(args.config, world, args.tiny)
+        system, metrics = args.system, SCALE_METRICS
+        config = scale_config(args.config, world, args.tiny, args.engine)
     try:
         records = (equality if args.command == "equality" else throughput)(args, rank, world)
     except Exception as exc:  # out of memory above all; the same failure on every rank
@@ -683,10 +699,10 @@ def scale_jobs(args: argparse.Namespace) -> list[Job]:
         for system in args.systems:
             for gpus in args.gpus:
                 argv = ["scale", "--config", config, "--system", system, "--steps", steps,
-                        *(["--tiny"] if args.tiny else []),
+                        "--engine", args.engine, *(["--tiny"] if args.tiny else []),
                         *(["--trace", str(args.trace)] if args.trace else [])]
-                jobs.append(Job(f"scale-{config}-{system}-{gpus}gpu", gpus, argv, system,
-                                scale_config(config, gpus, args.tiny), SCALE_METRICS))
+                jobs.append(Job(f"scale-{config}-{system}-{args.engine}-{gpus}gpu", gpus, argv, system,
+                                scale_config(config, gpus, args.tiny, args.engine), SCALE_METRICS))
     return jobs
 
 
@@ -760,9 +776,9 @@ def scaling_records(args: argparse.Namespace) -> list[dict]:
     out = []
     for config_name in args.configs:
         for system in args.systems:
-            one, many = (succeeded(rows, system, scale_config(config_name, gpus, args.tiny), "tokens_per_s")
-                         for gpus in (1, most))
-            config = {**scale_config(config_name, most, args.tiny), "gpus": f"1->{most}"}
+            one, many = (succeeded(rows, system, scale_config(config_name, gpus, args.tiny, args.engine),
+                                   "tokens_per_s") for gpus in (1, most))
+            config = {**scale_config(config_name, most, args.tiny, args.engine), "gpus": f"1->{most}"}
             if one is None or many is None:
                 out.append(common.record(system, config, "scaling", None,
                                          f"missing the tokens/s of 1 or {most} GPUs in {args.out.name}"))
@@ -835,22 +851,25 @@ def equality_table(rows: list[dict]) -> list[str]:
 
 
 def scaling_table(rows: list[dict]) -> list[str]:
-    """Per model, system and GPU count: tokens/s per GPU and in all, peak GiB per GPU, the scaling."""
-    runs = {(r["config"]["model"], r["system"], r["config"]["gpus"], r["metric"]): r for r in rows
-            if "engine" in r["config"] and "check" not in r["config"]}
-    cases = list(dict.fromkeys(key[:3] for key in runs if key[3] != "scaling"))
+    """Per model, engine, system and GPU count: tokens/s per GPU and in all, peak GiB per GPU, the
+    scaling."""
+    runs = {(r["config"]["model"], r["config"]["engine"], r["system"], r["config"]["gpus"], r["metric"]): r
+            for r in rows if "engine" in r["config"] and "check" not in r["config"]}
+    cases = list(dict.fromkeys(key[:4] for key in runs if key[4] != "scaling"))
     if not cases:
         return []
     body = []
-    for model, system, gpus in cases:
-        ratio = next((runs[key] for key in runs if key[:2] == (model, system) and key[3] == "scaling"), None)
+    for model, engine, system, gpus in cases:
+        case = (model, engine, system)
+        ratio = next((runs[key] for key in runs if key[:3] == case and key[4] == "scaling"), None)
         scaling = _fmt(ratio, ".2f") if gpus != 1 else ""
-        body.append([model, system, str(gpus), *(_fmt(runs.get((model, system, gpus, metric)), spec)
-                                                 for metric, spec in (("tokens_per_s_per_gpu", ",.0f"),
-                                                                      ("tokens_per_s", ",.0f"),
-                                                                      ("peak_allocated_gib", ".2f"))),
+        body.append([model, engine, system, str(gpus),
+                     *(_fmt(runs.get((model, engine, system, gpus, metric)), spec)
+                       for metric, spec in (("tokens_per_s_per_gpu", ",.0f"), ("tokens_per_s", ",.0f"),
+                                            ("peak_allocated_gib", ".2f"))),
                      scaling])
-    head = ["model", "system", "GPUs", "tokens/s per GPU", "tokens/s", "peak GiB per GPU", "scaling"]
+    head = ["model", "engine", "system", "GPUs", "tokens/s per GPU", "tokens/s", "peak GiB per GPU",
+            "scaling"]
     return ["### FSDP2 scaling (batch 1 of 4,096 tokens per GPU)", "", *report.markdown(head, body), "",
             f"Scaling is tokens/s on all GPUs over tokens/s on 1 (FSDP2 over one process); the target is "
             f"{SCALING_EFFICIENCY} x the GPU count (1.8x on 2)."]
@@ -911,6 +930,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scale_parser.add_argument("--gpus", default="1,2", help="process counts (1 is the baseline)")
     scale_parser.add_argument("--steps", default="3,8", help="warm-up,timed")
     scale_parser.add_argument("--tiny", action="store_true", help="tiny models of the same architectures")
+    scale_parser.add_argument("--engine", default="fsdp2", choices=FSDP2_ENGINES, help="how FSDP2 shards")
     scale_parser.add_argument("--trace", type=Path,
                               help="after the timed steps, profile one more and write each rank's Chrome "
                                    "trace to this folder")

@@ -14,8 +14,9 @@ the GPU waits. On an H200's host (torch 2.11, Triton 3.6; ``bench/nf4.py --host`
 launcher, looked up by a key of this module's own: the current device, the specialisation of each
 argument (what Triton specialises on, :func:`argument_key`) and the keyword arguments (constexprs and
 launch options); a launch whose int arguments repeat earlier values finds it by those values, without
-working the specialisation out again (:class:`DirectLaunch`). Triton's path is kept where the shortcut would skip something it does: under the
-interpreter (the CPU tests), and while launch hooks are set (a profiler such as Proton's). The
+working the specialisation out again (:class:`DirectLaunch`). Triton's path is kept where the
+shortcut would skip something it does: under the interpreter (the CPU tests), and while launch hooks
+are set (a profiler such as Proton's). The
 launcher is called as ``JITFunction.run`` calls it in Triton 3.4 to 3.9 (grid, stream, function,
 metadata, launch metadata, the two hooks, then every parameter's value in order, constexprs too);
 ``pyproject.toml`` allows those versions. What the shortcut skips at every call, Triton's settings

@@ -176,7 +176,7 @@ def test_scaling_records_and_a_crashed_system_recorded_as_failed(results):
         # unless the other process printed after it.
         assert all(row["value"] is None and row["error"].startswith("launch exited 1: ")
                    for row in liger.values())
-        log = folder / "multi-gpu-cpu-logs" / f"scale-L8-4k-liger-{gpus}gpu.log"
+        log = folder / "multi-gpu-cpu-logs" / f"scale-L8-4k-liger-fsdp2-{gpus}gpu.log"
         assert "fake liger crash" in log.read_text()
     one, two = (pick(rows, system="fusetune", gpus=gpus)["tokens_per_s"]["value"] for gpus in (1, 2))
     scaling = pick(rows, system="fusetune", gpus="1->2")["scaling"]
@@ -246,6 +246,49 @@ def test_the_4bit_check_quantises_the_base_and_trains_it_under_fsdp2(tmp_path):
     check_noise_floors(records, "fp32")
 
 
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A gloo process group of this process alone (FSDP2 over a world of one), torn down after."""
+    import torch.distributed as dist
+
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531"), ("RANK", "0"),
+                        ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo")
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", multi_gpu.FSDP2_ENGINES)
+def test_the_fsdp2_engines_shard_what_they_say(engine, one_process_group):
+    """fsdp2 shards every parameter; fsdp2-frozen-whole leaves the frozen base weights plain tensors
+    (FSDP2 never gathers them) and shards the adapters; fsdp2-gathered shards all and, after a
+    forward, still holds each layer's gathered parameters (until its backward)."""
+    from torch.distributed.tensor import DTensor
+
+    model = multi_gpu.lora_model("tiny", "fp32")
+    assert multi_gpu.shard(model, engine) == 2
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and trained and all(isinstance(p, DTensor) for p in trained)
+    assert all(isinstance(p, DTensor) != (engine == "fsdp2-frozen-whole") for p in frozen)
+    model(**multi_gpu.global_batch("tiny"))
+    gate = dict(model.named_modules())["base_model.model.model.layers.0.mlp.gate_proj"]
+    assert isinstance(gate.lora_A["default"].weight, DTensor) == (engine != "fsdp2-gathered")
+
+
+def test_the_fsdp2_engines_train_as_one_process_does(tmp_path):
+    out = tmp_path / "multi-gpu-engines.jsonl"
+    run(["equality", "--models", "tiny", "--engines", "fsdp2-frozen-whole,fsdp2-gathered", "--steps", "3",
+         "--out", str(out), "--timeout", "120"], tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for engine in ("fsdp2-frozen-whole", "fsdp2-gathered"):
+        records = pick(rows, engine=engine)
+        assert set(records) == set(multi_gpu.EQUALITY_METRICS)
+        for row in records.values():
+            assert row["value"] < 1e-5 and row["within_tolerance"], row
+
+
 def test_the_4bit_models_are_refused_under_zero3():
     with pytest.raises(SystemExit):
         multi_gpu.parse_args(["equality", "--out", "x.jsonl", "--models", "1b-nf4", "--engines", "zero3"])
@@ -259,7 +302,7 @@ def test_report_writes_both_tables(results, tmp_path):
     text = markdown.read_text()
     assert "notes kept" in text and "<!-- begin multi-gpu-cpu.jsonl -->" in text
     assert "| tiny | fsdp2 | fp32 | 3 | lora_update_rel_diff |" in text and "| noise floor | bound |" in text
-    assert "| L8 | fusetune | 2 |" in text and "launch exited 1" in text
+    assert "| L8 | fsdp2 | fusetune | 2 |" in text and "launch exited 1" in text
 
 
 def test_trace_writes_each_ranks_profiled_step(tmp_path):
@@ -269,8 +312,8 @@ def test_trace_writes_each_ranks_profiled_step(tmp_path):
     run(["scale", "--tiny", "--configs", "L8-4k", "--systems", "fusetune", "--gpus", "1,2", "--steps", "1,1",
          "--out", str(out), "--timeout", "120", "--trace", str(traces)], tmp_path)
     names = sorted(path.name for path in traces.iterdir())
-    assert names == ["scale-L8-4k-fusetune-1gpu-rank0.json.gz",
-                     *(f"scale-L8-4k-fusetune-2gpu-rank{rank}.json.gz" for rank in (0, 1))]
+    assert names == ["scale-L8-4k-fusetune-fsdp2-1gpu-rank0.json.gz",
+                     *(f"scale-L8-4k-fusetune-fsdp2-2gpu-rank{rank}.json.gz" for rank in (0, 1))]
     for name in names:
         events = trace_summary.load_events(traces / name)
         assert any(event["name"] == "Optimizer.step#AdamW.step" for event in events)
