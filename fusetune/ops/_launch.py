@@ -166,6 +166,14 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # a view where the strides allow one (no exception to trace)
 
 
+def unit_stride(vector: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-feature vector (a norm's weight or bias) with unit stride, as the kernels index it:
+    a copy only for a strided or expanded view (a slice ``w[::2]``, ``w.expand(n)``), None as is."""
+    if vector is None or vector.stride(-1) == 1:
+        return vector
+    return vector.contiguous()
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for n <= 1). Plain Python: Triton 3.9's own is a
     ``constexpr_function`` costing microseconds a call, and launches compute several."""

@@ -409,6 +409,20 @@ def check_options(
             "fusetune: num_items_in_batch replaces the 'mean' denominator; it cannot be combined "
             f"with reduction={reduction!r}. Use reduction='mean'."
         )
+    items = _host_number(num_items_in_batch)
+    if items is not None and not items >= 0:
+        raise ValueError(
+            f"fusetune: num_items_in_batch={items} must be >= 0: it counts the labelled tokens of the "
+            "whole accumulated batch."
+        )
+
+
+def _host_number(value) -> float | None:
+    """``value`` as a float where reading it costs no device sync (a number or a one-element CPU
+    tensor); None otherwise (a GPU tensor is left to the device, where a count below 1 counts as 1)."""
+    if value is None or (torch.is_tensor(value) and (value.device.type != "cpu" or value.numel() != 1)):
+        return None
+    return float(value)
 
 
 def reduce_losses(
@@ -560,7 +574,7 @@ def cross_entropy(
     (Gemma 2/3); ``z_loss`` adds ``z_loss * logsumexp**2`` per labelled row; ``num_items_in_batch``
     (int or tensor) divides the summed loss instead of the labelled-row count (transformers'
     gradient-accumulation rule). All labels ignored gives 0 and zero gradients, not NaN (also with
-    ``num_items_in_batch`` 0: a denominator below 1 counts as 1).
+    ``num_items_in_batch`` 0: a denominator below 1 counts as 1; a negative number is an error).
     """
     check_options(reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     check_float("logits", logits)

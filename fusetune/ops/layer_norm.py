@@ -27,6 +27,7 @@ from fusetune.ops._launch import (
     row_warps,
     rows_per_program,
     triton,
+    unit_stride,
     use_triton,
 )
 from fusetune.ops.partial_sums import partial_buffer, sum_partials
@@ -207,7 +208,7 @@ def _backward(
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        rows = as_rows(x)
+        rows, weight, bias = as_rows(x), unit_stride(weight), unit_stride(bias)
         y, mean, rstd = _forward(rows, weight, bias, eps)
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.shape = x.shape

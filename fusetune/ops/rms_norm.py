@@ -37,6 +37,7 @@ from fusetune.ops._launch import (
     rows_per_program,
     sm_count,
     triton,
+    unit_stride,
     use_triton,
 )
 from fusetune.ops.partial_sums import partial_buffer, sum_partials
@@ -276,7 +277,7 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.order is not None:
             x = x.permute(ctx.order)
             residual = None if residual is None else residual.permute(ctx.order)
-        rows = as_rows(x)
+        rows, weight = as_rows(x), unit_stride(weight)
         outputs = _forward(rows, None if residual is None else as_rows(residual), weight, eps, offset, gemma)
         # Recompute in backward from what was normalised (x, or the rounded sum) and rstd.
         normalised = rows if residual is None else outputs[1]

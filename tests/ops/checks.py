@@ -69,3 +69,21 @@ def transposed_layout(x: torch.Tensor) -> torch.Tensor:
     view = stored.transpose(0, 1)
     assert not view.is_contiguous()
     return view
+
+
+def strided_vector(v: torch.Tensor) -> torch.Tensor:
+    """The same values as the 1-D ``v`` (and its requires_grad), every other element of a wider
+    buffer: the layout of a slice ``w[::2]``."""
+    wide = torch.zeros(2 * v.numel(), dtype=v.dtype, device=v.device)
+    view = wide[::2]
+    view.copy_(v.detach())
+    assert view.stride() == (2,)
+    return view.requires_grad_(v.requires_grad)
+
+
+def expanded_vector(v: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of ``v``'s first value repeated over ``v``'s length (stride 0, ``expand``), with
+    ``v``'s requires_grad."""
+    view = v.detach()[:1].clone().expand(v.numel())
+    assert view.stride() == (0,)
+    return view.requires_grad_(v.requires_grad)

@@ -259,6 +259,9 @@ def test_label_out_of_range_is_a_clear_error(bad):
         (dict(softcap=0.0), "softcap"),
         (dict(z_loss=-1.0), "z_loss"),
         (dict(reduction="sum", num_items_in_batch=4), "num_items_in_batch"),
+        (dict(num_items_in_batch=-3), "num_items_in_batch=-3.0 must be >= 0"),
+        (dict(num_items_in_batch=torch.tensor(-2)), "num_items_in_batch=-2.0 must be >= 0"),
+        (dict(num_items_in_batch=float("nan")), "num_items_in_batch=nan must be >= 0"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):

@@ -74,6 +74,14 @@ def test_layer_norm_non_contiguous(gen, dtype, layout):
     check_op(layer_norm, layer_norm_reference, (x, weight, bias), dtype, gen, layout=layout)
 
 
+@pytest.mark.parametrize("layout", [checks.strided_vector, checks.expanded_vector])
+def test_layer_norm_param_views_with_other_strides(gen, layout):
+    """A weight and bias that are slices or expanded views (not unit-stride) are read as their
+    values are, and their gradients reach them."""
+    x, weight, bias = inputs(gen, (3, 5, 37), torch.float32)
+    check_op(layer_norm, layer_norm_reference, (x, layout(weight), layout(bias)), torch.float32, gen)
+
+
 def test_layer_norm_mixed_dtypes(gen):
     """bf16 activations with fp32 weight and bias: fp32 maths, bf16 output, fp32 grads."""
     args = inputs(gen, (3, 5, 37), torch.bfloat16, param_dtype=torch.float32)

@@ -122,6 +122,16 @@ def test_rms_norm_non_contiguous(gen, dtype, layout):
              offset=1.0)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("layout", [checks.strided_vector, checks.expanded_vector])
+def test_weight_views_with_other_strides(gen, layout, residual):
+    """A weight that is a slice or an expanded view (not unit-stride) is read as its values are,
+    and its gradient reaches it (an expanded weight's summed onto its one value)."""
+    *activations, weight = inputs(gen, (3, 5, 37), torch.float32, residual=residual)
+    op, reference = (add_rms_norm, add_rms_norm_reference) if residual else (rms_norm, rms_norm_reference)
+    check_op(op, reference, (*activations, layout(weight)), torch.float32, gen, cast="llama", offset=1.0)
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_attention_head_views_are_normalised_in_place_of_a_copy(gen, dtype):
     """mllama's q_norm gets q as a (B, H, T, D) view of the projection's (B, T, H, D) output: its rows
