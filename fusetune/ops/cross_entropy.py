@@ -124,6 +124,16 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _softcapped_in_row(x, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``_softcapped`` over a block loaded with ``-inf`` past the row's end (``mask`` false): those
+    lanes stay ``-inf`` (the cap would make them ``-softcap``, whose exponentials would join the
+    row's sum), while a real ``-inf`` logit is capped to ``-softcap`` as torch caps it."""
+    if HAS_SOFTCAP:
+        x = tl.where(mask, _softcapped(x, softcap, HAS_SOFTCAP), float("-inf"))
+    return x
+
+
+@triton.jit
 def _segment_stats(logits_row, start, end, softcap, keep_cols, HAS_SOFTCAP: tl.constexpr,
                    SMOOTHING: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
                    L2_HINTS: tl.constexpr):
@@ -149,7 +159,7 @@ def _segment_stats(logits_row, start, end, softcap, keep_cols, HAS_SOFTCAP: tl.c
                 z = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy="evict_first")
         else:
             z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
-        z = _softcapped(z.to(tl.float32), softcap, HAS_SOFTCAP)
+        z = _softcapped_in_row(z.to(tl.float32), mask, softcap, HAS_SOFTCAP)
         new_top = tl.maximum(top, tl.max(z, axis=0))
         # While only -inf has been seen the sum stays zero (avoid inf - inf).
         safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)

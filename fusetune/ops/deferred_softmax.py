@@ -42,7 +42,7 @@ import triton.language as tl
 
 from fusetune.ops._direct_launch import direct_launch
 from fusetune.ops._launch import next_power_of_2, sm_count
-from fusetune.ops.cross_entropy import _softcapped, _zero_columns
+from fusetune.ops.cross_entropy import _softcapped, _softcapped_in_row, _zero_columns
 
 # Nats the row's max may exceed the reference before the numerators are rescaled, and the
 # exponent at which numerators are clamped in the first pass (see above).
@@ -170,7 +170,7 @@ def _numerator_pass(row_ptr, z_first, n_cols, ref, label_col, softcap, clamp,
     for start in range(0, n_cols, BLOCK):
         offs = start + cols
         mask = offs < n_cols
-        z = _softcapped(z_next.to(tl.float32), softcap, HAS_SOFTCAP)
+        z = _softcapped_in_row(z_next.to(tl.float32), mask, softcap, HAS_SOFTCAP)
         z_next = tl.load(row_ptr + offs + BLOCK, mask=offs + BLOCK < n_cols, other=float("-inf"))
         numerators = tl.exp(tl.minimum(z - ref, clamp))
         if WRITE:

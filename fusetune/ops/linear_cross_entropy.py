@@ -29,6 +29,7 @@ dtype; the weight gradient of a multi-chunk bf16 run is accumulated by cuBLAS in
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -410,8 +411,8 @@ def linear_cross_entropy(
         raise ValueError(
             f"fusetune: bias {tuple(bias.shape)} must have shape ({weight.shape[0]},)."
         )
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"fusetune: chunk_rows={chunk_rows} must be a positive row count.")
+    if chunk_rows is not None and (not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1):
+        raise ValueError(f"fusetune: chunk_rows={chunk_rows!r} must be a positive int (rows a chunk).")
     options = dict(
         ignore_index=ignore_index,
         reduction=reduction,

@@ -180,8 +180,9 @@ def test_scale_by_grad_output_in_place(dtype, scale):
         dict(num_items_in_batch=23),
         dict(label_smoothing=0.2, softcap=15.0, z_loss=1e-2, reduction="none"),
         dict(ignore_index=7),
+        dict(softcap=2.0),
     ],
-    ids=["smoothing", "softcap", "z_loss", "num_items", "all_none", "ignore_index_7"],
+    ids=["smoothing", "softcap", "z_loss", "num_items", "all_none", "ignore_index_7", "small_softcap"],
 )
 def test_options(dtype, options):
     logits, labels = make_inputs(dtype)

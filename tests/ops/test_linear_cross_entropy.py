@@ -131,6 +131,15 @@ def test_options(options):
     check_all(torch.bfloat16, *make_inputs(torch.bfloat16), chunk_rows=5, **options)
 
 
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
+def test_a_small_softcap(train_weight):
+    """A cap of 2 bends most logits: the lanes past a row's last column (vocab 4,133 fills no
+    block) must add nothing to its sum, where a cap would have made them -2 (in float32, whose
+    tolerance shows an error of one part in 10^5)."""
+    h, w, b, labels = make_inputs(torch.float32)
+    check_all(torch.float32, h, w, b, labels, train_weight=train_weight, chunk_rows=5, softcap=2.0)
+
+
 def test_row_kernel_in_place_on_split_rows(monkeypatch):
     """The row kernel writing the gradient over a chunk's logits with each row cut into five
     segments of 1,024 columns (the tuned launch gives these small rows one segment), its gradient
@@ -209,6 +218,7 @@ def test_default_chunk_rows_is_bounded_by_the_rows():
     [
         (dict(weight_shape=(VOCAB, HIDDEN + 1)), ValueError, "hidden size"),
         (dict(chunk_rows=0), ValueError, "chunk_rows"),
+        (dict(chunk_rows=2.5), ValueError, "chunk_rows=2.5 must be a positive int"),
         (dict(weight_dtype=torch.bfloat16), TypeError, "autocast"),
         (dict(label=VOCAB), ValueError, "outside the vocabulary"),
         (dict(labels_device="meta"), ValueError, "labels is on meta but hidden is on"),
