@@ -166,6 +166,15 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # a view where the strides allow one (no exception to trace)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's where autocast is on for x's device (as
+    ``F.linear`` would), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def unit_stride(vector: torch.Tensor | None) -> torch.Tensor | None:
     """A per-feature vector (a norm's weight or bias) with unit stride, as the kernels index it:
     a copy only for a strided or expanded view (a slice ``w[::2]``, ``w.expand(n)``), None as is."""

@@ -40,6 +40,7 @@ the glu kernels, so plain CPU tensors without the Triton interpreter take its re
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -50,7 +51,15 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fusetune import kept
-from fusetune.ops._launch import as_rows, cdiv, check_float, check_same_device, public_eager_op, use_triton
+from fusetune.ops._launch import (
+    as_rows,
+    cdiv,
+    check_float,
+    check_same_device,
+    matmul_dtype,
+    public_eager_op,
+    use_triton,
+)
 from fusetune.ops.glu import (
     ACTIVATIONS,
     geglu_reference,
@@ -89,6 +98,11 @@ def _check_projection(op: str, name: str, x: torch.Tensor, in_features: int, p: 
             f"got {type(p).__name__}."
         )
     check_same_device("x", x, **{f"{name}.{part}": getattr(p, part) for part in ("weight", "a", "b", "bias")})
+    if isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real):
+        raise TypeError(
+            f"fusetune.{op}: the scale of {name} is {type(p.scale).__name__}; pass a number (PEFT's "
+            "scaling, lora_alpha / r: a fixed float, not a tensor)."
+        )
     if p.weight.requires_grad:
         raise ValueError(
             f"fusetune.{op}: the base weight of {name} requires grad; fused LoRA needs a frozen "
@@ -152,14 +166,6 @@ def _check_mlp(
     _check_projection(op, "down", x, intermediate, down)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's when it is on for x's device (as F.linear would), else x's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
 def _projection_names(n: int) -> list[str]:
     return [f"projections[{i}]" for i in range(n)]
 
@@ -190,7 +196,7 @@ def lora_linear_reference(x: torch.Tensor, *projections: LoraWeights) -> tuple[t
     """``x @ W_i.T + scale_i * (x @ a_i.T) @ b_i.T`` per projection in plain PyTorch (autograd
     does the backward), with the dtype rules of :func:`lora_linear`."""
     _check("lora_linear_reference", x, projections, _projection_names(len(projections)))
-    dtype = _compute_dtype(x)
+    dtype = matmul_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         rows = x.to(dtype)
         return tuple(_reference_projection(rows, p, dtype) for p in projections)
@@ -330,7 +336,11 @@ def _output_start(
     if whole:
         return None
     shape = (rows.shape[0], _weight_shape(p.weight)[0])
-    return rows.new_empty(shape) if bias is None else bias.expand(shape).contiguous()
+    # A copy of the bias in every row (of one row too, whose expanded view already counts as
+    # contiguous: the slices' matmuls would add onto the bias itself).
+    if bias is None:
+        return rows.new_empty(shape)
+    return bias.expand(shape).clone(memory_format=torch.contiguous_format)
 
 
 def _project_backward(
@@ -701,7 +711,7 @@ def lora_linear(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tenso
     matmul path on any device.
     """
     _check("lora_linear", x, projections, _projection_names(len(projections)))
-    spec = (tuple(projections), _compute_dtype(x))
+    spec = (tuple(projections), matmul_dtype(x))
     return _LoraLinear.apply(x, spec, *_adapter_args(projections))
 
 
@@ -727,16 +737,16 @@ def lora_glu_mlp(
     never exist in full; costs a second gate/up matmul pair). None: one pass, e and g saved.
     """
     _check_mlp("lora_glu_mlp", x, gate, up, down, activation)
-    if tile_rows is not None and (not isinstance(tile_rows, int) or tile_rows < 1):
+    if tile_rows is not None and (type(tile_rows) is not int or tile_rows < 1):
         raise ValueError(f"fusetune.lora_glu_mlp: tile_rows={tile_rows!r}; use a positive int or None.")
     if not use_triton(x):
         return lora_glu_mlp_reference(x, gate, up, down, activation)
-    dtype, adapters = _compute_dtype(x), _adapter_args((gate, up, down))
+    dtype, adapters = matmul_dtype(x), _adapter_args((gate, up, down))
     records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *adapters))
     # Skipped only where a graph is built: a node for the caller's check, and values nobody reads.
     unread = _UNREAD.nodes is not None and records
     projections = (gate, up, down)
-    if tile_rows is not None and x.numel() // x.shape[-1] > tile_rows:
+    if tile_rows is not None and x.shape[:-1].numel() > tile_rows:
         out = _TiledLoraGluMLP.apply(x, (projections, activation, dtype, tile_rows, unread), *adapters)
     else:
         out = _LoraGluMLP.apply(x, (projections, activation, dtype, unread, records), *adapters)

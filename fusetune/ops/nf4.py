@@ -370,6 +370,11 @@ def dequantize_nf4(
     and ``dtype`` to write into (and return). One Triton launch on CUDA (or under the interpreter),
     the reference otherwise; both equal bitsandbytes' dequantize_4bit bit for bit.
     """
+    if not isinstance(rows, slice) or not isinstance(cols, slice):
+        raise TypeError(
+            f"fusetune.dequantize_nf4: rows and cols are slices of the weight (weight[rows, cols]), got "
+            f"{type(rows).__name__} and {type(cols).__name__}; for row i alone pass rows=slice(i, i + 1)."
+        )
     if not use_triton(packed):
         result = dequantize_nf4_reference(packed, quant_state, dtype)
         if not _is_whole(rows, cols):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fusetune.ops._graph_ops import NAMESPACE
-from fusetune.ops._launch import check_float, check_same_device, on_input_device, public_op
+from fusetune.ops._launch import check_float, check_same_device, matmul_dtype, on_input_device, public_op
 from fusetune.ops.nf4 import dequantize_nf4, is_4bit
 
 
@@ -70,7 +70,8 @@ def _weight_op(name: str, product: Callable[[torch.Tensor, torch.Tensor], torch.
     ) -> torch.Tensor:
         state2 = None if code2 is None else _Codes(code2, absmax2, blocksize2)
         state = _State(tuple(shape), blocksize, absmax, state2 is not None, state2, offset)
-        return product(t, dequantize_nf4(packed, state, t.dtype))
+        with torch.autocast(t.device.type, enabled=False):  # t's dtype, as the fake output says
+            return product(t, dequantize_nf4(packed, state, t.dtype))
 
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", on_input_device(run), mutates_args=())
     op.register_fake(lambda t, *state: t.new_empty((*t.shape[:-1], state[5][out_dim])))
@@ -113,10 +114,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 @public_op
 def nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` in ``x``'s dtype, W a bitsandbytes NF4 weight (a ``Params4bit``, or a tensor of its
-    packed bytes carrying its ``quant_state``), frozen; ``x``'s gradient only. The dense weight
-    exists only inside the op's forward and backward (see the module docstring)."""
+    """``x @ W.T`` in ``x``'s dtype, or in autocast's where autocast is on for x's device (as
+    ``F.linear`` and bitsandbytes' ``matmul_4bit`` would), W a bitsandbytes NF4 weight (a
+    ``Params4bit``, or a tensor of its packed bytes carrying its ``quant_state``), frozen; ``x``'s
+    gradient only. The dense weight exists only inside the op's forward and backward (see the
+    module docstring)."""
     _check(x, weight)
+    x = x.to(matmul_dtype(x))
     state = weight.quant_state
     nested = bool(state.nested)
     return _nf4_linear(

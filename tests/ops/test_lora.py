@@ -388,6 +388,25 @@ def test_4bit_base_in_slices(hidden_tile_rows, monkeypatch):
     assert len(sizes) >= 2 * 9 and max(sizes) <= budget < whole  # 9 weight reads, each in pieces
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_4bit_base_in_slices_leaves_its_bias_alone(rows, monkeypatch):
+    """A base-only 4-bit projection in slices with a bias already in the compute dtype: its output
+    starts as a copy of the bias in every row, one row too (a (1, out) view of the bias counts as
+    contiguous), so the slices' matmuls never add onto the bias itself: a second call gives the
+    same output, equal to the reference's."""
+    monkeypatch.setattr(nf4_module, "DENSE_SLICE_BYTES", 64 * 128 * 2)  # (192, 128) weight: 3 slices
+    gen = torch.Generator().manual_seed(17)
+    base = projection(gen, 192, 128, None, torch.bfloat16)
+    bias = torch.randn(192, generator=gen).to(checks.DEVICE, torch.bfloat16)
+    p = base._replace(weight=quantized(base.weight), bias=bias)
+    kept = bias.clone()
+    x = torch.randn(rows, 128, generator=gen).to(checks.DEVICE, torch.bfloat16)
+    first, second = (lora_linear(x, p)[0] for _ in range(2))
+    assert torch.equal(bias, kept)
+    assert torch.equal(first, second)
+    checks.assert_matches_reference(first, lora_linear_reference(x, p)[0], torch.bfloat16, "sliced with bias")
+
+
 def _weight_out(p: LoraWeights) -> int:
     return p.weight.shape[0]
 
@@ -549,6 +568,9 @@ def _error_cases():
         "a shape": ((p._replace(a=p.a[:, :-1]),), ValueError, "expected a"),
         "b shape": ((p._replace(b=p.b[:-1]),), ValueError, "expected a"),
         "not LoraWeights": ((tuple(p),), TypeError, "LoraWeights"),
+        "scale None": ((p._replace(scale=None),), TypeError, "scale of projections\\[0\\] is NoneType"),
+        "scale tensor": ((p._replace(scale=torch.tensor(2.0, requires_grad=True)),), TypeError,
+                         "pass a number"),
         "no projection": ((), ValueError, "at least one"),
     }
 
@@ -616,5 +638,17 @@ def test_tile_rows_must_be_positive():
     gen = torch.Generator().manual_seed(0)
     projections = [projection(gen, INTER, HIDDEN, 4, torch.float32) for _ in range(2)]
     projections.append(projection(gen, HIDDEN, INTER, 4, torch.float32))
-    with pytest.raises(ValueError, match="tile_rows=0"):
-        lora_glu_mlp(torch.randn(5, HIDDEN, device=checks.DEVICE), *projections, "silu", tile_rows=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"tile_rows={bad!r}"):
+            lora_glu_mlp(torch.randn(5, HIDDEN, device=checks.DEVICE), *projections, "silu", tile_rows=bad)
+
+
+def test_tiles_of_rows_without_features():
+    """x with no input features (an empty hidden size) is tiled by its rows: zero outputs, not a
+    division by zero."""
+    def base(out, inp):
+        return LoraWeights(torch.zeros(out, inp, device=checks.DEVICE), None, None, 1.0)
+
+    x = torch.randn(5, 0, device=checks.DEVICE)
+    out = lora_glu_mlp(x, base(INTER, 0), base(INTER, 0), base(0, INTER), "silu", tile_rows=2)
+    assert out.shape == (5, 0)

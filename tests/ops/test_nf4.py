@@ -193,6 +193,8 @@ def test_window_out_buffer_and_bad_windows():
     for rows, cols in misaligned:
         with pytest.raises(ValueError, match="multiples of the blocksize"):
             dequantize_nf4(packed, state, torch.float32, rows=rows, cols=cols)
+    with pytest.raises(TypeError, match=r"rows=slice\(i, i \+ 1\)"):
+        dequantize_nf4(packed, state, torch.float32, rows=3)
     packed, state = quantized((37, 70))  # rows are not whole blocks
     with pytest.raises(ValueError, match="rows are whole blocks"):
         dequantize_nf4(packed, state, torch.float32, rows=slice(0, 3))

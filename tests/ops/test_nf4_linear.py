@@ -87,6 +87,26 @@ def test_compiles_into_one_graph_with_the_same_results():
     assert checks.relative_error(x.grad, eager_grad) <= 1e-6
 
 
+def test_autocast_sets_the_dtype_eager_and_compiled_alike():
+    """Under autocast a float32 x is multiplied in autocast's dtype, as F.linear would, and compiled
+    code agrees with eager code on the dtype and the values; x's gradient comes back in float32."""
+    weight = linear4bit(shape=(37, 70)).weight
+    x, grad = _inputs(weight, torch.float32)
+    dense = bnb_dequantize(weight.data, weight.quant_state, torch.bfloat16)
+    results = []
+    for run in (nf4_linear, torch.compile(nf4_linear, backend=BACKEND, fullgraph=True)):
+        x.grad = None
+        with torch.autocast(checks.DEVICE, dtype=torch.bfloat16):
+            out = run(x, weight)
+        out.backward(grad.to(out.dtype))
+        results.append((out.detach(), x.grad))
+    expected = torch.nn.functional.linear(x.detach().bfloat16(), dense)
+    for out, x_grad in results:
+        assert out.dtype == torch.bfloat16 and x_grad.dtype == torch.float32
+        checks.assert_matches_reference(out, expected, torch.bfloat16, "nf4_linear under autocast")
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("nested", (False, True), ids=("fp32_absmax", "double_quant"))
 def test_custom_ops_pass_opcheck(nested):
     """Schema, fake outputs against the real ones, autograd registration, AOTAutograd."""
