@@ -38,10 +38,17 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def outside_compiled_graphs(op):
+_BETWEEN_GRAPHS = (
+    "fusetune runs this op eagerly between compiled graphs (one graph break a call), so "
+    "fullgraph=True cannot hold around it; see fusetune.ops._launch.outside_compiled_graphs"
+)
+
+
+def outside_compiled_graphs(op=None, *, reason: str = _BETWEEN_GRAPHS):
     """``op`` as torch.compile sees it: a call it runs as it is, between compiled graphs, instead
-    of one it traces into. Each call is one graph break, so ``fullgraph=True`` is refused; the
-    results are eager's.
+    of one it traces into. Each call is one graph break, so ``fullgraph=True`` is refused, with
+    ``reason`` in torch.compile's error; the results are eager's. As a decorator, with or without
+    ``reason``.
 
     For the calls that do not launch through custom ops (``_graph_ops``): ``cross_entropy``, whose
     host side (label counts read back, label checks raised in backward, CUDA-graph checks) does not
@@ -50,7 +57,9 @@ def outside_compiled_graphs(op):
     the losses' kernels became Inductor's user-defined Triton kernels and failed to compile on an
     H200 (torch 2.11).
     """
-    return torch.compiler.disable(op)
+    if op is None:
+        return lambda function: torch.compiler.disable(function, reason=reason)
+    return torch.compiler.disable(op, reason=reason)
 
 
 def on_input_device(op):
@@ -142,7 +151,15 @@ def memory_order(x: torch.Tensor) -> list[int] | None:
     """
     if x.dim() < 3 or x.stride(-1) != 1 or x.is_contiguous():
         return None
-    order = [*sorted(range(x.dim() - 1), key=x.stride, reverse=True), x.dim() - 1]
+    # The leading dims by falling stride, ties in their own order: an insertion sort, which
+    # torch.compile traces where strides are symbolic (it cannot trace ``sorted`` keyed by them).
+    strides, order = x.stride(), []
+    for dim in range(x.dim() - 1):
+        place = 0
+        while place < len(order) and strides[order[place]] >= strides[dim]:
+            place += 1
+        order.insert(place, dim)
+    order.append(x.dim() - 1)
     return order if x.permute(order).is_contiguous() else None
 
 

@@ -470,7 +470,7 @@ def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch
     multiplied by torch.
     """
     if grad_output.numel() != 1 or not grad.is_contiguous() or not use_triton(grad):
-        return grad.mul_(grad_output.to(grad.dtype))
+        return grad.copy_(grad.float() * grad_output.float())  # float32 maths, as the kernel's
     if grad.numel() == 0:
         return grad
     programs = min(

@@ -280,7 +280,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _loss_and_gradients_outputs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None, z_loss: float,
-    items: torch.Tensor | None, item_count: int | None, wants: list[bool], chunk_rows: int | None,
+    items: torch.Tensor | None, item_count: float | None, wants: list[bool], chunk_rows: int | None,
 ) -> list[torch.Tensor]:
     """New outputs of :func:`_loss_and_gradients`: the scalar float32 loss, then a gradient like each
     wanted input (contiguous, in its dtype)."""
@@ -293,7 +293,7 @@ def _loss_and_gradients_outputs(
 def _loss_and_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None, z_loss: float,
-    items: torch.Tensor | None, item_count: int | None, wants: list[bool], chunk_rows: int | None,
+    items: torch.Tensor | None, item_count: float | None, wants: list[bool], chunk_rows: int | None,
 ) -> list[torch.Tensor]:
     """The reduced loss ("mean" or "sum") and, for a loss gradient of 1, the gradients of the inputs
     that ``wants`` (hidden, weight, bias) names: what the eager op's forward computes, which its
@@ -320,7 +320,7 @@ class _InGraphLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, options, items, wants, chunk_rows):
         item_tensor = items if isinstance(items, torch.Tensor) else None
-        item_count = None if isinstance(items, torch.Tensor) or items is None else int(items)
+        item_count = None if isinstance(items, torch.Tensor) or items is None else float(items)
         loss, *gradients = _loss_and_gradients(
             hidden, weight, bias, labels, options["ignore_index"], options["reduction"],
             options["label_smoothing"], options["softcap"], options["z_loss"], item_tensor, item_count,
@@ -336,7 +336,10 @@ class _InGraphLinearCrossEntropy(torch.autograd.Function):
         scaled = []
         for want in ctx.wants:
             gradient = next(gradients) if want else None
-            scaled.append(None if gradient is None else gradient * grad_output.to(gradient.dtype))
+            # In float32, as the eager op scales: a loss scale of 2^16 is inf in float16, and 1/3
+            # rounded to bfloat16 is 0.2% off.
+            scaled.append(None if gradient is None else
+                          (gradient.float() * grad_output.float()).to(gradient.dtype))
         return (*scaled, None, None, None, None, None)
 
 
@@ -447,7 +450,11 @@ def _in_graph(hidden: torch.Tensor, reduction: str) -> bool:
             and not torch.is_autocast_enabled(hidden.device.type))
 
 
-@outside_compiled_graphs
+@outside_compiled_graphs(reason=(
+    "fusetune.linear_cross_entropy stays inside a compiled graph only for a reduced loss (reduction "
+    "'mean' or 'sum') outside autocast; under autocast or with reduction='none' it runs eagerly "
+    "between graphs, so fullgraph=True cannot hold: cast hidden and weight to one dtype yourself and "
+    "call it outside autocast, or drop fullgraph=True"))
 def _between_graphs(*args) -> torch.Tensor:
     """The eager op, run as it is: eagerly, and between torch.compile's graphs where the custom op
     does not take the call (``_in_graph``)."""
