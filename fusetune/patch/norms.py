@@ -9,7 +9,7 @@ from torch import nn
 
 from fusetune.nn import FusedLayerNorm, FusedRMSNorm
 from fusetune.ops.rms_norm import rms_norm_reference
-from fusetune.patch.probe import eval_mode, matches, probe_device, probe_input
+from fusetune.patch.probe import extra_forward_arguments, matches, probe_device, probe_input, probe_mode
 from fusetune.patch.rules import Decision
 
 # (offset, cast) variants of fusetune's rms_norm, in the order they are tried: Llama's, Gemma's,
@@ -45,7 +45,7 @@ def _probe_dtypes(weight: torch.Tensor) -> list[torch.dtype]:
 
 def _rms_variant(module: nn.Module, eps: float, device: torch.device) -> tuple[float, str] | None:
     """The (offset, cast) whose maths reproduces ``module``'s forward on the probes, if any."""
-    with eval_mode(module):
+    with probe_mode(module):
         weight = module.weight
         probes = [probe_input(weight.shape[0], dtype, device) for dtype in _probe_dtypes(weight)]
         outputs = [module(x) for x in probes]
@@ -67,6 +67,10 @@ def rms_norm_rule(module: nn.Module) -> Decision | None:
     eps = _epsilon(module)
     if eps is None:
         return Decision("rms_norm", reason="it has no numeric epsilon attribute (eps / variance_epsilon)")
+    extra = extra_forward_arguments(module)
+    if extra:
+        return Decision("rms_norm", reason=f"its forward takes {', '.join(extra)} besides the input "
+                                           "(a gated norm): fusetune's norm takes the input alone")
     device = probe_device(module)
     if isinstance(device, str):
         return Decision("rms_norm", reason=f"cannot probe: {device}")

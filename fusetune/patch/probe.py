@@ -7,6 +7,7 @@ than silently replaced.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,17 +23,33 @@ _RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.
 
 
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run the block as a probe of ``module``: eval mode (no dropout), no grad, and parameters that
-    FSDP2 has sharded whole (``whole_parameters``); restore every flag and parameter."""
+def probe_mode(module: nn.Module, training: bool = False) -> Iterator[None]:
+    """Run the block as a probe of ``module``: in eval mode (no dropout) or, with ``training``, in
+    training mode (what a training step runs: dropout, where the module has any, shows there), no
+    grad, and parameters that FSDP2 has sharded whole (``whole_parameters``); restore every flag
+    and parameter, and the random state a training-mode probe's dropout draws from."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    module.train(training)
+    gpus = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with torch.no_grad(), whole_parameters(module):
+        with torch.no_grad(), whole_parameters(module), torch.random.fork_rng(devices=gpus):
             yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m, training_flag in flags:
+            m.training = training_flag
+
+
+def extra_forward_arguments(module: nn.Module) -> list[str]:
+    """The named arguments ``module``'s forward takes after its input (a gated norm's ``gate``): a
+    fused module that takes the input alone cannot stand in for it, whatever a probe without them
+    shows."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: nothing known beyond the input
+        return []
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters[1:] if p.kind in named]
 
 
 def probe_input(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fusetune.nn.vision_attention import SegmentedVisionAttention
-from fusetune.patch.probe import eval_mode, matches, probe_device, probe_input
+from fusetune.patch.probe import matches, probe_device, probe_input, probe_mode
 from fusetune.patch.rules import Decision
 
 KIND = "vision_attention"
@@ -57,7 +57,7 @@ def _agrees(module: nn.Module, replacement: nn.Module, device: torch.device) -> 
     if not isinstance(width, int):
         raise ValueError("its qkv has no in_features")
     dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-    with eval_mode(module):
+    with probe_mode(module):
         arguments = _probe_arguments(module, width, dtype, device)
         return matches(replacement(**arguments), module(**arguments))
 

@@ -10,7 +10,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from fusetune.nn import FusedGatedMLP, FusedLayerNorm
-from fusetune.patch.glu import glu_rule
+from fusetune.patch.glu import UNGATED_REASON, glu_rule
 from fusetune.patch.norms import layer_norm_rule, rms_norm_rule
 
 
@@ -39,19 +39,38 @@ def test_rms_norm_on_meta_device_is_left_alone():
     assert decision.replacement is None and "meta" in decision.reason
 
 
+class _GatedNorm(LlamaRMSNorm):
+    """Mamba2's gated RMSNorm (Bamba, Granite-4.0-H, Zamba2): ``norm(x * silu(gate))`` where the
+    mixer passes a gate, a plain RMSNorm where it does not (so a probe without one matches)."""
+
+    def forward(self, hidden_states, gate=None):
+        if gate is not None:
+            hidden_states = hidden_states * nn.functional.silu(gate)
+        return super().forward(hidden_states)
+
+
+def test_a_norm_whose_forward_takes_more_than_its_input_is_left_alone():
+    decision = rms_norm_rule(_GatedNorm(32))
+    assert decision.replacement is None and "takes gate besides the input" in decision.reason
+
+
 class _MLP(nn.Module):
-    def __init__(self, act: str, act_on_up: bool = False):
+    def __init__(self, act: str, act_on_up: bool = False, dropout: float = 0.0, limit: float | None = None):
         super().__init__()
         self.gate_proj, self.up_proj = nn.Linear(16, 24), nn.Linear(16, 24)
         self.down_proj = nn.Linear(24, 16)
         self.act_fn = ACT2FN[act]
         self.act_on_up = act_on_up
+        self.dropout, self.limit = dropout, limit  # Seed-OSS's residual dropout, DeepSeek-V4's clamp
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.act_on_up:
             gate, up = up, gate
-        return self.down_proj(self.act_fn(gate) * up)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        out = self.down_proj(self.act_fn(gate) * up)
+        return nn.functional.dropout(out, self.dropout, training=self.training)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +84,57 @@ def test_glu_activation_is_identified(act, expected):
 def test_glu_with_other_activation_or_maths_is_left_alone():
     assert "not SiLU or GELU" in glu_rule(_MLP("relu")).reason
     assert "forward is not" in glu_rule(_MLP("silu", act_on_up=True)).reason
+
+
+@pytest.mark.parametrize("options, where",
+                         [(dict(dropout=0.1), "training mode"), (dict(limit=10.0), "large inputs")],
+                         ids=["dropout", "clamp"])
+def test_a_gated_mlp_that_differs_only_in_training_or_at_large_inputs_is_left_alone(options, where):
+    """Seed-OSS drops out its MLP's output, DeepSeek-V4 clamps gate and up at 10: an eval-mode probe
+    near 1 sees neither. The probe in training mode leaves the random state as it was; with those
+    features off the MLP is fused."""
+    mlp = _MLP("silu", **options)
+    state = torch.random.get_rng_state()
+    decision = glu_rule(mlp)
+    assert decision.replacement is None and decision.reason.endswith(f"on {where}")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    off = {name: 0.0 if name == "dropout" else None for name in options}
+    assert isinstance(glu_rule(_MLP("silu", **off)).replacement, FusedGatedMLP)
+
+
+class _TakesPositions(_MLP):
+    def forward(self, x, positions=None):
+        return super().forward(x)
+
+
+class _W123(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 24)
+
+
+class _UpDown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj, self.down_proj = nn.Linear(16, 24), nn.Linear(24, 16)
+
+
+class _Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(4, 48, 16))
+        self.down_proj = nn.Parameter(torch.zeros(4, 16, 24))
+
+
+@pytest.mark.parametrize("module, reason", [
+    (_TakesPositions("silu"), "takes positions besides the input"),
+    (_UpDown(), UNGATED_REASON),
+    (_W123(), "named w1/w2/w3"),
+    (_Experts(), "mixture-of-experts"),
+], ids=["extra_argument", "ungated_up_down", "w1_w2_w3", "experts"])
+def test_mlps_fusetune_does_not_fuse_are_listed_with_why(module, reason):
+    decision = glu_rule(module)
+    assert decision.replacement is None and reason in decision.reason
 
 
 def test_layer_norm_rule():
