@@ -131,7 +131,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "no base model under base_model_prefix to take the hidden states from"
     head = model.get_output_embeddings()
     if not _plain_linear(head):
-        return f"lm_head is a {type(head).__name__}, not a plain nn.Linear (LoRA / modules_to_save)"
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        return f"lm_head is a {kind}, not a plain torch.nn.Linear (LoRA / modules_to_save on it)"
     if head.out_features != model.config.get_text_config().vocab_size:
         return "lm_head's output size differs from config.vocab_size"
     if model.loss_function is not ForCausalLMLoss:
@@ -245,7 +246,15 @@ def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
     output = output_class(loss=loss, logits=logits, **_carried_fields(output_class, outputs))
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
-    return output if return_dict else output.to_tuple()
+    return output if return_dict else _as_tuple(output)
+
+
+def _as_tuple(output) -> tuple:
+    """``output`` as transformers' tuple (loss, logits, then the other fields that are set), with
+    the logits' slot kept, None where they were not made: ``to_tuple`` drops None fields, which would
+    move the cache into the logits' place."""
+    fields = output.to_tuple()
+    return (fields[0], output.logits, *fields[1 if output.logits is None else 2:])
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -120,9 +120,13 @@ def test_fused_path_returns_no_logits_unless_asked():
     assert model(**inputs).logits is None
     out, expected = model(**inputs, return_logits=True), reference(**inputs)
     assert_close(out.logits, expected.logits, "softcapped logits")
-    as_tuple = model(**inputs, return_dict=False)
+    as_tuple = model(**inputs, return_dict=False, use_cache=True)
+    expected_tuple = reference(**inputs, return_dict=False, use_cache=True)
     assert isinstance(as_tuple, tuple)
     assert_close(as_tuple[0], expected.loss, "loss from the tuple")
+    # transformers' positions: the logits' slot holds None, the cache stays third
+    assert as_tuple[1] is None and len(as_tuple) == len(expected_tuple) >= 3
+    assert [type(x) for x in as_tuple[2:]] == [type(x) for x in expected_tuple[2:]]
 
 
 def test_cross_entropy_mode_matches():
@@ -159,7 +163,7 @@ def test_lora_lm_head_falls_back_to_the_original_loss():
     torch.manual_seed(1)
     lora_reference = peft.get_peft_model(reference, copy.deepcopy(config))
     report = fusetune.apply(lora)
-    assert "lm_head" in dict(report.left_alone["loss"]).get("LlamaForCausalLM", "")
+    assert "lm_head is a peft.tuners.lora" in dict(report.left_alone["loss"]).get("LlamaForCausalLM", "")
     inputs = batch()
     assert_close(loss_and_backward(lora, **inputs), loss_and_backward(lora_reference, **inputs), "loss")
     assert_same_gradients(lora, lora_reference)
