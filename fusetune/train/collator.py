@@ -23,7 +23,8 @@ template that appends a fixed generation prompt works: ChatML (Qwen), Llama 3, L
 Mllama. Images larger than ``max_pixels`` are resized down, keeping their aspect ratio, before the
 processor sees them (the Qwen2-VL image processor then rounds each side to its patch grid, so
 images of any size batch together). A batch longer than ``max_seq_length`` is cut on the right,
-unless that would cut image tokens (an error: raise max_seq_length or lower max_pixels).
+unless that would cut image tokens (an error: raise max_seq_length or lower max_pixels), or leave a
+sample no answer token to learn; ``check_lengths`` finds such samples before training.
 """
 
 from __future__ import annotations
@@ -134,46 +135,60 @@ def response_markers(processor) -> tuple[str, str]:
 
 
 def _find(sequence: list[int], pattern: list[int], start: int) -> int:
-    n = len(pattern)
-    if n == 0:
+    """The first index from ``start`` where ``pattern`` occurs in ``sequence``, or -1 (list.index
+    finds the candidates: this runs on every token of every sample)."""
+    if not pattern:
         return -1
-    first = pattern[0]
-    for i in range(start, len(sequence) - n + 1):
-        if sequence[i] == first and sequence[i : i + n] == pattern:
+    i = start
+    while True:
+        try:
+            i = sequence.index(pattern[0], i)
+        except ValueError:
+            return -1
+        if sequence[i : i + len(pattern)] == pattern:
             return i
-    return -1
+        i += 1
 
 
-def _resize(image, max_pixels: int):
-    width, height = image.size
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most ``max_pixels`` pixels."""
     if width * height <= max_pixels:
-        return image
+        return width, height
     scale = math.sqrt(max_pixels / (width * height))
-    size = (max(1, int(width * scale)), max(1, int(height * scale)))
-    return image.resize(size)
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _read_image(image: Any, source: str, read):
+    """``read(PIL image)`` of an image given as a path (open for the call) or as a PIL image."""
+    if not isinstance(image, str):
+        return read(image)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as handle:
+            return read(handle)
+    except FileNotFoundError:
+        raise FusetuneError(
+            f"{source}: image {image!r} is missing; restore it or remove the sample."
+        ) from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise FusetuneError(
+            f"{source}: image {image!r} cannot be read ({type(error).__name__}: {error}); "
+            f"replace the file "
+            f"with a PNG/JPEG or remove the sample."
+        ) from None
 
 
 def open_image(image: Any, source: str, max_pixels: int):
     """A RGB PIL image from a path or PIL image, resized under ``max_pixels``."""
-    if isinstance(image, str):
-        from PIL import Image, UnidentifiedImageError
+    image = _read_image(image, source, lambda handle: handle.convert("RGB"))
+    size = _fit(*image.size, max_pixels)
+    return image if size == image.size else image.resize(size)
 
-        try:
-            with Image.open(image) as handle:
-                image = handle.convert("RGB")
-        except FileNotFoundError:
-            raise FusetuneError(
-                f"{source}: image {image!r} is missing; restore it or remove the sample."
-            ) from None
-        except (UnidentifiedImageError, OSError) as error:
-            raise FusetuneError(
-                f"{source}: image {image!r} cannot be read ({type(error).__name__}: {error}); "
-                f"replace the file "
-                f"with a PNG/JPEG or remove the sample."
-            ) from None
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
-    return _resize(image, max_pixels)
+
+def image_size(image: Any, source: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of ``open_image(image, ...)``, read without decoding (a file's header)."""
+    return _fit(*_read_image(image, source, lambda handle: handle.size), max_pixels)
 
 
 class ChatCollator:
@@ -205,8 +220,10 @@ class ChatCollator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     # -- rendering ------------------------------------------------------------------------------
-    def render(self, sample: dict, generation_prompt: bool = False) -> tuple[str, list]:
-        """The chat-template text of a sample and its images, in order."""
+    def render(
+        self, sample: dict, generation_prompt: bool = False, open_images: bool = True
+    ) -> tuple[str, list]:
+        """The chat-template text of a sample and its images, in order (opened, or as given)."""
         images, messages = [], []
         source = sample.get("_source", "a sample")
         for message in sample["messages"]:
@@ -218,7 +235,9 @@ class ChatCollator:
                             f"{source} has an image, but the model is text-only; use a vision-language model "
                             f"or drop the images."
                         )
-                    images.append(open_image(part["image"], source, self.max_pixels))
+                    images.append(
+                        open_image(part["image"], source, self.max_pixels) if open_images else part["image"]
+                    )
                     parts.append({"type": "image"})
                 else:
                     parts.append({"type": "text", "text": part["text"]})
@@ -250,20 +269,69 @@ class ChatCollator:
         self.tokenizer.padding_side = "right"
         try:
             if self.vision:
-                bos = self.tokenizer.bos_token
-                special = not (bos and all(text.startswith(bos) for text in texts))
                 return dict(
                     self.processor(
                         text=texts,
                         images=images if any(images) else None,
                         return_tensors="pt",
                         padding=True,
-                        add_special_tokens=special,
+                        add_special_tokens=self._special_tokens(texts),
                     )
                 )
             return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
         finally:
             self.tokenizer.padding_side = padding_side
+
+    def _special_tokens(self, texts: list[str]) -> bool:
+        """Whether ``texts`` are tokenised with special tokens (see ``_encode``)."""
+        bos = self.tokenizer.bos_token
+        return self.vision and not (bos and all(text.startswith(bos) for text in texts))
+
+    # -- lengths --------------------------------------------------------------------------------
+    def check_lengths(self, samples: list[dict]) -> None:
+        """Refuse, before training, samples that ``max_seq_length`` would cut inside their image
+        tokens or before their first answer token: ``__call__`` stops on them, but only when their
+        batch comes up, mid-run. The error names the first such sample and counts them all.
+
+        Cheap enough for every sample: only the text is tokenised, and each image placeholder in it
+        counts as the number of tokens the processor expands it to for an image of that size
+        (``_get_num_multimodal_tokens``; a processor without it is taken to keep one token an image,
+        as Mllama's does), so image files are read for their size alone.
+        """
+        rendered = [self.render(sample, open_images=False) for sample in samples]
+        texts = [text for text, _ in rendered]
+        ids = self.tokenizer(texts, add_special_tokens=self._special_tokens(texts))["input_ids"]
+        bad = []
+        for sample, sample_ids, (_, sample_images) in zip(samples, ids, rendered, strict=True):
+            source = sample.get("_source", "a sample")
+            sizes = [image_size(image, source, self.max_pixels) for image in sample_images]
+            why = self._cut(torch.tensor(sample_ids), sizes)
+            if why:
+                bad.append((source, why))
+        if bad:
+            source, why = bad[0]
+            more = f" ({len(bad)} samples in all)" if len(bad) > 1 else ""
+            raise FusetuneError(
+                f"{source}: max_seq_length={self.max_seq_length} would cut it {why}{more}; raise "
+                f"max_seq_length, or shorten or remove such samples"
+                f"{', or lower max_pixels' if self.vision else ''}."
+            )
+
+    def _cut(self, ids: torch.Tensor, sizes: list[tuple[int, int]]) -> str | None:
+        """Why cutting a sample to ``max_seq_length`` fails (None: it does not): ``ids`` are its
+        tokens with one placeholder an image, ``sizes`` its images' (width, height), in order."""
+        labels = self.mask(ids[None], torch.ones_like(ids)[None])[0]
+        image = torch.isin(ids, torch.tensor(sorted(self.image_token_ids), dtype=ids.dtype))
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        span = torch.ones_like(ids)
+        if count is not None and sizes:
+            span[image] = torch.tensor(count(image_sizes=[(h, w) for w, h in sizes]).num_image_tokens)
+        end = span.cumsum(0)  # the position after each token once the images are expanded
+        if (image & (end > self.max_seq_length)).any():
+            return "inside its image tokens"
+        if not ((labels != IGNORE) & (end - span < self.max_seq_length)).any():
+            return "before its first answer token, leaving nothing to learn"
+        return None
 
     # -- batching -------------------------------------------------------------------------------
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:

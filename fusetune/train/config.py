@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("off", "fsdp2", "deepspeed_zero3")
 # Keys that take a list of names or one word meaning "the default choice of names".
 LIST_KEYS = {"target_modules": "all-linear", "wrap_classes": "auto"}
+# Keys with the choice "off", which YAML reads as false.
+OFF_KEYS = ("gradient_checkpointing", "kernels", "distributed.strategy")
 
 
 @dataclass
@@ -76,7 +79,8 @@ class TrainConfig:
     dataset_split: str = "train"
     """Split to load from a `datasets` name or saved folder."""
     eval_split: Union[float, str] = 0.0  # noqa: UP007
-    """Held-out part: a fraction (0.1), 0 for none, or a split name of a `datasets` data set."""
+    """Held-out part: a fraction (0.1), 0 for none, the path of a second source (data/val.jsonl), or a
+    split name (validation) of a `datasets` dataset: a hub name or a saved DatasetDict."""
     demo_samples: int = 1000
     """Size of the synthetic demo data set."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -88,7 +92,9 @@ class TrainConfig:
     """off | on (recompute each decoder layer's activations in backward; transformers' non-reentrant
     checkpointing) | offload (fusetune's checkpointing: also keeps the saved layer inputs in CPU memory)."""
     max_seq_length: int = 2048
-    """Longest tokenised sample (image tokens included); longer ones are cut on the right."""
+    """Longest tokenised sample (image tokens included); longer ones are cut on the right. Every
+    sample is checked before training: one that the cut would leave without answer tokens, or cut
+    inside its image tokens, stops the run, named (raise max_seq_length, or shorten or remove it)."""
     packing: bool = False
     """Pack each batch's samples, with their images, into one row without padding (Qwen2-VL family
     and text models): positions (M-RoPE included) restart per sample and attention stays inside each
@@ -102,33 +108,34 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     """Micro-batches per optimiser step."""
     learning_rate: float = 2e-4
-    """Peak learning rate of the LoRA weights (AdamW)."""
+    """Peak learning rate of the LoRA weights (AdamW); > 0."""
     lr_scheduler: str = "linear"
     """linear | cosine | constant | constant_with_warmup | cosine_with_restarts | polynomial."""
     warmup: float = 0.03
     """Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay (>= 0)."""
     max_steps: int = -1
     """Optimiser steps; -1 to use epochs."""
     epochs: float = 1.0
     """Passes over the training set (when max_steps is -1)."""
     seed: int = 42
-    """Seed of the weights' init (LoRA), the data order and the eval_split draw."""
+    """Seed of the weights' init (LoRA), the data order and the eval_split draw; in [0, 2**32)."""
     output_dir: str = "fusetune-output"
     """Folder for checkpoints, the adapter, config.yaml, metrics.json, loss.png (and merged/)."""
     save_steps: int = 50
     """Write a Trainer checkpoint (adapter, optimiser, scheduler, RNG) every this many steps."""
     save_total_limit: int = 2
-    """Keep at most this many checkpoints."""
+    """Keep at most this many checkpoints (0: keep them all)."""
     save_merged: bool = False
     """Also save the base model with the adapter merged in, in 16-bit (output_dir/merged)."""
     resume: Union[bool, str] = False  # noqa: UP007
-    """true: continue from the last checkpoint in output_dir; or a checkpoint folder."""
+    """true: continue from the last checkpoint in output_dir; or a checkpoint folder. Needs the
+    checkpoint's lora settings (another r or other layers is an error: set them back, or start fresh)."""
     logging_steps: int = 1
-    """Log the training loss every this many steps."""
+    """Log the training loss every this many steps, and at the last step."""
     eval_steps: int = 0
-    """Evaluate every this many steps (0: only at the end)."""
+    """Evaluate every this many steps and at the last step (0: only at the end)."""
     show_samples: int = 4
     """Held-out samples to caption with greedy generation at the end."""
     max_new_tokens: int = 32
@@ -197,10 +204,10 @@ def _coerce(key: str, value: Any, hint: Any, from_text: bool) -> Any:
             parsed = value
         # Keep the string for str-typed keys ("1e-3" stays text only where text is wanted).
         value = parsed if parsed is not None else value
-    if key.endswith("gradient_checkpointing") and isinstance(value, bool):
-        value = "on" if value else "off"  # YAML reads on / off as booleans
-    if key.endswith("strategy") and value is False:
-        value = "off"
+    if key in OFF_KEYS and value is False:
+        value = "off"  # YAML reads off (and on) as booleans
+    if key == "gradient_checkpointing" and value is True:
+        value = "on"
     leaf = key.rsplit(".", 1)[-1]
     if leaf in LIST_KEYS and isinstance(value, str) and value != LIST_KEYS[leaf]:
         value = [v.strip() for v in value.split(",") if v.strip()]  # "q_proj,v_proj" or one name
@@ -366,26 +373,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return build_config(file_data, overrides)
 
 
+def _bad(key: str, why: str) -> FusetuneError:
+    return FusetuneError(f"config key {key!r}: {why}")
+
+
 def validate(config: TrainConfig) -> None:
     """Range and choice checks that the types alone do not catch."""
-
-    def bad(key: str, why: str) -> FusetuneError:
-        return FusetuneError(f"config key {key!r}: {why}")
-
+    numbers = [*vars(config).items(), *((f"lora.{k}", v) for k, v in vars(config.lora).items())]
+    for key, value in numbers:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(key, f"must be a finite number, got {value}.")
     if config.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
-        # YAML's on/off become booleans; accept them.
-        raise bad(
+        raise _bad(
             "gradient_checkpointing",
             f"use one of {', '.join(GRADIENT_CHECKPOINTING)}, got {config.gradient_checkpointing!r}.",
         )
     if config.kernels not in KERNELS:
-        raise bad("kernels", f"use one of {', '.join(KERNELS)}, got {config.kernels!r}.")
+        raise _bad("kernels", f"use one of {', '.join(KERNELS)}, got {config.kernels!r}.")
     if config.lr_scheduler not in SCHEDULES:
-        raise bad("lr_scheduler", f"use one of {', '.join(SCHEDULES)}, got {config.lr_scheduler!r}.")
+        raise _bad("lr_scheduler", f"use one of {', '.join(SCHEDULES)}, got {config.lr_scheduler!r}.")
     if config.dtype not in DTYPES:
-        raise bad("dtype", f"use one of {', '.join(DTYPES)}, got {config.dtype!r}.")
+        raise _bad("dtype", f"use one of {', '.join(DTYPES)}, got {config.dtype!r}.")
     if config.loss not in ("linear_cross_entropy", "cross_entropy"):
-        raise bad("loss", f"use linear_cross_entropy or cross_entropy, got {config.loss!r}.")
+        raise _bad("loss", f"use linear_cross_entropy or cross_entropy, got {config.loss!r}.")
     for key in (
         "batch_size",
         "gradient_accumulation_steps",
@@ -397,65 +407,81 @@ def validate(config: TrainConfig) -> None:
         "max_new_tokens",
     ):
         if getattr(config, key) < 1:
-            raise bad(key, f"must be at least 1, got {getattr(config, key)}.")
+            raise _bad(key, f"must be at least 1, got {getattr(config, key)}.")
     if config.learning_rate <= 0:
-        raise bad("learning_rate", f"must be positive, got {config.learning_rate}.")
+        raise _bad("learning_rate", f"must be positive, got {config.learning_rate}.")
+    if not 0 <= config.seed < 2**32:
+        raise _bad("seed", f"must be in [0, 2**32), got {config.seed}.")
     if config.max_steps == 0 or config.max_steps < -1:
-        raise bad(
+        raise _bad(
             "max_steps", f"must be a positive number of steps, or -1 to use epochs; got {config.max_steps}."
         )
     if config.max_steps == -1 and config.epochs <= 0:
-        raise bad("epochs", f"must be positive when max_steps is -1, got {config.epochs}.")
+        raise _bad("epochs", f"must be positive when max_steps is -1, got {config.epochs}.")
     if isinstance(config.eval_split, float) and not 0.0 <= config.eval_split < 1.0:
-        raise bad("eval_split", f"a fraction must be in [0, 1), got {config.eval_split}.")
+        raise _bad("eval_split", f"a fraction must be in [0, 1), got {config.eval_split}.")
     if config.warmup < 0:
-        raise bad("warmup", f"must be >= 0, got {config.warmup}.")
-    for key in ("show_samples", "eval_steps", "save_total_limit", "dataloader_workers"):
+        raise _bad("warmup", f"must be >= 0, got {config.warmup}.")
+    for key in ("show_samples", "eval_steps", "save_total_limit", "dataloader_workers", "weight_decay"):
         if getattr(config, key) < 0:
-            raise bad(key, f"must be >= 0, got {getattr(config, key)}.")
-    lora = config.lora
+            raise _bad(key, f"must be >= 0, got {getattr(config, key)}.")
+    if config.mlp_tile_rows < 0:
+        raise _bad("mlp_tile_rows", f"must be a number of rows, or 0 for off; got {config.mlp_tile_rows}.")
+    _validate_lora(config.lora)
+    _validate_distributed(config)
+
+
+def lora_settings(value: LoraSettings | dict) -> LoraSettings:
+    """``value`` (a ``LoraSettings`` or a dict of its fields) typed and checked as a config's ``lora``
+    section is (``load_model`` takes either from Python, where no config file was validated)."""
+    data = dataclasses.asdict(value) if isinstance(value, LoraSettings) else value
+    lora = _build(LoraSettings, data, "lora.", from_text=False)
+    _validate_lora(lora)
+    return lora
+
+
+def _validate_lora(lora: LoraSettings) -> None:
     if lora.r < 1 or lora.alpha < 1:
-        raise bad("lora.r" if lora.r < 1 else "lora.alpha", "must be at least 1.")
+        raise _bad("lora.r" if lora.r < 1 else "lora.alpha", "must be at least 1.")
     if not 0.0 <= lora.dropout < 1.0:
-        raise bad("lora.dropout", f"must be in [0, 1), got {lora.dropout}.")
+        raise _bad("lora.dropout", f"must be in [0, 1), got {lora.dropout}.")
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
-        raise bad(
+        raise _bad(
             "lora.target_modules", f'use "all-linear" or a list of module names, got {lora.target_modules!r}.'
         )
     if not (lora.finetune_vision_layers or lora.finetune_language_layers):
-        raise bad(
+        raise _bad(
             "lora", "finetune_vision_layers and finetune_language_layers are both false: nothing to train."
         )
-    _validate_distributed(config, bad)
 
 
-def _validate_distributed(config: TrainConfig, bad) -> None:
+def _validate_distributed(config: TrainConfig) -> None:
     import importlib.util
 
     settings = config.distributed
     if settings.strategy not in STRATEGIES:
-        raise bad("distributed.strategy", f"use one of {', '.join(STRATEGIES)}, got {settings.strategy!r}.")
+        raise _bad("distributed.strategy", f"use one of {', '.join(STRATEGIES)}, got {settings.strategy!r}.")
     offloads = [k for k in ("offload_params", "offload_optimizer") if getattr(settings, k)]
     if settings.strategy == "off" and offloads:
-        raise bad(
+        raise _bad(
             f"distributed.{offloads[0]}",
             "offloading is part of a sharding strategy; set distributed.strategy: fsdp2 or deepspeed_zero3.",
         )
     if settings.strategy == "fsdp2" and settings.offload_optimizer and not settings.offload_params:
-        raise bad(
+        raise _bad(
             "distributed.offload_optimizer",
             "FSDP2 steps the optimiser on the CPU only when the parameters live there: set "
             "distributed.offload_params: true (it offloads both), or use deepspeed_zero3.",
         )
     if settings.strategy == "deepspeed_zero3":
         if config.load_in_4bit:
-            raise bad(
+            raise _bad(
                 "load_in_4bit",
                 "4-bit (bitsandbytes) base weights are not supported with deepspeed_zero3; use "
                 "distributed.strategy: fsdp2, or load_in_4bit: false.",
             )
         if importlib.util.find_spec("deepspeed") is None:
-            raise bad(
+            raise _bad(
                 "distributed.strategy",
                 "deepspeed_zero3 needs DeepSpeed: pip install deepspeed (or use strategy: fsdp2).",
             )
@@ -589,8 +615,11 @@ least one.
   `DatasetDict` (its `dataset_split` is used), rows as for a hub name.
 - **`demo`**: the synthetic shapes data set of the offline demo (`demo_samples` samples).
 
-`eval_split` holds out a fraction of the samples (`0.05`), or names a split of the same `datasets`
-source (`validation`), or a path to a second source.
+`eval_split` holds out a fraction of the samples (`0.05`), or gives the path of a second source
+(`data/val.jsonl`, any of the kinds above), or names a split (`validation`) of the `datasets` source
+(a hub name, or a saved `DatasetDict`). A path that does not exist, a split name for a source
+without splits (a JSONL file, a folder, a saved `Dataset`, `demo`) or the training split itself is
+an error, never the training set again.
 """.replace("SAMPLE_LINE", json.dumps(EXAMPLE_SAMPLE))
 
 
@@ -692,10 +721,13 @@ def render_docs() -> str:
             "",
             "## Validation",
             "",
-            "The config is checked before anything loads: an unknown key, a value of the wrong type",
-            "or out of range (a choice not listed above, a count below 1, a fraction outside [0, 1))",
+            "The config is checked before anything loads, by `fusetune train` and by `train(config)`",
+            "from Python alike: an unknown key, a value of the wrong type or out of range (a choice not",
+            "listed above, a count below 1, a fraction outside [0, 1), a number that is not finite)",
             "stops the run with one line, `fusetune: error: ...`, naming the key and what to write",
-            "instead, and exit status 2.",
+            "instead, and exit status 2. So do, before the first step, `distributed.strategy: fsdp2`",
+            "without `--nproc` (or torchrun / accelerate launch), `--resume` with other LoRA settings",
+            "than the checkpoint's, and any sample that fails to load or to fit `max_seq_length`.",
             "",
         ]
     )

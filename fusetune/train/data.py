@@ -131,7 +131,7 @@ def _normalise(row: Any, index: int, root: Path | None) -> dict[str, Any]:
             for part in content:
                 if isinstance(part, str):
                     parts.append({"type": "text", "text": part})
-                elif isinstance(part, dict) and (part.get("type") == "image" or "image" in part):
+                elif isinstance(part, dict) and _part_type(part) == "image":
                     image = part.get("image")
                     if image is None:
                         if not extra_images:
@@ -142,8 +142,8 @@ def _normalise(row: Any, index: int, root: Path | None) -> dict[str, Any]:
                             )
                         image = extra_images.pop(0)
                     parts.append({"type": "image", "image": _image_ref(image, root, source)})
-                elif isinstance(part, dict) and part.get("type") == "text":
-                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                elif isinstance(part, dict) and _part_type(part) == "text":
+                    parts.append({"type": "text", "text": str(part.get("text") or "")})
                 else:
                     raise FusetuneError(
                         f"{source}: unsupported content part {str(part)[:120]}; use text or image."
@@ -159,6 +159,15 @@ def _normalise(row: Any, index: int, root: Path | None) -> dict[str, Any]:
             f'{{"role": "assistant", "content": "..."}} message with text.'
         )
     return {"messages": messages, "_source": source}
+
+
+def _part_type(part: dict) -> str | None:
+    """A content part's ``type``; without one, "image" when it holds an image.
+
+    An ``"image": null`` does not make a part an image: `datasets` writes every key of the parts'
+    common schema into each part, so a text part reads ``{"type": "text", "image": null, ...}``.
+    """
+    return part.get("type") or ("image" if part.get("image") is not None else None)
 
 
 def _image_ref(image: Any, root: Path | None, source: str) -> Any:
@@ -186,28 +195,46 @@ def _image_ref(image: Any, root: Path | None, source: str) -> Any:
     raise FusetuneError(f"{source}: unsupported image value of type {type(image).__name__}; give a path.")
 
 
-def _rows(spec: str, split: str, demo_samples: int, seed: int) -> tuple[list[Any], Path | None]:
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith((".jsonl", ".json")) or spec.startswith((".", "/", "~"))
+
+
+def source_kind(spec: str) -> str:
+    """What a ``dataset`` value names: "demo", "file" (a .jsonl file), "folder" (of images with a
+    .jsonl file), "saved Dataset" or "saved DatasetDict" (folders written by `datasets`'
+    save_to_disk), "hub" (a `datasets` name) or "missing" (a path that does not exist)."""
     if spec == "demo":
+        return "demo"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            return "saved DatasetDict"
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return "saved Dataset"
+        return "folder"
+    return "missing" if _looks_like_path(spec) else "hub"
+
+
+def _rows(spec: str, split: str, demo_samples: int, seed: int) -> tuple[list[Any], Path | None]:
+    kind, path = source_kind(spec), Path(spec).expanduser()
+    if kind == "demo":
         from fusetune.train import demo
 
         return demo.samples(demo_samples, seed=seed), None
-    path = Path(spec).expanduser()
-    if path.is_file():
+    if kind == "file":
         if path.suffix.lower() not in (".jsonl", ".json"):
             raise FusetuneError(
                 f"dataset file {spec!r} is not a .jsonl file of chat messages ({SAMPLE_HELP})."
             )
         return _read_jsonl(path), path.parent
-    if path.is_dir():
-        if (
-            (path / "dataset_info.json").is_file()
-            or (path / "state.json").is_file()
-            or (path / "dataset_dict.json").is_file()
-        ):
-            return _load_datasets(str(path), split, from_disk=True), path
+    if kind in ("saved Dataset", "saved DatasetDict"):
+        return _load_datasets(str(path), split, from_disk=True), path
+    if kind == "folder":
         jsonl = _find_jsonl(path)
         return _read_jsonl(jsonl), jsonl.parent
-    if spec.endswith((".jsonl", ".json")) or spec.startswith((".", "/", "~")):
+    if kind == "missing":
         raise FusetuneError(
             f"dataset {spec!r} not found; give an existing .jsonl file, a folder, or a `datasets` name."
         )
@@ -222,18 +249,46 @@ def load_samples(spec: str, split: str = "train", demo_samples: int = 1000, seed
     return [_normalise(row, i, root) for i, row in enumerate(rows)]
 
 
+def held_out_samples(config) -> list[dict]:
+    """The samples of a string ``eval_split``: the path of a second source, or a split of the
+    training source, which must then be a `datasets` one with named splits (anything else would
+    hold out the training set itself)."""
+    held, dataset = config.eval_split, config.dataset
+    kind = source_kind(dataset)
+    path = Path(held).expanduser()
+    if path.exists():
+        if kind != "demo" and path.resolve() == Path(dataset).expanduser().resolve():
+            raise FusetuneError(
+                f"eval_split {held!r} is the training dataset itself; give another source, or a "
+                f"fraction (0.05)."
+            )
+        return load_samples(held, config.dataset_split, config.demo_samples, config.seed)
+    if _looks_like_path(held) or "/" in held:
+        raise FusetuneError(
+            f"eval_split {held!r} not found; give an existing .jsonl file or folder, a fraction (0.05), "
+            f"or a split name of a `datasets` dataset."
+        )
+    if kind not in ("hub", "saved DatasetDict"):
+        raise FusetuneError(
+            f"eval_split {held!r} is a split name, but dataset {dataset!r} ({kind}) has no splits; give a "
+            f"fraction (0.05) or the path of a held-out .jsonl file."
+        )
+    if held == config.dataset_split:
+        raise FusetuneError(
+            f"eval_split {held!r} is the training split (dataset_split) itself; name another split of "
+            f"{dataset!r}, or give a fraction (0.05)."
+        )
+    return load_samples(dataset, held, config.demo_samples, config.seed)
+
+
 def load_splits(config) -> tuple[ChatDataset, ChatDataset | None]:
-    """The training set and the held-out set (``eval_split``: a fraction, a split name or a file)."""
+    """The training set and the held-out set (``eval_split``: a fraction, a path or a split name)."""
     samples = load_samples(config.dataset, config.dataset_split, config.demo_samples, config.seed)
     held = config.eval_split
     if isinstance(held, str):
         if held.lower() in ("", "none", "0"):
             return ChatDataset(samples), None
-        return ChatDataset(samples), ChatDataset(
-            load_samples(
-                held if Path(held).exists() else config.dataset, held, config.demo_samples, config.seed
-            )
-        )
+        return ChatDataset(samples), ChatDataset(held_out_samples(config))
     if held <= 0:
         return ChatDataset(samples), None
     count = max(1, round(len(samples) * held))

@@ -228,6 +228,21 @@ def check_resume(checkpoint: str, settings: DistributedSettings) -> None:
         )
 
 
+def check_launched(settings: DistributedSettings) -> None:
+    """Refuse ``strategy: fsdp2`` in a process that no launcher started, before anything loads.
+
+    Trainer runs FSDP only under a launcher (torchrun and accelerate launch set ``LOCAL_RANK``);
+    otherwise it stops late, after the data and the model have loaded, with an error that names
+    neither ``--nproc`` nor the config key.
+    """
+    if settings.strategy == "fsdp2" and "LOCAL_RANK" not in os.environ:
+        raise FusetuneError(
+            "config key 'distributed.strategy': fsdp2 runs one process per GPU under a launcher; start "
+            "it with fusetune train --nproc N (or torchrun / accelerate launch), or set "
+            "distributed.strategy: off to train in this one process."
+        )
+
+
 def check_nproc(nproc: int, config: TrainConfig) -> None:
     """Refuse an ``--nproc`` the config or the machine cannot run, naming the fix."""
     if nproc < 1:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusetune.train.config import STRATEGIES, LoraSettings
+from fusetune.train.config import STRATEGIES, LoraSettings, lora_settings
 from fusetune.train.errors import FusetuneError
 
 # Submodule names that hold a vision tower or the vision -> language projector.
@@ -209,8 +209,9 @@ def load_model(
     """A model ready to fine-tune and its processor (VLMs) or tokenizer (LLMs): ``(model, processor)``.
 
     ``lora``: a ``LoraSettings`` or a dict of its fields (None: the defaults, r=16 on every linear
-    layer), or False for the plain model. ``kernels="auto"`` patches the model with
-    ``fusetune.apply`` (its report is ``model._fusetune_report``); "off" leaves it unpatched.
+    layer), checked as a config's ``lora`` section is, or False for the plain model.
+    ``kernels="auto"`` patches the model with ``fusetune.apply`` (its report is
+    ``model._fusetune_report``); "off" leaves it unpatched.
     ``load_in_4bit`` quantises the base weights with bitsandbytes (CUDA only). ``mlp_tile_rows``
     goes to ``fusetune.apply`` (row tiles of the fused LoRA MLPs for long inputs). ``strategy``: the
     ``distributed.strategy`` the model will be trained under (off, fsdp2 or deepspeed_zero3); with
@@ -218,6 +219,8 @@ def load_model(
     """
     if strategy not in STRATEGIES:
         raise FusetuneError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if lora is not False:  # checked before the (possibly long) load
+        lora = lora_settings(LoraSettings() if lora is None or lora is True else lora)
     torch_dtype = resolve_dtype(dtype)
     if name_or_path == "demo":
         if load_in_4bit:
@@ -232,12 +235,6 @@ def load_model(
     else:
         model, processor = _load_pretrained(name_or_path, torch_dtype, load_in_4bit, max_pixels, strategy)
     if lora is not False:
-        if lora is None or lora is True:
-            lora = LoraSettings()
-        elif isinstance(lora, dict):
-            from fusetune.train.config import _build
-
-            lora = _build(LoraSettings, lora, "lora.", from_text=False)
         model = add_lora(model, lora)
     if kernels == "auto":
         import fusetune

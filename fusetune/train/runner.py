@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fusetune.train import distributed
-from fusetune.train.config import TrainConfig, to_yaml
+from fusetune.train.config import TrainConfig, build_config, to_dict, to_yaml
 from fusetune.train.errors import FusetuneError, Interrupted
 
 
@@ -91,6 +91,20 @@ def _progress_callback(quiet: bool):
     return LossProgress()
 
 
+def _last_step_logger():
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        """Log the loss at the last step too, whatever ``logging_steps`` is: the final loss in
+        metrics.json and the curve in loss.png come from the logged losses."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogLastStep()
+
+
 def resume_checkpoint(config: TrainConfig) -> str | None:
     """The checkpoint folder to resume from (``resume``), or None to start fresh; refuses a
     DeepSpeed checkpoint that this run's strategy or process count cannot continue."""
@@ -116,6 +130,34 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
     return last
 
 
+# The keys of a checkpoint's adapter_config.json that must match this run's LoRA, with the config
+# keys that set them (target_modules is the regex of the layers that lora_targets picks).
+RESUME_LORA_KEYS = {
+    "r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules / finetune_vision_layers / finetune_language_layers",
+}
+
+
+def check_resume_lora(checkpoint: str, lora) -> None:
+    """Refuse to resume ``checkpoint`` when its adapter has other LoRA settings than ``lora`` (this
+    run's ``peft.LoraConfig``): its weights (another r) or optimiser state (other layers) would not
+    load, and Trainer would stop with a tensor size or parameter group mismatch."""
+    saved_file = Path(checkpoint) / "adapter_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    for key, name in RESUME_LORA_KEYS.items():
+        ours = getattr(lora, key)
+        if saved.get(key) != ours:
+            values = "" if key == "target_modules" else f" ({ours} here, {saved.get(key)} there)"
+            raise FusetuneError(
+                f"resume: {name} differs from the checkpoint {checkpoint}'s{values}; resuming needs the "
+                f"LoRA settings it was trained with: set them back, or use a fresh output_dir to start over."
+            )
+
+
 def last_checkpoint(output_dir: str | Path) -> str | None:
     """The highest-numbered complete ``checkpoint-N`` folder in ``output_dir``, or None.
 
@@ -135,6 +177,16 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 
 def _loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in log_history if "loss" in row and "step" in row]
+
+
+def final_eval_loss(trainer) -> float | None:
+    """The eval loss after the last step: Trainer's own when it evaluated that step (eval_steps > 0
+    does), so that it is not run and logged twice; else from one evaluation now."""
+    step = trainer.state.global_step
+    done = [
+        row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row and row["step"] == step
+    ]
+    return done[-1] if done else trainer.evaluate().get("eval_loss")
 
 
 def plot_losses(
@@ -256,7 +308,8 @@ def training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool, 
 def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = None) -> TrainResult:
     """Run one fine-tuning job as ``config`` says (see the module docstring for what it writes).
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
+    ``config`` is checked first as the command line checks it (a ``TrainConfig`` built in Python
+    has not been). ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
     """
     from transformers import ProgressCallback, Trainer, set_seed
     from transformers.utils import logging as hf_logging
@@ -265,6 +318,8 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     from fusetune.train.data import load_splits
     from fusetune.train.model import load_model, resolve_dtype
 
+    config = build_config(to_dict(config))
+    distributed.check_launched(config.distributed)
     started = time.perf_counter()
     quiet = quiet or not distributed.is_main_process()
     sharded = config.distributed.strategy != "off"
@@ -307,6 +362,8 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         mlp_tile_rows=config.mlp_tile_rows or None,
         strategy=config.distributed.strategy,
     )
+    if checkpoint:
+        check_resume_lora(checkpoint, model.peft_config["default"])
     if config.packing:
         from fusetune.train.packing import use_packed_attention
 
@@ -341,6 +398,9 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
 
         train_collator = PackingCollator(collator, model.config)
     train_collator(list(train_set.samples[: config.batch_size]))  # fail fast on the first batch's data
+    for dataset in (train_set, eval_set):
+        if dataset is not None:
+            collator.check_lengths(dataset.samples)
 
     args = training_arguments(config, dtype, eval_set is not None, model)
     distributed.shard_cpu_processes(args, config.distributed)
@@ -350,6 +410,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     distributed.check_engine(trainer, config.distributed)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(quiet))
+    trainer.add_callback(_last_step_logger())
     for callback in callbacks or []:
         trainer.add_callback(callback)
     if checkpoint:
@@ -377,9 +438,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         ) from None
 
     history = _loss_history(trainer.state.log_history)
-    eval_loss = None
-    if eval_set is not None:
-        eval_loss = trainer.evaluate().get("eval_loss")
+    eval_loss = final_eval_loss(trainer) if eval_set is not None else None
     eval_points = [(row["step"], row["eval_loss"]) for row in trainer.state.log_history if "eval_loss" in row]
     shown = generate_samples(
         model,

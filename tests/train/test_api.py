@@ -8,6 +8,7 @@ import torch
 import fusetune
 from fusetune.train import demo
 from fusetune.train.collator import ChatCollator
+from fusetune.train.config import LoraSettings
 from fusetune.train.errors import FusetuneError
 from fusetune.train.model import lora_targets
 
@@ -29,8 +30,6 @@ def test_load_model_demo_is_a_patched_peft_model():
 
 
 def test_lora_parts_and_lists():
-    from fusetune.train.config import LoraSettings
-
     base = demo.build_model(demo.build_tokenizer())
     language_only = lora_targets(base, LoraSettings(finetune_vision_layers=False))
     assert "visual" not in language_only and "q_proj" in language_only
@@ -77,3 +76,31 @@ def test_model_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(FusetuneError, match="load_in_4bit needs a CUDA GPU"):
             fusetune.load_model(str(tmp_path / "vit"), load_in_4bit=True)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_steps": 0, "epochs": 0}, "'max_steps': must be a positive number"),
+        ({"lora": LoraSettings(r=0)}, "'lora.r': must be at least 1"),
+        ({"lr_scheduler": "foo"}, "'lr_scheduler': use one of linear"),
+        ({"learning_rate": "fast"}, "'learning_rate' must be a number"),
+    ],
+)
+def test_train_checks_a_config_built_in_python(tmp_path, settings, message):
+    """``train(TrainConfig(...))`` runs the command line's checks before anything loads."""
+    from fusetune.train.config import TrainConfig
+    from fusetune.train.runner import train
+
+    with pytest.raises(FusetuneError, match=message):
+        train(TrainConfig(output_dir=str(tmp_path / "run"), demo_samples=8, **settings), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_model_checks_its_lora_settings():
+    with pytest.raises(FusetuneError, match="'lora.r': must be at least 1"):
+        fusetune.load_model("demo", lora=LoraSettings(r=0))
+    with pytest.raises(FusetuneError, match=r"'lora.dropout': must be in \[0, 1\)"):
+        fusetune.load_model("demo", lora={"dropout": 1.5})
+    with pytest.raises(FusetuneError, match="'lora.alpha' must be an integer"):
+        fusetune.load_model("demo", lora={"alpha": "big"})

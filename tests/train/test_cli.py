@@ -122,6 +122,17 @@ def test_resume_after_interruption(tmp_path, capsys):
     assert (Path(out) / "checkpoint-3" / "trainer_state.json").is_file()
     assert not (Path(out) / "adapter").exists()
 
+    # Other LoRA settings than the checkpoint's: its weights or optimiser state would not load.
+    for change, message in (
+        (["--lora.r", "8"], r"lora.r differs from the checkpoint .*checkpoint-3's \(8 here, 16 there\)"),
+        (["--lora.finetune_vision_layers", "false"], "lora.target_modules / finetune_vision_layers"),
+    ):
+        changed = load_config(None, [*SMALL, "--max_steps", "8", "--output_dir", out, "--resume", *change])
+        with pytest.raises(
+            FusetuneError, match=message + ".*LoRA settings it was trained with.*fresh output_dir"
+        ):
+            train(changed, quiet=True)
+
     resumed = load_config(None, [*SMALL, "--max_steps", "8", "--output_dir", out, "--resume"])
     result = train(resumed)
     assert "resuming from" in capsys.readouterr().out

@@ -138,3 +138,45 @@ def test_generation_prompt(demo_processor):
     tokens = demo_processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     assert tokens[-3:] == ["<|im_start|>", "assistant", "\n"] and truth == "a red circle ."
     assert "image_grid_thw" in inputs
+
+
+def cut_verdict(call, sample) -> str | None:
+    """How ``call([sample])`` ends: None (it passes), or the cut it stops on."""
+    try:
+        call([sample])
+    except FusetuneError as error:
+        return "image" if "inside its image tokens" in str(error) else "answer"
+    return None
+
+
+def test_check_lengths_finds_the_samples_the_cut_would_stop_on():
+    """Up front, from token counts, the verdict the collator reaches on each sample's batch."""
+    processor = demo.build_processor(112 * 112)
+    samples = [
+        _sample("a red circle .", size=(56, 56)),
+        _sample("a square .", size=(300, 120), system="a red circle in the top left ."),
+        _sample("a circle .", size=(112, 112)),
+    ]
+    verdicts = set()
+    for length in range(4, 60):
+        collator = ChatCollator(processor, max_seq_length=length, max_pixels=112 * 112)
+        for sample in samples:
+            expected = cut_verdict(collator, sample)
+            assert cut_verdict(collator.check_lengths, sample) == expected, (length, sample)
+            verdicts.add(expected)
+    assert verdicts == {None, "image", "answer"}
+
+
+def test_check_lengths_names_the_first_sample_and_counts_them(demo_processor):
+    samples = [
+        _sample("a red circle .", source="data.jsonl line 1"),
+        _sample("a circle .", system="a red circle in the top left .", source="data.jsonl line 2"),
+        _sample("a square .", system="a red circle in the top left .", source="data.jsonl line 3"),
+    ]
+    ChatCollator(demo_processor, max_seq_length=21, max_pixels=56 * 56).check_lengths(samples[:1])
+    with pytest.raises(FusetuneError) as error:
+        ChatCollator(demo_processor, max_seq_length=21, max_pixels=56 * 56).check_lengths(samples)
+    assert str(error.value).startswith(
+        "data.jsonl line 2: max_seq_length=21 would cut it before its first answer token"
+    )
+    assert "(2 samples in all)" in str(error.value) and "raise max_seq_length" in str(error.value)

@@ -382,3 +382,24 @@ def test_llava_without_end_marker_trains_a_tiny_model():
     collator = ChatCollator(processor, max_seq_length=64, max_pixels=112 * 112)
     batch = collator([_two_turns("a red circle .", "a circle ."), _sample("a blue square .")])
     _train_step(llava_model(processor), batch)
+
+
+@pytest.mark.parametrize("build", [mllama_processor, llava_processor])
+def test_check_lengths_agrees_with_the_cut(build):
+    """Mllama keeps one <|image|> token an image, llava expands <image> by the image's size: the up-front
+    check from token counts reaches the collator's verdict on each sample, images in later turns too."""
+    from PIL import Image
+
+    from tests.train.test_collator import cut_verdict
+
+    second = _two_turns("a red circle .", "a circle .")
+    second["messages"][2]["content"].insert(0, {"type": "image", "image": Image.new("RGB", (90, 40))})
+    samples = [_sample("a red circle .", images=2), _sample("a square .", size=(40, 90)), second]
+    seen = set()
+    for length in range(2, 60):
+        collator = ChatCollator(build(), max_seq_length=length, max_pixels=112 * 112)
+        for sample in samples:
+            expected = cut_verdict(collator, sample)
+            assert cut_verdict(collator.check_lengths, sample) == expected, (length, sample)
+            seen.add(expected)
+    assert seen == {None, "image", "answer"}

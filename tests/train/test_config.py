@@ -91,6 +91,15 @@ def test_parse_overrides_nesting():
             ["nothing to train"],
         ),
         ({"lora": {"target_modules": 3}}, ["lora.target_modules"]),
+        ({"weight_decay": -1}, ["'weight_decay'", ">= 0", "-1"]),
+        ({"seed": -1}, ["'seed'", "[0, 2**32)", "-1"]),
+        ({"seed": 2**32}, ["'seed'", "[0, 2**32)"]),
+        ({"mlp_tile_rows": -1}, ["'mlp_tile_rows'", "0 for off", "-1"]),
+        ({"learning_rate": float("nan")}, ["'learning_rate'", "finite", "nan"]),
+        ({"weight_decay": float("inf")}, ["'weight_decay'", "finite", "inf"]),
+        ({"epochs": float("inf")}, ["'epochs'", "finite"]),
+        ({"warmup": float("nan")}, ["'warmup'", "finite"]),
+        ({"lora": {"dropout": float("nan")}}, ["'lora.dropout'", "finite"]),
     ],
 )
 def test_validation_errors_name_the_key(data, words):
@@ -98,6 +107,42 @@ def test_validation_errors_name_the_key(data, words):
         build_config(data)
     for word in words:
         assert word in str(error.value)
+
+
+def test_numbers_from_the_command_line_are_range_checked():
+    for argv, key in (
+        (["--learning_rate", ".nan"], "'learning_rate': must be a finite number"),
+        (["--weight_decay", "-1"], "'weight_decay': must be >= 0"),
+        (["--seed", "-1"], "'seed': must be in [0, 2**32)"),
+        (["--mlp_tile_rows", "-1"], "'mlp_tile_rows': must be a number of rows"),
+    ):
+        with pytest.raises(FusetuneError) as error:
+            load_config(None, argv)
+        assert key in str(error.value)
+    assert load_config(None, ["--seed", str(2**32 - 1), "--mlp_tile_rows", "0"]).seed == 2**32 - 1
+
+
+def test_off_in_yaml_for_every_key_that_has_it(tmp_path):
+    # YAML reads a bare off as false; each key whose choices include "off" takes it as that choice.
+    path = tmp_path / "run.yaml"
+    path.write_text("kernels: off\ngradient_checkpointing: off\ndistributed:\n  strategy: off\n")
+    config = load_config(path)
+    assert (config.kernels, config.gradient_checkpointing, config.distributed.strategy) == ("off",) * 3
+    assert load_config(None, ["--kernels", "off"]).kernels == "off"
+    with pytest.raises(FusetuneError, match="'kernels': use one of auto, off, got 'on'"):
+        load_config(None, ["--kernels", "on"])
+
+
+def test_save_total_limit_zero_keeps_every_checkpoint():
+    import torch
+
+    from fusetune.train.config import config_keys
+    from fusetune.train.runner import training_arguments
+
+    doc = next(doc for key, _, _, doc in config_keys() if key == "save_total_limit")
+    assert "0: keep them all" in doc
+    config = load_config(None, ["--save_total_limit", "0"])
+    assert training_arguments(config, torch.float32, False, None).save_total_limit is None
 
 
 def test_override_of_wrong_type_is_an_error():

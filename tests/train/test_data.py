@@ -104,3 +104,97 @@ def test_bad_sources(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(FusetuneError, match="line 1 is not valid JSON"):
         load_samples(str(tmp_path / "bad.jsonl"))
+
+
+def _splits(*argv):
+    return load_splits(load_config(None, ["--eval_split", "0", *argv]))
+
+
+def test_eval_split_never_falls_back_to_the_training_set(tmp_path):
+    demo.write_dataset(tmp_path / "set", 6)
+    data = str(tmp_path / "set" / "data.jsonl")
+    for argv, message in (
+        (
+            ["--dataset", data, "--eval_split", "validation"],
+            r"'validation' is a split name.*\(file\) has no splits",
+        ),
+        (["--dataset", str(tmp_path / "set"), "--eval_split", "test"], r"'test' is a split name.*\(folder\)"),
+        (["--eval_split", "validation"], r"'validation' is a split name, but dataset 'demo' \(demo\)"),
+        (
+            ["--dataset", data, "--eval_split", str(tmp_path / "val.jsonl")],
+            r"eval_split '.*val.jsonl' not found",
+        ),
+        (["--dataset", data, "--eval_split", "data/val"], "eval_split 'data/val' not found"),
+        (["--dataset", data, "--eval_split", data], "is the training dataset itself"),
+    ):
+        with pytest.raises(FusetuneError, match=message):
+            _splits(*argv)
+    demo.write_dataset(tmp_path / "val", 2, seed=1)
+    train, held = _splits("--dataset", data, "--eval_split", str(tmp_path / "val" / "data.jsonl"))
+    assert len(train) == 6 and len(held) == 2
+
+
+def test_eval_split_names_a_split_of_a_saved_datasetdict(tmp_path):
+    import datasets
+
+    def rows(answer, count):
+        chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
+        return datasets.Dataset.from_dict({"messages": [chat] * count})
+
+    datasets.DatasetDict({"train": rows("a", 3), "validation": rows("b", 2)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    train, held = _splits("--dataset", str(tmp_path / "dd"), "--eval_split", "validation")
+    assert len(train) == 3 and len(held) == 2
+    assert held[0]["messages"][1]["content"] == [{"type": "text", "text": "b"}]
+    with pytest.raises(FusetuneError, match="has no split 'test'; it has train, validation"):
+        _splits("--dataset", str(tmp_path / "dd"), "--eval_split", "test")
+    with pytest.raises(FusetuneError, match="'train' is the training split"):
+        _splits("--dataset", str(tmp_path / "dd"), "--eval_split", "train")
+    rows("a", 3).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(FusetuneError, match=r"\(saved Dataset\) has no splits"):
+        _splits("--dataset", str(tmp_path / "one"), "--eval_split", "validation")
+
+
+def test_parts_with_null_images_as_datasets_writes_them(tmp_path):
+    """`datasets` gives every content part all the keys of their common schema: a text part has
+    "image": None, an image part "text": None (save_to_disk and to_json alike)."""
+    import datasets
+
+    demo.write_dataset(tmp_path, 1)
+    image = str(tmp_path / "images" / "00000.png")
+    user = [{"type": "image", "image": image}, {"type": "text", "text": "describe the image ."}]
+    answer = [{"type": "text", "text": "a red circle ."}]
+    table = datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}]
+    )
+    assert table[0]["messages"][0]["content"][1]["image"] is None  # what the loader must cope with
+    table.save_to_disk(str(tmp_path / "saved"))
+    table.to_json(str(tmp_path / "exported.jsonl"))
+    for spec in (tmp_path / "saved", tmp_path / "exported.jsonl"):
+        (sample,) = load_samples(str(spec))
+        assert sample["messages"][0]["content"] == user and sample["messages"][1]["content"] == answer
+    # TRL style as exported: an image placeholder with "image": null, filled from the row's images.
+    _write(
+        tmp_path / "trl.jsonl",
+        [
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": None, "text": None},
+                            {"type": "text", "image": None, "text": "what ?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "image": None, "text": "a shape"}]},
+                ],
+                "images": ["images/00000.png"],
+            }
+        ],
+    )
+    (sample,) = load_samples(str(tmp_path / "trl.jsonl"))
+    assert sample["messages"][0]["content"] == [
+        {"type": "image", "image": image},
+        {"type": "text", "text": "what ?"},
+    ]

@@ -232,3 +232,19 @@ def test_offload_run_uses_fusetunes_checkpointing(tmp_path, monkeypatch):
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.final_loss))
     ((offload, layers, enabled),) = calls
     assert offload and layers > 2 and enabled == layers
+
+
+def test_fsdp2_without_a_launcher_stops_before_loading(tmp_path, monkeypatch):
+    """Trainer runs FSDP only under a launcher; without one it would stop after loading everything."""
+    from fusetune.train.runner import train
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    config = load_config(
+        None,
+        ["--distributed.strategy", "fsdp2", "--demo_samples", "16", "--output_dir", str(tmp_path / "run")],
+    )
+    with pytest.raises(FusetuneError, match=r"'distributed.strategy': fsdp2 .*--nproc N .*strategy: off"):
+        train(config, quiet=True)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun and accelerate launch set
+    distributed.check_launched(config.distributed)
