@@ -67,17 +67,17 @@ _LARGE_PROBE = 100.0
 
 
 def _forward_mismatch(module: nn.Module, activation: str, device: torch.device) -> str | None:
-    """Where ``module(x)`` differs from ``down_proj(act(gate) * up)``, or None where it does not: on
-    a plain probe input and a large one in eval mode, and on the plain one in training mode (a
-    forward that adds dropout of its own, as Seed-OSS's does, differs there; its projections'
-    dropout, PEFT's, is judged by the LoRA path)."""
+    """Why ``module(x)`` cannot be taken for ``down_proj(act(gate) * up)``, or None where it can: it
+    must equal it on a plain probe input and a large one in eval mode, and on the plain one in
+    training mode (a forward that adds dropout of its own, as Seed-OSS's does, differs there; its
+    projections' dropout, PEFT's, is judged by the LoRA path)."""
     first = module.gate_up_proj if hasattr(module, "gate_up_proj") else module.gate_proj
     width = getattr(first, "in_features", None)
     if width is None:
-        return "its first projection has no in_features"
+        return f"its first projection, a {type(first).__name__}, has no in_features to probe it with"
     dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), None)
     if dtype is None:
-        return "its first projection has no floating-point weight"
+        return "its first projection has no floating-point weight to probe it with"
     # Inputs that require grad keep bitsandbytes' 4-bit layers on CPU from repacking their weights
     # for inference, a lossy change of layout they make in eval mode for inputs without grad.
     x = probe_input(width, dtype, device).requires_grad_()
@@ -88,7 +88,7 @@ def _forward_mismatch(module: nn.Module, activation: str, device: torch.device) 
             gate, up = _gate_up(module, probe)
             expected = module.down_proj(_ACTIVATIONS[activation][1](gate, up))
             if not matches(module(probe), expected):
-                return what
+                return f"{type(module).__name__}.forward is not down_proj(act(gate) * up) on {what}"
     return None
 
 
@@ -114,7 +114,12 @@ def _linears(module: nn.Module, names: tuple[str, ...]) -> bool:
 def _unrecognised(module: nn.Module) -> str | None:
     """Why a module shaped like an MLP but not like the gated MLPs fusetune fuses is left alone
     (listed in the report), or None for any other module."""
-    if any(_linears(module, pair) for pair in _UNGATED):
+    pair = next((pair for pair in _UNGATED if _linears(module, pair)), None)
+    if pair is not None:
+        first, second = (getattr(module, name) for name in pair)
+        if first.out_features == 2 * second.in_features:  # Aya Vision's projector: x, gate = chunk(2)
+            return (f"gated MLP with gate and up in one {pair[0]} (in an order fusetune does not check): "
+                    "fusetune recognises gate_proj, up_proj (or gate_up_proj) and down_proj")
         return UNGATED_REASON
     if _linears(module, _OTHER_NAMES):
         return ("gated MLP named w1/w2/w3: fusetune recognises gate_proj, up_proj (or gate_up_proj) "
@@ -148,8 +153,7 @@ def glu_rule(module: nn.Module) -> Decision | None:
             return Decision("glu", reason=f"activation {type(act).__name__} is not SiLU or GELU")
         mismatch = _forward_mismatch(module, activation, device)
         if mismatch is not None:
-            return Decision("glu", reason=f"{type(module).__name__}.forward is not down_proj(act(gate) * up) "
-                                          f"on {mismatch}")
+            return Decision("glu", reason=mismatch)
     except Exception as error:  # an exotic forward that rejects the probe is simply not ours
         return Decision("glu", reason=f"probe failed ({type(error).__name__}: {error})")
     return Decision("glu", FusedGatedMLP(dict(module.named_children()), activation))

@@ -52,14 +52,20 @@ def _probe_arguments(module: nn.Module, width: int, dtype: torch.dtype, device: 
     return {"hidden_states": hidden, "cu_seqlens": cu, "rotary_pos_emb": angles}
 
 
-def _agrees(module: nn.Module, replacement: nn.Module, device: torch.device) -> bool:
+def _disagreement(module: nn.Module, replacement: nn.Module, device: torch.device) -> str | None:
+    """The mode, eval or training, in which ``replacement`` computes something other than ``module``
+    on the probe (training mode shows attention dropout, which the replacement does not apply:
+    GLM-4V's vision ``attention_dropout``); None where both agree."""
     width = getattr(module.qkv, "in_features", None)
     if not isinstance(width, int):
         raise ValueError("its qkv has no in_features")
     dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-    with probe_mode(module):
-        arguments = _probe_arguments(module, width, dtype, device)
-        return matches(replacement(**arguments), module(**arguments))
+    for training in (False, True):
+        with probe_mode(module, training):
+            arguments = _probe_arguments(module, width, dtype, device)
+            if not matches(replacement(**arguments), module(**arguments)):
+                return "training mode (dropout?)" if training else "eval mode"
+    return None
 
 
 def vision_attention_rule(module: nn.Module) -> Decision | None:
@@ -74,10 +80,10 @@ def vision_attention_rule(module: nn.Module) -> Decision | None:
         return Decision(KIND, reason=f"cannot probe: {device}")
     replacement = SegmentedVisionAttention(module, rotary)
     try:
-        agrees = _agrees(module, replacement, device)
+        disagreement = _disagreement(module, replacement, device)
     except Exception as error:  # a forward that rejects the probe's arguments is simply not ours
         return Decision(KIND, reason=f"probe failed ({type(error).__name__}: {error})")
-    if not agrees:
+    if disagreement is not None:
         name = type(module).__name__
-        return Decision(KIND, reason=f"{name}.forward computes something else (probe mismatch)")
+        return Decision(KIND, reason=f"{name}.forward computes something else in {disagreement}")
     return Decision(KIND, replacement)

@@ -96,7 +96,8 @@ def test_a_gated_mlp_that_differs_only_in_training_or_at_large_inputs_is_left_al
     mlp = _MLP("silu", **options)
     state = torch.random.get_rng_state()
     decision = glu_rule(mlp)
-    assert decision.replacement is None and decision.reason.endswith(f"on {where}")
+    assert decision.replacement is None
+    assert decision.reason.endswith(f"is not down_proj(act(gate) * up) on {where}")
     assert torch.equal(torch.random.get_rng_state(), state)
     off = {name: 0.0 if name == "dropout" else None for name in options}
     assert isinstance(glu_rule(_MLP("silu", **off)).replacement, FusedGatedMLP)
@@ -119,6 +120,14 @@ class _UpDown(nn.Module):
         self.up_proj, self.down_proj = nn.Linear(16, 24), nn.Linear(24, 16)
 
 
+class _ChunkedProjector(nn.Module):
+    """Aya Vision's projector: ``x, gate = linear_1(h).chunk(2)``, then ``linear_2(act(gate) * x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(16, 48), nn.Linear(24, 16)
+
+
 class _Experts(nn.Module):
     def __init__(self):
         super().__init__()
@@ -130,8 +139,9 @@ class _Experts(nn.Module):
     (_TakesPositions("silu"), "takes positions besides the input"),
     (_UpDown(), UNGATED_REASON),
     (_W123(), "named w1/w2/w3"),
+    (_ChunkedProjector(), "gated MLP with gate and up in one linear_1"),
     (_Experts(), "mixture-of-experts"),
-], ids=["extra_argument", "ungated_up_down", "w1_w2_w3", "experts"])
+], ids=["extra_argument", "ungated_up_down", "w1_w2_w3", "chunked_projector", "experts"])
 def test_mlps_fusetune_does_not_fuse_are_listed_with_why(module, reason):
     decision = glu_rule(module)
     assert decision.replacement is None and reason in decision.reason

@@ -124,8 +124,17 @@ class _NoAttention(Qwen2_5_VLVisionAttention):
 def test_a_vision_attention_computing_something_else_is_left_alone():
     config = tiny_vlm("qwen2_5_vl").config.vision_config
     decision = vision_attention_rule(_NoAttention(config))
-    assert decision.replacement is None and "probe mismatch" in decision.reason
+    assert decision.replacement is None and "something else in eval mode" in decision.reason
     assert vision_attention_rule(Qwen2_5_VLVisionAttention(config)).replacement is not None
+
+
+def test_a_vision_attention_with_dropout_is_left_alone():
+    """GLM-4V's vision attention drops out attention weights in training (attention_dropout from
+    its config); the swap has no dropout, so the probe in training mode leaves such a module alone."""
+    attention = Qwen2_5_VLVisionAttention(tiny_vlm("qwen2_5_vl").config.vision_config)
+    attention.attention_dropout = 0.5
+    decision = vision_attention_rule(attention)
+    assert decision.replacement is None and "in training mode" in decision.reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen_attn")
