@@ -48,6 +48,7 @@ How it sits with the rest of the stack:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import weakref
 from collections.abc import Callable
@@ -154,8 +155,13 @@ class _OffloadStore:
         self._last = weakref.ref(entry)
         return entry
 
+    @torch.compiler.disable(reason="fusetune's offload copies into pooled host buffers as eager code")
     def add(self, entry: _Offloaded, tensor: torch.Tensor) -> None:
-        """Copy one more tensor of ``entry``'s layer to the host; :meth:`restore` returns it too."""
+        """Copy one more tensor of ``entry``'s layer to the host; :meth:`restore` returns it too.
+
+        Eager even inside compiled code (a kept attention output is offered from within the
+        attention's compiled graph): traced, the byte buffer's ``view(dtype)`` came back with the
+        wrong shape at the second step."""
         nbytes = tensor.numel() * tensor.element_size()
         buffer = self.pool(tensor.device).take(nbytes)
         entry.buffers.append(buffer)
@@ -468,13 +474,28 @@ class _LayerCheckpoint:
     """The ``_gradient_checkpointing_func`` fusetune installs on one layer."""
 
     def __init__(self, layer: nn.Module, store: _OffloadStore | None, previous: tuple):
-        self._layer = weakref.ref(layer)
+        self._layer = weakref.ref(layer)  # the layer holds this object: no cycle through it
         self.store = store
         self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
         # What the layer's forward keeps for its recompute when offloading (fusetune.kept).
         self.keep_attention = False
         self.keep_projections: bool | None = False  # None: in a captured step's (its store says)
+
+    def __deepcopy__(self, memo: dict) -> _LayerCheckpoint:
+        """The checkpoint of the layer's copy, in a deep copy of the model (``copy.deepcopy`` keeps a
+        weak reference as it is: the copy's layer would run the original layer's parameters). The
+        copy's layer is in ``memo`` already: this object is part of that layer's state. The copy's
+        layers share one new, empty offload store (a store holds only one step's transient state:
+        host buffers, CUDA streams)."""
+        copied = copy.copy(self)
+        memo[id(self)] = copied
+        layer = self._layer()
+        copied._layer = weakref.ref(memo.get(id(layer), layer))
+        if self.store is not None:
+            copied.store = memo.setdefault(id(self.store), _OffloadStore(self.store.for_capture))
+        copied.previous = copy.deepcopy(self.previous, memo)
+        return copied
 
     @property
     def offload(self) -> bool:

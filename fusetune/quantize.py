@@ -1,11 +1,13 @@
 """QLoRA base weights for a model that is already built: its nn.Linear layers become NF4 in place.
 
 ``quantize_4bit(model)`` does what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(
-load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))`` does at load
-time, for a model that is already in memory (random weights built from a config, or a user's bf16
-model): every plain ``nn.Linear`` becomes a ``bitsandbytes.nn.Linear4bit`` holding NF4 data
-(blocksize 64, absmax double-quantised), frozen, with the original bias. Each weight is quantised
-on its own device and dropped at once, so the full-precision model never exists twice.
+load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=torch.bfloat16))`` does at load time (bfloat16 is this function's default
+compute dtype; BitsAndBytesConfig's is float32), for a model that is already in memory (random
+weights built from a config, or a user's bf16 model): every plain ``nn.Linear`` becomes a
+``bitsandbytes.nn.Linear4bit`` holding NF4 data (blocksize 64, absmax double-quantised), frozen,
+with the original bias. Each weight is quantised on its own device and dropped at once, so the full-
+precision model never exists twice.
 
 Which layers stay in full precision, as transformers' bitsandbytes integration decides
 (``get_keys_to_not_convert`` + ``_keep_in_fp32_modules``): the output embedding (``lm_head``),
@@ -74,10 +76,11 @@ def _to_linear4bit(
             f"fusetune.quantize_4bit: a Linear weight has dtype {weight.dtype}; bitsandbytes quantises "
             f"float32/bfloat16/float16 weights (cast the model first, e.g. model.to(torch.bfloat16))."
         )
-    if weight.numel() % (2 * quant_storage.itemsize):
+    packed_bytes = (weight.numel() + 1) // 2  # two 4-bit codes a byte, an odd count padded
+    if packed_bytes % quant_storage.itemsize:
         raise ValueError(
-            f"fusetune.quantize_4bit: a {tuple(weight.shape)} weight packs into {weight.numel() / 2:g} "
-            f"bytes, not a whole number of {quant_storage} elements; use quant_storage=torch.uint8, or "
+            f"fusetune.quantize_4bit: a {tuple(weight.shape)} weight packs into {packed_bytes} bytes, "
+            f"not a whole number of {quant_storage} elements; use quant_storage=torch.uint8, or "
             f"skip this layer."
         )
     layer = bnb.nn.Linear4bit(
@@ -128,6 +131,11 @@ def quantize_4bit(
     Returns the qualified names of the converted layers. Call it before PEFT's get_peft_model.
     """
     bnb = _bitsandbytes()
+    if hasattr(model, "peft_config") or any("lora_" in name for name, _ in model.named_modules()):
+        raise ValueError(
+            "fusetune.quantize_4bit: this model carries PEFT adapters, which would be quantised and "
+            "frozen too; quantise the plain model, then call peft.get_peft_model on it."
+        )
     if isinstance(skip, str):
         raise TypeError(f"fusetune.quantize_4bit: skip must be a tuple of names, e.g. ({skip!r},).")
     if quant_storage not in _QUANT_STORAGES:

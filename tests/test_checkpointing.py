@@ -491,6 +491,35 @@ def test_disable_gives_back_transformers_checkpointing():
     assert model.model.layers[0]._gradient_checkpointing_func is theirs and checkpointing_on(model)
 
 
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_a_deep_copy_checkpoints_its_own_layers(offload):
+    """A deep copy of a checkpointed model trains its own parameters (the checkpoint of each copied
+    layer points at the copy), also once the original is gone."""
+    model = lora(tiny_model("llama"))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model, offload=offload)
+    copied = copy.deepcopy(model)
+    del model
+    gc.collect()
+    inputs = batch()
+    for _ in range(2):
+        assert_matches(copied, reference, inputs)
+
+
+def test_compiled_checkpointed_model_matches_eager_over_steps():
+    """torch.compile around a model checkpointed with the defaults (offload, attention outputs
+    kept): every step's loss and gradients are the uncompiled, uncheckpointed model's."""
+    model = lora(tiny_model("llama"))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    inputs = batch()
+    for _ in range(3):
+        assert_close(step(compiled, inputs), step(reference, inputs), "loss", RTOL)
+        assert_same_gradients(model, reference)
+
+
 def test_bad_input_names_the_fix():
     with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
         enable_checkpointing(nn.Linear(2, 2))

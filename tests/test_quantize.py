@@ -182,6 +182,21 @@ def test_peft_lora_on_top_trains(arch):
     assert all(g.abs().sum() > 0 for name, g in grads.items() if "lora_B" in name)
 
 
+def test_a_weight_of_an_odd_size_is_quantised_as_transformers_loader_does():
+    """101 x 63 codes pack into 3,182 bytes, the last one half-filled: uint8 storage takes them, as
+    bitsandbytes' own quantisation does; the dequantised weight is the original to NF4's rounding."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(nn.Linear(63, 101), nn.Linear(101, 8))
+    original = model[0].weight.detach().clone()
+    assert quantize_4bit(model) == ["0"]
+    layer = model[0]
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    packed, state = bnb.functional.quantize_4bit(original, blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    assert torch.equal(layer.weight.data, packed)
+    assert torch.equal(dense, bnb.functional.dequantize_4bit(packed, state).float())
+
+
 def test_errors_name_the_fix(monkeypatch):
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
@@ -192,7 +207,11 @@ def test_errors_name_the_fix(monkeypatch):
     with pytest.raises(TypeError, match="quant_storage=torch.int32; use torch.uint8"):
         quantize_4bit(nn.Sequential(nn.Linear(64, 64)), quant_storage=torch.int32)
     with pytest.raises(ValueError, match="use quant_storage=torch.uint8, or skip this layer"):
-        quantize_4bit(nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 8)), quant_storage=torch.float32)
+        quantize_4bit(nn.Sequential(nn.Linear(7, 3), nn.Linear(3, 8)), quant_storage=torch.float32)
+    peft = pytest.importorskip("peft")
+    adapted = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="quantise the plain model, then call peft.get_peft_model"):
+        quantize_4bit(adapted)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         quantize_4bit(nn.Sequential(nn.Linear(64, 64)))

@@ -190,7 +190,9 @@ def _load_pretrained(
         import peft
 
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, processor
+    # from_pretrained hands back eval mode; a model to fine-tune trains (dropout, checkpointing and
+    # the fused loss follow the training flag; HF Trainer sets it, a user's own loop may not).
+    return model.train(), processor
 
 
 def load_model(

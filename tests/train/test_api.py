@@ -63,6 +63,8 @@ def test_from_pretrained_path_for_a_local_causal_lm(tmp_path):
     model, loaded = fusetune.load_model(str(tmp_path / "tiny"))
     assert type(model.get_base_model()).__name__ == "Qwen2ForCausalLM"
     assert loaded.chat_template and model._fusetune_report.patched["loss"]
+    # ready to fine-tune: in training mode throughout, as from_pretrained's eval mode is not
+    assert all(module.training for module in model.modules())
 
 
 def test_model_errors(tmp_path):
