@@ -18,7 +18,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,15 @@ def generate_samples(model, collator, dataset, count: int, max_new_tokens: int) 
     return out
 
 
+def _checkpointing_arguments(arguments_class, on: bool) -> dict:
+    """TrainingArguments' checkpointing switch and its keyword arguments (non-reentrant), under the
+    names this transformers has: ``activation_checkpointing*`` from 5.2x on, where the older
+    ``gradient_checkpointing*`` names are deprecated, else those."""
+    names = {known.name for known in fields(arguments_class)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool, model: torch.nn.Module):
     """Trainer's arguments for ``config``; ``model`` (built and patched) names FSDP2's layer classes.
 
@@ -293,10 +302,7 @@ def training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool, 
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=config.dataloader_workers,
-        gradient_checkpointing=config.gradient_checkpointing == "on",
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-        if config.gradient_checkpointing == "on"
-        else None,
+        **_checkpointing_arguments(TrainingArguments, config.gradient_checkpointing == "on"),
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,

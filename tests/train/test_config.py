@@ -178,3 +178,23 @@ def test_every_key_is_documented():
     ):
         assert f"  {name} " in text
     assert "(no doc)" not in text
+
+
+def test_checkpointing_on_reaches_trainer_under_its_current_names():
+    """``gradient_checkpointing: on`` turns on Trainer's non-reentrant checkpointing, under the
+    names this transformers has (``activation_checkpointing*`` from 5.2x on), with no deprecation
+    warning."""
+    import warnings
+
+    import torch
+
+    from fusetune.train.runner import training_arguments
+
+    config = load_config(None, ["--gradient_checkpointing", "on"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+        args = training_arguments(config, torch.float32, False, None)
+    current = hasattr(args, "activation_checkpointing")
+    name = "activation_checkpointing" if current else "gradient_checkpointing"
+    assert getattr(args, name) is True
+    assert getattr(args, f"{name}_kwargs") == {"use_reentrant": False}
