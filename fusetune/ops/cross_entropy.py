@@ -429,8 +429,10 @@ def check_options(
 
 def _host_number(value) -> float | None:
     """``value`` as a float where reading it costs no device sync (a number or a one-element CPU
-    tensor); None otherwise (a GPU tensor is left to the device, where a count below 1 counts as 1)."""
-    if value is None or (torch.is_tensor(value) and (value.device.type != "cpu" or value.numel() != 1)):
+    tensor) and breaks no compiled graph; None otherwise (a GPU tensor is left to the device, where a
+    count below 1 counts as 1)."""
+    if value is None or (torch.is_tensor(value) and (value.device.type != "cpu" or value.numel() != 1
+                                                     or torch.compiler.is_compiling())):
         return None
     return float(value)
 
