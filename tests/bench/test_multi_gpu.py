@@ -247,14 +247,12 @@ def test_the_4bit_check_quantises_the_base_and_trains_it_under_fsdp2(tmp_path):
 
 
 @pytest.fixture
-def one_process_group(monkeypatch):
-    """A gloo process group of this process alone (FSDP2 over a world of one), torn down after."""
+def one_process_group():
+    """A gloo process group of this process alone (FSDP2 over a world of one), torn down after. Its
+    store is in memory: no port to find free, or to collide with another run's."""
     import torch.distributed as dist
 
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531"), ("RANK", "0"),
-                        ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
