@@ -6,7 +6,9 @@ or image) both attend within segments given by cumulative lengths (``cu``, int32
 CUDA in float16 / bfloat16, where torch has ``torch.nn.attention.varlen.varlen_attn``, all the
 segments go to flash attention's variable-length kernel in one call; everywhere else (the CPU,
 float32, a torch without it, a shape it refuses) SDPA runs once per segment. Both give what a
-block-diagonal mask would.
+block-diagonal mask would. Causal attention may also be limited to a sliding window (Mistral's and
+Gemma's ``sliding_window``): flash attention's ``window_size`` where ``varlen_attn`` takes it, else
+a windowed causal mask on each segment longer than the window.
 
 ``varlen_attn``'s signature changed between torch releases: 2.10 takes ``is_causal``; 2.11 has no
 ``is_causal`` and takes ``window_size`` ((-1, 0) causal, (-1, -1) full; compared as a tuple) and no
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 
 _HALF = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256  # flash attention's limit
-_failed: set[tuple] = set()  # (device type, dtype, head_dim, kv heads == heads) varlen_attn refused
+# (device type, dtype, head_dim, kv heads == heads[, "window"]) varlen_attn refused
+_failed: set[tuple] = set()
 
 
 class Segments(NamedTuple):
@@ -90,15 +93,32 @@ def read_segments(cu: torch.Tensor, tokens: int, device) -> Segments:
     return Segments(cu.to(device=device, dtype=torch.int32), lengths, max(lengths))
 
 
-def per_segment_attention(query, key, value, lengths, scale=None, dropout=0.0, causal=True) -> torch.Tensor:
-    """SDPA (causal, or full with ``causal=False``) on each ``lengths`` segment of ``(1, heads,
-    tokens, head_dim)`` tensors (key and value may have fewer heads: grouped-query attention),
-    concatenated: ``(1, heads, tokens, head_dim)``."""
+def windowed_causal_mask(length: int, window: int, device) -> torch.Tensor:
+    """``(length, length)`` bool mask of causal attention within a sliding window, as transformers
+    defines it: query i sees key j where ``i - window < j <= i``."""
+    index = torch.arange(length, device=device)
+    behind = index[:, None] - index[None, :]
+    return (behind >= 0) & (behind < window)
+
+
+def _sdpa(q, k, v, scale, dropout, causal, window, gqa) -> torch.Tensor:
+    """SDPA on one segment: causal (within ``window`` where it is shorter than the segment) or full."""
+    if causal and window is not None and q.shape[2] > window:
+        mask = windowed_causal_mask(q.shape[2], window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=causal,
+                                          enable_gqa=gqa)
+
+
+def per_segment_attention(query, key, value, lengths, scale=None, dropout=0.0, causal=True,
+                          window=None) -> torch.Tensor:
+    """SDPA (causal, within the last ``window`` tokens where given, or full with ``causal=False``)
+    on each ``lengths`` segment of ``(1, heads, tokens, head_dim)`` tensors (key and value may have
+    fewer heads: grouped-query attention), concatenated: ``(1, heads, tokens, head_dim)``."""
     gqa = key.shape[1] != query.shape[1]
     parts = [
-        F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, scale=scale, is_causal=causal, enable_gqa=gqa
-        )
+        _sdpa(q, k, v, scale, dropout, causal, window, gqa)
         for q, k, v in zip(
             query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True
         )
@@ -118,8 +138,8 @@ def varlen_function():
 @functools.lru_cache(maxsize=8)
 def call_plan(function) -> dict | None:
     """How to call this ``varlen_attn``: ``{"causal": {keyword: value}, "full": {keyword: value}
-    (no mask within a segment), "gqa": takes enable_gqa, "scale": takes scale}``, or None where it
-    cannot do causal attention."""
+    (no mask within a segment), "gqa": takes enable_gqa, "scale": takes scale, "window": takes
+    window_size (a sliding window)}``, or None where it cannot do causal attention."""
     parameters = inspect.signature(function).parameters
     if "is_causal" in parameters:  # torch 2.10
         causal, full = {"is_causal": True}, {"is_causal": False}
@@ -127,14 +147,21 @@ def call_plan(function) -> dict | None:
         causal, full = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
     else:
         return None
-    return {"causal": causal, "full": full, "gqa": "enable_gqa" in parameters, "scale": "scale" in parameters}
+    return {"causal": causal, "full": full, "gqa": "enable_gqa" in parameters, "scale": "scale" in parameters,
+            "window": "window_size" in parameters}
 
 
-def varlen_call(function, plan, query, key, value, cu, longest, scale=None, causal=True) -> torch.Tensor:
+def varlen_call(function, plan, query, key, value, cu, longest, scale=None, causal=True,
+                window=None) -> torch.Tensor:
     """``function`` (a ``varlen_attn``) on ``(tokens, heads, head_dim)`` tensors with the same
-    query and key boundaries ``cu``, called as ``plan`` says: causal (or full), grouped-query heads
-    through ``enable_gqa`` or repeated, ``scale`` passed or folded into the query."""
-    kwargs = dict(plan["causal" if causal else "full"])
+    query and key boundaries ``cu``, called as ``plan`` says: causal (or full; causal within the
+    last ``window`` tokens where given, flash attention's window of ``window - 1`` keys behind),
+    grouped-query heads through ``enable_gqa`` or repeated, ``scale`` passed or folded into the
+    query."""
+    if window is not None:
+        kwargs = {"window_size": (window - 1, 0)}
+    else:
+        kwargs = dict(plan["causal" if causal else "full"])
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         if plan["gqa"]:
@@ -169,18 +196,24 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def segment_attention(query, key, value, found: Segments, scale=None, dropout=0.0,
-                      causal=True) -> torch.Tensor:
+                      causal=True, window=None) -> torch.Tensor:
     """Attention (causal, or full with ``causal=False``) within each of the ``found`` segments of
     the flattened ``(batch, heads, seq, head_dim)`` tensors, as ``(batch, seq, heads, head_dim)``:
-    one ``varlen_attn`` call where it can, else SDPA per segment."""
+    one ``varlen_attn`` call where it can, else SDPA per segment. ``window``: causal attention sees
+    only the last ``window`` tokens (transformers' ``sliding_window``); None for no limit."""
     batch, heads, seq, dim = query.shape
+    if not causal or (window is not None and window >= found.longest):
+        window = None  # no segment reaches past the window
     usable = varlen_usable(query, key, dropout)
+    if usable is not None and window is not None:
+        usable = None if (*usable, "window") in _failed else (*usable, "window")
     function = varlen_function() if usable is not None else None
     plan = call_plan(function) if function is not None else None
-    if plan is not None:
+    if plan is not None and (window is None or plan["window"]):
         try:
             out = varlen_call(
-                function, plan, _flat(query), _flat(key), _flat(value), found.cu, found.longest, scale, causal
+                function, plan, _flat(query), _flat(key), _flat(value), found.cu, found.longest, scale,
+                causal, window,
             )
             return out.view(batch, seq, heads, dim)
         except (RuntimeError, ValueError, NotImplementedError) as error:
@@ -195,5 +228,5 @@ def segment_attention(query, key, value, found: Segments, scale=None, dropout=0.
         return t if t.shape[0] == 1 else t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1])
 
     lengths = list(found.lengths)
-    out = per_segment_attention(flat(query), flat(key), flat(value), lengths, scale, dropout, causal)
+    out = per_segment_attention(flat(query), flat(key), flat(value), lengths, scale, dropout, causal, window)
     return out.reshape(heads, batch, seq, dim).permute(1, 2, 0, 3)

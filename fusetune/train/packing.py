@@ -63,20 +63,35 @@ def attention_implementation() -> str:
     return varlen.register()
 
 
+def _softcapping_attention() -> str:
+    """The attention for packed rows of a model that soft-caps its scores: flash attention 2 where
+    ``attention_implementation`` picks it (it soft-caps), else eager (a block-diagonal mask)."""
+    implementation = attention_implementation()
+    return "eager" if implementation == varlen.NAME else implementation
+
+
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def use_packed_attention(model, implementation: str | None = None) -> str:
     """Set the attention of ``model``'s language model (``model``: a transformers model, or a PEFT
-    model around one) to ``implementation``, by default ``attention_implementation()``; a VLM's
-    vision tower keeps its own. Returns the implementation set."""
-    implementation = implementation or attention_implementation()
-    if implementation == varlen.NAME:
-        varlen.register()
+    model around one) to ``implementation``, by default ``attention_implementation()``, or eager
+    attention for a model that soft-caps its attention scores (Gemma 2), which ``fusetune_varlen``
+    does not; a VLM's vision tower keeps its own. Returns the implementation set."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     text = _text_config(config)
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        if implementation == varlen.NAME:
+            raise FusetuneError(
+                f"{varlen.NAME} does not soft-cap attention scores, which {config.model_type} does; pack "
+                f"with eager attention (use_packed_attention(model, 'eager')) or set packing: false."
+            )
+        implementation = implementation or _softcapping_attention()
+    implementation = implementation or attention_implementation()
+    if implementation == varlen.NAME:
+        varlen.register()
     if text is config:
         base.set_attn_implementation(implementation)
     else:
@@ -172,6 +187,73 @@ def unbatch(batch: dict[str, torch.Tensor], config) -> list[dict[str, torch.Tens
     return samples
 
 
+def _unpadded(sample: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """``sample`` checked to be one unpadded sample: ``input_ids`` of shape (1, length), an
+    ``attention_mask`` (a processor's output for one sample) only if all ones, and then dropped."""
+    shape = tuple(sample["input_ids"].shape)
+    if len(shape) != 2 or shape[0] != 1:
+        raise FusetuneError(
+            f"pack takes single samples of input_ids (1, length), got {shape} (sample {index}); split a "
+            f"collated batch with unbatch first."
+        )
+    mask = sample.get("attention_mask")
+    if mask is None:
+        return sample
+    if not bool(mask.bool().all()):
+        raise FusetuneError(
+            f"sample {index} is padded (its attention_mask has zeros); pack takes unpadded samples: "
+            f"split a padded batch with unbatch first."
+        )
+    return {key: value for key, value in sample.items() if key != "attention_mask"}
+
+
+def _check_vision_rows(sample: dict[str, torch.Tensor], index: int) -> None:
+    """Each modality's patch rows in ``sample`` are the ones its own grids take: packed, a sample's
+    surplus rows would silently become the next sample's image."""
+    for patches, (modality, unit) in _VISION.items():
+        if unit != "patch" or patches not in sample:
+            continue
+        grids = sample.get(f"{modality}_grid_thw")
+        wanted = 0 if grids is None else int(grids.prod(-1).sum())
+        if sample[patches].shape[0] != wanted:
+            raise FusetuneError(
+                f"sample {index} has {sample[patches].shape[0]} rows of {patches} where its "
+                f"{modality}_grid_thw takes {wanted}; give each sample its own {modality} inputs "
+                f"(unbatch splits a collated batch so)."
+            )
+
+
+def _with_seconds(samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Where some samples give ``second_per_grid_ts``, the video samples without it get 1 a video
+    (transformers' default), so that the joined seconds stay one per joined video."""
+    given = [sample["second_per_grid_ts"] for sample in samples if "second_per_grid_ts" in sample]
+    if not given:
+        return samples
+    return [
+        {**sample, "second_per_grid_ts": torch.ones(len(sample["video_grid_thw"]), dtype=given[0].dtype)}
+        if "video_grid_thw" in sample and "second_per_grid_ts" not in sample
+        else sample
+        for sample in samples
+    ]
+
+
+def _packable(samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """``samples`` checked for packing, without the empty ones (they add nothing; one with images
+    is an error) and with every video's seconds where some are given."""
+    checked = []
+    for index, sample in enumerate(samples):
+        sample = _unpadded(sample, index)
+        _check(sample, {*_PER_TOKEN, *_VISION})
+        _check_vision_rows(sample, index)
+        if sample["input_ids"].shape[1]:
+            checked.append(sample)
+        elif any(key in sample for key in _VISION):
+            raise FusetuneError(f"sample {index} has no tokens but has image or video inputs; drop it.")
+    if not checked:
+        raise FusetuneError("nothing to pack: the batch has no samples with tokens.")
+    return _with_seconds(checked)
+
+
 def pack(samples: list[dict[str, torch.Tensor]], config) -> dict[str, torch.Tensor]:
     """One row (batch of 1) holding ``samples`` back to back: ``input_ids``, ``labels`` (-100 on each
     sample's first token), ``mm_token_type_ids`` if given, ``position_ids`` restarting per sample
@@ -180,19 +262,12 @@ def pack(samples: list[dict[str, torch.Tensor]], config) -> dict[str, torch.Tens
 
     Each sample is a dict of ``(1, length)`` per-token tensors without padding (``unbatch`` makes
     them from a collated batch) plus its own ``pixel_values`` / ``image_grid_thw`` (and video
-    inputs); ``config`` is the model's config.
+    inputs); ``config`` is the model's config. An all-ones ``attention_mask`` is dropped; empty
+    samples are left out; a video sample without ``second_per_grid_ts`` among samples with it gets
+    transformers' default, 1 a video.
     """
-    if not samples:
-        raise FusetuneError("nothing to pack: the batch has no samples.")
     settings = _settings(config)
-    for sample in samples:
-        shape = tuple(sample["input_ids"].shape)
-        if len(shape) != 2 or shape[0] != 1:
-            raise FusetuneError(
-                f"pack takes single samples of input_ids (1, length), got {shape}; split a collated "
-                f"batch with unbatch first."
-            )
-        _check(sample, {*_PER_TOKEN, *_VISION})
+    samples = _packable(samples)
     row = {
         key: torch.cat([sample[key] for sample in samples], dim=1)
         for key in _PER_TOKEN

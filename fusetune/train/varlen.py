@@ -11,7 +11,8 @@ each sample's causal attention on its own:
   one ``scaled_dot_product_attention(..., is_causal=True)`` call per sample
 (``fusetune.segment_attention``, shared with the Qwen2-VL family's vision attention).
 
-Both give exactly what the block-diagonal mask gives. ``register()`` adds the implementation to
+Both give exactly what the block-diagonal mask gives, within a sliding window where the model
+has one (``sliding_window``: Mistral, Gemma 2 and 3). ``register()`` adds the implementation to
 transformers' ``AttentionInterface`` and its mask function to ``AttentionMaskInterface`` (the mask
 function returns None for an unpadded row without a cache, so transformers builds no mask).
 
@@ -113,10 +114,14 @@ def segments(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> Segments:
             )
         return segmented.read_segments(torch.arange(0, tokens + 1, query.shape[2], dtype=torch.int32), tokens,
                                        query.device)
-    known = segmented.recent.get(position_ids, ("positions", query.device))
+    batch = query.shape[0]
+    known = segmented.recent.get(position_ids, ("positions", query.device, batch))
     if known is None:
-        found = segmented.read_segments(boundaries_from_positions(position_ids), tokens, query.device)
-        known = segmented.recent.put(position_ids, ("positions", query.device), found)
+        rows = position_ids
+        if rows.dim() == 2 and rows.shape[0] == 1 < batch:
+            rows = rows.expand(batch, -1)  # one row of positions for every row, as models make them
+        found = segmented.read_segments(boundaries_from_positions(rows), tokens, query.device)
+        known = segmented.recent.put(position_ids, ("positions", query.device, batch), found)
     return known
 
 
@@ -157,15 +162,13 @@ def attention_forward(
         )
     if softcap is not None:
         raise ValueError(
-            "fusetune_varlen does not soft-cap attention scores; load the model with eager attention."
+            "fusetune_varlen does not soft-cap attention scores; pack with eager attention "
+            "(fusetune.train.packing.use_packed_attention(model, 'eager'), which it picks for such models) "
+            "or set packing: false."
         )
     found = segments(query, key, kwargs)
-    if sliding_window is not None and found.longest > sliding_window:
-        raise ValueError(
-            f"fusetune_varlen has no sliding-window attention and a sample ({found.longest} tokens) is "
-            f"longer than the model's window of {sliding_window}; set packing: false."
-        )
-    out = segmented.segment_attention(query, key, value, found, scale=scaling, dropout=dropout)
+    out = segmented.segment_attention(query, key, value, found, scale=scaling, dropout=dropout,
+                                      window=sliding_window)
     return out, None
 
 

@@ -265,6 +265,129 @@ def test_unsupported_inputs_name_the_fix(processor):
         PackingCollator(None, config)
 
 
+def test_pack_leaves_out_empty_samples_and_takes_an_all_ones_mask():
+    """An empty sample adds nothing (first, middle or last: the row is the one without it); a
+    processor's all-ones attention_mask is dropped; a padded sample, or an empty one with an image,
+    names the fix."""
+    config = tiny_llama().config
+    samples = text_samples()
+    empty = {"input_ids": torch.zeros(1, 0, dtype=torch.long), "labels": torch.zeros(1, 0, dtype=torch.long)}
+    expected = pack(samples, config)
+    for at in (0, 2, 4):
+        row = pack([*samples[:at], empty, *samples[at:]], config)
+        assert row.keys() == expected.keys()
+        for key in ("input_ids", "labels", "position_ids"):
+            torch.testing.assert_close(row[key], expected[key], rtol=0, atol=0)
+    masked = [{**sample, "attention_mask": torch.ones_like(sample["input_ids"])} for sample in samples]
+    torch.testing.assert_close(pack(masked, config)["input_ids"], expected["input_ids"], rtol=0, atol=0)
+    masked[1]["attention_mask"][0, -2:] = 0
+    with pytest.raises(FusetuneError, match="sample 1 is padded.*unbatch"):
+        pack(masked, config)
+    with pytest.raises(FusetuneError, match="nothing to pack"):
+        pack([empty], config)
+    with_image = {**empty, "pixel_values": torch.zeros(4, 8), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    with pytest.raises(FusetuneError, match="sample 0 has no tokens but has image"):
+        pack([with_image, *samples], demo.model_config(demo.build_processor().tokenizer))
+    padding_row = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "labels": torch.full((2, 6), IGNORE),
+                   "attention_mask": torch.tensor([[1] * 6, [0] * 6])}
+    # the all-padding row left out
+    assert pack(unbatch(padding_row, config), config)["input_ids"].shape == (1, 6)
+
+
+def test_pack_refuses_a_sample_whose_patches_are_not_its_grids(processor, collator, samples):
+    """Rows of pixel_values moved from one sample to another keep the total right: packed, the first
+    sample's image would silently be made of the next one's patches."""
+    config = demo.model_config(processor.tokenizer)
+    parts = unbatch(collator(samples), config)
+    first, last = parts[0], parts[3]
+    moved = int(last["pixel_values"].shape[0])
+    joined = torch.cat([first["pixel_values"], last["pixel_values"]])
+    parts[0] = {**first, "pixel_values": joined[: len(joined) - 2 * moved]}
+    parts[3] = {**last, "pixel_values": joined[len(joined) - 2 * moved :]}
+    wanted = int(first["image_grid_thw"].prod(-1).sum())
+    with pytest.raises(FusetuneError, match=f"sample 0 has {wanted - moved} rows of pixel_values where its "
+                                            f"image_grid_thw takes {wanted}"):
+        pack(parts, config)
+
+
+def test_video_samples_without_seconds_take_transformers_default_among_samples_with_them():
+    """Qwen2.5-VL: one video sample gives second_per_grid_ts, the next does not. Each sample's M-RoPE
+    ids in the row are transformers' get_rope_index of that sample alone (no seconds: 1 a video)."""
+    from tests.train.test_positions import END, MERGE, START, TEXT, VIDEO, config, reference
+
+    def video_sample(grid, seconds=None):
+        t, h, w = grid
+        ids = [TEXT] * 3 + [START] + [VIDEO] * (t * h * w // MERGE**2) + [END] + [TEXT] * 2
+        ids = torch.tensor([ids])
+        sample = {"input_ids": ids, "mm_token_type_ids": 2 * (ids == VIDEO).int(),
+                  "video_grid_thw": torch.tensor([grid]), "pixel_values_videos": torch.zeros(t * h * w, 8)}
+        if seconds is not None:
+            sample["second_per_grid_ts"] = torch.tensor([seconds])
+        return sample
+
+    samples = [video_sample([2, 4, 4], seconds=2.0), video_sample([3, 2, 4])]
+    row = pack(samples, config("qwen2_5_vl"))
+    torch.testing.assert_close(row["second_per_grid_ts"], torch.tensor([2.0, 1.0]))
+    at = 0
+    for sample in samples:
+        n = sample["input_ids"].shape[1]
+        alone, _ = reference("qwen2_5_vl", sample["input_ids"], None, sample["video_grid_thw"],
+                             seconds=sample.get("second_per_grid_ts"))
+        torch.testing.assert_close(row["position_ids"][1:, :, at : at + n], alone, rtol=0, atol=0)
+        at += n
+
+
+def tiny_text_model(model_type: str, attention: str = "sdpa", **settings):
+    """A tiny random ``model_type`` language model (float64, training mode, ``attention``) of the test
+    vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **settings
+    )
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).double().train()
+
+
+@pytest.mark.parametrize(
+    "model_type, settings",
+    [
+        ("mistral", dict(sliding_window=4)),
+        ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
+        ("gemma2", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                        attention="eager")),
+    ],
+)
+def test_sliding_window_and_softcapped_models_pack_as_their_samples_alone(model_type, settings):
+    """Samples longer than the sliding window (Mistral, Gemma 3) pack under fusetune_varlen, which
+    keeps the window; Gemma 2's soft-capped attention scores, which it does not compute, pack under
+    the eager attention use_packed_attention picks for it, and asking fusetune_varlen names that.
+    Reference: each sample alone, its loss over the batch's label count (num_items_in_batch)."""
+    model = tiny_text_model(model_type, **settings)
+    samples = text_samples()
+    items = sum(int(sample["labels"][0, 1:].ne(IGNORE).sum()) for sample in samples)
+    model.zero_grad()
+    expected_loss = sum(model(**sample, num_items_in_batch=items).loss for sample in samples)
+    expected_loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    chosen = use_packed_attention(model)
+    assert chosen == ("eager" if model_type == "gemma2" else attention_implementation())
+    row = pack(samples, model.config)
+    if chosen == varlen.NAME:
+        row.update(boundaries([s["input_ids"].shape[1] for s in samples]))
+    loss, got = loss_and_grads(model, {**row, "num_items_in_batch": items})
+    # float64 maths, but Gemma's norms round through float32: within 1e-6 of each gradient's scale
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-6, atol=1e-9)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-6 * grad.abs().max().item(), msg=name)
+    if model_type == "gemma2":
+        with pytest.raises(FusetuneError, match="use_packed_attention\\(model, 'eager'\\)"):
+            use_packed_attention(model, varlen.NAME)
+
+
 def test_attention_implementation_prefers_flash_varlen(monkeypatch):
     import importlib.util
 

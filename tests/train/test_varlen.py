@@ -38,8 +38,9 @@ def block_diagonal_sdpa(query, key, value, lengths, scale=None):
     return out.transpose(1, 2)  # (batch, tokens, heads, dim), as transformers' attention returns
 
 
-def float64_reference(query, key, value, lengths, scale=None):
-    """Softmax attention of each sample alone, causal, in float64: ``(batch, tokens, heads, dim)``."""
+def float64_reference(query, key, value, lengths, scale=None, window=None):
+    """Softmax attention of each sample alone, causal (query i sees keys i - window < j <= i where
+    ``window`` is given), in float64: ``(batch, tokens, heads, dim)``."""
     query, key, value = (t.double() for t in (query, key, value))
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -48,7 +49,10 @@ def float64_reference(query, key, value, lengths, scale=None):
     for n in lengths:
         q, k, v = (t[:, :, start : start + n] for t in (query, key, value))
         scores = q @ k.transpose(-1, -2) * scale
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
+        if window is not None:
+            hidden |= torch.ones(n, n, dtype=torch.bool).tril(-window)
+        scores = scores.masked_fill(hidden, -math.inf)
         parts.append(scores.softmax(-1) @ v)
         start += n
     return torch.cat(parts, dim=2).transpose(1, 2)
@@ -118,6 +122,22 @@ def test_attention_equals_block_diagonal_sdpa_and_float64(case, source):
         torch.testing.assert_close(got.double(), wanted_exactly, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_a_sliding_window_limits_each_sample_as_transformers_does(window):
+    """Mistral's and Gemma's sliding_window: query i sees keys i - window < j <= i of its own sample
+    (against float64 maths); samples no longer than the window are plain causal ones."""
+    lengths = (7, 1, 13, 4)
+    query, key, value = qkv(lengths, heads=4, kv_heads=2)
+    out = run(query, key, value, position_ids=positions(lengths), sliding_window=window)
+    doubles = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    exact = float64_reference(*doubles, lengths, window=window)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads(out, (query, key, value)), grads(exact, doubles), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    if window == 6:  # the 7- and 13-token samples see less than without the window
+        assert not torch.allclose(out, run(query, key, value, position_ids=positions(lengths)), atol=1e-3)
+
+
 def test_rows_of_a_batch_are_samples_of_their_own():
     """Without boundaries each row of a batch is one causal sample; with position ids restarting
     inside the rows, the samples of every row are kept apart."""
@@ -126,10 +146,15 @@ def test_rows_of_a_batch_are_samples_of_their_own():
     for row in range(3):
         alone = float64_reference(query[row : row + 1], key[row : row + 1], value[row : row + 1], [11])
         torch.testing.assert_close(out[row : row + 1].double(), alone, rtol=1e-5, atol=1e-6)
-    restart = positions((6, 5)).expand(3, -1)
-    out = run(query, key, value, position_ids=restart)
+    for restart in (positions((6, 5)).expand(3, -1), positions((6, 5))):  # a row each, or one for all
+        out = run(query, key, value, position_ids=restart)
+        for row in range(3):
+            alone = float64_reference(query[row : row + 1], key[row : row + 1], value[row : row + 1], [6, 5])
+            torch.testing.assert_close(out[row : row + 1].double(), alone, rtol=1e-5, atol=1e-6)
+    # a model given no position ids makes one row of them, 0 to seq - 1, for the whole batch
+    out = run(query, key, value, position_ids=torch.arange(11)[None])
     for row in range(3):
-        alone = float64_reference(query[row : row + 1], key[row : row + 1], value[row : row + 1], [6, 5])
+        alone = float64_reference(query[row : row + 1], key[row : row + 1], value[row : row + 1], [11])
         torch.testing.assert_close(out[row : row + 1].double(), alone, rtol=1e-5, atol=1e-6)
 
 
@@ -204,10 +229,7 @@ def test_wrong_boundaries_and_unsupported_options_name_the_fix():
         run(query, key, value, cu_seq_lens_q=varlen.cu_seq_lens([5, 3]))
     with pytest.raises(ValueError, match="2-D text position ids"):
         run(query, key, value, position_ids=positions((5, 4)).expand(3, 1, -1))
-    with pytest.raises(ValueError, match="sliding-window"):
-        run(query, key, value, position_ids=positions((5, 4)), sliding_window=4)
-    run(query, key, value, position_ids=positions((5, 4)), sliding_window=5)  # no sample past the window
-    with pytest.raises(ValueError, match="soft-cap"):
+    with pytest.raises(ValueError, match="soft-cap.*use_packed_attention\\(model, 'eager'\\)"):
         run(query, key, value, softcap=30.0)
 
 
@@ -244,7 +266,7 @@ def _fake(signature: str, calls: list):
     """A ``varlen_attn`` with one torch release's signature that records its call and computes
     the reference (non-causal unless asked, as the real one)."""
 
-    def compute(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+    def compute(query, key, value, cu_q, cu_k, max_q, max_k, causal, scale, gqa, window_size=None):
         calls.append(
             dict(
                 query=query,
@@ -257,14 +279,19 @@ def _fake(signature: str, calls: list):
                 causal=causal,
                 scale=scale,
                 gqa=gqa,
+                window_size=window_size,
             )
         )
         if key.shape[1] != query.shape[1] and not gqa:
             raise ValueError("Expect query and key/value to have the same number of heads")
-        if not causal:
+        window = None
+        if window_size is not None and window_size[1] == 0 and window_size[0] >= 0:
+            window = window_size[0] + 1  # flash attention's (keys behind, keys ahead): causal, windowed
+        elif not causal:
             raise AssertionError("varlen_attn was not asked for causal attention")
         as_bhsd = [t.transpose(0, 1)[None] for t in (query, key, value)]
-        return float64_reference(*as_bhsd, cu_q.diff().tolist(), scale=scale)[0].to(query.dtype)
+        lengths = cu_q.diff().tolist()
+        return float64_reference(*as_bhsd, lengths, scale=scale, window=window)[0].to(query.dtype)
 
     if signature == "2.10":
 
@@ -277,14 +304,16 @@ def _fake(signature: str, calls: list):
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1)):
             causal = window_size == (-1, 0)
-            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, False)
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, False,
+                           window_size)
     else:
 
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
                         num_splits=None):
             causal = window_size == (-1, 0)
-            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, enable_gqa)
+            return compute(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, enable_gqa,
+                           window_size)
 
     return varlen_attn
 
@@ -296,12 +325,14 @@ def test_call_plan_reads_each_torch_signature():
         "full": {"is_causal": False},
         "gqa": False,
         "scale": True,
+        "window": False,
     }
     assert segmented.call_plan(_fake("2.11", calls)) == {
         "causal": {"window_size": (-1, 0)},
         "full": {"window_size": (-1, -1)},
         "gqa": False,
         "scale": True,
+        "window": True,
     }
     assert segmented.call_plan(_fake("2.13", calls))["gqa"] is True
     assert segmented.call_plan(lambda q, k, v, cu_q, cu_k, max_q, max_k: q) is None
@@ -335,6 +366,55 @@ def test_varlen_branch_arguments_and_result(monkeypatch, signature):
     torch.testing.assert_close(
         out.double(), float64_reference(query, key, value, lengths, scale=0.25), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("signature", ["2.10", "2.11", "2.13"])
+def test_varlen_branch_with_a_sliding_window(monkeypatch, signature):
+    """A window shorter than the longest sample reaches varlen_attn as flash attention's
+    window_size (window - 1 keys behind, none ahead) where it takes one; torch 2.10's, which has
+    no window, is not called: SDPA runs per sample with a windowed mask."""
+    calls = []
+    monkeypatch.setattr(segmented, "varlen_function", lambda: _fake(signature, calls))
+    monkeypatch.setattr(segmented, "varlen_usable", lambda query, key, dropout: ("fake",))
+    lengths = (5, 2, 9)
+    query, key, value = qkv(lengths, heads=4, kv_heads=2)
+    out = run(query, key, value, position_ids=positions(lengths), sliding_window=3)
+    if signature == "2.10":
+        assert calls == []
+    else:
+        (call,) = calls
+        assert call["window_size"] == (2, 0)
+    torch.testing.assert_close(
+        out.double(), float64_reference(query, key, value, lengths, window=3), rtol=1e-5, atol=1e-6
+    )
+    calls.clear()  # a window no sample exceeds: the plain causal call
+    run(query, key, value, position_ids=positions(lengths), sliding_window=9)
+    assert [call["causal"] for call in calls] == [True]
+
+
+def test_a_refused_window_leaves_plain_varlen_calls_alone(monkeypatch):
+    calls = []
+    fake = _fake("2.13", calls)
+
+    def no_windows(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                   enable_gqa=False):
+        if window_size not in ((-1, 0), (-1, -1)):
+            raise RuntimeError("cuDNN backend does not support window attention.")
+        return fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                    enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(segmented, "varlen_function", lambda: no_windows)
+    monkeypatch.setattr(segmented, "varlen_usable", lambda query, key, dropout: ("no windows",))
+    monkeypatch.setattr(segmented, "_failed", set())
+    lengths = (5, 7)
+    query, key, value = qkv(lengths)
+    with pytest.warns(UserWarning, match="SDPA runs per segment"):
+        out = run(query, key, value, position_ids=positions(lengths), sliding_window=4)
+    torch.testing.assert_close(
+        out.double(), float64_reference(query, key, value, lengths, window=4), rtol=1e-5, atol=1e-6
+    )
+    run(query, key, value, position_ids=positions(lengths))
+    assert calls and calls[-1]["window_size"] == (-1, 0)  # the plain call still goes to varlen_attn
 
 
 def test_varlen_branch_flattens_the_rows_of_a_batch(monkeypatch):
