@@ -475,3 +475,22 @@ def test_a_refused_varlen_call_falls_back_to_sdpa_per_sample(monkeypatch):
 def test_varlen_is_for_cuda_only():
     query = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
     assert segmented.varlen_usable(query, query, 0.0) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen_attn")
+@pytest.mark.parametrize("window", [None, 32])
+def test_on_cuda_the_varlen_kernel_matches_float64(window):
+    """bf16 on the GPU (torch's varlen_attn where it takes the call, SDPA per sample where it
+    refuses it) against float64 maths, forward and backward, with and without a sliding window."""
+    lengths = (70, 3, 130)
+    tensors = qkv(lengths, heads=4, kv_heads=2, dim=64)
+    query, key, value = (t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in tensors)
+    out = run(query, key, value, position_ids=positions(lengths).cuda(), sliding_window=window)
+    doubles = [t.detach().double().requires_grad_() for t in tensors]
+    exact = float64_reference(*doubles, lengths, window=window)
+    torch.testing.assert_close(out.cpu().double(), exact, rtol=2e-2, atol=2e-2)
+    weight = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out * weight.to(out)).sum(), (query, key, value))
+    want = torch.autograd.grad((exact * weight).sum(), doubles)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=5e-2, atol=5e-2)
