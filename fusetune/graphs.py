@@ -25,8 +25,10 @@ What differs from an eager step, and why:
 - Labels are checked against the vocabulary before each replay (the captured ops cannot read
   values on the host). Linear cross-entropy computes every row, ignored labels included (a row
   count cannot change between replays).
-- Models with active dropout are refused: a checkpointed layer's recompute must draw the random
-  numbers its forward drew, and a capture can neither read nor reset the device's RNG state.
+- Models that draw random numbers in training are refused (active dropout, a mixture of experts'
+  router jitter, or anything else that moves the device's generator in a warm-up step): a
+  checkpointed layer's recompute must draw the random numbers its forward drew, and a capture can
+  neither read nor reset the device's RNG state.
 - The graph keeps its memory (the step's activations at their peak) while it lives. It is captured
   with the allocator in expandable segments, so that memory is the peak and not the peak plus
   fragmentation (see ``_expandable_segments``).
@@ -35,7 +37,8 @@ What differs from an eager step, and why:
   in bf16 (autocast) or fp32, not fp16 with a GradScaler.
 - transformers cannot look at the batch while a graph is captured, so it builds every layer's
   full attention mask; the capture gives each attention module the mask its warm-up calls had
-  (none, for SDPA's causal kernels, where they had none).
+  (none, for SDPA's causal kernels, where they had none). A graph captured so has no mask to
+  follow: a later batch with padding or packed samples is refused (capture from such a batch).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from fusetune.checkpointing import DTensor, private_offload_store
 from fusetune.ops._launch import capturing
@@ -62,23 +66,53 @@ __all__ = [
     "capturable_parameters",
     "capture_failure",
     "check_labels",
+    "draws_random_numbers",
     "keep_earlier_gradients",
     "output_size",
+    "plain_layout",
 ]
 
 WARMUP_STEPS = 3  # before capture: Triton compiles, cuBLAS picks its kernels, the host pool fills
 
 
+# Config settings under which transformers' models draw random numbers in training.
+RANDOM_SETTINGS = ("attention_dropout", "router_jitter_noise")
+
+
 def active_dropout(model: nn.Module) -> list[str]:
-    """Where ``model`` draws random numbers in training: dropout modules with p > 0 and configs with
-    attention dropout, by name."""
+    """Where ``model`` draws random numbers in training: dropout modules with p > 0, and configs with
+    attention dropout or a router's jitter noise (Mixtral's), by name."""
     found = [name or type(module).__name__ for name, module in model.named_modules()
              if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training]
     for name, module in model.named_modules():
         config = module.__dict__.get("config")
-        if getattr(config, "attention_dropout", 0) and module.training:
-            found.append(f"{name or type(module).__name__}.config.attention_dropout")
+        found += [f"{name or type(module).__name__}.config.{setting}" for setting in RANDOM_SETTINGS
+                  if getattr(config, setting, 0) and module.training]
     return found
+
+
+def draws_random_numbers(step: Callable[[], object], rng_state: Callable[[], torch.Tensor]) -> bool:
+    """Whether running ``step`` moves the generator whose state ``rng_state`` reads (what
+    ``active_dropout`` cannot name: a random draw in a model's own code)."""
+    before = rng_state()
+    step()
+    return not torch.equal(rng_state(), before)
+
+
+def plain_layout(batch: Mapping) -> bool:
+    """Whether ``batch`` has no padding and no packed samples: its ``attention_mask`` (if any) all
+    ones, its text ``position_ids`` (if any; the first of M-RoPE's four rows) rising by one along
+    each row. One read of the device."""
+    checks = []
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        checks.append(mask.bool().all())
+    positions = batch.get("position_ids")
+    if isinstance(positions, torch.Tensor):
+        text = positions[0] if positions.dim() == 3 and positions.shape[0] == 4 else positions
+        if text.shape[-1] > 1:
+            checks.append((text.diff(dim=-1) == 1).all())
+    return not checks or bool(torch.stack(checks).all())
 
 
 def output_size(model: nn.Module) -> int | None:
@@ -112,15 +146,18 @@ def capturable_parameters(model: nn.Module) -> list[nn.Parameter]:
         raise ValueError("fusetune.CapturedStep: the model is in eval mode; call model.train() first.")
     random = active_dropout(model)
     if random:
-        raise ValueError(
-            f"fusetune.CapturedStep: the model draws random numbers in training ({', '.join(random[:5])}"
-            f"{', ...' if len(random) > 5 else ''}); set those dropout probabilities to 0 (e.g. LoRA "
-            "dropout 0, attention_dropout 0) or train without capturing."
-        )
+        raise ValueError(random_draws(f"({', '.join(random[:5])}{', ...' if len(random) > 5 else ''})"))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fusetune.CapturedStep: the model has no trainable parameters.")
     return params
+
+
+def random_draws(where: str) -> str:
+    """The error for a model that draws random numbers in training, ``where`` saying where."""
+    return (f"fusetune.CapturedStep: the model draws random numbers in training {where}; set those "
+            "probabilities to 0 (e.g. LoRA dropout 0, attention_dropout 0, router_jitter_noise 0) or train "
+            "without capturing.")
 
 
 class StaticBatch:
@@ -132,6 +169,14 @@ class StaticBatch:
     def __init__(self, batch: Mapping):
         if not isinstance(batch, Mapping) or not batch:
             raise TypeError("fusetune.CapturedStep: the batch must be a non-empty dict of model inputs.")
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) and any(isinstance(leaf, torch.Tensor)
+                                                           for leaf in tree_leaves(value)):
+                raise TypeError(
+                    f"fusetune.CapturedStep: {key} holds tensors inside a {type(value).__name__}; a "
+                    "captured step copies in only tensors that are batch values themselves: pass "
+                    "each as its own key."
+                )
         self.values = {key: value.detach().clone() if isinstance(value, torch.Tensor) else value
                        for key, value in batch.items()}
 
@@ -198,9 +243,10 @@ class CapturedStep:
         check_labels(batch, self._vocab, ignore_index)
         self._batch = StaticBatch(batch)
         self._graph = torch.cuda.CUDAGraph()
+        self._grads, self._reached = [], []
         before = [p.grad for p in self._params]
         # The offload store's buffers stay the graph's: every replay copies through them.
-        with private_offload_store(model) as self._store, _masks_as_in_eager(model):
+        with private_offload_store(model) as self._store, _masks_as_in_eager(model) as masks:
             self._warm_up(forward, warmup_steps)
             for p in self._params:
                 p.grad = None  # the capture allocates them; each replay then writes them afresh
@@ -213,18 +259,27 @@ class CapturedStep:
             except RuntimeError as error:
                 raise RuntimeError(capture_failure(error)) from error
         self._loss = loss.detach()
-        self._grads = [p.grad for p in self._params]
+        self._maskless = masks.dropped  # replays must keep the captured batch's plain layout
         for p, grad in zip(self._params, before, strict=True):
-            p.grad = grad
+            p.grad, grad = grad, p.grad
+            if grad is not None:  # (a parameter this step never reaches gets no gradient)
+                self._grads.append(grad)
+                self._reached.append(p)
+        self._params = self._reached
 
     def _warm_up(self, forward: Callable, steps: int) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+
+        def step():
+            for p in self._params:
+                p.grad = None
+            forward(self._batch.values).backward()
+
         with torch.cuda.stream(side):
             for _ in range(steps):
-                for p in self._params:
-                    p.grad = None
-                forward(self._batch.values).backward()
+                if draws_random_numbers(step, torch.cuda.get_rng_state):
+                    raise ValueError(random_draws("(a warm-up step moved the GPU's random generator)"))
         torch.cuda.current_stream().wait_stream(side)
 
     def pool_bytes(self) -> int:
@@ -239,6 +294,12 @@ class CapturedStep:
         """Run the captured step on ``batch``; returns the loss (a tensor the next call overwrites:
         read or clone it first) and accumulates the gradients in the parameters' ``.grad``."""
         check_labels(batch, self._vocab, self._ignore_index)
+        if self._maskless and not plain_layout(batch):
+            raise ValueError(
+                "fusetune.CapturedStep: this batch has padding (zeros in attention_mask) or packed samples "
+                "(position_ids restarting), but the step was captured from a batch without, so its "
+                "attention runs with no mask; capture the step from a padded batch, or pad none."
+            )
         self._batch.fill(batch)
         earlier = keep_earlier_gradients(self._params, self._grads)
         self._graph.replay()
@@ -337,6 +398,7 @@ class _MasksAsInEager:
 
     def __init__(self):
         self.maskless: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        self.dropped = False  # whether a call while capturing had its mask dropped
 
     def wrap(self, attention: Callable) -> Callable:
         @functools.wraps(attention)
@@ -344,6 +406,7 @@ class _MasksAsInEager:
             if not capturing():
                 self.maskless[module] = self.maskless.get(module, True) and attention_mask is None
             elif self.maskless.get(module, False):
+                self.dropped = self.dropped or attention_mask is not None
                 attention_mask = None
             return attention(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -353,20 +416,20 @@ class _MasksAsInEager:
 @contextlib.contextmanager
 def _masks_as_in_eager(model: nn.Module):
     """Within the block, the attention functions ``model`` looks up in transformers' registry are
-    wrapped by a :class:`_MasksAsInEager` (restored on exit)."""
+    wrapped by a :class:`_MasksAsInEager` (restored on exit), which the block gets."""
+    masks = _MasksAsInEager()
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     except ImportError:  # pragma: no cover - transformers is what the patched models come from
-        yield
+        yield masks
         return
     configs = (module.__dict__.get("config") for module in model.modules())
     names = {getattr(config, "_attn_implementation", None) for config in configs}
     originals = {name: ALL_ATTENTION_FUNCTIONS[name] for name in names if name in ALL_ATTENTION_FUNCTIONS}
-    masks = _MasksAsInEager()
     for name, attention in originals.items():
         ALL_ATTENTION_FUNCTIONS[name] = masks.wrap(attention)
     try:
-        yield
+        yield masks
     finally:
         for name, attention in originals.items():
             ALL_ATTENTION_FUNCTIONS[name] = attention

@@ -78,6 +78,42 @@ def test_active_dropout_names_every_source_of_randomness():
     attention = graphs.active_dropout(lora_llama(attention_dropout=0.1))
     assert any(name.endswith("config.attention_dropout") for name in attention)
     assert graphs.active_dropout(lora_llama(dropout=0.1).eval()) == []
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mixtral = AutoConfig.for_model("mixtral", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   num_local_experts=2, router_jitter_noise=0.1)
+    jitter = graphs.active_dropout(AutoModelForCausalLM.from_config(mixtral).train())
+    assert any(name.endswith("config.router_jitter_noise") for name in jitter)
+
+
+def test_a_random_draw_in_a_step_is_found_by_the_generator_it_moves():
+    """What active_dropout cannot name (a model's own torch.rand): the warm-up step moves the
+    generator (on CUDA, the GPU's; the CPU's here)."""
+    assert graphs.draws_random_numbers(lambda: torch.rand(3), torch.get_rng_state)
+    assert not graphs.draws_random_numbers(lambda: torch.ones(3) * 2, torch.get_rng_state)
+
+
+def test_plain_layout_tells_padded_and_packed_batches():
+    """A graph captured from a batch without padding has no mask to follow: later batches must keep
+    that layout (no zeros in attention_mask, text position ids rising by one along each row)."""
+    plain = {**batch(seed=0), "attention_mask": torch.ones(2, 12, dtype=torch.long),
+             "position_ids": torch.arange(12).expand(2, 12)}
+    assert graphs.plain_layout(plain) and graphs.plain_layout(batch(seed=0))
+    padded = {**plain, "attention_mask": plain["attention_mask"].clone()}
+    padded["attention_mask"][1, :3] = 0
+    assert not graphs.plain_layout(padded)
+    packed = {**plain, "position_ids": torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)}
+    assert not graphs.plain_layout(packed)
+    mrope = torch.arange(12).expand(4, 2, 12).clone()
+    assert graphs.plain_layout({"position_ids": mrope})
+    mrope[0, :, 6:] -= 6  # the text row restarts: two samples
+    assert not graphs.plain_layout({"position_ids": mrope})
+
+
+def test_static_batch_refuses_tensors_inside_other_values():
+    with pytest.raises(TypeError, match="pixel_values holds tensors inside a list"):
+        graphs.StaticBatch({**batch(seed=0), "pixel_values": [torch.zeros(3)]})
 
 
 def test_output_size_reads_the_vocabulary_through_peft():
@@ -100,7 +136,7 @@ def test_models_a_capture_cannot_replay_are_refused_with_the_fix():
     assert graphs.capturable_parameters(model) == [p for p in model.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="model.train"):
         fusetune.CapturedStep(lora_llama().eval(), lambda b: None, batch())
-    with pytest.raises(ValueError, match="set those dropout probabilities to 0"):
+    with pytest.raises(ValueError, match="set those probabilities to 0"):
         fusetune.CapturedStep(lora_llama(dropout=0.1), lambda b: None, batch())
     with pytest.raises(ValueError, match="at least one eager step"):
         fusetune.CapturedStep(model, lambda b: None, batch(), warmup_steps=0)
@@ -141,6 +177,12 @@ def test_captured_attention_calls_get_the_masks_the_warm_up_had(monkeypatch):
     wrapped(windowed, None, None, None, mask)
     wrapped(torch.nn.Module(), None, None, None, mask)  # never seen in warm-up
     assert received[0] is None and received[1] is mask and received[2] is mask
+    assert masks.dropped  # so the step refuses batches that need the mask (plain_layout)
+    quiet = graphs._MasksAsInEager()
+    quiet.wrap(attention)(causal, None, None, None, None)
+    monkeypatch.setattr(graphs, "capturing", lambda: True)
+    quiet.wrap(attention)(causal, None, None, None, None)  # nothing to drop
+    assert not quiet.dropped
 
 
 def test_attention_registry_is_restored_after_capture_warm_up():
@@ -431,6 +473,35 @@ def test_captured_step_refuses_bad_batches_before_replaying():
     with pytest.raises(ValueError, match="pad or cut"):
         step({k: v[:, :-2] for k, v in _cuda_batch(2).items()})
     torch.testing.assert_close(step(_cuda_batch(1)).clone(), loss, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_a_step_captured_without_padding_refuses_a_padded_batch():
+    """Captured from a batch with an all-ones attention_mask, the graph's attention has no mask: a
+    padded batch is refused (before, its padding was silently attended to), a plain one replays."""
+    model = _cuda_model(False)
+    plain = {**_cuda_batch(0), "attention_mask": torch.ones(1, 48, dtype=torch.long, device="cuda")}
+    step = fusetune.CapturedStep(model, functools.partial(_forward, model), plain)
+    padded = {**_cuda_batch(1), "attention_mask": plain["attention_mask"].clone()}
+    padded["attention_mask"][0, :5] = 0
+    with pytest.raises(ValueError, match="captured from a batch without"):
+        step(padded)
+    _clear_grads(model)
+    step({**_cuda_batch(1), "attention_mask": plain["attention_mask"]})
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
+def test_a_parameter_the_step_never_reaches_keeps_its_gradient():
+    """A trainable parameter outside the step's graph (a vision adapter on a text batch) gets no
+    gradient from a replay and keeps the one it had (before, the replay failed on its None buffer)."""
+    model = _cuda_model(False)
+    unused = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    model.register_parameter("unused", unused)
+    unused.grad = torch.full_like(unused, 2.0)
+    step = fusetune.CapturedStep(model, functools.partial(_forward, model), _cuda_batch(0))
+    step(_cuda_batch(1))
+    torch.testing.assert_close(unused.grad, torch.full_like(unused, 2.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graph capture")
