@@ -430,6 +430,12 @@ class _Checkpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            raise RuntimeError(
+                "fusetune: a higher-order gradient (create_graph=True) through a fusetune checkpoint, which "
+                "does not build a graph of its backward; use fusetune.disable_checkpointing(model) and "
+                "torch's checkpointing (model.gradient_checkpointing_enable()) for this loss."
+            )
         call = ctx.call
         saved = list(ctx.saved_tensors)
         if call.offload_at is not None and call.entry is None:

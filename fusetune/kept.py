@@ -45,7 +45,13 @@ def _active(sink, kinds, sources):
 
 
 def keeping(sink: Callable[[str, tuple[torch.Tensor, ...] | None, object], None], kinds):
-    """Within the block (a checkpointed layer's forward) offers of ``kinds`` go to ``sink``."""
+    """Within the block (a checkpointed layer's forward) offers of ``kinds`` go to ``sink``.
+
+    A checkpointed layer nested in another's forward or recompute keeps nothing of its own: its
+    calls offer to, and take from, the outer layer's, so that the outer layer's calls stay paired
+    with their kept items (its own recompute, later, computes everything again)."""
+    if _KEEPER.sink is not None or _KEEPER.sources is not None:
+        return contextlib.nullcontext()
     return _active(sink, kinds, None)
 
 

@@ -302,6 +302,17 @@ def test_tuple_outputs_and_gradients_of_every_tensor_argument(frozen):
     assert_same_gradients(model, reference)
 
 
+@pytest.mark.parametrize("offload", [True, False])
+def test_a_higher_order_gradient_through_the_checkpoint_names_the_fix(offload):
+    """backward(create_graph=True) (a gradient penalty): fusetune's checkpoint builds no graph of its
+    backward, so it refuses (before, the second-order gradients came out silently wrong)."""
+    model = tiny_model("llama")
+    enable_checkpointing(model, offload=offload)
+    loss = model(**batch()).loss
+    with pytest.raises(RuntimeError, match="create_graph=True.*disable_checkpointing"):
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+
+
 def _distribute(model: nn.Module, how: str, mesh) -> nn.Module:
     """Wrap ``model`` for two CPU ranks: DDP (finding unused parameters or not) or FSDP2 per block."""
     if how.startswith("ddp"):

@@ -409,3 +409,57 @@ def test_kept_projections_with_4bit_base_weights(monkeypatch):
     fusetune.apply(model)
     counts = _step_keeping_projections(monkeypatch, model, device)
     assert counts == {"forward": 4, "recomputed": 0, "given": 4}
+
+
+class _Nested(torch.nn.Module):
+    """A checkpointed layer holding a checkpointed Llama decoder layer, then an attention of its own
+    (both causal SDPA calls of one shape: a kept output taken by the wrong call fits)."""
+
+    def __init__(self):
+        from transformers import LlamaConfig
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        from transformers.models.llama.modeling_llama import (
+            LlamaAttention,
+            LlamaDecoderLayer,
+            LlamaRotaryEmbedding,
+        )
+
+        super().__init__()
+        config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                             num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64)
+        config._attn_implementation = "sdpa"
+
+        class Outer(GradientCheckpointingLayer):
+            def __init__(self):
+                super().__init__()
+                self.inner = LlamaDecoderLayer(config, 0)
+                self.attention = LlamaAttention(config, 1)
+
+            def forward(self, hidden, position_embeddings=None):
+                hidden = self.inner(hidden, position_embeddings=position_embeddings)
+                out, _ = self.attention(hidden, position_embeddings=position_embeddings, attention_mask=None)
+                return hidden + out
+
+        torch.manual_seed(0)
+        self.outer = Outer()
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def forward(self, hidden):
+        positions = self.rotary(hidden, torch.arange(hidden.shape[1])[None])
+        return self.outer(hidden, position_embeddings=positions).square().sum()
+
+
+def test_a_checkpointed_layer_inside_another_takes_its_own_kept_output():
+    """The inner layer's calls offer to and take from the outer layer's stream (before, the inner
+    checkpoint's forward hid the outer one's items in its recompute, and the outer attention took
+    the inner attention's output)."""
+    reference = _Nested().train()
+    hidden = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    reference(hidden).backward()
+    for mode in (dict(offload=True), dict(offload=True, keep_attention=False), dict(offload=False)):
+        model = copy.deepcopy(reference)
+        model.zero_grad(set_to_none=True)
+        enable_checkpointing(model, **mode)
+        model(hidden).backward()
+        for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")
