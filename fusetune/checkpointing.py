@@ -412,6 +412,43 @@ class _Call:
             yield
 
 
+def _outside_leaves(outputs, known: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors that autograd would accumulate gradients into from ``outputs`` other than
+    ``known``: what a layer's recompute reads that is neither its input nor its parameter (a
+    parameter held outside the layer, or, through the rest of the model's graph, any tensor made
+    outside the layer)."""
+    known_ids = {id(t) for t in known}
+    seen, stack, found = set(), [t.grad_fn for t in outputs if t.grad_fn is not None], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in known_ids:
+            found.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def _check_reads(call: _Call, outputs, known: list[torch.Tensor]) -> None:
+    """Once a layer: refuse a recompute that reads trainable tensors from outside the layer, whose
+    gradients a fusetune checkpoint would not return (torch's checkpoint does)."""
+    if call.owner.reads_checked:
+        return
+    outside = _outside_leaves(outputs, known)
+    if outside:
+        shapes = ", ".join(str(tuple(t.shape)) for t in outside[:3]) + (", ..." if len(outside) > 3 else "")
+        raise RuntimeError(
+            f"fusetune: a checkpointed {type(call.owner._layer()).__name__} reads trainable tensors that are "
+            f"neither its arguments nor its parameters (shapes {shapes}), "
+            "and a fusetune checkpoint returns gradients only for those; register them on the layer or pass "
+            "them as arguments, or use torch's checkpointing (fusetune.disable_checkpointing(model), then "
+            "model.gradient_checkpointing_enable())."
+        )
+    call.owner.reads_checked = True
+
+
 class _Checkpoint(torch.autograd.Function):
     """Forward without a graph, keeping the inputs (one of them offloaded); backward recomputes."""
 
@@ -467,6 +504,7 @@ class _Checkpoint(torch.autograd.Function):
             targets = wanted + call.params
             if pairs:
                 outs, grads = zip(*pairs, strict=True)
+                _check_reads(call, outs, inputs + call.params)
                 found = torch.autograd.grad(outs, targets, grads, allow_unused=True)
             else:
                 found = [None] * len(targets)
@@ -484,6 +522,7 @@ class _LayerCheckpoint:
         self.store = store
         self.previous = previous  # the layer's own (func, flag) attributes before enabling, for disable
         self.skip_unread: bool | None = None  # may the recompute skip unread outputs? None: not yet known
+        self.reads_checked = False  # whether a recompute was checked to read nothing trainable from outside
         # What the layer's forward keeps for its recompute when offloading (fusetune.kept).
         self.keep_attention = False
         self.keep_projections: bool | None = False  # None: in a captured step's (its store says)

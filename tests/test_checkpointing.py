@@ -313,6 +313,56 @@ def test_a_higher_order_gradient_through_the_checkpoint_names_the_fix(offload):
         torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
 
 
+class _ReadsOutside(GradientCheckpointingLayer):
+    """A layer reading a parameter it does not register (held in a list) and a tensor stashed on
+    that holder by the model's forward."""
+
+    def __init__(self, holder: nn.Module):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.holder = [holder]
+
+    def forward(self, hidden):
+        holder = self.holder[0]
+        return torch.tanh(self.linear(hidden)) * holder.scale + holder.stash
+
+
+class _SharedScale(nn.Module):
+    def __init__(self, stash: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Module()
+        self.shared.scale = nn.Parameter(torch.randn(8))
+        self.gate = nn.Linear(8, 8).requires_grad_(stash)  # with stash: the stashed tensor needs a gradient
+        self.layers = nn.ModuleList(_ReadsOutside(self.shared) for _ in range(2))
+
+    def forward(self, hidden):
+        self.shared.stash = self.gate(hidden).mean(1, keepdim=True)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden.square().sum()
+
+
+@pytest.mark.parametrize("offload", [True, False])
+@pytest.mark.parametrize("stash", [False, True])
+def test_a_layer_reading_trainable_tensors_from_outside_is_refused(offload, stash):
+    """A fusetune checkpoint returns gradients for a layer's arguments and parameters only; before,
+    a parameter or tensor read from outside the layer silently got none. Now the first backward
+    says so; a layer reading only frozen tensors from outside trains as before."""
+    model = _SharedScale(stash)
+    enable_checkpointing(model, offload=offload)
+    hidden = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="reads trainable tensors that are neither its arguments"):
+        model(hidden).backward()
+    frozen = _SharedScale(stash=False)
+    frozen.shared.scale.requires_grad_(False)
+    reference = copy.deepcopy(frozen)
+    enable_checkpointing(frozen, offload=offload)
+    frozen(hidden).backward()
+    reference(hidden).backward()
+    assert_same_gradients(frozen, reference)
+
+
 def _distribute(model: nn.Module, how: str, mesh) -> nn.Module:
     """Wrap ``model`` for two CPU ranks: DDP (finding unused parameters or not) or FSDP2 per block."""
     if how.startswith("ddp"):
