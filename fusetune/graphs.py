@@ -247,11 +247,14 @@ class CapturedStep:
         before = [p.grad for p in self._params]
         # The offload store's buffers stay the graph's: every replay copies through them.
         with private_offload_store(model) as self._store, _masks_as_in_eager(model) as masks:
-            self._warm_up(forward, warmup_steps)
+            # One side stream for the warm-up and the capture: what a library makes once per stream
+            # (cuBLAS's workspace) is made in the warm-up, not in the graph's pool.
+            stream = torch.cuda.Stream()
+            self._warm_up(forward, warmup_steps, stream)
             for p in self._params:
                 p.grad = None  # the capture allocates them; each replay then writes them afresh
             try:
-                with _expandable_segments(), torch.cuda.graph(self._graph):
+                with _expandable_segments(), torch.cuda.graph(self._graph, stream=stream):
                     loss = forward(self._batch.values)
                     loss.backward()
             except torch.OutOfMemoryError:
@@ -267,8 +270,7 @@ class CapturedStep:
                 self._reached.append(p)
         self._params = self._reached
 
-    def _warm_up(self, forward: Callable, steps: int) -> None:
-        side = torch.cuda.Stream()
+    def _warm_up(self, forward: Callable, steps: int, side: torch.cuda.Stream) -> None:
         side.wait_stream(torch.cuda.current_stream())
 
         def step():
