@@ -75,9 +75,12 @@ def offering(kind: str) -> bool:
     return _KEEPER.sink is not None and kind in _KEEPER.kinds
 
 
-def recomputing() -> bool:
-    """Whether this is a layer's recompute, where takes may answer."""
-    return _KEEPER.sources is not None
+def recomputing(kind: str | None = None) -> bool:
+    """Whether this is a layer's recompute (with ``kind``: of a layer whose forward kept that kind).
+    In the recompute of a layer that keeps ``kind``, a call of that kind takes what its forward
+    counterpart kept (and computes as that counterpart did where it kept nothing); in any other, it
+    computes as in a plain forward."""
+    return _KEEPER.sources is not None and (kind is None or kind in _KEEPER.sources)
 
 
 def take(kind: str) -> tuple[tuple[torch.Tensor, ...], object] | None:

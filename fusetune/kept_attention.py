@@ -178,7 +178,7 @@ def _keeping_attention(sdpa: Callable) -> Callable:
             routed = _masked_gqa(query, key, value, attention_mask, dropout, scaling, kwargs)
             return routed if routed is not None else original()
 
-        if keeper.recomputing():
+        if keeper.recomputing(KIND):
             reused = keeper.take(KIND)
             if reused is None:
                 return unkept()

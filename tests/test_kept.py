@@ -463,3 +463,31 @@ def test_a_checkpointed_layer_inside_another_takes_its_own_kept_output():
         model(hidden).backward()
         for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")
+
+
+def test_a_layer_that_keeps_no_attention_recomputes_it_as_its_forward_ran(monkeypatch):
+    """Offloaded without kept attention, a masked grouped-query call runs transformers' own path in
+    forward and in the recompute alike (before, the recompute took the enable_gqa path: another
+    kernel, whose dropout draws on a GPU need not be the forward's); keeping attention, both phases
+    take the enable_gqa path."""
+    phases = []
+    original = kept_attention._masked_gqa
+
+    def routed(*args):
+        out = original(*args)
+        if out is not None:
+            phases.append("recompute" if kept.recomputing() else "forward")
+        return out
+
+    monkeypatch.setattr(kept_attention, "_masked_gqa", routed)
+    kept_attention.install()  # as once any model in the process kept attention
+    inputs = batch()
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, :3] = 0  # left padding: a mask reaches the attention
+    model = lora(tiny_model("llama"))
+    enable_checkpointing(model, offload=True, keep_attention=False)
+    step(model, inputs)
+    assert phases == []
+    enable_checkpointing(model, offload=True)
+    step(model, inputs)
+    assert phases and phases.count("forward") == phases.count("recompute") == len(phases) // 2
