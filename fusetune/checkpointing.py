@@ -304,6 +304,9 @@ class _Call:
         self.store = store
         self.offload_at = offload_at  # index into the tensor slots of the one kept on the host
         self.entry: _Offloaded | None = None
+        # The offloaded input as forward saw it (a weak reference and its version): autograd checks
+        # the saved tensors' versions, the offloaded one is checked by hand.
+        self.offloaded_input: tuple[weakref.ref, int] | None = None
         # Tensors the layer's forward offers its recompute (fusetune.kept), by kind, the ones kept
         # going to the host with the layer's input: [kind, state, tensors sent, still valid] per
         # offer; ``watched`` holds each sent tensor and its version until the forward ends.
@@ -449,6 +452,19 @@ def _check_reads(call: _Call, outputs, known: list[torch.Tensor]) -> None:
     call.owner.reads_checked = True
 
 
+def _check_unmodified(call: _Call) -> None:
+    """Refuse a backward whose offloaded layer input was modified in place after the layer's forward
+    (as autograd refuses it for a saved tensor): its host copy may hold either value."""
+    held, version = call.offloaded_input
+    tensor = held()
+    if tensor is not None and tensor._version != version:
+        raise RuntimeError(
+            "fusetune: a checkpointed layer's input was modified in place after the layer's forward "
+            f"(version {tensor._version}, saved at {version}); write that code out of place "
+            "(x = x + y, not x += y), or use enable_checkpointing(model, offload=False)."
+        )
+
+
 class _Checkpoint(torch.autograd.Function):
     """Forward without a graph, keeping the inputs (one of them offloaded); backward recomputes."""
 
@@ -456,7 +472,9 @@ class _Checkpoint(torch.autograd.Function):
     def forward(ctx, call: _Call, n_anchors: int, *inputs):
         tensors = inputs[n_anchors:]
         if call.offload_at is not None:
-            call.entry = call.store.save(tensors[call.offload_at])
+            offloaded = tensors[call.offload_at]
+            call.entry = call.store.save(offloaded)
+            call.offloaded_input = (weakref.ref(offloaded), offloaded._version)
         ctx.save_for_backward(*(t for i, t in enumerate(tensors) if i != call.offload_at))
         ctx.call, ctx.n_anchors = call, n_anchors
         with keeping(call.keep, call.keeps) if call.keeps else contextlib.nullcontext():
@@ -481,6 +499,7 @@ class _Checkpoint(torch.autograd.Function):
                 "layer's input left host memory in the first; use enable_checkpointing(model, offload=False)."
             )
         if call.offload_at is not None:
+            _check_unmodified(call)
             restored = call.store.restore(call.entry)
             saved.insert(call.offload_at, restored[0])
             call.reuse(restored[1:])

@@ -363,6 +363,32 @@ def test_a_layer_reading_trainable_tensors_from_outside_is_refused(offload, stas
     assert_same_gradients(frozen, reference)
 
 
+class _Block(GradientCheckpointingLayer):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, hidden):
+        return torch.tanh(self.linear(hidden))
+
+
+def test_an_offloaded_input_modified_in_place_after_the_forward_is_refused():
+    """As autograd refuses a saved tensor modified in place: the offloaded input's host copy may
+    hold either value (the copy runs on a side stream on a GPU)."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([_Block(), _Block()])
+    enable_checkpointing(blocks, offload=True)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    middle = blocks[0](hidden * 1.0)
+    out = blocks[1](middle)
+    middle.add_(1.0)  # the second block's (offloaded) input, changed after its forward
+    with pytest.raises(RuntimeError, match="input was modified in place after the layer's forward"):
+        out.sum().backward()
+    unchanged = blocks[1](blocks[0](hidden * 1.0))
+    unchanged.sum().backward()  # without the in-place change, the same layers train
+    assert all(p.grad is not None for p in blocks.parameters())
+
+
 def _distribute(model: nn.Module, how: str, mesh) -> nn.Module:
     """Wrap ``model`` for two CPU ranks: DDP (finding unused parameters or not) or FSDP2 per block."""
     if how.startswith("ddp"):
