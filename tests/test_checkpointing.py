@@ -363,7 +363,7 @@ def test_a_layer_reading_trainable_tensors_from_outside_is_refused(offload, stas
     assert_same_gradients(frozen, reference)
 
 
-class _Block(GradientCheckpointingLayer):
+class _TanhLayer(GradientCheckpointingLayer):
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(8, 8)
@@ -376,7 +376,7 @@ def test_an_offloaded_input_modified_in_place_after_the_forward_is_refused():
     """As autograd refuses a saved tensor modified in place: the offloaded input's host copy may
     hold either value (the copy runs on a side stream on a GPU)."""
     torch.manual_seed(0)
-    blocks = nn.ModuleList([_Block(), _Block()])
+    blocks = nn.ModuleList([_TanhLayer(), _TanhLayer()])
     enable_checkpointing(blocks, offload=True)
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     middle = blocks[0](hidden * 1.0)
