@@ -171,6 +171,10 @@ def patch_lora(model: nn.Module, report: PatchReport, mlp_tile_rows: int | None 
         children = dict(module.named_children())
         if all(p in children for p in (*_QKV, "o_proj")):
             _patch_attention(report, name, module)
+        elif {"qkv_proj", "o_proj"} <= children.keys():
+            if _has_lora([children["qkv_proj"], children["o_proj"]]):
+                reason = "fused qkv_proj (Phi-3 layout) is not fused with LoRA"
+                report.left_alone["lora"].append((name, reason))
         elif "down_proj" in children and ("gate_up_proj" in children or
                                           {"gate_proj", "up_proj"} <= children.keys()):
             _patch_mlp(report, model, name, module, mlp_tile_rows)

@@ -107,6 +107,20 @@ def test_dropout_and_dora_are_left_alone(options, reason):
     assert_close(loss, loss_and_backward(reference, **batch()), "loss")
 
 
+def test_phi3_fused_projections_with_lora_are_left_alone_with_their_reason():
+    """Phi-3's qkv_proj and gate_up_proj hold several projections in one weight: their LoRA layers
+    run PEFT's modules, and the report names both, attention and MLP (it named only the MLP)."""
+    lora, reference = _lora_pair("phi3")
+    report = fusetune.apply(lora)
+    assert not report.patched["lora"]
+    reasons = [reason for _, reason in report.left_alone["lora"]]
+    assert len(reasons) == 4  # two layers, attention and MLP each
+    assert sum("fused qkv_proj" in r for r in reasons) == 2
+    assert sum("fused gate_up_proj" in r for r in reasons) == 2
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+
+
 def test_disabled_and_merged_adapters_follow_peft(fused_calls):
     lora, reference = _lora_pair("llama")
     fusetune.apply(lora)
