@@ -54,6 +54,20 @@ def _render(processor, messages: list[dict], generation_prompt: bool = False) ->
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def _render_sample(processor, messages: list[dict], generation_prompt: bool, source: str) -> str:
+    """``_render`` of one sample; a template that refuses it (Gemma's and Mistral's refuse a
+    system message) is an error naming the sample."""
+    from jinja2 import TemplateError
+
+    try:
+        return _render(processor, messages, generation_prompt)
+    except TemplateError as error:
+        raise FusetuneError(
+            f"{source}: the model's chat template refuses it ({error}); a template without a system role "
+            "takes the system prompt folded into the first user message."
+        ) from None
+
+
 @dataclass(frozen=True)
 class TurnMarkers:
     """What the chat template writes around an assistant answer, as text."""
@@ -171,6 +185,11 @@ def _read_image(image: Any, source: str, read):
         raise FusetuneError(
             f"{source}: image {image!r} is missing; restore it or remove the sample."
         ) from None
+    except Image.DecompressionBombError as error:
+        raise FusetuneError(
+            f"{source}: image {image!r} is larger than PIL decodes safely ({error}); downscale the file, "
+            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+        ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise FusetuneError(
             f"{source}: image {image!r} cannot be read ({type(error).__name__}: {error}); "
@@ -179,9 +198,22 @@ def _read_image(image: Any, source: str, read):
         ) from None
 
 
+def as_rgb(image):
+    """An RGB copy of a PIL image, transparent pixels laid over white (as transformers'
+    ``convert_to_rgb`` does): a plain ``convert("RGB")`` drops the alpha and turns them black, so a
+    dark drawing on a transparent background would vanish."""
+    from PIL import Image
+
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def open_image(image: Any, source: str, max_pixels: int):
     """A RGB PIL image from a path or PIL image, resized under ``max_pixels``."""
-    image = _read_image(image, source, lambda handle: handle.convert("RGB"))
+    image = _read_image(image, source, as_rgb)
     size = _fit(*image.size, max_pixels)
     return image if size == image.size else image.resize(size)
 
@@ -217,6 +249,11 @@ class ChatCollator:
             if isinstance(i, int)
         }
         if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise FusetuneError(
+                    "the tokenizer has neither a pad token nor an EOS token to pad batches with; set "
+                    "pad_token (or eos_token) in the model folder's tokenizer_config.json."
+                )
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     # -- rendering ------------------------------------------------------------------------------
@@ -246,7 +283,7 @@ class ChatCollator:
             if not self.vision:
                 parts = "".join(p["text"] for p in parts)
             messages.append({"role": message["role"], "content": parts})
-        return _render(self.processor, messages, generation_prompt), images
+        return _render_sample(self.processor, messages, generation_prompt, source), images
 
     def prompt(self, sample: dict) -> tuple[dict, str]:
         """Model inputs for generating the last assistant answer, and that answer's text."""

@@ -9,8 +9,13 @@ Every source yields the same sample shape, the common ``messages`` format::
 
 ``content`` may also be a plain string. Images are given in place (``"image"``: a path relative
 to the JSONL file's folder, an absolute path, or a PIL image in a `datasets` row), or, TRL-style,
-as ``{"type": "image"}`` placeholders filled in order from the row's ``"images"`` list. Image
-files are checked to exist when the data set loads, and opened by the collator.
+as ``{"type": "image"}`` placeholders filled in order from the row's ``"images"`` list; a row
+whose messages have no placeholder at all gets its images at the start of its first user turn (as
+TRL does), and images left over after the placeholders are an error. Image files are checked to
+exist when the data set loads, and opened by the collator.
+
+A ``.jsonl`` file holds one JSON object a line; a ``.json`` file, a list of such objects (or a
+``.jsonl`` under that name).
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ class ChatDataset:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    """The rows of a JSON-lines file (or of a ``.json`` file holding one list of them), each with its
+    ``_source`` for error messages. Lines end at ``\n`` only: JSON strings may hold U+2028 and
+    the like, which ``str.splitlines`` would cut at; a byte-order mark is skipped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise FusetuneError(f"cannot read data file {str(path)!r}: {error}") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        return _read_json_list(path, text)
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -57,8 +67,26 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise FusetuneError(
                 f"{path.name} line {number} is not valid JSON ({error.msg}); fix or remove it."
             ) from None
-        rows.append(row | {"_source": f"{path.name} line {number}"} if isinstance(row, dict) else row)
+        rows.append(_sourced(row, f"{path.name} line {number}"))
     return rows
+
+
+def _read_json_list(path: Path, text: str) -> list[dict[str, Any]]:
+    """The rows of a ``.json`` file holding one list of samples."""
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FusetuneError(
+            f"{path.name} is not valid JSON ({error.msg} at line {error.lineno}); fix it."
+        ) from None
+    return [_sourced(row, f"{path.name} item {index}") for index, row in enumerate(loaded)]
+
+
+def _sourced(row: Any, source: str) -> dict[str, Any]:
+    """``row`` with its ``_source``; a row that is not a JSON object is an error naming it."""
+    if not isinstance(row, dict):
+        raise FusetuneError(f"{source} is not a JSON object: {SAMPLE_HELP}.")
+    return row | {"_source": source}
 
 
 def _find_jsonl(folder: Path) -> Path:
@@ -115,50 +143,94 @@ def _normalise(row: Any, index: int, root: Path | None) -> dict[str, Any]:
     source = row.get("_source", f"sample {index}") if isinstance(row, dict) else f"sample {index}"
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
         raise FusetuneError(f"{source} has no 'messages' list: {SAMPLE_HELP}.")
-    extra_images = list(row.get("images") or [])
+    extra_images = _row_images(row, source)
     messages = []
-    answered = False
     for message in row["messages"]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise FusetuneError(
                 f"{source}: a message has no role among {', '.join(ROLES)}: {str(message)[:120]}."
             )
-        content = message.get("content")
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts = []
-            for part in content:
-                if isinstance(part, str):
-                    parts.append({"type": "text", "text": part})
-                elif isinstance(part, dict) and _part_type(part) == "image":
-                    image = part.get("image")
-                    if image is None:
-                        if not extra_images:
-                            raise FusetuneError(
-                                f"{source}: an image entry has no 'image' and the row's 'images' list "
-                                f"has no more; "
-                                f'give the path as {{"type": "image", "image": "path.png"}}.'
-                            )
-                        image = extra_images.pop(0)
-                    parts.append({"type": "image", "image": _image_ref(image, root, source)})
-                elif isinstance(part, dict) and _part_type(part) == "text":
-                    parts.append({"type": "text", "text": str(part.get("text") or "")})
-                else:
-                    raise FusetuneError(
-                        f"{source}: unsupported content part {str(part)[:120]}; use text or image."
-                    )
-        else:
-            raise FusetuneError(f"{source}: message content must be a string or a list of parts.")
-        if message["role"] == "assistant" and any(p["type"] == "text" and p["text"].strip() for p in parts):
-            answered = True
+        parts = _parts(message.get("content"), extra_images, root, source)
         messages.append({"role": message["role"], "content": parts})
+    if extra_images:
+        _place_left_over_images(messages, extra_images, root, source)
+    answered = any(message["role"] == "assistant" and
+                   any(p["type"] == "text" and p["text"].strip() for p in message["content"])
+                   for message in messages)
     if not answered:
         raise FusetuneError(
             f"{source} has no assistant answer to learn from (every label would be masked): add an "
             f'{{"role": "assistant", "content": "..."}} message with text.'
         )
     return {"messages": messages, "_source": source}
+
+
+def _row_images(row: dict, source: str) -> list:
+    """The row's TRL-style ``images`` list (a lone path or image counts as a list of one)."""
+    images = row.get("images")
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, dict)) or hasattr(images, "convert"):
+        return [images]
+    if not isinstance(images, (list, tuple)):
+        raise FusetuneError(f"{source}: 'images' must be a list of image paths, not {type(images).__name__}.")
+    return list(images)
+
+
+def _parts(content: Any, extra_images: list, root: Path | None, source: str) -> list[dict]:
+    """A message's content as text and image parts; ``{"type": "image"}`` placeholders take the
+    next of ``extra_images`` (the row's ``images``, consumed in order)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise FusetuneError(f"{source}: message content must be a string or a list of parts.")
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+        elif isinstance(part, dict) and _part_type(part) == "image":
+            image = part.get("image")
+            if image is None:
+                if not extra_images:
+                    raise FusetuneError(
+                        f"{source}: an image entry has no 'image' and the row's 'images' list has no more; "
+                        f'give the path as {{"type": "image", "image": "path.png"}}.'
+                    )
+                image = extra_images.pop(0)
+            parts.append({"type": "image", "image": _image_ref(image, root, source)})
+        elif isinstance(part, dict) and _part_type(part) == "text":
+            parts.append({"type": "text", "text": _text(part.get("text"), source)})
+        else:
+            raise FusetuneError(f"{source}: unsupported content part {str(part)[:120]}; use text or image.")
+    return parts
+
+
+def _text(value: Any, source: str) -> str:
+    """A text part's ``text``: a string, a number written out, or nothing (None: "")."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise FusetuneError(f"{source}: a text part's 'text' is a {type(value).__name__}, not a string: "
+                        f"{str(value)[:80]}.")
+
+
+def _place_left_over_images(messages: list[dict], images: list, root: Path | None, source: str) -> None:
+    """A row's ``images`` that no placeholder took: at the start of the first user turn where the
+    messages have no image at all (TRL's layout: plain string content plus an images list), else an
+    error (an image left out silently would train on text alone)."""
+    if any(part["type"] == "image" for message in messages for part in message["content"]):
+        raise FusetuneError(
+            f"{source}: the row's 'images' list has {len(images)} more image(s) than its messages have "
+            f'{{"type": "image"}} entries; add an entry where each goes, or drop the extra images.'
+        )
+    first_user = next((message for message in messages if message["role"] == "user"), None)
+    if first_user is None:
+        raise FusetuneError(f"{source}: the row has images but no user message to put them in.")
+    placed = [{"type": "image", "image": _image_ref(image, root, source)} for image in images]
+    first_user["content"][:0] = placed
 
 
 def _part_type(part: dict) -> str | None:
@@ -176,7 +248,13 @@ def _image_ref(image: Any, root: Path | None, source: str) -> Any:
 
         from PIL import Image
 
-        return Image.open(io.BytesIO(image["bytes"]))
+        try:
+            return Image.open(io.BytesIO(image["bytes"]))
+        except (Image.UnidentifiedImageError, OSError) as error:
+            raise FusetuneError(
+                f"{source}: its image bytes cannot be read ({type(error).__name__}: {error}); fix or "
+                "remove the sample."
+            ) from None
     if isinstance(image, dict) and image.get("path"):
         image = image["path"]
     if isinstance(image, (str, Path)):

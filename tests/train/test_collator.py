@@ -180,3 +180,62 @@ def test_check_lengths_names_the_first_sample_and_counts_them(demo_processor):
         "data.jsonl line 2: max_seq_length=21 would cut it before its first answer token"
     )
     assert "(2 samples in all)" in str(error.value) and "raise max_seq_length" in str(error.value)
+
+
+def test_transparent_pixels_are_laid_over_white():
+    """A black drawing on a transparent background stays visible (a plain convert("RGB") turned the
+    background black too), for RGBA, LA and palette images with a transparent colour, as
+    transformers' convert_to_rgb lays them: over white."""
+    from PIL import Image
+
+    from fusetune.train.collator import open_image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (2, 2, 6, 6))
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 2)
+    palette.paste(1, (2, 2, 6, 6))
+    palette.info["transparency"] = 0  # colour 0 (black too) is transparent: the background
+    for image in (rgba, rgba.convert("LA"), palette):
+        opened = open_image(image, "s", max_pixels=64)
+        assert opened.mode == "RGB"
+        assert opened.getpixel((0, 0)) == (255, 255, 255) and opened.getpixel((3, 3)) == (0, 0, 0), image.mode
+    plain = Image.new("RGB", (4, 4), (10, 20, 30))
+    assert open_image(plain, "s", max_pixels=64).getcolors() == [(16, (10, 20, 30))]
+
+
+def test_an_image_past_pils_safety_limit_names_the_fix(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice the limit
+    collator_sample = _sample("a red circle .", source="data.jsonl line 4")
+    collator_sample["messages"][0]["content"][0]["image"] = str(path)
+    with pytest.raises(FusetuneError, match="data.jsonl line 4: image .*big.png.* larger than PIL decodes"):
+        ChatCollator(demo.build_processor(), max_seq_length=64, max_pixels=56 * 56)([collator_sample])
+
+
+def test_a_template_refusing_the_system_role_names_the_sample(demo_processor):
+    import copy
+
+    processor = copy.deepcopy(demo_processor)
+    processor.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + demo_processor.chat_template
+    )
+    collator = ChatCollator(processor, max_seq_length=64, max_pixels=56 * 56)
+    collator([_sample("a red circle .")])  # without a system message: as before
+    with pytest.raises(FusetuneError, match="data.jsonl line 7: the model's chat template refuses it.*System "
+                                            "role not supported.*folded into the first user message"):
+        collator([_sample("a red circle .", system="be brief", source="data.jsonl line 7")])
+
+
+def test_a_tokenizer_without_pad_or_eos_token_names_the_fix(demo_processor):
+    import copy
+
+    processor = copy.deepcopy(demo_processor)
+    processor.tokenizer.pad_token = None
+    processor.tokenizer.eos_token = None
+    with pytest.raises(FusetuneError, match="neither a pad token nor an EOS token.*tokenizer_config.json"):
+        ChatCollator(processor, max_seq_length=64)

@@ -198,3 +198,83 @@ def test_parts_with_null_images_as_datasets_writes_them(tmp_path):
         {"type": "image", "image": image},
         {"type": "text", "text": "what ?"},
     ]
+
+
+def _chat(question="q", answer="a"):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_images_without_placeholders_go_to_the_first_user_turn_and_extras_are_refused(tmp_path):
+    """TRL's layout (string content plus an "images" list) puts the images at the start of the first
+    user turn; before, they were dropped and the model trained on text alone. Images left over after
+    the placeholders are an error. A lone path counts as a list of one."""
+    demo.write_dataset(tmp_path, 2)
+    images = ["images/00000.png", "images/00001.png"]
+    _write(tmp_path / "trl.jsonl", [{"messages": _chat(), "images": images},
+                                    {"messages": _chat(), "images": images[0]}])
+    first, lone = load_samples(str(tmp_path / "trl.jsonl"))
+    parts = first["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["image", "image", "text"]
+    assert parts[0]["image"].endswith("00000.png") and parts[1]["image"].endswith("00001.png")
+    assert [p["type"] for p in lone["messages"][0]["content"]] == ["image", "text"]
+    placeholder = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                   {"role": "assistant", "content": "a"}]
+    _write(tmp_path / "extra.jsonl", [{"messages": placeholder, "images": images}])
+    with pytest.raises(FusetuneError, match="extra.jsonl line 1: the row's 'images' list has 1 more image"):
+        load_samples(str(tmp_path / "extra.jsonl"))
+
+
+@pytest.mark.parametrize(("text", "expected"), [(0, "0"), (2.5, "2.5"), (None, ""), ("x", "x")])
+def test_text_values_are_kept_as_written(tmp_path, text, expected):
+    """A number is written out (before, 0 became an empty string); None is no text."""
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]},
+                        {"role": "assistant", "content": "a"}]}
+    _write(tmp_path / "data.jsonl", [row])
+    assert load_samples(str(tmp_path / "data.jsonl"))[0]["messages"][0]["content"][0]["text"] == expected
+
+
+@pytest.mark.parametrize("text", [["a", "b"], {"k": 1}, True])
+def test_text_values_that_are_not_text_are_refused(tmp_path, text):
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]},
+                        {"role": "assistant", "content": "a"}]}
+    _write(tmp_path / "data.jsonl", [row])
+    with pytest.raises(FusetuneError, match="line 1: a text part's 'text' is a"):
+        load_samples(str(tmp_path / "data.jsonl"))
+
+
+def test_jsonl_lines_end_at_newlines_only_and_a_bom_is_skipped(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 as they are; str.splitlines cut the
+    line there. A byte-order mark at the start is skipped, as `datasets` skips it."""
+    answer = "line\u2028separated\u0085answer"
+    path = tmp_path / "data.jsonl"
+    path.write_text("\ufeff" + "\n".join(json.dumps({"messages": _chat(answer=answer)}, ensure_ascii=False)
+                                         for _ in range(2)) + "\r\n", encoding="utf-8")
+    samples = load_samples(str(path))
+    assert [s["messages"][1]["content"][0]["text"] for s in samples] == [answer, answer]
+    assert samples[1]["_source"] == "data.jsonl line 2"
+
+
+def test_a_json_file_holds_a_list_of_samples(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"messages": _chat(answer=str(i))} for i in range(3)], indent=2))
+    samples = load_samples(str(path))
+    assert [s["messages"][1]["content"][0]["text"] for s in samples] == ["0", "1", "2"]
+    assert samples[2]["_source"] == "data.json item 2"
+
+
+def test_a_line_that_is_not_an_object_is_named_by_its_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"messages": _chat()}) + "\n\n" + json.dumps(["not", "a", "row"]) + "\n")
+    with pytest.raises(FusetuneError, match="data.jsonl line 3 is not a JSON object"):
+        load_samples(str(path))
+
+
+def test_unreadable_image_bytes_name_their_row(tmp_path):
+    import datasets
+
+    rows = {"messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]],
+            "images": [[{"bytes": b"not an image", "path": None}]]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(FusetuneError, match="saved row 0: its image bytes cannot be read"):
+        load_samples(str(tmp_path / "saved"))
