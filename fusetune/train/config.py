@@ -604,7 +604,9 @@ least one.
   ```
 
   An image path is relative to the JSONL file's folder, or absolute. TRL-style rows work too:
-  `{"type": "image"}` placeholders filled in order from the row's `"images"` list.
+  `{"type": "image"}` placeholders filled in order from the row's `"images"` list, or, where the
+  messages have none, the images put at the start of the first user turn (as TRL does); images
+  left over are an error. A `.json` file may hold the samples as one list.
 - **A folder of images with one JSONL file** (`dataset: data/`): the folder's only `.jsonl` file
   (or, among several, `data.jsonl`, `train.jsonl` or `metadata.jsonl`), in the format above, its
   image paths relative to the folder.
