@@ -8,7 +8,10 @@ transformers' ``from_pretrained`` (a hub id or a local folder): image-text-to-te
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +36,16 @@ VISION_PARTS = (
 # through a tiny model of the family (Qwen2.5-VL uses Qwen2-VL's processor and chat template, but
 # has no test of its own here).
 TESTED_VLMS = ("qwen2_vl", "mllama", "llava")
+# The files transformers builds a tokenizer from (a folder with none of them has no tokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tekken.json",
+)
 
 
 def _is_vision(name: str) -> bool:
@@ -130,27 +143,152 @@ def _quantization(load_in_4bit: bool, dtype: torch.dtype, strategy: str):
     return quantization_config(dtype, strategy)
 
 
+def _reason(error: Exception, limit: int = 300) -> str:
+    """``error``'s message on one line, at most ``limit`` characters, without its closing period (the
+    messages that wrap it go on with a sentence of their own), or its type where it has no message."""
+    text = " ".join(str(error).split())[:limit].rstrip(" .")
+    return text or type(error).__name__
+
+
+def _local_path(name: str) -> str:
+    """``name`` with a leading ``~`` expanded where that names an existing path (as the dataset's is);
+    anything else (a hub id, a path that is not there) is left for ``from_pretrained`` to judge."""
+    expanded = os.path.expanduser(name)
+    return expanded if expanded != name and os.path.exists(expanded) else name
+
+
+def _refuse_adapter(name: str) -> None:
+    """Refuse a folder holding only a PEFT adapter (``adapter_config.json``, no ``config.json``), such
+    as fusetune's own ``output_dir/adapter``: it is not a model, and transformers would only say that
+    its config.json has no model_type. The adapter's config names the base model to give instead."""
+    folder = Path(name)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    on = f"a LoRA adapter on {base!r}" if base else "a LoRA adapter (its adapter_config.json names no base)"
+    raise FusetuneError(
+        f"{name} is {on}; set model to that base model (and resume from a checkpoint, or merge the "
+        f"adapter, to continue from it)."
+    )
+
+
+def _no_tokenizer(why: str) -> FusetuneError:
+    """The error for a model without its tokenizer files: ``why`` says how that showed."""
+    return FusetuneError(
+        f"{why}; copy them from the base model (tokenizer.json, tokenizer_config.json, chat_template.jinja, "
+        f"and tokenizer.model or vocab.json + merges.txt where it has them)."
+    )
+
+
+def _check_tokenizer_files(name: str) -> None:
+    """Refuse a local folder with none of ``TOKENIZER_FILES`` (a model saved without its tokenizer)
+    before anything loads: transformers would build an empty tokenizer from defaults (or fail with
+    a message about its backends) instead of saying so."""
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise _no_tokenizer(f"the folder {name} has no tokenizer files")
+
+
+def _check_tokenizer(name: str, tokenizer, vocab_size: int | None) -> None:
+    """Refuse an empty tokenizer, or one far smaller than the model's vocabulary.
+
+    That is what transformers builds from defaults for a hub repo (or a folder) whose tokenizer
+    files are missing: a handful of special tokens, which encode every text to nothing or to
+    ``<unk>``. A real tokenizer covers about the model's vocabulary (often padded past it, but
+    never a hundredfold).
+    """
+    size = len(tokenizer)
+    if size <= 1 or (vocab_size and size * 100 < vocab_size):
+        raise _no_tokenizer(
+            f"the tokenizer of {name} has {size} token(s) for a model vocabulary of {vocab_size}: "
+            f"its tokenizer files are missing",
+        )
+
+
+def _no_image_processor(name: str, model_type: str, why: str) -> FusetuneError:
+    """The error for a VLM without an image processor config: ``why`` says how that showed."""
+    return FusetuneError(
+        f"{name} is a vision-language model ({model_type}) but has no image processor that transformers "
+        f"can load ({why}); copy preprocessor_config.json (and processor_config.json) from the base model."
+    )
+
+
+def _check_image_processor_files(name: str, model_type: str) -> None:
+    """Refuse a local VLM folder with no image processor config: neither preprocessor_config.json nor
+    an ``image_processor`` entry in processor_config.json (where transformers looks for one), as when
+    only the model and its tokenizer were saved. AutoProcessor would fail with a message about a
+    hub download, or hand back the bare tokenizer."""
+    folder = Path(name)
+    if not folder.is_dir() or (folder / "preprocessor_config.json").is_file():
+        return
+    try:
+        nested = "image_processor" in json.loads((folder / "processor_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        nested = False
+    if not nested:
+        raise _no_image_processor(name, model_type, "the folder has no preprocessor_config.json")
+
+
+def _set_max_pixels(image_processor, max_pixels: int) -> None:
+    """Cap the pixels per image of an image processor that has such a budget (Qwen2-VL's)."""
+    if hasattr(image_processor, "max_pixels"):
+        image_processor.max_pixels = max_pixels
+        size = getattr(image_processor, "size", None)
+        if isinstance(size, dict) and "longest_edge" in size:
+            size["longest_edge"] = max_pixels
+
+
+def _load_processor(name: str, config, vision: bool, max_pixels: int | None):
+    """The processor (a VLM's: tokenizer and image processor) or the tokenizer (an LLM's) of ``name``.
+
+    AutoProcessor hands back a bare tokenizer when it cannot build the image processor (from a
+    processor_config.json of a processor class it does not know, as a custom one saves, or a hub
+    repo without one); a VLM sees no images through that, so it is refused here.
+    """
+    from transformers import AutoProcessor, AutoTokenizer
+
+    _check_tokenizer_files(name)
+    if vision:
+        _check_image_processor_files(name, config.model_type)
+    try:
+        processor = (AutoProcessor if vision else AutoTokenizer).from_pretrained(name)
+    except (OSError, ValueError, ImportError, AttributeError) as error:
+        what = "processor" if vision else "tokenizer"
+        if "torchvision" in str(error).lower():  # Qwen2-VL's video processor, for one, needs it
+            reason = "it needs torchvision, which is not installed; pip install torchvision"
+        else:
+            reason = _reason(error)
+        raise FusetuneError(f"cannot load the {what} of {name!r}: {reason}.") from None
+    if vision and getattr(processor, "image_processor", None) is None:
+        why = f"AutoProcessor gave back only a {type(processor).__name__}"
+        raise _no_image_processor(name, config.model_type, why)
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    _check_tokenizer(name, getattr(processor, "tokenizer", processor), vocab_size)
+    if vision and max_pixels is not None:
+        _set_max_pixels(processor.image_processor, max_pixels)
+    return processor
+
+
 def _load_pretrained(
     name: str, dtype: torch.dtype, load_in_4bit: bool, max_pixels: int | None, strategy: str
 ):
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
+    name = _local_path(name)
+    _refuse_adapter(name)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise FusetuneError(
-            f"cannot load model {name!r}: {first}. Give a hub id, a local folder with config.json, or demo."
+            f"cannot load model {name!r}: {_reason(error)}. Give a hub id, a local folder with config.json, "
+            f"or demo."
         ) from None
     model_type = config.model_type
     quantization = _quantization(load_in_4bit, dtype, strategy)
@@ -164,28 +302,15 @@ def _load_pretrained(
             f"model, which "
             f"is what fusetune train fine-tunes; see `fusetune info` for the architectures it knows."
         )
+    # The processor first: its problems (missing files) show before the (possibly long) weights load.
+    processor = _load_processor(name, config, vision, max_pixels)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization is not None:
         kwargs |= {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     try:
         model = auto_model.from_pretrained(name, **kwargs)
     except OSError as error:
-        raise FusetuneError(f"cannot load the weights of {name!r}: {str(error)[:300]}") from None
-    try:
-        if vision:
-            processor = AutoProcessor.from_pretrained(name)
-            if max_pixels is not None and hasattr(processor.image_processor, "max_pixels"):
-                processor.image_processor.max_pixels = max_pixels
-                size = getattr(processor.image_processor, "size", None)
-                if isinstance(size, dict) and "longest_edge" in size:
-                    size["longest_edge"] = max_pixels
-        else:
-            processor = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, ImportError, AttributeError) as error:
-        raise FusetuneError(
-            f"cannot load the {'processor' if vision else 'tokenizer'} of {name!r}: {str(error)[:300]} "
-            f"(Qwen2-VL's video processor needs torchvision: pip install torchvision)."
-        ) from None
+        raise FusetuneError(f"cannot load the weights of {name!r}: {_reason(error)}.") from None
     if quantization is not None:
         import peft
 
@@ -212,6 +337,7 @@ def load_model(
 
     ``lora``: a ``LoraSettings`` or a dict of its fields (None: the defaults, r=16 on every linear
     layer), checked as a config's ``lora`` section is, or False for the plain model.
+    ``name_or_path``: "demo", a hub id or a local folder (a leading ``~`` is expanded).
     ``kernels="auto"`` patches the model with ``fusetune.apply`` (its report is
     ``model._fusetune_report``); "off" leaves it unpatched.
     ``load_in_4bit`` quantises the base weights with bitsandbytes (CUDA only). ``mlp_tile_rows``

@@ -1,0 +1,216 @@
+"""``load_model`` on local model folders that are incomplete or not models at all: each is refused
+with a FusetuneError that names the fix, before the weights load; complete folders load.
+
+Every folder is built here from a config (random weights) and the demo's word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+
+from fusetune.train import demo
+from fusetune.train.errors import FusetuneError
+from fusetune.train.model import load_model
+
+MISSING_TOKENIZER = "; copy them from the base model (tokenizer.json, tokenizer_config.json"
+COPY_IMAGE_PROCESSOR = "copy preprocessor_config.json (and processor_config.json) from the base model."
+
+
+def save_llm(folder, model_type: str = "qwen2", tokenizer: bool = True, vocab_size: int | None = None):
+    """A tiny causal LM of ``model_type`` in ``folder``, with the demo tokenizer unless ``tokenizer``
+    is False (a model saved without its tokenizer files); its vocabulary the tokenizer's unless
+    ``vocab_size`` is given."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    words = demo.build_tokenizer()
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size or len(words),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    if tokenizer:
+        words.save_pretrained(folder)
+    return folder
+
+
+def save_demo_vlm(folder, processor=None):
+    """The demo Qwen2-VL in ``folder`` with ``processor`` saved beside it (None: the tokenizer alone)."""
+    tokenizer = demo.build_tokenizer()
+    demo.build_model(tokenizer).save_pretrained(folder)
+    (processor or tokenizer).save_pretrained(folder)
+    return folder
+
+
+def save_llava(folder):
+    """A tiny llava with its complete processor (CLIP's PIL image processor, which needs no
+    torchvision) in ``folder``."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    template = (
+        "{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+        "</s>\n{% endfor %}"
+    )
+    tokenizer = demo.word_tokenizer(
+        ("<pad>", "</s>", "<s>", "<image>", "<unk>"),
+        demo.WORDS,
+        template,
+        pad_token="<pad>",
+        eos_token="</s>",
+    )
+    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+    config = AutoConfig.for_model(
+        "llava",
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        image_token_index=processor.image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def refusal(folder, **kwargs) -> str:
+    """The message of the FusetuneError ``load_model`` raises for ``folder``."""
+    with pytest.raises(FusetuneError) as caught:
+        load_model(str(folder), lora=False, kernels="off", **kwargs)
+    return str(caught.value)
+
+
+# qwen2 builds an empty tokenizer from defaults (1 token, every text encodes to []); llama fails
+# with a message about tokenizer backends. Both are a folder saved without its tokenizer.
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_a_folder_saved_without_its_tokenizer_is_refused(tmp_path, model_type):
+    folder = save_llm(tmp_path / "llm", model_type, tokenizer=False)
+    message = refusal(folder)
+    assert message.startswith(f"the folder {folder} has no tokenizer files{MISSING_TOKENIZER}")
+
+
+# A tokenizer_config.json with no vocabulary beside it: transformers builds the model type's tokenizer
+# from defaults, as it does for a hub repo without tokenizer files: Qwen2's has 1 token (every text
+# encodes to []), Gemma's 5 special tokens (every word is <unk>), far fewer than the model's 1000.
+@pytest.mark.parametrize("model_type, size", [("qwen2", 1), ("gemma", 5)])
+def test_a_tokenizer_built_from_defaults_is_refused(tmp_path, model_type, size):
+    folder = save_llm(tmp_path / "llm", model_type, tokenizer=False, vocab_size=1000)
+    (folder / "tokenizer_config.json").write_text("{}")
+    message = refusal(folder)
+    assert f"has {size} token(s) for a model vocabulary of 1000: its tokenizer files are missing" in message
+    assert MISSING_TOKENIZER in message
+
+
+# train() passes its max_pixels (which the processor is then set to); the Python API's default is None.
+@pytest.mark.parametrize("max_pixels", [None, 602112])
+def test_a_vlm_folder_with_its_tokenizer_alone_is_refused(tmp_path, max_pixels):
+    folder = save_demo_vlm(tmp_path / "vlm")
+    assert refusal(folder, max_pixels=max_pixels) == (
+        f"{folder} is a vision-language model (qwen2_vl) but has no image processor that transformers can "
+        f"load (the folder has no preprocessor_config.json); {COPY_IMAGE_PROCESSOR}"
+    )
+
+
+@pytest.mark.parametrize("max_pixels", [None, 602112])
+def test_a_vlm_processor_that_comes_back_a_tokenizer_is_refused(tmp_path, max_pixels):
+    # fusetune's demo processor is a subclass of Qwen2-VL's: AutoProcessor cannot build it back from
+    # its processor_config.json and gives back the bare tokenizer, through which a VLM sees no images.
+    folder = save_demo_vlm(tmp_path / "vlm", demo.build_processor())
+    message = refusal(folder, max_pixels=max_pixels)
+    assert message.startswith(f"{folder} is a vision-language model (qwen2_vl) but has no image processor")
+    assert message.endswith(f"(AutoProcessor gave back only a TokenizersBackend); {COPY_IMAGE_PROCESSOR}")
+
+
+def test_a_vlm_folder_with_its_processor_loads(tmp_path):
+    model, processor = load_model(str(save_llava(tmp_path / "llava")), lora=False, kernels="off")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
+    assert processor.tokenizer("a red circle .")["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
+        ["a", "red", "circle", "."]
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="Qwen2-VL's stock processor loads"
+)
+def test_the_torchvision_hint_is_given_when_torchvision_is_what_is_missing(tmp_path):
+    # A folder as Qwen2-VL's hub repos have it: the image processor in preprocessor_config.json of
+    # the stock Qwen2VLProcessor, whose video processor needs torchvision.
+    folder = save_demo_vlm(tmp_path / "vlm", demo.build_processor())
+    saved = json.loads((folder / "processor_config.json").read_text())
+    stock = {"processor_class": "Qwen2VLProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(saved["image_processor"] | stock))
+    (folder / "processor_config.json").write_text(json.dumps(stock))
+    assert refusal(folder) == (
+        f"cannot load the processor of {str(folder)!r}: it needs torchvision, which is not installed; "
+        f"pip install torchvision."
+    )
+
+
+def test_an_adapter_folder_names_its_base_model(tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = save_llm(tmp_path / "base")
+    adapter = tmp_path / "run" / "adapter"  # as fusetune writes it: the adapter and the tokenizer
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj"])
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(adapter)
+    demo.build_tokenizer().save_pretrained(adapter)
+    assert refusal(adapter) == (
+        f"{adapter} is a LoRA adapter on {str(base)!r}; set model to that base model (and resume from a "
+        f"checkpoint, or merge the adapter, to continue from it)."
+    )
+
+
+def test_a_leading_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_llm(tmp_path / "models" / "llm")
+    model, tokenizer = load_model("~/models/llm", lora=False, kernels="off")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert len(tokenizer) == model.config.vocab_size == len(demo.build_tokenizer())
+
+
+def test_a_wrapped_message_keeps_one_period(tmp_path):
+    # transformers' message for a path that is no folder ends with a period of its own.
+    message = refusal(tmp_path / "no-such-folder")
+    assert message.startswith(f"cannot load model {str(tmp_path / 'no-such-folder')!r}: ")
+    assert re.search(r"[^.]\. Give a hub id, a local folder with config.json, or demo\.$", message)
+    assert ".." not in message
