@@ -59,27 +59,23 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return _read_json_list(path, text)
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise FusetuneError(
-                f"{path.name} line {number} is not valid JSON ({error.msg}); fix or remove it."
-            ) from None
-        rows.append(_sourced(row, f"{path.name} line {number}"))
+        if line.strip():
+            where = f"{path.name} line {number}"
+            rows.append(_sourced(_parsed(line, where), where))
     return rows
 
 
 def _read_json_list(path: Path, text: str) -> list[dict[str, Any]]:
     """The rows of a ``.json`` file holding one list of samples."""
+    return [_sourced(row, f"{path.name} item {index}") for index, row in enumerate(_parsed(text, path.name))]
+
+
+def _parsed(text: str, where: str) -> Any:
+    """``text`` as JSON; where it is not, an error naming ``where`` (a file, or a line of one)."""
     try:
-        loaded = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise FusetuneError(
-            f"{path.name} is not valid JSON ({error.msg} at line {error.lineno}); fix it."
-        ) from None
-    return [_sourced(row, f"{path.name} item {index}") for index, row in enumerate(loaded)]
+        raise FusetuneError(f"{where} is not valid JSON ({error.msg}); fix or remove it.") from None
 
 
 def _sourced(row: Any, source: str) -> dict[str, Any]:

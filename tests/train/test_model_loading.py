@@ -55,57 +55,10 @@ def save_demo_vlm(folder, processor=None):
 def save_llava(folder):
     """A tiny llava with its complete processor (CLIP's PIL image processor, which needs no
     torchvision) in ``folder``."""
-    import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from tests.train.test_collator_vlms import llava_model, llava_processor
 
-    template = (
-        "{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
-        "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
-        "</s>\n{% endfor %}"
-    )
-    tokenizer = demo.word_tokenizer(
-        ("<pad>", "</s>", "<s>", "<image>", "<unk>"),
-        demo.WORDS,
-        template,
-        pad_token="<pad>",
-        eos_token="</s>",
-    )
-    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=template,
-    )
-    config = AutoConfig.for_model(
-        "llava",
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-        ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
-        image_token_index=processor.image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor = llava_processor()
+    llava_model(processor).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
