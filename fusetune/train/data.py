@@ -269,8 +269,12 @@ def _image_ref(image: Any, root: Path | None, source: str) -> Any:
     raise FusetuneError(f"{source}: unsupported image value of type {type(image).__name__}; give a path.")
 
 
+# Names ending so are files, never `datasets` hub names (a missing one is not looked up on the Hub).
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+
+
 def _looks_like_path(spec: str) -> bool:
-    return spec.endswith((".jsonl", ".json")) or spec.startswith((".", "/", "~"))
+    return spec.lower().endswith(_FILE_SUFFIXES) or spec.startswith((".", "/", "~"))
 
 
 def source_kind(spec: str) -> str:

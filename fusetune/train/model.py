@@ -150,6 +150,18 @@ def _reason(error: Exception, limit: int = 300) -> str:
     return text or type(error).__name__
 
 
+def _refuse_remote_code(name: str, error: Exception) -> None:
+    """Where loading ``name`` failed because it needs its own Python code (``auto_map``), say so:
+    fusetune runs no code from a model repo, and transformers, asked not to, does not prompt for it
+    in the middle of a run but names an argument fusetune does not take."""
+    if "trust_remote_code" in str(error):
+        raise FusetuneError(
+            f"{name} needs Python code of its own to load (transformers' trust_remote_code), which fusetune "
+            "does not run; use a model of an architecture transformers has built in (fusetune info lists "
+            "the tested ones)."
+        ) from None
+
+
 def _local_path(name: str) -> str:
     """``name`` with a leading ``~`` expanded where that names an existing path (as the dataset's is);
     anything else (a hub id, a path that is not there) is left for ``from_pretrained`` to judge."""
@@ -254,8 +266,10 @@ def _load_processor(name: str, config, vision: bool, max_pixels: int | None):
     if vision:
         _check_image_processor_files(name, config.model_type)
     try:
-        processor = (AutoProcessor if vision else AutoTokenizer).from_pretrained(name)
+        loader = AutoProcessor if vision else AutoTokenizer
+        processor = loader.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError, ImportError, AttributeError) as error:
+        _refuse_remote_code(name, error)
         what = "processor" if vision else "tokenizer"
         if "torchvision" in str(error).lower():  # Qwen2-VL's video processor, for one, needs it
             reason = "it needs torchvision, which is not installed; pip install torchvision"
@@ -284,8 +298,9 @@ def _load_pretrained(
     name = _local_path(name)
     _refuse_adapter(name)
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as error:
+        _refuse_remote_code(name, error)
         raise FusetuneError(
             f"cannot load model {name!r}: {_reason(error)}. Give a hub id, a local folder with config.json, "
             f"or demo."
@@ -308,7 +323,7 @@ def _load_pretrained(
     if quantization is not None:
         kwargs |= {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     try:
-        model = auto_model.from_pretrained(name, **kwargs)
+        model = auto_model.from_pretrained(name, trust_remote_code=False, **kwargs)
     except OSError as error:
         raise FusetuneError(f"cannot load the weights of {name!r}: {_reason(error)}.") from None
     if quantization is not None:

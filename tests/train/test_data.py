@@ -98,6 +98,8 @@ def test_bad_data(tmp_path, rows, message):
 def test_bad_sources(tmp_path):
     with pytest.raises(FusetuneError, match="not found"):
         load_samples(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(FusetuneError, match="dataset 'data/train.parquet' not found"):
+        load_samples("data/train.parquet")  # a file name, not a hub name to look up
     (tmp_path / "empty").mkdir()
     with pytest.raises(FusetuneError, match="no .jsonl file"):
         load_samples(str(tmp_path / "empty"))

@@ -167,3 +167,19 @@ def test_a_wrapped_message_keeps_one_period(tmp_path):
     assert message.startswith(f"cannot load model {str(tmp_path / 'no-such-folder')!r}: ")
     assert re.search(r"[^.]\. Give a hub id, a local folder with config.json, or demo\.$", message)
     assert ".." not in message
+
+
+def test_a_model_needing_its_own_code_is_refused_without_a_prompt(tmp_path):
+    """A folder whose config maps the model to Python files of its own (transformers'
+    trust_remote_code): refused, naming why; transformers is never left to prompt for it mid-run."""
+    folder = save_llm(tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "tinycustom", "architectures": ["TinyCustomForCausalLM"],
+               "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                            "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import Qwen2Config\n\n\n"
+        "class TinyConfig(Qwen2Config):\n    model_type = 'tinycustom'\n")
+    message = refusal(folder)
+    assert "needs Python code of its own to load (transformers' trust_remote_code)" in message
