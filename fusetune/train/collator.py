@@ -173,26 +173,30 @@ def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 
 def _read_image(image: Any, source: str, read):
-    """``read(PIL image)`` of an image given as a path (open for the call) or as a PIL image."""
-    if not isinstance(image, str):
+    """``read(PIL image)`` of an image given as a path or encoded bytes (opened for the call, so
+    that nothing decoded stays behind) or as a PIL image."""
+    if not isinstance(image, (str, bytes)):
         return read(image)
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    named = f"image {image!r}" if isinstance(image, str) else "its image bytes"
     try:
-        with Image.open(image) as handle:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as handle:
             return read(handle)
     except FileNotFoundError:
         raise FusetuneError(
-            f"{source}: image {image!r} is missing; restore it or remove the sample."
+            f"{source}: {named} is missing; restore it or remove the sample."
         ) from None
     except Image.DecompressionBombError as error:
         raise FusetuneError(
-            f"{source}: image {image!r} is larger than PIL decodes safely ({error}); downscale the file, "
+            f"{source}: {named} is larger than PIL decodes safely ({error}); downscale the file, "
             "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
         ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise FusetuneError(
-            f"{source}: image {image!r} cannot be read ({type(error).__name__}: {error}); "
+            f"{source}: {named} cannot be read ({type(error).__name__}: {error}); "
             f"replace the file "
             f"with a PNG/JPEG or remove the sample."
         ) from None

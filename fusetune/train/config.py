@@ -611,10 +611,12 @@ least one.
   (or, among several, `data.jsonl`, `train.jsonl` or `metadata.jsonl`), in the format above, its
   image paths relative to the folder.
 - **A `datasets` hub name** (`dataset: user/name`, with `dataset_split`): rows with a `messages`
-  column as above (and optionally `images`: PIL images, `{"bytes": ...}` or paths). Needs
+  column as above (and optionally `images`: PIL images, `{"bytes": ...}` or paths, relative ones
+  read from the working directory; images stay encoded until their batch). Needs
   `pip install datasets`.
 - **A folder saved with `datasets`' `save_to_disk`** (`dataset: path/to/saved`): a `Dataset` or a
-  `DatasetDict` (its `dataset_split` is used), rows as for a hub name.
+  `DatasetDict` (its `dataset_split` is used), rows as for a hub name (relative image paths read from
+  that folder).
 - **`demo`**: the synthetic shapes data set of the offline demo (`demo_samples` samples).
 
 `eval_split` holds out a fraction of the samples (`0.05`), or gives the path of a second source

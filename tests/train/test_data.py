@@ -280,3 +280,31 @@ def test_unreadable_image_bytes_name_their_row(tmp_path):
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(FusetuneError, match="saved row 0: its image bytes cannot be read"):
         load_samples(str(tmp_path / "saved"))
+
+
+def test_images_of_a_datasets_source_stay_encoded_until_a_batch_needs_them(tmp_path):
+    """A saved `datasets` set with images in its rows: loading keeps each image's encoded bytes
+    (read the plain way, every image was decoded into memory at once), and the collator's batch
+    equals the one made from the decoded images themselves."""
+    import datasets
+    import torch
+
+    from fusetune.train.collator import ChatCollator
+
+    originals = [s["messages"][0]["content"][0]["image"] for s in demo.samples(3, seed=1)]
+    question = [{"type": "image"}, {"type": "text", "text": "what ?"}]
+    rows = {"messages": [[{"role": "user", "content": question},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a shape"}]}]] * 3,
+            "images": [[image] for image in originals]}
+    datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(
+        str(tmp_path / "saved"))
+    samples = load_samples(str(tmp_path / "saved"))
+    assert all(isinstance(s["messages"][0]["content"][0]["image"], bytes) for s in samples)
+    decoded = [{**s, "messages": [{**s["messages"][0], "content": [{"type": "image", "image": image},
+                                                                    *s["messages"][0]["content"][1:]]},
+                                  s["messages"][1]]} for s, image in zip(samples, originals, strict=True)]
+    collator = ChatCollator(demo.build_processor(), max_seq_length=512)
+    batch, expected = collator(samples), collator(decoded)
+    assert batch.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(batch[key], value, rtol=0, atol=0, msg=key)
