@@ -28,7 +28,8 @@ How it sits with the rest of the stack:
 - FSDP2 (``fully_shard`` per decoder layer): when the layer's parameters are still sharded DTensors at
   the call (transformers versions that checkpoint ``__call__``, so FSDP's hooks run inside), gradients
   are instead accumulated by the recompute's own backward into the unsharded parameters FSDP gathered,
-  as torch's reentrant checkpoint does, and FSDP reduces them in its post-backward hook.
+  as torch's reentrant checkpoint does, and FSDP reduces them in its post-backward hook. So it is
+  under DeepSpeed ZeRO-3, whose partitioned parameters are empty placeholders at the call.
 - The recompute skips what backward never reads: the fused LoRA MLP's down projection (the layer's
   output is only differentiated, its values are thrown away; see ``fusetune.ops.lora.outputs_unread``).
   The first recompute of each layer checks on the autograd graph that nothing between the MLP and the
@@ -533,6 +534,13 @@ class _Checkpoint(torch.autograd.Function):
         return (None, None, *anchor_grads, *input_grads)
 
 
+def _sharded(param: torch.Tensor) -> bool:
+    """Whether ``param`` is sharded at the layer's call (an FSDP2 DTensor, or a DeepSpeed ZeRO-3
+    partition, an empty placeholder until gathered): its gradient is then accumulated by the
+    recompute's own backward into the gathered parameter, not returned for the placeholder."""
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
 class _LayerCheckpoint:
     """The ``_gradient_checkpointing_func`` fusetune installs on one layer."""
 
@@ -577,7 +585,7 @@ class _LayerCheckpoint:
         if not params and not any(t.requires_grad for t in tensors):
             return function(*args)  # nothing to differentiate: no graph, nothing to keep
         call = _Call(func, spec, leaves, self.store, self._offload_index(tensors, args, keywords),
-                     None if any(isinstance(p, DTensor) for p in params) else params, self)
+                     None if any(_sharded(p) for p in params) else params, self)
         anchors = params if call.params is not None else [torch.empty(0, requires_grad=True)]
         return call.output(_Checkpoint.apply(call, len(anchors), *anchors, *tensors))
 

@@ -54,6 +54,7 @@ class Case:
     tied: bool = False
     zero_init: bool = False
     apply_after_initialize: bool = False
+    checkpointing: str | None = None  # fusetune's checkpointing of the decoder layers: "offload", "plain"
 
 
 CASES = {
@@ -61,6 +62,10 @@ CASES = {
     "tied_apply_then_initialize": Case(tied=True),
     "zero_init_then_apply": Case(zero_init=True),
     "initialize_then_apply": Case(apply_after_initialize=True),
+    # fusetune's checkpointing failed at the first backward under ZeRO-3 (an invalid gradient of shape
+    # [64, 4] for a partitioned parameter's [0] placeholder).
+    "checkpointed_offload": Case(checkpointing="offload"),
+    "checkpointed_plain": Case(checkpointing="plain"),
 }
 
 
@@ -133,6 +138,10 @@ def run_case(case: Case, rank: int, data: dict, calls: Counter) -> dict:
     part = BATCH // WORLD
     mine = {k: v[rank * part : (rank + 1) * part] for k, v in data.items()}
     model, report = build(case, patch=not case.apply_after_initialize, partitioned=case.zero_init)
+    if case.checkpointing:
+        from fusetune.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, offload=case.checkpointing == "offload")
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config())
     if case.apply_after_initialize:
