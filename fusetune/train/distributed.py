@@ -229,16 +229,22 @@ def check_resume(checkpoint: str, settings: DistributedSettings) -> None:
 
 
 def check_launched(settings: DistributedSettings) -> None:
-    """Refuse ``strategy: fsdp2`` in a process that no launcher started, before anything loads.
+    """Refuse a distributed strategy in a process that no launcher started, or FSDP2's offloading
+    where there is no GPU (its pinned host memory needs one), before anything loads.
 
     Trainer runs FSDP only under a launcher (torchrun and accelerate launch set ``LOCAL_RANK``);
     otherwise it stops late, after the data and the model have loaded, with an error that names
-    neither ``--nproc`` nor the config key.
+    neither ``--nproc`` nor the config key. DeepSpeed, unlaunched, goes looking for MPI there.
     """
-    if settings.strategy == "fsdp2" and "LOCAL_RANK" not in os.environ:
+    if settings.strategy == "fsdp2" and settings.offload_params and not torch.cuda.is_available():
         raise FusetuneError(
-            "config key 'distributed.strategy': fsdp2 runs one process per GPU under a launcher; start "
-            "it with fusetune train --nproc N (or torchrun / accelerate launch), or set "
+            "config key 'distributed.offload_params': FSDP2 offloads to pinned host memory, which needs a "
+            "GPU; on CPU processes (a setup tried out without GPUs) set it to false."
+        )
+    if settings.strategy != "off" and "LOCAL_RANK" not in os.environ:
+        raise FusetuneError(
+            f"config key 'distributed.strategy': {settings.strategy} runs one process per GPU under a "
+            "launcher; start it with fusetune train --nproc N (or torchrun / accelerate launch), or set "
             "distributed.strategy: off to train in this one process."
         )
 

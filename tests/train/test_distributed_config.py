@@ -246,5 +246,14 @@ def test_fsdp2_without_a_launcher_stops_before_loading(tmp_path, monkeypatch):
     with pytest.raises(FusetuneError, match=r"'distributed.strategy': fsdp2 .*--nproc N .*strategy: off"):
         train(config, quiet=True)
     assert not (tmp_path / "run").exists()
+    zero3 = load_config(None, ["--distributed.strategy", "deepspeed_zero3"]).distributed
+    with pytest.raises(FusetuneError, match=r"'distributed.strategy': deepspeed_zero3 .*--nproc N"):
+        distributed.check_launched(zero3)  # (DeepSpeed went looking for MPI after everything loaded)
     monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun and accelerate launch set
     distributed.check_launched(config.distributed)
+    distributed.check_launched(zero3)
+    offloading = load_config(None, ["--distributed.strategy", "fsdp2", "--distributed.offload_params",
+                                    "true"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FusetuneError, match=r"'distributed.offload_params': FSDP2 offloads to pinned host "):
+        distributed.check_launched(offloading.distributed)  # (FSDP2 failed to pin memory in prepare)
