@@ -71,6 +71,14 @@ def base_weight(layer: nn.Linear) -> torch.Tensor:
     state = layer.__dict__.get("quant_state")
     if state is None or is_4bit(weight):
         return weight
+    storage = layer.__dict__.get("quant_storage")
+    if storage is not None and weight.dtype != storage:  # same width, other bits: no size check sees it
+        raise ValueError(
+            f"fusetune: a {type(layer).__name__}'s 4-bit bytes are stored as {storage} but reached its "
+            f"forward as {weight.dtype}: a sharding engine's mixed precision cast them, which changes "
+            "their bits; store them in the dtype it gathers in (quant_storage / bnb_4bit_quant_storage "
+            "= FSDP2's param_dtype)."
+        )
     alias = weight.detach()
     alias.quant_state = state
     return alias

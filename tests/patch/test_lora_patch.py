@@ -241,3 +241,27 @@ def test_mlp_row_tiles_match_peft():
     inputs = batch()
     assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
     assert_same_gradients(lora, reference)
+
+
+def test_4bit_bytes_cast_to_another_dtype_of_the_same_width_are_refused():
+    """NF4 bytes stored as bf16 and handed to the forward as fp16 (FSDP2 with param_dtype fp16):
+    the same byte count, other bits, so the size check passes; before, the fused path dequantised
+    the changed bits silently (the dense weight's relative error went from 0.09 to 2.2). Gathered in
+    their own dtype, the plain tensor is read with the layer's quantisation state."""
+    pytest.importorskip("bitsandbytes")
+    from fusetune.nn.lora import base_weight
+    from fusetune.ops.nf4 import dequantize_nf4
+    from fusetune.quantize import quantize_4bit
+
+    model = tiny_model("llama", intermediate_size=128)
+    quantize_4bit(model, compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    layer = model.model.layers[0].self_attn.q_proj
+    stored = layer.weight
+    layer.quant_state = stored.quant_state  # as bitsandbytes keeps it on the layer after a forward
+    layer._parameters["weight"] = nn.Parameter(stored.data.clone(), requires_grad=False)  # gathered
+    alias = base_weight(layer)
+    torch.testing.assert_close(dequantize_nf4(alias, alias.quant_state, torch.float32),
+                               dequantize_nf4(stored.data, stored.quant_state, torch.float32))
+    layer._parameters["weight"] = nn.Parameter(stored.data.to(torch.float16), requires_grad=False)
+    with pytest.raises(ValueError, match="stored as torch.bfloat16 but reached its forward as torch.float16"):
+        base_weight(layer)
