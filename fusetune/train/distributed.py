@@ -202,17 +202,40 @@ def check_engine(trainer: Any, settings: DistributedSettings) -> None:
     )
 
 
-def check_resume(checkpoint: str, settings: DistributedSettings) -> None:
-    """Refuse to resume a DeepSpeed checkpoint that this run cannot continue, naming the fix.
+def saved_under(checkpoint: str) -> str | None:
+    """The strategy whose files a Trainer checkpoint holds: "deepspeed_zero3" (a ``latest`` tag and
+    per-process optimiser shards), "fsdp2" (accelerate's ``pytorch_model_fsdp.bin`` and
+    ``optimizer.bin``), "off" (Trainer's own ``optimizer.pt``), or None where it has no optimiser
+    state."""
+    folder = Path(checkpoint)
+    if (folder / "latest").is_file():
+        return "deepspeed_zero3"
+    if (folder / "optimizer.bin").is_file() or any(folder.glob("pytorch_model_fsdp*")):
+        return "fsdp2"
+    if (folder / "optimizer.pt").is_file():
+        return "off"
+    return None
 
-    DeepSpeed keeps the optimiser state in one shard per process (``<tag>/*zero_pp_rank_R_*
-    _optim_states.pt``, the tag named by ``latest``). Only DeepSpeed reads them, and only on as
-    many processes as wrote them: Trainer without DeepSpeed would restore the adapter and the step
-    and silently start a fresh optimiser; DeepSpeed on another count stops deep in loading.
+
+def check_resume(checkpoint: str, settings: DistributedSettings) -> None:
+    """Refuse to resume a checkpoint that this run cannot continue, naming the fix.
+
+    Each strategy writes its own optimiser state, which only it reads: Trainer stops deep in loading
+    on another's (FSDP2 without FSDP, a one-process checkpoint under FSDP2 or DeepSpeed), or would
+    restore the adapter and the step and silently start a fresh optimiser (DeepSpeed's shards
+    without DeepSpeed). DeepSpeed keeps one shard per process (``<tag>/*zero_pp_rank_R_
+    *_optim_states.pt``, the tag named by ``latest``) and reads them on as many processes only.
     """
+    writer = saved_under(checkpoint)
+    if writer is None or (writer == settings.strategy and writer != "deepspeed_zero3"):
+        return
+    if writer != "deepspeed_zero3":
+        raise FusetuneError(
+            f"resume: {checkpoint} was written with distributed.strategy: {writer}, and only that "
+            f"strategy reads its optimiser state; resume with distributed.strategy: {writer} (the "
+            f"adapter alone, adapter_model.safetensors, loads anywhere)."
+        )
     latest = Path(checkpoint) / "latest"
-    if not latest.is_file():
-        return  # not written by DeepSpeed
     saved = len(list((latest.parent / latest.read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt")))
     if settings.strategy != "deepspeed_zero3":
         raise FusetuneError(

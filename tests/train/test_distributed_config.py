@@ -257,3 +257,28 @@ def test_fsdp2_without_a_launcher_stops_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FusetuneError, match=r"'distributed.offload_params': FSDP2 offloads to pinned host "):
         distributed.check_launched(offloading.distributed)  # (FSDP2 failed to pin memory in prepare)
+
+
+@pytest.mark.parametrize(
+    ("files", "writer"),
+    [
+        (("optimizer.bin", "pytorch_model_fsdp.bin", "rng_state_0.pth", "scheduler.pt"), "fsdp2"),
+        (("optimizer.pt", "rng_state.pth", "scheduler.pt"), "off"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_strategy(tmp_path, files, writer):
+    """Files as FSDP2 (accelerate) and one-process Trainer write them beside the adapter: resumed
+    under another strategy, Trainer stopped deep in loading ("only supported when using PyTorch
+    FSDP", "Can't find a valid checkpoint", a missing optimizer.bin)."""
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    for name in ("adapter_model.safetensors", "trainer_state.json", *files):
+        (checkpoint / name).write_bytes(b"")
+    assert distributed.saved_under(str(checkpoint)) == writer
+    for strategy in ("off", "fsdp2", "deepspeed_zero3"):
+        settings = load_config(None, ["--distributed.strategy", strategy]).distributed
+        if strategy == writer:
+            distributed.check_resume(str(checkpoint), settings)
+        else:
+            with pytest.raises(FusetuneError, match=f"written with distributed.strategy: {writer}, and only"):
+                distributed.check_resume(str(checkpoint), settings)
