@@ -35,6 +35,11 @@ class PatchReport:
         self._restore.append((owner, name, old))
         setattr(owner, name, value)
 
+    def replaced_classes(self) -> set[str]:
+        """The class names of the modules this patch swapped out (the model holds their fused
+        replacements instead)."""
+        return {type(old).__name__ for _, _, old in self._restore if isinstance(old, nn.Module)}
+
     def undo(self) -> None:
         """Restore every original module and attribute, newest change first; idempotent."""
         if self.undone:

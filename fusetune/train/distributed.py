@@ -53,6 +53,15 @@ def wrap_classes(model: nn.Module, settings: DistributedSettings) -> list[str]:
     present = {type(module).__name__ for module in model.modules()}
     if settings.wrap_classes != "auto":
         missing = [name for name in settings.wrap_classes if name not in present]
+        report = getattr(model, "_fusetune_report", None)
+        replaced = [name for name in missing if report is not None and name in report.replaced_classes()]
+        if replaced:
+            layers = ", ".join(_declared(model)) or "none declared"
+            raise FusetuneError(
+                f"distributed.wrap_classes: fusetune replaced {', '.join(replaced)} with its fused modules "
+                f"(kernels: auto); wrap the decoder layer classes ({layers}), which hold them (a sub-layer "
+                f"module sharded on its own would turn the fused paths off), or set kernels: off."
+            )
         if missing:
             raise FusetuneError(
                 f"distributed.wrap_classes: {', '.join(missing)} not in the model; its decoder layer "

@@ -69,6 +69,19 @@ def test_wrap_classes_listed_or_refused(lora_llama):
         distributed.wrap_classes(torch.nn.Linear(2, 2), DistributedSettings("fsdp2"))
 
 
+def test_wrap_classes_naming_a_class_fusetune_replaced_says_so():
+    """LlamaMLP swapped for fusetune's fused MLP: the class is gone from the model because fusetune
+    replaced it (the message said it was not in the model)."""
+    import fusetune
+    from tests.patch.models import tiny_model
+
+    model = tiny_model("llama")
+    fusetune.apply(model)  # (it keeps its report on the model, as _fusetune_report)
+    with pytest.raises(FusetuneError, match="fusetune replaced LlamaMLP with its fused modules.*"
+                                            "LlamaDecoderLayer.*kernels: off"):
+        distributed.wrap_classes(model, DistributedSettings("fsdp2", wrap_classes=["LlamaMLP"]))
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_deepspeed_zero3_config(lora_llama, offload):
     settings = DistributedSettings("deepspeed_zero3", offload_params=offload, offload_optimizer=offload)
