@@ -657,8 +657,9 @@ distributed:
 
 The model is loaded and patched in every process before Trainer shards it. Checkpoints hold one
 consolidated adapter: they load on one GPU, and `--resume` continues on the same number of
-processes (a `deepspeed_zero3` checkpoint's optimiser shards resume only under `deepspeed_zero3`
-on as many processes as wrote them; fusetune refuses anything else before loading). The final
+processes under the strategy that wrote the checkpoint (each strategy's optimiser state is read by
+it only, and a `deepspeed_zero3` checkpoint's shards on as many processes as wrote them; fusetune
+refuses anything else before loading). The final
 `adapter/` is gathered from the shards; `merged/` is made from it on a freshly loaded base in the
 main process's CPU memory. `batch_size` is per process: the effective batch is
 `batch_size × gradient_accumulation_steps × N`.
