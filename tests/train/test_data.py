@@ -55,7 +55,7 @@ def test_jsonl_file_string_content_and_trl_images(tmp_path):
 
 
 def test_datasets_saved_folder(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     rows = {"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 3}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
@@ -137,7 +137,7 @@ def test_eval_split_never_falls_back_to_the_training_set(tmp_path):
 
 
 def test_eval_split_names_a_split_of_a_saved_datasetdict(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     def rows(answer, count):
         chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
@@ -161,7 +161,7 @@ def test_eval_split_names_a_split_of_a_saved_datasetdict(tmp_path):
 def test_parts_with_null_images_as_datasets_writes_them(tmp_path):
     """`datasets` gives every content part all the keys of their common schema: a text part has
     "image": None, an image part "text": None (save_to_disk and to_json alike)."""
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     demo.write_dataset(tmp_path, 1)
     image = str(tmp_path / "images" / "00000.png")
@@ -272,7 +272,7 @@ def test_a_line_that_is_not_an_object_is_named_by_its_line(tmp_path):
 
 
 def test_unreadable_image_bytes_name_their_row(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     rows = {"messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
                           {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]],
@@ -286,7 +286,7 @@ def test_images_of_a_datasets_source_stay_encoded_until_a_batch_needs_them(tmp_p
     """A saved `datasets` set with images in its rows: loading keeps each image's encoded bytes
     (read the plain way, every image was decoded into memory at once), and the collator's batch
     equals the one made from the decoded images themselves."""
-    import datasets
+    datasets = pytest.importorskip("datasets")
     import torch
 
     from fusetune.train.collator import ChatCollator

@@ -259,17 +259,16 @@ def test_fsdp2_without_a_launcher_stops_before_loading(tmp_path, monkeypatch):
     with pytest.raises(FusetuneError, match=r"'distributed.strategy': fsdp2 .*--nproc N .*strategy: off"):
         train(config, quiet=True)
     assert not (tmp_path / "run").exists()
-    zero3 = load_config(None, ["--distributed.strategy", "deepspeed_zero3"]).distributed
+    zero3 = DistributedSettings("deepspeed_zero3")  # (a config with it needs DeepSpeed installed)
     with pytest.raises(FusetuneError, match=r"'distributed.strategy': deepspeed_zero3 .*--nproc N"):
         distributed.check_launched(zero3)  # (DeepSpeed went looking for MPI after everything loaded)
     monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun and accelerate launch set
     distributed.check_launched(config.distributed)
     distributed.check_launched(zero3)
-    offloading = load_config(None, ["--distributed.strategy", "fsdp2", "--distributed.offload_params",
-                                    "true"])
+    offloading = DistributedSettings("fsdp2", offload_params=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FusetuneError, match=r"'distributed.offload_params': FSDP2 offloads to pinned host "):
-        distributed.check_launched(offloading.distributed)  # (FSDP2 failed to pin memory in prepare)
+        distributed.check_launched(offloading)  # (FSDP2 failed to pin memory in prepare)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +288,7 @@ def test_resume_refuses_a_checkpoint_of_another_strategy(tmp_path, files, writer
         (checkpoint / name).write_bytes(b"")
     assert distributed.saved_under(str(checkpoint)) == writer
     for strategy in ("off", "fsdp2", "deepspeed_zero3"):
-        settings = load_config(None, ["--distributed.strategy", strategy]).distributed
+        settings = DistributedSettings(strategy)  # (a config with deepspeed_zero3 needs DeepSpeed installed)
         if strategy == writer:
             distributed.check_resume(str(checkpoint), settings)
         else:
