@@ -62,14 +62,10 @@ def train_command(argv: list[str]) -> int:
         path, argv = argv[0], argv[1:]
     config = load_config(path, argv)
     if nproc is not None:
-        import subprocess
-
         from fusetune.train import distributed
 
         distributed.check_nproc(nproc, config)
-        command = distributed.torchrun_command(nproc, train_argv)
-        print(f"fusetune train: starting {nproc} processes: {' '.join(command)}", flush=True)
-        return subprocess.run(command, check=False).returncode
+        return distributed.run_processes(nproc, train_argv)
     from fusetune.train.distributed import is_main_process
     from fusetune.train.runner import train
 
@@ -145,6 +141,13 @@ def info_command() -> str:
     return "\n".join(lines)
 
 
+def _report_to_launcher(error: Exception) -> None:
+    """Hand ``error`` to the ``--nproc`` launcher that started this process, if one did."""
+    from fusetune.train.distributed import report_to_launcher
+
+    report_to_launcher(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from fusetune.train.errors import FusetuneError, Interrupted
@@ -162,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fusetune: error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
     except Interrupted as error:
+        _report_to_launcher(error)
         print(f"fusetune: {error}", file=sys.stderr)
         return 130
     except FusetuneError as error:
+        _report_to_launcher(error)
         print(f"fusetune: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

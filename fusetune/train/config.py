@@ -733,6 +733,8 @@ def render_docs() -> str:
             "instead, and exit status 2. So do, before the first step, `distributed.strategy: fsdp2`",
             "without `--nproc` (or torchrun / accelerate launch), `--resume` with other LoRA settings",
             "than the checkpoint's, and any sample that fails to load or to fit `max_seq_length`.",
+            "Under `--nproc N`, an error in one of the processes is repeated as the launcher's last",
+            "line, with the same exit status (2, or 130 after Ctrl-C), after torchrun's own report.",
             "",
         ]
     )

@@ -7,14 +7,20 @@ and patched (``fusetune.apply``) on every rank before Trainer shards it, so the 
 weights; the sharded parts then run inside their modules' forward, where the engines gather them.
 
 ``fusetune train --nproc N`` starts ``N`` processes with ``torchrun`` (``python -m
-torch.distributed.run``), each running the same ``fusetune train`` command without ``--nproc``.
+torch.distributed.run``), each running the same ``fusetune train`` command without ``--nproc``. A
+process stopped by a ``FusetuneError`` (or Ctrl-C) leaves its message in a folder the launcher
+names in ``FUSETUNE_ERROR_DIR``; the launcher repeats it as its own last line and exits as one
+process would (status 2, or 130), where torchrun alone ends with its failure report and status 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,9 @@ import torch
 from torch import nn
 
 from fusetune.train.config import DistributedSettings, TrainConfig
-from fusetune.train.errors import FusetuneError
+from fusetune.train.errors import FusetuneError, Interrupted
+
+ERROR_DIR_VARIABLE = "FUSETUNE_ERROR_DIR"
 
 
 def world_size() -> int:
@@ -311,6 +319,49 @@ def torchrun_command(nproc: int, train_argv: list[str]) -> list[str]:
         "train",
         *train_argv,
     ]
+
+
+def run_processes(nproc: int, train_argv: list[str]) -> int:
+    """Run ``fusetune train *train_argv`` in ``nproc`` processes; torchrun's status, or a process's error.
+
+    Raises the first rank's ``FusetuneError`` (``Interrupted`` for Ctrl-C) when a process reported
+    one, so that the launcher prints it and exits as a single process would.
+    """
+    command = torchrun_command(nproc, train_argv)
+    print(f"fusetune train: starting {nproc} processes: {' '.join(command)}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fusetune-errors-") as folder:
+        process = subprocess.Popen(command, env={**os.environ, ERROR_DIR_VARIABLE: folder})
+        try:
+            status = process.wait()
+        except KeyboardInterrupt:  # the processes had Ctrl-C too: let them save their checkpoint and stop
+            status = process.wait()
+        reports = _reports(Path(folder))
+    if status == 0 or not reports:
+        return status
+    interrupted = all(report["interrupted"] for report in reports)
+    messages = list(dict.fromkeys(report["message"] for report in reports))
+    message = (
+        messages[0]
+        if len(messages) == 1
+        else "\n".join(f"rank {report['rank']}: {report['message']}" for report in reports)
+    )
+    raise (Interrupted if interrupted else FusetuneError)(message)
+
+
+def report_to_launcher(error: FusetuneError) -> None:
+    """Leave ``error`` for the ``--nproc`` launcher, when this process is one it started."""
+    folder = os.environ.get(ERROR_DIR_VARIABLE)
+    if not folder or not Path(folder).is_dir():
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    report = {"rank": rank, "interrupted": isinstance(error, Interrupted), "message": str(error)}
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _reports(folder: Path) -> list[dict[str, Any]]:
+    """The errors the processes left in ``folder``, by rank."""
+    reports = [json.loads(path.read_text()) for path in folder.glob("rank*.json")]
+    return sorted(reports, key=lambda report: report["rank"])
 
 
 def reload_with_adapter(config: TrainConfig, adapter_dir: Path) -> nn.Module:

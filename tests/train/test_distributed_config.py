@@ -18,7 +18,7 @@ import yaml
 from fusetune import cli
 from fusetune.train import distributed
 from fusetune.train.config import DistributedSettings, build_config, load_config
-from fusetune.train.errors import FusetuneError
+from fusetune.train.errors import FusetuneError, Interrupted
 from fusetune.train.runner import training_arguments
 
 
@@ -77,8 +77,10 @@ def test_wrap_classes_naming_a_class_fusetune_replaced_says_so():
 
     model = tiny_model("llama")
     fusetune.apply(model)  # (it keeps its report on the model, as _fusetune_report)
-    with pytest.raises(FusetuneError, match="fusetune replaced LlamaMLP with its fused modules.*"
-                                            "LlamaDecoderLayer.*kernels: off"):
+    with pytest.raises(
+        FusetuneError,
+        match="fusetune replaced LlamaMLP with its fused modules.*LlamaDecoderLayer.*kernels: off",
+    ):
         distributed.wrap_classes(model, DistributedSettings("fsdp2", wrap_classes=["LlamaMLP"]))
 
 
@@ -192,15 +194,75 @@ def test_nproc_launches_torchrun_with_the_other_arguments(tmp_path, monkeypatch)
     path = tmp_path / "run.yaml"
     path.write_text("distributed:\n  strategy: fsdp2\nmax_steps: 3\n")
     launched = []
-    monkeypatch.setattr(subprocess, "run", lambda command, check: launched.append(command) or _Done(0))
+    monkeypatch.setattr(
+        subprocess, "Popen", lambda command, env: launched.append(command) or _Processes(0, env)
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: any count is allowed (gloo)
     assert cli.main(["train", str(path), "--nproc", "2", "--lora.r", "4"]) == 0
     assert launched == [distributed.torchrun_command(2, [str(path), "--lora.r", "4"])]
 
 
-class _Done:
-    def __init__(self, returncode: int):
-        self.returncode = returncode
+class _Processes:
+    """torchrun as ``subprocess.Popen`` would start it: each of ``errors`` (one per rank) is reported as
+    ``fusetune.cli.main`` in that process reports it, then torchrun exits with ``returncode``."""
+
+    def __init__(self, returncode: int, env: dict, errors: tuple[Exception, ...] = ()):
+        self.returncode, self.env, self.errors = returncode, env, errors
+
+    def wait(self) -> int:
+        for rank, error in enumerate(self.errors):
+            os.environ[distributed.ERROR_DIR_VARIABLE] = self.env[distributed.ERROR_DIR_VARIABLE]
+            os.environ["RANK"] = str(rank)
+            distributed.report_to_launcher(error)
+        return self.returncode
+
+
+@pytest.mark.parametrize(
+    ("errors", "status", "printed"),
+    [
+        ((FusetuneError("no data"), FusetuneError("no data")), 2, "fusetune: error: no data\n"),
+        (
+            (FusetuneError("no data"), FusetuneError("no GPU")),
+            2,
+            "fusetune: error: rank 0: no data\nrank 1: no GPU\n",
+        ),
+        ((Interrupted("saved in c-4"), Interrupted("saved in c-4")), 130, "fusetune: saved in c-4\n"),
+        ((), 1, ""),  # a traceback in a process: torchrun's own report and status
+    ],
+)
+def test_nproc_exits_with_the_processes_error(errors, status, printed, monkeypatch, capsys, environment):
+    """A process stopped by a ``FusetuneError`` makes the launcher print that message last and exit with
+    status 2 (130 for Ctrl-C), not torchrun's 1 after its failure report."""
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "Popen", lambda command, env: _Processes(1, env, errors))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["train", "--nproc", "2", "--distributed.strategy", "fsdp2"]) == status
+    assert capsys.readouterr().err == printed
+
+
+def test_nproc_reports_a_process_error_from_torchrun(tmp_path):
+    """The same for real: two processes that cannot load their model."""
+    import subprocess
+
+    argv = [
+        "--distributed.strategy",
+        "fsdp2",
+        "--model",
+        str(tmp_path / "missing"),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "fusetune", "train", "--nproc", "2", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"fusetune: error: cannot load model '{tmp_path / 'missing'}'")
 
 
 def test_nproc_refusals(tmp_path, monkeypatch, capsys):
