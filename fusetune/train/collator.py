@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from fusetune.train.data import StoredImage
 from fusetune.train.errors import FusetuneError
 
 IGNORE = -100
@@ -173,8 +174,10 @@ def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 
 def _read_image(image: Any, source: str, read):
-    """``read(PIL image)`` of an image given as a path or encoded bytes (opened for the call, so
-    that nothing decoded stays behind) or as a PIL image."""
+    """``read(PIL image)`` of an image given as a path, encoded bytes or a ``StoredImage`` (opened for
+    the call, so that nothing decoded stays behind) or as a PIL image."""
+    if isinstance(image, StoredImage):
+        image = image.read_bytes()
     if not isinstance(image, (str, bytes)):
         return read(image)
     import io
@@ -216,7 +219,8 @@ def as_rgb(image):
 
 
 def open_image(image: Any, source: str, max_pixels: int):
-    """A RGB PIL image from a path or PIL image, resized under ``max_pixels``."""
+    """A RGB PIL image from a path, encoded bytes, a ``StoredImage`` or a PIL image, resized under
+    ``max_pixels``."""
     image = _read_image(image, source, as_rgb)
     size = _fit(*image.size, max_pixels)
     return image if size == image.size else image.resize(size)

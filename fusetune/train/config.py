@@ -612,7 +612,8 @@ least one.
   image paths relative to the folder.
 - **A `datasets` hub name** (`dataset: user/name`, with `dataset_split`): rows with a `messages`
   column as above (and optionally `images`: PIL images, `{"bytes": ...}` or paths, relative ones
-  read from the working directory; images stay encoded until their batch). Needs
+  read from the working directory; encoded images stay in the data set's table, on disk, until their
+  batch). Needs
   `pip install datasets`.
 - **A folder saved with `datasets`' `save_to_disk`** (`dataset: path/to/saved`): a `Dataset` or a
   `DatasetDict` (its `dataset_split` is used), rows as for a hub name (relative image paths read from

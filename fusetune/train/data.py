@@ -8,7 +8,8 @@ Every source yields the same sample shape, the common ``messages`` format::
         {"role": "assistant", "content": [{"type": "text", "text": "A red circle ..."}]}]}
 
 ``content`` may also be a plain string. Images are given in place (``"image"``: a path relative
-to the JSONL file's folder, an absolute path, or a PIL image in a `datasets` row), or, TRL-style,
+to the JSONL file's folder, an absolute path, or a PIL image or encoded image in a `datasets` row,
+which stays in the data set's table until a batch opens it: ``StoredImage``), or, TRL-style,
 as ``{"type": "image"}`` placeholders filled in order from the row's ``"images"`` list; a row
 whose messages have no placeholder at all gets its images at the start of its first user turn (as
 TRL does), and images left over after the placeholders are an error. Image files are checked to
@@ -136,14 +137,47 @@ def _load_datasets(name: str, split: str, from_disk: bool) -> list[dict[str, Any
 
 
 def _stored_rows(dataset, name: str) -> list[dict[str, Any]]:
-    """The rows of a `datasets` data set as stored, each with its ``_source``: images stay encoded
-    (``{"bytes": ..., "path": ...}``), to be decoded a batch at a time by the collator. Rows read
-    the plain way would decode every image of the set into memory as it loads (60 images of
-    1000 x 1000 pixels took 228 MiB)."""
+    """The rows of a `datasets` data set as stored, each with its ``_source``, every encoded image in
+    them replaced by a ``StoredImage``: its bytes stay in the data set's (memory-mapped) table until
+    the collator opens it for a batch. Rows read the plain way decode every image of the set into
+    memory as it loads (60 images of 1000 x 1000 pixels took 228 MiB); rows holding the bytes keep
+    every image of the set in memory, encoded."""
+    table = dataset.with_format("arrow")
     rows = []
-    for batch in dataset.with_format("arrow").iter(batch_size=1024):
-        rows += [row | {"_source": f"{name} row {len(rows) + i}"} for i, row in enumerate(batch.to_pylist())]
+    for batch in table.iter(batch_size=1024):
+        for row in batch.to_pylist():
+            index = len(rows)
+            rows.append(_with_stored_images(row, table, index, ()) | {"_source": f"{name} row {index}"})
     return rows
+
+
+def _with_stored_images(value: Any, table, row: int, where: tuple) -> Any:
+    """``value`` (a row, or a part of one at ``where``) with each encoded image (`datasets`' Image
+    feature as stored: ``{"bytes": ..., "path": ...}``) replaced by a ``StoredImage``."""
+    if isinstance(value, dict):
+        if isinstance(value.get("bytes"), bytes) and set(value) <= {"bytes", "path"}:
+            return StoredImage(table, row, where)
+        return {key: _with_stored_images(item, table, row, (*where, key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_stored_images(item, table, row, (*where, i)) for i, item in enumerate(value)]
+    return value
+
+
+class StoredImage:
+    """An encoded image in a row of a `datasets` table, read from the table when opened."""
+
+    def __init__(self, table, row: int, where: tuple):
+        self.table, self.row, self.where = table, row, where
+
+    def read_bytes(self) -> bytes:
+        """The image's encoded bytes (one row of the table read)."""
+        value = self.table[self.row].to_pylist()[0]
+        for key in self.where:
+            value = value[key]
+        return value["bytes"]
+
+    def __repr__(self) -> str:
+        return f"StoredImage(row {self.row}, {'/'.join(map(str, self.where))})"
 
 
 def _normalise(row: Any, index: int, root: Path | None) -> dict[str, Any]:
@@ -177,7 +211,7 @@ def _row_images(row: dict, source: str) -> list:
     images = row.get("images")
     if images is None:
         return []
-    if isinstance(images, (str, Path, dict)) or hasattr(images, "convert"):
+    if isinstance(images, (str, Path, dict, StoredImage)) or hasattr(images, "convert"):
         return [images]
     if not isinstance(images, (list, tuple)):
         raise FusetuneError(f"{source}: 'images' must be a list of image paths, not {type(images).__name__}.")
@@ -252,19 +286,20 @@ def _part_type(part: dict) -> str | None:
 def _image_ref(image: Any, root: Path | None, source: str) -> Any:
     """What the collator opens: an image file's path, encoded image bytes (checked to be an image,
     decoded only when a batch needs them) or a PIL image."""
-    if isinstance(image, dict) and image.get("bytes") is not None:
+    if isinstance(image, StoredImage) or isinstance(image, dict) and image.get("bytes") is not None:
         import io
 
         from PIL import Image
 
+        encoded = image.read_bytes() if isinstance(image, StoredImage) else image["bytes"]
         try:
-            Image.open(io.BytesIO(image["bytes"])).close()
+            Image.open(io.BytesIO(encoded)).close()
         except (Image.UnidentifiedImageError, OSError) as error:
             raise FusetuneError(
                 f"{source}: its image bytes cannot be read ({type(error).__name__}: {error}); fix or "
                 "remove the sample."
             ) from None
-        return image["bytes"]
+        return image if isinstance(image, StoredImage) else encoded
     if isinstance(image, dict) and image.get("path"):
         image = image["path"]
     if isinstance(image, (str, Path)):

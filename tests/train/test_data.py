@@ -8,7 +8,7 @@ import pytest
 
 from fusetune.train import demo
 from fusetune.train.config import load_config
-from fusetune.train.data import load_samples, load_splits
+from fusetune.train.data import StoredImage, load_samples, load_splits
 from fusetune.train.errors import FusetuneError
 
 
@@ -283,9 +283,10 @@ def test_unreadable_image_bytes_name_their_row(tmp_path):
 
 
 def test_images_of_a_datasets_source_stay_encoded_until_a_batch_needs_them(tmp_path):
-    """A saved `datasets` set with images in its rows: loading keeps each image's encoded bytes
-    (read the plain way, every image was decoded into memory at once), and the collator's batch
-    equals the one made from the decoded images themselves."""
+    """A saved `datasets` set with images in its rows: the loaded samples hold no image, decoded or
+    encoded (read the plain way, every image of the set was decoded into memory at once; then every
+    image's bytes were held), only where each lies in the data set's table, and the collator's
+    batch equals the one made from the decoded images themselves."""
     datasets = pytest.importorskip("datasets")
     import torch
 
@@ -299,7 +300,8 @@ def test_images_of_a_datasets_source_stay_encoded_until_a_batch_needs_them(tmp_p
     datasets.Dataset.from_dict(rows).cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(
         str(tmp_path / "saved"))
     samples = load_samples(str(tmp_path / "saved"))
-    assert all(isinstance(s["messages"][0]["content"][0]["image"], bytes) for s in samples)
+    assert all(isinstance(s["messages"][0]["content"][0]["image"], StoredImage) for s in samples)
+    assert not _held_bytes(samples)
     decoded = [{**s, "messages": [{**s["messages"][0], "content": [{"type": "image", "image": image},
                                                                     *s["messages"][0]["content"][1:]]},
                                   s["messages"][1]]} for s, image in zip(samples, originals, strict=True)]
@@ -308,3 +310,39 @@ def test_images_of_a_datasets_source_stay_encoded_until_a_batch_needs_them(tmp_p
     assert batch.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(batch[key], value, rtol=0, atol=0, msg=key)
+
+
+def _held_bytes(value) -> list[bytes]:
+    """Every ``bytes`` object held in ``value`` (nested dicts, lists and tuples)."""
+    if isinstance(value, bytes):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [held for item in value for held in _held_bytes(item)]
+    return []
+
+
+def test_stored_images_in_content_parts_and_lone_images(tmp_path):
+    """Encoded images anywhere in a row (a content part's ``image``, a lone ``images`` value) are
+    read from the table when opened: the same pixels as the files they were made from."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from fusetune.train.collator import open_image
+
+    demo.write_dataset(tmp_path, 2)
+    files = [tmp_path / "images" / f"{i:05d}.png" for i in range(2)]
+    encoded = [{"bytes": path.read_bytes(), "path": None} for path in files]
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "a shape"}]}
+    question = [{"type": "image", "image": encoded[0]}, {"type": "text", "text": "q"}]
+    in_part = [{"role": "user", "content": question}, answer]
+    datasets.Dataset.from_list([{"messages": in_part}]).save_to_disk(str(tmp_path / "parts"))
+    lone = [{"messages": _chat(), "images": encoded[1]}]
+    datasets.Dataset.from_list(lone).save_to_disk(str(tmp_path / "lone"))
+    for folder, path in (("parts", files[0]), ("lone", files[1])):
+        (sample,) = load_samples(str(tmp_path / folder))
+        assert not _held_bytes(sample)
+        image = sample["messages"][0]["content"][0]["image"]
+        with Image.open(path) as expected:
+            assert list(open_image(image, "t", 10**8).getdata()) == list(expected.convert("RGB").getdata())
