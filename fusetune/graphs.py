@@ -128,7 +128,7 @@ def check_labels(batch: Mapping, vocab_size: int | None, ignore_index: int) -> N
     cannot: see ``fusetune.ops.cross_entropy.LabelCheck``)."""
     labels = batch.get("labels")
     if isinstance(labels, torch.Tensor):
-        LabelCheck(flatten_labels(labels, labels.numel()), vocab_size, ignore_index).raise_if_bad()
+        LabelCheck(flatten_labels(labels, labels.shape), vocab_size, ignore_index).raise_if_bad()
 
 
 def capturable_parameters(model: nn.Module) -> list[nn.Parameter]:

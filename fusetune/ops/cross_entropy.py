@@ -28,11 +28,14 @@ The labels' count, the loss's denominator and that check come from one small ker
 The row kernel is shared with ``linear_cross_entropy``, which runs it in place on chunks of logits.
 
 Edge case, by design: when every label is ``ignore_index`` the "mean" loss is 0 with zero
-gradients (torch returns NaN there); one bad batch then cannot poison a run.
+gradients (torch returns NaN there); one bad batch then cannot poison a run. And the gradient made
+in forward is handed out, scaled in place, by the one backward: a second backward over the same
+graph is refused (``hand_out_once``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -410,20 +413,26 @@ def check_options(
         raise ValueError(f"fusetune: reduction={reduction!r}; use one of {_REDUCTIONS}.")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"fusetune: label_smoothing={label_smoothing} must lie in [0, 1].")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"fusetune: softcap={softcap} must be positive (or None for no capping).")
-    if z_loss < 0:
-        raise ValueError(f"fusetune: z_loss={z_loss} must be >= 0.")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"fusetune: softcap={softcap} must be positive and finite (or None for no capping).")
+    if not 0 <= z_loss < math.inf:
+        raise ValueError(f"fusetune: z_loss={z_loss} must be >= 0 and finite.")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(
             "fusetune: num_items_in_batch replaces the 'mean' denominator; it cannot be combined "
             f"with reduction={reduction!r}. Use reduction='mean'."
         )
-    items = _host_number(num_items_in_batch)
-    if items is not None and not items >= 0:
+    if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() != 1:
         raise ValueError(
-            f"fusetune: num_items_in_batch={items} must be >= 0: it counts the labelled tokens of the "
-            "whole accumulated batch."
+            f"fusetune: num_items_in_batch is a tensor of shape {tuple(num_items_in_batch.shape)}; give "
+            "one number (a Python number or a one-element tensor): the labelled tokens of the whole "
+            "accumulated batch."
+        )
+    items = _host_number(num_items_in_batch)
+    if items is not None and not 0 <= items < math.inf:
+        raise ValueError(
+            f"fusetune: num_items_in_batch={items} must be >= 0 and finite: it counts the labelled "
+            "tokens of the whole accumulated batch."
         )
 
 
@@ -460,6 +469,23 @@ def _scale_unless_one_kernel(x_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr):
             mask = offs < n_elements
             x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
             tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def hand_out_once(ctx, op: str) -> None:
+    """Refuse a second backward over one graph of an op whose gradient was made in its forward.
+
+    The first backward scales that gradient in place by ``grad_output`` and hands it out (so no
+    second tokens x vocab buffer is ever made); a second one (``retain_graph=True``) would scale
+    it again, and change what the first returned: silently wrong gradients.
+    """
+    if getattr(ctx, "handed_out", False):
+        raise RuntimeError(
+            f"fusetune.{op}: backward ran a second time over the same graph (retain_graph=True); "
+            "its gradient is made in forward and handed out by the first backward. Compute the loss "
+            "again before each backward, or use reduction='none' (its backward computes the "
+            "gradient from the saved input, and can run again)."
+        )
+    ctx.handed_out = True
 
 
 def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
@@ -499,7 +525,7 @@ class _CrossEntropy(torch.autograd.Function):
         needs_grad,
     ):
         rows = as_rows(logits)
-        flat_labels = flatten_labels(labels, rows.shape[0])
+        flat_labels = flatten_labels(labels, logits.shape[:-1])
         # The range check is queued before the row kernel, so that reading it in backward waits
         # for nothing after it. The kernel clamps bad labels, so running it before the error is
         # raised is safe.
@@ -530,6 +556,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         ctx.labels_check.raise_if_bad()
         if ctx.stored_grad:
+            hand_out_once(ctx, "cross_entropy")
             (stored,) = ctx.saved_tensors
             grad = scale_by_grad_output(stored, grad_output)
         else:
@@ -556,7 +583,7 @@ def cross_entropy_reference(
     z = logits.reshape(-1, logits.shape[-1]).float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    flat = check_labels(labels, z.shape[0], z.shape[1], ignore_index)
+    flat = check_labels(labels, logits.shape[:-1], z.shape[1], ignore_index)
     per_row = torch.nn.functional.cross_entropy(
         z, flat, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     )

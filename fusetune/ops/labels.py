@@ -12,6 +12,7 @@ reductions took 11 (cross_entropy) to 15 (linear_cross_entropy) kernel launches 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -27,16 +28,21 @@ _SUMMARY_BLOCK = 8192
 _COUNT, _FROM_TENSOR, _FIXED = 0, 1, 2
 
 
-def flatten_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``labels`` as (n_rows,) contiguous int64, after checking their type and count."""
+def flatten_labels(labels: torch.Tensor, rows_shape: torch.Size) -> torch.Tensor:
+    """``labels`` as flat contiguous int64, after checking their type and shape: the input's leading
+    shape ``rows_shape`` (one label per row), or already flat with one label per row. Other shapes of
+    the same count would pair labels with rows in an order nobody meant."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(
             f"fusetune: labels must be an integer tensor (got {labels.dtype}); use .long()."
         )
-    if labels.numel() != n_rows:
+    n_rows = math.prod(rows_shape)
+    if labels.shape != rows_shape and (labels.dim() != 1 or labels.numel() != n_rows):
         raise ValueError(
-            f"fusetune: {labels.numel()} labels for {n_rows} rows of logits; pass one label per row "
-            "(for a causal LM, shift labels before calling, or use the patched model's loss)."
+            f"fusetune: labels of shape {tuple(labels.shape)} for rows of shape {tuple(rows_shape)} "
+            f"(the input's shape but its last dim); pass one label per row, of shape "
+            f"{tuple(rows_shape)} or ({n_rows},) (for a causal LM, shift labels before calling, or use "
+            "the patched model's loss)."
         )
     return labels.reshape(-1).to(torch.int64).contiguous()
 
@@ -113,15 +119,16 @@ class LabelCheck:
 
 
 def check_labels(
-    labels: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int
+    labels: torch.Tensor, rows_shape: torch.Size, n_classes: int, ignore_index: int
 ) -> torch.Tensor:
-    """Flatten ``labels`` to (n_rows,) int64 and fail clearly on any label outside [0, n_classes).
+    """Flatten ``labels`` (see ``flatten_labels``) to int64 and fail clearly on any label outside
+    [0, n_classes).
 
     Costs one small reduction and one host sync. (The kernels never read outside a row whatever
     the labels: they clamp the index they load; this check is what turns a bad label into an
     error.) Not while a CUDA graph is captured (see ``LabelCheck``).
     """
-    flat = flatten_labels(labels, n_rows)
+    flat = flatten_labels(labels, rows_shape)
     LabelCheck(flat, n_classes, ignore_index).raise_if_bad()
     return flat
 

@@ -47,6 +47,7 @@ from fusetune.ops.cross_entropy import (
     check_options,
     cross_entropy_reference,
     cross_entropy_rows,
+    hand_out_once,
     reduce_losses,
     scale_by_grad_output,
 )
@@ -210,7 +211,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             rows = as_rows(hidden)
             n_rows, vocab = rows.shape[0], weight.shape[0]
-            flat_labels = flatten_labels(labels, n_rows)
+            flat_labels = flatten_labels(labels, hidden.shape[:-1])
             summary = summarise_labels(
                 flat_labels, vocab, options["ignore_index"], reduction, num_items_in_batch
             )
@@ -246,6 +247,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden_shape, hidden_dtype, weight_dtype, bias_dtype, n_rows = ctx.shapes
         if ctx.eager_grad:
+            hand_out_once(ctx, "linear_cross_entropy")
             labelled, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             grads = [
                 scale_by_grad_output(g, grad_output) if g is not None else None

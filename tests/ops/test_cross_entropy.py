@@ -263,6 +263,12 @@ def test_label_out_of_range_is_a_clear_error(bad):
         (dict(num_items_in_batch=-3), "num_items_in_batch=-3.0 must be >= 0"),
         (dict(num_items_in_batch=torch.tensor(-2)), "num_items_in_batch=-2.0 must be >= 0"),
         (dict(num_items_in_batch=float("nan")), "num_items_in_batch=nan must be >= 0"),
+        (dict(num_items_in_batch=float("inf")), "num_items_in_batch=inf must be >= 0 and finite"),
+        (dict(num_items_in_batch=torch.tensor([3, 4])), r"tensor of shape \(2,\); give one number"),
+        (dict(z_loss=float("nan")), "z_loss=nan must be >= 0 and finite"),
+        (dict(z_loss=float("inf")), "z_loss=inf"),
+        (dict(softcap=float("inf")), "softcap=inf must be positive and finite"),
+        (dict(softcap=float("nan")), "softcap=nan"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):
@@ -275,8 +281,43 @@ def test_bad_label_dtype_and_count():
     logits, labels = make_inputs(torch.float32)
     with pytest.raises(TypeError, match="integer"):
         cross_entropy(logits, labels.float())
-    with pytest.raises(ValueError, match="labels for"):
+    with pytest.raises(ValueError, match=r"labels of shape \(\d+,\) for rows of shape"):
         cross_entropy(logits, labels[:-1])
+
+
+def test_labels_take_the_rows_shape_or_a_flat_one():
+    """Labels of the logits' leading shape, or flat: the same losses; another shape of the same count
+    (which would pair labels with rows in flat order) is refused, as torch refuses it."""
+    logits, labels = make_inputs(torch.float32, rows=12)
+    grid = logits.view(3, 4, -1)
+    expected = cross_entropy_reference(grid, labels.view(3, 4), reduction="none")
+    torch.testing.assert_close(cross_entropy(grid, labels.view(3, 4), reduction="none"), expected)
+    torch.testing.assert_close(cross_entropy(grid, labels, reduction="none"), expected.reshape(-1))
+    for op in (cross_entropy, cross_entropy_reference):
+        with pytest.raises(ValueError, match=r"labels of shape \(4, 3\) for rows of shape \(3, 4\)"):
+            op(grid, labels.view(4, 3))
+
+
+@pytest.mark.parametrize("twice", ["backward", "autograd.grad"])
+def test_a_second_backward_over_one_graph_is_refused(twice):
+    """The gradient made in forward is scaled in place and handed out by the first backward: a
+    second one over the same graph would scale it again (and change what the first returned), so
+    it is refused. reduction='none' computes its gradient in backward, and may run again."""
+    logits, labels = make_inputs(torch.float32)
+    logits.requires_grad_(True)
+    loss = cross_entropy(logits, labels)
+    (first,) = torch.autograd.grad(loss * 3, logits, retain_graph=True)
+    x64 = logits.detach().double().requires_grad_()
+    (reference,) = torch.autograd.grad(float64_loss(x64, labels) * 3, x64)
+    assert_close_to_float64(first, reference, torch.float32, "first backward")
+    with pytest.raises(RuntimeError, match="backward ran a second time .* Compute the loss again"):
+        if twice == "backward":
+            loss.backward()
+        else:
+            torch.autograd.grad(loss * 2, logits)
+    per_row = cross_entropy(logits, labels, reduction="none")
+    grads = [torch.autograd.grad(per_row.sum() * k, logits, retain_graph=True)[0] for k in (2.0, 3.0)]
+    torch.testing.assert_close(grads[1], grads[0] * 1.5)
 
 
 def test_labels_on_another_device_are_a_clear_error():

@@ -237,3 +237,30 @@ def test_bad_input_is_a_clear_error(kwargs, error, message):
     w = w.to(kwargs.get("weight_device", w.device))
     with pytest.raises(error, match=message):
         linear_cross_entropy(h, w, labels, chunk_rows=kwargs.get("chunk_rows"))
+
+
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trainable", "frozen"])
+def test_a_second_backward_over_one_graph_is_refused(train_weight):
+    """As cross_entropy's: the gradients made in forward are scaled in place and handed out by the
+    first backward, so a second backward over the same graph is refused, not scaled twice."""
+    h, w, _, labels = make_inputs(torch.float32)
+    h.requires_grad_(True)
+    w.requires_grad_(train_weight)
+    leaves = (h, w) if train_weight else (h,)
+    loss = linear_cross_entropy(h, w, labels)
+    first = torch.autograd.grad(loss * 3, leaves, retain_graph=True)
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    exact = float64_fn(leaves64[0], leaves64[1] if train_weight else w.double(), labels)
+    for got, expected in zip(first, torch.autograd.grad(exact * 3, leaves64), strict=True):
+        assert_close_to_float64(got, expected, torch.float32, "first backward")
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: backward ran a second time"):
+        torch.autograd.grad(loss * 2, leaves)
+
+
+def test_labels_of_another_shape_than_the_rows_are_refused():
+    h, w, _, labels = make_inputs(torch.float32, rows=12)
+    grid = h.view(3, 4, -1)
+    expected = linear_cross_entropy_reference(grid, w, labels.view(3, 4), reduction="none")
+    torch.testing.assert_close(linear_cross_entropy(grid, w, labels.view(3, 4), reduction="none"), expected)
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 3\) for rows of shape \(3, 4\)"):
+        linear_cross_entropy(grid, w, labels.view(4, 3))

@@ -1,5 +1,12 @@
 """``save_merged: true``: the shortened demo writes ``merged/``, a plain transformers model folder
-whose forward is the adapter's, merged into the base weights and rounded to 16 bits."""
+whose forward is the adapter's, merged into the base weights and rounded to 16 bits.
+
+The base the adapter is merged into is the one the run trained: ``dtype: auto`` trains in bfloat16
+on a GPU that has it (its base weights already rounded to bfloat16) and in float32 on a CPU. The
+reference below rounds the demo base's parameters alike; merging into the float32 base instead
+differs from a bfloat16 run's merge by one bfloat16 step in most merged weights (about 0.05 in the
+logits), which is the base's own rounding, not a fault of the merge.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ def test_save_merged_loads_with_from_pretrained_and_matches_the_adapter(tmp_path
 
     from fusetune.train import demo
     from fusetune.train.collator import ChatCollator
+    from fusetune.train.model import resolve_dtype
 
     out = tmp_path / "run"
     argv = ["--max_steps", "5", "--demo_samples", "40", "--batch_size", "8", "--eval_split", "0"]
@@ -37,16 +45,14 @@ def test_save_merged_loads_with_from_pretrained_and_matches_the_adapter(tmp_path
     batch = ChatCollator(processor, 64, demo.IMAGE_SIZE**2)(demo.samples(4, seed=7))
 
     base = demo.build_model(processor.tokenizer)  # the same random base weights every time
+    round_parameters(base, resolve_dtype("auto"))  # as the run above trained them
     adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         peft_logits = adapted(**batch).logits
         with adapted.disable_adapter():
             base_logits = adapted(**batch).logits
         reference = adapted.merge_and_unload().eval()
-        # merged/ holds bfloat16 weights: round the reference's weights alike (only the parameters;
-        # buffers such as the rotary frequencies are recomputed in float32 by from_pretrained).
-        for parameter in reference.parameters():
-            parameter.copy_(parameter.to(torch.bfloat16).float())
+        round_parameters(reference, torch.bfloat16)  # merged/ holds bfloat16 weights
         expected = reference(**batch).logits
         got = merged(**batch).logits
     assert got.dtype == torch.float32 and got.shape == expected.shape
@@ -54,3 +60,12 @@ def test_save_merged_loads_with_from_pretrained_and_matches_the_adapter(tmp_path
     # The adapter is in there (not the base weights), up to the 16-bit rounding.
     assert (got - peft_logits).abs().max().item() < 0.1
     assert (peft_logits - base_logits).abs().max().item() > 10 * (got - peft_logits).abs().max().item()
+
+
+def round_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round ``model``'s parameters to ``dtype`` in place, keeping them float32: the base weights a run
+    in ``dtype`` trains on. Buffers stay as they are (``from_pretrained`` recomputes the rotary
+    frequencies in float32 whatever the weights' dtype)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(dtype).float())
