@@ -527,7 +527,13 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
 
 
 def save_merged(model, processor, path: Path, dtype: torch.dtype) -> Path:
-    """The base model with the adapter merged in, in 16-bit (bfloat16 unless training ran in float16)."""
+    """The base model with the adapter merged in, in 16-bit (bfloat16 unless training ran in float16).
+
+    The adapter merges into the base as this run holds it, the weights it trained against: a bfloat16
+    run (``dtype: auto`` on a GPU) has its base in bfloat16 already, so its merge differs from a merge
+    into the float32 original by that rounding. PEFT adds the float32 LoRA update in float32 and rounds
+    once (tests/train/test_merged_keys.py checks every saved tensor against that).
+    """
     import fusetune
 
     fusetune.unapply(model)
