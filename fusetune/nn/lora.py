@@ -91,7 +91,18 @@ def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
     weight, bias = layer._parameters["weight"], layer._parameters.get("bias")
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "the base weight or bias is trainable (fused LoRA needs a frozen base)"
-    return _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
+    if weight.device.type == "meta":
+        return "its weights are on the meta device (offloaded: loaded only inside its own forward)"
+    return _hooked(layer) or _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
+
+
+def _hooked(layer: nn.Module) -> str | None:
+    """Why a layer with forward hooks must run its own forward: the fused paths read its weights and
+    never call it, so its hooks would not run (PEFT's ``adapter_names=`` batches are such a hook,
+    added for the call on every LoRA layer)."""
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        return f"{type(layer).__name__} has forward hooks (e.g. PEFT's adapter_names), run by its forward"
+    return None
 
 
 def projection_weights(layer: nn.Module) -> LoraWeights | str:
@@ -100,11 +111,12 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     Fast path: a frozen linear layer (its bias frozen too), or a PEFT LoRA layer over one, with exactly one
     active adapter that is plain LoRA (no DoRA or other variant), dropout 0, no LoRA bias and no
     ``fan_in_fan_out``. Disabled adapters, or merged ones, give the base weight alone, as PEFT does.
-    Weights a sharding engine has not gathered for this reader (``_unreadable``) run unfused too.
+    Weights a sharding engine has not gathered for this reader (``_unreadable``), weights offloaded
+    to the meta device and layers with forward hooks (``_hooked``) run unfused too.
     """
     if not is_lora_layer(layer):
         return _frozen_linear(layer)
-    unit = _unreadable((layer,))  # a LoRA layer wrapped by fully_shard on its own
+    unit = _hooked(layer) or _unreadable((layer,))  # e.g. a LoRA layer wrapped by fully_shard on its own
     if unit is not None:
         return unit
     children = layer._modules

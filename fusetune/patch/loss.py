@@ -102,6 +102,18 @@ def _plain_linear(head: nn.Module | None) -> bool:
     return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
 
 
+def _unreadable_weight(head: nn.Linear) -> str | None:
+    """Why the fused loss cannot read ``head.weight`` itself now (the original forward runs): offloaded
+    to the meta device (loaded only inside the head's own forward), or float64 (the kernels take
+    bfloat16, float16 and float32)."""
+    weight = head.weight
+    if weight.device.type == "meta":
+        return "weight is on the meta device (offloaded: loaded only inside its own forward)"
+    if weight.dtype == torch.float64:
+        return "weight is float64 (the fused loss takes bfloat16, float16 and float32)"
+    return None
+
+
 def _base_model(model: nn.Module) -> nn.Module | None:
     """The module the head's forward calls for the hidden states: ``base_model_prefix``, else ``model``."""
     for name in (getattr(model, "base_model_prefix", ""), "model"):
@@ -135,6 +147,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"lm_head is a {kind}, not a plain torch.nn.Linear (LoRA / modules_to_save on it)"
     if head.out_features != model.config.get_text_config().vocab_size:
         return "lm_head's output size differs from config.vocab_size"
+    unread = _unreadable_weight(head)
+    if unread:
+        return f"lm_head's {unread}"
     if model.loss_function is not ForCausalLMLoss:
         return "loss_function is not transformers' ForCausalLMLoss"
     missing = _named_parameters(model.forward) - _named_parameters(base.forward) - set(_HEAD_ONLY)
@@ -227,6 +242,7 @@ def fused_forward(model: PreTrainedModel, args: tuple, kwargs: dict):
         or arguments.get("labels") is None
         or not model.training
         or not _plain_linear(head)
+        or _unreadable_weight(head)
         or model.loss_function is not ForCausalLMLoss
         # 2-D positions: transformers 5.17's heads index hidden[:, positions], later ones differ
         or (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() > 1)

@@ -86,4 +86,6 @@ def probe_device(module: nn.Module) -> torch.device | str:
     device = params[0].device
     if device.type == "meta":
         return "its parameters are on the meta device (patch after loading the weights)"
+    if params[0].dtype == torch.float64:
+        return "its parameters are float64 (fusetune's kernels take bfloat16, float16 and float32)"
     return device

@@ -265,3 +265,43 @@ def test_4bit_bytes_cast_to_another_dtype_of_the_same_width_are_refused():
     layer._parameters["weight"] = nn.Parameter(stored.data.to(torch.float16), requires_grad=False)
     with pytest.raises(ValueError, match="stored as torch.bfloat16 but reached its forward as torch.float16"):
         base_weight(layer)
+
+
+def test_mixed_adapter_batches_follow_peft(fused_calls):
+    """PEFT's ``adapter_names=`` (a row per adapter, "__base__" for none) reaches each LoRA layer as a
+    forward hook: the fused MLP read the weights without calling its projections, so every row took
+    the active adapter (0.84 off PEFT's logits). Projections with hooks now run their own forward."""
+    lora, reference = _lora_pair("llama")
+    fusetune.apply(lora)
+    ids = batch()["input_ids"][:2]
+    names = ["__base__", "default"]
+    with torch.no_grad():
+        got = lora.eval()(input_ids=ids, adapter_names=names).logits
+        expected = reference.eval()(input_ids=ids, adapter_names=names).logits
+        with reference.disable_adapter():
+            base = reference(input_ids=ids).logits
+    assert_close(got, expected, "logits")
+    assert_close(got[0], base[0], "the __base__ row")
+    assert fused_calls["mlp"] == 0
+    with torch.no_grad():  # without hooks, the fused paths again
+        assert_close(lora(input_ids=ids).logits, reference(input_ids=ids).logits, "logits")
+    assert fused_calls["mlp"] == 2
+
+
+def test_offloaded_weights_run_unfused_with_their_reason():
+    """accelerate's offload (``device_map`` with a CPU or disk share) keeps weights on the meta device,
+    loaded inside each module's own forward: the LoRA attention and the loss are left alone, naming
+    it (the attention was reported fused and the first forward failed)."""
+    from accelerate import cpu_offload
+
+    lora, reference = _lora_pair("llama")
+    for model in (lora, reference):
+        cpu_offload(model.get_base_model(), execution_device=torch.device("cpu"))
+    report = fusetune.apply(lora)
+    assert not report.patched["lora"] and not report.patched["loss"]
+    assert all("meta device" in reason for _, reason in report.left_alone["lora"])
+    loss_reasons = [reason for _, reason in report.left_alone["loss"]]
+    assert len(loss_reasons) == 1 and "lm_head's weight is on the meta device" in loss_reasons[0]
+    inputs = batch()
+    with torch.no_grad():
+        assert_close(lora(**inputs).loss, reference(**inputs).loss, "loss")

@@ -231,3 +231,16 @@ def test_call_parameters_bind_as_inspect_binds():
         for args, kwargs in calls:
             expected = _reference_bind(function, args, kwargs)
             assert parameters.bind(args, kwargs) == expected, (function.__name__, args, kwargs)
+
+
+def test_a_float64_model_is_left_alone_naming_why():
+    """fusetune's kernels take bf16, fp16 and fp32: a float64 model (gradient checks) keeps its own
+    modules and loss, each reason naming the dtype (the loss was patched and its first training
+    forward failed; the norms' reason read "probe mismatch")."""
+    model, reference = tiny_model("llama").double(), tiny_model("llama").double()
+    report = fusetune.apply(model)
+    assert not report.patched["rms_norm"] and not report.patched["loss"]
+    assert all("float64" in reason for _, reason in report.left_alone["rms_norm"])
+    assert all("float64" in reason for _, reason in report.left_alone["loss"])
+    inputs = batch()
+    torch.testing.assert_close(model(**inputs).loss, reference(**inputs).loss)
