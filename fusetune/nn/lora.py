@@ -132,6 +132,9 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     lora_a_dict, lora_b_dict = children["lora_A"]._modules, children["lora_B"]._modules
     active = [name for name in layer.active_adapters if name in lora_a_dict]
     if len(active) != 1:
+        factors = children["lora_A"]
+        if not isinstance(factors, nn.ModuleDict):  # AdaLoRA's ParameterDict
+            return f"{type(layer).__name__} is not plain LoRA (its lora_A is a {type(factors).__name__})"
         return f"{len(active)} active LoRA adapters (the fused path takes exactly one)"
     name = active[0]
     variants = layer.__dict__.get("lora_variant", {})

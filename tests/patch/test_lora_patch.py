@@ -305,3 +305,20 @@ def test_offloaded_weights_run_unfused_with_their_reason():
     inputs = batch()
     with torch.no_grad():
         assert_close(lora(**inputs).loss, reference(**inputs).loss, "loss")
+
+
+def test_adalora_is_left_alone_naming_why():
+    """AdaLoRA keeps its factors in ParameterDicts (and a singular-value vector): PEFT's path runs,
+    and the reason says so (it read "0 active LoRA adapters")."""
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    config = dict(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], total_step=10)
+    config["init_lora_weights"] = False
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, peft.AdaLoraConfig(**config))
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(reference, peft.AdaLoraConfig(**config))
+    report = fusetune.apply(lora)
+    assert not report.patched["lora"] and report.left_alone["lora"]
+    assert all("not plain LoRA (its lora_A is a ParameterDict)" in r for _, r in report.left_alone["lora"])
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
