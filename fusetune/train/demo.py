@@ -222,8 +222,18 @@ def build_model(tokenizer, dtype=None):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if dtype is not None:
-        model = model.to(dtype)
+        _cast_parameters(model, dtype)
     return model
+
+
+def _cast_parameters(model, dtype) -> None:
+    """``model``'s parameters to ``dtype``, its buffers as they are: the rotary frequencies stay in
+    float32, as ``from_pretrained(dtype=...)`` keeps them (a ``model.to(dtype)`` alone would round
+    them, and the run would train against other frequencies than its saved model loads with)."""
+    buffers = [(module, name, value) for module in model.modules() for name, value in module._buffers.items()]
+    model.to(dtype)
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer
 
 
 def draw(shape: str, colour: str, position: str, background: str, rng: random.Random, size: int = IMAGE_SIZE):

@@ -184,3 +184,22 @@ def test_a_model_needing_its_own_code_is_refused_without_a_prompt(tmp_path):
         "class TinyConfig(Qwen2Config):\n    model_type = 'tinycustom'\n")
     message = refusal(folder)
     assert "needs Python code of its own to load (transformers' trust_remote_code)" in message
+
+
+def test_the_demo_model_in_bf16_keeps_float32_rotary_frequencies_as_from_pretrained_does(tmp_path):
+    """A bf16 demo run trains with the rotary frequencies its saved model loads with: float32, as
+    ``from_pretrained(dtype=bfloat16)`` keeps them (``model.to(bf16)`` rounded them, about 5e-3 on
+    the logits against the saved model)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    tokenizer = demo.build_processor().tokenizer
+    model = demo.build_model(tokenizer, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    buffers = dict(model.named_buffers())
+    assert buffers and buffers.keys() == dict(loaded.named_buffers()).keys()
+    for name, buffer in loaded.named_buffers():
+        assert buffer.dtype == buffers[name].dtype == torch.float32, name
+        torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
