@@ -1,8 +1,9 @@
 """The ``fusetune`` command: ``fusetune train [CONFIG.yaml] [--key value ...]`` and ``fusetune info``.
 
 Problems with the input or the setup (``FusetuneError``) print one line, ``fusetune: error: ...``,
-and exit with status 2, without a traceback; Ctrl-C (SIGINT) prints where the last checkpoint is and
-how to resume, also without a traceback, and exits with status 130.
+and exit with status 2, without a traceback. Ctrl-C (SIGINT) or SIGTERM during training finishes the
+optimiser step, saves a checkpoint, prints where it is and how to resume, also without a traceback,
+and exits with status 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ USAGE = """usage: fusetune train [--nproc N] [CONFIG.yaml] [--key value ...]
 train   LoRA fine-tuning from a YAML config; command-line overrides win over the file (nested keys
         with a dot: --lora.r 8; a bare flag means true: --resume). With no config, the embedded
         default runs: a tiny Qwen2-VL with random weights learns to caption synthetic shapes on the CPU.
-        Trainer writes a checkpoint every save_steps steps; after Ctrl-C or a kill, run the same
-        command with --resume to continue from the last one.
+        Trainer writes a checkpoint every save_steps steps, and one more on Ctrl-C or SIGTERM (it
+        finishes the step, saves and stops; a second Ctrl-C stops at once); after a stop or a kill,
+        run the same command with --resume to continue from the last one.
         --nproc N: train on N GPUs of this machine (without GPUs: N CPU processes);
         starts N processes with torchrun (python -m torch.distributed.run --standalone
         --nproc_per_node N -m fusetune train ...). Needs distributed.strategy fsdp2 or
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as error:
         _report_to_launcher(error)
         print(f"fusetune: {error}", file=sys.stderr)
-        return 130
+        return error.status
     except FusetuneError as error:
         _report_to_launcher(error)
         print(f"fusetune: error: {error}", file=sys.stderr)

@@ -115,25 +115,38 @@ class TrainConfig:
     """Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)."""
     weight_decay: float = 0.0
     """AdamW weight decay (>= 0)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradients' global norm to this before each optimiser step (0: no clipping)."""
     max_steps: int = -1
-    """Optimiser steps; -1 to use epochs."""
+    """Optimiser steps; -1 to use epochs. May be raised for a resume (the learning-rate schedule is
+    then recomputed over the new length; a note says so)."""
     epochs: float = 1.0
     """Passes over the training set (when max_steps is -1)."""
     seed: int = 42
     """Seed of the weights' init (LoRA), the data order and the eval_split draw; in [0, 2**32)."""
     output_dir: str = "fusetune-output"
-    """Folder for checkpoints, the adapter, config.yaml, metrics.json, loss.png (and merged/)."""
+    """Folder for checkpoints, the adapter, config.yaml, metrics.json, loss.png (and merged/); created
+    and checked writable before anything loads. A fresh run refuses one holding an earlier run's outputs
+    (see overwrite_output_dir)."""
+    overwrite_output_dir: bool = False
+    """Start a fresh run in an output_dir that holds an earlier run's outputs, deleting its checkpoints,
+    adapter, merged weights, config.yaml, metrics.json and loss.png first (not with resume)."""
     save_steps: int = 50
-    """Write a Trainer checkpoint (adapter, optimiser, scheduler, RNG) every this many steps."""
+    """Write a Trainer checkpoint (adapter, optimiser, scheduler, RNG, and fusetune_run.json: the
+    run's config) every this many steps, and on Ctrl-C or SIGTERM (the step finishes, is saved, the
+    run stops with status 130 or 143; a second Ctrl-C stops at once)."""
     save_total_limit: int = 2
     """Keep at most this many checkpoints (0: keep them all)."""
     save_merged: bool = False
     """Also save the base model with the adapter merged in, in 16-bit (output_dir/merged)."""
     resume: Union[bool, str] = False  # noqa: UP007
-    """true: continue from the last checkpoint in output_dir; or a checkpoint folder. Needs the
-    checkpoint's lora settings (another r or other layers is an error: set them back, or start fresh)."""
+    """true: continue from the last complete checkpoint in output_dir; or a checkpoint folder. Needs
+    the settings its run trained with (model, data, lora, batch, optimiser, schedule, seed, dtype,
+    processes: any other value is an error naming it); max_steps / epochs, output, logging, saving and
+    speed settings may change."""
     logging_steps: int = 1
-    """Log the training loss every this many steps, and at the last step."""
+    """Log the training loss (and grad norm) every this many steps, at each checkpoint and at the last
+    step. A loss or grad norm that is not finite stops the run with an error (no adapter is saved)."""
     eval_steps: int = 0
     """Evaluate every this many steps and at the last step (0: only at the end)."""
     show_samples: int = 4
@@ -420,9 +433,22 @@ def validate(config: TrainConfig) -> None:
         raise _bad("epochs", f"must be positive when max_steps is -1, got {config.epochs}.")
     if isinstance(config.eval_split, float) and not 0.0 <= config.eval_split < 1.0:
         raise _bad("eval_split", f"a fraction must be in [0, 1), got {config.eval_split}.")
+    if config.resume not in (False, "") and config.overwrite_output_dir:
+        raise _bad(
+            "overwrite_output_dir",
+            "true starts a fresh run, deleting the earlier one's checkpoints, and resume continues one; "
+            "drop one of them.",
+        )
     if config.warmup < 0:
         raise _bad("warmup", f"must be >= 0, got {config.warmup}.")
-    for key in ("show_samples", "eval_steps", "save_total_limit", "dataloader_workers", "weight_decay"):
+    for key in (
+        "show_samples",
+        "eval_steps",
+        "save_total_limit",
+        "dataloader_workers",
+        "weight_decay",
+        "max_grad_norm",
+    ):
         if getattr(config, key) < 0:
             raise _bad(key, f"must be >= 0, got {getattr(config, key)}.")
     if config.mlp_tile_rows < 0:
@@ -683,6 +709,47 @@ with `fusetune.quantize_4bit(model, quant_storage=torch.bfloat16)`.
 """
 
 
+CHECKPOINTS = """\
+Every `save_steps` steps Trainer writes `output_dir/checkpoint-N/` (the adapter, optimiser,
+scheduler and RNG state) with fusetune's `fusetune_run.json` (the run's config and number of
+processes); `save_total_limit` keeps the newest few.
+
+- **Stopping.** Ctrl-C (SIGINT) or SIGTERM (what schedulers send before they kill a job) does not
+  stop the run where it is: the optimiser step finishes, is saved as `checkpoint-N`, and the run stops
+  with `fusetune: interrupted (SIGINT) at step N; the last checkpoint is ...` and status 130 (SIGINT)
+  or 143 (SIGTERM, 128 + 15, as a shell reports it). A second Ctrl-C stops at once, without that
+  checkpoint (the last one is the newest periodic one). Under `--nproc N`, Ctrl-C in the terminal
+  reaches torchrun, which passes it on to every process (and kills them 30 s later); the processes
+  agree at each step end, so they save and stop at the same step even when a signal reaches only
+  some of them. From Python, `train()` restores the signal handlers it found when it returns.
+- **Resuming.** `--resume` (the same command plus the flag) continues from the newest complete
+  checkpoint (one whose `trainer_state.json`, written last, reads back; a folder cut short by a kill
+  is passed over, with a note), or `resume: path/to/checkpoint-N`. The result equals an uninterrupted
+  run. It needs the settings the checkpoint's run trained with: the model, data (`dataset`,
+  `dataset_split`, `eval_split`, `demo_samples`, `max_seq_length`, `max_pixels`), `lora`, batch
+  (`batch_size`, `gradient_accumulation_steps`, the number of processes), optimiser and schedule
+  (`learning_rate`, `lr_scheduler`, `warmup`, `weight_decay`, `max_grad_norm`), `seed`, `dtype`,
+  `load_in_4bit` and `distributed.strategy`; any other value stops it before anything loads, naming
+  each key with both values. Output, saving, logging and evaluation keys, `show_samples`,
+  `kernels`, `loss`, `packing`, `gradient_checkpointing`, `mlp_tile_rows`, `dataloader_workers` and
+  the offload / wrap settings may change. So may `max_steps` or `epochs`, to train on: Trainer then
+  recomputes the learning-rate schedule over the new length (the first step after the checkpoint
+  runs at the rate the old schedule set for it), so the run differs from one that had that length
+  from the start; a note says so.
+- **A fresh run** (no `--resume`) refuses an `output_dir` that holds an earlier run's checkpoints or
+  outputs: it would overwrite its adapter and metrics, and rotating its own checkpoints would delete
+  the earlier ones. Continue that run with `--resume`, pick another `output_dir`, or set
+  `overwrite_output_dir: true` to delete them and start over.
+- **Divergence.** A training loss or gradient norm that is not finite (logged as it is: Trainer's
+  nan/inf filter is off) stops the run with an error naming `learning_rate`, `max_grad_norm` and
+  `dtype`; no adapter is written, and the checkpoints before it stay (every step that saves logs
+  its loss first, so none holds diverged weights).
+- **Losses.** `metrics.json`'s `first_loss` and `final_loss` (printed as `loss A -> B`) are the
+  first and the last logged training loss: each logged loss is the mean over the steps since the
+  log before it (one step with `logging_steps: 1`).
+"""
+
+
 def render_docs() -> str:
     """The text of docs/train.md (``python -m fusetune.train.config > docs/train.md``)."""
     table = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
@@ -719,6 +786,10 @@ def render_docs() -> str:
             "",
             SEVERAL_GPUS.rstrip("\n"),
             "",
+            "## Checkpoints, stopping and resuming",
+            "",
+            CHECKPOINTS.rstrip("\n"),
+            "",
             "## Config keys",
             "",
             "The same table as `fusetune train --help`. Defaults apply to keys a config file leaves out.",
@@ -732,10 +803,12 @@ def render_docs() -> str:
             "listed above, a count below 1, a fraction outside [0, 1), a number that is not finite)",
             "stops the run with one line, `fusetune: error: ...`, naming the key and what to write",
             "instead, and exit status 2. So do, before the first step, `distributed.strategy: fsdp2`",
-            "without `--nproc` (or torchrun / accelerate launch), `--resume` with other LoRA settings",
-            "than the checkpoint's, and any sample that fails to load or to fit `max_seq_length`.",
-            "Under `--nproc N`, an error in one of the processes is repeated as the launcher's last",
-            "line, with the same exit status (2, or 130 after Ctrl-C), after torchrun's own report.",
+            "without `--nproc` (or torchrun / accelerate launch), an `output_dir` that cannot be",
+            "created or written, a fresh run in an `output_dir` holding an earlier run's outputs,",
+            "`--resume` with other training settings than the checkpoint's run, and any sample that",
+            "fails to load or to fit `max_seq_length`. Under `--nproc N`, an error in one of the",
+            "processes is repeated as the launcher's last line, with the same exit status (2, or 130",
+            "/ 143 after Ctrl-C / SIGTERM), after torchrun's own report.",
             "",
         ]
     )

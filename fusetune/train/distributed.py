@@ -10,7 +10,9 @@ weights; the sharded parts then run inside their modules' forward, where the eng
 torch.distributed.run``), each running the same ``fusetune train`` command without ``--nproc``. A
 process stopped by a ``FusetuneError`` (or Ctrl-C) leaves its message in a folder the launcher
 names in ``FUSETUNE_ERROR_DIR``; the launcher repeats it as its own last line and exits as one
-process would (status 2, or 130), where torchrun alone ends with its failure report and status 1.
+process would (status 2, or 130 / 143 after SIGINT / SIGTERM), where torchrun alone ends with its
+failure report and status 1. torchrun starts each process in a session of its own, so Ctrl-C in the
+terminal reaches torchrun, which passes it on to every process once (and kills them 30 s later).
 """
 
 from __future__ import annotations
@@ -345,7 +347,9 @@ def run_processes(nproc: int, train_argv: list[str]) -> int:
         if len(messages) == 1
         else "\n".join(f"rank {report['rank']}: {report['message']}" for report in reports)
     )
-    raise (Interrupted if interrupted else FusetuneError)(message)
+    if interrupted:
+        raise Interrupted(message, reports[0].get("status", 130))
+    raise FusetuneError(message)
 
 
 def report_to_launcher(error: FusetuneError) -> None:
@@ -355,6 +359,8 @@ def report_to_launcher(error: FusetuneError) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     report = {"rank": rank, "interrupted": isinstance(error, Interrupted), "message": str(error)}
+    if isinstance(error, Interrupted):
+        report["status"] = error.status
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(report))
 
 

@@ -9,5 +9,11 @@ class FusetuneError(Exception):
 
 
 class Interrupted(FusetuneError):
-    """Training stopped by Ctrl-C / SIGINT: ``str(error)`` says where the last checkpoint is and how
-    to resume. The command line prints it without a traceback and exits with status 130."""
+    """Training stopped by a signal (Ctrl-C / SIGINT, or SIGTERM): ``str(error)`` says where the last
+    checkpoint is and how to resume. The command line prints it without a traceback and exits with
+    ``status``: 130 after SIGINT, 143 after SIGTERM (128 + the signal's number, as a shell reports a
+    process the signal ended)."""
+
+    def __init__(self, message: str, status: int = 130) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,10 +1,13 @@
 """``train(config)``: one fine-tuning run on Hugging Face Trainer, PEFT LoRA and fusetune's kernels.
 
-What it writes to ``output_dir``: ``checkpoint-N/`` every ``save_steps`` steps (Trainer's: the
-adapter, optimiser, scheduler and RNG state, what ``resume`` continues from), and at the end
+What it writes to ``output_dir``: ``checkpoint-N/`` every ``save_steps`` steps and on SIGINT /
+SIGTERM (Trainer's: the adapter, optimiser, scheduler and RNG state, what ``resume`` continues from,
+with fusetune's ``fusetune_run.json``: the run's config; see runs.py and stopping.py), and at the end
 ``adapter/`` (the LoRA adapter and the processor), ``config.yaml`` (the config as it ran),
-``metrics.json`` (loss history, first and final loss, eval loss, runtime, generated samples) and
-``loss.png`` (the loss curve; needs matplotlib), plus ``merged/`` with ``save_merged``.
+``metrics.json`` (loss history; ``first_loss`` and ``final_loss``, the first and the last logged
+training loss; eval loss, runtime, generated samples) and ``loss.png`` (the loss curve; needs
+matplotlib), plus ``merged/`` with ``save_merged``. A fresh run refuses an ``output_dir`` holding an
+earlier run's outputs unless ``overwrite_output_dir``; a loss that is not finite stops the run.
 
 In a run of several processes (``distributed.strategy`` fsdp2 or deepspeed_zero3, started by
 ``fusetune train --nproc N``, ``torchrun`` or ``accelerate launch``) every rank trains and gathers,
@@ -27,6 +30,8 @@ import torch
 from fusetune.train import distributed
 from fusetune.train.config import TrainConfig, build_config, to_dict, to_yaml
 from fusetune.train.errors import FusetuneError, Interrupted
+from fusetune.train.runs import last_checkpoint, prepare_output_dir, record_callback, resume_checkpoint
+from fusetune.train.stopping import StopOnSignal, finite_loss_callback
 
 
 @dataclass
@@ -105,31 +110,6 @@ def _last_step_logger():
     return LogLastStep()
 
 
-def resume_checkpoint(config: TrainConfig) -> str | None:
-    """The checkpoint folder to resume from (``resume``), or None to start fresh; refuses a
-    DeepSpeed checkpoint that this run's strategy or process count cannot continue."""
-    if config.resume is False or config.resume == "":
-        return None
-    if isinstance(config.resume, str) and config.resume.lower() not in ("true", "last"):
-        path = Path(config.resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FusetuneError(
-                f"resume={config.resume!r} is not a Trainer checkpoint folder (no trainer_state.json)."
-            )
-        last = str(path)
-    else:
-        last = last_checkpoint(config.output_dir)
-    if last is None:
-        raise FusetuneError(
-            f"resume: no checkpoint in output_dir {config.output_dir!r} to continue from "
-            f"(checkpoints are written every save_steps={config.save_steps} steps); drop --resume "
-            f"to start fresh, or point output_dir at "
-            f"the earlier run."
-        )
-    distributed.check_resume(last, config.distributed)
-    return last
-
-
 # The keys of a checkpoint's adapter_config.json that must match this run's LoRA, with the config
 # keys that set them (target_modules is the regex of the layers that lora_targets picks).
 RESUME_LORA_KEYS = {
@@ -156,23 +136,6 @@ def check_resume_lora(checkpoint: str, lora) -> None:
                 f"resume: {name} differs from the checkpoint {checkpoint}'s{values}; resuming needs the "
                 f"LoRA settings it was trained with: set them back, or use a fresh output_dir to start over."
             )
-
-
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The highest-numbered complete ``checkpoint-N`` folder in ``output_dir``, or None.
-
-    Complete means it has ``trainer_state.json``, which Trainer writes after the weights, optimiser
-    and RNG state: a folder cut short by a kill or Ctrl-C while saving is passed over.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    steps = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / "trainer_state.json").is_file():
-            steps.append((int(step), path))
-    return str(max(steps)[1]) if steps else None
 
 
 def _loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -288,9 +251,11 @@ def training_arguments(config: TrainConfig, dtype: torch.dtype, has_eval: bool, 
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup,
         weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
         max_steps=config.max_steps,
         num_train_epochs=config.epochs,
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # log a nan loss as nan (finite_loss_callback stops the run on it)
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit or None,
@@ -340,14 +305,9 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         # The demo's matrices are tiny: one thread is as fast as several, and it does not stall
         # (several threads slow down many times over when another process holds a core).
         torch.set_num_threads(1)
-    checkpoint = resume_checkpoint(config)
+    prepare_output_dir(config, lambda text: _say(quiet, text))
+    checkpoint = resume_checkpoint(config, lambda text: _say(quiet, text))
     output_dir = Path(config.output_dir)
-    if checkpoint is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
-        _say(
-            quiet,
-            f"note: {output_dir} has checkpoints of an earlier run; starting fresh "
-            "(use --resume to continue).",
-        )
 
     train_set, eval_set = load_splits(config)
     _say(
@@ -419,10 +379,16 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     trainer.add_callback(_last_step_logger())
     for callback in callbacks or []:
         trainer.add_callback(callback)
+    stop = StopOnSignal()
+    # In this order, after the others: a save decided at a step end is logged (and so checked), then
+    # the checkpoint's folder gets the run's record.
+    for callback in (stop.callback(), finite_loss_callback(config), record_callback(config)):
+        trainer.add_callback(callback)
     if checkpoint:
         _say(quiet, f"resuming from {checkpoint}")
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with stop:
+            trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
         raise FusetuneError(
             f"out of GPU memory at batch_size={config.batch_size}, max_seq_length={config.max_seq_length}, "
@@ -442,6 +408,9 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
             f"Run the same command with --resume to "
             f"continue from it."
         ) from None
+    interrupted = stop.interrupted(config.output_dir)
+    if interrupted:
+        raise interrupted
 
     history = _loss_history(trainer.state.log_history)
     eval_loss = final_eval_loss(trainer) if eval_set is not None else None
@@ -474,8 +443,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
     files["config"] = str(output_dir / "config.yaml")
 
     first = history[0][1] if history else None
-    tail = [loss for _, loss in history[-5:]]
-    final = sum(tail) / len(tail) if tail else None
+    final = history[-1][1] if history else None
     runtime = time.perf_counter() - started
     matches = sum(s["match"] for s in shown)
     metrics = {

@@ -155,13 +155,13 @@ def test_merged_weights_load_in_one_process(runs):
 def test_resume_refuses_a_zero3_checkpoint_it_cannot_continue(runs, monkeypatch):
     from fusetune.train.config import load_config
     from fusetune.train.errors import FusetuneError
-    from fusetune.train.runner import resume_checkpoint
+    from fusetune.train.runs import resume_checkpoint
 
     checkpoint = str(runs["first"] / "checkpoint-2")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resume_checkpoint(load_config(None, [*RUN, "--resume", checkpoint])) == checkpoint
+    assert resume_checkpoint(load_config(None, [*RUN, "--resume", checkpoint]), print) == checkpoint
     with pytest.raises(FusetuneError, match="by 2 processes.*only DeepSpeed.*deepspeed_zero3 and --nproc 2"):
-        resume_checkpoint(load_config(None, ["--resume", checkpoint]))
+        resume_checkpoint(load_config(None, ["--resume", checkpoint]), print)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(FusetuneError, match=r"by 2 processes.*--nproc 2 \(this run has 1\)"):
-        resume_checkpoint(load_config(None, [*RUN, "--resume", checkpoint]))
+        resume_checkpoint(load_config(None, [*RUN, "--resume", checkpoint]), print)

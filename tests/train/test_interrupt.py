@@ -1,8 +1,10 @@
-"""Stopping `fusetune train` for real (SIGINT = Ctrl-C, SIGKILL) and `--resume`; the out-of-memory message.
+"""Stopping `fusetune train` for real (SIGINT = Ctrl-C, SIGTERM, SIGKILL) and `--resume`; the
+out-of-memory message.
 
 The subprocess tests run the shortened demo (`python -m fusetune train ...`), wait until a
 checkpoint is on disk, signal the process, then run the same command with `--resume` and check
-that training continues from that checkpoint and ends at max_steps.
+that training continues from that checkpoint and ends at max_steps. SIGINT and SIGTERM finish the
+step, save it and stop (status 130 / 143), and the resumed run ends as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fusetune import cli
+from fusetune.train.errors import Interrupted
 
 MAX_STEPS, SAVE_STEPS = 20, 5
 
 
-def _command(out: Path) -> list[str]:
+def _command(out: Path, max_steps: int = MAX_STEPS) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -39,7 +43,7 @@ def _command(out: Path) -> list[str]:
         "--show_samples",
         "0",
         "--max_steps",
-        str(MAX_STEPS),
+        str(max_steps),
         "--save_steps",
         str(SAVE_STEPS),
         "--output_dir",
@@ -95,24 +99,72 @@ def _check_finished_from(out: Path, resumed: subprocess.CompletedProcess, checkp
     assert state["global_step"] == MAX_STEPS
 
 
-def test_ctrl_c_then_resume(tmp_path):
-    out = tmp_path / "run"
-    stopped = _start_and_signal(out, signal.SIGINT)
-    assert stopped.returncode == 130, stopped.stderr[-3000:]
+def _stopped_at(out: Path, stopped: subprocess.CompletedProcess, sig: int) -> int:
+    """The step ``sig`` stopped the run at: it was saved, and the message says so, with the fix."""
+    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     message = re.search(
-        r"fusetune: interrupted at step (\d+); the last checkpoint is (\S+)\. "
-        r"Run the same command with --resume to continue from it\.",
+        rf"fusetune: interrupted \({signal.Signals(sig).name}\) at step (\d+); the last checkpoint is "
+        r"(\S+), saved at that step\. Run the same command with --resume to continue from it\.",
         stopped.stderr,
     )
     assert message, stopped.stderr[-3000:]
     step, last = int(message.group(1)), Path(message.group(2))
     assert SAVE_STEPS <= step < MAX_STEPS
-    checkpoint = _complete_checkpoints(out)[-1]
-    assert last == out / f"checkpoint-{checkpoint}" and step - checkpoint < SAVE_STEPS
+    assert last == out / f"checkpoint-{step}" and _complete_checkpoints(out)[-1] == step
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+    return step
 
-    _check_finished_from(out, _resume(out), checkpoint)
+
+def test_ctrl_c_saves_the_step_then_resume(tmp_path):
+    out = tmp_path / "run"
+    step = _stopped_at(out, _start_and_signal(out, signal.SIGINT), signal.SIGINT)
+    _check_finished_from(out, _resume(out), step)
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    out = tmp_path / "run"
+    step = _stopped_at(out, _start_and_signal(out, signal.SIGTERM), signal.SIGTERM)
+    _check_finished_from(out, _resume(out), step)
+    whole = tmp_path / "whole"
+    result = subprocess.run(
+        _command(whole), capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [json.loads((run / "metrics.json").read_text())["loss_history"] for run in (out, whole)]
+    assert history[0] == history[1]
+    adapters = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (out, whole)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored(tmp_path):
+    """In the process: the first SIGINT at step 4 would save step 4; a second one right after stops
+    before that (the last checkpoint is step 3's). Python's own handlers are back afterwards."""
+    from transformers import TrainerCallback
+
+    from fusetune.train.config import load_config
+    from fusetune.train.runner import train
+
+    class CtrlC(TrainerCallback):
+        def __init__(self, times: int) -> None:
+            self.times = times
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                for _ in range(self.times):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    argv = ["--demo_samples", "16", "--batch_size", "4", "--eval_split", "0", "--show_samples", "0"]
+    argv += ["--max_steps", "8", "--save_steps", "3"]
+    for times, saved in ((2, 3), (1, 4)):
+        config = load_config(None, [*argv, "--output_dir", str(tmp_path / str(times))])
+        message = rf"at step 4; the last checkpoint is \S*checkpoint-{saved}\b"
+        with pytest.raises(Interrupted, match=message) as stop:
+            train(config, quiet=True, callbacks=[CtrlC(times)])
+        assert stop.value.status == 130
+        assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_kill_then_resume_loses_at_most_the_steps_since_the_checkpoint(tmp_path):
@@ -145,14 +197,22 @@ def test_out_of_memory_is_a_short_error_naming_the_fixes(monkeypatch, tmp_path, 
         assert fix in err
 
 
-@pytest.mark.parametrize("complete", [True, False])
-def test_resume_skips_a_checkpoint_cut_short(tmp_path, complete):
-    from fusetune.train.runner import last_checkpoint
+@pytest.mark.parametrize("state", ["complete", "missing", "cut short"])
+def test_resume_skips_a_checkpoint_cut_short(tmp_path, state):
+    """A kill while saving leaves the newest folder without trainer_state.json (written last), or with
+    it cut short (it is not written atomically): resume passes over it, with a note."""
+    from fusetune.train.runs import last_checkpoint
 
     for step in (5, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
-    if complete:
-        (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
-    assert last_checkpoint(tmp_path) == str(tmp_path / f"checkpoint-{10 if complete else 5}")
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    if state != "missing":
+        text = '{"global_step": 10, "log_history": []}'
+        cut = text if state == "complete" else text[:20]
+        (tmp_path / "checkpoint-10" / "trainer_state.json").write_text(cut)
+    notes = []
+    last = 10 if state == "complete" else 5
+    assert last_checkpoint(tmp_path, notes.append) == str(tmp_path / f"checkpoint-{last}")
+    assert len(notes) == (state != "complete")
+    assert all("passing over" in note and "checkpoint-10" in note for note in notes)
     assert last_checkpoint(tmp_path / "missing") is None
