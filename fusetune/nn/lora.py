@@ -93,6 +93,9 @@ def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
         return "the base weight or bias is trainable (fused LoRA needs a frozen base)"
     if weight.device.type == "meta":
         return "its weights are on the meta device (offloaded: loaded only inside its own forward)"
+    if not (weight.is_floating_point() or is_4bit(weight) or "quant_state" in layer.__dict__):
+        kind = type(layer).__name__
+        return f"its weight is {weight.dtype} ({kind}, e.g. 8-bit): only 16/32-bit and 4-bit are fused"
     return _hooked(layer) or _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
 
 

@@ -322,3 +322,28 @@ def test_adalora_is_left_alone_naming_why():
     assert all("not plain LoRA (its lora_A is a ParameterDict)" in r for _, r in report.left_alone["lora"])
     inputs = batch()
     assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
+
+
+def test_8bit_base_layers_are_left_to_peft_naming_why(tmp_path):
+    """bitsandbytes' 8-bit ``Linear8bitLt`` is an ``nn.Linear`` holding int8 weights and their scales
+    apart: its LoRA layers run PEFT's path, the report names why, and the loss is PEFT's (they were
+    reported fused, and every forward failed advising a cast that would drop the scales)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model("llama").save_pretrained(tmp_path)
+
+    def load():
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": "cpu"}
+        ).train()
+        torch.manual_seed(1)
+        config = peft.LoraConfig(r=4, target_modules=ALL_LINEAR, init_lora_weights=False)
+        return peft.get_peft_model(quantized, config)
+
+    lora, reference = load(), load()
+    report = fusetune.apply(lora)
+    assert not report.patched["lora"] and report.left_alone["lora"]
+    assert all("torch.int8 (Linear8bitLt" in reason for _, reason in report.left_alone["lora"])
+    inputs = batch()
+    assert_close(loss_and_backward(lora, **inputs), loss_and_backward(reference, **inputs), "loss")
