@@ -138,7 +138,9 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep at most this many checkpoints (0: keep them all)."""
     save_merged: bool = False
-    """Also save the base model with the adapter merged in, in 16-bit (output_dir/merged)."""
+    """Also save the base model with the adapter merged in, in 16-bit (output_dir/merged). After a
+    4-bit or sharded run, the base is loaded again in `dtype` on the CPU for it, and the saved
+    adapter merged into that (a merge into the 4-bit weights would quantise it)."""
     resume: Union[bool, str] = False  # noqa: UP007
     """true: continue from the last complete checkpoint in output_dir; or a checkpoint folder. Needs
     the settings its run trained with (model, data, lora, batch, optimiser, schedule, seed, dtype,

@@ -374,7 +374,8 @@ def reload_with_adapter(config: TrainConfig, adapter_dir: Path) -> nn.Module:
     """The unsharded base model of ``config`` on the CPU with the adapter saved in ``adapter_dir``.
 
     After a sharded run this is how the merged weights are made: from the consolidated adapter
-    file, as a user would load it on one GPU, rather than from the shards.
+    file, as a user would load it on one GPU, rather than from the shards; after a 4-bit run, so
+    that the adapter merges into 16-bit weights rather than being quantised with the 4-bit ones.
     """
     import peft
 

@@ -468,7 +468,10 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         files["loss_curve"] = str(output_dir / "loss.png")
 
     if config.save_merged:
-        whole = distributed.reload_with_adapter(config, adapter_dir) if sharded else model
+        # Sharded weights cannot merge in place, nor 4-bit ones without quantising the merge (and a
+        # bitsandbytes model refuses the cast to 16 bits): those merge into the base loaded again.
+        reload = sharded or config.load_in_4bit
+        whole = distributed.reload_with_adapter(config, adapter_dir) if reload else model
         files["merged"] = str(save_merged(whole, processor, output_dir / "merged", dtype))
     if distributed.world_size() > 1:
         trainer.accelerator.wait_for_everyone()  # the other ranks wait for these files, then exit

@@ -10,10 +10,12 @@ logits), which is the base's own rounding, not a fault of the merge.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -69,3 +71,40 @@ def round_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(parameter.to(dtype).float())
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="load_in_4bit needs a CUDA GPU and bitsandbytes",
+)
+def test_a_4bit_run_merges_its_adapter_into_the_base_loaded_in_16_bits(tmp_path):
+    """``load_in_4bit`` with ``save_merged``: merged/ is the adapter merged into the base loaded again
+    in 16 bits. It used to merge into the 4-bit weights (quantising the merge) and then fail at the
+    run's very end: bitsandbytes refuses the cast to 16 bits."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.train.test_model_loading import save_llm
+
+    model_dir = save_llm(tmp_path / "llm")
+    chat = [{"role": "user", "content": "what shape ?"}, {"role": "assistant", "content": "a red circle ."}]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": chat}) for _ in range(8)) + "\n")
+    out = tmp_path / "run"
+    argv = ["--model", str(model_dir), "--dataset", str(tmp_path / "chat.jsonl"), "--load_in_4bit", "true"]
+    argv += ["--max_steps", "2", "--batch_size", "2", "--eval_split", "0", "--show_samples", "0"]
+    argv += ["--save_merged", "true", "--learning_rate", "1e-2", "--warmup", "0", "--output_dir", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "fusetune", "train", *argv], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    original = {name: value.clone() for name, value in base.state_dict().items() if "q_proj.weight" in name}
+    expected = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().state_dict()
+    got = merged.state_dict()
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value.to(torch.bfloat16)), name
+    assert original and not all(torch.equal(got[name], value) for name, value in original.items())
