@@ -60,7 +60,7 @@ def test_ctrl_c_under_nproc_2_saves_one_checkpoint_of_both_ranks(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's job
-        env={**os.environ, "TRITON_INTERPRET": "0"},
+        env={**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""},  # gloo on CPUs, GPUs or not
     )
     try:
         deadline = time.monotonic() + 240

@@ -30,8 +30,9 @@ def run_args(strategy: str, held_out: bool = True) -> list[str]:
 
 def fusetune_train(argv: list[str]) -> subprocess.CompletedProcess:
     """``fusetune train --nproc 2 *argv`` in a subprocess, the ops on their PyTorch references
-    (``TRITON_INTERPRET=0``, CPU tensors); fails the test on a non-zero exit."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    (``TRITON_INTERPRET=0``, CPU tensors, also where GPUs are visible); fails the test on a non-zero
+    exit."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "fusetune", "train", "--nproc", "2", *argv],
         capture_output=True,

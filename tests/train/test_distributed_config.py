@@ -258,7 +258,7 @@ def test_nproc_reports_a_process_error_from_torchrun(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
+        env={**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""},  # CPU processes, GPUs or not
     )
     assert result.returncode == 2, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
