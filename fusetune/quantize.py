@@ -20,7 +20,9 @@ Only exact ``nn.Linear`` instances are converted (transformers' rule), so runnin
 an already-quantised model, changes nothing.
 
 Afterwards ``model.is_loaded_in_4bit`` is True, which is how PEFT's ``get_peft_model`` knows to
-wrap the layers with its bitsandbytes LoRA layer.
+wrap the layers with its bitsandbytes LoRA layer, and ``model.quantization_method`` is
+"bitsandbytes", which makes transformers' ``PreTrainedModel.to`` refuse a dtype cast (as for a
+model loaded in 4 bits): a cast would change the bits of bytes stored in a float ``quant_storage``.
 """
 
 from __future__ import annotations
@@ -158,4 +160,7 @@ def quantize_4bit(
         del layer
     if targets:
         model.is_loaded_in_4bit = True
+        # transformers' PreTrainedModel.to refuses a dtype cast of a model marked so, as for one loaded in
+        # 4 bits (a cast would change the bits of bytes stored in a float dtype).
+        model.quantization_method = "bitsandbytes"
     return targets

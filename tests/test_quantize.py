@@ -215,3 +215,21 @@ def test_errors_name_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         quantize_4bit(nn.Sequential(nn.Linear(64, 64)))
+
+
+def test_a_cast_after_quantising_is_refused():
+    """4-bit bytes stored in a float dtype change their bits when cast: the model refuses a dtype cast as
+    one loaded in 4 bits does, and a fused LoRA forward over bytes cast anyway (``.half()``) refuses
+    them, naming the fix (both read the changed bits silently before: 2.15 relative change)."""
+    import fusetune
+
+    model = MODELS["llama"]().to(torch.bfloat16)
+    quantize_4bit(model, quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot cast a bitsandbytes model"):
+        model.to(torch.float16)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "gate_proj"]))
+    report = fusetune.apply(lora)
+    assert report.patched["lora"]
+    lora.half()  # nn.Module.half, which transformers guards only for models loaded through it
+    with pytest.raises(ValueError, match="stored as torch.bfloat16 but reached its forward as torch.float16"):
+        lora(**INPUTS["llama"]())

@@ -69,16 +69,19 @@ def base_weight(layer: nn.Linear) -> torch.Tensor:
     """
     weight = layer._parameters["weight"]
     state = layer.__dict__.get("quant_state")
-    if state is None or is_4bit(weight):
+    if state is None and not is_4bit(weight):
         return weight
-    storage = layer.__dict__.get("quant_storage")
+    storage = getattr(weight, "quant_storage", None) or layer.__dict__.get("quant_storage")
     if storage is not None and weight.dtype != storage:  # same width, other bits: no size check sees it
         raise ValueError(
             f"fusetune: a {type(layer).__name__}'s 4-bit bytes are stored as {storage} but reached its "
-            f"forward as {weight.dtype}: a sharding engine's mixed precision cast them, which changes "
-            "their bits; store them in the dtype it gathers in (quant_storage / bnb_4bit_quant_storage "
-            "= FSDP2's param_dtype)."
+            f"forward as {weight.dtype}: a cast after quantisation changed their bits (a sharding "
+            "engine's mixed precision, or model.to(dtype) / .half() on the quantised model). Cast the "
+            "model before quantising it (or load it in that dtype); under FSDP2 store the bytes in the "
+            "dtype it gathers in (quant_storage / bnb_4bit_quant_storage = FSDP2's param_dtype)."
         )
+    if is_4bit(weight):
+        return weight
     alias = weight.detach()
     alias.quant_state = state
     return alias
@@ -96,13 +99,14 @@ def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
     if not (weight.is_floating_point() or is_4bit(weight) or "quant_state" in layer.__dict__):
         kind = type(layer).__name__
         return f"its weight is {weight.dtype} ({kind}, e.g. 8-bit): only 16/32-bit and 4-bit are fused"
-    return _hooked(layer) or _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
+    return _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
 
 
 def _hooked(layer: nn.Module) -> str | None:
-    """Why a layer with forward hooks must run its own forward: the fused paths read its weights and
-    never call it, so its hooks would not run (PEFT's ``adapter_names=`` batches are such a hook,
-    added for the call on every LoRA layer)."""
+    """Why a layer with forward hooks must run its own forward where a fused path would read its
+    weights without calling it (a LoRA layer's ``base_layer`` in every fused path; the projections
+    of ``FusedLoraMLP``; PEFT's ``adapter_names=`` batches are such a hook, added for the call on
+    every LoRA layer). The fused attention still calls each projection, so their hooks run."""
     if layer._forward_pre_hooks or layer._forward_hooks:
         return f"{type(layer).__name__} has forward hooks (e.g. PEFT's adapter_names), run by its forward"
     return None
@@ -115,15 +119,15 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     active adapter that is plain LoRA (no DoRA or other variant), dropout 0, no LoRA bias and no
     ``fan_in_fan_out``. Disabled adapters, or merged ones, give the base weight alone, as PEFT does.
     Weights a sharding engine has not gathered for this reader (``_unreadable``), weights offloaded
-    to the meta device and layers with forward hooks (``_hooked``) run unfused too.
+    to the meta device and a base layer with forward hooks (``_hooked``) run unfused too.
     """
     if not is_lora_layer(layer):
         return _frozen_linear(layer)
-    unit = _hooked(layer) or _unreadable((layer,))  # e.g. a LoRA layer wrapped by fully_shard on its own
+    unit = _unreadable((layer,))  # a LoRA layer wrapped by fully_shard on its own
     if unit is not None:
         return unit
     children = layer._modules
-    base = _frozen_linear(children["base_layer"])
+    base = _hooked(children["base_layer"]) or _frozen_linear(children["base_layer"])
     if isinstance(base, str):
         return base
     if layer.__dict__.get("fan_in_fan_out", False):
@@ -174,8 +178,12 @@ class FusedLoraMLP(FusedGatedMLP):
         return self._fused_forward(hidden_states)
 
     def _weights(self) -> list[LoraWeights] | None:
-        """The three projections' weights, or None when one is off the fused path."""
-        weights = [projection_weights(getattr(self, name)) for name in self._PROJECTIONS]
+        """The three projections' weights, or None when one is off the fused path or has forward
+        hooks (the fused op never calls them, so their hooks would not run)."""
+        projections = [getattr(self, name) for name in self._PROJECTIONS]
+        if any(_hooked(projection) for projection in projections):
+            return None
+        weights = [projection_weights(projection) for projection in projections]
         return None if any(isinstance(w, str) for w in weights) else weights
 
     def _traced_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
