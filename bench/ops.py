@@ -725,7 +725,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON lines")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few reps (plumbing)")
-    parser.add_argument("--tag", default="h200", help="results file is ops-<tag>.jsonl")
+    parser.add_argument(
+        "--tag", default=None, help="results file is ops-<tag>.jsonl (default: h200 on CUDA, else cpu)"
+    )
     parser.add_argument("--ops", default=",".join(op.name for op in OPS), help="comma list")
     parser.add_argument("--systems", default=",".join(SYSTEMS + ("matmul",)), help="comma list")
     parser.add_argument("--skip-correctness", action="store_true")
@@ -737,7 +739,8 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fusetune from this checkout
     ops = [OPS_BY_NAME[name] for name in args.ops.split(",")]
     wanted = tuple(args.systems.split(","))
-    path = common.open_results(args.out / f"ops-{args.tag}.jsonl")
+    tag = args.tag or ("h200" if torch.cuda.is_available() else "cpu")  # a CPU run keeps off the H200 file
+    path = common.open_results(args.out / f"ops-{tag}.jsonl")
     print(f"environment: {common.environment()}\nresults: {path}", flush=True)
     timing = {"warmup": 1, "rep": 5} if args.quick else {"warmup": 25, "rep": 100}
     ceilings = common.measure_ceilings(2**26 if args.quick else 2**32,

@@ -9,8 +9,10 @@ are made first, then each round times every system once with ``ops.py``'s timer 
 is the median over the rounds, so all of them saw the same stretches of the host.
 
 Records: ``time_ms`` per system and case, with ``rounds`` (every round's time) and, on fusetune's,
-``ratio`` (the faster of the others over fusetune: above 1, fusetune is faster). ``--quick`` runs
-the quick shapes on a CPU (plumbing).
+``ratio`` (the fastest of the others over fusetune: above 1, fusetune is faster). The others are
+eager PyTorch, torch.compile and Liger-Kernel: at these shapes eager PyTorch's few ATen calls can
+take less host time than any fused op's Python. ``--quick`` runs the quick shapes on a CPU
+(plumbing).
 
     python bench/ops_interleaved.py --out bench/results/ops-interleaved-h200.jsonl
 """
@@ -26,7 +28,7 @@ import common
 import ops
 import torch
 
-SYSTEMS = ("fusetune", "torch_compile", "liger")
+SYSTEMS = ("fusetune", "torch_eager", "torch_compile", "liger")
 # (op, shape): the shapes of ops.py where fusetune's kernels take under 0.4 ms and a sequential
 # run had its step time behind the faster of torch.compile and Liger's
 # (ops-h200-standing-{norms-final,rows,rope}.jsonl).

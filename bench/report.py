@@ -91,9 +91,11 @@ def ops_table(cases: dict) -> list[str]:
     legend = {op: common.shape_legend(row["config"]) for (op, _, _), systems in timed.items()
               for metrics in systems.values() for row in metrics.values()}
     notes = ["", "Shapes: " + "; ".join(f"{op}: {names}" for op, names in legend.items()) + ".",
-             "Times are medians of forward+backward in ms. MiB is the peak allocated on top of the "
-             "inputs, input gradients included (Liger's cross-entropy writes its gradient into the "
-             "logits buffer, so it allocates none). Roofline is the minimum work over the "
+             "Times are medians of forward+backward in ms. MiB is the peak one forward+backward "
+             "allocates above what was allocated before it: the inputs, and their gradients from the "
+             "runs before it, which this one accumulates into (so their storage is not counted; an "
+             "op that hands out a buffer it made, or writes into the logits as Liger's cross-entropy "
+             "does, adds none for its gradient). Roofline is the minimum work over the "
              "measured copy bandwidth or bf16 matmul rate, divided by the time; kernel roofline divides "
              "by the step's device time alone (torch.profiler), which leaves out the gaps where the "
              "device waits for the host (runs without it predate the column); matmul is the "
