@@ -457,8 +457,9 @@ def dense_weight(
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError(
             "fusetune: this 4-bit weight was repacked by bitsandbytes for its CPU inference kernel "
-            "(Linear4bit.forward in eval mode without gradients); run the layer in train mode or "
-            "with gradients enabled before using fusetune's fused paths on it."
+            "(a Linear4bit's first forward in eval mode without gradients does it, for good): load or "
+            "quantise the model again, and run it in train mode or with gradients enabled before "
+            "fusetune's fused paths read it."
         )
     if decoded_by_fusetune(weight):
         return dequantize_nf4(weight.data, state, dtype, out=out, rows=rows, cols=cols)

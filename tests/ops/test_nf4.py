@@ -244,6 +244,16 @@ def test_dense_weight_fp4_goes_to_bitsandbytes():
     assert torch.equal(dense_weight(weight, torch.bfloat16), expected)
 
 
+def test_a_weight_bitsandbytes_repacked_for_its_cpu_kernel_is_refused_naming_the_fix():
+    """bitsandbytes repacks a CPU 4-bit weight at its first eval-mode forward without gradients, for
+    good: fusetune cannot read that layout, and the error says to load the model again (it advised a
+    train-mode forward, which does not undo it)."""
+    weight = linear4bit().weight
+    weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="repacked by bitsandbytes .* load or quantise the model again"):
+        dense_weight(weight, torch.float32)
+
+
 def test_dense_weight_rejects_bad_backend(monkeypatch):
     monkeypatch.setattr(nf4, "BACKEND", "cuda")
     with pytest.raises(ValueError, match="'triton' or 'bnb'"):
