@@ -127,9 +127,12 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     if unit is not None:
         return unit
     children = layer._modules
-    base = _hooked(children["base_layer"]) or _frozen_linear(children["base_layer"])
+    base = _frozen_linear(children["base_layer"])
     if isinstance(base, str):
         return base
+    hooked = _hooked(children["base_layer"])  # after the engines' reasons: they hook what they shard
+    if hooked:
+        return hooked
     if layer.__dict__.get("fan_in_fan_out", False):
         return "fan_in_fan_out LoRA layer"
     if layer.disable_adapters:
