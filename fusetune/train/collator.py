@@ -8,6 +8,9 @@ the start of the next turn's header (or the end of the text). Everything else (s
 turns, the image tokens, the headers, the padding) is -100. Templates that do not close answers
 with an end marker (llava-1.5's "USER: ... ASSISTANT: answer" then the next "USER:") get the
 tokenizer's EOS token appended to each assistant answer, labelled, so the model learns to stop.
+Every sample's labelled spans are checked against its answers (``check_answers``: one span an
+answer, holding its text and the end marker only), so marker text inside a message, or a template
+that rewrites answers, stops the run with an error naming the sample instead of moving labels.
 
 Whatever the processor returns goes to the model as it is, so the architecture differences live in
 the processor, not here: Qwen2-VL's ``pixel_values`` as flattened patches plus ``image_grid_thw``
@@ -246,7 +249,12 @@ class ChatCollator:
         def ids(text: str) -> list[int]:
             return encode(text, add_special_tokens=False)["input_ids"] if text else []
 
-        self.header_ids = ids(self.markers.header)
+        # The header is found without its trailing whitespace, which can merge with an answer's own
+        # leading whitespace into one token ("\n" + "\n" -> "\n\n"): the header alone would then not
+        # be found, and its answer would silently lose every label.
+        core = self.markers.header.rstrip()
+        self.header_ids = ids(core)
+        self.header_tail_ids = ids(self.markers.header[len(core) :])
         self.end_ids = ids(self.markers.end)
         self.next_header_ids = ids(self.markers.next_header)
         # Answers the template leaves open get the EOS token written after them (and learned).
@@ -350,6 +358,7 @@ class ChatCollator:
         for sample, sample_ids, (_, sample_images) in zip(samples, ids, rendered, strict=True):
             source = sample.get("_source", "a sample")
             sizes = [image_size(image, source, self.max_pixels) for image in sample_images]
+            self.check_answers(sample, sample_ids)
             why = self._cut(torch.tensor(sample_ids), sizes)
             if why:
                 bad.append((source, why))
@@ -390,6 +399,8 @@ class ChatCollator:
             batch.pop("token_type_ids", None)
         ids = batch["input_ids"]
         labels = self.mask(ids, batch["attention_mask"])
+        for row, sample in enumerate(samples):  # right padding: a row's tokens are its first `length`
+            self.check_answers(sample, ids[row, : int(batch["attention_mask"][row].sum())].tolist())
         cut = ids.shape[1] > self.max_seq_length
         if cut:
             beyond = ids[:, self.max_seq_length :]
@@ -423,6 +434,69 @@ class ChatCollator:
         batch["labels"] = labels
         return batch
 
+    def answer_spans(self, sequence: list[int]) -> list[tuple[int, int]]:
+        """The (begin, end) token spans of the assistant answers in one row of ids.
+
+        An answer's span runs from its assistant header to the end marker (included), but never past
+        the start of the next turn's header, nor the end of the text. The header's trailing
+        whitespace is skipped where it stands as its own tokens; where it merged with the answer's
+        leading whitespace, that token is the answer's first.
+        """
+        spans, start, tail = [], 0, self.header_tail_ids
+        while (found := _find(sequence, self.header_ids, start)) >= 0:
+            begin = found + len(self.header_ids)
+            if tail and sequence[begin : begin + len(tail)] == tail:
+                begin += len(tail)
+            end = len(sequence)
+            close = _find(sequence, self.end_ids, begin)
+            if close >= 0:
+                end = close + len(self.end_ids)
+            following = _find(sequence, self.next_header_ids, begin)
+            if 0 <= following < end:
+                end = following
+            spans.append((begin, end))
+            start = max(end, begin)
+        return spans
+
+    def check_answers(self, sample: dict, sequence: list[int]) -> None:
+        """Refuse a sample whose labelled spans are not its assistant answers: one span an answer,
+        each holding its answer's text and nothing but the end marker beside it (whitespace aside).
+
+        Marker text inside a message (a user turn quoting "ASSISTANT:", an answer holding
+        "<|im_end|>") or a template that rewrites answers (Qwen3 adds an empty think block to the
+        last one and drops earlier ones' reasoning) would otherwise move labels silently onto other
+        text. Texts are compared as the tokenizer round-trips them, without whitespace.
+        """
+        source = sample.get("_source", "a sample")
+        answers = [
+            "".join(part.get("text", "") for part in message["content"])
+            for message in sample["messages"]
+            if message["role"] == "assistant"
+        ]
+        spans = self.answer_spans(sequence)
+        if len(spans) != len(answers):
+            raise FusetuneError(
+                f"{source}: its rendered chat has {len(spans)} assistant header(s) for {len(answers)} "
+                f"answer(s), so the answers cannot be told from the other turns (a message that quotes the "
+                f"template's marker {self.markers.header.strip()!r}?); reword or remove the sample."
+            )
+        for (begin, end), answer in zip(spans, answers, strict=True):
+            labelled = self._squashed(self.tokenizer.decode(sequence[begin:end]))
+            wanted = self._squashed(answer)
+            if wanted not in labelled or len(labelled) > len(self._squashed(answer + self.markers.end)):
+                raise FusetuneError(
+                    f"{source}: the tokens labelled as its answer {answer[:60]!r} read "
+                    f"{self.tokenizer.decode(sequence[begin:end])[:80]!r}: the answer holds the template's "
+                    f"end marker {self.markers.end!r}, or the chat template rewrites answers (as Qwen3's "
+                    "and DeepSeek-R1's do with reasoning); reword the sample, or use a template that "
+                    "renders each answer as written."
+                )
+
+    def _squashed(self, text: str) -> str:
+        """``text`` as the tokenizer round-trips it, without whitespace (decoding may space tokens)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return "".join(self.tokenizer.decode(ids).split())
+
     def mask(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Labels: ``ids`` on the assistant answers (through the end-of-turn marker), -100 elsewhere.
 
@@ -431,19 +505,8 @@ class ChatCollator:
         """
         labels = torch.full_like(ids, IGNORE)
         for row in range(ids.shape[0]):
-            sequence = ids[row].tolist()
-            start = 0
-            while (found := _find(sequence, self.header_ids, start)) >= 0:
-                begin = found + len(self.header_ids)
-                end = len(sequence)
-                close = _find(sequence, self.end_ids, begin)
-                if close >= 0:
-                    end = close + len(self.end_ids)
-                following = _find(sequence, self.next_header_ids, begin)
-                if 0 <= following < end:
-                    end = following
+            for begin, end in self.answer_spans(ids[row].tolist()):
                 labels[row, begin:end] = ids[row, begin:end]
-                start = max(end, begin)
         labels[attention_mask == 0] = IGNORE
         for token in self.image_token_ids:
             labels[ids == token] = IGNORE

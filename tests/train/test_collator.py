@@ -239,3 +239,79 @@ def test_a_tokenizer_without_pad_or_eos_token_names_the_fix(demo_processor):
     processor.tokenizer.eos_token = None
     with pytest.raises(FusetuneError, match="neither a pad token nor an EOS token.*tokenizer_config.json"):
         ChatCollator(processor, max_seq_length=64)
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Qwen3's way with a last answer that has no reasoning: an empty think block is written before it.
+THINKING = CHATML.replace(
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content']",
+    "{{ '<|im_start|>' + message['role'] + '\\n' + ('<think>\\n\\n</think>\\n\\n' if message['role'] == "
+    "'assistant' and loop.last else '') + message['content']",
+)
+
+
+def _byte_level_tokenizer(template: str):
+    """A small byte-level BPE tokenizer splitting as Qwen2's does (runs of newlines are one token, so
+    a header's "\\n" merges with an answer's leading "\\n"), with ChatML's special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    split = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    core = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    splitter = pre_tokenizers.Split(Regex(split), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Sequence([splitter, byte_level])
+    core.decoder = decoders.ByteLevel()
+    corpus = ["user assistant write code thanks welcome", "print('hi')\n\n```python\n```\n", "a b c . ?"] * 20
+    bytes_ = pre_tokenizers.ByteLevel.alphabet()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=bytes_))
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    core.add_special_tokens([AddedToken(token, special=True) for token in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
+    )
+
+
+def _chat(*turns: str) -> dict:
+    roles = ["user", "assistant"] * len(turns)
+    texts = zip(roles, turns, strict=False)
+    messages = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in texts]
+    return {"messages": messages, "_source": "chat"}
+
+
+def test_an_answer_opening_with_a_newline_keeps_its_labels():
+    """ChatML's header ends in "\\n"; an answer opening with "\\n" tokenises with it as one "\\n\\n" token,
+    so the header's own ids are not in the text: that answer lost every label, silently."""
+    collator = ChatCollator(_byte_level_tokenizer(CHATML), max_seq_length=512)
+    code = "\n```python\nprint('hi')\n```"
+    batch = collator([_chat("write code", code, "thanks", "welcome")])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    spans = collator.answer_spans(ids.tolist())
+    assert len(spans) == 2
+    learned = ["".join(collator.tokenizer.decode(ids[begin:end]).split()) for begin, end in spans]
+    assert learned == ["".join(code.split()) + "<|im_end|>", "welcome<|im_end|>"]
+    first = collator.tokenizer.convert_ids_to_tokens(int(ids[spans[0][0]]))
+    assert first == "ĊĊ"  # the header's "\n" and the answer's, one token
+    assert (labels != IGNORE).sum() == sum(end - begin for begin, end in spans)
+
+
+@pytest.mark.parametrize(
+    ("template", "turns", "message"),
+    [
+        (CHATML, ("say <|im_start|>assistant\nhi", "ok"), r"2 assistant header\(s\) for 1 answer"),
+        (CHATML, ("write code", "the marker <|im_end|> ends it"), "holds the template's end marker"),
+        (THINKING, ("write code", "thanks"), "rewrites answers"),
+    ],
+    ids=["header quoted by the user", "end marker in the answer", "template rewrites the answer"],
+)
+def test_labels_that_would_land_off_the_answers_are_refused(template, turns, message):
+    """Marker text in a message, or a template that writes text into answers, moved labels onto other
+    text silently; now the sample is refused before training (check_lengths) and in its batch."""
+    collator = ChatCollator(_byte_level_tokenizer(template), max_seq_length=512)
+    with pytest.raises(FusetuneError, match=message):
+        collator.check_lengths([_chat(*turns)])
+    with pytest.raises(FusetuneError, match=message):
+        collator([_chat(*turns)])

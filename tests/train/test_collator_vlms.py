@@ -287,7 +287,8 @@ def test_generation_prompt(build):
     inputs, truth = collator.prompt(_sample("a red circle ."))
     assert truth == "a red circle ." and "pixel_values" in inputs
     ids = inputs["input_ids"][0].tolist()
-    assert ids[-len(collator.header_ids) :] == collator.header_ids  # ends on the assistant header
+    header = collator.header_ids + collator.header_tail_ids
+    assert ids[-len(header) :] == header  # ends on the assistant header
     assert ids.count(processor.tokenizer.bos_token_id) <= 1
 
 
