@@ -49,19 +49,24 @@ class _Recent:
     """Results for the last few tensors seen. The same boundaries reach every layer of a forward
     (and its recompute), so they are read off the device once a step, not once a layer. Eight:
     a packed VLM step has up to five at once (the vision tower's window and image boundaries, the
-    text rows' query and key boundaries, their position ids)."""
+    text rows' query and key boundaries, their position ids). A tensor made under
+    ``torch.inference_mode`` has no version counter to tell an in-place change by, so its results
+    are not kept (read once a layer there)."""
 
     def __init__(self, size: int = 8):
         self.size, self.entries = size, []
 
     def get(self, tensor: torch.Tensor, extra):
+        if tensor.is_inference():
+            return None
         for held, version, result in self.entries:
             if held is tensor and version == (tensor._version, extra):
                 return result
         return None
 
     def put(self, tensor: torch.Tensor, extra, result):
-        self.entries = [(tensor, (tensor._version, extra), result), *self.entries[: self.size - 1]]
+        if not tensor.is_inference():
+            self.entries = [(tensor, (tensor._version, extra), result), *self.entries[: self.size - 1]]
         return result
 
 

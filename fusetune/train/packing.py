@@ -78,9 +78,12 @@ def use_packed_attention(model, implementation: str | None = None) -> str:
     """Set the attention of ``model``'s language model (``model``: a transformers model, or a PEFT
     model around one) to ``implementation``, by default ``attention_implementation()``, or eager
     attention for a model that soft-caps its attention scores (Gemma 2), which ``fusetune_varlen``
-    does not; a VLM's vision tower keeps its own. Returns the implementation set."""
+    does not; a VLM's vision tower keeps its own. Returns the implementation set. A VLM that
+    ``pack`` refuses is refused here too: Gemma 3's image tokens attend both ways, which a packed
+    row's causal segments would silently drop."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
+    _settings(config)
     text = _text_config(config)
     if getattr(text, "attn_logit_softcapping", None) is not None:
         if implementation == varlen.NAME:

@@ -165,3 +165,18 @@ def test_on_cuda_the_varlen_kernel_matches_the_per_window_attention(monkeypatch)
         if param.requires_grad:
             scale = grads[name].abs().max().item()
             torch.testing.assert_close(param.grad, grads[name], rtol=5e-2, atol=5e-2 * scale, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_patched_vision_tower_runs_under_inference_mode(arch):
+    """Tensors made under ``torch.inference_mode`` have no version counter: the vision attention's
+    cache of boundaries read one and failed ("Inference tensors do not track version counter"), so a
+    patched Qwen VLM could not run an evaluation or ``generate`` written with inference_mode."""
+    from tests.patch.vlm_models import vlm_batch
+
+    reference = tiny_vlm(arch, "sdpa").eval()
+    model = copy.deepcopy(reference)
+    fusetune.apply(model)
+    batch = vlm_batch(arch)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)

@@ -544,3 +544,15 @@ def test_boundaries_and_which_collators_pass_them(processor):
     assert PackingCollator(None, config).with_boundaries
     config.vision_config._attn_implementation = "flash_attention_2"  # 5.17 hands them to the vision tower too
     assert not PackingCollator(None, config).with_boundaries
+
+
+def test_use_packed_attention_refuses_the_vlms_pack_refuses():
+    """Gemma 3's image tokens attend both ways; under fusetune_varlen an unpadded row's mask came back
+    None and they attended causally (logits 3.8e-2 off at the image tokens), silently. The VLMs that
+    ``pack`` refuses are now refused where packed attention is set, as ``pack`` refuses them."""
+    from tests.patch.vlm_models import tiny_vlm
+
+    model = tiny_vlm("gemma3", "sdpa")
+    with pytest.raises(FusetuneError, match="supports text models and the Qwen2-VL family, not 'gemma3'"):
+        use_packed_attention(model)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
