@@ -107,6 +107,10 @@ def turn_markers(processor) -> TurnMarkers:
     user = [message("user", _PROBE_USER)]
     plain = _render(processor, user)
     prompted = _render(processor, user, generation_prompt=True)
+    eos = tokenizer.eos_token
+    if eos and plain.endswith(eos) and not prompted.startswith(plain):
+        if prompted.startswith(plain[: -len(eos)]):  # Phi-3's ends a chat with EOS where it writes no prompt
+            plain = plain[: -len(eos)]
     full = _render(processor, [*user, message("assistant", _PROBE_ANSWER)])
     if not prompted.startswith(plain) or len(prompted) == len(plain) or _PROBE_ANSWER not in full:
         raise FusetuneError(
@@ -116,11 +120,13 @@ def turn_markers(processor) -> TurnMarkers:
     header = prompted[len(plain) :]
     tail = full[full.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
     end = tail.strip()
-    # Keep only the first marker of a tail such as "<|im_end|>\n" or "</s>" (not a following turn).
-    for special in tokenizer.all_special_tokens:
-        if special and tail.lstrip().startswith(special):
-            end = special
-            break
+    # Keep only the first marker of a tail such as "<|im_end|>\n" or "</s>" (not a following turn, nor
+    # Phi-3's "<|end|>\n<|endoftext|>" EOS): the longest special token the tail starts with.
+    specials = {*tokenizer.all_special_tokens}
+    specials |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    starts = [special for special in specials if special and tail.lstrip().startswith(special)]
+    if starts:
+        end = max(starts, key=len)
     closed = bool(end)
     if not closed:
         end = tokenizer.eos_token or ""

@@ -253,7 +253,10 @@ THINKING = CHATML.replace(
 )
 
 
-def _byte_level_tokenizer(template: str):
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _byte_level_tokenizer(template: str, specials=CHATML_SPECIALS, eos="<|im_end|>"):
     """A small byte-level BPE tokenizer splitting as Qwen2's does (runs of newlines are one token, so
     a header's "\\n" merges with an answer's leading "\\n"), with ChatML's special tokens."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -268,10 +271,9 @@ def _byte_level_tokenizer(template: str):
     corpus = ["user assistant write code thanks welcome", "print('hi')\n\n```python\n```\n", "a b c . ?"] * 20
     bytes_ = pre_tokenizers.ByteLevel.alphabet()
     core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=bytes_))
-    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     core.add_special_tokens([AddedToken(token, special=True) for token in specials])
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
+        tokenizer_object=core, eos_token=eos, pad_token="<|endoftext|>", chat_template=template
     )
 
 
@@ -315,3 +317,24 @@ def test_labels_that_would_land_off_the_answers_are_refused(template, turns, mes
         collator.check_lengths([_chat(*turns)])
     with pytest.raises(FusetuneError, match=message):
         collator([_chat(*turns)])
+
+
+# Phi-3-mini's: a chat rendered without the generation prompt ends with the EOS token.
+PHI3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_template_that_closes_the_chat_with_eos_is_read():
+    """Phi-3-mini's template writes EOS after a chat without the generation prompt, so the prompted
+    render does not extend the plain one: it was refused as having no assistant header."""
+    specials = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>")
+    tokenizer = _byte_level_tokenizer(PHI3, specials, eos="<|endoftext|>")
+    collator = ChatCollator(tokenizer, max_seq_length=512)
+    assert (collator.markers.header, collator.markers.end) == ("<|assistant|>\n", "<|end|>")
+    batch = collator([_chat("write code", "a b", "thanks", "welcome")])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    learned = [tokenizer.decode(ids[begin:end]) for begin, end in collator.answer_spans(ids.tolist())]
+    assert ["".join(text.split()) for text in learned] == ["ab<|end|>", "welcome<|end|>"]
+    assert tokenizer.decode(ids[labels != IGNORE]).replace(" ", "") == "ab<|end|>welcome<|end|>"
