@@ -720,10 +720,12 @@ processes); `save_total_limit` keeps the newest few.
   stop the run where it is: the optimiser step finishes, is saved as `checkpoint-N`, and the run stops
   with `fusetune: interrupted (SIGINT) at step N; the last checkpoint is ...` and status 130 (SIGINT)
   or 143 (SIGTERM, 128 + 15, as a shell reports it). A second Ctrl-C stops at once, without that
-  checkpoint (the last one is the newest periodic one). Under `--nproc N`, Ctrl-C in the terminal
-  reaches torchrun, which passes it on to every process (and kills them 30 s later); the processes
-  agree at each step end, so they save and stop at the same step even when a signal reaches only
-  some of them. From Python, `train()` restores the signal handlers it found when it returns.
+  checkpoint (the last one is the newest periodic one). Under `--nproc N`, torchrun and the
+  processes run in a session of their own, and the launcher passes each Ctrl-C or SIGTERM it gets
+  on to all of them, once, whether it came to the launcher alone (a container's first process, as
+  Kubernetes stops it) or to its whole group (a terminal); torchrun kills them 30 s after passing a
+  signal on, so a step and its save must fit in that. The processes agree at each step end, so they
+  save and stop at the same step even when a signal reaches only some of them. From Python, `train()` restores the signal handlers it found when it returns.
 - **Resuming.** `--resume` (the same command plus the flag) continues from the newest complete
   checkpoint (one whose `trainer_state.json`, written last, reads back; a folder cut short by a kill
   is passed over, with a note), or `resume: path/to/checkpoint-N`. The result equals an uninterrupted

@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -328,14 +330,18 @@ def run_processes(nproc: int, train_argv: list[str]) -> int:
 
     Raises the first rank's ``FusetuneError`` (``Interrupted`` for Ctrl-C) when a process reported
     one, so that the launcher prints it and exits as a single process would.
+
+    torchrun and its processes run in a session of their own, and the launcher passes each SIGINT
+    and SIGTERM it gets on to all of them, once: a signal sent to the launcher alone (a container's
+    first process, as Kubernetes stops it) reaches the processes, which save a checkpoint and stop,
+    and one sent to the launcher's whole group reaches them once, not twice.
     """
     command = torchrun_command(nproc, train_argv)
     print(f"fusetune train: starting {nproc} processes: {' '.join(command)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fusetune-errors-") as folder:
-        process = subprocess.Popen(command, env={**os.environ, ERROR_DIR_VARIABLE: folder})
-        try:
-            status = process.wait()
-        except KeyboardInterrupt:  # the processes had Ctrl-C too: let them save their checkpoint and stop
+        env = {**os.environ, ERROR_DIR_VARIABLE: folder}
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        with _signals_passed_on(process):
             status = process.wait()
         reports = _reports(Path(folder))
     if status == 0 or not reports:
@@ -350,6 +356,25 @@ def run_processes(nproc: int, train_argv: list[str]) -> int:
     if interrupted:
         raise Interrupted(message, reports[0].get("status", 130))
     raise FusetuneError(message)
+
+
+@contextlib.contextmanager
+def _signals_passed_on(process: subprocess.Popen) -> Iterator[None]:
+    """SIGINT and SIGTERM passed on to ``process``'s session (torchrun and its processes) for the block,
+    the previous handlers restored after it (``train`` may run inside a program with its own; outside
+    the main thread, where Python sets no handlers, nothing changes)."""
+
+    def pass_on(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+
+    signums = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, pass_on) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def report_to_launcher(error: FusetuneError) -> None:

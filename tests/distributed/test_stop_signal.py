@@ -18,6 +18,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
@@ -51,7 +52,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert run_ranks(_worker, 2, str(tmp_path), timeout=120) == {"stopped": 4}
 
 
-def test_ctrl_c_under_nproc_2_saves_one_checkpoint_of_both_ranks(tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c to the terminal's group", "sigterm to the launcher alone"],
+)
+def test_a_signal_under_nproc_2_saves_one_checkpoint_of_both_ranks(tmp_path, signum, to_group):
+    """Ctrl-C reaches the launcher's whole group; a container's stop (Kubernetes) sends SIGTERM to
+    its first process alone, which the launcher passes on: either way both ranks save one checkpoint
+    at the same step and the launcher exits 128 + the signal (SIGTERM to the launcher alone used to
+    kill it and leave torchrun and the ranks running on)."""
     out = tmp_path / "run"
     argv = [*run_args("fsdp2", held_out=False), "--max_steps", "40", "--output_dir", str(out)]
     process = subprocess.Popen(
@@ -68,15 +78,18 @@ def test_ctrl_c_under_nproc_2_saves_one_checkpoint_of_both_ranks(tmp_path):
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint written in 240 s"
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the launcher and torchrun, which passes it on
+        if to_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == 128 + signum, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("fusetune: interrupted (SIGINT) at step "), stderr[-3000:]
+    assert last.startswith(f"fusetune: interrupted ({signal.Signals(signum).name}) at step "), stderr[-3000:]
     step = int(last.split("at step ")[1].split(";")[0])
     checkpoint = out / f"checkpoint-{step}"
     assert f"the last checkpoint is {checkpoint}, saved at that step" in last

@@ -195,7 +195,7 @@ def test_nproc_launches_torchrun_with_the_other_arguments(tmp_path, monkeypatch)
     path.write_text("distributed:\n  strategy: fsdp2\nmax_steps: 3\n")
     launched = []
     monkeypatch.setattr(
-        subprocess, "Popen", lambda command, env: launched.append(command) or _Processes(0, env)
+        subprocess, "Popen", lambda command, env, **_: launched.append(command) or _Processes(0, env)
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: any count is allowed (gloo)
     assert cli.main(["train", str(path), "--nproc", "2", "--lora.r", "4"]) == 0
@@ -235,7 +235,7 @@ def test_nproc_exits_with_the_processes_error(errors, status, printed, monkeypat
     status 2 (130 for Ctrl-C), not torchrun's 1 after its failure report."""
     import subprocess
 
-    monkeypatch.setattr(subprocess, "Popen", lambda command, env: _Processes(1, env, errors))
+    monkeypatch.setattr(subprocess, "Popen", lambda command, env, **_: _Processes(1, env, errors))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["train", "--nproc", "2", "--distributed.strategy", "fsdp2"]) == status
     assert capsys.readouterr().err == printed
