@@ -11,6 +11,11 @@ tokenizer's EOS token appended to each assistant answer, labelled, so the model 
 Every sample's labelled spans are checked against its answers (``check_answers``: one span an
 answer, holding its text and the end marker only), so marker text inside a message, or a template
 that rewrites answers, stops the run with an error naming the sample instead of moving labels.
+Reasoning models' templates: Qwen3's empty think block before a last answer without reasoning is
+learned with the answer (``TurnMarkers.answer_prefix``), as is a last answer's own
+"<think>...</think>"; reasoning a template drops (Qwen3's before the last user turn) is refused, and
+so is a generation prompt that answers do not follow (DeepSeek-R1's "<think>\n"). The ``chat_template``
+setting replaces such a template.
 
 Whatever the processor returns goes to the model as it is, so the architecture differences live in
 the processor, not here: Qwen2-VL's ``pixel_values`` as flattened patches plus ``image_grid_thw``
@@ -44,6 +49,8 @@ from fusetune.train.errors import FusetuneError
 IGNORE = -100
 _PROBE_USER, _PROBE_ANSWER = "fusetuneprobeuser", "fusetuneprobeanswer"
 _PROBE_NEXT = "fusetuneprobenext"
+# Where an answer's reasoning ends, in the templates of reasoning models (Qwen3, DeepSeek-R1, ...).
+_REASONING_END = "</think>"
 
 
 def _tokenizer(processor):
@@ -85,6 +92,11 @@ class TurnMarkers:
     append it (templates such as llava-1.5's, where an answer runs on into the next "USER:")."""
     next_header: str
     """The start of the turn after an answer (e.g. "USER:" or "<|im_start|>user"), "" if none."""
+    answer_prefix: str = ""
+    """What the template writes between the header and a last answer that it does not take from the
+    answer: Qwen3's empty reasoning block "<think>\n\n</think>\n\n" before an answer without
+    reasoning. It is labelled with the answer: after the bare header a generation prompt ends with,
+    the model writes it itself."""
 
 
 def turn_markers(processor) -> TurnMarkers:
@@ -118,7 +130,17 @@ def turn_markers(processor) -> TurnMarkers:
             "nothing); use a chat template that marks assistant turns."
         )
     header = prompted[len(plain) :]
-    tail = full[full.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
+    answer_at = full.index(_PROBE_ANSWER)
+    header_at = full.rfind(header, 0, answer_at)
+    if header_at < 0:
+        raise FusetuneError(
+            f"the chat template's generation prompt {header!r} is not what it writes before an answer "
+            f"({full[:answer_at][-len(header) - 20 :]!r}; DeepSeek-R1's opens a think block at generation "
+            "only), so answers would be learned after another prompt than generation gives; set "
+            "chat_template to a template that writes answers after its generation prompt."
+        )
+    answer_prefix = full[header_at + len(header) : answer_at]
+    tail = full[answer_at + len(_PROBE_ANSWER) :]
     end = tail.strip()
     # Keep only the first marker of a tail such as "<|im_end|>\n" or "</s>" (not a following turn, nor
     # Phi-3's "<|end|>\n<|endoftext|>" EOS): the longest special token the tail starts with.
@@ -145,7 +167,7 @@ def turn_markers(processor) -> TurnMarkers:
         if closed and between.startswith(end):
             between = between[len(end) :].strip()
         next_header = between
-    return TurnMarkers(header, end, closed, next_header)
+    return TurnMarkers(header, end, closed, next_header, answer_prefix if answer_prefix.strip() else "")
 
 
 def response_markers(processor) -> tuple[str, str]:
@@ -466,12 +488,14 @@ class ChatCollator:
 
     def check_answers(self, sample: dict, sequence: list[int]) -> None:
         """Refuse a sample whose labelled spans are not its assistant answers: one span an answer,
-        each holding its answer's text and nothing but the end marker beside it (whitespace aside).
+        each holding its answer's text (after the template's ``answer_prefix``, where it writes one)
+        and nothing but the end marker beside it (whitespace aside).
 
         Marker text inside a message (a user turn quoting "ASSISTANT:", an answer holding
-        "<|im_end|>") or a template that rewrites answers (Qwen3 adds an empty think block to the
-        last one and drops earlier ones' reasoning) would otherwise move labels silently onto other
-        text. Texts are compared as the tokenizer round-trips them, without whitespace.
+        "<|im_end|>") or a template that rewrites answers (Qwen3's and DeepSeek-R1's drop the
+        reasoning of earlier answers) would otherwise move labels silently onto other text, or leave
+        part of an answer unlearned. Texts are compared as the tokenizer round-trips them, without
+        whitespace.
         """
         source = sample.get("_source", "a sample")
         answers = [
@@ -488,15 +512,28 @@ class ChatCollator:
             )
         for (begin, end), answer in zip(spans, answers, strict=True):
             labelled = self._squashed(self.tokenizer.decode(sequence[begin:end]))
-            wanted = self._squashed(answer)
-            if wanted not in labelled or len(labelled) > len(self._squashed(answer + self.markers.end)):
+            if any(self._holds(labelled, prefix + answer) for prefix in {"", self.markers.answer_prefix}):
+                continue
+            read = self.tokenizer.decode(sequence[begin:end])[:80]
+            if _REASONING_END in answer and self._holds(labelled, answer.split(_REASONING_END)[-1]):
                 raise FusetuneError(
-                    f"{source}: the tokens labelled as its answer {answer[:60]!r} read "
-                    f"{self.tokenizer.decode(sequence[begin:end])[:80]!r}: the answer holds the template's "
-                    f"end marker {self.markers.end!r}, or the chat template rewrites answers (as Qwen3's "
-                    "and DeepSeek-R1's do with reasoning); reword the sample, or use a template that "
-                    "renders each answer as written."
+                    f"{source}: the chat template drops the reasoning of its answer {answer[:60]!r} (it "
+                    f"renders {read!r}), as Qwen3's does before the last user turn and DeepSeek-R1's "
+                    "everywhere, so that reasoning would never be learned; split the conversation so that "
+                    "each answer with reasoning ends its sample, or set chat_template to a template that "
+                    "keeps it."
                 )
+            raise FusetuneError(
+                f"{source}: the tokens labelled as its answer {answer[:60]!r} read {read!r}: the answer "
+                f"holds the template's end marker {self.markers.end!r}, or the chat template rewrites "
+                "answers; reword the sample, or set chat_template to a template that renders each answer "
+                "as written."
+            )
+
+    def _holds(self, labelled: str, answer: str) -> bool:
+        """Whether ``labelled`` (squashed) is ``answer`` with at most the end marker beside it."""
+        wanted = self._squashed(answer)
+        return wanted in labelled and len(labelled) <= len(self._squashed(answer + self.markers.end))
 
     def _squashed(self, text: str) -> str:
         """``text`` as the tokenizer round-trips it, without whitespace (decoding may space tokens)."""

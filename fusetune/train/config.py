@@ -83,6 +83,9 @@ class TrainConfig:
     split name (validation) of a `datasets` dataset: a hub name or a saved DatasetDict."""
     demo_samples: int = 1000
     """Size of the synthetic demo data set."""
+    chat_template: str = ""
+    """A chat template to render samples with instead of the model's own: a .jinja file's path or
+    the template's text; it is saved with the adapter and the merged model. Empty: the model's own."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     load_in_4bit: bool = False
@@ -725,13 +728,14 @@ processes); `save_total_limit` keeps the newest few.
   on to all of them, once, whether it came to the launcher alone (a container's first process, as
   Kubernetes stops it) or to its whole group (a terminal); torchrun kills them 30 s after passing a
   signal on, so a step and its save must fit in that. The processes agree at each step end, so they
-  save and stop at the same step even when a signal reaches only some of them. From Python, `train()` restores the signal handlers it found when it returns.
+  save and stop at the same step even when a signal reaches only some of them. From Python,
+  `train()` restores the signal handlers it found when it returns.
 - **Resuming.** `--resume` (the same command plus the flag) continues from the newest complete
   checkpoint (one whose `trainer_state.json`, written last, reads back; a folder cut short by a kill
   is passed over, with a note), or `resume: path/to/checkpoint-N`. The result equals an uninterrupted
   run. It needs the settings the checkpoint's run trained with: the model, data (`dataset`,
-  `dataset_split`, `eval_split`, `demo_samples`, `max_seq_length`, `max_pixels`), `lora`, batch
-  (`batch_size`, `gradient_accumulation_steps`, the number of processes), optimiser and schedule
+  `dataset_split`, `eval_split`, `demo_samples`, `chat_template`, `max_seq_length`, `max_pixels`),
+  `lora`, batch (`batch_size`, `gradient_accumulation_steps`, the number of processes), optimiser and schedule
   (`learning_rate`, `lr_scheduler`, `warmup`, `weight_decay`, `max_grad_norm`), `seed`, `dtype`,
   `load_in_4bit` and `distributed.strategy`; any other value stops it before anything loads, naming
   each key with both values. Output, saving, logging and evaluation keys, `show_samples`,

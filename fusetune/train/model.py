@@ -286,6 +286,29 @@ def _load_processor(name: str, config, vision: bool, max_pixels: int | None):
     return processor
 
 
+def read_chat_template(value: str) -> str:
+    """The text of a ``chat_template`` setting: the template itself (it holds Jinja's "{{" or "{%"),
+    or the path of a file holding it (a leading ``~`` expanded)."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FusetuneError(
+            f"chat_template={value!r} is neither a chat template (no Jinja tags) nor a file; give the path "
+            "of a .jinja file or the template's text."
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def use_chat_template(processor, template: str) -> None:
+    """Render chats with ``template`` instead of the model's own: set on the processor and on its
+    tokenizer (each renders with its own), so that it is also saved with them."""
+    processor.chat_template = template
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.chat_template = template
+
+
 def _load_pretrained(
     name: str, dtype: torch.dtype, load_in_4bit: bool, max_pixels: int | None, strategy: str
 ):
@@ -346,6 +369,7 @@ def load_model(
     max_pixels: int | None = None,
     mlp_tile_rows: int | None = None,
     strategy: str = "off",
+    chat_template: str | None = None,
     verbose: bool = False,
 ):
     """A model ready to fine-tune and its processor (VLMs) or tokenizer (LLMs): ``(model, processor)``.
@@ -359,12 +383,15 @@ def load_model(
     goes to ``fusetune.apply`` (row tiles of the fused LoRA MLPs for long inputs). ``strategy``: the
     ``distributed.strategy`` the model will be trained under (off, fsdp2 or deepspeed_zero3); with
     fsdp2, 4-bit weights are stored so that FSDP2 shards them (see ``quantization_config``).
+    ``chat_template``: a template's text or a file's path (``read_chat_template``) to render chats
+    with instead of the model's own.
     """
     if strategy not in STRATEGIES:
         raise FusetuneError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}.")
     if lora is not False:  # checked before the (possibly long) load
         lora = lora_settings(LoraSettings() if lora is None or lora is True else lora)
     torch_dtype = resolve_dtype(dtype)
+    template = read_chat_template(chat_template) if chat_template else None
     if name_or_path == "demo":
         if load_in_4bit:
             raise FusetuneError(
@@ -377,6 +404,8 @@ def load_model(
         model = demo.build_model(processor.tokenizer, dtype=torch_dtype)
     else:
         model, processor = _load_pretrained(name_or_path, torch_dtype, load_in_4bit, max_pixels, strategy)
+    if template is not None:
+        use_chat_template(processor, template)
     if lora is not False:
         model = add_lora(model, lora)
     if kernels == "auto":

@@ -327,6 +327,7 @@ def train(config: TrainConfig, quiet: bool = False, callbacks: list | None = Non
         max_pixels=config.max_pixels,
         mlp_tile_rows=config.mlp_tile_rows or None,
         strategy=config.distributed.strategy,
+        chat_template=config.chat_template or None,
     )
     if checkpoint:
         check_resume_lora(checkpoint, model.peft_config["default"])

@@ -106,3 +106,14 @@ def test_load_model_checks_its_lora_settings():
         fusetune.load_model("demo", lora={"dropout": 1.5})
     with pytest.raises(FusetuneError, match="'lora.alpha' must be an integer"):
         fusetune.load_model("demo", lora={"alpha": "big"})
+
+
+def test_train_renders_with_the_chat_template_its_config_names(tmp_path):
+    """A run's ``chat_template`` reaches the model's loading (a file that is not there is named)."""
+    from fusetune.train.config import TrainConfig
+    from fusetune.train.runner import train
+
+    missing = tmp_path / "missing.jinja"
+    config = TrainConfig(output_dir=str(tmp_path / "run"), demo_samples=8, chat_template=str(missing))
+    with pytest.raises(FusetuneError, match=f"chat_template='{missing}' is neither a chat template"):
+        train(config, quiet=True)

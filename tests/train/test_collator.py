@@ -245,12 +245,32 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-# Qwen3's way with a last answer that has no reasoning: an empty think block is written before it.
-THINKING = CHATML.replace(
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content']",
-    "{{ '<|im_start|>' + message['role'] + '\\n' + ('<think>\\n\\n</think>\\n\\n' if message['role'] == "
-    "'assistant' and loop.last else '') + message['content']",
+# Written here to behave as Qwen3's template does: an answer's "<think>...</think>" reasoning is split
+# off; answers after the last user turn keep it, and the last one gets an empty block when it has
+# none; earlier answers lose it.
+QWEN3 = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message['content'] %}"
+    "{%- if message['role'] == 'assistant' %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content }}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# DeepSeek-R1's way: reasoning dropped from every answer, and a think block opened by the generation
+# prompt only.
+DEEPSEEK_R1 = CHATML.replace("message['content']", "message['content'].split('</think>')[-1]").replace(
+    "{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n<think>\\n' }}"
+)
+# A template that writes other words than the answer's.
+REWORDING = CHATML.replace("message['content']", "(message['content'] | replace('code', 'program'))")
 
 
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -305,7 +325,7 @@ def test_an_answer_opening_with_a_newline_keeps_its_labels():
     [
         (CHATML, ("say <|im_start|>assistant\nhi", "ok"), r"2 assistant header\(s\) for 1 answer"),
         (CHATML, ("write code", "the marker <|im_end|> ends it"), "holds the template's end marker"),
-        (THINKING, ("write code", "thanks"), "rewrites answers"),
+        (REWORDING, ("write code", "some code"), "rewrites answers"),
     ],
     ids=["header quoted by the user", "end marker in the answer", "template rewrites the answer"],
 )
@@ -317,6 +337,50 @@ def test_labels_that_would_land_off_the_answers_are_refused(template, turns, mes
         collator.check_lengths([_chat(*turns)])
     with pytest.raises(FusetuneError, match=message):
         collator([_chat(*turns)])
+
+
+def _learned(collator, batch) -> list[str]:
+    """The text of each labelled span of the batch's first row, as the tokenizer decodes it."""
+    ids = batch["input_ids"][0]
+    return [collator.tokenizer.decode(ids[begin:end]) for begin, end in collator.answer_spans(ids.tolist())]
+
+
+def test_qwen3_answers_are_learned_with_the_empty_think_block_its_template_writes():
+    """Qwen3's template writes an empty think block before a last answer without reasoning (the model
+    writes it after the bare generation prompt): the sample was refused as rewriting its answer. Now
+    the block is read off the template and learned with the answer; earlier answers have none."""
+    collator = ChatCollator(_byte_level_tokenizer(QWEN3), max_seq_length=512)
+    assert collator.markers.answer_prefix == "<think>\n\n</think>\n\n"
+    sample = _chat("write code", "a b c", "thanks", "welcome")
+    collator.check_lengths([sample])
+    batch = collator([sample])
+    assert _learned(collator, batch) == ["a b c<|im_end|>", "<think>\n\n</think>\n\nwelcome<|im_end|>"]
+    labels = batch["labels"][0]
+    assert (labels != IGNORE).sum() == sum(end - begin for begin, end in collator.answer_spans(
+        batch["input_ids"][0].tolist()))
+
+
+def test_qwen3_reasoning_of_the_last_answer_is_learned():
+    collator = ChatCollator(_byte_level_tokenizer(QWEN3), max_seq_length=512)
+    batch = collator([_chat("write code", "<think>\nuser wants code\n</think>\n\nprint('hi')")])
+    assert _learned(collator, batch) == ["<think>\nuser wants code\n</think>\n\nprint('hi')<|im_end|>"]
+
+
+def test_reasoning_a_template_drops_is_refused_naming_the_fix():
+    """Qwen3's template drops the reasoning of answers before the last user turn: those tokens would
+    never be learned, silently."""
+    collator = ChatCollator(_byte_level_tokenizer(QWEN3), max_seq_length=512)
+    sample = _chat("write code", "<think>\nuser wants code\n</think>\n\na b c", "thanks", "welcome")
+    for check in (collator.check_lengths, collator):
+        with pytest.raises(FusetuneError, match="drops the reasoning.*split the conversation.*chat_template"):
+            check([sample])
+
+
+def test_a_generation_prompt_that_answers_do_not_follow_is_refused():
+    """DeepSeek-R1's generation prompt opens a think block its rendered answers do not have: the answers
+    would be learned after another prompt than generation gives."""
+    with pytest.raises(FusetuneError, match="generation prompt.*set chat_template"):
+        ChatCollator(_byte_level_tokenizer(DEEPSEEK_R1), max_seq_length=512)
 
 
 # Phi-3-mini's: a chat rendered without the generation prompt ends with the EOS token.

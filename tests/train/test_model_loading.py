@@ -203,3 +203,30 @@ def test_the_demo_model_in_bf16_keeps_float32_rotary_frequencies_as_from_pretrai
         assert buffer.dtype == buffers[name].dtype == torch.float32, name
         torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_chat_template_given_replaces_the_models_own(tmp_path):
+    """``chat_template`` (a file or the text) is what the tokenizer, or a VLM's processor and its
+    tokenizer, render chats with and save."""
+    from transformers import AutoTokenizer
+
+    from tests.train.test_collator import QWEN3
+
+    folder = save_llm(tmp_path / "model")
+    template_file = tmp_path / "qwen3.jinja"
+    template_file.write_text(QWEN3)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for given in (str(template_file), QWEN3):
+        _, tokenizer = load_model(str(folder), lora=False, kernels="off", chat_template=given)
+        assert tokenizer.apply_chat_template(chat, tokenize=False) == (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nyo<|im_end|>\n"
+        )
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == QWEN3
+    _, processor = load_model("demo", lora=False, kernels="off", chat_template=str(template_file))
+    assert processor.chat_template == processor.tokenizer.chat_template == QWEN3
+
+
+def test_a_chat_template_that_is_neither_a_file_nor_a_template_is_refused(tmp_path):
+    message = refusal(save_llm(tmp_path / "model"), chat_template=str(tmp_path / "missing.jinja"))
+    assert "neither a chat template (no Jinja tags) nor a file; give the path of a .jinja file" in message
