@@ -49,7 +49,6 @@ How it sits with the rest of the stack:
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import weakref
 from collections.abc import Callable
@@ -135,6 +134,12 @@ class _OffloadStore:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last: weakref.ref | None = None
         self._held: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # see _free_after_copy
+
+    def __reduce__(self):
+        """A pickled or deep-copied store is a new, empty one: a store holds only one step's transient
+        state (host buffers, CUDA streams, weak references to its entries), none of which a copy can
+        use. The layers sharing a store share its copy (pickle and deepcopy copy an object once)."""
+        return _OffloadStore, (self.for_capture,)
 
     def pool(self, device: torch.device) -> _HostPool:
         if device not in self._pools:
@@ -554,20 +559,19 @@ class _LayerCheckpoint:
         self.keep_attention = False
         self.keep_projections: bool | None = False  # None: in a captured step's (its store says)
 
-    def __deepcopy__(self, memo: dict) -> _LayerCheckpoint:
-        """The checkpoint of the layer's copy, in a deep copy of the model (``copy.deepcopy`` keeps a
-        weak reference as it is: the copy's layer would run the original layer's parameters). The
-        copy's layer is in ``memo`` already: this object is part of that layer's state. The copy's
-        layers share one new, empty offload store (a store holds only one step's transient state:
-        host buffers, CUDA streams)."""
-        copied = copy.copy(self)
-        memo[id(self)] = copied
-        layer = self._layer()
-        copied._layer = weakref.ref(memo.get(id(layer), layer))
-        if self.store is not None:
-            copied.store = memo.setdefault(id(self.store), _OffloadStore(self.store.for_capture))
-        copied.previous = copy.deepcopy(self.previous, memo)
-        return copied
+    def __getstate__(self) -> dict:
+        """The settings, with the layer held strongly, for ``pickle`` (``torch.save(model)``) and
+        ``copy.deepcopy``: a weak reference cannot be pickled, and a deep copy would keep it as it is
+        (the copy's layer would run the original layer's parameters). Both record the layer before
+        its attributes, this object among them, so the copy's checkpoint gets the copy's layer."""
+        return {**self.__dict__, "_layer": self._layer()}
+
+    def __setstate__(self, state: dict) -> None:
+        """Back from :meth:`__getstate__`, the layer weakly again; an offloading copy keeps attention
+        outputs as the original did, also when loaded in a process that never enabled checkpointing."""
+        self.__dict__.update(state, _layer=weakref.ref(state["_layer"]))
+        if self.offload and self.keep_attention:
+            kept_attention.install()
 
     @property
     def offload(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import os
 import weakref
 
@@ -578,19 +579,58 @@ def test_disable_gives_back_transformers_checkpointing():
     assert model.model.layers[0]._gradient_checkpointing_func is theirs and checkpointing_on(model)
 
 
+def _copy(model: nn.Module, how: str) -> nn.Module:
+    """``model`` deep-copied, or pickled whole and loaded back (``torch.save(model)``)."""
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
-def test_a_deep_copy_checkpoints_its_own_layers(offload):
-    """A deep copy of a checkpointed model trains its own parameters (the checkpoint of each copied
-    layer points at the copy), also once the original is gone."""
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_checkpoints_its_own_layers(monkeypatch, how, offload):
+    """A deep copy, or a model saved whole with ``torch.save`` and loaded back, of a checkpointed model
+    that has trained a step checkpoints its own layers (each layer runs again in backward, and keeps
+    its input and attention output on the host with a store of its own when offloading) and trains
+    its own parameters, also once the original is gone; ``disable_checkpointing`` makes it plain."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     model = lora(tiny_model("llama"))
     reference = copy.deepcopy(model)
+    before = set(model.base_model.model.model.layers[0].__dict__)
     enable_checkpointing(model, offload=offload)
-    copied = copy.deepcopy(model)
+    inputs = batch()
+    step(model, inputs)  # the offload store now holds host buffers and a weak reference to an entry
+    store = model.base_model.model.model.layers[0]._gradient_checkpointing_func.store
+    # As in a process that never enabled checkpointing: the copy installs kept attention itself.
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__)
+    copied = _copy(model, how)
     del model
     gc.collect()
-    inputs = batch()
+    layers = copied.base_model.model.model.layers
+    checkpoints = [layer._gradient_checkpointing_func for layer in layers]
+    assert all(c._layer() is layer for c, layer in zip(checkpoints, layers, strict=True))
+    assert len({id(c.store) for c in checkpoints}) == 1
+    assert getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "fusetune_keeps", False) == offload
+    runs = []
+    for layer in layers:
+        layer.input_layernorm.register_forward_hook(lambda *_: runs.append(None))
     for _ in range(2):
         assert_matches(copied, reference, inputs)
+    assert len(runs) == 2 * 2 * len(layers)  # forward and recompute, each step
+    if offload:
+        assert checkpoints[0].store is not store
+        # Each layer's input and attention output, in the copy's own pool.
+        assert len(checkpoints[0].store.pool(torch.device("cpu")).free) == 2 * len(layers)
+
+    disable_checkpointing(copied)
+    assert not checkpointing_on(copied) and set(layers[0].__dict__) == before
+    runs.clear()
+    assert_matches(copied, reference, inputs)
+    assert len(runs) == len(layers)
 
 
 def test_compiled_checkpointed_model_matches_eager_over_steps():

@@ -272,7 +272,10 @@ def _load_processor(name: str, config, vision: bool, max_pixels: int | None):
         _refuse_remote_code(name, error)
         what = "processor" if vision else "tokenizer"
         if "torchvision" in str(error).lower():  # Qwen2-VL's video processor, for one, needs it
-            reason = "it needs torchvision, which is not installed; pip install torchvision"
+            reason = (
+                "it needs torchvision, which is not installed; install the torchvision release built for "
+                f"your torch {torch.__version__} (PyTorch's index has CPU and CUDA builds)"
+            )
         else:
             reason = _reason(error)
         raise FusetuneError(f"cannot load the {what} of {name!r}: {reason}.") from None

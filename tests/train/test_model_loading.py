@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from fusetune.train import demo
 from fusetune.train.errors import FusetuneError
@@ -135,7 +136,8 @@ def test_the_torchvision_hint_is_given_when_torchvision_is_what_is_missing(tmp_p
     (folder / "processor_config.json").write_text(json.dumps(stock))
     assert refusal(folder) == (
         f"cannot load the processor of {str(folder)!r}: it needs torchvision, which is not installed; "
-        f"pip install torchvision."
+        f"install the torchvision release built for your torch {torch.__version__} (PyTorch's index has CPU "
+        f"and CUDA builds)."
     )
 
 
