@@ -1,6 +1,6 @@
 """End-to-end LoRA / QLoRA fine-tuning steps of full-size models: HF + PEFT, + Liger, Unsloth, fusetune.
 
-    python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11,Q7VL-padded,Q7VL-packed]
+    python bench/e2e.py --out FILE [--configs L8-4k,L8-16k,Q7VL,M11,G12,Q7VL-padded,Q7VL-packed]
                         [--systems hf,liger,unsloth,fusetune,fusetune-graph] [--variants bf16_lora,qlora]
                         [--steps 3,8] [--timeout 420] [--budget S] [--tiny] [--profile DIR] [--memory DIR]
                         [--cache DIR] [--keep-folders] [--logs DIR]
@@ -762,7 +762,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--system", choices=SYSTEMS)
     parser.add_argument("--folder", type=Path, help="the saved model (unsloth worker, --save-model)")
-    parser.add_argument("--save-model", choices=["L8", "Q7VL", "M11"], help="save this model to --folder")
+    saved_models = list(dict.fromkeys(model for model, _ in e2e_models.CONFIGS.values()))
+    parser.add_argument("--save-model", choices=saved_models, help="save this model to --folder")
     args = parser.parse_args(argv)
     args.steps = tuple(int(n) for n in (args.steps or ("1,1" if args.max_context else "3,8")).split(","))
     if len(args.steps) != 2 or args.steps[1] < 1:

@@ -1,9 +1,11 @@
 """The models, inputs and FLOP counts of the end-to-end benchmark (``bench/e2e.py``).
 
-Three full-size architectures with random weights, built from their published configs (nothing is
-downloaded): ``L8`` Llama-3.1-8B, ``Q7VL`` Qwen2.5-VL-7B-Instruct (vision tower included) and
-``M11`` Llama-3.2-11B-Vision (Mllama). Each also has a tiny stand-in of the same architecture
-(``tiny=True``) that runs on a CPU in seconds, so the benchmark's plumbing can be tested anywhere.
+Four full-size architectures with random weights, built from their published configs (nothing is
+downloaded): ``L8`` Llama-3.1-8B, ``Q7VL`` Qwen2.5-VL-7B-Instruct (vision tower included), ``M11``
+Llama-3.2-11B-Vision (Mllama) and ``G12`` the text part of Gemma-3-12B-it (``Gemma3ForCausalLM``:
+sliding-window and global layers, tied embeddings, vocab 262,208). Each also has a tiny stand-in of
+the same architecture (``tiny=True``) that runs on a CPU in seconds, so the benchmark's plumbing can
+be tested anywhere.
 
 Weights are identical in every process that builds the same model: one seeded random call per
 tensor, on the same device, in the same order (``patch_gpu.build``). The Unsloth worker loads the
@@ -61,6 +63,36 @@ def mllama_11b_config(tiny: bool = False):
     return MllamaConfig(text_config=text, vision_config=vision, image_token_index=text["vocab_size"])
 
 
+def gemma3_12b_config(tiny: bool = False):
+    """The text part of google/gemma-3-12b-it (11.77 B parameters) as a ``Gemma3TextConfig``, or a
+    tiny Gemma 3 (hidden 64, heads 32 wide, one sliding-window layer of 16 tokens then one global)
+    of the same shape otherwise.
+
+    The published file gives the text config only its sizes, ``sliding_window`` 1,024 and
+    ``rope_scaling`` (linear, factor 8); the rest is Gemma3TextConfig's defaults, written out here:
+    head_dim 256 (not hidden / heads, 240), ``query_pre_attn_scalar`` 256, no soft-capping, tied
+    embeddings, RoPE theta 1,000,000 on the global layers and 10,000 on the sliding ones, and the old
+    ``sliding_window_pattern`` 6 (five sliding layers, then a global one) as transformers 5's
+    ``layer_types``. EOS is ``<eos>`` (1) and ``<end_of_turn>`` (106), as the -it model's config has.
+    """
+    from transformers import Gemma3TextConfig
+
+    rope = {"full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    if tiny:
+        sizes = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                     sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    else:
+        sizes = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                     sliding_window=1024, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 8)
+    return Gemma3TextConfig(**sizes, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+                            rms_norm_eps=1e-6, rope_parameters=rope, final_logit_softcapping=None,
+                            attn_logit_softcapping=None, attention_bias=False, tie_word_embeddings=True,
+                            bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, initializer_range=0.02)
+
+
 @dataclass(frozen=True)
 class Model:
     """One benchmarked architecture: its patch_gpu spec (config + whether it is a VLM), the Liger
@@ -76,17 +108,20 @@ class Model:
 
 
 def models(tiny: bool) -> dict[str, Model]:
-    """L8, Q7VL and M11, full size or tiny."""
+    """L8, Q7VL, M11 and G12, full size or tiny. G12's Liger function is the text-only Gemma 3 one,
+    which patches ``Gemma3ForCausalLM`` (``apply_liger_kernel_to_gemma3`` is for the VLM)."""
     llama, qwen = patch_gpu.memory_specs(quick=tiny)
     mllama = patch_gpu.Spec("llama-3.2-11b-vision", lambda: mllama_11b_config(tiny), vlm=True)
+    gemma = patch_gpu.Spec("gemma-3-12b", lambda: gemma3_12b_config(tiny))
     return {"L8": Model("L8", llama, "apply_liger_kernel_to_llama"),
             "Q7VL": Model("Q7VL", qwen, "apply_liger_kernel_to_qwen2_5_vl"),
-            "M11": Model("M11", mllama, "apply_liger_kernel_to_mllama")}
+            "M11": Model("M11", mllama, "apply_liger_kernel_to_mllama"),
+            "G12": Model("G12", gemma, "apply_liger_kernel_to_gemma3_text")}
 
 
 # Benchmark configurations: name -> (model, language-model tokens).
 CONFIGS = {"L8-4k": ("L8", 4096), "L8-8k": ("L8", 8192), "L8-16k": ("L8", 16384), "L8-32k": ("L8", 32768),
-           "Q7VL": ("Q7VL", 4096), "M11": ("M11", 4096)}
+           "Q7VL": ("Q7VL", 4096), "M11": ("M11", 4096), "G12": ("G12", 4096)}
 
 
 # Mixed-length configurations: name -> (model, layout). The same seeded samples (one square image
@@ -118,9 +153,13 @@ def build(model: Model, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` with seeded random weights, built directly on the benchmark device, in train mode.
 
     Scalar gates (Mllama's cross-attention and vision gates, zero-initialised, so the image would not
-    reach the text at all) are set to 0.5 as trained ones are non-zero.
+    reach the text at all) are set to 0.5 as trained ones are non-zero. Tied output heads (G12's) are
+    tied again: the skipped initialisation is also what ties them, so the head would otherwise be a
+    second random matrix (1 B more parameters at Gemma's vocabulary, and not the model Unsloth loads
+    from the saved folder, which stores the embedding alone); it takes the embedding's weights.
     """
     built = patch_gpu.build(model.spec, dtype, seed=SEED, fast_init=True)
+    built.tie_weights()  # as the skipped init_weights would (a no-op where the config ties nothing)
     with torch.no_grad():
         for param in built.parameters():
             if param.numel() == 1:
@@ -181,7 +220,7 @@ def _mllama_inputs(config, tokens: int, tiny: bool) -> dict:
 
 
 def inputs(model: Model, tokens: int, tiny: bool) -> dict:
-    """The batch of one step: random text ids with labels = ids (L8), or an image plus text (VLMs:
+    """The batch of one step: random text ids with labels = ids (L8, G12), or an image plus text (VLMs:
     Qwen2.5-VL's a 1024 x 1024 image, 74 x 74 patches or 1,369 tokens, 8 x 8 patches when tiny)."""
     config = model.spec.config()
     if model.name == "Q7VL":
@@ -267,14 +306,31 @@ def step_batches(model: Model, config_name: str, steps: int, tiny: bool,
 # Model FLOPs.
 
 
+def attended_span(tokens: int, window: int | None) -> float:
+    """Twice the mean number of keys a query of a causal sequence of ``tokens`` attends to: ``tokens``
+    with full attention (the mean is tokens / 2, the approximation flops_per_token has always used),
+    and with a sliding window of ``window`` keys shorter than the sequence (transformers'
+    ``sliding_window``: query i sees min(i + 1, window) keys, its own included) 2 w - w^2 / tokens,
+    the mean w - w^2 / (2 tokens) doubled, which meets ``tokens`` at tokens = w."""
+    if window is None or window >= tokens:
+        return tokens
+    return 2 * window - window * window / tokens
+
+
 def flops_per_token(model: Model, tokens: int) -> float:
     """Model FLOPs of one training token of the language model, for MFU.
 
     4 x the language model's matmul parameters (forward 2, backward to the activations 2; the frozen
-    weights get no gradient, LoRA's own matmuls and checkpointing's recomputation are not counted)
-    plus causal self-attention, 6 x tokens x heads x head_dim a layer (QK^T and AV over half the
-    context on average, backward twice the forward). Not counted: the vision tower (frozen, forward
-    only) and Mllama's cross-attention scores over the image tiles, so a VLM's MFU is a lower bound.
+    weights get no gradient, LoRA's own matmuls and checkpointing's recomputation are not counted;
+    q and o are hidden x heads x head_dim, which is not hidden^2 where head_dim is not hidden / heads,
+    as in Gemma 3; the output head counts once, tied to the embedding or not: the embedding's lookup
+    is no matmul) plus causal self-attention, 6 x heads x head_dim x :func:`attended_span` a layer
+    (QK^T and AV over half the context on average, backward twice the forward). A sliding-window
+    layer (``layer_types`` "sliding_attention", Gemma 3's local layers) counts only the keys in its
+    window: the useful work, although SDPA with the window's mask still computes the whole square,
+    so a model with such layers gets a lower MFU than the kernels' actual rate. Not counted: the vision
+    tower (frozen, forward only) and Mllama's cross-attention scores over the image tiles, so a VLM's
+    MFU is a lower bound.
     """
     text = model.spec.config().get_text_config()
     hidden, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
@@ -283,8 +339,12 @@ def flops_per_token(model: Model, tokens: int) -> float:
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o; k, v
     per_layer = attention + 3 * hidden * text.intermediate_size
     matmul_params = layers * per_layer + text.vocab_size * hidden
-    self_attention_layers = layers - len(getattr(text, "cross_attention_layers", None) or [])
-    return 4 * matmul_params + 6 * tokens * heads * head_dim * self_attention_layers
+    cross = set(getattr(text, "cross_attention_layers", None) or [])
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * layers
+    window = getattr(text, "sliding_window", None)
+    spans = sum(attended_span(tokens, window if kind == "sliding_attention" else None)
+                for index, kind in enumerate(kinds) if index not in cross)
+    return 4 * matmul_params + 6 * heads * head_dim * spans
 
 
 def step_flops(model: Model, lengths: list[int]) -> float:
@@ -318,18 +378,21 @@ def _special_tokens(config) -> dict[int, str]:
 
 def tokenizer(config):
     """An offline word-level fast tokenizer as long as the vocabulary (filler tokens ``<tN>``) with
-    the model's special tokens at their ids and a pad token distinct from EOS, as Unsloth requires."""
+    the model's special tokens at their ids and a pad token distinct from EOS, as Unsloth requires.
+    The unknown token is the first filler (``<t0>``; ``<t3>`` for Gemma, whose ids 0-2 are pad, EOS
+    and BOS): one outside the vocabulary would be added past its end, beyond the embedding's rows."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     special = _special_tokens(config)
     size = max(config.get_text_config().vocab_size, max(special) + 1)
     vocab = {special.get(i, f"<t{i}>"): i for i in range(size)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    unknown = f"<t{min(set(range(size)) - set(special))}>"
+    core = Tokenizer(models.WordLevel(vocab, unk_token=unknown))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special.values()])
     roles = {token: token for token in ("<|bos|>", "<|eos|>", "<|pad|>") if token in special.values()}
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<t0>", bos_token=roles.get("<|bos|>"),
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token=unknown, bos_token=roles.get("<|bos|>"),
                                    eos_token=roles.get("<|eos|>"), pad_token="<|pad|>")
 
 

@@ -21,8 +21,13 @@ import torch
 
 from tests.bench import BENCH, FAKE_LIGER
 
+# r=16 LoRA on the tiny models' 2 layers: L8's q, o 64->64, k, v 64->32; G12's q 64->128 and o back
+# (heads of 32, not 64 / 4), k, v 64->64; both gate, up, down 64<->96.
+TINY_LORA = {"L8": 2 * 16 * (2 * 128 + 2 * 96 + 3 * 160), "G12": 2 * 16 * (2 * 192 + 2 * 128 + 3 * 160)}
 
-def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path):
+
+@pytest.mark.parametrize(("config", "model"), [("L8-4k", "L8"), ("G12", "G12")])
+def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path, config, model):
     (tmp_path / "fake" / "liger_kernel").mkdir(parents=True)
     (tmp_path / "fake" / "liger_kernel" / "__init__.py").write_text("")
     (tmp_path / "fake" / "liger_kernel" / "transformers.py").write_text(FAKE_LIGER)
@@ -31,7 +36,7 @@ def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path)
     env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "0"}
     out = tmp_path / "e2e-cpu.jsonl"
     out.write_text("")  # records are appended to what is there
-    subprocess.run([sys.executable, str(BENCH / "e2e.py"), "--tiny", "--out", str(out), "--configs", "L8-4k",
+    subprocess.run([sys.executable, str(BENCH / "e2e.py"), "--tiny", "--out", str(out), "--configs", config,
                     "--systems", "hf,liger,fusetune", "--steps", "1,1", "--timeout", "120"],
                    env=env, check=True, timeout=170)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -41,14 +46,13 @@ def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path)
     for system in ("hf", "fusetune"):
         speed = by_system[system]["tokens_per_s"]
         assert speed["value"] > 0, speed
-        assert len(speed["step_s"]) == 2 and speed["config"] == {"model": "L8", "tokens": 64,
+        assert len(speed["step_s"]) == 2 and speed["config"] == {"model": model, "tokens": 64,
                                                                    "variant": "bf16_lora", "tiny": True}
-        # r=16 LoRA on 2 layers: q, o 64->64; k, v 64->32; gate, up, down 64<->96.
-        assert by_system[system]["loss"]["trainable_params"] == 2 * 16 * (2 * 128 + 2 * 96 + 3 * 160)
+        assert by_system[system]["loss"]["trainable_params"] == TINY_LORA[model]
     assert by_system["fusetune"]["loss"]["value"] == pytest.approx(by_system["hf"]["loss"]["value"], rel=1e-4)
     for row in by_system["liger"].values():
         assert row["value"] is None and row["error"] == "worker exited 3: fake liger crash"
-    assert (tmp_path / "e2e-cpu-logs" / "L8-4k-bf16_lora-liger.log").exists()
+    assert (tmp_path / "e2e-cpu-logs" / f"{config}-bf16_lora-liger.log").exists()
 
 
 def test_a_worker_past_its_timeout_is_killed(tmp_path):
@@ -62,6 +66,42 @@ def test_flops_per_token_of_llama_8b():
     matmul = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 128256 * 4096
     assert e2e_models.flops_per_token(model, 4096) == 4 * matmul + 6 * 4096 * 4096 * 32
     assert 3.2e10 < e2e_models.flops_per_token(model, 4096) < 3.4e10
+
+
+def test_flops_per_token_of_gemma3_12b_count_the_sliding_window():
+    """Gemma 3 12B: q and o are 3840 x 16 heads x 256 (not 3840^2), the tied head counts once, and
+    the 40 sliding layers attend to at most 1,024 keys: a mean of 1024 - 1024^2 / (2 x 4096) = 896
+    keys a query at 4,096 tokens, against the 8 global layers' 2,048."""
+    model = e2e_models.models(tiny=False)["G12"]
+    matmul = 48 * (2 * 3840 * 4096 + 2 * 3840 * 2048 + 3 * 3840 * 15360) + 262208 * 3840
+    attention = 6 * 16 * 256 * (8 * 4096 + 40 * 2 * 896)
+    assert e2e_models.flops_per_token(model, 4096) == 4 * matmul + attention
+    # Up to the window, sliding layers attend as global ones do.
+    short = 6 * 16 * 256 * 48 * 1024
+    assert e2e_models.flops_per_token(model, 1024) == 4 * matmul + short
+    assert e2e_models.attended_span(4096, None) == 4096 and e2e_models.attended_span(512, 1024) == 512
+
+
+def test_gemma3_12b_is_the_published_text_model_and_the_tiny_one_slides():
+    """11.77 B parameters (the 12B's text part: its vision tower is the rest), tied head; five
+    sliding layers then a global one. The tiny model's window (16) is shorter than its 64 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    models = e2e_models.models(tiny=False), e2e_models.models(tiny=True)
+    config = models[0]["G12"].spec.config()
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    assert type(built).__name__ == "Gemma3ForCausalLM"
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    assert sum(param.numel() for param in built.parameters()) == 11_766_034_176
+    assert config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert config.layer_types.count("full_attention") == 8 and config.sliding_window == 1024
+    assert config.rope_parameters["full_attention"]["factor"] == 8.0
+    tiny = models[1]["G12"].spec.config()
+    assert tiny.layer_types == ["sliding_attention", "full_attention"]
+    assert tiny.sliding_window < e2e_models.tokens_of("G12", tiny=True)
+    assert tiny.head_dim * tiny.num_attention_heads != tiny.hidden_size
+    assert e2e_models.lora_targets(models[1]["G12"]) == list(e2e_models.LORA_TARGETS)
 
 
 def test_qwen_inputs_mask_the_image_and_count_4096_tokens():
@@ -87,7 +127,7 @@ def test_mllama_inputs_are_four_tiles_behind_one_image_token():
     assert (batch["labels"][0, :256] == -100).all() and (batch["labels"][0, 256:] >= 0).all()
 
 
-@pytest.mark.parametrize("name", ["L8", "Q7VL", "M11"])
+@pytest.mark.parametrize("name", ["L8", "Q7VL", "M11", "G12"])
 def test_unsloth_tokenizer_fits_the_embedding_and_pads_apart_from_eos(name):
     config = e2e_models.models(tiny=True)[name].spec.config()
     tokenizer = e2e_models.tokenizer(config)
@@ -98,19 +138,28 @@ def test_unsloth_tokenizer_fits_the_embedding_and_pads_apart_from_eos(name):
     image_id = getattr(config, "image_token_id", None)
     if image_id is not None:
         assert tokenizer.convert_ids_to_tokens(image_id).startswith("<|image")
+    if name == "G12":  # Gemma's ids: <pad> 0, <eos> 1 (the first of EOS 1 and <end_of_turn> 106), <bos> 2
+        assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (0, 1, 2)
+        assert tokenizer.unk_token_id == 3 and len(tokenizer) == text.vocab_size
 
 
-def test_saved_folder_holds_the_same_weights_and_a_tokenizer(tmp_path):
-    """Unsloth loads this folder: its weights must be those every other worker builds."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+@pytest.mark.parametrize("name", ["M11", "G12"])
+def test_saved_folder_holds_the_same_weights_and_a_tokenizer(tmp_path, name):
+    """Unsloth loads this folder: its weights must be those every other worker builds (G12's output
+    head tied to its embedding in both)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    model = e2e_models.models(tiny=True)["M11"]
+    model = e2e_models.models(tiny=True)[name]
     e2e_models.save_folder(model, tmp_path, torch.float32)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
+    auto = AutoModelForImageTextToText if model.vlm else AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path, local_files_only=True)
     built = e2e_models.build(model, torch.float32)
     reference = built.state_dict()
     assert loaded.state_dict().keys() == reference.keys()
     assert all(torch.equal(tensor, reference[name]) for name, tensor in loaded.state_dict().items())
+    if name == "G12":
+        assert built.lm_head.weight is built.model.embed_tokens.weight
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert tokenizer.pad_token == "<|pad|>" and (tmp_path / "complete").exists()
 
