@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from fusetune.nn.glu import FusedGatedMLP
 from fusetune.ops._launch import outside_compiled_graphs
-from fusetune.ops.lora import LoraWeights, lora_glu_mlp, lora_glu_mlp_reference
+from fusetune.ops.lora import LoraWeights, autocast_conflict, lora_glu_mlp, lora_glu_mlp_reference
 from fusetune.ops.nf4 import is_4bit
 
 
@@ -88,7 +88,11 @@ def base_weight(layer: nn.Linear) -> torch.Tensor:
 
 
 def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
-    """A frozen ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) as base-only weights."""
+    """A frozen ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) as base-only weights; a
+    4-bit layer's ``compute_dtype`` (``bnb_4bit_compute_dtype``) goes with them, or, where the fused
+    ops cannot follow it now (``autocast_conflict``), the reason. A ``Linear4bit`` built without
+    one computes in its input's dtype (its own forward then keeps a float32 or bfloat16 input's
+    dtype as its compute dtype), and so do the fused ops while it has none."""
     if not isinstance(layer, nn.Linear):
         return f"{type(layer).__name__} is not a linear layer"
     weight, bias = layer._parameters["weight"], layer._parameters.get("bias")
@@ -99,7 +103,13 @@ def _frozen_linear(layer: nn.Module) -> LoraWeights | str:
     if not (weight.is_floating_point() or is_4bit(weight) or "quant_state" in layer.__dict__):
         kind = type(layer).__name__
         return f"its weight is {weight.dtype} ({kind}, e.g. 8-bit): only 16/32-bit and 4-bit are fused"
-    return _unreadable((layer,)) or LoraWeights(base_weight(layer), None, None, 0.0, bias)
+    unreadable = _unreadable((layer,))
+    if unreadable:
+        return unreadable
+    weight = base_weight(layer)
+    compute_dtype = layer.__dict__.get("compute_dtype") if is_4bit(weight) else None
+    conflict = autocast_conflict(compute_dtype, weight.device.type)
+    return conflict or LoraWeights(weight, None, None, 0.0, bias, compute_dtype)
 
 
 def _hooked(layer: nn.Module) -> str | None:
@@ -119,7 +129,9 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     active adapter that is plain LoRA (no DoRA or other variant), dropout 0, no LoRA bias and no
     ``fan_in_fan_out``. Disabled adapters, or merged ones, give the base weight alone, as PEFT does.
     Weights a sharding engine has not gathered for this reader (``_unreadable``), weights offloaded
-    to the meta device and a base layer with forward hooks (``_hooked``) run unfused too.
+    to the meta device, a base layer with forward hooks (``_hooked``) and a 4-bit base layer whose
+    compute dtype the fused ops cannot follow under the autocast now on (``autocast_conflict``)
+    run unfused too.
     """
     if not is_lora_layer(layer):
         return _frozen_linear(layer)
@@ -155,8 +167,8 @@ def projection_weights(layer: nn.Module) -> LoraWeights | str:
     lora_a, lora_b = lora_a_dict[name], lora_b_dict[name]
     if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)) or lora_b.bias is not None:
         return "LoRA layers that are not plain bias-free linear maps"
-    weights = LoraWeights(base.weight, lora_a._parameters["weight"], lora_b._parameters["weight"],
-                          float(layer.scaling[name]), base.bias)
+    weights = base._replace(a=lora_a._parameters["weight"], b=lora_b._parameters["weight"],
+                            scale=float(layer.scaling[name]))
     return _unreadable((lora_a, lora_b)) or weights
 
 

@@ -35,6 +35,17 @@ A and B are cast to it, their gradients are returned in their own dtype (float32
 bf16 autocast, the usual training set-up), x's gradient in x's dtype; outputs are in the compute
 dtype. ``lora_linear`` is plain matmuls and runs this path on any device; ``lora_glu_mlp`` needs
 the glu kernels, so plain CPU tensors without the Triton interpreter take its reference.
+
+A base weight with a ``compute_dtype`` of its own (bitsandbytes' ``Linear4bit.compute_dtype``, set
+by ``bnb_4bit_compute_dtype``) has its product run as ``Linear4bit`` runs it: outside autocast in
+that dtype (x, the dequantised weight and the bias cast to it, the product cast back to the
+compute dtype before the LoRA term is added), and dX's base part likewise (dY cast to it, the
+product cast back). Under autocast bitsandbytes' matmul runs in autocast's dtype, as everything
+else here; a compute dtype that is neither float32 nor autocast's would have bitsandbytes round
+the inputs twice, and is refused (:func:`autocast_conflict`; ``fusetune.nn.lora`` then runs PEFT's
+forward). Where a base product's dtype is the call's, its matmul adds onto the LoRA term in place
+as above; otherwise it is a product of its own, cast and added. In backward a 4-bit weight is
+decoded as bitsandbytes' backward decodes it (``dense_weight(..., backward=True)``).
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from torch.autograd.function import once_differentiable
 
 from fusetune import kept
 from fusetune.ops._launch import (
+    SUPPORTED_DTYPES,
     as_rows,
     cdiv,
     check_float,
@@ -73,19 +85,49 @@ from fusetune.ops.nf4_linear import nf4_linear
 
 class LoraWeights(NamedTuple):
     """One projection: frozen base ``weight`` (out, in), plain or 4-bit, its optional LoRA
-    adapter ``a`` (r, in), ``b`` (out, r) with ``scale`` (PEFT's ``scaling``), and an optional
-    frozen ``bias`` (out,) of the base layer (Qwen2's q, k, v)."""
+    adapter ``a`` (r, in), ``b`` (out, r) with ``scale`` (PEFT's ``scaling``), an optional
+    frozen ``bias`` (out,) of the base layer (Qwen2's q, k, v), and the ``compute_dtype`` its base
+    product runs in outside autocast (a bitsandbytes ``Linear4bit``'s; None: the call's compute
+    dtype; see the module docstring)."""
 
     weight: torch.Tensor
     a: torch.Tensor | None
     b: torch.Tensor | None
     scale: float
     bias: torch.Tensor | None = None
+    compute_dtype: torch.dtype | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # Checks and dtypes
 # --------------------------------------------------------------------------------------------
+def autocast_conflict(compute_dtype: torch.dtype | None, device_type: str) -> str | None:
+    """Why a base product with this ``compute_dtype`` cannot be fused now, or None.
+
+    Under autocast bitsandbytes' ``Linear4bit`` casts its input to its compute dtype and its matmul
+    then casts that to autocast's dtype: inputs, weight and bias are rounded to both in turn. The
+    fused ops round once, to autocast's dtype, which gives the same values only when the compute
+    dtype is float32 or autocast's own (float16 under bfloat16 autocast, or the reverse, differs).
+    """
+    if compute_dtype in (None, torch.float32) or not torch.is_autocast_enabled(device_type):
+        return None
+    autocast = torch.get_autocast_dtype(device_type)
+    if compute_dtype == autocast:
+        return None
+    return (f"its compute dtype (bnb_4bit_compute_dtype) is {compute_dtype} under {autocast} autocast: "
+            "bitsandbytes rounds the base product's inputs to both, the fused path only to the second")
+
+
+def _base_dtypes(x: torch.Tensor, projections: Sequence[LoraWeights]) -> tuple[torch.dtype, ...]:
+    """The dtype each projection's base product runs in for input ``x``: its ``compute_dtype``
+    outside autocast (bitsandbytes casts the input to it), else the call's compute dtype (under
+    autocast bitsandbytes' matmul runs in autocast's dtype, as the fused ops do)."""
+    dtype = matmul_dtype(x)
+    if torch.is_autocast_enabled(x.device.type):
+        return (dtype,) * len(projections)
+    return tuple(p.compute_dtype or dtype for p in projections)
+
+
 def _weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
     """(out, in) of a base weight; a 4-bit weight's packed data has another shape."""
     return tuple(weight.quant_state.shape) if is_4bit(weight) else tuple(weight.shape)
@@ -116,6 +158,14 @@ def _check_projection(op: str, name: str, x: torch.Tensor, in_features: int, p: 
         )
     if not is_4bit(p.weight):
         check_float(f"{name}.weight", p.weight)
+    if p.compute_dtype is not None and p.compute_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fusetune.{op}: the compute_dtype of {name} is {p.compute_dtype!r}; use torch.float32, "
+            "torch.bfloat16, torch.float16 or None."
+        )
+    conflict = autocast_conflict(p.compute_dtype, x.device.type)
+    if conflict is not None:
+        raise ValueError(f"fusetune.{op}: {name}: {conflict}. Leave this layer to bitsandbytes (unfused).")
     if p.bias is not None:
         if p.bias.requires_grad:
             raise ValueError(
@@ -180,13 +230,27 @@ _GLU_REFERENCES = {
 }
 
 
-def _reference_projection(x: torch.Tensor, p: LoraWeights, dtype: torch.dtype) -> torch.Tensor:
-    bias = None if p.bias is None else p.bias.to(dtype)
+def _reference_projection(
+    x: torch.Tensor, p: LoraWeights, dtype: torch.dtype, base: torch.dtype
+) -> torch.Tensor:
+    """One projection of ``x`` (in ``dtype``), its base product run in ``base`` and cast back.
+
+    A 4-bit weight's product decodes it as bitsandbytes' ``matmul_4bit`` does, forward and backward
+    (``nf4.dense_weight``'s ``backward``): an NF4 weight through ``nf4_linear``, one that
+    bitsandbytes decodes (FP4, or ``nf4.BACKEND == "bnb"``) through ``matmul_4bit`` itself.
+    """
+    rows = x.to(base)
+    bias = None if p.bias is None else p.bias.to(base)
     if decoded_by_fusetune(p.weight):  # dequantised inside the op, never saved; stays in compiled graphs
-        y = nf4_linear(x, p.weight)
-        y = y if bias is None else y + bias
+        y = nf4_linear(rows, p.weight, bias)
+    elif is_4bit(p.weight):
+        import bitsandbytes
+
+        # The transposed weight is what Linear4bit passes in bitsandbytes 0.45 (0.50 takes either).
+        y = bitsandbytes.matmul_4bit(rows, p.weight.t(), quant_state=p.weight.quant_state, bias=bias)
     else:
-        y = F.linear(x, dense_weight(p.weight, dtype), bias)
+        y = F.linear(rows, dense_weight(p.weight, base), bias)
+    y = y.to(dtype)
     if p.a is None:
         return y
     return y + p.scale * F.linear(F.linear(x, p.a.to(dtype)), p.b.to(dtype))
@@ -196,10 +260,11 @@ def lora_linear_reference(x: torch.Tensor, *projections: LoraWeights) -> tuple[t
     """``x @ W_i.T + scale_i * (x @ a_i.T) @ b_i.T`` per projection in plain PyTorch (autograd
     does the backward), with the dtype rules of :func:`lora_linear`."""
     _check("lora_linear_reference", x, projections, _projection_names(len(projections)))
-    dtype = matmul_dtype(x)
+    dtype, bases = matmul_dtype(x), _base_dtypes(x, projections)
     with torch.autocast(x.device.type, enabled=False):
         rows = x.to(dtype)
-        return tuple(_reference_projection(rows, p, dtype) for p in projections)
+        pairs = zip(projections, bases, strict=True)
+        return tuple(_reference_projection(rows, p, dtype, base) for p, base in pairs)
 
 
 def lora_glu_mlp_reference(
@@ -257,6 +322,7 @@ class _Group(NamedTuple):
     are each projection's columns of it (None without LoRA). Made once per forward and kept for
     backward, so the adapters are cast once per pass, and backward uses the values forward did.
     ``projections`` are as given: the gradients are returned in the adapters' own dtypes.
+    ``bases``: the dtype each base product runs in (``_base_dtypes``).
     """
 
     projections: tuple[LoraWeights, ...]
@@ -264,9 +330,10 @@ class _Group(NamedTuple):
     stacked_a: torch.Tensor | None
     b: tuple[torch.Tensor | None, ...]
     slices: tuple[slice | None, ...]
+    bases: tuple[torch.dtype, ...]
 
 
-def _group(projections: Sequence[LoraWeights], dtype: torch.dtype) -> _Group:
+def _group(projections: Sequence[LoraWeights], dtype: torch.dtype, bases: Sequence[torch.dtype]) -> _Group:
     slices, start = [], 0
     for p in projections:
         if p.a is None:
@@ -277,7 +344,7 @@ def _group(projections: Sequence[LoraWeights], dtype: torch.dtype) -> _Group:
     a = [p.a for p in projections if p.a is not None]
     stacked = None if not a else (a[0] if len(a) == 1 else torch.cat(a)).to(dtype)
     b = tuple(None if p.b is None else p.b.to(dtype) for p in projections)
-    return _Group(tuple(projections), dtype, stacked, b, tuple(slices))
+    return _Group(tuple(projections), dtype, stacked, b, tuple(slices), tuple(bases))
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -297,29 +364,46 @@ def _project(
     """Every projection's output (T, out_i) and the stacked LoRA-A product.
 
     ``given``: the outputs, already at hand (a recompute's kept ones, ``fusetune.kept``): only the
-    LoRA-A product is computed. A large 4-bit base weight is dequantised a slice of its rows at a
-    time (``dense_slices``), each slice's matmul writing its columns of the output; any other
-    weight is one piece.
+    LoRA-A product is computed. A base product in another dtype than the group's (``bases``) is
+    made from ``rows`` cast to it, without its LoRA term, cast back, and the LoRA term added.
     """
     dtype = group.dtype
     xa = _lora_product(rows, group)
     if given is not None:
         return list(given), xa
+    inputs = {dtype: rows}  # rows in each base dtype, cast once for all projections
     outs = []
-    for p, lora_b, cols in zip(group.projections, group.b, group.slices, strict=True):
-        bias = None if p.bias is None else p.bias.to(dtype)
-        out_slices = dense_slices([p.weight], 0, dtype)
-        y = _output_start(rows, xa, p, lora_b, cols, bias, whole=len(out_slices) == 1)
-        adds = cols is not None or bias is not None  # else the slices of y start empty
-        for out_rows in out_slices:
-            weight = dense_weight(p.weight, dtype, rows=out_rows)
-            if y is None:  # one piece without LoRA: the matmul makes y, the bias in its epilogue
-                y = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
-            else:  # onto the LoRA term, in the matmul's epilogue (a beta=1 add costs nothing)
-                y[:, out_rows].addmm_(rows, weight.t(), beta=1 if adds else 0)
-            del weight  # a dequantised copy goes before the next one is made
-        outs.append(y)
+    for p, lora_b, cols, base in zip(group.projections, group.b, group.slices, group.bases, strict=True):
+        if base == dtype:
+            outs.append(_projection(rows, xa, p, lora_b, cols, dtype))
+            continue
+        if base not in inputs:
+            inputs[base] = rows.to(base)
+        y = _projection(inputs[base], None, p, None, None, base).to(dtype)
+        outs.append(y if cols is None else y.add_(_scaled_mm(xa[:, cols], lora_b.t(), p.scale)))
     return outs, xa
+
+
+def _projection(
+    rows: torch.Tensor, xa: torch.Tensor | None, p: LoraWeights, lora_b: torch.Tensor | None,
+    cols: slice | None, dtype: torch.dtype,
+) -> torch.Tensor:
+    """``rows @ W.T`` plus the bias and the LoRA term (``cols`` of ``xa``; None: base only), in
+    ``dtype``, the base matmul adding onto the LoRA term. A large 4-bit base weight is dequantised a
+    slice of its rows at a time (``dense_slices``), each slice's matmul writing its columns of the
+    output; any other weight is one piece."""
+    bias = None if p.bias is None else p.bias.to(dtype)
+    out_slices = dense_slices([p.weight], 0, dtype)
+    y = _output_start(rows, xa, p, lora_b, cols, bias, whole=len(out_slices) == 1)
+    adds = cols is not None or bias is not None  # else the slices of y start empty
+    for out_rows in out_slices:
+        weight = dense_weight(p.weight, dtype, rows=out_rows)
+        if y is None:  # one piece without LoRA: the matmul makes y, the bias in its epilogue
+            y = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+        else:  # onto the LoRA term, in the matmul's epilogue (a beta=1 add costs nothing)
+            y[:, out_rows].addmm_(rows, weight.t(), beta=1 if adds else 0)
+        del weight  # a dequantised copy goes before the next one is made
+    return y
 
 
 def _output_start(
@@ -385,22 +469,37 @@ def _project_backward(
     dx = None
     if want_x:
         # dX = [scale_i dY_i @ B_i] @ [A_i] + sum_i dY_i @ W_i, the W_i in slices of their input
-        # columns when they are large 4-bit weights (each column of dX then sums the same terms).
+        # columns when they are large 4-bit weights (each column of dX then sums the same terms),
+        # each dY_i @ W_i in its base dtype.
         fresh = dxa is None  # dX starts empty: each slice's first matmul writes rather than adds
         if fresh:
             dx = grads[0].new_empty(n_rows, _weight_shape(projections[0].weight)[1])
         else:
             dx = torch.mm(dxa, group.stacked_a)
-        in_slices = dense_slices([p.weight for p in projections], 1, dtype)
+        grads[:] = [g.to(base) for g, base in zip(grads, group.bases, strict=True)]
+        widest = max(group.bases, key=lambda base: base.itemsize)
+        in_slices = dense_slices([p.weight for p in projections], 1, widest)
         for k, in_cols in enumerate(in_slices):
             for i, p in enumerate(projections):
-                weight = dense_weight(p.weight, dtype, cols=in_cols)
-                dx[:, in_cols].addmm_(grads[i], weight, beta=0 if fresh and i == 0 else 1)
+                weight = dense_weight(p.weight, group.bases[i], backward=True, cols=in_cols)
+                _add_product(dx[:, in_cols], grads[i], weight, overwrite=fresh and i == 0)
                 del weight
                 if k == len(in_slices) - 1:
                     grads[i] = None
     grads.clear()
     return dx, da, db
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool) -> None:
+    """``out += a @ b`` (``overwrite``: ``out = a @ b``), in the matmul's epilogue when ``a`` has
+    out's dtype; a base product in another dtype is made in it and cast to out's before the add,
+    as bitsandbytes returns it."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b, beta=0 if overwrite else 1)
+    elif overwrite:
+        out.copy_(torch.mm(a, b))
+    else:
+        out.add_(torch.mm(a, b).to(out.dtype))
 
 
 def _adapter_args(projections: Sequence[LoraWeights]) -> list[torch.Tensor | None]:
@@ -446,12 +545,12 @@ def _kept_outputs(rows: torch.Tensor, group: _Group) -> list[torch.Tensor] | Non
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        projections, dtype = spec
+        projections, dtype, bases = spec
         want = ctx.needs_input_grad
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
-            group = _group(projections, dtype)
+            group = _group(projections, dtype, bases)
             given = _kept_outputs(rows, group)
             outs, xa = _project(rows, group, given)
             if given is None:  # a checkpointed layer's forward may keep them for its recompute
@@ -551,13 +650,16 @@ def _down_backward(
                       else db.addmm_(grad[rows].t(), xa, alpha=p.scale))
             del h
     if want_dh:
-        for cols in dense_slices([p.weight], 1, down.dtype):
-            weight = dense_weight(p.weight, down.dtype, cols=cols)  # one copy for every tile
+        (base,) = down.bases
+        base_grad = grad.to(base)  # dY @ W runs in the base dtype (no copy when it is the group's)
+        for cols in dense_slices([p.weight], 1, base):
+            weight = dense_weight(p.weight, base, backward=True, cols=cols)  # one copy for every tile
             for rows in _row_tiles(e):
                 if dxa is None:
-                    dh = torch.mm(grad[rows], weight)
+                    dh = torch.mm(base_grad[rows], weight).to(down.dtype)
                 else:
-                    dh = torch.mm(dxa[rows], down.stacked_a[:, cols]).addmm_(grad[rows], weight)
+                    dh = torch.mm(dxa[rows], down.stacked_a[:, cols])
+                    _add_product(dh, base_grad[rows], weight, overwrite=False)
                 e_tile, g_tile = e[rows, cols], g[rows, cols]
                 glu_backward_into(e_tile, g_tile, dh, e_tile, g_tile, activation)
                 del dh
@@ -571,12 +673,12 @@ class _LoraGluMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        (gate, up, down), activation, dtype, unread, records = spec
+        (gate, up, down), activation, (dtype, bases), unread, records = spec
         want = ctx.needs_input_grad
         want_a, want_b = want[_FIRST_ADAPTER::2], want[_FIRST_ADAPTER + 1 :: 2]
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
-            gate_up, down = _group((gate, up), dtype), _group((down,), dtype)
+            gate_up, down = _group((gate, up), dtype, bases[:2]), _group((down,), dtype, bases[2:])
             (e, g), xa_gate_up = _project(rows, gate_up)
             y = xa_down = None
             if not unread:  # values nobody reads (outputs_unread): down is skipped, and its
@@ -634,10 +736,10 @@ class _TiledLoraGluMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
-        (gate, up, down), activation, dtype, tile, unread = spec
+        (gate, up, down), activation, (dtype, bases), tile, unread = spec
         with torch.autocast(x.device.type, enabled=False):
             rows = as_rows(x).to(dtype)
-            groups = _group((gate, up), dtype), _group((down,), dtype)
+            groups = _group((gate, up), dtype, bases[:2]), _group((down,), dtype, bases[2:])
             computed = rows.shape[0] and not unread  # unread: backward recomputes every tile anyway
             y = torch.cat([_mlp_tile(rows[i:i + tile], *groups, activation)
                            for i in range(0, rows.shape[0], tile)]) if computed else None
@@ -711,7 +813,7 @@ def lora_linear(x: torch.Tensor, *projections: LoraWeights) -> tuple[torch.Tenso
     matmul path on any device.
     """
     _check("lora_linear", x, projections, _projection_names(len(projections)))
-    spec = (tuple(projections), matmul_dtype(x))
+    spec = (tuple(projections), matmul_dtype(x), _base_dtypes(x, projections))
     return _LoraLinear.apply(x, spec, *_adapter_args(projections))
 
 
@@ -741,15 +843,15 @@ def lora_glu_mlp(
         raise ValueError(f"fusetune.lora_glu_mlp: tile_rows={tile_rows!r}; use a positive int or None.")
     if not use_triton(x):
         return lora_glu_mlp_reference(x, gate, up, down, activation)
-    dtype, adapters = matmul_dtype(x), _adapter_args((gate, up, down))
+    projections, adapters = (gate, up, down), _adapter_args((gate, up, down))
+    dtypes = matmul_dtype(x), _base_dtypes(x, projections)
     records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *adapters))
     # Skipped only where a graph is built: a node for the caller's check, and values nobody reads.
     unread = _UNREAD.nodes is not None and records
-    projections = (gate, up, down)
     if tile_rows is not None and x.shape[:-1].numel() > tile_rows:
-        out = _TiledLoraGluMLP.apply(x, (projections, activation, dtype, tile_rows, unread), *adapters)
+        out = _TiledLoraGluMLP.apply(x, (projections, activation, dtypes, tile_rows, unread), *adapters)
     else:
-        out = _LoraGluMLP.apply(x, (projections, activation, dtype, unread, records), *adapters)
+        out = _LoraGluMLP.apply(x, (projections, activation, dtypes, unread, records), *adapters)
     if unread:
         _UNREAD.nodes.append(out.grad_fn)
     return out

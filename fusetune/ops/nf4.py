@@ -22,6 +22,7 @@ to the requested dtype: results equal ``bitsandbytes.functional.dequantize_4bit`
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -407,17 +408,21 @@ DENSE_SLICE_BYTES = 64 * 2**20
 def _dequantize_bnb(
     weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, rows: slice, cols: slice
 ) -> torch.Tensor:
-    """bitsandbytes' own dequantize_4bit (FP4 weights, or BACKEND == "bnb"). It writes the
-    quantised weight's original dtype (another ``dtype`` costs a cast) and takes ``out`` on CUDA
-    only (its CPU backend has no out= variant). It has no windows: a window is cut from the whole
-    weight, so only fusetune's NF4 kernel saves the memory."""
+    """bitsandbytes' own dequantize_4bit (FP4 weights, or BACKEND == "bnb"), straight into
+    ``dtype`` as its matmul decodes (it writes ``quant_state.dtype``: a shallow copy of the state
+    names ``dtype`` instead). It takes ``out`` on CUDA only (its CPU backend has no out= variant).
+    It has no windows: a window is cut from the whole weight, so only fusetune's NF4 kernel saves
+    the memory."""
     import bitsandbytes.functional as bnb_functional
 
     state = weight.quant_state
+    if state.dtype != dtype:
+        state = copy.copy(state)
+        state.dtype = dtype
     whole = _is_whole(rows, cols)
-    if whole and out is not None and dtype == state.dtype and out.is_cuda:
+    if whole and out is not None and out.is_cuda:
         return bnb_functional.dequantize_4bit(weight.data, state, out=out)
-    result = bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
+    result = bnb_functional.dequantize_4bit(weight.data, state)
     if not whole:
         result = result[rows, cols].contiguous()
     return result if out is None else out.copy_(result)
@@ -429,10 +434,18 @@ def decoded_by_fusetune(weight: torch.Tensor) -> bool:
     return is_4bit(weight) and weight.quant_state.quant_type == "nf4" and BACKEND == "triton"
 
 
+def decode_dtype(via: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to decode a 4-bit weight into for values rounded to ``via`` and then cast to
+    ``dtype``: ``dtype`` itself unless ``via`` is a 16-bit dtype other than it (decoding is float32
+    maths rounded once, so rounding to float32 on the way changes nothing)."""
+    return dtype if via in (None, torch.float32, dtype) else via
+
+
 def dense_weight(
     weight: torch.Tensor,
     dtype: torch.dtype,
     *,
+    backward: bool = False,
     out: torch.Tensor | None = None,
     rows: slice = slice(None),
     cols: slice = slice(None),
@@ -445,6 +458,12 @@ def dense_weight(
     ``BACKEND == "bnb"``); other 4-bit types (FP4) always go to bitsandbytes' dequantize_4bit.
     ``rows``/``cols``: the whole weight by default; windows of a 4-bit weight come from
     :func:`dense_slices`. ``out``: an optional buffer of the result's shape and ``dtype``.
+
+    ``backward``: the 4-bit weight as bitsandbytes' backward multiplies by it. Its forward decodes
+    straight into the matmul's dtype, but ``MatMul4Bit.backward`` decodes into the dtype the weight
+    was quantised from (``quant_state.dtype``) and casts that, so where that is a 16-bit dtype other
+    than ``dtype`` (a bfloat16 model with a float32 compute dtype) its values are rounded to it
+    first (:func:`decode_dtype`).
     """
     if not is_4bit(weight):
         window = weight if _is_whole(rows, cols) else weight[rows, cols]
@@ -461,9 +480,15 @@ def dense_weight(
             "quantise the model again, and run it in train mode or with gradients enabled before "
             "fusetune's fused paths read it."
         )
+    decode = decode_dtype(state.dtype if backward else None, dtype)
+    target = out if decode == dtype else None
     if decoded_by_fusetune(weight):
-        return dequantize_nf4(weight.data, state, dtype, out=out, rows=rows, cols=cols)
-    return _dequantize_bnb(weight, dtype, out, rows, cols)
+        decoded = dequantize_nf4(weight.data, state, decode, out=target, rows=rows, cols=cols)
+    else:
+        decoded = _dequantize_bnb(weight, decode, target, rows, cols)
+    if decode == dtype:
+        return decoded
+    return decoded.to(dtype) if out is None else out.copy_(decoded)
 
 
 def dense_slices(weights: Sequence[torch.Tensor], dim: int, dtype: torch.dtype) -> list[slice]:

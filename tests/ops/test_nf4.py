@@ -215,6 +215,27 @@ def linear4bit(quant_type="nf4", shape=(37, 70)):
     return layer.to(checks.DEVICE)
 
 
+@pytest.mark.parametrize("backend", ("triton", "bnb"))
+def test_dense_weight_decodes_as_bitsandbytes_forward_and_backward(backend, monkeypatch):
+    """A weight quantised from float16, wanted in float32: bitsandbytes' matmul decodes it straight
+    into float32, its backward into float16 and casts that (``backward=True``), windows alike."""
+    monkeypatch.setattr(nf4, "BACKEND", backend)
+    gen = torch.Generator().manual_seed(4)
+    source = (torch.randn(37, 128, generator=gen) * 0.05).to(checks.DEVICE, torch.float16)
+    weight, state = bnb_functional.quantize_4bit(source, quant_type="nf4")
+    weight.quant_state = state  # packed bytes carrying their state, as the fused paths read them
+    straight = bnb_dequantize(weight, state, torch.float32)
+    rounded = bnb_dequantize(weight, state, torch.float16).float()
+    assert state.dtype == torch.float16 and not torch.equal(straight, rounded)
+    assert torch.equal(dense_weight(weight, torch.float32), straight)
+    assert torch.equal(dense_weight(weight, torch.float32, backward=True), rounded)
+    window = dense_weight(weight, torch.float32, backward=True, cols=slice(64, 128))
+    assert torch.equal(window, rounded[:, 64:])
+    out = torch.empty(37, 128, device=checks.DEVICE)
+    assert dense_weight(weight, torch.float32, backward=True, out=out) is out
+    assert torch.equal(out, rounded)
+
+
 def test_dense_weight_plain_tensor():
     weight = torch.randn(5, 7, dtype=torch.bfloat16)
     assert dense_weight(weight, torch.bfloat16) is weight

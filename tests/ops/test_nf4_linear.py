@@ -12,7 +12,7 @@ from fusetune.ops.nf4_linear import nf4_linear
 from tests.ops import checks
 from tests.ops.test_nf4 import bnb_dequantize, linear4bit
 
-pytest.importorskip("bitsandbytes")
+bnb = pytest.importorskip("bitsandbytes")
 
 BACKEND = "inductor" if checks.DEVICE == "cuda" else "aot_eager"
 
@@ -45,6 +45,29 @@ def test_matches_dequantised_weight(shape, dtype):
     ref.backward(grad)
     checks.assert_matches_reference(out, ref, dtype, "nf4_linear")
     checks.assert_matches_reference(x.grad, x_ref.grad, dtype, "nf4_linear dx")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_bias_and_backward_as_bitsandbytes_matmul_4bit(dtype):
+    """Against bitsandbytes' own ``matmul_4bit``, bit for bit on the CPU: the bias added in the
+    matmul (one rounding), and x's gradient with the weight rounded to the dtype it was quantised
+    from (float16 here) before the cast to the gradient's, as its backward decodes it."""
+    from bitsandbytes import functional as bnb_functional
+
+    gen = torch.Generator().manual_seed(6)
+    source = (torch.randn(37, 128, generator=gen) * 0.05).to(checks.DEVICE, torch.float16)
+    weight, state = bnb_functional.quantize_4bit(source, quant_type="nf4")
+    weight.quant_state = state
+    bias = torch.randn(37, generator=gen).to(checks.DEVICE, dtype)
+    x, grad = _inputs(weight, dtype, seed=7)
+    out = nf4_linear(x, weight, bias)
+    out.backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = bnb.matmul_4bit(x_ref, weight.t(), quant_state=state, bias=bias)
+    ref.backward(grad)
+    assert out.dtype == ref.dtype == dtype
+    assert checks.relative_error(out, ref) <= 1e-6
+    assert checks.relative_error(x.grad, x_ref.grad) <= 1e-6
 
 
 def test_keeps_no_dense_weight_for_backward():
@@ -118,10 +141,14 @@ def test_custom_ops_pass_opcheck(nested):
         weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
     )
     second = (state.state2.code, state.state2.absmax, state.offset) if nested else (None, None, None)
-    layout = ([37, 70], 64, int(state.state2.blocksize) if nested else 0)
+    layout = ([37, 70], 64, int(state.state2.blocksize) if nested else 0, state.dtype)
     x = torch.randn(3, 5, 70, generator=gen).to(checks.DEVICE).requires_grad_()
+    bias = torch.randn(37, generator=gen).to(checks.DEVICE)
     grad = torch.randn(3, 5, 37, generator=gen).to(checks.DEVICE)
-    torch.library.opcheck(torch.ops.fusetune.nf4_linear.default, (x, packed, state.absmax, *second, *layout))
+    for b in (None, bias):
+        torch.library.opcheck(
+            torch.ops.fusetune.nf4_linear.default, (x, b, packed, state.absmax, *second, *layout)
+        )
     torch.library.opcheck(
         torch.ops.fusetune.nf4_linear_grad_input.default, (grad, packed, state.absmax, *second, *layout)
     )
