@@ -20,7 +20,9 @@ or any float on CPU. Any other call, and any the kernel refuses (cuDNN on anothe
 every call of that shape from then on), is run by the original function in forward and again in
 the recompute, as before; of those, calls with a mask and fewer key than query heads (mllama's
 cross-attention) run SDPA's grouped-query path instead of transformers' copies of the keys and
-values (``_masked_gqa``). Outside a fusetune checkpoint the function is the original one.
+values (``_masked_gqa``), and sliding-window calls whose mask is the window's own (Gemma 3's local
+layers, on CUDA) run flash attention's windowed kernel, which skips what the window masks
+(``_windowed``). Outside a fusetune checkpoint the function is the original one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fusetune import kept as keeper
+from fusetune.segment_attention import batch_segments, is_windowed_causal, segment_attention, varlen_usable
 
 __all__ = ["KIND", "KeptAttention", "install"]
 
@@ -164,6 +167,34 @@ def _masked_gqa(query, key, value, attention_mask, dropout, scaling, kwargs) -> 
     return out.transpose(1, 2).contiguous(), None
 
 
+def _windowed(query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple | None:
+    """A sliding-window layer's call (transformers' ``sliding_window``: Gemma 3's local layers,
+    Mistral's) whose mask is exactly the window's causal mask, as flash attention's windowed kernel
+    (``segment_attention``, one segment a row), or None for any other call.
+
+    SDPA with that mask computes every query-key pair of the square and masks most of them: at
+    Gemma-3-12B's 1,024-token window and 4,096 tokens, 16 heads of 256, cuDNN's masked kernels took
+    0.96 ms forward and 3.1 ms backward a layer on an H200. Flash attention's window skips the key
+    blocks outside it. Same maths as the mask; CUDA in 16 bits only (elsewhere the call is left to
+    SDPA, which the windowed fallback would only repeat)."""
+    window = kwargs.get("sliding_window")
+    if (
+        not isinstance(window, int)
+        or query.dim() != 4
+        or key.dim() != 4
+        or query.shape[2] != key.shape[2]
+        or query.shape[2] <= window
+        or any(kwargs.get(name) is not None for name in _CHANGES_RESULT)
+        or kwargs.get("output_attentions", False)
+        or varlen_usable(query, key, dropout) is None
+        or torch.jit.is_tracing()
+        or not is_windowed_causal(attention_mask, window)
+    ):
+        return None
+    found = batch_segments(query.shape[0], query.shape[2], query.device)
+    return segment_attention(query, key, value, found, scale=scaling, dropout=dropout, window=window), None
+
+
 def _keeping_attention(sdpa: Callable) -> Callable:
     """transformers' SDPA attention function with the kept path around it."""
 
@@ -175,8 +206,11 @@ def _keeping_attention(sdpa: Callable) -> Callable:
                         is_causal=is_causal, **kwargs)
 
         def unkept():  # a call of a fusetune checkpoint that is not kept
-            routed = _masked_gqa(query, key, value, attention_mask, dropout, scaling, kwargs)
-            return routed if routed is not None else original()
+            for route in (_windowed, _masked_gqa):
+                routed = route(query, key, value, attention_mask, dropout, scaling, kwargs)
+                if routed is not None:
+                    return routed
+            return original()
 
         if keeper.recomputing(KIND):
             reused = keeper.take(KIND)

@@ -45,13 +45,30 @@ class Segments(NamedTuple):
     longest: int
 
 
+def _same_view(held: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is ``held`` or a view of the same memory laid out alike: a checkpoint's
+    recompute gets its saved tensors back detached, new objects over the same storage (with the
+    same version counter). ``held`` is kept alive by the cache, so its memory cannot have been
+    freed and reused by another tensor."""
+    if held is tensor:
+        return True
+    return (
+        held.device == tensor.device
+        and held.dtype == tensor.dtype
+        and held.shape == tensor.shape
+        and held.stride() == tensor.stride()
+        and held.storage_offset() == tensor.storage_offset()
+        and held.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    )
+
+
 class _Recent:
     """Results for the last few tensors seen. The same boundaries reach every layer of a forward
-    (and its recompute), so they are read off the device once a step, not once a layer. Eight:
-    a packed VLM step has up to five at once (the vision tower's window and image boundaries, the
-    text rows' query and key boundaries, their position ids). A tensor made under
-    ``torch.inference_mode`` has no version counter to tell an in-place change by, so its results
-    are not kept (read once a layer there)."""
+    (and, detached, its recompute: ``_same_view``), so they are read off the device once a step,
+    not once a layer. Eight: a packed VLM step has up to five at once (the vision tower's window
+    and image boundaries, the text rows' query and key boundaries, their position ids). A tensor
+    made under ``torch.inference_mode`` has no version counter to tell an in-place change by, so
+    its results are not kept (read once a layer there)."""
 
     def __init__(self, size: int = 8):
         self.size, self.entries = size, []
@@ -60,7 +77,7 @@ class _Recent:
         if tensor.is_inference():
             return None
         for held, version, result in self.entries:
-            if held is tensor and version == (tensor._version, extra):
+            if version == (tensor._version, extra) and _same_view(held, tensor):
                 return result
         return None
 
@@ -104,6 +121,36 @@ def windowed_causal_mask(length: int, window: int, device) -> torch.Tensor:
     index = torch.arange(length, device=device)
     behind = index[:, None] - index[None, :]
     return (behind >= 0) & (behind < window)
+
+
+window_masks = _Recent(size=2)
+
+
+def is_windowed_causal(mask, window: int) -> bool:
+    """Whether ``mask`` (a ``(batch or 1, 1, length, length)`` bool attention mask) is the causal
+    mask of a ``window``-token sliding window for every row: what transformers builds for a
+    sliding-window layer of a batch without padding. Read off the device once per mask tensor (the
+    layers of a forward share one); while a CUDA graph is being captured, where nothing may be
+    read, a mask not read before is taken as not windowed."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        return False
+    length = mask.shape[-1]
+    if mask.shape[1] != 1 or mask.shape[-2] != length:
+        return False
+    known = window_masks.get(mask, window)
+    if known is not None:
+        return known
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    expected = windowed_causal_mask(length, window, mask.device)
+    return window_masks.put(mask, window, bool(torch.equal(mask, expected.expand(mask.shape))))
+
+
+@functools.lru_cache(maxsize=8)
+def batch_segments(batch: int, length: int, device: torch.device) -> Segments:
+    """The segments of an unpadded ``(batch, length)`` batch flattened: one a row."""
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    return Segments(cu, (length,) * batch, length)
 
 
 def _sdpa(q, k, v, scale, dropout, causal, window, gqa) -> torch.Tensor:

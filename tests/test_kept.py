@@ -491,3 +491,103 @@ def test_a_layer_that_keeps_no_attention_recomputes_it_as_its_forward_ran(monkey
     enable_checkpointing(model, offload=True)
     step(model, inputs)
     assert phases and phases.count("forward") == phases.count("recompute") == len(phases) // 2
+
+
+def _routed_windows(monkeypatch, cuda: bool = False) -> list[int]:
+    """The windows of the calls ``_windowed`` sends to ``segment_attention``. Without ``cuda`` the
+    windowed route is opened on the CPU (there ``varlen_attn`` is not called: its per-segment SDPA
+    with the window's mask runs)."""
+    from fusetune import segment_attention
+
+    if not cuda:
+        monkeypatch.setattr(kept_attention, "varlen_usable", lambda query, key, dropout: ("cpu",))
+        monkeypatch.setattr(segment_attention, "varlen_function", lambda: None)
+    windows, original = [], kept_attention.segment_attention
+
+    def counted(*args, **kwargs):
+        windows.append(kwargs["window"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kept_attention, "segment_attention", counted)
+    return windows
+
+
+def test_a_sliding_window_call_takes_the_windowed_kernel_in_forward_and_recompute(monkeypatch):
+    """Gemma 3's sliding-window layer (12 tokens, window 8): its mask is the window's own, so the
+    call goes to ``segment_attention``'s windowed path (flash attention's window on CUDA), in forward
+    and recompute; loss and gradients match the model without checkpointing."""
+    windows = _routed_windows(monkeypatch)
+    layers = ["sliding_attention"] * 3 + ["full_attention"]
+    model = lora(tiny_model("gemma3_text", num_hidden_layers=4, layer_types=layers))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model)
+    inputs = batch()
+    reads, equal = [], torch.equal
+    monkeypatch.setattr(torch, "equal", lambda *args: reads.append(1) or equal(*args))
+    step(model, inputs)
+    # The mask is read off the device once a step: its detached copies in the recompute are known.
+    assert windows == [8] * 6 and len(reads) == 1
+    assert_matches(model, reference, inputs)
+
+
+@pytest.mark.parametrize("case", ["padding", "window as long as the rows", "no kept attention"])
+def test_other_sliding_window_calls_keep_their_masked_path(monkeypatch, case):
+    windows = _routed_windows(monkeypatch)
+    window = 12 if case == "window as long as the rows" else 8
+    model = lora(tiny_model("gemma3_text", layer_types=["sliding_attention", "full_attention"],
+                            sliding_window=window))
+    reference = copy.deepcopy(model)
+    enable_checkpointing(model, keep_attention=case != "no kept attention")
+    inputs = batch()
+    if case == "padding":
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["attention_mask"][0, -3:] = 0
+    assert_matches(model, reference, inputs)
+    assert windows == []
+
+
+def test_a_windowed_mask_is_recognised_once_per_tensor(monkeypatch):
+    from fusetune.segment_attention import is_windowed_causal, windowed_causal_mask
+
+    reads = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda *args: reads.append(1) or equal(*args))
+    mask = windowed_causal_mask(12, 5, "cpu")[None, None].expand(3, 1, 12, 12).clone()
+    assert is_windowed_causal(mask, 5) and is_windowed_causal(mask, 5) and len(reads) == 1
+    assert is_windowed_causal(mask.detach(), 5) and len(reads) == 1  # as a recompute gets it
+    assert is_windowed_causal(mask.clone(), 5) and len(reads) == 2  # other memory: read
+    assert not is_windowed_causal(mask, 4) and not is_windowed_causal(mask, 6)
+    mask[1, 0, 7, 3] = False  # padding-like: one row differs (changed in place, read again)
+    assert not is_windowed_causal(mask, 5)
+    causal = windowed_causal_mask(12, 12, "cpu")[None, None]
+    assert is_windowed_causal(causal, 12) and not is_windowed_causal(causal, 5)
+    assert not is_windowed_causal(causal.float(), 12)  # an additive mask
+    assert not is_windowed_causal(None, 5)
+
+
+def test_cuda_bf16_sliding_window_is_as_close_to_float32_as_the_masked_path(monkeypatch):
+    """On CUDA in bf16 with Gemma 3's 256-wide heads (200 tokens, window 64): the windowed kernel's
+    loss and gradients are no further from the float32 model's than the masked path's (kept
+    attention off), the bf16 rounding they both carry."""
+    if not torch.cuda.is_available():
+        pytest.skip("flash attention's windowed kernel runs on CUDA")
+    windows = _routed_windows(monkeypatch, cuda=True)
+    config = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+                  query_pre_attn_scalar=256, sliding_window=64, max_position_embeddings=256,
+                  layer_types=["sliding_attention", "full_attention"])
+    exact = lora(tiny_model("gemma3_text", **config)).to("cuda")
+    model, masked = (copy.deepcopy(exact).to(torch.bfloat16) for _ in range(2))
+    enable_checkpointing(model)
+    enable_checkpointing(masked, keep_attention=False)
+    inputs = {k: v.cuda() for k, v in batch(size=2, length=200).items()}
+    losses = [step(m, inputs) for m in (model, masked, exact)]
+    assert windows == [64, 64]
+
+    def errors(other) -> list[float]:
+        return [float((mine.grad.float() - wanted.grad).norm() / wanted.grad.norm())
+                for mine, wanted in zip(other.parameters(), exact.parameters(), strict=True)
+                if wanted.requires_grad]
+
+    ours, theirs = errors(model), errors(masked)
+    assert abs(float(losses[0] - losses[2])) <= 1.5 * abs(float(losses[1] - losses[2])) + 1e-2
+    assert max(ours) <= 1.5 * max(theirs) and sum(ours) <= 1.2 * sum(theirs), (max(ours), max(theirs))

@@ -66,7 +66,10 @@ def test_bias_and_backward_as_bitsandbytes_matmul_4bit(dtype):
     ref = bnb.matmul_4bit(x_ref, weight.t(), quant_state=state, bias=bias)
     ref.backward(grad)
     assert out.dtype == ref.dtype == dtype
-    assert checks.relative_error(out, ref) <= 1e-6
+    # On CUDA bitsandbytes 0.50's forward is its own fused 4-bit GEMM, which rounds a float16
+    # product further from float64 than one rounding does (tests/patch/test_qlora_compute_dtype.py).
+    forward = 1e-6 if dtype == torch.float32 or checks.DEVICE == "cpu" else 2e-3
+    assert checks.relative_error(out, ref) <= forward
     assert checks.relative_error(x.grad, x_ref.grad) <= 1e-6
 
 
