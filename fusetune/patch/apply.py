@@ -84,6 +84,8 @@ def apply(
             for attribute, value in decision.attributes:
                 report.set_attr(module, attribute, value)
             report.patched[decision.kind].append(name)
+            if decision.reason:  # patched in part
+                report.left_alone[decision.kind].append((name, decision.reason))
         elif decision.replacement is None:
             report.left_alone[decision.kind].append((name, decision.reason))
         else:

@@ -320,7 +320,22 @@ def rope_rule(module: nn.Module) -> Decision | None:
         attribute = _accelerate_forward(module)
         if attribute is None:
             return Decision("rope", reason="the instance already has its own forward attribute")
-    return Decision("rope", attributes=((attribute, types.MethodType(forward, module)),))
+    return Decision("rope", attributes=((attribute, types.MethodType(forward, module)),),
+                    reason=_unfused_calls(type(module).forward))
+
+
+def _unfused_calls(class_forward: Callable) -> str:
+    """For a forward patched only in part, why its other rotary calls stay unfused ("" when none
+    does): DeepSeek-V3's attention calls ``apply_rotary_pos_emb`` or, as its default config says,
+    ``apply_rotary_pos_emb_interleave``, which is not fusetune's rope, and the report must not
+    count that model's rope as fused."""
+    inner = _wrapper_chain(class_forward)[-1]
+    reasons = {name: verdict(function) for name, function in _rotary_globals(inner).items()}
+    unfused = [f"{name} ({reason})" for name, reason in reasons.items() if reason is not None]
+    if not unfused:
+        return ""
+    return (f"patched in part: its forward also calls {', '.join(unfused)}, and the calls its config "
+            "routes there stay unfused")
 
 
 def unclaimed_rotary(model: nn.Module) -> list[tuple[str, str]]:

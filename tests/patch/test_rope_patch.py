@@ -23,7 +23,7 @@ import fusetune  # noqa: E402
 import fusetune.patch.rope as rope_patch  # noqa: E402
 from fusetune.ops.rope import rope_reference  # noqa: E402
 from tests.patch.checks import assert_close, assert_same_gradients, loss_and_backward  # noqa: E402
-from tests.patch.models import TEXT_ARCHITECTURES, batch, tiny_model  # noqa: E402
+from tests.patch.models import TEXT_ARCHITECTURES, VOCAB, batch, tiny_model  # noqa: E402
 
 ARCHS = list(TEXT_ARCHITECTURES)
 # Gemma 2 soft-caps attention logits, which transformers runs in eager attention only.
@@ -300,3 +300,32 @@ def test_compiled_forward_guards_the_rotary_function_it_calls(monkeypatch):
     monkeypatch.setattr(_modeling(model), "apply_rotary_pos_emb", lambda *args, **kwargs: None)
     assert torch.equal(compiled(input_ids=ids).logits, expected)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("interleave", [True, False], ids=["interleaved", "rotate_half"])
+def test_a_forward_patched_in_part_is_reported_so(rope_calls, interleave):
+    """DeepSeek-V3's attention calls apply_rotary_pos_emb or, as its default config says,
+    apply_rotary_pos_emb_interleave (not fusetune's rope): it was reported patched with nothing left
+    alone while, by default, fusetune's rope never ran. Now it is also reported left alone, naming
+    the unfused function; training matches the unpatched model either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, kv_lora_rank=16, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, head_dim=8, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, rope_interleave=interleave,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    reference = copy.deepcopy(model)
+    report = fusetune.apply(model, **ROPE_ONLY)
+    assert report.patched["rope"] == ["model.layers.0.self_attn"]
+    (name, reason), = report.left_alone["rope"]
+    assert name == "model.layers.0.self_attn"
+    assert reason.startswith("patched in part: its forward also calls apply_rotary_pos_emb_interleave (")
+    inputs = _batch()
+    assert_close(loss_and_backward(model, **inputs), loss_and_backward(reference, **inputs), "loss")
+    assert_same_gradients(model, reference)
+    assert len(rope_calls) == (0 if interleave else 1)
