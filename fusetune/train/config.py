@@ -626,7 +626,13 @@ DATA_FORMATS = """\
 Every source becomes the same samples: a list of chat `messages`, each with a `role` (system, user
 or assistant) and a `content` that is a string or a list of parts (`{"type": "text", "text": ...}`
 or `{"type": "image", "image": ...}`). Only the assistant answers are learned; each sample needs at
-least one.
+least one. Answers are found in the text the model's chat template renders, and checked against
+the messages: a sample whose template rewrites an answer stops the run, named. Reasoning models:
+Qwen3's template writes an empty `<think>` block before a last answer without reasoning, which is
+learned with it; an answer's own `<think>...</think>` is learned where the template keeps it (the
+last answer), and one the template drops (Qwen3's before the last user turn, DeepSeek-R1's
+everywhere) is refused: split such conversations so that each reasoning answer ends its sample,
+or set `chat_template` to a template that keeps reasoning.
 
 - **A JSONL file** (`dataset: data/train.jsonl`), one sample a line:
 
