@@ -26,8 +26,11 @@ from tests.bench import BENCH, FAKE_LIGER
 TINY_LORA = {"L8": 2 * 16 * (2 * 128 + 2 * 96 + 3 * 160), "G12": 2 * 16 * (2 * 192 + 2 * 128 + 3 * 160)}
 
 
-@pytest.mark.parametrize(("config", "model"), [("L8-4k", "L8"), ("G12", "G12")])
-def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path, config, model):
+@pytest.mark.parametrize(("config", "model", "systems"), [("L8-4k", "L8", ("hf", "liger", "fusetune")),
+                                                      ("G12", "G12", ("hf", "fusetune"))])
+def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path, config, model, systems):
+    """Every case's records, a worker's crash (L8's fake Liger) recorded as such; G12 without it,
+    its plumbing and its loss only (one worker less to start)."""
     (tmp_path / "fake" / "liger_kernel").mkdir(parents=True)
     (tmp_path / "fake" / "liger_kernel" / "__init__.py").write_text("")
     (tmp_path / "fake" / "liger_kernel" / "transformers.py").write_text(FAKE_LIGER)
@@ -37,12 +40,12 @@ def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path,
     out = tmp_path / "e2e-cpu.jsonl"
     out.write_text("")  # records are appended to what is there
     subprocess.run([sys.executable, str(BENCH / "e2e.py"), "--tiny", "--out", str(out), "--configs", config,
-                    "--systems", "hf,liger,fusetune", "--steps", "1,1", "--timeout", "120"],
+                    "--systems", ",".join(systems), "--steps", "1,1", "--timeout", "120"],
                    env=env, check=True, timeout=170)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_system = {system: {row["metric"]: row for row in rows if row["system"] == system}
-                 for system in ("hf", "liger", "fusetune")}
-    assert len(rows) == 3 * len(e2e.METRICS)
+                 for system in systems}
+    assert len(rows) == len(systems) * len(e2e.METRICS)
     for system in ("hf", "fusetune"):
         speed = by_system[system]["tokens_per_s"]
         assert speed["value"] > 0, speed
@@ -50,6 +53,8 @@ def test_orchestrator_records_every_case_and_survives_a_crashed_worker(tmp_path,
                                                                    "variant": "bf16_lora", "tiny": True}
         assert by_system[system]["loss"]["trainable_params"] == TINY_LORA[model]
     assert by_system["fusetune"]["loss"]["value"] == pytest.approx(by_system["hf"]["loss"]["value"], rel=1e-4)
+    if "liger" not in systems:
+        return
     for row in by_system["liger"].values():
         assert row["value"] is None and row["error"] == "worker exited 3: fake liger crash"
     assert (tmp_path / "e2e-cpu-logs" / f"{config}-bf16_lora-liger.log").exists()
