@@ -24,7 +24,7 @@ PAIRS = [(BF16, F32), (F16, F32), (F32, BF16), (F32, F16), (F16, BF16), (BF16, F
 
 
 def _error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value.double() - reference).norm() / reference.norm())
+    return float((value.detach().double() - reference).norm() / reference.norm())
 
 
 def _case(weight_dtype: torch.dtype, x_dtype: torch.dtype, compute: torch.dtype) -> str:
